@@ -1,0 +1,276 @@
+"""The one place that assembles the gateway: resources, stages, and the request path in order.
+
+    request -> internal endpoint?  (under server.prefix: health, ready, metrics)
+            -> canonical path      (routing.canonical_path; ambiguous paths are 400)
+            -> route match         (routing.RouteTable; none is 404)
+            -> authenticate        (credentials.Authenticator: cookie / Bearer, verify, refresh)
+            -> authorise           (identity.claims_allowed on route.require; 403)
+            -> rewrite headers     (headers.HeaderRules, then identity headers injected)
+            -> forward, streamed   (proxy.Forwarder; 502 / 504)
+            -> response            (+ Set-Cookie for rotated or cleared cookies)
+
+The hot path is plain ASGI with direct ``send`` calls; Starlette serves only the internal
+endpoints, where its conveniences cost nothing that matters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount
+from starlette.routing import Route as Endpoint
+
+from gateway.config import GatewayConfig, load_config
+from gateway.cookies import CookieJar
+from gateway.credentials import AuthResult, Authenticator
+from gateway.headers import HeaderRules
+from gateway.identity import IdentityHeaders, UnsafeClaim, claims_allowed
+from gateway.keys import build_key_source
+from gateway.metrics import Metrics
+from gateway.proxy import AiohttpForwarder, Forwarder, UpstreamFailure
+from gateway.responses import NO_STORE, Send, login_location, safe_next, send_denial, status_for, wants_html
+from gateway.routing import BadPath, Route, RouteTable, canonical_path, request_host
+from gateway.tokens import Verifier
+
+log = logging.getLogger("gateway")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request body was being forwarded."""
+
+
+class Gateway:
+    """The ASGI application. Build it with :func:`create_app`."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        forwarder: Forwarder | None = None,
+    ) -> None:
+        self.config = config
+        self.prefix = config.server.prefix
+        self.routes = RouteTable.from_config(config.routes)
+        self.jar = CookieJar.from_config(config.cookies)
+        self.identity = IdentityHeaders(config.identity.headers)
+        self.header_rules = HeaderRules(
+            strip_patterns=config.identity.strip_inbound,
+            identity_names=self.identity.names,
+            cookie_names=self.jar.bare_names,
+            trusted_proxies=config.server.trusted_proxies,
+        )
+        self.metrics = Metrics()
+        # Control-plane client (JWKS now; IdP refresh and OIDC later). Never follows redirects.
+        self.http = httpx.AsyncClient(follow_redirects=False, timeout=config.refresh.timeout)
+        self.keys = build_key_source(config.tokens, self.http)
+        self.verifier = Verifier(config.tokens, self.keys, clock)
+        self.authenticator = Authenticator(self.verifier, self.jar)
+        self.forwarder: Forwarder = forwarder or AiohttpForwarder()
+        self.login_url = config.login.url
+        self.internal = Starlette(
+            routes=[
+                Mount(
+                    self.prefix,
+                    routes=[
+                        Endpoint("/health", self._health),
+                        Endpoint("/ready", self._ready),
+                        Endpoint("/metrics", self._metrics),
+                    ],
+                )
+            ]
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        await self.keys.start()
+
+    async def shutdown(self) -> None:
+        await self.forwarder.close()
+        await self.http.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            # WebSocket proxying is not built yet: refuse the handshake (uvicorn answers 403).
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # --- request path ---------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        prefix = self.prefix
+        if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+            await self.internal(scope, receive, send)
+            return
+        started = time.perf_counter()
+        route_name, status = await self._proxy(scope, receive, send)
+        method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+        self.metrics.request(route_name, method, status, time.perf_counter() - started)
+
+    async def _deny(
+        self, send: Send, scope: Scope, reason: str, route: Route | None, cookies: list[bytes] | None = None
+    ) -> int:
+        html = wants_html(scope["method"], scope["headers"])
+        login = self._login_location(scope)
+        headers = [(b"set-cookie", c) for c in cookies or []]
+        self.metrics.denial(reason)
+        log.info("denied %s %s route=%s reason=%s", scope["method"], scope["path"], route and route.name, reason)
+        await send_denial(send, reason, html=html, route=route and route.name, headers=headers, login_url=login)
+        status = status_for(reason)[0]
+        return 302 if status == 401 and html and login else status
+
+    def _login_location(self, scope: Scope) -> str | None:
+        if not self.login_url:
+            return None
+        return login_location(self.login_url, safe_next(scope["path"], scope["query_string"]))
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> tuple[str, int]:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        try:
+            decoded, path = canonical_path(scope.get("raw_path") or scope["path"].encode())
+        except BadPath:
+            return "-", await self._deny(send, scope, "bad_path", None)
+        route = self.routes.match(request_host(headers), decoded)
+        if route is None:
+            return "-", await self._deny(send, scope, "no_route", None)
+
+        auth = AuthResult()
+        if route.auth != "none":
+            auth = await self.authenticator.authenticate(headers)
+            if auth.claims is None and route.auth == "required":
+                return route.name, await self._deny(send, scope, auth.reason or "no_token", route, auth.set_cookies)
+        claims = auth.claims
+        identity: list[tuple[bytes, bytes]] = []
+        if claims is not None:
+            if route.require and not claims_allowed(claims, route.require):
+                return route.name, await self._deny(send, scope, "claims_denied", route, auth.set_cookies)
+            try:
+                identity = self.identity.build(claims)
+            except UnsafeClaim as exc:
+                log.warning("route %s: claim %s holds CR, LF or NUL; refusing", route.name, exc)
+                return route.name, await self._deny(send, scope, "claim_unsafe", route, auth.set_cookies)
+
+        client = scope.get("client")
+        upstream_headers = self.header_rules.inbound(
+            headers,
+            client=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            host=next((v for n, v in headers if n == b"host"), None),
+        )
+        upstream_headers.extend(identity)
+        if self.config.identity.forward_token and claims is not None and auth.token:
+            upstream_headers = [(n, v) for n, v in upstream_headers if n != b"authorization"]
+            upstream_headers.append((b"authorization", b"Bearer " + auth.token.encode()))
+
+        query: bytes = scope["query_string"]
+        up = route.upstream
+        url = f"{up.scheme}://{up.netloc}{up.base_path}{path}" + (f"?{query.decode('latin-1')}" if query else "")
+        body = _request_body(receive) if _has_body(headers) else None
+        upstream_started = time.perf_counter()
+        try:
+            response = await self.forwarder.send(
+                scope["method"],
+                url,
+                upstream_headers,
+                body,
+                connect_timeout=route.connect_timeout,
+                read_timeout=route.read_timeout,
+            )
+        except UpstreamFailure as exc:
+            reason = "upstream_timeout" if exc.timeout else "upstream_unreachable"
+            log.warning("route %s: %s", route.name, exc)
+            return route.name, await self._deny(send, scope, reason, route, auth.set_cookies)
+        self.metrics.upstream(route.name, time.perf_counter() - upstream_started)
+
+        out = self.header_rules.outbound(response.headers, route.name)
+        if auth.set_cookies:
+            out.extend((b"set-cookie", c) for c in auth.set_cookies)
+            if auth.refreshed:
+                out = [(n, v) for n, v in out if n != b"cache-control"]
+                out.append(NO_STORE)
+        await send({"type": "http.response.start", "status": response.status, "headers": out})
+        try:
+            async for chunk in response.body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamFailure as exc:
+            # Headers are gone already; all we can do is cut the connection so the client sees it.
+            log.warning("route %s: upstream failed mid-response: %s", route.name, exc)
+            response.close()
+            return route.name, response.status
+        await send({"type": "http.response.body", "body": b""})
+        return route.name, response.status
+
+    # --- internal endpoints -------------------------------------------------------------------
+
+    async def _health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def _ready(self, request: Request) -> Response:
+        return JSONResponse({"status": "ready"})
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-length":
+            return value.strip() != b"0"
+        if name == b"transfer-encoding":
+            return True
+    return False
+
+
+async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+def create_app(config: GatewayConfig, **kwargs: Any) -> Gateway:
+    """Build the gateway for a validated config (see Gateway for test hooks)."""
+    return Gateway(config, **kwargs)
+
+
+def app_from_env() -> Gateway:
+    """uvicorn factory for worker processes: the config path comes from $GATEWAY_CONFIG."""
+    return create_app(load_config(os.environ.get("GATEWAY_CONFIG", "gateway.yaml")))

@@ -1,0 +1,118 @@
+"""Command line: ``gateway serve``, ``gateway check``, ``gateway demo``.
+
+Bad configuration ends the process with exit code 1 and a message naming each bad key; it is
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from gateway import __version__
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import ConfigError
+
+
+def _config_path(arg: str | None) -> str:
+    return arg or os.environ.get("GATEWAY_CONFIG") or "gateway.yaml"
+
+
+def _load(path: str) -> GatewayConfig | None:
+    try:
+        config = load_config(path)
+        # Building the app catches what needs I/O to know (an unreadable public_key_file).
+        from gateway.app import create_app
+
+        create_app(config)
+    except ConfigError as exc:
+        print(f"gateway: invalid config {path}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+    return config
+
+
+def _check(args: argparse.Namespace) -> int:
+    path = _config_path(args.config)
+    config = _load(path)
+    if config is None:
+        return 1
+    from gateway.routing import RouteTable
+
+    print(f"{path}: ok")
+    print(f"store: {config.store.url.split('@')[-1]}  algorithms: {', '.join(config.tokens.algorithms)}")
+    print("routes (in match order):")
+    for line in RouteTable.from_config(config.routes).describe():
+        print(f"  {line}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    path = _config_path(args.config)
+    config = _load(path)
+    if config is None:
+        return 1
+    import uvicorn
+
+    os.environ["GATEWAY_CONFIG"] = os.path.abspath(path)
+    uvicorn.run(
+        "gateway.app:app_from_env",
+        factory=True,
+        host=args.host or config.server.host,
+        port=args.port or config.server.port,
+        workers=args.workers,
+        loop="auto",
+        http="auto",
+        # X-Forwarded-* are the gateway's business (server.trusted_proxies); uvicorn's own
+        # handling would trust 127.0.0.1 behind our back.
+        proxy_headers=False,
+        server_header=False,
+        access_log=False,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo.runner import run_demo
+
+    return run_demo(port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="JWT-authenticating reverse proxy for legacy apps")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway under uvicorn")
+    serve.add_argument("--config", help="path to gateway.yaml (default: $GATEWAY_CONFIG, else ./gateway.yaml)")
+    serve.add_argument("--host", help="bind address (default: server.host)")
+    serve.add_argument("--port", type=int, help="port (default: server.port)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_serve)
+
+    check = commands.add_parser("check", help="validate the config and print the route table")
+    check.add_argument("--config", help="path to gateway.yaml (default: $GATEWAY_CONFIG, else ./gateway.yaml)")
+    check.set_defaults(func=_check)
+
+    demo = commands.add_parser("demo", help="run a demo IdP, an echo upstream and the gateway together")
+    demo.add_argument("--port", type=int, default=8080, help="gateway port (default: 8080)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The gateway's two cookies: reading them from requests and writing them on responses.
+
+Both are HttpOnly, Path=/, SameSite from config, and Secure unless configured off; with Secure
+and Path=/ their names carry the ``__Host-`` prefix, so no subdomain or plain-HTTP page can set
+or shadow them (RFC 6265bis §4.1.3.2). A cookie that appears twice, or that cannot be parsed,
+is treated as absent: it is never an error page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config import CookiesConfig
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class CookieJar:
+    """Names and attributes of the gateway's cookies, fixed at start."""
+
+    access_name: str
+    refresh_name: str
+    refresh_max_age: int | None
+    access_max_age: int | None
+    attributes: str
+
+    @classmethod
+    def from_config(cls, config: CookiesConfig) -> CookieJar:
+        prefix = "__Host-" if config.secure else ""
+        attrs = f"; Path=/; HttpOnly; SameSite={config.same_site.capitalize()}"
+        if config.secure:
+            attrs += "; Secure"
+        return cls(
+            access_name=prefix + config.access.name,
+            refresh_name=prefix + config.refresh.name,
+            access_max_age=config.access.max_age,
+            refresh_max_age=config.refresh.max_age,
+            attributes=attrs,
+        )
+
+    @property
+    def bare_names(self) -> tuple[str, str]:
+        return self.access_name.removeprefix("__Host-"), self.refresh_name.removeprefix("__Host-")
+
+    def read(self, headers: Headers) -> tuple[str | None, str | None]:
+        """(access, refresh) cookie values; None for absent, duplicated or empty ones."""
+        access = refresh = None
+        seen_access = seen_refresh = 0
+        access_b, refresh_b = self.access_name.encode(), self.refresh_name.encode()
+        for name, value in headers:
+            if name != b"cookie":
+                continue
+            for part in value.split(b";"):
+                key, sep, val = part.strip().partition(b"=")
+                if not sep:
+                    continue
+                if key == access_b:
+                    seen_access += 1
+                    access = val
+                elif key == refresh_b:
+                    seen_refresh += 1
+                    refresh = val
+        return _single(access, seen_access), _single(refresh, seen_refresh)
+
+    def set_access(self, token: str, max_age: int | None = None) -> bytes:
+        age = max_age if max_age is not None else self.access_max_age
+        return self._cookie(self.access_name, token, age)
+
+    def set_refresh(self, token: str, max_age: int | None = None) -> bytes:
+        age = max_age if max_age is not None else self.refresh_max_age
+        return self._cookie(self.refresh_name, token, age)
+
+    def clear_access(self) -> bytes:
+        return self._cookie(self.access_name, "", 0)
+
+    def clear_refresh(self) -> bytes:
+        return self._cookie(self.refresh_name, "", 0)
+
+    def _cookie(self, name: str, value: str, max_age: int | None) -> bytes:
+        age = f"; Max-Age={max_age}" if max_age is not None else ""
+        return f"{name}={value}{age}{self.attributes}".encode("latin-1")
+
+
+def _single(value: bytes | None, count: int) -> str | None:
+    if count != 1 or not value:
+        return None
+    value = value.strip(b'"')
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() else None

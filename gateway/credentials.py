@@ -1,0 +1,92 @@
+"""Authenticate a request: find its credentials, verify them, refresh when that is allowed.
+
+A Bearer header wins over the access cookie. The result is either an identity (claims) or a
+reason code; it also carries the Set-Cookie headers the response must bear (rotated tokens, or
+a cleared access cookie after a bad one). Refresh is delegated to a ``Refresher`` and only ever
+happens for cookie sessions whose access token is absent, expired or nearly so, and otherwise
+fully valid: a forged token never reaches the IdP, and API clients (Bearer) get a plain 401.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.cookies import CookieJar
+from gateway.tokens import Verdict, Verifier
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class AuthResult:
+    claims: dict[str, Any] | None = None
+    token: str | None = None  # the access token the request goes on with
+    reason: str | None = None
+    bearer: bool = False
+    set_cookies: list[bytes] = field(default_factory=list)
+    refreshed: bool = False
+
+
+class Refresher(Protocol):
+    async def refresh(self, refresh_token: str, old_access: str | None) -> AuthResult:
+        """New tokens for a refresh token: an AuthResult with claims and cookies, or a reason."""
+
+
+def bearer_token(headers: Headers) -> str | None:
+    """The Bearer token; "" when an Authorization header is malformed; None when there is none."""
+    found: str | None = None
+    for name, value in headers:
+        if name != b"authorization":
+            continue
+        scheme, _, rest = value.partition(b" ")
+        if scheme.lower() != b"bearer":
+            continue
+        if found is not None:
+            return ""  # two Bearer headers: ambiguous, refuse
+        token = rest.strip()
+        try:
+            found = token.decode("ascii") if token and b" " not in token else ""
+        except UnicodeDecodeError:
+            found = ""
+    return found
+
+
+class Authenticator:
+    def __init__(self, verifier: Verifier, jar: CookieJar, refresher: Refresher | None = None) -> None:
+        self._verifier = verifier
+        self._jar = jar
+        self._refresher = refresher
+
+    async def authenticate(self, headers: Headers) -> AuthResult:
+        bearer = bearer_token(headers)
+        if bearer is not None:
+            if not bearer:
+                return AuthResult(reason="malformed_authorization", bearer=True)
+            verdict = await self._verifier.verify(bearer)
+            return AuthResult(claims=verdict.claims, token=bearer, reason=verdict.reason, bearer=True)
+
+        access, refresh = self._jar.read(headers)
+        if access is None and refresh is None:
+            return AuthResult(reason="no_token")
+        verdict: Verdict | None = await self._verifier.verify(access) if access else None
+        if verdict is not None and verdict.ok and not verdict.refreshable:
+            return AuthResult(claims=verdict.claims, token=access)
+
+        needs_refresh = verdict is None or verdict.refreshable
+        if refresh is not None and needs_refresh and self._refresher is not None:
+            result = await self._refresher.refresh(refresh, access)
+            if result.claims is None and verdict is not None and verdict.ok and result.reason in _SOFT_FAILURES:
+                # Refreshing early failed for a passing reason, but the token still works: use it.
+                return AuthResult(claims=verdict.claims, token=access)
+            return result
+        if verdict is None:
+            return AuthResult(reason="no_token")
+        if verdict.ok:
+            return AuthResult(claims=verdict.claims, token=access)
+        clear = [] if verdict.reason == "token_expired" else [self._jar.clear_access()]
+        return AuthResult(reason=verdict.reason, set_cookies=clear)
+
+
+# Failures that say nothing about the session itself (it may still be fine a moment later).
+_SOFT_FAILURES = frozenset({"idp_error", "lock_timeout", "store_unavailable"})

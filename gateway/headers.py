@@ -1,0 +1,157 @@
+"""Header rules for both directions, compiled once: strip, then inject.
+
+Inbound (client -> upstream): hop-by-hop headers and every header named in ``Connection`` go;
+every header matching ``identity.strip_inbound`` or naming an identity header goes, however it
+is spelled (case, ``_`` or ``.`` for ``-``, duplicates); the gateway's own cookies are cut out of
+``Cookie``; ``X-Forwarded-*`` are set from the connection, and incoming ones are believed only
+from ``server.trusted_proxies``. Identity headers are injected after all of that, so nothing a
+client sends can stand in for them.
+
+Outbound (upstream -> client): hop-by-hop headers go, and an upstream ``Set-Cookie`` for one of
+the gateway's cookie names is dropped (an app must not overwrite the session).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import logging
+import re
+from collections.abc import Iterable
+
+log = logging.getLogger("gateway.headers")
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"})
+
+
+def _canonical(name: bytes) -> bytes:
+    return name.lower().replace(b"_", b"-").replace(b".", b"-")
+
+
+def _connection_listed(headers: Headers) -> set[bytes]:
+    listed: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            listed.update(part.strip().lower() for part in value.split(b",") if part.strip())
+    return listed
+
+
+class TrustedProxies:
+    def __init__(self, networks: Iterable[str]) -> None:
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    def __contains__(self, address: str | None) -> bool:
+        if not self._networks or not address:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._networks)
+
+
+class HeaderRules:
+    """The compiled strip/inject rules for requests and responses."""
+
+    def __init__(
+        self,
+        *,
+        strip_patterns: Iterable[str],
+        identity_names: Iterable[bytes],
+        cookie_names: Iterable[str],
+        trusted_proxies: Iterable[str],
+    ) -> None:
+        patterns = [fnmatch.translate(p.lower().replace("_", "-").replace(".", "-")) for p in strip_patterns]
+        self._strip = re.compile("|".join(patterns).encode()) if patterns else None
+        self._identity = frozenset(_canonical(n) for n in identity_names)
+        self._cookies = frozenset(c.encode() for c in cookie_names)
+        self._trusted = TrustedProxies(trusted_proxies)
+        self._plain: dict[bytes, bool] = {}  # name -> passes inbound filter (memo; names repeat)
+
+    def _passes(self, name: bytes) -> bool:
+        known = self._plain.get(name)
+        if known is not None:
+            return known
+        canon = _canonical(name)
+        ok = (
+            canon not in HOP_BY_HOP
+            and canon not in _FORWARDED
+            and canon not in self._identity
+            and not (self._strip is not None and self._strip.fullmatch(canon))
+        )
+        if len(self._plain) < 4096:
+            self._plain[name] = ok
+        return ok
+
+    def inbound(self, headers: Headers, *, client: str | None, scheme: str, host: bytes | None) -> Headers:
+        """Headers to send upstream, before identity headers are added."""
+        listed = _connection_listed(headers) if any(n == b"connection" for n, _ in headers) else set()
+        out: Headers = []
+        forwarded_for: list[bytes] = []
+        forwarded_proto = forwarded_host = None
+        trusted = client in self._trusted
+        for name, value in headers:
+            if name in listed:
+                continue
+            if trusted and name in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"):
+                if name == b"x-forwarded-for":
+                    forwarded_for.append(value)
+                elif name == b"x-forwarded-proto":
+                    forwarded_proto = value
+                else:
+                    forwarded_host = value
+                continue
+            if not self._passes(name):
+                continue
+            if name == b"cookie":
+                value = self._without_gateway_cookies(value)
+                if not value:
+                    continue
+            out.append((name, value))
+        if client:
+            forwarded_for.append(client.encode())
+        out.append((b"x-forwarded-for", b", ".join(forwarded_for)))
+        out.append((b"x-forwarded-proto", forwarded_proto or scheme.encode()))
+        if forwarded_host or host:
+            out.append((b"x-forwarded-host", forwarded_host or host or b""))
+        return out
+
+    def _without_gateway_cookies(self, value: bytes) -> bytes:
+        kept = []
+        for part in value.split(b";"):
+            name = part.split(b"=", 1)[0].strip()
+            if name.removeprefix(b"__Host-") not in self._cookies:
+                kept.append(part.strip())
+        return b"; ".join(kept)
+
+    def outbound(self, headers: Iterable[tuple[bytes, bytes]], route: str) -> Headers:
+        """Response headers for the client."""
+        headers = list(headers)
+        listed = _connection_listed(headers)
+        out: Headers = []
+        for name, value in headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in listed:
+                continue
+            if lower == b"set-cookie":
+                cookie = value.split(b"=", 1)[0].strip()
+                if cookie.removeprefix(b"__Host-") in self._cookies:
+                    log.warning("route %s: dropped an upstream Set-Cookie for the gateway cookie %s", route, cookie)
+                    continue
+            out.append((lower, value))
+        return out

@@ -1,0 +1,134 @@
+"""Verification keys: a shared secret, a PEM public key file, or a JWKS URL.
+
+The key is chosen by configuration and, for JWKS, by the token's ``kid``; never by ``jku``,
+``jwk`` or ``x5u`` headers a token may carry. A JWKS is fetched at start, cached, refetched when
+a token names an unknown ``kid`` (at most once per ``min_refetch`` seconds, so a flood of forged
+kids cannot hammer the IdP), and the last good set is kept when the endpoint is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import jwt
+from jwt.algorithms import get_default_algorithms
+
+from gateway.config import HS_ALGORITHMS, TokensConfig
+from gateway.errors import ConfigError, KeyFetchError
+
+log = logging.getLogger("gateway.keys")
+
+
+class KeySource(Protocol):
+    async def key_for(self, kid: str | None, alg: str) -> Any:
+        """The key that verifies a token with this header, or None when there is none."""
+
+    async def start(self) -> None: ...
+
+
+class StaticKey:
+    """One key for every token (HS secret or PEM public key)."""
+
+    def __init__(self, key: Any) -> None:
+        self._key = key
+
+    async def key_for(self, kid: str | None, alg: str) -> Any:
+        return self._key
+
+    async def start(self) -> None:
+        return None
+
+
+class JWKSKeys:
+    """Keys from a JWKS URL, cached and refreshed on unknown kid."""
+
+    def __init__(
+        self,
+        url: str,
+        client: httpx.AsyncClient,
+        *,
+        min_refetch: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._url = url
+        self._client = client
+        self._min_refetch = min_refetch
+        self._clock = clock
+        self._keys: dict[str | None, jwt.PyJWK] = {}
+        self._fetched_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        try:
+            await self._fetch()
+        except KeyFetchError as exc:
+            log.warning("jwks: initial fetch failed, will retry on first token: %s", exc)
+
+    async def key_for(self, kid: str | None, alg: str) -> Any:
+        jwk = self._lookup(kid)
+        if jwk is None:
+            async with self._lock:
+                jwk = self._lookup(kid)
+                due = self._fetched_at is None or self._clock() - self._fetched_at >= self._min_refetch
+                if jwk is None and due:
+                    try:
+                        await self._fetch()
+                    except KeyFetchError as exc:
+                        log.warning("jwks: refetch failed, keeping %d cached keys: %s", len(self._keys), exc)
+                    jwk = self._lookup(kid)
+        if jwk is None or (jwk.algorithm_name and jwk.algorithm_name != alg and "alg" in jwk._jwk_data):
+            return None
+        return jwk.key
+
+    def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
+        if kid is None and len(self._keys) == 1:
+            return next(iter(self._keys.values()))
+        return self._keys.get(kid)
+
+    async def _fetch(self) -> None:
+        self._fetched_at = self._clock()
+        try:
+            response = await self._client.get(self._url, timeout=5.0, follow_redirects=False)
+            response.raise_for_status()
+            jwks = jwt.PyJWKSet.from_dict(response.json())
+        except (httpx.HTTPError, ValueError, jwt.PyJWKSetError, jwt.InvalidKeyError) as exc:
+            raise KeyFetchError(f"{self._url}: {exc.__class__.__name__}") from None
+        keys: dict[str | None, jwt.PyJWK] = {}
+        for key in jwks.keys:
+            if key.public_key_use in (None, "sig"):
+                keys[key.key_id] = key
+        self._keys = keys
+        log.info("jwks: fetched %d keys from %s", len(keys), self._url)
+
+
+def build_key_source(config: TokensConfig, client: httpx.AsyncClient) -> KeySource:
+    """Make the configured key source; unreadable or unusable key files are ConfigErrors."""
+    if config.secret is not None:
+        return StaticKey(config.secret.encode())
+    if config.public_key_file is not None:
+        return StaticKey(load_public_key(config.public_key_file, config.algorithms))
+    if config.jwks_url is not None:
+        return JWKSKeys(config.jwks_url, client)
+    raise ConfigError(["tokens: no key source configured"])
+
+
+def load_public_key(path: str, algorithms: tuple[str, ...]) -> Any:
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"tokens.public_key_file: cannot read {path} ({exc.strerror})"]) from None
+    available = get_default_algorithms()
+    for alg in algorithms:
+        if alg in HS_ALGORITHMS:
+            continue
+        try:
+            return available[alg].prepare_key(pem)
+        except (ValueError, TypeError, jwt.InvalidKeyError):
+            continue
+    raise ConfigError([f"tokens.public_key_file: {path} is not a public key for {', '.join(algorithms)}"])

@@ -1,0 +1,118 @@
+"""Forwarding to upstreams: a small ``Forwarder`` interface and its aiohttp implementation.
+
+This module knows nothing of tokens; identity reaches it as plain headers. Bodies stream both
+ways in chunks, so a 1 GB upload or download never sits in memory. aiohttp's client is the hot
+path because it measured ~5x faster here than httpx as a proxy client (see bench/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+Headers = list[tuple[bytes, bytes]]
+CHUNK = 64 * 1024
+
+
+class UpstreamFailure(Exception):
+    """The upstream could not be reached or did not answer in time; ``timeout`` tells which."""
+
+    def __init__(self, timeout: bool) -> None:
+        self.timeout = timeout
+        super().__init__("upstream timed out" if timeout else "upstream refused or reset the connection")
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    headers: Headers
+    body: AsyncIterator[bytes]
+    _release: aiohttp.ClientResponse | None = None
+
+    def close(self) -> None:
+        if self._release is not None:
+            self._release.release()
+
+
+class Forwarder(Protocol):
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Headers,
+        body: AsyncIterator[bytes] | None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> UpstreamResponse: ...
+
+    async def close(self) -> None: ...
+
+
+class AiohttpForwarder:
+    """Keep-alive connection pool to every upstream, sized for concurrency."""
+
+    def __init__(self, *, pool_size: int = 512) -> None:
+        self._pool_size = pool_size
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=0, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # bodies pass through as the upstream encoded them
+            cookie_jar=aiohttp.DummyCookieJar(),  # never remember one user's cookies for the next
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+        return self._session
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Headers,
+        body: AsyncIterator[bytes] | None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        session = self._session or self._open()
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+        try:
+            response = await session.request(
+                method,
+                URL(url, encoded=True),  # the canonical path goes out exactly as it was authorised
+                headers=CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
+                data=body,
+                allow_redirects=False,
+                timeout=timeout,
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamFailure(timeout=True) from None
+        except (aiohttp.ClientError, OSError, ValueError):
+            raise UpstreamFailure(timeout=False) from None
+        return UpstreamResponse(response.status, list(response.raw_headers), _relay(response), response)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def _relay(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            chunk = await response.content.readany()
+            if not chunk:
+                break
+            yield chunk
+    except (TimeoutError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        raise UpstreamFailure(timeout=isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)) from None
+    finally:
+        response.release()

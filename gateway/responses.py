@@ -1,0 +1,109 @@
+"""Answers the gateway makes itself, written straight to ASGI ``send``.
+
+One table maps each denial reason to a status. Browsers navigating without a session are
+redirected to login; everything else gets small JSON naming a reason code. Internals (upstream
+addresses, exception text, tokens) never appear in a body.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from html import escape
+from typing import Any
+from urllib.parse import quote
+
+Headers = list[tuple[bytes, bytes]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+# reason -> (status, error) ; unknown reasons are 401 invalid_token.
+STATUS: dict[str, tuple[int, str]] = {
+    "claims_denied": (403, "forbidden"),
+    "claim_unsafe": (403, "forbidden"),
+    "csrf": (403, "forbidden"),
+    "bad_path": (400, "bad_request"),
+    "no_route": (404, "not_found"),
+    "upstream_unreachable": (502, "bad_gateway"),
+    "upstream_timeout": (504, "gateway_timeout"),
+    "idp_error": (503, "service_unavailable"),
+    "lock_timeout": (503, "service_unavailable"),
+    "store_unavailable": (503, "service_unavailable"),
+    "idp_bad_response": (502, "bad_gateway"),
+}
+RETRY_AFTER = b"5"
+NO_STORE = (b"cache-control", b"no-store")
+
+
+def status_for(reason: str) -> tuple[int, str]:
+    return STATUS.get(reason, (401, "invalid_token"))
+
+
+def wants_html(method: str, headers: Headers) -> bool:
+    """A browser navigation: redirect or HTML, not JSON."""
+    accept = b""
+    for name, value in headers:
+        if name == b"sec-fetch-mode":
+            return value == b"navigate"
+        if name == b"x-requested-with":
+            return False
+        if name == b"accept":
+            accept = value
+    return method in ("GET", "HEAD") and b"text/html" in accept
+
+
+def safe_next(path: str, query: bytes) -> str:
+    """The relative URL to come back to after login (path and query of this request)."""
+    target = quote(path, safe="/:@!$&'()*+,;=-._~")
+    if target.startswith("//"):
+        target = "/" + target.lstrip("/")
+    return target + ("?" + query.decode("latin-1") if query else "")
+
+
+def login_location(login_url: str, next_url: str) -> str:
+    return login_url.replace("{next}", quote(next_url, safe=""))
+
+
+async def send_response(send: Send, status: int, body: bytes, headers: Headers) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(send: Send, status: int, payload: dict[str, Any], headers: Headers | None = None) -> None:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    base = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send_response(send, status, body, base + (headers or []))
+
+
+async def send_denial(
+    send: Send,
+    reason: str,
+    *,
+    html: bool,
+    route: str | None = None,
+    headers: Headers | None = None,
+    login_url: str | None = None,
+) -> None:
+    """The gateway's answer for a refused request (reason codes in ``STATUS``)."""
+    status, error = status_for(reason)
+    extra = list(headers or [])
+    if status == 401:
+        extra.append((b"www-authenticate", b'Bearer error="invalid_token"'))
+        if html and login_url:
+            await send_response(send, 302, b"", [(b"location", login_url.encode("latin-1")), NO_STORE, *extra])
+            return
+    if status == 503:
+        extra.append((b"retry-after", RETRY_AFTER))
+    extra.append(NO_STORE)
+    if html:
+        title = f"{status} {error.replace('_', ' ')}"
+        where = f" (route {escape(route)})" if route else ""
+        body = f"<!doctype html><title>{title}</title><h1>{title}</h1><p>{escape(reason)}{where}</p>\n".encode()
+        base = [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        await send_response(send, status, body, base + extra)
+        return
+    payload: dict[str, Any] = {"error": error, "reason": reason}
+    if route:
+        payload["route"] = route
+    if status == 401 and login_url:
+        payload["login_url"] = login_url
+    await send_json(send, status, payload, extra)

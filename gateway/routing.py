@@ -1,0 +1,132 @@
+"""Route table: which route, and so which rules and upstream, a request belongs to.
+
+What is matched is exactly what is forwarded: the request path is decoded and made canonical
+once (``canonical_path``), the route is chosen on that canonical form, and the proxy forwards
+that same canonical form. Paths that could mean different things to us and to an upstream
+(dot segments, encoded slashes or backslashes, NUL and control bytes) are refused with 400
+instead of being guessed at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes, urlsplit
+
+from gateway.config import CaptureConfig, RouteConfig
+
+# Characters kept literal when the canonical path is re-encoded (RFC 3986 pchar plus "/").
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+class BadPath(ValueError):
+    """The request path is ambiguous or malformed; answer 400."""
+
+
+def canonical_path(raw_path: bytes) -> tuple[str, str]:
+    """Return (decoded, encoded) canonical forms of a raw request path, or raise BadPath.
+
+    Duplicate slashes are collapsed (``//admin`` -> ``/admin``); dot segments, encoded ``/`` or
+    ``\\``, backslashes, NUL and control characters are refused.
+    """
+    if not raw_path.startswith(b"/"):
+        raise BadPath("path must start with /")
+    lowered = raw_path.lower()
+    if b"%2f" in lowered or b"%5c" in lowered or b"\\" in raw_path:
+        raise BadPath("encoded slash or backslash in path")
+    try:
+        decoded = unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadPath("path is not UTF-8") from None
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded):
+        raise BadPath("control character in path")
+    segments = decoded.split("/")
+    if any(seg in (".", "..") for seg in segments):
+        raise BadPath("dot segment in path")
+    if "//" in decoded:
+        decoded = "/" + "/".join(seg for seg in segments if seg) + ("/" if decoded.endswith("/") else "")
+    return decoded, quote(decoded, safe=_PATH_SAFE)
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    scheme: str
+    netloc: str
+    base_path: str  # prepended to the forwarded path ("" for none)
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A compiled route: what ``RouteConfig`` says, in the shape the request path needs."""
+
+    name: str
+    prefix: str  # without trailing slash; "" for the root route
+    host: str | None
+    upstream: Upstream
+    auth: str
+    require: dict[str, Any]
+    capture: CaptureConfig | None
+    connect_timeout: float
+    read_timeout: float
+
+    def matches(self, path: str) -> bool:
+        return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
+
+
+def compile_route(config: RouteConfig) -> Route:
+    parts = urlsplit(config.upstream)
+    return Route(
+        name=config.name,
+        prefix=config.path.rstrip("/"),
+        host=config.host,
+        upstream=Upstream(parts.scheme, parts.netloc, parts.path.rstrip("/")),
+        auth=config.auth,
+        require=dict(config.require.claims) if config.require else {},
+        capture=config.capture,
+        connect_timeout=config.timeout.connect,
+        read_timeout=config.timeout.read,
+    )
+
+
+class RouteTable:
+    """Longest path prefix wins (on segment boundaries); a route bound to a host beats one that is not."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        # Sorted once: host-bound first, then longer prefixes, keeping config order for ties.
+        self.routes = sorted(routes, key=lambda r: (r.host is None, -len(r.prefix)))
+
+    @classmethod
+    def from_config(cls, routes: tuple[RouteConfig, ...]) -> RouteTable:
+        return cls([compile_route(r) for r in routes])
+
+    def match(self, host: str | None, path: str) -> Route | None:
+        for route in self.routes:
+            if route.host is not None and route.host != host:
+                continue
+            if route.matches(path):
+                return route
+        return None
+
+    def describe(self) -> list[str]:
+        """Human-readable lines for ``gateway check``."""
+        lines = []
+        for r in self.routes:
+            where = f"{r.host or '*'}{r.prefix or '/'}"
+            rule = f" require={r.require}" if r.require else ""
+            lines.append(f"{r.name:<16} {where:<32} -> {r.upstream.origin}{r.upstream.base_path}  auth={r.auth}{rule}")
+        return lines
+
+
+def request_host(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The Host header, lower-cased, without port."""
+    for name, value in headers:
+        if name == b"host":
+            host = value.decode("latin-1").strip().lower()
+            if host.startswith("["):
+                return host.split("]", 1)[0] + "]"
+            return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return None

@@ -1,0 +1,140 @@
+"""Access-token verification: algorithms and keys from config, never from the token.
+
+``Verifier.verify`` answers with a :class:`Verdict`: the claims of a fully valid token, or a
+reason code (``bad_signature``, ``alg_not_allowed``, ``token_expired``, ...). A token that is
+otherwise valid but expired (or about to expire) says so with ``refreshable``, which is the
+only case where the refresh stage may step in. Verified tokens are cached until their ``exp``
+so a repeated token costs no signature check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from gateway.config import TokensConfig
+from gateway.keys import KeySource
+
+MAX_TOKEN_BYTES = 16 * 1024
+ACCESS_TYPES = frozenset({"jwt", "at+jwt", "application/at+jwt"})
+CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What verification concluded. ``claims`` is set only when the token may be used."""
+
+    claims: dict[str, Any] | None
+    reason: str | None = None
+    refreshable: bool = False  # expired or near expiry, but otherwise fully valid
+    exp: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.claims is not None
+
+
+_ERRORS: list[tuple[type[Exception], str]] = [
+    (jwt.InvalidSignatureError, "bad_signature"),
+    (jwt.InvalidAudienceError, "wrong_audience"),
+    (jwt.InvalidIssuerError, "wrong_issuer"),
+    (jwt.MissingRequiredClaimError, "missing_claim"),
+    (jwt.InvalidAlgorithmError, "alg_not_allowed"),
+    (jwt.InvalidKeyError, "bad_signature"),
+    (jwt.DecodeError, "malformed_token"),
+    (jwt.InvalidTokenError, "invalid_token"),
+]
+
+
+def _reason(exc: Exception) -> str:
+    for kind, reason in _ERRORS:
+        if isinstance(exc, kind):
+            return reason
+    return "invalid_token"
+
+
+class Verifier:
+    """Verifies access tokens against the configured keys, issuer, audience and clock."""
+
+    def __init__(self, config: TokensConfig, keys: KeySource, clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._keys = keys
+        self._clock = clock
+        self._algorithms = frozenset(config.algorithms)
+        self._cache: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
+        self._options: dict[str, Any] = {
+            "require": ["exp"],
+            # Time claims are checked below against our own clock, with leeway.
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
+            "verify_aud": config.audience is not None,
+            "verify_iss": config.issuer is not None,
+        }
+
+    async def verify(self, token: str) -> Verdict:
+        cached = self._cache.get(token)
+        if cached is not None:
+            return self._check_time(*cached)
+        if len(token) > MAX_TOKEN_BYTES:
+            return Verdict(None, "token_too_large")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            return Verdict(None, "malformed_token")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            return Verdict(None, "alg_not_allowed")
+        if "crit" in header:
+            # We implement no JWS extensions, so any critical one must be refused (RFC 7515 §4.1.11).
+            return Verdict(None, "unsupported_crit")
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.lower() not in ACCESS_TYPES):
+            return Verdict(None, "wrong_token_type")
+        kid = header.get("kid")
+        key = await self._keys.key_for(kid if isinstance(kid, str) else None, alg)
+        if key is None:
+            return Verdict(None, "unknown_key")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                options=self._options,
+                audience=self._config.audience,
+                issuer=self._config.issuer,
+            )
+        except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
+            return Verdict(None, _reason(exc))
+        if claims.get("token_type", "access") != "access" or claims.get("typ", "access") in ("refresh", "Refresh"):
+            return Verdict(None, "wrong_token_type")
+        exp = claims.get("exp")
+        nbf = claims.get("nbf", 0)
+        iat = claims.get("iat", 0)
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (exp, nbf, iat)):
+            return Verdict(None, "malformed_token")
+        now, leeway = self._clock(), self._config.leeway
+        if nbf > now + leeway or iat > now + leeway:
+            return Verdict(None, "token_not_yet_valid")
+        self._remember(token, claims, float(exp))
+        return self._check_time(claims, float(exp))
+
+    def _check_time(self, claims: dict[str, Any], exp: float) -> Verdict:
+        now = self._clock()
+        if now >= exp + self._config.leeway:
+            return Verdict(None, "token_expired", refreshable=True, exp=exp)
+        due = exp - now < self._config.refresh_before
+        return Verdict(claims, None, refreshable=due, exp=exp)
+
+    def _remember(self, token: str, claims: dict[str, Any], exp: float) -> None:
+        cache = self._cache
+        cache[token] = (claims, exp)
+        if len(cache) > CACHE_SIZE:
+            # Drop the oldest quarter, expired or not: bounded memory beats a perfect hit rate.
+            for _ in range(CACHE_SIZE // 4):
+                cache.popitem(last=False)
