@@ -30,7 +30,7 @@ from starlette.routing import Route as Endpoint
 
 from gateway.config import GatewayConfig, load_config
 from gateway.cookies import CookieJar
-from gateway.credentials import AuthResult, Authenticator
+from gateway.credentials import Authenticator, AuthResult
 from gateway.headers import HeaderRules
 from gateway.identity import IdentityHeaders, UnsafeClaim, claims_allowed
 from gateway.keys import build_key_source

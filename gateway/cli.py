@@ -71,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
         # handling would trust 127.0.0.1 behind our back.
         proxy_headers=False,
         server_header=False,
+        date_header=False,  # upstreams send their own; ours is added in responses.send_response
         access_log=False,
         log_level=args.log_level,
         timeout_graceful_shutdown=30,

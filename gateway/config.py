@@ -287,7 +287,9 @@ class GatewayConfig(_Model):
         problems: list[tuple[str, str]] = []
         for index, route in enumerate(value):
             if route.name in seen:
-                problems.append((f"[{index}].name", f"duplicate route name {route.name!r} (also routes[{seen[route.name]}])"))
+                problems.append(
+                    (f"[{index}].name", f"duplicate route name {route.name!r} (also routes[{seen[route.name]}])")
+                )
             seen.setdefault(route.name, index)
         if problems:
             raise _problems(*problems)

@@ -1,15 +1,15 @@
 """The gateway's exceptions: one tree, translated from library errors where they enter our code.
 
-    GatewayError
-    ├── ConfigError            bad gateway.yaml; carries every problem with its key path
-    ├── StoreError             the store (Redis) is unreachable or answered nonsense
-    ├── KeyFetchError          JWKS could not be fetched and no last good keys exist
-    └── RefreshError           a refresh did not produce usable tokens
-        ├── RefreshRejected    the IdP says the grant is dead (invalid_grant, 401): end the session
-        ├── IdPUnavailable     IdP down, slow, 5xx, garbage: keep cookies, answer 503
-        ├── BadIdPResponse     a 200 without a usable, verifiable access token: answer 502
-        ├── LockTimeout        waited too long for another process's refresh: answer 503
-        └── RefreshReused      a superseded refresh token came back after the grace period
+GatewayError
+├── ConfigError            bad gateway.yaml; carries every problem with its key path
+├── StoreError             the store (Redis) is unreachable or answered nonsense
+├── KeyFetchError          JWKS could not be fetched and no last good keys exist
+└── RefreshError           a refresh did not produce usable tokens
+    ├── RefreshRejected    the IdP says the grant is dead (invalid_grant, 401): end the session
+    ├── IdPUnavailable     IdP down, slow, 5xx, garbage: keep cookies, answer 503
+    ├── BadIdPResponse     a 200 without a usable, verifiable access token: answer 502
+    ├── LockTimeout        waited too long for another process's refresh: answer 503
+    └── RefreshReused      a superseded refresh token came back after the grace period
 """
 
 from __future__ import annotations

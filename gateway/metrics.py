@@ -21,10 +21,17 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._requests = Counter(
-            "gateway_requests_total", "Requests answered, by route, method and status", ["route", "method", "status"], registry=r
+            "gateway_requests_total",
+            "Requests answered, by route, method and status",
+            ["route", "method", "status"],
+            registry=r,
         )
         self._duration = Histogram(
-            "gateway_request_duration_seconds", "Time to answer, by route", ["route"], buckets=_LATENCY_BUCKETS, registry=r
+            "gateway_request_duration_seconds",
+            "Time to answer, by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self._upstream = Histogram(
             "gateway_upstream_duration_seconds",
@@ -33,11 +40,18 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self._denials = Counter("gateway_denials_total", "Requests refused by the gateway, by reason", ["reason"], registry=r)
+        self._denials = Counter(
+            "gateway_denials_total", "Requests refused by the gateway, by reason", ["reason"], registry=r
+        )
         self._refresh = Counter("gateway_refresh_total", "Refresh outcomes", ["outcome"], registry=r)
-        self._idp = Histogram("gateway_idp_duration_seconds", "IdP refresh call latency", buckets=_LATENCY_BUCKETS, registry=r)
+        self._idp = Histogram(
+            "gateway_idp_duration_seconds", "IdP refresh call latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
         self._lock_wait = Histogram(
-            "gateway_refresh_wait_seconds", "Time a request waited for another's refresh", buckets=_LATENCY_BUCKETS, registry=r
+            "gateway_refresh_wait_seconds",
+            "Time a request waited for another's refresh",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
 

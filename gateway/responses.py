@@ -8,7 +8,9 @@ addresses, exception text, tokens) never appear in a body.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from email.utils import formatdate
 from html import escape
 from typing import Any
 from urllib.parse import quote
@@ -63,7 +65,20 @@ def login_location(login_url: str, next_url: str) -> str:
     return login_url.replace("{next}", quote(next_url, safe=""))
 
 
+def http_date() -> bytes:
+    """The Date header value, formatted at most once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0], _date_cache[1] = now, formatdate(now, usegmt=True).encode()
+    return _date_cache[1]
+
+
+_date_cache: list[Any] = [0, b""]
+
+
 async def send_response(send: Send, status: int, body: bytes, headers: Headers) -> None:
+    """A complete small response (the server adds no Date header: upstream responses carry their own)."""
+    headers = [(b"date", http_date()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -89,7 +104,8 @@ async def send_denial(
     if status == 401:
         extra.append((b"www-authenticate", b'Bearer error="invalid_token"'))
         if html and login_url:
-            await send_response(send, 302, b"", [(b"location", login_url.encode("latin-1")), NO_STORE, *extra])
+            location = (b"location", login_url.encode("latin-1"))
+            await send_response(send, 302, b"", [location, (b"content-length", b"0"), NO_STORE, *extra])
             return
     if status == 503:
         extra.append((b"retry-after", RETRY_AFTER))

@@ -1,0 +1,1 @@
+"""Demo and test servers: a rotating identity provider and an echo upstream."""

@@ -1,0 +1,494 @@
+"""A strict identity provider that rotates refresh tokens and detects their reuse.
+
+It speaks two dialects: OAuth 2.0 (RFC 6749 ``POST /token``, RFC 7009 ``POST /revoke``) and
+Django SimpleJWT (``POST /api/token/``, ``POST /api/token/refresh/``). Every refresh token may be
+redeemed once; presenting a redeemed one revokes its whole family, as node-oidc-provider and
+SimpleJWT with BLACKLIST_AFTER_ROTATION do (RFC 9700 §4.14.2). ``/_admin/*`` lets tests count
+calls, inject failures and mint sessions. State lives in memory: one process, one event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict, cast
+from urllib.parse import parse_qsl, unquote_plus
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+Algorithm = Literal["HS256", "RS256"]
+ClientAuth = Literal["post", "basic", "none", "any"]
+FAILURES = ("503", "500", "timeout", "html", "invalid_client", "garbage", "no_access", "bad_signature")
+# These answer 200 with tokens, so the IdP has redeemed the presented refresh token by then.
+CONSUMING_FAILURES = ("no_access", "bad_signature")
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
+
+
+SigningKey = str | rsa.RSAPrivateKey
+
+
+def _new_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+class DemoUser(TypedDict):
+    password: str
+    claims: dict[str, Any]
+
+
+def _user(password: str, name: str, roles: list[str], is_staff: bool) -> DemoUser:
+    email = f"{password}@example.com"
+    claims = {"name": name, "email": email, "roles": roles, "is_staff": is_staff, "realm_access": {"roles": roles}}
+    return {"password": password, "claims": claims}
+
+
+def default_users() -> dict[str, DemoUser]:
+    """alice (password alice) is an admin and staff; bob (password bob) is a plain user."""
+    return {
+        "alice": _user("alice", "Alice Admin", ["user", "admin"], True),
+        "bob": _user("bob", "Bob User", ["user"], False),
+    }
+
+
+@dataclass
+class IdPSettings:
+    """How the IdP signs and whom it knows. An RSA key is generated here when RS256 and none is given."""
+
+    issuer: str = "http://127.0.0.1"
+    audience: str | None = "legacy-app"
+    algorithm: Algorithm = "HS256"
+    hs_secret: str = "demo-idp-hs256-secret-0123456789abcdef"
+    rsa_key: rsa.RSAPrivateKey | None = None
+    kid: str = "demo-key-1"
+    access_ttl: int = 300
+    refresh_ttl: int = 1209600
+    client_id: str = "legacy-app"
+    client_secret: str = "demo-secret"
+    client_auth: ClientAuth = "any"
+    latency: float = 0.0
+    users: dict[str, DemoUser] = field(default_factory=default_users)
+
+    def __post_init__(self) -> None:
+        if self.algorithm == "RS256" and self.rsa_key is None:
+            self.rsa_key = _new_rsa_key()
+
+    def public_pem(self) -> str:
+        """The RSA public key as PEM (what a gateway's ``public_key_file`` holds); RS256 only."""
+        if self.rsa_key is None:
+            raise ValueError("public_pem() needs algorithm RS256")
+        pem = self.rsa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return pem.decode()
+
+    def jwks(self) -> dict[str, Any]:
+        """The JWK Set: the RSA public key, or no keys for HS256 (a shared secret is never published)."""
+        if self.rsa_key is None:
+            return {"keys": []}
+        jwk = jwt.algorithms.RSAAlgorithm.to_jwk(self.rsa_key.public_key(), as_dict=True)
+        return {"keys": [{**jwk, "kid": self.kid, "alg": "RS256", "use": "sig"}]}
+
+
+@dataclass
+class Counters:
+    refresh_calls: int = 0
+    refresh_ok: int = 0
+    refresh_rejected: int = 0
+    reuse_detected: int = 0
+    families_revoked: int = 0
+    logins: int = 0
+    revocations: int = 0
+
+
+@dataclass
+class Behaviour:
+    latency: float = 0.0
+    fail: str | None = None
+    fail_count: int | None = None  # None: every refresh request fails while ``fail`` is set
+
+
+@dataclass
+class Family:
+    """One login's chain of refresh tokens; only ``current`` may be redeemed."""
+
+    id: str
+    username: str
+    claims: dict[str, Any]
+    current: str = ""
+    revoked: bool = False
+
+
+@dataclass
+class TokenPair:
+    access: str
+    refresh: str
+    expires_in: int
+    family: Family
+
+
+@dataclass
+class Outcome:
+    """What a refresh request produced: tokens (None when rejected) and an injected failure to render."""
+
+    pair: TokenPair | None
+    fail: str | None = None
+
+
+class OAuthError(Exception):
+    def __init__(self, error: str, status: int = 400) -> None:
+        super().__init__(error)
+        self.error = error
+        self.status = status
+
+
+class IdentityProvider:
+    """The IdP's state and endpoints."""
+
+    def __init__(self, settings: IdPSettings) -> None:
+        self.settings = settings
+        self.counters = Counters()
+        self.behaviour = Behaviour(latency=settings.latency)
+        self.families: dict[str, Family] = {}
+        self._redeem_lock = asyncio.Lock()
+        key = settings.rsa_key
+        self._signing_key: SigningKey = key or settings.hs_secret
+        self._verify_key: str | rsa.RSAPublicKey = key.public_key() if key else settings.hs_secret
+        self._rogue_key: SigningKey | None = None  # signs the "bad_signature" tokens
+
+    def _sign(self, claims: dict[str, Any], key: SigningKey | None = None) -> str:
+        headers = {"typ": "JWT"} | ({"kid": self.settings.kid} if self.settings.algorithm == "RS256" else {})
+        return jwt.encode(claims, key or self._signing_key, algorithm=self.settings.algorithm, headers=headers)
+
+    def _access(self, family: Family, ttl: int, key: SigningKey | None = None) -> str:
+        now = int(time.time())
+        user = self.settings.users.get(family.username)
+        claims: dict[str, Any] = {"iss": self.settings.issuer, "sub": family.username, "iat": now, "exp": now + ttl}
+        if self.settings.audience is not None:
+            claims["aud"] = self.settings.audience
+        claims |= {"jti": uuid.uuid4().hex, "token_type": "access"}
+        return self._sign(claims | (user["claims"] if user else {}) | family.claims, key)
+
+    def _issue(self, family: Family, access_ttl: int | None = None) -> TokenPair:
+        """Sign a new pair; the new refresh token becomes the family's only redeemable one."""
+        now = int(time.time())
+        family.current = uuid.uuid4().hex
+        refresh = self._sign(
+            {
+                "iss": self.settings.issuer,
+                "sub": family.username,
+                "iat": now,
+                "exp": now + self.settings.refresh_ttl,
+                "jti": family.current,
+                "token_type": "refresh",
+                "fam": family.id,
+            }
+        )
+        ttl = self.settings.access_ttl if access_ttl is None else access_ttl
+        return TokenPair(self._access(family, ttl), refresh, ttl, family)
+
+    def start_session(self, username: str, claims: dict[str, Any] | None = None, ttl: int | None = None) -> TokenPair:
+        """Log ``username`` in: a new family. ``claims`` override the user's in every access token it gets."""
+        family = Family(uuid.uuid4().hex, username, dict(claims or {}))
+        self.families[family.id] = family
+        return self._issue(family, ttl)
+
+    def _decode(self, token: str, verify_exp: bool = True) -> dict[str, Any] | None:
+        try:
+            return jwt.decode(
+                token,
+                self._verify_key,
+                algorithms=[self.settings.algorithm],
+                issuer=self.settings.issuer,
+                options={"verify_exp": verify_exp, "verify_aud": False, "require": ["exp", "jti", "sub"]},
+            )
+        except jwt.InvalidTokenError:
+            return None
+
+    def _revoke_family(self, family: Family) -> None:
+        if not family.revoked:
+            family.revoked = True
+            self.counters.families_revoked += 1
+
+    def _redeem(self, presented: str) -> TokenPair | None:
+        claims = self._decode(presented)
+        family = self.families.get(str(claims.get("fam"))) if claims and claims.get("token_type") == "refresh" else None
+        if claims is None or family is None or family.revoked:
+            return None
+        if claims["jti"] != family.current:
+            # A token of this family that is no longer current was redeemed before: someone holds a
+            # copy, so end the session for everyone (RFC 9700 §4.14.2).
+            self.counters.reuse_detected += 1
+            self._revoke_family(family)
+            return None
+        return self._issue(family)
+
+    def _take_failure(self) -> str | None:
+        b = self.behaviour
+        if b.fail is None:
+            return None
+        fail = b.fail
+        if b.fail_count is not None:
+            b.fail_count -= 1
+            if b.fail_count <= 0:
+                b.fail, b.fail_count = None, None
+        return fail
+
+    async def refresh(self, presented: str | None) -> Outcome:
+        """Redeem a refresh token, honouring injected latency and failures."""
+        # Decided on arrival, so concurrent requests meet failures in the order they came.
+        fail = self._take_failure()
+        if self.behaviour.latency > 0:
+            await asyncio.sleep(self.behaviour.latency)
+        if fail == "timeout":
+            await asyncio.sleep(3600)
+        if fail is not None and fail not in CONSUMING_FAILURES:
+            return Outcome(None, fail)
+        # The lock makes "is it current? then rotate" one step even if redemption ever awaits,
+        # so of two simultaneous redemptions exactly one wins and the other is reuse.
+        async with self._redeem_lock:
+            pair = self._redeem(presented) if presented else None
+        if pair is None:
+            self.counters.refresh_rejected += 1
+        else:
+            self.counters.refresh_ok += 1
+        return Outcome(pair, fail)
+
+    def failure_response(self, fail: str) -> Response:
+        if fail == "503":
+            return PlainTextResponse("Service Unavailable", status_code=503)
+        if fail == "500":
+            return JSONResponse({"error": "server_error"}, status_code=500)
+        if fail == "html":
+            return Response("<html><body><h1>Something went wrong</h1></body></html>", media_type="text/html")
+        if fail == "garbage":
+            return Response(b"\x00not json{", media_type="application/json")
+        return JSONResponse({"error": "invalid_client"}, status_code=401)
+
+    def tokens_body(self, pair: TokenPair, fail: str | None, access_key: str, refresh_key: str) -> dict[str, Any]:
+        """The success body, spoiled as the injected ``no_access`` / ``bad_signature`` failure asks."""
+        body: dict[str, Any] = {access_key: pair.access, refresh_key: pair.refresh}
+        if fail == "no_access":
+            del body[access_key]
+        elif fail == "bad_signature":
+            if self._rogue_key is None:
+                rs256 = self.settings.algorithm == "RS256"
+                self._rogue_key = _new_rsa_key() if rs256 else "a-different-secret-that-nobody-trusts!"
+            body[access_key] = self._access(pair.family, pair.expires_in, self._rogue_key)
+        return body
+
+    def _client_ok(self, request: Request, form: dict[str, str]) -> bool:
+        s = self.settings
+        basic = _basic_credentials(request)
+        posted = (form.get("client_id"), form.get("client_secret"))
+        if s.client_auth == "none":
+            return form.get("client_id", s.client_id) == s.client_id
+        if basic is not None and s.client_auth in ("basic", "any"):
+            return basic == (s.client_id, s.client_secret)
+        if basic is None and posted[1] is not None and s.client_auth in ("post", "any"):
+            return posted == (s.client_id, s.client_secret)
+        return False
+
+    async def token(self, request: Request) -> Response:
+        try:
+            form = await _form(request)
+            grant = form.get("grant_type")
+            if grant == "refresh_token":
+                self.counters.refresh_calls += 1
+            if not self._client_ok(request, form):
+                if grant == "refresh_token":
+                    self.counters.refresh_rejected += 1
+                raise OAuthError("invalid_client", 401)
+            if grant == "password":
+                user = self.settings.users.get(form.get("username", ""))
+                if user is None or user["password"] != form.get("password"):
+                    raise OAuthError("invalid_grant")
+                self.counters.logins += 1
+                pair = self.start_session(form["username"])
+                return _oauth_tokens({"access_token": pair.access, "refresh_token": pair.refresh}, pair.expires_in)
+            if grant != "refresh_token":
+                raise OAuthError("unsupported_grant_type" if grant else "invalid_request")
+            outcome = await self.refresh(form.get("refresh_token"))
+        except OAuthError as exc:
+            headers = {"WWW-Authenticate": 'Basic realm="idp"'} if exc.status == 401 else {}
+            return JSONResponse({"error": exc.error}, status_code=exc.status, headers=NO_STORE | headers)
+        if outcome.pair is None:
+            if outcome.fail:
+                return self.failure_response(outcome.fail)
+            return JSONResponse({"error": "invalid_grant"}, status_code=400, headers=NO_STORE)
+        body = self.tokens_body(outcome.pair, outcome.fail, "access_token", "refresh_token")
+        return _oauth_tokens(body, outcome.pair.expires_in)
+
+    async def simplejwt_login(self, request: Request) -> Response:
+        body = await _json(request)
+        username, password = body.get("username"), body.get("password")
+        user = self.settings.users.get(username) if isinstance(username, str) else None
+        if user is None or user["password"] != password:
+            return JSONResponse({"detail": "No active account found with the given credentials"}, status_code=401)
+        self.counters.logins += 1
+        pair = self.start_session(cast(str, username))
+        return JSONResponse({"access": pair.access, "refresh": pair.refresh})
+
+    async def simplejwt_refresh(self, request: Request) -> Response:
+        self.counters.refresh_calls += 1
+        presented = (await _json(request)).get("refresh")
+        outcome = await self.refresh(presented if isinstance(presented, str) else None)
+        if outcome.pair is None:
+            if outcome.fail:
+                return self.failure_response(outcome.fail)
+            return JSONResponse({"detail": "Token is invalid or expired", "code": "token_not_valid"}, status_code=401)
+        return JSONResponse(self.tokens_body(outcome.pair, outcome.fail, "access", "refresh"))
+
+    async def revoke(self, request: Request) -> Response:
+        try:
+            form = await _form(request)
+            if not self._client_ok(request, form):
+                raise OAuthError("invalid_client", 401)
+            if "token" not in form:
+                raise OAuthError("invalid_request")
+        except OAuthError as exc:
+            return JSONResponse({"error": exc.error}, status_code=exc.status)
+        self.counters.revocations += 1
+        # Expired tokens may still be revoked; unknown or invalid ones are ignored (RFC 7009 §2.2).
+        # Access tokens are accepted but change nothing: they are self-contained and short-lived.
+        claims = self._decode(form["token"], verify_exp=False)
+        family = self.families.get(str(claims.get("fam"))) if claims and claims.get("token_type") == "refresh" else None
+        if family is not None:
+            self._revoke_family(family)
+        return Response(status_code=200)
+
+    async def jwks(self, request: Request) -> Response:
+        return JSONResponse(self.settings.jwks())
+
+    async def admin_stats(self, request: Request) -> Response:
+        return JSONResponse(dataclasses.asdict(self.counters))
+
+    async def admin_behaviour(self, request: Request) -> Response:
+        body = await _json(request)
+        fail, count, latency = body.get("fail"), body.get("fail_count"), body.get("latency", self.behaviour.latency)
+        if fail is not None and fail not in FAILURES:
+            return JSONResponse({"error": f"fail must be null or one of {', '.join(FAILURES)}"}, status_code=400)
+        if not (count is None or isinstance(count, int)) or not isinstance(latency, int | float):
+            return JSONResponse({"error": "fail_count must be an int or null, latency a number"}, status_code=400)
+        self.behaviour.latency = float(latency)
+        if "fail" in body or "fail_count" in body:
+            self.behaviour.fail, self.behaviour.fail_count = fail, count
+        return JSONResponse(dataclasses.asdict(self.behaviour))
+
+    async def admin_reset(self, request: Request) -> Response:
+        self.counters = Counters()
+        self.behaviour = Behaviour(latency=self.settings.latency)
+        return JSONResponse({"ok": True})
+
+    async def admin_issue(self, request: Request) -> Response:
+        body = await _json(request)
+        username, ttl, claims = body.get("username"), body.get("access_ttl"), body.get("claims") or {}
+        if not isinstance(username, str) or not (ttl is None or isinstance(ttl, int)) or not isinstance(claims, dict):
+            return JSONResponse({"error": "need username (str), access_ttl (int|null), claims (object)"}, 400)
+        pair = self.start_session(username, claims, ttl)
+        return JSONResponse({"access": pair.access, "refresh": pair.refresh})
+
+
+def _basic_credentials(request: Request) -> tuple[str, str] | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        client_id, _, secret = base64.b64decode(value, validate=True).decode().partition(":")
+    except ValueError:
+        return None
+    # RFC 6749 §2.3.1: both parts are form-urlencoded before being joined.
+    return unquote_plus(client_id), unquote_plus(secret)
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """The urlencoded body; strict like real IdPs (RFC 6749 §3.2: no repeated parameters)."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+        raise OAuthError("invalid_request")
+    try:
+        pairs = parse_qsl((await request.body()).decode(), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError as exc:
+        raise OAuthError("invalid_request") from exc
+    form = dict(pairs)
+    if len(form) != len(pairs):
+        raise OAuthError("invalid_request")
+    return form
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _oauth_tokens(body: dict[str, Any], expires_in: int) -> Response:
+    return JSONResponse(body | {"token_type": "Bearer", "expires_in": expires_in}, headers=NO_STORE)
+
+
+def create_idp_app(settings: IdPSettings) -> Starlette:
+    """The IdP as an ASGI app; its state is ``app.state.idp`` (an ``IdentityProvider``)."""
+    idp = IdentityProvider(settings)
+    routes = [
+        Route("/token", idp.token, methods=["POST"]),
+        Route("/revoke", idp.revoke, methods=["POST"]),
+        Route("/api/token/", idp.simplejwt_login, methods=["POST"]),
+        Route("/api/token/refresh/", idp.simplejwt_refresh, methods=["POST"]),
+        Route("/jwks", idp.jwks, methods=["GET"]),
+        Route("/.well-known/jwks.json", idp.jwks, methods=["GET"]),
+        Route("/_admin/stats", idp.admin_stats, methods=["GET"]),
+        Route("/_admin/behaviour", idp.admin_behaviour, methods=["POST"]),
+        Route("/_admin/reset", idp.admin_reset, methods=["POST"]),
+        Route("/_admin/issue", idp.admin_issue, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes)
+    app.state.idp = idp
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the IdP under uvicorn: ``python -m gateway.demo.idp --port N``."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m gateway.demo.idp", description="A rotating demo IdP.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9001)
+    parser.add_argument("--algorithm", choices=["HS256", "RS256"], default="HS256")
+    parser.add_argument("--secret", help="HS256 shared secret")
+    parser.add_argument("--access-ttl", type=int, default=300)
+    parser.add_argument("--issuer", default=IdPSettings.issuer)
+    parser.add_argument("--audience", default=IdPSettings.audience, help='"" for tokens without aud')
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds to sleep before answering refreshes")
+    parser.add_argument("--public-key-out", metavar="PATH", help="write the RS256 public key (PEM) here")
+    args = parser.parse_args(argv)
+    settings = IdPSettings(
+        issuer=args.issuer,
+        audience=args.audience or None,
+        algorithm=args.algorithm,
+        hs_secret=args.secret or IdPSettings.hs_secret,
+        access_ttl=args.access_ttl,
+        latency=args.latency,
+    )
+    if args.public_key_out:
+        with open(args.public_key_out, "w") as f:
+            f.write(settings.public_pem())
+    # A short graceful shutdown: a "timeout" failure leaves requests sleeping for an hour.
+    uvicorn.run(
+        create_idp_app(settings), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=1
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""The Redis implementation of ``Store``, shared by every worker process and host.
+
+Locks are ``SET NX PX`` with an owner id; renew and release are compare-and-set Lua scripts so a
+former owner whose lease expired can never extend or delete someone else's lock.  Announcements go
+over one pub/sub channel (``{prefix}notify``, message = relative key) read by one background
+subscriber per process, which wakes local waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.errors import StoreError
+from gateway.store import Waiter, Watchers
+
+logger = logging.getLogger(__name__)
+
+# SET and PUBLISH in one script, so a waiter that sees the announcement always finds the value.
+_SET_NOTIFY = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+    redis.call('PUBLISH', ARGV[2], ARGV[3])
+    return 1
+end
+return 0
+"""
+
+_HEALTH_CHECK_INTERVAL = 15.0
+_POLL_SECONDS = 1.0
+_BACKOFF_MAX = 5.0
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+@contextmanager
+def _translated(op: str) -> Iterator[None]:
+    """Turn redis and socket errors into StoreError; the message names the operation, never a value."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+        # Connection messages name host and port only; safe and useful in logs.
+        raise StoreError(f"redis {op} failed: {type(exc).__name__}: {exc}") from None
+    except RedisError as exc:
+        # Other errors (ResponseError...) may echo arguments back, so only the class is kept.
+        raise StoreError(f"redis {op} failed: {type(exc).__name__}") from None
+
+
+class RedisStore:
+    """``Store`` on Redis: fails fast (short socket timeouts, one retry) so a request never hangs on it."""
+
+    def __init__(self, url: str, key_prefix: str, *, socket_timeout: float = 2.0) -> None:
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            health_check_interval=_HEALTH_CHECK_INTERVAL,
+            # The default retries ten times with backoff; one immediate retry covers a stale pooled
+            # connection after a Redis restart without turning an outage into a hang.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        self._init(client, key_prefix, socket_timeout, owns_client=True)
+
+    @classmethod
+    def from_client(cls, client: aioredis.Redis, key_prefix: str, *, socket_timeout: float = 2.0) -> RedisStore:
+        """Wrap an existing client; ``close()`` leaves it open for its owner."""
+        store = cls.__new__(cls)
+        store._init(client, key_prefix, socket_timeout, owns_client=False)
+        return store
+
+    def _init(self, client: aioredis.Redis, key_prefix: str, socket_timeout: float, *, owns_client: bool) -> None:
+        self._redis = client
+        self._owns_client = owns_client
+        self._prefix = key_prefix
+        self._channel = f"{key_prefix}notify"
+        self._socket_timeout = socket_timeout
+        self._set_notify = client.register_script(_SET_NOTIFY)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._watchers = Watchers()
+        self._subscribed = asyncio.Event()
+        self._subscriber: asyncio.Task[None] | None = None
+
+    def _key(self, key: str) -> str:
+        return self._prefix + key
+
+    async def get(self, key: str) -> bytes | None:
+        with _translated("get"):
+            value = await self._redis.get(self._key(key))
+        # The client is built without decode_responses, so anything but bytes or None is a bug.
+        if value is not None and not isinstance(value, bytes):
+            raise StoreError("redis get returned an unexpected type")
+        return value
+
+    async def set(self, key: str, value: bytes, ttl: float, *, notify: bool = False) -> None:
+        with _translated("set"):
+            if notify:
+                await self._set_notify(keys=[self._key(key)], args=[value, _ms(ttl), self._channel, key])
+            else:
+                await self._redis.set(self._key(key), value, px=_ms(ttl))
+
+    async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool:
+        with _translated("set_if_absent"):
+            return bool(await self._redis.set(self._key(key), value, px=_ms(ttl), nx=True))
+
+    async def delete(self, key: str) -> None:
+        with _translated("delete"):
+            await self._redis.delete(self._key(key))
+
+    async def acquire(self, key: str, owner: str, lease: float) -> bool:
+        return await self.set_if_absent(key, owner.encode(), lease)
+
+    async def renew(self, key: str, owner: str, lease: float) -> bool:
+        with _translated("renew"):
+            return bool(await self._renew(keys=[self._key(key)], args=[owner, _ms(lease)]))
+
+    async def release(self, key: str, owner: str) -> bool:
+        with _translated("release"):
+            return bool(await self._release(keys=[self._key(key)], args=[owner, self._channel, key]))
+
+    @asynccontextmanager
+    async def watch(self, key: str) -> AsyncIterator[Waiter]:
+        waiter = self._watchers.add(key)
+        try:
+            await self._ensure_subscribed()
+            yield waiter
+        finally:
+            self._watchers.remove(waiter)
+
+    async def wait(self, key: str, timeout: float) -> bool:
+        async with self.watch(key) as waiter:
+            return await waiter.wait(timeout)
+
+    async def ping(self) -> None:
+        with _translated("ping"):
+            await self._redis.ping()
+
+    async def start(self) -> None:
+        """Check Redis answers and start the subscriber now rather than on the first watch."""
+        await self.ping()
+        await self._ensure_subscribed()
+
+    async def close(self) -> None:
+        task, self._subscriber = self._subscriber, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._owns_client:
+            await self._redis.aclose()
+
+    async def _ensure_subscribed(self) -> None:
+        """Start the subscriber if needed and wait, bounded, until the channel is subscribed.
+
+        Waiting matters: an announcement published before SUBSCRIBE took effect would be lost.  If the
+        subscription is down, carry on: the waiter then times out at its bound and the caller re-checks.
+        """
+        if self._subscriber is None or self._subscriber.done():
+            self._subscriber = asyncio.create_task(self._subscribe_forever(), name="redisstore-subscriber")
+        if not self._subscribed.is_set():
+            try:
+                await asyncio.wait_for(self._subscribed.wait(), self._socket_timeout)
+            except TimeoutError:
+                logger.warning("store notifications unavailable; waiters fall back to their timeouts")
+
+    async def _subscribe_forever(self) -> None:
+        """One pub/sub connection per process, reconnecting with backoff when it drops.
+
+        Announcements published while it is down are lost; waiters then time out at their bound, and
+        callers wait in slices and re-check state, so a drop costs latency, never correctness.
+        """
+        backoff = 0.1
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                while True:
+                    message = await pubsub.get_message(timeout=_POLL_SECONDS)
+                    if message is not None:
+                        self._dispatch(message)
+                        backoff = 0.1
+            except (RedisError, OSError) as exc:
+                logger.warning("store subscription lost (%s); retrying in %.1fs", type(exc).__name__, backoff)
+            finally:
+                # Until the next subscribe is confirmed, new watchers must not assume delivery.
+                self._subscribed.clear()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if message["type"] == "subscribe":
+            # Confirmed by the server: from here on, every PUBLISH on the channel reaches us.
+            self._subscribed.set()
+        elif message["type"] == "message":
+            data = message["data"]
+            self._watchers.announce(data.decode() if isinstance(data, bytes) else str(data))

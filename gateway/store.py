@@ -1,0 +1,203 @@
+"""The shared store: a small bytes-in/bytes-out interface for locks, results and announcements.
+
+Callers pass relative keys (``lock:{h}``, ``result:{h}``); the store prepends its key prefix.
+Values are opaque bytes: sealing happens in the caller, so no store ever sees a token.
+
+``MemoryStore`` serves one process; ``RedisStore`` (in ``gateway.redisstore``) is shared by
+every worker and host.  Both announce keys to waiters registered with ``watch()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+
+class Waiter:
+    """Interest in one key, registered before the caller checks state so no announcement is lost."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._event = asyncio.Event()
+
+    def announce(self) -> None:
+        self._event.set()
+
+    @property
+    def announced(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Return True once the key was announced (even before this call), False after ``timeout``."""
+        if self._event.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._event.wait(), max(timeout, 0.0))
+        except TimeoutError:
+            return False
+        return True
+
+
+class Watchers:
+    """Local registry of waiters by key; both stores dispatch announcements through it."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, set[Waiter]] = {}
+
+    def add(self, key: str) -> Waiter:
+        waiter = Waiter(key)
+        self._by_key.setdefault(key, set()).add(waiter)
+        return waiter
+
+    def remove(self, waiter: Waiter) -> None:
+        waiters = self._by_key.get(waiter.key)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._by_key[waiter.key]
+
+    def announce(self, key: str) -> None:
+        for waiter in self._by_key.get(key, ()):
+            waiter.announce()
+
+    def __len__(self) -> int:
+        return sum(len(w) for w in self._by_key.values())
+
+
+class Store(Protocol):
+    """What the refresher needs from shared state; every failure surfaces as ``StoreError``."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl: float, *, notify: bool = False) -> None:
+        """Store ``value`` for ``ttl`` seconds; with ``notify``, atomically announce ``key`` to all waiters."""
+        ...
+
+    async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def acquire(self, key: str, owner: str, lease: float) -> bool:
+        """Take the lock ``key`` for ``lease`` seconds unless someone holds it."""
+        ...
+
+    async def renew(self, key: str, owner: str, lease: float) -> bool:
+        """Extend the lease, only if ``owner`` still holds the lock."""
+        ...
+
+    async def release(self, key: str, owner: str) -> bool:
+        """Delete the lock only if ``owner`` holds it, and then announce ``key``."""
+        ...
+
+    def watch(self, key: str) -> AbstractAsyncContextManager[Waiter]:
+        """Register interest in ``key``: enter, check state, then ``await waiter.wait(timeout)``."""
+        ...
+
+    async def wait(self, key: str, timeout: float) -> bool: ...
+
+    async def ping(self) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """A one-process store: a dict with monotonic expiry; atomic because it never awaits mid-operation."""
+
+    # Expired entries are dropped lazily on read and swept every so many writes, so memory stays bounded.
+    _SWEEP_EVERY = 1000
+
+    def __init__(self, key_prefix: str = "", *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._prefix = key_prefix
+        self._clock = clock
+        self._data: dict[str, tuple[bytes, float]] = {}
+        self._watchers = Watchers()
+        self._writes = 0
+
+    def _live(self, key: str) -> bytes | None:
+        entry = self._data.get(self._prefix + key)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            del self._data[self._prefix + key]
+            return None
+        return entry[0]
+
+    def _put(self, key: str, value: bytes, ttl: float) -> None:
+        self._data[self._prefix + key] = (value, self._clock() + ttl)
+        self._writes += 1
+        if self._writes % self._SWEEP_EVERY == 0:
+            now = self._clock()
+            for k in [k for k, (_, exp) in self._data.items() if exp <= now]:
+                del self._data[k]
+
+    async def get(self, key: str) -> bytes | None:
+        return self._live(key)
+
+    async def set(self, key: str, value: bytes, ttl: float, *, notify: bool = False) -> None:
+        self._put(key, value, ttl)
+        if notify:
+            self._watchers.announce(key)
+
+    async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool:
+        if self._live(key) is not None:
+            return False
+        self._put(key, value, ttl)
+        return True
+
+    async def delete(self, key: str) -> None:
+        self._data.pop(self._prefix + key, None)
+
+    async def acquire(self, key: str, owner: str, lease: float) -> bool:
+        return await self.set_if_absent(key, owner.encode(), lease)
+
+    async def renew(self, key: str, owner: str, lease: float) -> bool:
+        if self._live(key) != owner.encode():
+            return False
+        self._put(key, owner.encode(), lease)
+        return True
+
+    async def release(self, key: str, owner: str) -> bool:
+        if self._live(key) != owner.encode():
+            return False
+        del self._data[self._prefix + key]
+        self._watchers.announce(key)
+        return True
+
+    @asynccontextmanager
+    async def watch(self, key: str) -> AsyncIterator[Waiter]:
+        waiter = self._watchers.add(key)
+        try:
+            yield waiter
+        finally:
+            self._watchers.remove(waiter)
+
+    async def wait(self, key: str, timeout: float) -> bool:
+        async with self.watch(key) as waiter:
+            return await waiter.wait(timeout)
+
+    async def ping(self) -> None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._data.clear()
+
+
+def open_store(url: str, key_prefix: str) -> Store:
+    """Build the store named by ``url``: ``memory://`` or ``redis://``, ``rediss://``, ``unix://``."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "memory":
+        return MemoryStore(key_prefix)
+    if scheme in ("redis", "rediss", "unix"):
+        # Imported here so a memory-only deployment never needs a Redis connection set up.
+        from gateway.redisstore import RedisStore
+
+        return RedisStore(url, key_prefix)
+    raise ValueError(f"unsupported store URL scheme {scheme!r}: use memory://, redis://, rediss:// or unix://")

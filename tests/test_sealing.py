@@ -1,0 +1,57 @@
+"""Sealer: keyed token hashes and authenticated encryption of stored values."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import StoreError
+from gateway.sealing import Sealer
+
+TOKEN = "eyJhbGciOiJSUzI1NiJ9.refresh-token-value.sig"
+
+
+def test_token_hash_is_stable_short_hex_and_keyed() -> None:
+    sealer = Sealer("s3cret")
+    digest = sealer.token_hash(TOKEN)
+    assert digest == Sealer(b"s3cret").token_hash(TOKEN), "every process must derive the same key"
+    assert len(digest) == 32 and int(digest, 16) >= 0
+    assert TOKEN not in digest
+    assert digest != sealer.token_hash(TOKEN + "x")
+    assert digest != Sealer("other").token_hash(TOKEN)
+
+
+def test_seal_round_trip_and_nonce_is_fresh() -> None:
+    sealer = Sealer("s3cret")
+    first, second = sealer.seal(TOKEN.encode()), sealer.seal(TOKEN.encode())
+    assert first != second
+    assert TOKEN.encode() not in first
+    assert sealer.unseal(first) == TOKEN.encode()
+    assert Sealer("s3cret").unseal(second) == TOKEN.encode()
+    assert sealer.unseal(sealer.seal(b"")) == b""
+
+
+@pytest.mark.parametrize("damage", ["flip_body", "flip_nonce", "truncate", "empty"])
+def test_unseal_rejects_tampering(damage: str) -> None:
+    sealer = Sealer("s3cret")
+    sealed = bytearray(sealer.seal(b"tokens"))
+    if damage == "flip_body":
+        sealed[-1] ^= 1
+    elif damage == "flip_nonce":
+        sealed[0] ^= 1
+    elif damage == "truncate":
+        sealed = sealed[:20]
+    else:
+        sealed = bytearray()
+    with pytest.raises(StoreError, match="could not be decrypted"):
+        sealer.unseal(bytes(sealed))
+
+
+def test_unseal_with_wrong_secret_fails() -> None:
+    with pytest.raises(StoreError, match="could not be decrypted"):
+        Sealer("other").unseal(Sealer("s3cret").seal(b"tokens"))
+
+
+def test_empty_secret_is_refused_and_repr_hides_it() -> None:
+    with pytest.raises(ValueError):
+        Sealer("")
+    assert "s3cret" not in repr(Sealer("s3cret"))

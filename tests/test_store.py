@@ -1,0 +1,311 @@
+"""The store contract, run against MemoryStore and a real Redis; plus RedisStore failure modes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from uuid import uuid4
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.errors import StoreError
+from gateway.redisstore import RedisStore
+from gateway.store import MemoryStore, Store, open_store
+
+TTL = 0.2
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore(f"gwtest:{uuid4().hex[:8]}:")
+        return
+    redis_store = RedisStore(request.getfixturevalue("redis_url"), request.getfixturevalue("key_prefix"))
+    try:
+        yield redis_store
+    finally:
+        await redis_store.close()
+
+
+# --- values ---
+
+
+async def test_get_set_and_expiry(store: Store) -> None:
+    assert await store.get("result:{a}") is None
+    await store.set("result:{a}", b"one", TTL)
+    assert await store.get("result:{a}") == b"one"
+    await store.set("result:{a}", b"two", TTL)
+    assert await store.get("result:{a}") == b"two"
+    await asyncio.sleep(TTL + 0.1)
+    assert await store.get("result:{a}") is None
+
+
+async def test_delete(store: Store) -> None:
+    await store.set("k", b"v", 5)
+    await store.delete("k")
+    assert await store.get("k") is None
+    await store.delete("k")  # deleting a missing key is not an error
+
+
+async def test_set_if_absent(store: Store) -> None:
+    assert await store.set_if_absent("k", b"first", TTL)
+    assert not await store.set_if_absent("k", b"second", TTL)
+    assert await store.get("k") == b"first"
+    await asyncio.sleep(TTL + 0.1)
+    assert await store.set_if_absent("k", b"third", TTL)
+    assert await store.get("k") == b"third"
+
+
+async def test_binary_values_round_trip(store: Store) -> None:
+    value = bytes(range(256))
+    await store.set("k", value, 5)
+    assert await store.get("k") == value
+
+
+# --- locks ---
+
+
+async def test_acquire_is_exclusive(store: Store) -> None:
+    results = await asyncio.gather(*(store.acquire("lock:{h}", f"owner-{i}", 5) for i in range(20)))
+    assert results.count(True) == 1
+    assert not await store.acquire("lock:{h}", "late", 5)
+
+
+async def test_lease_expiry_lets_another_acquire(store: Store) -> None:
+    assert await store.acquire("lock:{h}", "a", TTL)
+    assert not await store.acquire("lock:{h}", "b", TTL)
+    await asyncio.sleep(TTL + 0.1)
+    assert await store.acquire("lock:{h}", "b", TTL)
+
+
+async def test_renew_only_by_owner(store: Store) -> None:
+    assert await store.acquire("lock:{h}", "a", TTL)
+    assert not await store.renew("lock:{h}", "b", 5)
+    assert await store.renew("lock:{h}", "a", 1.0)
+    await asyncio.sleep(TTL + 0.1)
+    assert not await store.acquire("lock:{h}", "b", TTL), "renewed lease must outlive the original one"
+
+
+async def test_renew_after_expiry_fails(store: Store) -> None:
+    assert await store.acquire("lock:{h}", "a", TTL)
+    await asyncio.sleep(TTL + 0.1)
+    assert not await store.renew("lock:{h}", "a", 5)
+    assert await store.acquire("lock:{h}", "b", 5)
+
+
+async def test_release_only_by_owner(store: Store) -> None:
+    assert await store.acquire("lock:{h}", "a", 5)
+    assert not await store.release("lock:{h}", "b")
+    assert not await store.acquire("lock:{h}", "b", 5), "a foreign release must not free the lock"
+    assert await store.release("lock:{h}", "a")
+    assert not await store.release("lock:{h}", "a")
+    assert await store.acquire("lock:{h}", "b", 5)
+
+
+async def test_late_release_never_deletes_next_owners_lock(store: Store) -> None:
+    assert await store.acquire("lock:{h}", "a", TTL)
+    await asyncio.sleep(TTL + 0.1)
+    assert await store.acquire("lock:{h}", "b", 5)
+    assert not await store.release("lock:{h}", "a")
+    assert not await store.renew("lock:{h}", "a", 5)
+    assert not await store.acquire("lock:{h}", "c", 5)
+    assert await store.release("lock:{h}", "b")
+
+
+# --- announcements ---
+
+
+async def test_wait_woken_by_set_notify(store: Store) -> None:
+    async def writer() -> None:
+        await asyncio.sleep(0.05)
+        await store.set("result:{h}", b"tokens", 5, notify=True)
+
+    async with store.watch("result:{h}") as waiter:
+        task = asyncio.create_task(writer())
+        started = time.monotonic()
+        assert await waiter.wait(2.0)
+        assert time.monotonic() - started < 1.0
+        await task
+    assert await store.get("result:{h}") == b"tokens"
+
+
+async def test_wait_woken_by_release(store: Store) -> None:
+    assert await store.acquire("lock:{h}", "a", 5)
+    waiting = asyncio.create_task(store.wait("lock:{h}", 2.0))
+    await asyncio.sleep(0.1)
+    assert await store.release("lock:{h}", "a")
+    assert await asyncio.wait_for(waiting, 1.0)
+
+
+async def test_wait_times_out_without_announcement(store: Store) -> None:
+    await store.set("result:{h}", b"quiet", 5)  # without notify: no announcement
+    await store.set("result:{other}", b"x", 5, notify=True)  # another key's announcement
+    started = time.monotonic()
+    assert not await store.wait("result:{h}", TTL)
+    assert TTL - 0.05 <= time.monotonic() - started < TTL + 0.5
+
+
+async def test_failed_release_does_not_announce(store: Store) -> None:
+    assert await store.acquire("lock:{h}", "a", 5)
+    async with store.watch("lock:{h}") as waiter:
+        assert not await store.release("lock:{h}", "b")
+        assert not await waiter.wait(TTL)
+
+
+async def test_register_then_check_does_not_miss_announcement(store: Store) -> None:
+    async with store.watch("result:{h}") as waiter:
+        assert await store.get("result:{h}") is None
+        # The announcement lands between the caller's check and its wait.
+        await store.set("result:{h}", b"tokens", 5, notify=True)
+        await asyncio.sleep(0.1)
+        assert await waiter.wait(1.0)
+
+
+async def test_one_notify_wakes_many_waiters(store: Store) -> None:
+    registered = 0
+    all_registered = asyncio.Event()
+
+    async def wait_one() -> bool:
+        nonlocal registered
+        async with store.watch("result:{h}") as waiter:
+            registered += 1
+            if registered == 100:
+                all_registered.set()
+            return await waiter.wait(3.0)
+
+    tasks = [asyncio.create_task(wait_one()) for _ in range(100)]
+    await asyncio.wait_for(all_registered.wait(), 3.0)
+    started = time.monotonic()
+    await store.set("result:{h}", b"tokens", 5, notify=True)
+    assert await asyncio.gather(*tasks) == [True] * 100
+    assert time.monotonic() - started < 1.0
+
+
+# --- redis across processes ---
+
+
+async def test_notify_reaches_waiter_of_another_store(redis_url: str, key_prefix: str) -> None:
+    first, second = RedisStore(redis_url, key_prefix), RedisStore(redis_url, key_prefix)
+    try:
+        await first.start()
+        await second.start()
+        async with first.watch("result:{h}") as waiter:
+            await second.set("result:{h}", b"tokens", 5, notify=True)
+            assert await waiter.wait(2.0)
+        assert await first.get("result:{h}") == b"tokens"
+
+        assert await second.acquire("lock:{h}", "b", 5)
+        async with first.watch("lock:{h}") as waiter:
+            assert await second.release("lock:{h}", "b")
+            assert await waiter.wait(2.0)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_first_watch_is_subscribed_before_caller_checks(redis_url: str, key_prefix: str) -> None:
+    """Regression: entering watch() must wait for the SUBSCRIBE to take effect, or an early notify is lost."""
+    publisher = RedisStore(redis_url, key_prefix)
+    fresh = RedisStore(redis_url, key_prefix)
+    try:
+        await publisher.ping()  # warm connection: its notify lands faster than a cold subscribe
+        async with fresh.watch("result:{h}") as waiter:
+            await publisher.set("result:{h}", b"tokens", 5, notify=True)
+            assert await waiter.wait(1.0)
+    finally:
+        await fresh.close()
+        await publisher.close()
+
+
+async def test_other_prefix_is_not_announced(redis_url: str, key_prefix: str) -> None:
+    ours, theirs = RedisStore(redis_url, key_prefix), RedisStore(redis_url, key_prefix + "other:")
+    try:
+        async with ours.watch("result:{h}") as waiter:
+            await theirs.set("result:{h}", b"x", 5, notify=True)
+            assert not await waiter.wait(TTL)
+    finally:
+        await ours.close()
+        await theirs.close()
+
+
+async def test_keys_are_prefixed(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore(redis_url, key_prefix)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await store.set("result:{h}", b"v", 5)
+        assert await client.get(f"{key_prefix}result:{{h}}") == b"v"
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+# --- redis failures ---
+
+
+def _unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_unreachable_redis_fails_fast() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{_unused_port()}/0", "gwtest:")
+    try:
+        for call in (store.get("k"), store.acquire("lock:{h}", "a", 5), store.ping()):
+            started = time.monotonic()
+            with pytest.raises(StoreError):
+                await call
+            assert time.monotonic() - started < 3.0
+    finally:
+        await store.close()
+
+
+async def test_server_error_message_carries_no_value(redis_url: str, key_prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    store = RedisStore(redis_url, key_prefix)
+    try:
+        await client.rpush(f"{key_prefix}k", "secret-token-value")
+        with pytest.raises(StoreError) as info:
+            await store.renew("k", "secret-token-value", 5)
+        assert "secret-token-value" not in str(info.value)
+        assert info.value.__cause__ is None and info.value.__suppress_context__
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+# --- open_store ---
+
+
+async def test_open_store_by_scheme(redis_url: str) -> None:
+    assert isinstance(open_store("memory://", "gw:"), MemoryStore)
+    redis_store = open_store(redis_url, "gw:")
+    assert isinstance(redis_store, RedisStore)
+    await redis_store.close()
+    with pytest.raises(ValueError):
+        open_store("http://localhost", "gw:")
+
+
+async def test_subscriber_reconnects_after_connection_drop(redis_url: str, key_prefix: str) -> None:
+    name = f"{key_prefix.replace(':', '-')}sub"
+    own = aioredis.Redis.from_url(redis_url, client_name=name)
+    store = RedisStore.from_client(own, key_prefix)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await store.start()
+        # Kill only this store's subscriber connection: REDIS_URL may point at a shared server.
+        subscribers = [c for c in await client.client_list(_type="pubsub") if c["name"] == name]
+        assert len(subscribers) == 1
+        await client.client_kill_filter(_id=subscribers[0]["id"])
+        await asyncio.sleep(0.5)  # the subscriber notices, backs off 0.1 s and subscribes again
+        async with store.watch("result:{h}") as waiter:
+            await client.publish(f"{key_prefix}notify", "result:{h}")
+            assert await waiter.wait(2.0)
+    finally:
+        await store.close()
+        await own.aclose()
+        await client.aclose()
