@@ -1,0 +1,144 @@
+"""Real servers on loopback for integration tests: the demo IdP and the echo upstream as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(url: str, timeout: float = 15, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``url`` until it answers with any HTTP status; give up early if ``process`` dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"process exited with {process.returncode} before {url} answered") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout}s") from None
+            time.sleep(0.05)
+
+
+class ServerProcess:
+    """``python -m module args...`` as a subprocess, ready once ``ready_url`` answers; stopped on exit."""
+
+    def __init__(self, module: str, args: list[str], url: str, ready_path: str = "/") -> None:
+        self.module, self.args, self.url, self.ready_path = module, args, url, ready_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix=f"{module}-", suffix=".log", delete=False)
+
+    def start(self) -> Self:
+        if self.process is None:
+            command = [sys.executable, "-m", self.module, *self.args]
+            self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+            try:
+                wait_for_http(self.url + self.ready_path, process=self.process)
+            except Exception as exc:
+                log = self.log()
+                self.stop()
+                raise RuntimeError(f"{self.module} did not start:\n{log}") from exc
+        return self
+
+    def stop(self) -> None:
+        """Terminate, kill after 5 s, delete the log; safe to call twice."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if not self._log.closed:
+            self._log.close()
+            os.unlink(self._log.name)
+
+    def log(self) -> str:
+        """What the process has written to stdout and stderr so far."""
+        self._log.flush()
+        return Path(self._log.name).read_text(errors="replace")
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:  # pytest shows captured stderr of a failed test
+            sys.stderr.write(f"--- {self.module} log ---\n{self.log()}\n")
+        self.stop()
+
+
+class IdPProcess(ServerProcess):
+    """The demo IdP; control helpers call its ``/_admin`` endpoints."""
+
+    public_key_path: str | None = None
+    _owns_public_key = False
+
+    def stop(self) -> None:
+        super().stop()
+        if self._owns_public_key and self.public_key_path and os.path.exists(self.public_key_path):
+            os.unlink(self.public_key_path)
+
+    def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = httpx.request(method, f"{self.url}/_admin/{path}", json=body, timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._admin("GET", "stats"))
+
+    def behaviour(self, **kw: Any) -> dict[str, Any]:
+        """E.g. ``behaviour(fail="503", fail_count=1)`` or ``behaviour(latency=0.5)``."""
+        return dict(self._admin("POST", "behaviour", kw))
+
+    def reset(self) -> None:
+        self._admin("POST", "reset")
+
+    def issue(
+        self, username: str, access_ttl: int | None = None, claims: dict[str, Any] | None = None
+    ) -> dict[str, str]:
+        """A fresh session without a login or refresh call: ``{"access", "refresh"}``."""
+        return dict(self._admin("POST", "issue", {"username": username, "access_ttl": access_ttl, "claims": claims}))
+
+
+def start_idp(**opts: Any) -> IdPProcess:
+    """Start ``gateway.demo.idp``; options are its flags (``algorithm="RS256"``, ``access_ttl=5``, ``latency=0.2``).
+
+    With RS256 the public key is written to a temporary file, ``.public_key_path``.
+    """
+    port = free_port()
+    owns_public_key = opts.get("algorithm") == "RS256" and "public_key_out" not in opts
+    if owns_public_key:
+        fd, opts["public_key_out"] = tempfile.mkstemp(prefix="idp-", suffix=".pem")
+        os.close(fd)
+    args = ["--host", "127.0.0.1", "--port", str(port)]
+    for key, value in opts.items():
+        args += [f"--{key.replace('_', '-')}", "" if value is None else str(value)]
+    idp = IdPProcess("gateway.demo.idp", args, f"http://127.0.0.1:{port}", ready_path="/jwks")
+    idp.public_key_path, idp._owns_public_key = opts.get("public_key_out"), owns_public_key
+    return idp.start()
+
+
+def start_upstream() -> ServerProcess:
+    """Start the echo upstream ``gateway.demo.upstream``."""
+    port = free_port()
+    args = ["--host", "127.0.0.1", "--port", str(port)]
+    return ServerProcess("gateway.demo.upstream", args, f"http://127.0.0.1:{port}").start()
