@@ -43,12 +43,13 @@ class ServerProcess:
     def __init__(self, module: str, args: list[str], url: str, ready_path: str = "/") -> None:
         self.module, self.args, self.url, self.ready_path = module, args, url, ready_path
         self.process: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix=f"{module}-", suffix=".log", delete=False)
 
     def start(self) -> Self:
         if self.process is None:
             command = [sys.executable, "-m", self.module, *self.args]
-            self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
             try:
                 wait_for_http(self.url + self.ready_path, process=self.process)
             except Exception as exc:
@@ -142,3 +143,33 @@ def start_upstream() -> ServerProcess:
     port = free_port()
     args = ["--host", "127.0.0.1", "--port", str(port)]
     return ServerProcess("gateway.demo.upstream", args, f"http://127.0.0.1:{port}").start()
+
+
+class GatewayProcess(ServerProcess):
+    """``gateway serve`` as a real process (several uvicorn workers when asked)."""
+
+    config_path: str = ""
+
+    def stop(self) -> None:
+        super().stop()
+        if self.config_path and os.path.exists(self.config_path):
+            os.unlink(self.config_path)
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/.gateway/metrics", timeout=5).text
+
+
+def start_gateway(config: dict[str, Any], *, workers: int = 1, env: dict[str, str] | None = None) -> GatewayProcess:
+    """Write ``config`` as YAML and run ``python -m gateway serve`` on a free port."""
+    import yaml
+
+    port = free_port()
+    fd, path = tempfile.mkstemp(prefix="gateway-", suffix=".yaml")
+    with os.fdopen(fd, "w") as handle:
+        yaml.safe_dump(config, handle)
+    args = ["serve", "--config", path, "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    gateway = GatewayProcess("gateway", args, f"http://127.0.0.1:{port}", ready_path="/.gateway/health")
+    gateway.config_path = path
+    if env:
+        gateway.env = {**os.environ, **env}
+    return gateway.start()

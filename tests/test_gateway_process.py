@@ -1,0 +1,286 @@
+"""The whole request path against real processes: `gateway serve` (2 workers), an echo upstream, the demo IdP."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from support.servers import GatewayProcess, ServerProcess, free_port, start_gateway, start_idp, start_upstream
+
+SECRET = "integration-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ServerProcess]:
+    with start_upstream() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: ServerProcess) -> Iterator[GatewayProcess]:
+    dead = f"http://127.0.0.1:{free_port()}"
+    config: dict[str, Any] = {
+        "tokens": {"algorithms": ["HS256"], "secret": SECRET, "issuer": "https://idp.test", "audience": "legacy-app"},
+        "cookies": {"secure": False},
+        "login": {"url": "https://idp.test/login?next={next}"},
+        "identity": {
+            "headers": {"X-Auth-User": "sub", "X-Auth-Roles": "roles", "X-User-Realm": "realm_access.roles"},
+        },
+        "routes": [
+            {"name": "public", "path": "/public/", "upstream": upstream.url, "auth": "none"},
+            {"name": "maybe", "path": "/maybe/", "upstream": upstream.url, "auth": "optional"},
+            {"name": "admin", "path": "/admin/", "upstream": upstream.url, "require": {"claims": {"is_staff": True}}},
+            {"name": "down", "path": "/down/", "upstream": dead},
+            {"name": "slow", "path": "/_slow/", "upstream": upstream.url, "timeout": {"connect": 1, "read": 0.5}},
+            {"name": "app", "path": "/", "upstream": upstream.url},
+        ],
+    }
+    with start_gateway(config, workers=2) as server:
+        yield server
+
+
+def token(claims: dict[str, Any] | None = None, *, key: str = SECRET, alg: str = "HS256", **headers: Any) -> str:
+    now = int(time.time())
+    body = {"sub": "alice", "iss": "https://idp.test", "aud": "legacy-app", "iat": now, "exp": now + 300}
+    body.update({"roles": ["user", "admin"], "is_staff": True, "realm_access": {"roles": ["a", "b"]}})
+    body.update(claims or {})
+    return jwt.encode(body, key, algorithm=alg, headers=headers or None)
+
+
+def echo(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    data: dict[str, Any] = response.json()
+    data["h"] = {}
+    for name, value in data["headers"]:
+        data["h"].setdefault(name, []).append(value)
+    return data
+
+
+def raw_get(gateway: GatewayProcess, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """Send the path byte for byte (httpx would normalise dot segments before sending)."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.putrequest("GET", path, skip_accept_encoding=True)
+        for name, value in (headers or {}).items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_identity_headers_reach_upstream(gateway: GatewayProcess) -> None:
+    data = echo(httpx.get(f"{gateway.url}/hello?x=1", headers={"Authorization": f"Bearer {token()}"}))
+    assert data["path"] == "/hello" and data["query_string"] == "x=1"
+    assert data["h"]["x-auth-user"] == ["alice"]
+    assert data["h"]["x-auth-roles"] == ["user,admin"]
+    assert data["h"]["x-user-realm"] == ["a,b"]
+    assert data["h"]["x-forwarded-for"] == ["127.0.0.1"]
+    assert data["h"]["x-forwarded-proto"] == ["http"]
+
+
+def test_cookie_credentials_and_gateway_cookies_not_forwarded(gateway: GatewayProcess) -> None:
+    cookie = f"gw_access={token()}; theme=dark"
+    data = echo(httpx.get(f"{gateway.url}/hello", headers={"Cookie": cookie}))
+    assert data["h"]["x-auth-user"] == ["alice"]
+    assert data["h"]["cookie"] == ["theme=dark"]
+
+
+@pytest.mark.parametrize("route", ["/public/x", "/hello", "/maybe/x"])
+def test_spoofed_identity_headers_never_reach_upstream(gateway: GatewayProcess, route: str) -> None:
+    spoofed = [
+        ("X-Auth-User", "mallory"),
+        ("x-auth-user", "mallory2"),
+        ("X_Auth_User", "mallory3"),
+        ("X.Auth.User", "mallory4"),
+        ("X-AUTH-ROLES", "admin"),
+        ("X-User-Realm", "admin"),  # an identity header outside the strip patterns
+        ("X-Forwarded-For", "10.9.9.9"),
+        ("Connection", "X-Auth-User"),  # must not remove the gateway's own header
+    ]
+    headers = httpx.Headers(spoofed)
+    if route == "/hello":
+        headers["Authorization"] = f"Bearer {token()}"
+    data = echo(httpx.get(f"{gateway.url}{route}", headers=headers))
+    names = {name.replace("_", "-").replace(".", "-") for name in data["h"]}
+    if route == "/hello":
+        assert data["h"]["x-auth-user"] == ["alice"]
+        assert data["h"]["x-user-realm"] == ["a,b"]
+    else:
+        assert not {"x-auth-user", "x-auth-roles", "x-user-realm"} & names
+    assert data["h"]["x-forwarded-for"] == ["127.0.0.1"]
+    assert "connection" not in data["h"]
+    assert not any("mallory" in v or v == "admin" for values in data["h"].values() for v in values)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/public/../admin/x", "/public/%2e%2e/admin/x", "/public/..%2fadmin/x", "/public/%2fadmin", "/public\\..\\admin",
+     "/public/%00/x", "/public/%2E%2E/admin/x", "/public/./x"],
+)
+def test_path_tricks_are_refused(gateway: GatewayProcess, path: str) -> None:
+    status, body = raw_get(gateway, path)
+    assert status == 400
+    assert json.loads(body)["reason"] == "bad_path"
+
+
+def test_double_slash_is_matched_as_forwarded(gateway: GatewayProcess) -> None:
+    """//admin must be judged by the admin route's rule, since that is where it lands."""
+    status, body = raw_get(gateway, "//admin/x", {"Authorization": f"Bearer {token({'is_staff': False})}"})
+    assert status == 403
+    status, body = raw_get(gateway, "//admin//x", {"Authorization": f"Bearer {token()}"})
+    assert status == 200 and json.loads(body)["path"] == "/admin/x"
+
+
+def test_claims_rule(gateway: GatewayProcess) -> None:
+    assert httpx.get(f"{gateway.url}/admin/x", headers={"Authorization": f"Bearer {token()}"}).status_code == 200
+    denied = httpx.get(f"{gateway.url}/admin/x", headers={"Authorization": f"Bearer {token({'is_staff': 1})}"})
+    assert denied.status_code == 403 and denied.json()["reason"] == "claims_denied"
+
+
+def test_optional_route_forwards_without_identity(gateway: GatewayProcess) -> None:
+    data = echo(httpx.get(f"{gateway.url}/maybe/x"))
+    assert "x-auth-user" not in data["h"]
+    data = echo(httpx.get(f"{gateway.url}/maybe/x", headers={"Authorization": f"Bearer {token()}"}))
+    assert data["h"]["x-auth-user"] == ["alice"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (lambda: token({"exp": int(time.time()) - 3600}), "token_expired"),
+        (lambda: token(key="another-secret-0123456789abcdef-xx"), "bad_signature"),
+        (lambda: token({"iss": "https://evil.test"}), "wrong_issuer"),
+        (lambda: token({"aud": "other-app"}), "wrong_audience"),
+        (lambda: token({"nbf": int(time.time()) + 3600}), "token_not_yet_valid"),
+        (lambda: token({"token_type": "refresh"}), "wrong_token_type"),
+        (lambda: "garbage", "malformed_token"),
+        (lambda: "a" * 20_000, "token_too_large"),
+        (lambda: jwt.encode({"sub": "x", "exp": int(time.time()) + 60}, None, algorithm="none"), "alg_not_allowed"),
+    ],
+)
+def test_bad_tokens_get_401(gateway: GatewayProcess, bad: Any, reason: str) -> None:
+    response = httpx.get(f"{gateway.url}/hello", headers={"Authorization": f"Bearer {bad()}"})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    assert response.json()["reason"] == reason
+
+
+def test_bad_cookie_token_clears_the_access_cookie(gateway: GatewayProcess) -> None:
+    response = httpx.get(f"{gateway.url}/hello", headers={"Cookie": f"gw_access={token(key='x' * 40)}"})
+    assert response.status_code == 401
+    assert "gw_access=;" in response.headers["set-cookie"] and "Max-Age=0" in response.headers["set-cookie"]
+
+
+def test_browser_is_redirected_to_login_with_next(gateway: GatewayProcess) -> None:
+    response = httpx.get(f"{gateway.url}/reports/q?year=2024&x=a b", headers={"Accept": "text/html"})
+    assert response.status_code == 302
+    assert response.headers["location"] == "https://idp.test/login?next=%2Freports%2Fq%3Fyear%3D2024%26x%3Da%2520b"
+    xhr = httpx.get(f"{gateway.url}/reports/q", headers={"Accept": "text/html", "Sec-Fetch-Mode": "cors"})
+    assert xhr.status_code == 401
+
+
+def test_request_body_streams_to_upstream(gateway: GatewayProcess) -> None:
+    body = os.urandom(200 * 1024)
+    data = echo(httpx.post(f"{gateway.url}/upload", content=body, headers={"Authorization": f"Bearer {token()}"}))
+    assert data["body_length"] == len(body)
+    assert data["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(64):
+            yield b"y" * 16384
+
+    data = echo(httpx.post(f"{gateway.url}/upload", content=chunks(), headers={"Authorization": f"Bearer {token()}"}))
+    assert data["body_length"] == 64 * 16384
+
+
+def test_large_response_streams(gateway: GatewayProcess) -> None:
+    size = 20 * 1024 * 1024
+    received = 0
+    with httpx.stream("GET", f"{gateway.url}/_stream/{size}", headers={"Authorization": f"Bearer {token()}"}) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_bytes():
+            received += len(chunk)
+    assert received == size
+
+
+def test_upstream_refused_is_502_and_timeout_is_504(gateway: GatewayProcess) -> None:
+    auth = {"Authorization": f"Bearer {token()}"}
+    down = httpx.get(f"{gateway.url}/down/x", headers=auth)
+    assert down.status_code == 502 and down.json() == {"error": "bad_gateway", "reason": "upstream_unreachable", "route": "down"}
+    slow = httpx.get(f"{gateway.url}/_slow/3", headers=auth, timeout=10)
+    assert slow.status_code == 504 and slow.json()["route"] == "slow"
+    page = httpx.get(f"{gateway.url}/down/x", headers={**auth, "Accept": "text/html"})
+    assert page.status_code == 502 and "text/html" in page.headers["content-type"] and "127.0.0.1" not in page.text
+
+
+def test_response_headers_are_cleaned(gateway: GatewayProcess) -> None:
+    auth = {"Authorization": f"Bearer {token()}"}
+    hop = httpx.get(f"{gateway.url}/_hop", headers=auth)
+    assert hop.headers["x-normal"] == "yes"
+    assert "x-secret-hop" not in hop.headers and "keep-alive" not in hop.headers
+    assert "proxy-authenticate" not in hop.headers
+    cookies = httpx.get(f"{gateway.url}/_set-cookie/gw_access", headers=auth).headers.get_list("set-cookie")
+    assert cookies == ["other=1; Path=/"]
+
+
+def test_status_and_html_passthrough(gateway: GatewayProcess) -> None:
+    auth = {"Authorization": f"Bearer {token()}"}
+    assert httpx.get(f"{gateway.url}/_status/418", headers=auth).status_code == 418
+    assert httpx.get(f"{gateway.url}/_html", headers=auth).headers["content-type"].startswith("text/html")
+
+
+def test_internal_endpoints(gateway: GatewayProcess) -> None:
+    assert httpx.get(f"{gateway.url}/.gateway/health").json() == {"status": "ok"}
+    assert httpx.get(f"{gateway.url}/.gateway/ready").status_code == 200
+    httpx.get(f"{gateway.url}/hello")
+    text = gateway.metrics()
+    assert "gateway_requests_total" in text and "gateway_denials_total" in text
+
+
+def test_no_token_in_logs(gateway: GatewayProcess) -> None:
+    secret_token = token({"sub": "log-probe"})
+    httpx.get(f"{gateway.url}/hello", headers={"Authorization": f"Bearer {secret_token}"})
+    httpx.get(f"{gateway.url}/hello", headers={"Authorization": f"Bearer {secret_token}x"})
+    assert secret_token.split(".")[2] not in gateway.log()
+
+
+def test_rs256_with_jwks_from_a_real_idp(upstream: ServerProcess) -> None:
+    with start_idp(algorithm="RS256", issuer="https://idp.rs") as idp:
+        config = {
+            "tokens": {"algorithms": ["RS256"], "jwks_url": f"{idp.url}/jwks", "issuer": "https://idp.rs"},
+            "cookies": {"secure": False},
+            "routes": [{"name": "app", "path": "/", "upstream": upstream.url}],
+        }
+        with start_gateway(config) as gw:
+            session = idp.issue("bob")
+            data = echo(httpx.get(f"{gw.url}/x", headers={"Cookie": f"gw_access={session['access']}"}))
+            assert data["h"]["x-auth-user"] == ["bob"]
+            # HS256 signed with the RSA public key: the classic algorithm-confusion attack.
+            assert idp.public_key_path is not None
+            with open(idp.public_key_path, "rb") as handle:
+                public = handle.read()
+            forged = _hs256_with_raw_key({"sub": "mallory", "iss": "https://idp.rs", "exp": int(time.time()) + 60}, public)
+            response = httpx.get(f"{gw.url}/x", headers={"Authorization": f"Bearer {forged}"})
+            assert response.status_code == 401 and response.json()["reason"] == "alg_not_allowed"
+
+
+def _hs256_with_raw_key(claims: dict[str, Any], key: bytes) -> str:
+    import base64
+    import hmac
+
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    signing = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + b"." + b64(json.dumps(claims).encode())
+    return (signing + b"." + b64(hmac.new(key, signing, hashlib.sha256).digest())).decode()
