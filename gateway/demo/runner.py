@@ -1,0 +1,125 @@
+"""``gateway demo``: a rotating demo IdP, an echo upstream and the gateway, in one process.
+
+Nothing to configure and nothing outside loopback: the gateway runs on its embedded defaults
+(memory store, HS256 with a demo secret, short-lived access tokens so a refresh is soon seen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from typing import Any
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig, parse_config
+from gateway.demo.idp import IdPSettings, create_idp_app
+from gateway.demo.upstream import create_upstream_app
+
+DEMO_ACCESS_TTL = 20
+
+
+def demo_config(port: int, idp_url: str, upstream_url: str, secret: str) -> GatewayConfig:
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "store": {"url": "memory://", "secret": "demo-store-secret-not-for-production"},
+        "tokens": {"algorithms": ["HS256"], "secret": secret, "audience": "legacy-app", "leeway": 0, "refresh_before": 5},
+        "refresh": {
+            "endpoint": f"{idp_url}/api/token/refresh/",
+            "style": "json",
+            "revocation_endpoint": f"{idp_url}/revoke",
+            "client_id": "legacy-app",
+            "client_secret": "demo-secret",
+            "grace_period": 30,
+        },
+        "cookies": {"secure": False},  # plain http on loopback; keep true (the default) in production
+        "routes": [
+            {"name": "login", "path": "/api/token/", "upstream": idp_url, "auth": "none"},
+            {"name": "public", "path": "/public/", "upstream": upstream_url, "auth": "none"},
+            {"name": "admin", "path": "/admin/", "upstream": upstream_url, "require": {"claims": {"is_staff": True}}},
+            {"name": "app", "path": "/", "upstream": upstream_url},
+        ],
+    }
+    return parse_config(data, env={})
+
+
+def _banner(port: int, idp_port: int) -> str:
+    gw = f"http://127.0.0.1:{port}"
+    login = (
+        f"curl -s -X POST {gw}/api/token/ -H 'Content-Type: application/json' "
+        "-d '{\"username\": \"alice\", \"password\": \"alice\"}'"
+    )
+    return f"""
+gateway demo is running (Ctrl+C to stop)
+  gateway            {gw}      routes: /api/token/ (login, no auth), /public/, /admin/ (is_staff), /
+  demo IdP           http://127.0.0.1:{idp_port}      users alice/alice (staff), bob/bob; access tokens live {DEMO_ACCESS_TTL}s
+  echo upstream      http://127.0.0.1:{port + 2}      answers with the request it received, headers included
+
+Try it:
+  # no token: 401 with a reason code
+  curl -i {gw}/hello
+
+  # log in at the IdP (through the gateway) and keep the tokens
+  TOKENS=$({login})
+  ACCESS=$(echo "$TOKENS" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access"])')
+  REFRESH=$(echo "$TOKENS" | python3 -c 'import json,sys; print(json.load(sys.stdin)["refresh"])')
+
+  # the upstream sees identity headers: x-auth-user, x-auth-email, x-auth-roles
+  curl -s {gw}/hello -H "Authorization: Bearer $ACCESS"
+
+  # spoofed identity headers never get through
+  curl -s {gw}/public/x -H 'X-Auth-User: mallory' -H 'X_Auth_User: mallory'
+
+  # a browser session lives in cookies; after {DEMO_ACCESS_TTL}s the gateway refreshes it at the IdP by itself
+  curl -s -c /tmp/gw-jar -b "gw_access=$ACCESS; gw_refresh=$REFRESH" {gw}/hello
+  sleep {DEMO_ACCESS_TTL}; curl -s -i -b /tmp/gw-jar -c /tmp/gw-jar {gw}/hello | grep -i -e set-cookie -e x-auth-user
+
+  # metrics
+  curl -s {gw}/.gateway/metrics | grep gateway_
+"""
+
+
+async def _serve(port: int) -> None:
+    idp_port, upstream_port = port + 1, port + 2
+    settings = IdPSettings(issuer=f"http://127.0.0.1:{idp_port}", access_ttl=DEMO_ACCESS_TTL)
+    idp_url, upstream_url = f"http://127.0.0.1:{idp_port}", f"http://127.0.0.1:{upstream_port}"
+    gateway = create_app(demo_config(port, idp_url, upstream_url, settings.hs_secret))
+    servers = [
+        uvicorn.Server(uvicorn.Config(create_idp_app(settings), port=idp_port, log_level="warning")),
+        uvicorn.Server(uvicorn.Config(create_upstream_app(), port=upstream_port, log_level="warning")),
+        uvicorn.Server(
+            uvicorn.Config(gateway, port=port, log_level="info", access_log=False, proxy_headers=False, date_header=False)
+        ),
+    ]
+    for server in servers:
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    while not all(server.started for server in servers):
+        if any(task.done() for task in tasks):
+            for server in servers:
+                server.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise SystemExit(f"gateway demo: could not start (is port {port}, {idp_port} or {upstream_port} in use?)")
+        await asyncio.sleep(0.05)
+    print(_banner(port, idp_port), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for server in servers:
+        server.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run_demo(port: int = 8080) -> int:
+    try:
+        asyncio.run(_serve(port))
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
