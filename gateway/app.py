@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
@@ -31,13 +32,18 @@ from starlette.routing import Route as Endpoint
 from gateway.config import GatewayConfig, load_config
 from gateway.cookies import CookieJar
 from gateway.credentials import Authenticator, AuthResult
+from gateway.errors import StoreError
 from gateway.headers import HeaderRules
 from gateway.identity import IdentityHeaders, UnsafeClaim, claims_allowed
+from gateway.idp import IdPClient
 from gateway.keys import build_key_source
 from gateway.metrics import Metrics
 from gateway.proxy import AiohttpForwarder, Forwarder, UpstreamFailure
+from gateway.refresh import SessionRefresher
 from gateway.responses import NO_STORE, Send, login_location, safe_next, send_denial, status_for, wants_html
 from gateway.routing import BadPath, Route, RouteTable, canonical_path, request_host
+from gateway.sealing import Sealer
+from gateway.store import Store, open_store
 from gateway.tokens import Verifier
 
 log = logging.getLogger("gateway")
@@ -60,6 +66,7 @@ class Gateway:
         *,
         clock: Callable[[], float] = time.time,
         forwarder: Forwarder | None = None,
+        store: Store | None = None,
     ) -> None:
         self.config = config
         self.prefix = config.server.prefix
@@ -77,7 +84,22 @@ class Gateway:
         self.http = httpx.AsyncClient(follow_redirects=False, timeout=config.refresh.timeout)
         self.keys = build_key_source(config.tokens, self.http)
         self.verifier = Verifier(config.tokens, self.keys, clock)
-        self.authenticator = Authenticator(self.verifier, self.jar)
+        self.store: Store = store or open_store(config.store.url, config.store.key_prefix)
+        self.refresher: SessionRefresher | None = None
+        if config.refresh.endpoint is not None:
+            # memory:// lives in one process, so a random sealing key is as good as any.
+            sealer = Sealer(config.store.secret or secrets.token_bytes(32))
+            self.refresher = SessionRefresher(
+                config=config.refresh,
+                store=self.store,
+                sealer=sealer,
+                idp=IdPClient(config.refresh, self.http),
+                verifier=self.verifier,
+                jar=self.jar,
+                metrics=self.metrics,
+                clock=clock,
+            )
+        self.authenticator = Authenticator(self.verifier, self.jar, self.refresher)
         self.forwarder: Forwarder = forwarder or AiohttpForwarder()
         self.login_url = config.login.url
         self.internal = Starlette(
@@ -97,9 +119,17 @@ class Gateway:
 
     async def startup(self) -> None:
         await self.keys.start()
+        try:
+            await self.store.start()
+        except StoreError as exc:
+            # Not fatal: valid access tokens work without the store; /ready reports it.
+            log.warning("store not reachable at start: %s", exc)
 
     async def shutdown(self) -> None:
+        if self.refresher is not None:
+            await self.refresher.close()
         await self.forwarder.close()
+        await self.store.close()
         await self.http.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -148,7 +178,8 @@ class Gateway:
         headers = [(b"set-cookie", c) for c in cookies or []]
         self.metrics.denial(reason)
         log.info("denied %s %s route=%s reason=%s", scope["method"], scope["path"], route and route.name, reason)
-        await send_denial(send, reason, html=html, route=route and route.name, headers=headers, login_url=login)
+        name = route.name if route else None
+        await send_denial(send, reason, html=html, route=name, headers=headers, login_url=login)
         status = status_for(reason)[0]
         return 302 if status == 401 and html and login else status
 
@@ -239,6 +270,10 @@ class Gateway:
         return JSONResponse({"status": "ok"})
 
     async def _ready(self, request: Request) -> Response:
+        try:
+            await self.store.ping()
+        except StoreError:
+            return JSONResponse({"status": "unavailable", "store": "unreachable"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     async def _metrics(self, request: Request) -> Response:

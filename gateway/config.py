@@ -128,8 +128,10 @@ class TokensConfig(_Model):
             problems.append((sources[0], "HS* algorithms need tokens.secret"))
         elif not symmetric and sources == ["secret"]:
             problems.append(("secret", "a shared secret only verifies HS* algorithms"))
-        if symmetric and self.secret is not None and len(self.secret.encode()) < MIN_HS_SECRET_BYTES:
-            problems.append(("secret", f"HS secrets must be at least {MIN_HS_SECRET_BYTES} bytes"))
+        # RFC 7518 §3.2: the key is at least as long as the hash (32, 48, 64 bytes for HS256/384/512).
+        minimum = max([MIN_HS_SECRET_BYTES] + [int(a[2:]) // 8 for a in self.algorithms if a in HS_ALGORITHMS])
+        if symmetric and self.secret is not None and len(self.secret.encode()) < minimum:
+            problems.append(("secret", f"HS secrets must be at least {minimum} bytes"))
         if problems:
             raise _problems(*problems)
         return self
@@ -295,6 +297,13 @@ class GatewayConfig(_Model):
             raise _problems(*problems)
         return value
 
+    @model_validator(mode="after")
+    def _store_secret(self) -> GatewayConfig:
+        if self.refresh.endpoint and not self.store.url.startswith("memory:") and not self.store.secret:
+            # Every process must seal and unseal the same results, so the key cannot be random.
+            raise _problems(("store.secret", "required when refresh.endpoint is set and the store is shared"))
+        return self
+
 
 def _is_http_url(value: str) -> bool:
     parts = urlsplit(value)
@@ -317,9 +326,9 @@ def _expand(node: Any, path: str, env: Mapping[str, str], problems: list[str]) -
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in env:
+        if env.get(name) or (name in env and default is None):
             return env[name]
-        if default is not None:
+        if default is not None:  # like sh: ":-" also covers a variable that is set but empty
             return default
         problems.append(f"{path}: environment variable {name} is not set (use ${{{name}:-default}} for a default)")
         return ""

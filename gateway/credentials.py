@@ -63,8 +63,8 @@ class Authenticator:
         if bearer is not None:
             if not bearer:
                 return AuthResult(reason="malformed_authorization", bearer=True)
-            verdict = await self._verifier.verify(bearer)
-            return AuthResult(claims=verdict.claims, token=bearer, reason=verdict.reason, bearer=True)
+            checked = await self._verifier.verify(bearer)
+            return AuthResult(claims=checked.claims, token=bearer, reason=checked.reason, bearer=True)
 
         access, refresh = self._jar.read(headers)
         if access is None and refresh is None:

@@ -128,7 +128,9 @@ def load_public_key(path: str, algorithms: tuple[str, ...]) -> Any:
         if alg in HS_ALGORITHMS:
             continue
         try:
-            return available[alg].prepare_key(pem)
+            key = available[alg].prepare_key(pem)
         except (ValueError, TypeError, jwt.InvalidKeyError):
             continue
+        if not hasattr(key, "public_key"):  # private keys have public_key(); they cannot verify
+            return key
     raise ConfigError([f"tokens.public_key_file: {path} is not a public key for {', '.join(algorithms)}"])

@@ -70,7 +70,8 @@ def http_date() -> bytes:
     now = int(time.time())
     if _date_cache[0] != now:
         _date_cache[0], _date_cache[1] = now, formatdate(now, usegmt=True).encode()
-    return _date_cache[1]
+    cached: bytes = _date_cache[1]
+    return cached
 
 
 _date_cache: list[Any] = [0, b""]

@@ -41,7 +41,8 @@ def canonical_path(raw_path: bytes) -> tuple[str, str]:
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded):
         raise BadPath("control character in path")
     segments = decoded.split("/")
-    if any(seg in (".", "..") for seg in segments):
+    # "..;x" is ".." to Tomcat/Jetty (path parameters are dropped before resolving dot segments).
+    if any(seg.split(";", 1)[0] in (".", "..") for seg in segments):
         raise BadPath("dot segment in path")
     if "//" in decoded:
         decoded = "/" + "/".join(seg for seg in segments if seg) + ("/" if decoded.endswith("/") else "")

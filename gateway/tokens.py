@@ -51,6 +51,13 @@ _ERRORS: list[tuple[type[Exception], str]] = [
 ]
 
 
+def _number(value: Any) -> float | None:
+    """A numeric claim as float; None for anything else (booleans included)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
 def _reason(exc: Exception) -> str:
     for kind, reason in _ERRORS:
         if isinstance(exc, kind):
@@ -67,7 +74,7 @@ class Verifier:
         self._clock = clock
         self._algorithms = frozenset(config.algorithms)
         self._cache: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
-        self._options: dict[str, Any] = {
+        self._options: Any = {
             "require": ["exp"],
             # Time claims are checked below against our own clock, with leeway.
             "verify_exp": False,
@@ -113,16 +120,14 @@ class Verifier:
             return Verdict(None, _reason(exc))
         if claims.get("token_type", "access") != "access" or claims.get("typ", "access") in ("refresh", "Refresh"):
             return Verdict(None, "wrong_token_type")
-        exp = claims.get("exp")
-        nbf = claims.get("nbf", 0)
-        iat = claims.get("iat", 0)
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (exp, nbf, iat)):
+        exp, nbf, iat = _number(claims.get("exp")), _number(claims.get("nbf", 0)), _number(claims.get("iat", 0))
+        if exp is None or nbf is None or iat is None:
             return Verdict(None, "malformed_token")
         now, leeway = self._clock(), self._config.leeway
         if nbf > now + leeway or iat > now + leeway:
             return Verdict(None, "token_not_yet_valid")
-        self._remember(token, claims, float(exp))
-        return self._check_time(claims, float(exp))
+        self._remember(token, claims, exp)
+        return self._check_time(claims, exp)
 
     def _check_time(self, claims: dict[str, Any], exp: float) -> Verdict:
         now = self._clock()

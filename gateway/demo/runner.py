@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -26,7 +27,13 @@ def demo_config(port: int, idp_url: str, upstream_url: str, secret: str) -> Gate
     data: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port},
         "store": {"url": "memory://", "secret": "demo-store-secret-not-for-production"},
-        "tokens": {"algorithms": ["HS256"], "secret": secret, "audience": "legacy-app", "leeway": 0, "refresh_before": 5},
+        "tokens": {
+            "algorithms": ["HS256"],
+            "secret": secret,
+            "audience": "legacy-app",
+            "leeway": 0,
+            "refresh_before": 5,
+        },
         "refresh": {
             "endpoint": f"{idp_url}/api/token/refresh/",
             "style": "json",
@@ -50,12 +57,13 @@ def _banner(port: int, idp_port: int) -> str:
     gw = f"http://127.0.0.1:{port}"
     login = (
         f"curl -s -X POST {gw}/api/token/ -H 'Content-Type: application/json' "
-        "-d '{\"username\": \"alice\", \"password\": \"alice\"}'"
+        '-d \'{"username": "alice", "password": "alice"}\''
     )
     return f"""
 gateway demo is running (Ctrl+C to stop)
   gateway            {gw}      routes: /api/token/ (login, no auth), /public/, /admin/ (is_staff), /
-  demo IdP           http://127.0.0.1:{idp_port}      users alice/alice (staff), bob/bob; access tokens live {DEMO_ACCESS_TTL}s
+  demo IdP           http://127.0.0.1:{idp_port}      users alice/alice (staff), bob/bob
+                                               access tokens live {DEMO_ACCESS_TTL}s, refresh tokens rotate
   echo upstream      http://127.0.0.1:{port + 2}      answers with the request it received, headers included
 
 Try it:
@@ -82,6 +90,14 @@ Try it:
 """
 
 
+class _Server(uvicorn.Server):
+    """Three servers share one loop: signals are handled once, by the demo, not by each server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def _serve(port: int) -> None:
     idp_port, upstream_port = port + 1, port + 2
     settings = IdPSettings(issuer=f"http://127.0.0.1:{idp_port}", access_ttl=DEMO_ACCESS_TTL)
@@ -91,11 +107,11 @@ async def _serve(port: int) -> None:
         uvicorn.Server(uvicorn.Config(create_idp_app(settings), port=idp_port, log_level="warning")),
         uvicorn.Server(uvicorn.Config(create_upstream_app(), port=upstream_port, log_level="warning")),
         uvicorn.Server(
-            uvicorn.Config(gateway, port=port, log_level="info", access_log=False, proxy_headers=False, date_header=False)
+            uvicorn.Config(
+                gateway, port=port, log_level="info", access_log=False, proxy_headers=False, date_header=False
+            )
         ),
     ]
-    for server in servers:
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     tasks = [asyncio.create_task(server.serve()) for server in servers]
     while not all(server.started for server in servers):
         if any(task.done() for task in tasks):

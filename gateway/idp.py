@@ -1,0 +1,141 @@
+"""Talking to the identity provider's token endpoint: refresh (two styles) and revocation.
+
+``oauth2``: RFC 6749 §6 form POST ``grant_type=refresh_token`` with client authentication
+(``post``, ``basic`` or ``none``). ``json``: Django SimpleJWT style, ``POST {"refresh": ...}``.
+Redirects are never followed. Every answer is classified by status and OAuth ``error`` code,
+never by message text:
+
+- the grant is dead (``invalid_grant``; SimpleJWT's 401 ``token_not_valid``) -> RefreshRejected
+- the IdP is down, slow, 5xx, answers HTML or garbage, or rejects *us* (``invalid_client``)
+  -> IdPUnavailable: the session is fine, the gateway is not; keep the cookies, answer 503
+- a 200 without an access token -> BadIdPResponse (502)
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from gateway.config import RefreshConfig
+from gateway.errors import BadIdPResponse, IdPUnavailable, RefreshRejected
+
+log = logging.getLogger("gateway.idp")
+
+# OAuth errors that mean "this refresh token will never work again" (RFC 6749 §5.2).
+_DEAD_GRANT = frozenset({"invalid_grant"})
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedTokens:
+    access: str
+    refresh: str | None  # None: the IdP did not rotate; keep using the current refresh token
+    expires_in: float | None = None
+
+
+class IdPClient:
+    def __init__(self, config: RefreshConfig, client: httpx.AsyncClient) -> None:
+        if config.endpoint is None:
+            raise ValueError("refresh.endpoint is not configured")
+        self._config = config
+        self._endpoint = config.endpoint
+        self._client = client
+
+    def _client_auth(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(form fields, headers) that authenticate the gateway as an OAuth client."""
+        c = self._config
+        if c.client_id is None or c.client_auth == "none":
+            return ({"client_id": c.client_id} if c.client_id else {}), {}
+        if c.client_auth == "basic":
+            # RFC 6749 §2.3.1: form-urlencode each part before base64.
+            raw = f"{quote(c.client_id, safe='')}:{quote(c.client_secret or '', safe='')}".encode()
+            return {}, {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+        form = {"client_id": c.client_id}
+        if c.client_secret is not None:
+            form["client_secret"] = c.client_secret
+        return form, {}
+
+    async def redeem(self, refresh_token: str) -> IssuedTokens:
+        """Exchange a refresh token; raises RefreshRejected, IdPUnavailable or BadIdPResponse."""
+        c = self._config
+        try:
+            if c.style == "json":
+                response = await self._client.post(
+                    self._endpoint, json={c.fields.request: refresh_token}, timeout=c.timeout, follow_redirects=False
+                )
+            else:
+                form, headers = self._client_auth()
+                form.update(grant_type="refresh_token", refresh_token=refresh_token)
+                response = await self._client.post(
+                    self._endpoint, data=form, headers=headers, timeout=c.timeout, follow_redirects=False
+                )
+        except httpx.TimeoutException:
+            raise IdPUnavailable("IdP timed out") from None
+        except httpx.HTTPError as exc:
+            raise IdPUnavailable(f"IdP unreachable ({exc.__class__.__name__})") from None
+        return self._classify(response)
+
+    def _classify(self, response: httpx.Response) -> IssuedTokens:
+        status = response.status_code
+        body = _json(response)
+        if status == 200:
+            if body is None:
+                raise IdPUnavailable("IdP answered 200 without JSON")
+            return self._tokens(body)
+        error = body.get("error") if body else None
+        code = body.get("code") if body else None
+        if error in _DEAD_GRANT:
+            raise RefreshRejected(f"IdP rejected the refresh token ({error})")
+        if self._config.style == "json" and status == 401 and body is not None:
+            # SimpleJWT answers an invalid, expired or blacklisted token with 401 (code token_not_valid).
+            # A 400 there means our request was malformed (a misconfigured field name): not the session's fault.
+            raise RefreshRejected(f"IdP rejected the refresh token ({code or 'status 401'})")
+        detail = f"error={error}" if error else f"status {status}"
+        raise IdPUnavailable(f"IdP refused the refresh call: {detail}")
+
+    def _tokens(self, body: dict[str, Any]) -> IssuedTokens:
+        c = self._config
+        if c.style == "json":
+            access_key, refresh_key = c.fields.access, c.fields.refresh
+        else:
+            access_key, refresh_key = "access_token", "refresh_token"
+        access, refresh, expires = body.get(access_key), body.get(refresh_key), body.get("expires_in")
+        if not isinstance(access, str) or not access:
+            raise BadIdPResponse("IdP answered 200 without an access token")
+        if refresh is not None and (not isinstance(refresh, str) or not refresh):
+            raise BadIdPResponse("IdP answered 200 with an unusable refresh token")
+        if not isinstance(expires, int | float) or isinstance(expires, bool):
+            expires = None
+        return IssuedTokens(access, refresh, expires)
+
+    async def revoke(self, token: str, hint: str = "refresh_token") -> bool:
+        """RFC 7009 revocation, best effort: True when the IdP accepted it."""
+        endpoint = self._config.revocation_endpoint
+        if endpoint is None:
+            return False
+        form, headers = self._client_auth()
+        form.update(token=token, token_type_hint=hint)
+        try:
+            response = await self._client.post(
+                endpoint, data=form, headers=headers, timeout=self._config.timeout, follow_redirects=False
+            )
+        except httpx.HTTPError as exc:
+            log.warning("revocation failed: %s", exc.__class__.__name__)
+            return False
+        if response.status_code != 200:
+            log.warning("revocation refused: status %d", response.status_code)
+        return response.status_code == 200
+
+
+def _json(response: httpx.Response) -> dict[str, Any] | None:
+    if "json" not in response.headers.get("content-type", ""):
+        return None
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None

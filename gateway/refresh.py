@@ -1,0 +1,295 @@
+"""Transparent refresh: one IdP call per refresh token, however many requests race, on any
+number of processes sharing one store.
+
+For a refresh token with keyed hash ``h`` (the token itself is never a key and never logged):
+
+    in this process:  concurrent requests join one in-flight task (single flight)
+    across processes: watch lock:{h}  ->  result:{h} there?      -> use it (grace hit)
+                                      ->  used:{h} there?        -> reuse after grace: end session
+                                      ->  acquire lock:{h}       -> we own the refresh
+                                      ->  else wait for the lock's release announcement
+    the owner:        re-check result/used; attempt:{h} left by a dead owner -> end session
+                      (the IdP may have redeemed the token; a second call could be reuse);
+                      mark attempt:{h}; call the IdP while renewing the lease (so a slow IdP
+                      cannot outlive the lock, oauth2-proxy PR #3456); verify the new access
+                      token; store result:{h} (grace_period) and used:{h} (as long as the old
+                      cookie may live); release the lock, which wakes every waiter at once.
+
+Everything stored is sealed (AES-GCM). A failure that says nothing about the session (IdP
+down, store down, waited too long) keeps the cookies and answers 503; a dead grant or a
+reused token ends the session (401 or login redirect, cookies cleared). RFC 9700 §4.14.2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+from uuid import uuid4
+
+import jwt
+
+from gateway.config import RefreshConfig
+from gateway.cookies import CookieJar
+from gateway.credentials import AuthResult
+from gateway.errors import BadIdPResponse, IdPUnavailable, RefreshRejected, StoreError
+from gateway.idp import IdPClient
+from gateway.metrics import Metrics
+from gateway.sealing import Sealer
+from gateway.store import Store
+from gateway.tokens import Verifier
+
+log = logging.getLogger("gateway.refresh")
+audit = logging.getLogger("gateway.audit")
+
+FAILURE_MEMORY = 2.0  # seconds a passing IdP failure is shared with concurrent waiters (no stampede)
+DEFAULT_COOKIE_LIFETIME = 14 * 24 * 3600
+# Outcomes that end the session: both cookies are cleared.
+FATAL = frozenset({"invalid_grant", "reuse", "abandoned"})
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one refresh flight produced: new tokens or a failure code (``label`` is the metric)."""
+
+    label: str
+    access: str | None = None
+    refresh: str | None = None
+    refresh_max_age: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.access is not None
+
+
+class SessionRefresher:
+    """Implements ``credentials.Refresher`` on top of a ``Store`` and an ``IdPClient``."""
+
+    def __init__(
+        self,
+        *,
+        config: RefreshConfig,
+        store: Store,
+        sealer: Sealer,
+        idp: IdPClient,
+        verifier: Verifier,
+        jar: CookieJar,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._sealer = sealer
+        self._idp = idp
+        self._verifier = verifier
+        self._jar = jar
+        self._metrics = metrics
+        self._clock = clock
+        self._lease = config.lock_lease
+        self._owner = uuid4().hex
+        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def refresh(self, refresh_token: str, old_access: str | None) -> AuthResult:
+        h = self._sealer.token_hash(refresh_token)
+        flight = self._inflight.get(h)
+        if flight is None:
+            flight = asyncio.ensure_future(self._flight(h, refresh_token))
+            self._inflight[h] = flight
+            flight.add_done_callback(lambda _: self._inflight.pop(h, None))
+        # Shielded: a client that goes away must not cancel an IdP call others are waiting for
+        # (the IdP would have redeemed the token and nobody would learn its successor).
+        outcome = await asyncio.shield(flight)
+        return await self._answer(outcome)
+
+    async def close(self) -> None:
+        """Let flights in progress finish (they hold locks and redeemed tokens)."""
+        pending = [*self._inflight.values(), *self._background]
+        if pending:
+            await asyncio.wait(pending, timeout=self._config.timeout + 1)
+
+    # --- one flight per process ---------------------------------------------------------------
+
+    async def _flight(self, h: str, token: str) -> Outcome:
+        started = time.monotonic()
+        try:
+            outcome = await self._coordinate(h, token)
+        except StoreError as exc:
+            log.error("refresh token=%s: store unavailable (%s); answering 503", h[:12], exc)
+            outcome = Outcome("store_unavailable")
+        self._metrics.refresh(outcome.label)
+        log.info("refresh token=%s outcome=%s duration=%.3fs", h[:12], outcome.label, time.monotonic() - started)
+        return outcome
+
+    async def _coordinate(self, h: str, token: str) -> Outcome:
+        lock = f"lock:{{{h}}}"
+        deadline = time.monotonic() + self._config.wait_timeout
+        waited_since: float | None = None
+        while True:
+            async with self._store.watch(lock) as waiter:
+                found = await self._lookup(h)
+                if found is not None:
+                    self._waited(waited_since)
+                    return found
+                if await self._store.acquire(lock, self._owner, self._lease):
+                    break
+                waited_since = waited_since or time.monotonic()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._waited(waited_since)
+                    return Outcome("lock_timeout")
+                # Woken by the owner's release; the slice bounds a wait on an owner that died.
+                await waiter.wait(min(remaining, self._lease))
+        self._waited(waited_since)
+        try:
+            return await self._own(h, token, lock)
+        finally:
+            try:
+                await self._store.release(lock, self._owner)
+            except StoreError as exc:
+                log.warning("refresh token=%s: could not release the lock (%s); it expires by itself", h[:12], exc)
+
+    def _waited(self, since: float | None) -> None:
+        if since is not None:
+            self._metrics.lock_wait(time.monotonic() - since)
+
+    async def _lookup(self, h: str) -> Outcome | None:
+        """A finished refresh of this token (grace hit or shared failure), or a reuse."""
+        raw = await self._store.get(f"result:{{{h}}}")
+        if raw is not None:
+            outcome = self._unseal(raw)
+            return (
+                Outcome("grace_hit", outcome.access, outcome.refresh, outcome.refresh_max_age)
+                if outcome.ok
+                else outcome
+            )
+        used = await self._store.get(f"used:{{{h}}}")
+        if used is not None:
+            return await self._reused(h, used)
+        return None
+
+    # --- the owner ------------------------------------------------------------------------------
+
+    async def _own(self, h: str, token: str, lock: str) -> Outcome:
+        found = await self._lookup(h)
+        if found is not None:
+            return found
+        attempt = f"attempt:{{{h}}}"
+        remember = self._cookie_lifetime(token)
+        if await self._store.get(attempt) is not None:
+            # The previous owner's lease ran out mid-call (it died). The IdP may have redeemed
+            # the token; calling again could be reuse and revoke the whole family. End cleanly.
+            audit.warning("event=refresh_abandoned token=%s", h[:12])
+            await self._settle(h, Outcome("abandoned"), remember)
+            return Outcome("abandoned")
+        await self._store.set(attempt, b"1", remember)
+        renewing = asyncio.create_task(self._renew(lock))
+        started = time.monotonic()
+        try:
+            issued = await self._idp.redeem(token)
+        except IdPUnavailable as exc:
+            log.error("refresh token=%s: IdP unavailable: %s", h[:12], exc)
+            await self._store.delete(attempt)  # the token was not redeemed: a later try is safe
+            await self._store.set(f"result:{{{h}}}", self._seal(Outcome("idp_error")), FAILURE_MEMORY)
+            return Outcome("idp_error")
+        except RefreshRejected as exc:
+            log.info("refresh token=%s: %s", h[:12], exc)
+            await self._settle(h, Outcome("invalid_grant"), remember)
+            return Outcome("invalid_grant")
+        except BadIdPResponse as exc:
+            log.error("refresh token=%s: %s", h[:12], exc)
+            await self._settle(h, Outcome("idp_bad_response"), remember)
+            return Outcome("idp_bad_response")
+        finally:
+            renewing.cancel()
+            self._metrics.idp_latency(time.monotonic() - started)
+
+        if not (await self._verifier.verify(issued.access)).ok:
+            log.error("refresh token=%s: the IdP's new access token does not verify", h[:12])
+            await self._settle(h, Outcome("idp_bad_response"), remember)
+            return Outcome("idp_bad_response")
+        successor = issued.refresh or token
+        outcome = Outcome("ok", issued.access, successor, self._cookie_lifetime(successor))
+        try:
+            await self._store.set(f"result:{{{h}}}", self._seal(outcome), max(self._config.grace_period, 1.0))
+            if successor != token:
+                used = self._sealer.seal(json.dumps({"successor": successor}).encode())
+                await self._store.set(f"used:{{{h}}}", used, remember)
+            await self._store.delete(attempt)
+        except StoreError as exc:
+            # The IdP has redeemed the token: this request must still get the successor.
+            log.error("refresh token=%s: new tokens could not be shared (%s)", h[:12], exc)
+        return outcome
+
+    async def _settle(self, h: str, outcome: Outcome, remember: float) -> None:
+        """Record that this token is finished: concurrent requests share the failure, later ones get 401."""
+        await self._store.set(f"result:{{{h}}}", self._seal(outcome), max(self._config.grace_period, 1.0))
+        await self._store.set(f"used:{{{h}}}", self._sealer.seal(b'{"dead": true}'), remember)
+        await self._store.delete(f"attempt:{{{h}}}")
+
+    async def _renew(self, lock: str) -> None:
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            try:
+                if not await self._store.renew(lock, self._owner, self._lease):
+                    log.warning("refresh lock %s was lost while the IdP call was in flight", lock)
+                    return
+            except StoreError as exc:
+                log.warning("refresh lock renewal failed (%s); retrying", exc)
+
+    async def _reused(self, h: str, raw: bytes) -> Outcome:
+        data = json.loads(self._sealer.unseal(raw))
+        if data.get("dead"):
+            return Outcome("invalid_grant")
+        # A superseded refresh token came back after the grace period: treat the session as
+        # stolen (RFC 9700 §4.14.2). Revoke its successor and refuse the gateway's own copy.
+        audit.warning("event=refresh_reuse token=%s", h[:12])
+        successor: str = data["successor"]
+        forever = self._cookie_lifetime(successor)
+        await self._store.set(f"used:{{{h}}}", self._sealer.seal(b'{"dead": true}'), forever)
+        await self._store.set(
+            f"used:{{{self._sealer.token_hash(successor)}}}", self._sealer.seal(b'{"dead": true}'), forever
+        )
+        await self._store.delete(f"result:{{{self._sealer.token_hash(successor)}}}")
+        task = asyncio.create_task(self._idp.revoke(successor))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return Outcome("reuse")
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _cookie_lifetime(self, token: str) -> int:
+        """How long a refresh cookie holding ``token`` may live: its JWT exp, capped by config."""
+        configured = self._jar.refresh_max_age
+        try:
+            exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+        except jwt.InvalidTokenError:
+            exp = None
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            remaining = max(int(exp - self._clock()), 1)
+            return min(remaining, configured) if configured else remaining
+        return configured or DEFAULT_COOKIE_LIFETIME
+
+    def _seal(self, outcome: Outcome) -> bytes:
+        return self._sealer.seal(json.dumps(asdict(outcome)).encode())
+
+    def _unseal(self, raw: bytes) -> Outcome:
+        return Outcome(**json.loads(self._sealer.unseal(raw)))
+
+    async def _answer(self, outcome: Outcome) -> AuthResult:
+        if not outcome.ok:
+            reason = "invalid_grant" if outcome.label == "abandoned" else outcome.label
+            cookies = [self._jar.clear_access(), self._jar.clear_refresh()] if outcome.label in FATAL else []
+            return AuthResult(reason=reason, set_cookies=cookies)
+        verdict = await self._verifier.verify(outcome.access) if outcome.access else None
+        if verdict is None or not verdict.ok or outcome.access is None or outcome.refresh is None:
+            return AuthResult(reason="idp_bad_response")
+        cookies = [
+            self._jar.set_access(outcome.access),
+            self._jar.set_refresh(outcome.refresh, outcome.refresh_max_age),
+        ]
+        return AuthResult(claims=verdict.claims, token=outcome.access, set_cookies=cookies, refreshed=True)
