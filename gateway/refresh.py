@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import logging
 import time
 from collections.abc import Callable
@@ -90,7 +91,8 @@ class SessionRefresher:
         self._metrics = metrics
         self._clock = clock
         self._lease = config.lock_lease
-        self._owner = uuid4().hex
+        # The pid lets an operator (and the crash test) tell which worker holds a lock.
+        self._owner = f"{os.getpid()}:{uuid4().hex}"
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
         self._background: set[asyncio.Task[Any]] = set()
 

@@ -1,0 +1,317 @@
+"""Transparent refresh against real processes: `gateway serve --workers 4`, redis-server, the rotating IdP.
+
+Every test starts its own session at the IdP, so tests share the processes but not state; IdP
+call counts are read as deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from http.cookies import SimpleCookie
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from support.servers import GatewayProcess, IdPProcess, ServerProcess, free_port, start_gateway, start_idp, start_upstream
+
+IDP_SECRET = "refresh-tests-hs256-secret-0123456789abcdef"
+ACCESS, REFRESH = "__Host-gw_access", "__Host-gw_refresh"
+
+
+def gateway_config(idp: IdPProcess, upstream: ServerProcess, store_url: str, prefix: str, **refresh: Any) -> dict[str, Any]:
+    return {
+        "store": {"url": store_url, "key_prefix": prefix, "secret": "store-secret-for-tests"},
+        "tokens": {"algorithms": ["HS256"], "secret": IDP_SECRET, "audience": "legacy-app", "leeway": 0},
+        "refresh": {
+            "endpoint": f"{idp.url}/token",
+            "style": "oauth2",
+            "client_id": "legacy-app",
+            "client_secret": "demo-secret",
+            "client_auth": "basic",
+            "revocation_endpoint": f"{idp.url}/revoke",
+            **refresh,
+        },
+        "cookies": {"secure": True},
+        "login": {"url": "https://login.test/?next={next}"},
+        "routes": [{"name": "app", "path": "/", "upstream": upstream.url}],
+    }
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[IdPProcess]:
+    with start_idp(secret=IDP_SECRET) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ServerProcess]:
+    with start_upstream() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> Iterator[GatewayProcess]:
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with start_gateway(gateway_config(idp, upstream, redis_url, prefix, grace_period=3), workers=4) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def healthy_idp(idp: IdPProcess) -> Iterator[None]:
+    idp.reset()
+    yield
+    idp.reset()
+
+
+def expired_session(idp: IdPProcess, user: str = "alice") -> dict[str, str]:
+    return idp.issue(user, access_ttl=-60)
+
+
+def cookie_header(access: str | None, refresh: str | None) -> str:
+    parts = []
+    if access:
+        parts.append(f"{ACCESS}={access}")
+    if refresh:
+        parts.append(f"{REFRESH}={refresh}")
+    return "; ".join(parts)
+
+
+def set_cookies(response: httpx.Response) -> dict[str, Any]:
+    jar: dict[str, Any] = {}
+    for line in response.headers.get_list("set-cookie"):
+        cookie: SimpleCookie = SimpleCookie()
+        cookie.load(line)
+        for name, morsel in cookie.items():
+            jar[name] = morsel
+    return jar
+
+
+def refresh_calls(idp: IdPProcess) -> int:
+    return idp.stats()["refresh_calls"]
+
+
+async def storm(url: str, cookie: str, count: int, **headers: str) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        return await asyncio.gather(*(client.get(url, headers={"Cookie": cookie, **headers}) for _ in range(count)))
+
+
+def test_500_concurrent_requests_one_idp_call(gateway: GatewayProcess, idp: IdPProcess) -> None:
+    session = expired_session(idp)
+    before = refresh_calls(idp)
+    responses = asyncio.run(storm(f"{gateway.url}/storm", cookie_header(session["access"], session["refresh"]), 500))
+    assert [r.status_code for r in responses] == [200] * 500
+    assert refresh_calls(idp) - before == 1
+    new_refresh = {set_cookies(r)[REFRESH].value for r in responses}
+    new_access = {set_cookies(r)[ACCESS].value for r in responses}
+    assert len(new_refresh) == 1 and len(new_access) == 1
+    assert new_refresh != {session["refresh"]}
+    for response in responses[:5]:
+        morsel = set_cookies(response)[REFRESH]
+        assert morsel["httponly"] and morsel["secure"] and morsel["path"] == "/" and morsel["samesite"] == "Lax"
+        assert response.headers["cache-control"] == "no-store"
+        assert ("x-auth-user", "alice") in [tuple(h) for h in response.json()["headers"]]
+    # The new cookies work on their own, without another IdP call.
+    follow = httpx.get(f"{gateway.url}/next", headers={"Cookie": cookie_header(new_access.pop(), new_refresh.pop())})
+    assert follow.status_code == 200 and "set-cookie" not in follow.headers
+    assert refresh_calls(idp) - before == 1
+
+
+def test_reloads_with_old_cookies_get_the_successor_then_reuse_ends_the_session(
+    gateway: GatewayProcess, idp: IdPProcess
+) -> None:
+    session = expired_session(idp)
+    old = cookie_header(session["access"], session["refresh"])
+    first = httpx.get(f"{gateway.url}/page", headers={"Cookie": old})
+    assert first.status_code == 200
+    successor = set_cookies(first)[REFRESH].value
+    before = refresh_calls(idp)
+    for _ in range(5):  # fast reloads and a second tab, still holding the superseded cookies
+        again = httpx.get(f"{gateway.url}/page", headers={"Cookie": old})
+        assert again.status_code == 200
+        assert set_cookies(again)[REFRESH].value == successor
+    assert refresh_calls(idp) == before
+
+    time.sleep(3.5)  # grace_period is 3 s here
+    revocations = idp.stats()["revocations"]
+    late = httpx.get(f"{gateway.url}/page", headers={"Cookie": old, "Accept": "text/html"})
+    assert late.status_code == 302 and late.headers["location"].startswith("https://login.test/")
+    cleared = set_cookies(late)
+    assert cleared[ACCESS]["max-age"] == "0" and cleared[REFRESH]["max-age"] == "0"
+    assert refresh_calls(idp) == before  # the reused token never reached the IdP
+    deadline = time.monotonic() + 5
+    while idp.stats()["revocations"] == revocations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert idp.stats()["revocations"] == revocations + 1  # the successor was revoked (RFC 7009)
+    # ...so the session is over everywhere, also for whoever holds the successor.
+    stolen = httpx.get(f"{gateway.url}/page", headers={"Cookie": cookie_header(None, successor)})
+    assert stolen.status_code == 401
+
+
+def test_idp_503_keeps_cookies_and_later_succeeds(gateway: GatewayProcess, idp: IdPProcess) -> None:
+    session = expired_session(idp)
+    cookie = cookie_header(session["access"], session["refresh"])
+    idp.behaviour(fail="503", fail_count=1)
+    down = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie})
+    assert down.status_code == 503 and down.headers["retry-after"]
+    assert "set-cookie" not in down.headers
+    time.sleep(2.2)  # the failure is shared with concurrent requests for 2 s, then retried
+    up = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie})
+    assert up.status_code == 200 and REFRESH in set_cookies(up)
+
+
+@pytest.mark.parametrize("fail", ["500", "html", "garbage", "invalid_client"])
+def test_idp_failures_are_503_not_logout(gateway: GatewayProcess, idp: IdPProcess, fail: str) -> None:
+    session = expired_session(idp)
+    idp.behaviour(fail=fail, fail_count=1)
+    response = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie_header(session["access"], session["refresh"])})
+    assert response.status_code == 503 and "set-cookie" not in response.headers
+
+
+def test_invalid_grant_ends_the_session(gateway: GatewayProcess, idp: IdPProcess) -> None:
+    session = expired_session(idp)
+    httpx.post(f"{idp.url}/revoke", data={"token": session["refresh"]}, auth=("legacy-app", "demo-secret"))
+    cookie = cookie_header(session["access"], session["refresh"])
+    api = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie})
+    assert api.status_code == 401 and api.json()["reason"] == "invalid_grant"
+    assert set_cookies(api)[REFRESH]["max-age"] == "0"
+    page = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie, "Accept": "text/html"})
+    assert page.status_code == 302 and set_cookies(page)[ACCESS]["max-age"] == "0"
+
+
+@pytest.mark.parametrize("fail", ["no_access", "bad_signature"])
+def test_unusable_tokens_from_the_idp_are_502_without_cookies(
+    gateway: GatewayProcess, idp: IdPProcess, fail: str
+) -> None:
+    session = expired_session(idp)
+    idp.behaviour(fail=fail, fail_count=1)
+    response = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie_header(session["access"], session["refresh"])})
+    assert response.status_code == 502 and "set-cookie" not in response.headers
+
+
+def test_only_valid_expired_cookie_sessions_refresh(gateway: GatewayProcess, idp: IdPProcess) -> None:
+    session = expired_session(idp)
+    before = refresh_calls(idp)
+    # An expired Bearer token is an API client: 401, never a refresh from the cookie.
+    bearer = httpx.get(
+        f"{gateway.url}/x",
+        headers={"Authorization": f"Bearer {session['access']}", "Cookie": cookie_header(None, session["refresh"])},
+    )
+    assert bearer.status_code == 401 and bearer.json()["reason"] == "token_expired"
+    # A forged access token never reaches the IdP, and the refresh cookie is kept.
+    forged = session["access"][:-4] + ("AAAA" if not session["access"].endswith("AAAA") else "BBBB")
+    bad = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie_header(forged, session["refresh"])})
+    assert bad.status_code == 401 and bad.json()["reason"] == "bad_signature"
+    assert REFRESH not in set_cookies(bad)
+    assert refresh_calls(idp) == before
+    # No access cookie at all, but a refresh cookie: the session is resumed.
+    resumed = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie_header(None, session["refresh"])})
+    assert resumed.status_code == 200 and refresh_calls(idp) == before + 1
+
+
+def test_valid_tokens_work_and_refresh_fails_closed_without_redis(idp: IdPProcess, upstream: ServerProcess) -> None:
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is needed for this test"
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        with start_gateway(gateway_config(idp, upstream, url, "gw:"), workers=2) as gw:
+            valid = idp.issue("alice")
+            expired = expired_session(idp)
+            server.terminate()
+            server.wait(5)
+            ok = httpx.get(f"{gw.url}/x", headers={"Cookie": cookie_header(valid["access"], valid["refresh"])})
+            assert ok.status_code == 200
+            started = time.monotonic()
+            refused = httpx.get(
+                f"{gw.url}/x", headers={"Cookie": cookie_header(expired["access"], expired["refresh"])}, timeout=30
+            )
+            assert refused.status_code == 503 and "set-cookie" not in refused.headers
+            assert time.monotonic() - started < 10
+            assert httpx.get(f"{gw.url}/.gateway/ready").status_code == 503
+            assert idp.stats()["refresh_calls"] == 0  # never refresh without the lock
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.slow
+def test_slow_idp_longer_than_the_lease_is_called_once(
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+) -> None:
+    """Regression for oauth2-proxy PR #3456: a lock lease shorter than the IdP call must be renewed."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    config = gateway_config(idp, upstream, redis_url, prefix, timeout=20, lock_lease=5, wait_timeout=30)
+    with start_gateway(config, workers=4) as gw:
+        session = expired_session(idp)
+        idp.behaviour(latency=12)
+        cookie = cookie_header(session["access"], session["refresh"])
+        responses = asyncio.run(storm(f"{gw.url}/slow", cookie, 40))
+        assert [r.status_code for r in responses] == [200] * 40
+        assert idp.stats()["refresh_calls"] == 1
+        assert len({set_cookies(r)[REFRESH].value for r in responses}) == 1
+
+
+@pytest.mark.slow
+def test_worker_killed_while_holding_the_lock(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> None:
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    config = gateway_config(idp, upstream, redis_url, prefix, timeout=10, lock_lease=2, wait_timeout=8)
+    with start_gateway(config, workers=2) as gw:
+        session = expired_session(idp)
+        idp.behaviour(latency=3)
+        cookie = cookie_header(session["access"], session["refresh"])
+
+        async def scenario() -> list[httpx.Response | BaseException]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                first = asyncio.ensure_future(client.get(f"{gw.url}/a", headers={"Cookie": cookie}))
+                owner = await _lock_owner(redis_url, prefix)
+                os.kill(owner, signal.SIGKILL)
+                started = time.monotonic()
+                others = await asyncio.gather(
+                    *(client.get(f"{gw.url}/b", headers={"Cookie": cookie}) for _ in range(10)), return_exceptions=True
+                )
+                assert time.monotonic() - started < 20  # nobody hangs past the bound
+                return [*(await asyncio.gather(first, return_exceptions=True)), *others]
+
+        results = asyncio.run(scenario())
+        statuses = [r.status_code for r in results if isinstance(r, httpx.Response)]
+        # The killed worker's own request loses its connection; everybody else gets an answer
+        # that either continues the session or ends it cleanly.
+        assert statuses and all(s in (200, 401) for s in statuses)
+        assert all(s == statuses[0] for s in statuses)
+        assert idp.stats()["refresh_calls"] <= 1
+
+
+async def _lock_owner(redis_url: str, prefix: str) -> int:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            async for key in client.scan_iter(match=f"{prefix}lock:*"):
+                value = await client.get(key)
+                if value:
+                    return int(value.split(b":")[0])
+            await asyncio.sleep(0.02)
+        raise AssertionError("no worker took the refresh lock")
+    finally:
+        await client.aclose()
