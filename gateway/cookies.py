@@ -86,6 +86,8 @@ def _single(value: bytes | None, count: int) -> str | None:
     if count != 1 or not value:
         return None
     value = value.strip(b'"')
+    if not value:  # a quoted empty value ("") is empty too
+        return None
     try:
         text = value.decode("ascii")
     except UnicodeDecodeError:

@@ -46,7 +46,7 @@ def _canonical(name: bytes) -> bytes:
 def _connection_listed(headers: Headers) -> set[bytes]:
     listed: set[bytes] = set()
     for name, value in headers:
-        if name == b"connection":
+        if name.lower() == b"connection":  # upstream raw headers keep their original case
             listed.update(part.strip().lower() for part in value.split(b",") if part.strip())
     return listed
 

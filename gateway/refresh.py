@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass

@@ -126,7 +126,7 @@ def request_host(headers: list[tuple[bytes, bytes]]) -> str | None:
     """The Host header, lower-cased, without port."""
     for name, value in headers:
         if name == b"host":
-            host = value.decode("latin-1").strip().lower()
+            host = value.decode("latin-1").strip().lower().rstrip(".")
             if host.startswith("["):
                 return host.split("]", 1)[0] + "]"
             return host.rsplit(":", 1)[0] if host.count(":") == 1 else host

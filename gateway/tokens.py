@@ -9,6 +9,7 @@ so a repeated token costs no signature check.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -53,9 +54,9 @@ _ERRORS: list[tuple[type[Exception], str]] = [
 
 def _number(value: Any) -> float | None:
     """A numeric claim as float; None for anything else (booleans included)."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
-    return None
+    return None  # NaN or infinity would make a token that never expires
 
 
 def _reason(exc: Exception) -> str:

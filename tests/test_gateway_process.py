@@ -125,8 +125,16 @@ def test_spoofed_identity_headers_never_reach_upstream(gateway: GatewayProcess, 
 
 @pytest.mark.parametrize(
     "path",
-    ["/public/../admin/x", "/public/%2e%2e/admin/x", "/public/..%2fadmin/x", "/public/%2fadmin", "/public\\..\\admin",
-     "/public/%00/x", "/public/%2E%2E/admin/x", "/public/./x"],
+    [
+        "/public/../admin/x",
+        "/public/%2e%2e/admin/x",
+        "/public/..%2fadmin/x",
+        "/public/%2fadmin",
+        "/public\\..\\admin",
+        "/public/%00/x",
+        "/public/%2E%2E/admin/x",
+        "/public/./x",
+    ],
 )
 def test_path_tricks_are_refused(gateway: GatewayProcess, path: str) -> None:
     status, body = raw_get(gateway, path)
@@ -217,7 +225,11 @@ def test_large_response_streams(gateway: GatewayProcess) -> None:
 def test_upstream_refused_is_502_and_timeout_is_504(gateway: GatewayProcess) -> None:
     auth = {"Authorization": f"Bearer {token()}"}
     down = httpx.get(f"{gateway.url}/down/x", headers=auth)
-    assert down.status_code == 502 and down.json() == {"error": "bad_gateway", "reason": "upstream_unreachable", "route": "down"}
+    assert down.status_code == 502 and down.json() == {
+        "error": "bad_gateway",
+        "reason": "upstream_unreachable",
+        "route": "down",
+    }
     slow = httpx.get(f"{gateway.url}/_slow/3", headers=auth, timeout=10)
     assert slow.status_code == 504 and slow.json()["route"] == "slow"
     page = httpx.get(f"{gateway.url}/down/x", headers={**auth, "Accept": "text/html"})
@@ -270,7 +282,9 @@ def test_rs256_with_jwks_from_a_real_idp(upstream: ServerProcess) -> None:
             assert idp.public_key_path is not None
             with open(idp.public_key_path, "rb") as handle:
                 public = handle.read()
-            forged = _hs256_with_raw_key({"sub": "mallory", "iss": "https://idp.rs", "exp": int(time.time()) + 60}, public)
+            forged = _hs256_with_raw_key(
+                {"sub": "mallory", "iss": "https://idp.rs", "exp": int(time.time()) + 60}, public
+            )
             response = httpx.get(f"{gw.url}/x", headers={"Authorization": f"Bearer {forged}"})
             assert response.status_code == 401 and response.json()["reason"] == "alg_not_allowed"
 

@@ -19,13 +19,23 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from support.servers import GatewayProcess, IdPProcess, ServerProcess, free_port, start_gateway, start_idp, start_upstream
+from support.servers import (
+    GatewayProcess,
+    IdPProcess,
+    ServerProcess,
+    free_port,
+    start_gateway,
+    start_idp,
+    start_upstream,
+)
 
 IDP_SECRET = "refresh-tests-hs256-secret-0123456789abcdef"
 ACCESS, REFRESH = "__Host-gw_access", "__Host-gw_refresh"
 
 
-def gateway_config(idp: IdPProcess, upstream: ServerProcess, store_url: str, prefix: str, **refresh: Any) -> dict[str, Any]:
+def gateway_config(
+    idp: IdPProcess, upstream: ServerProcess, store_url: str, prefix: str, **refresh: Any
+) -> dict[str, Any]:
     return {
         "store": {"url": store_url, "key_prefix": prefix, "secret": "store-secret-for-tests"},
         "tokens": {"algorithms": ["HS256"], "secret": IDP_SECRET, "audience": "legacy-app", "leeway": 0},

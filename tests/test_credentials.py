@@ -1,0 +1,165 @@
+"""gateway.credentials: Bearer or cookie, verified; a reason (never an exception) when that fails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jwt
+import pytest
+
+from gateway.config import CookiesConfig, TokensConfig
+from gateway.cookies import CookieJar
+from gateway.credentials import Authenticator, bearer_token
+from gateway.keys import StaticKey
+from gateway.tokens import Verifier
+
+NOW = 1_700_000_000.0
+SECRET = "c" * 32
+
+
+def token(sub: str, exp: float = NOW + 300, key: str = SECRET) -> str:
+    return jwt.encode({"sub": sub, "exp": exp}, key, algorithm="HS256")
+
+
+@pytest.fixture
+def jar() -> CookieJar:
+    return CookieJar.from_config(CookiesConfig())
+
+
+@pytest.fixture
+def auth(jar: CookieJar) -> Authenticator:
+    config = TokensConfig(algorithms=("HS256",), secret=SECRET)
+    return Authenticator(Verifier(config, StaticKey(SECRET.encode()), lambda: NOW), jar)
+
+
+def cookie(access: str | None = None, refresh: str | None = None) -> tuple[bytes, bytes]:
+    parts = []
+    if access is not None:
+        parts.append(f"__Host-gw_access={access}")
+    if refresh is not None:
+        parts.append(f"__Host-gw_refresh={refresh}")
+    return (b"cookie", "; ".join(parts).encode())
+
+
+async def test_cookie_session(auth: Authenticator) -> None:
+    access = token("alice")
+    result = await auth.authenticate([cookie(access)])
+    assert result.claims is not None and result.claims["sub"] == "alice"
+    assert result.token == access and not result.bearer and result.set_cookies == []
+
+
+async def test_bearer(auth: Authenticator) -> None:
+    access = token("bob")
+    result = await auth.authenticate([(b"authorization", b"Bearer " + access.encode())])
+    assert result.claims is not None and result.claims["sub"] == "bob" and result.bearer
+
+
+async def test_bearer_scheme_is_case_insensitive(auth: Authenticator) -> None:
+    result = await auth.authenticate([(b"authorization", b"bearer " + token("bob").encode())])
+    assert result.claims is not None
+
+
+async def test_bearer_wins_over_cookie(auth: Authenticator) -> None:
+    headers = [cookie(token("alice")), (b"authorization", b"Bearer " + token("bob").encode())]
+    result = await auth.authenticate(headers)
+    assert result.claims is not None and result.claims["sub"] == "bob"
+
+
+async def test_bad_bearer_does_not_fall_back_to_cookie(auth: Authenticator) -> None:
+    headers = [cookie(token("alice")), (b"authorization", b"Bearer " + token("bob", key="z" * 32).encode())]
+    result = await auth.authenticate(headers)
+    assert result.claims is None and result.reason == "bad_signature" and result.bearer
+    assert result.set_cookies == []  # an API client's failure does not touch the browser's cookie
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"Bearer", b"Bearer ", b"Bearer a b", b"Bearer \xff\xfe", b"BEARER  "],
+)
+async def test_malformed_authorization_is_a_reason(auth: Authenticator, value: bytes) -> None:
+    result = await auth.authenticate([cookie(token("alice")), (b"authorization", value)])
+    assert result.claims is None and result.reason is not None
+
+
+async def test_two_bearer_headers_are_refused(auth: Authenticator) -> None:
+    headers = [
+        (b"authorization", b"Bearer " + token("a").encode()),
+        (b"authorization", b"Bearer " + token("b").encode()),
+    ]
+    result = await auth.authenticate(headers)
+    assert result.claims is None and result.reason == "malformed_authorization"
+
+
+@pytest.mark.parametrize("garbage", [b"Bearer abc", b"Bearer a.b.c", b"Bearer ..."])
+async def test_garbage_bearer_is_a_reason(auth: Authenticator, garbage: bytes) -> None:
+    result = await auth.authenticate([(b"authorization", garbage)])
+    assert result.claims is None and result.reason == "malformed_token"
+
+
+@pytest.mark.parametrize("value", [b"Basic YWxpY2U6c2VjcmV0", b"Digest username=x", b"Negotiate abc"])
+async def test_other_auth_schemes_are_ignored_cookie_used(auth: Authenticator, value: bytes) -> None:
+    result = await auth.authenticate([(b"authorization", value), cookie(token("alice"))])
+    assert result.claims is not None and result.claims["sub"] == "alice" and not result.bearer
+
+
+async def test_basic_auth_alone_is_no_token(auth: Authenticator) -> None:
+    result = await auth.authenticate([(b"authorization", b"Basic YWxpY2U6c2VjcmV0")])
+    assert result.claims is None and result.reason == "no_token"
+
+
+async def test_no_credentials(auth: Authenticator) -> None:
+    result = await auth.authenticate([(b"accept", b"text/html")])
+    assert result.claims is None and result.reason == "no_token" and result.set_cookies == []
+
+
+@pytest.mark.parametrize(
+    ("access", "reason"), [("garbage", "malformed_token"), (token("a", key="z" * 32), "bad_signature")]
+)
+async def test_bad_cookie_token_clears_the_access_cookie(
+    auth: Authenticator, jar: CookieJar, access: str, reason: str
+) -> None:
+    result = await auth.authenticate([cookie(access)])
+    assert result.claims is None and result.reason == reason
+    assert result.set_cookies == [jar.clear_access()]
+
+
+async def test_expired_cookie_token_is_not_cleared(auth: Authenticator) -> None:
+    # Kept for the refresh stage: an expired but genuine token identifies the session to refresh.
+    result = await auth.authenticate([cookie(token("alice", exp=NOW - 600))])
+    assert result.claims is None and result.reason == "token_expired" and result.set_cookies == []
+
+
+async def test_refresh_cookie_without_refresher_is_no_token(auth: Authenticator) -> None:
+    result = await auth.authenticate([cookie(refresh="r1")])
+    assert result.claims is None and result.reason == "no_token"
+
+
+def test_bearer_token_parsing() -> None:
+    assert bearer_token([]) is None
+    assert bearer_token([(b"authorization", b"Basic x")]) is None
+    assert bearer_token([(b"authorization", b"Bearer   a.b.c  ")]) == "a.b.c"
+    assert bearer_token([(b"authorization", b"Bearer")]) == ""
+
+
+class CountingRefresher:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    async def refresh(self, refresh_token: str, old_access: str | None) -> Any:
+        from gateway.credentials import AuthResult
+
+        self.calls.append((refresh_token, old_access))
+        return AuthResult(reason="invalid_grant")
+
+
+async def test_forged_token_never_reaches_the_refresher(jar: CookieJar) -> None:
+    refresher = CountingRefresher()
+    config = TokensConfig(algorithms=("HS256",), secret=SECRET)
+    auth = Authenticator(Verifier(config, StaticKey(SECRET.encode()), lambda: NOW), jar, refresher)
+    forged = token("alice", exp=NOW - 600, key="z" * 32)
+    result = await auth.authenticate([cookie(forged, "r1")])
+    assert result.claims is None and result.reason == "bad_signature"
+    assert refresher.calls == []
+    expired = token("alice", exp=NOW - 600)
+    await auth.authenticate([cookie(expired, "r1")])
+    assert refresher.calls == [("r1", expired)]
