@@ -81,9 +81,12 @@ Try it:
   # spoofed identity headers never get through
   curl -s {gw}/public/x -H 'X-Auth-User: mallory' -H 'X_Auth_User: mallory'
 
-  # a browser session lives in cookies; after {DEMO_ACCESS_TTL}s the gateway refreshes it at the IdP by itself
-  curl -s -c /tmp/gw-jar -b "gw_access=$ACCESS; gw_refresh=$REFRESH" {gw}/hello
-  sleep {DEMO_ACCESS_TTL}; curl -s -i -b /tmp/gw-jar -c /tmp/gw-jar {gw}/hello | grep -i -e set-cookie -e x-auth-user
+  # a browser session lives in httpOnly cookies. Once the access token has expired the gateway
+  # refreshes it at the IdP by itself and answers with rotated cookies (Set-Cookie):
+  sleep {DEMO_ACCESS_TTL}
+  curl -s -i -c /tmp/gw-jar -b "gw_access=$ACCESS; gw_refresh=$REFRESH" {gw}/hello | grep -i -e set-cookie -e x-auth-user
+  # the rotated cookies carry the session on (curl replays them from its jar)
+  curl -s -b /tmp/gw-jar {gw}/hello | grep -o '"x-auth-user", "[a-z]*"'
 
   # metrics
   curl -s {gw}/.gateway/metrics | grep gateway_

@@ -1,0 +1,147 @@
+"""Refresh-storm benchmark: what waiting for one shared refresh costs, against the IdP's own latency.
+
+One run starts redis-server (unless REDIS_URL is set), the demo IdP, the echo upstream and
+`gateway serve --workers 4`, then for each IdP latency fires N concurrent requests carrying the
+same expired session. Every request must succeed with one IdP call. Reported per latency: client
+latency p50/p99 of the storm, the same for N requests with a valid token (the baseline, no
+refresh, same warm connections), IdP calls, and what the storm added over the baseline as a
+ratio of the IdP's latency ("added p50 / IdP"; 1.0 is the floor: nobody can answer before the
+IdP does, and everything above it is the cost of coordination).
+
+    .venv/bin/python bench/refresh_storm.py [--requests 200] [--latencies 0.05,0.2,1.0] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import aiohttp
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support.servers import free_port, start_gateway, start_idp, start_upstream  # noqa: E402
+
+SECRET = "bench-hs256-secret-0123456789abcdef-xyz"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def fire(client: aiohttp.ClientSession, url: str, cookie: str, count: int) -> tuple[list[float], list[int]]:
+    async def one() -> tuple[float, int]:
+        started = time.perf_counter()
+        async with client.get(url, headers={"Cookie": cookie}) as response:
+            await response.read()
+        return time.perf_counter() - started, response.status
+
+    results = await asyncio.gather(*(one() for _ in range(count)))
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+async def measure(
+    gateway: str, valid: str, session: dict[str, str], count: int
+) -> tuple[list[float], list[float], list[int]]:
+    """Baseline (valid token) first, on the same warm connections the storm then uses."""
+    # aiohttp as the load generator: on 2 shared cores, httpx's client cost dominated the figures.
+    connector = aiohttp.TCPConnector(limit=count)
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as client:
+        await fire(client, f"{gateway}/warm", f"gw_access={valid}", count)
+        base, _ = await fire(client, f"{gateway}/b", f"gw_access={valid}", count)
+        cookie = f"gw_access={session['access']}; gw_refresh={session['refresh']}"
+        storm, statuses = await fire(client, f"{gateway}/s", cookie, count)
+    return base, storm, statuses
+
+
+def redis_url() -> tuple[str, subprocess.Popen[bytes] | None]:
+    if url := os.environ.get("REDIS_URL"):
+        return url, None
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found: install it or set REDIS_URL")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""], stdout=subprocess.DEVNULL
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(200):
+        try:
+            redis.Redis.from_url(url).ping()
+            return url, proc
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise SystemExit("redis-server did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--latencies", default="0.05,0.2,1.0")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--out", help="also write the table (markdown) to this file")
+    args = parser.parse_args()
+    latencies = [float(x) for x in args.latencies.split(",")]
+    url, redis_proc = redis_url()
+    rows = []
+    try:
+        with start_idp(secret=SECRET) as idp, start_upstream() as upstream:
+            config = {
+                "store": {"url": url, "key_prefix": f"gwbench:{os.getpid()}:", "secret": "bench-store-secret"},
+                "tokens": {"algorithms": ["HS256"], "secret": SECRET, "audience": "legacy-app", "leeway": 0},
+                "refresh": {
+                    "endpoint": f"{idp.url}/token",
+                    "client_id": "legacy-app",
+                    "client_secret": "demo-secret",
+                    "timeout": 10,
+                },
+                "cookies": {"secure": False},
+                "routes": [{"name": "app", "path": "/", "upstream": upstream.url}],
+            }
+            with start_gateway(config, workers=args.workers) as gateway:
+                for latency in latencies:
+                    idp.reset()
+                    idp.behaviour(latency=latency)
+                    valid = idp.issue("alice")["access"]
+                    session = idp.issue("alice", access_ttl=-60)
+                    base, storm, statuses = asyncio.run(measure(gateway.url, valid, session, args.requests))
+                    calls = idp.stats()["refresh_calls"]
+                    ok = sum(1 for s in statuses if s == 200)
+                    b50, b99 = percentile(base, 0.5), percentile(base, 0.99)
+                    p50, p99 = percentile(storm, 0.5), percentile(storm, 0.99)
+                    rows.append(
+                        f"| {latency * 1000:.0f} | {args.requests} | {ok} | {calls} | "
+                        f"{b50 * 1000:.1f} / {b99 * 1000:.1f} | {p50 * 1000:.1f} / {p99 * 1000:.1f} | "
+                        f"{(p50 - b50) / latency:.2f} | {(p99 - b99) / latency:.2f} | "
+                        f"{statistics.mean(storm) * 1000:.1f} |"
+                    )
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait()
+    header = [
+        f"Refresh storm, {date.today()}, {platform.machine()} with {os.cpu_count()} cores, "
+        f"`gateway serve --workers {args.workers}`, Redis store; client latency in ms.",
+        "",
+        "| IdP latency ms | requests | 200s | IdP calls | valid token p50 / p99 | storm p50 / p99 "
+        "| added p50 / IdP | added p99 / IdP | storm mean |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    table = "\n".join(header + rows)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
