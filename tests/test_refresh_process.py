@@ -325,3 +325,26 @@ async def _lock_owner(redis_url: str, prefix: str) -> int:
         raise AssertionError("no worker took the refresh lock")
     finally:
         await client.aclose()
+
+
+def test_simplejwt_style_rotation_with_blacklisting(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> None:
+    """Django SimpleJWT with ROTATE_REFRESH_TOKENS + BLACKLIST_AFTER_ROTATION: JSON refresh, 401 on reuse."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    config = gateway_config(idp, upstream, redis_url, prefix, grace_period=2)
+    config["refresh"] = {"endpoint": f"{idp.url}/api/token/refresh/", "style": "json", "grace_period": 2}
+    config["cookies"] = {"secure": False, "access": {"name": "sid"}, "refresh": {"name": "rid", "max_age": 3600}}
+    with start_gateway(config, workers=2) as gw:
+        session = expired_session(idp, "bob")
+        cookie = f"sid={session['access']}; rid={session['refresh']}"
+        responses = asyncio.run(storm(f"{gw.url}/x", cookie, 100))
+        assert [r.status_code for r in responses] == [200] * 100
+        assert idp.stats()["refresh_calls"] == 1
+        rotated = {set_cookies(r)["rid"].value for r in responses}
+        assert len(rotated) == 1 and rotated != {session["refresh"]}
+        assert int(set_cookies(responses[0])["rid"]["max-age"]) <= 3600
+        reload = httpx.get(f"{gw.url}/x", headers={"Cookie": cookie})
+        assert reload.status_code == 200 and set_cookies(reload)["rid"].value in rotated
+        time.sleep(2.5)
+        late = httpx.get(f"{gw.url}/x", headers={"Cookie": cookie})
+        assert late.status_code == 401 and late.json()["reason"] == "reuse"
+        assert idp.stats()["refresh_calls"] == 1
