@@ -56,6 +56,14 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(path)
     if config is None:
         return 1
+    if args.workers > 1 and config.store.url.startswith("memory:") and config.refresh.endpoint:
+        # Each worker would hold its own memory: refreshes would no longer be single-flight.
+        print(
+            f"gateway: invalid config {path}:\n  store.url: memory:// serves one process; "
+            f"use redis:// to run --workers {args.workers} with refresh",
+            file=sys.stderr,
+        )
+        return 1
     import uvicorn
 
     os.environ["GATEWAY_CONFIG"] = os.path.abspath(path)
@@ -111,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per control-plane call is noise
     try:
         result: int = args.func(args)
     except BrokenPipeError:  # `gateway check | head`

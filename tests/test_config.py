@@ -399,3 +399,29 @@ def test_check_broken_yaml_or_missing_file_exits_1_without_traceback(tmp_path: P
     assert result.returncode == 1
     assert "gateway.yaml" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_serve_refuses_memory_store_with_several_workers_and_refresh(tmp_path: Path) -> None:
+    """Each worker would have its own memory store, so refreshes would no longer be single-flight."""
+    path = tmp_path / "gateway.yaml"
+    data = yaml.safe_load(_good_yaml())
+    data["refresh"] = {"endpoint": "http://127.0.0.1:9/token"}
+    path.write_text(yaml.safe_dump(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--workers", "2", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "store.url" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_bad_config_exits_1_before_serving(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("tokens: {algorithms: [none]}\nroutes: []\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert "tokens.algorithms" in result.stderr and "Traceback" not in result.stderr
