@@ -90,7 +90,7 @@ class IdPClient:
         code = body.get("code") if body else None
         if error in _DEAD_GRANT:
             raise RefreshRejected(f"IdP rejected the refresh token ({error})")
-        if self._config.style == "json" and status == 401 and body is not None:
+        if self._config.style == "json" and status == 401 and body is not None and error != "invalid_client":
             # SimpleJWT answers an invalid, expired or blacklisted token with 401 (code token_not_valid).
             # A 400 there means our request was malformed (a misconfigured field name): not the session's fault.
             raise RefreshRejected(f"IdP rejected the refresh token ({code or 'status 401'})")
@@ -108,9 +108,7 @@ class IdPClient:
             raise BadIdPResponse("IdP answered 200 without an access token")
         if refresh is not None and (not isinstance(refresh, str) or not refresh):
             raise BadIdPResponse("IdP answered 200 with an unusable refresh token")
-        if not isinstance(expires, int | float) or isinstance(expires, bool):
-            expires = None
-        return IssuedTokens(access, refresh, expires)
+        return IssuedTokens(access, refresh, _seconds(expires))
 
     async def revoke(self, token: str, hint: str = "refresh_token") -> bool:
         """RFC 7009 revocation, best effort: True when the IdP accepted it."""
@@ -129,6 +127,16 @@ class IdPClient:
         if response.status_code != 200:
             log.warning("revocation refused: status %d", response.status_code)
         return response.status_code == 200
+
+
+def _seconds(value: Any) -> float | None:
+    """expires_in as a number; some IdPs send it as a string ("3599")."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value) if isinstance(value, int | float | str) else None
+    except ValueError:
+        return None
 
 
 def _json(response: httpx.Response) -> dict[str, Any] | None:

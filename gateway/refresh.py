@@ -96,7 +96,7 @@ class SessionRefresher:
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
-    async def refresh(self, refresh_token: str, old_access: str | None) -> AuthResult:
+    async def refresh(self, refresh_token: str, old_access: str | None, *, _nested: bool = False) -> AuthResult:
         h = self._sealer.token_hash(refresh_token)
         flight = self._inflight.get(h)
         if flight is None:
@@ -106,7 +106,12 @@ class SessionRefresher:
         # Shielded: a client that goes away must not cancel an IdP call others are waiting for
         # (the IdP would have redeemed the token and nobody would learn its successor).
         outcome = await asyncio.shield(flight)
-        return await self._answer(outcome)
+        result = await self._answer(outcome)
+        if outcome.label == "grace_hit" and result.reason == "token_expired" and outcome.refresh and not _nested:
+            # The successor's access token expired within the grace period (access lifetime
+            # shorter than grace_period): carry on with the successor refresh token.
+            return await self.refresh(outcome.refresh, outcome.access, _nested=True)
+        return result
 
     async def close(self) -> None:
         """Let flights in progress finish (they hold locks and redeemed tokens)."""
@@ -288,6 +293,8 @@ class SessionRefresher:
             cookies = [self._jar.clear_access(), self._jar.clear_refresh()] if outcome.label in FATAL else []
             return AuthResult(reason=reason, set_cookies=cookies)
         verdict = await self._verifier.verify(outcome.access) if outcome.access else None
+        if verdict is not None and verdict.reason == "token_expired" and outcome.label == "grace_hit":
+            return AuthResult(reason="token_expired")  # refresh() carries on with the successor
         if verdict is None or not verdict.ok or outcome.access is None or outcome.refresh is None:
             return AuthResult(reason="idp_bad_response")
         cookies = [

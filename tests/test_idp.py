@@ -1,0 +1,363 @@
+"""IdPClient against the demo IdP (in-process) and small scripted IdPs: styles, client auth, classification."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from gateway.config import RefreshConfig, RefreshFields
+from gateway.demo.idp import IdentityProvider, IdPSettings, create_idp_app
+from gateway.errors import BadIdPResponse, IdPUnavailable, RefreshRejected
+from gateway.idp import IdPClient
+
+IDP = "http://idp.test"
+CLIENT_ID, CLIENT_SECRET = "legacy-app", "demo-secret"
+
+
+def oauth2(**overrides: Any) -> RefreshConfig:
+    options: dict[str, Any] = {
+        "endpoint": f"{IDP}/token",
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "revocation_endpoint": f"{IDP}/revoke",
+        "timeout": 0.2,
+    }
+    return RefreshConfig(**(options | overrides))
+
+
+def json_style(**overrides: Any) -> RefreshConfig:
+    return RefreshConfig(**({"endpoint": f"{IDP}/api/token/refresh/", "style": "json", "timeout": 0.2} | overrides))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[Callable[[Any], httpx.AsyncClient]]:
+    """Makes clients over ASGITransport to a given app; closes them all afterwards."""
+    clients: list[httpx.AsyncClient] = []
+
+    def make(app: Any) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+def demo(**settings: Any) -> tuple[Starlette, IdentityProvider]:
+    app = create_idp_app(IdPSettings(**settings))
+    return app, app.state.idp
+
+
+class Scripted:
+    """An IdP that answers every POST with ``answer(request)`` and records what it was sent."""
+
+    def __init__(self, answer: Callable[[], Response]) -> None:
+        self.seen: list[tuple[dict[str, str], bytes]] = []
+        self.elsewhere_hits = 0
+
+        async def endpoint(request: Request) -> Response:
+            self.seen.append((dict(request.headers), await request.body()))
+            return answer()
+
+        async def elsewhere(request: Request) -> Response:
+            self.elsewhere_hits += 1
+            return JSONResponse({"access_token": "a", "access": "a"})
+
+        self.app = Starlette(
+            routes=[
+                Route("/token", endpoint, methods=["POST"]),
+                Route("/revoke", endpoint, methods=["POST"]),
+                Route("/api/token/refresh/", endpoint, methods=["POST"]),
+                Route("/elsewhere", elsewhere, methods=["GET", "POST"]),
+            ]
+        )
+
+
+def form_of(body: bytes) -> dict[str, str]:
+    return dict(httpx.QueryParams(body.decode()))
+
+
+# --- oauth2 style against the demo IdP ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", ["post", "basic", "none"])
+async def test_oauth2_client_auth_styles_are_accepted_by_a_strict_idp(
+    auth: str, http: Callable[[Any], httpx.AsyncClient]
+) -> None:
+    app, idp = demo(client_auth=auth)
+    pair = idp.start_session("alice")
+    issued = await IdPClient(oauth2(client_auth=auth), http(app)).redeem(pair.refresh)
+    assert issued.access and issued.refresh and issued.refresh != pair.refresh
+    assert issued.expires_in == 300
+    assert idp.counters.refresh_calls == 1 and idp.counters.refresh_ok == 1
+
+
+async def test_basic_auth_form_urlencodes_id_and_secret(http: Callable[[Any], httpx.AsyncClient]) -> None:
+    """Regression: RFC 6749 §2.3.1 encoding, so a secret with ':' or '+' still authenticates."""
+    app, idp = demo(client_auth="basic", client_id="app:one", client_secret="p@ss:w rd+/&")
+    pair = idp.start_session("alice")
+    client = IdPClient(oauth2(client_auth="basic", client_id="app:one", client_secret="p@ss:w rd+/&"), http(app))
+    assert (await client.redeem(pair.refresh)).refresh
+
+
+@pytest.mark.parametrize(
+    ("auth", "form_auth", "basic"),
+    [
+        ("post", {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, False),
+        ("basic", {}, True),
+        ("none", {"client_id": CLIENT_ID}, False),
+    ],
+)
+async def test_oauth2_request_shape(
+    auth: str, form_auth: dict[str, str], basic: bool, http: Callable[[Any], httpx.AsyncClient]
+) -> None:
+    idp = Scripted(lambda: JSONResponse({"access_token": "new-access"}))
+    await IdPClient(oauth2(client_auth=auth), http(idp.app)).redeem("the-refresh-token")
+    [(headers, body)] = idp.seen
+    assert headers["content-type"] == "application/x-www-form-urlencoded"
+    assert form_of(body) == {"grant_type": "refresh_token", "refresh_token": "the-refresh-token", **form_auth}
+    if basic:
+        expected = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+        assert headers["authorization"] == f"Basic {expected}"
+    else:
+        assert "authorization" not in headers
+
+
+@pytest.mark.parametrize("auth", ["post", "basic"])
+async def test_wrong_client_secret_is_our_misconfiguration_not_a_dead_session(
+    auth: str, http: Callable[[Any], httpx.AsyncClient]
+) -> None:
+    app, idp = demo(client_auth=auth)
+    pair = idp.start_session("alice")
+    client = IdPClient(oauth2(client_auth=auth, client_secret="wrong"), http(app))
+    with pytest.raises(IdPUnavailable, match="invalid_client"):
+        await client.redeem(pair.refresh)
+    # The session itself is untouched: with the right secret the same token still works.
+    assert (await IdPClient(oauth2(client_auth=auth), http(app)).redeem(pair.refresh)).refresh
+
+
+async def test_rotation_returns_a_new_refresh_token_and_the_old_one_is_then_rejected(
+    http: Callable[[Any], httpx.AsyncClient],
+) -> None:
+    app, idp = demo()
+    pair = idp.start_session("alice")
+    client = IdPClient(oauth2(), http(app))
+    first = await client.redeem(pair.refresh)
+    second = await client.redeem(first.refresh or "")
+    assert len({pair.refresh, first.refresh, second.refresh}) == 3
+    with pytest.raises(RefreshRejected, match="invalid_grant"):
+        await client.redeem(pair.refresh)
+    assert idp.counters.reuse_detected == 1
+
+
+@pytest.mark.parametrize("fail", ["503", "500", "html", "garbage", "invalid_client"])
+async def test_demo_idp_failures_are_unavailable(fail: str, http: Callable[[Any], httpx.AsyncClient]) -> None:
+    app, idp = demo()
+    pair = idp.start_session("alice")
+    idp.behaviour.fail = fail
+    with pytest.raises(IdPUnavailable):
+        await IdPClient(oauth2(), http(app)).redeem(pair.refresh)
+
+
+async def test_demo_idp_200_without_access_token_is_a_bad_response(http: Callable[[Any], httpx.AsyncClient]) -> None:
+    app, idp = demo()
+    pair = idp.start_session("alice")
+    idp.behaviour.fail = "no_access"
+    with pytest.raises(BadIdPResponse):
+        await IdPClient(oauth2(), http(app)).redeem(pair.refresh)
+
+
+# --- json (SimpleJWT) style ----------------------------------------------------------------------------
+
+
+async def test_json_style_against_simplejwt_dialect(http: Callable[[Any], httpx.AsyncClient]) -> None:
+    app, idp = demo()
+    pair = idp.start_session("bob")
+    client = IdPClient(json_style(), http(app))
+    issued = await client.redeem(pair.refresh)
+    assert issued.access and issued.refresh and issued.refresh != pair.refresh
+    assert issued.expires_in is None  # SimpleJWT sends no expires_in
+    # Reuse: SimpleJWT answers 401 token_not_valid, which ends the session.
+    with pytest.raises(RefreshRejected, match="token_not_valid"):
+        await client.redeem(pair.refresh)
+
+
+async def test_json_style_request_shape_and_custom_field_names(http: Callable[[Any], httpx.AsyncClient]) -> None:
+    idp = Scripted(lambda: JSONResponse({"jwt": "new-access", "renew": "new-refresh", "access": "decoy"}))
+    config = json_style(fields=RefreshFields(request="token", access="jwt", refresh="renew"))
+    issued = await IdPClient(config, http(idp.app)).redeem("old-refresh")
+    assert (issued.access, issued.refresh) == ("new-access", "new-refresh")
+    [(headers, body)] = idp.seen
+    assert headers["content-type"] == "application/json"
+    assert httpx.Response(200, content=body).json() == {"token": "old-refresh"}
+    assert "authorization" not in headers
+
+
+@pytest.mark.parametrize(
+    ("config", "body"),
+    [(oauth2(), {"access_token": "new-access", "token_type": "Bearer"}), (json_style(), {"access": "new-access"})],
+)
+async def test_response_without_refresh_token_means_keep_the_current_one(
+    config: RefreshConfig, body: dict[str, Any], http: Callable[[Any], httpx.AsyncClient]
+) -> None:
+    idp = Scripted(lambda: JSONResponse(body))
+    issued = await IdPClient(config, http(idp.app)).redeem("old-refresh")
+    assert issued.access == "new-access" and issued.refresh is None
+
+
+# --- classification of answers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "response", "error"),
+    [
+        (oauth2(), JSONResponse({"error": "invalid_grant"}, status_code=400), RefreshRejected),
+        (json_style(), JSONResponse({"detail": "x", "code": "token_not_valid"}, status_code=401), RefreshRejected),
+        # SimpleJWT's answer to a misnamed request field: our misconfiguration, not the session's.
+        (json_style(), JSONResponse({"refresh": ["This field is required."]}, status_code=400), IdPUnavailable),
+        (oauth2(), JSONResponse({"error": "invalid_client"}, status_code=401), IdPUnavailable),
+        (json_style(), JSONResponse({"error": "invalid_client"}, status_code=401), IdPUnavailable),
+        (oauth2(), JSONResponse({"error": "invalid_request"}, status_code=400), IdPUnavailable),
+        (oauth2(), JSONResponse({"error": "server_error"}, status_code=500), IdPUnavailable),
+        (oauth2(), Response("down", status_code=503), IdPUnavailable),
+        (json_style(), Response("down", status_code=503), IdPUnavailable),
+        (json_style(), Response("<html>login</html>", status_code=401, media_type="text/html"), IdPUnavailable),
+        (oauth2(), Response("<html>oops</html>", media_type="text/html"), IdPUnavailable),
+        (oauth2(), JSONResponse(["access_token"]), IdPUnavailable),
+        (oauth2(), JSONResponse({"token_type": "Bearer"}), BadIdPResponse),
+        (oauth2(), JSONResponse({"access_token": ""}), BadIdPResponse),
+        (oauth2(), JSONResponse({"access_token": "a", "refresh_token": 5}), BadIdPResponse),
+        (json_style(), JSONResponse({"access_token": "a", "refresh": "r"}), BadIdPResponse),
+    ],
+)
+async def test_answers_are_classified_by_status_and_error_code(
+    config: RefreshConfig, response: Response, error: type[Exception], http: Callable[[Any], httpx.AsyncClient]
+) -> None:
+    idp = Scripted(lambda: response)
+    with pytest.raises(error):
+        await IdPClient(config, http(idp.app)).redeem("old-refresh")
+
+
+@pytest.mark.parametrize("config", [oauth2(), json_style()])
+async def test_redirects_are_unavailable_and_never_followed(
+    config: RefreshConfig, http: Callable[[Any], httpx.AsyncClient]
+) -> None:
+    idp = Scripted(lambda: RedirectResponse(f"{IDP}/elsewhere", status_code=302))
+    with pytest.raises(IdPUnavailable, match="302"):
+        await IdPClient(config, http(idp.app)).redeem("old-refresh")
+    assert len(idp.seen) == 1 and idp.elsewhere_hits == 0
+
+
+async def test_redirects_are_not_followed_even_by_a_client_that_would(
+    http: Callable[[Any], httpx.AsyncClient],
+) -> None:
+    idp = Scripted(lambda: RedirectResponse(f"{IDP}/elsewhere", status_code=307))
+    following = httpx.AsyncClient(transport=httpx.ASGITransport(app=idp.app), follow_redirects=True)
+    async with following:
+        with pytest.raises(IdPUnavailable):
+            await IdPClient(oauth2(), following).redeem("old-refresh")
+    assert idp.elsewhere_hits == 0
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "parsed"), [(3600, 3600), (59.5, 59.5), ("3599", 3599), (True, None), (None, None), ("soon", None)]
+)
+async def test_expires_in(expires_in: Any, parsed: float | None, http: Callable[[Any], httpx.AsyncClient]) -> None:
+    body: dict[str, Any] = {"access_token": "a"} | ({} if expires_in is None else {"expires_in": expires_in})
+    idp = Scripted(lambda: JSONResponse(body))
+    assert (await IdPClient(oauth2(), http(idp.app)).redeem("old-refresh")).expires_in == parsed
+
+
+# --- transport failures (real sockets: ASGITransport has no timeouts) --------------------------------
+
+
+async def test_timeout_is_unavailable() -> None:
+    done = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await done.wait()  # accept the request, never answer
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient() as http:
+            client = IdPClient(oauth2(endpoint=f"http://127.0.0.1:{port}/token", timeout=0.2), http)
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(IdPUnavailable, match="timed out"):
+                await client.redeem("old-refresh")
+            assert asyncio.get_running_loop().time() - started < 2
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_connection_refused_is_unavailable() -> None:
+    async with httpx.AsyncClient() as http:
+        client = IdPClient(oauth2(endpoint=f"http://127.0.0.1:{closed_port()}/token"), http)
+        with pytest.raises(IdPUnavailable, match="unreachable"):
+            await client.redeem("old-refresh")
+
+
+# --- revocation (RFC 7009) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", ["post", "basic"])
+async def test_revoke_ends_the_family_at_the_idp(auth: str, http: Callable[[Any], httpx.AsyncClient]) -> None:
+    app, idp = demo(client_auth=auth)
+    pair = idp.start_session("alice")
+    client = IdPClient(oauth2(client_auth=auth), http(app))
+    assert await client.revoke(pair.refresh) is True
+    assert idp.counters.revocations == 1 and pair.family.revoked
+    with pytest.raises(RefreshRejected):
+        await client.redeem(pair.refresh)
+
+
+async def test_revoke_request_shape(http: Callable[[Any], httpx.AsyncClient]) -> None:
+    idp = Scripted(lambda: Response(status_code=200))
+    assert await IdPClient(oauth2(), http(idp.app)).revoke("the-token") is True
+    [(headers, body)] = idp.seen
+    assert form_of(body) == {
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "token": "the-token",
+        "token_type_hint": "refresh_token",
+    }
+
+
+async def test_revoke_unconfigured_or_failing_is_false(http: Callable[[Any], httpx.AsyncClient]) -> None:
+    app, idp = demo()
+    pair = idp.start_session("alice")
+    assert await IdPClient(oauth2(revocation_endpoint=None), http(app)).revoke(pair.refresh) is False
+    assert await IdPClient(oauth2(client_secret="wrong"), http(app)).revoke(pair.refresh) is False
+    assert idp.counters.revocations == 0 and not pair.family.revoked
+    refusing = Scripted(lambda: JSONResponse({"error": "unsupported_token_type"}, status_code=400))
+    assert await IdPClient(oauth2(), http(refusing.app)).revoke(pair.refresh) is False
+    async with httpx.AsyncClient() as real:
+        unreachable = oauth2(revocation_endpoint=f"http://127.0.0.1:{closed_port()}/revoke")
+        assert await IdPClient(unreachable, real).revoke(pair.refresh) is False
+
+
+async def test_an_endpoint_is_required() -> None:
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(ValueError, match="endpoint"):
+            IdPClient(RefreshConfig(), http)
