@@ -29,14 +29,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount
 from starlette.routing import Route as Endpoint
 
+from gateway.capture import Capturer, wants_capture
 from gateway.config import GatewayConfig, load_config
 from gateway.cookies import CookieJar
-from gateway.credentials import Authenticator, AuthResult
+from gateway.credentials import Authenticator, AuthResult, bearer_token
+from gateway.csrf import CSRFGuard
+from gateway.denylist import Denylist
 from gateway.errors import StoreError
 from gateway.headers import HeaderRules
 from gateway.identity import IdentityHeaders, UnsafeClaim, claims_allowed
 from gateway.idp import IdPClient
 from gateway.keys import build_key_source
+from gateway.login import OIDCLogin
+from gateway.logout import Logout
 from gateway.metrics import Metrics
 from gateway.proxy import AiohttpForwarder, Forwarder, UpstreamFailure
 from gateway.refresh import SessionRefresher
@@ -83,12 +88,13 @@ class Gateway:
         # Control-plane client (JWKS now; IdP refresh and OIDC later). Never follows redirects.
         self.http = httpx.AsyncClient(follow_redirects=False, timeout=config.refresh.timeout)
         self.keys = build_key_source(config.tokens, self.http)
-        self.verifier = Verifier(config.tokens, self.keys, clock)
         self.store: Store = store or open_store(config.store.url, config.store.key_prefix)
+        self.denylist = Denylist(self.store, clock=clock)
+        self.verifier = Verifier(config.tokens, self.keys, clock, denied=self.denylist)
+        # memory:// lives in one process, so a random sealing key is as good as any there.
+        sealer = Sealer(config.store.secret or secrets.token_bytes(32))
         self.refresher: SessionRefresher | None = None
         if config.refresh.endpoint is not None:
-            # memory:// lives in one process, so a random sealing key is as good as any.
-            sealer = Sealer(config.store.secret or secrets.token_bytes(32))
             self.refresher = SessionRefresher(
                 config=config.refresh,
                 store=self.store,
@@ -98,22 +104,51 @@ class Gateway:
                 jar=self.jar,
                 metrics=self.metrics,
                 clock=clock,
+                denylist=self.denylist if config.tokens.revoke_superseded else None,
             )
         self.authenticator = Authenticator(self.verifier, self.jar, self.refresher)
+        self.csrf = CSRFGuard(config.csrf.allowed_origins)
+        self.capturer = Capturer(self.jar, self.verifier, clock)
         self.forwarder: Forwarder = forwarder or AiohttpForwarder()
+        endpoints = [
+            Endpoint("/health", self._health),
+            Endpoint("/ready", self._ready),
+            Endpoint("/metrics", self._metrics),
+            Endpoint("/logout", self._logout_endpoint(sealer), methods=["POST"]),
+        ]
         self.login_url = config.login.url
-        self.internal = Starlette(
-            routes=[
-                Mount(
-                    self.prefix,
-                    routes=[
-                        Endpoint("/health", self._health),
-                        Endpoint("/ready", self._ready),
-                        Endpoint("/metrics", self._metrics),
-                    ],
-                )
-            ]
+        if config.login.oidc is not None:
+            oidc = OIDCLogin(
+                config=config.login.oidc,
+                jar=self.jar,
+                http=self.http,
+                sealer=sealer,
+                store=self.store,
+                verifier=self.verifier,
+                keys=self.keys,
+                algorithms=config.tokens.algorithms,
+                secure=config.cookies.secure,
+                clock=clock,
+            )
+            endpoints += [Endpoint("/login", oidc.login), Endpoint("/callback", oidc.callback)]
+            self.login_url = f"{self.prefix}/login?next={{next}}"
+        self.internal = Starlette(routes=[Mount(self.prefix, routes=endpoints)])
+
+    def _logout_endpoint(self, sealer: Sealer) -> Logout:
+        return Logout(
+            jar=self.jar,
+            verifier=self.verifier,
+            denylist=self.denylist,
+            refresher=self.refresher,
+            csrf=self.csrf,
+            origin=self._origin,
+            redirect=self.config.logout.redirect,
         )
+
+    def _origin(self, scope: Scope) -> str:
+        """This request's own origin, as the browser sees it (forwarded headers from trusted proxies)."""
+        client = scope.get("client")
+        return self.header_rules.origin(scope["headers"], client[0] if client else None, scope.get("scheme", "http"))
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -124,8 +159,10 @@ class Gateway:
         except StoreError as exc:
             # Not fatal: valid access tokens work without the store; /ready reports it.
             log.warning("store not reachable at start: %s", exc)
+        await self.denylist.start()
 
     async def shutdown(self) -> None:
+        await self.denylist.close()
         if self.refresher is not None:
             await self.refresher.close()
         await self.forwarder.close()
@@ -170,6 +207,16 @@ class Gateway:
         method = scope["method"] if scope["method"] in _METHODS else "OTHER"
         self.metrics.request(route_name, method, status, time.perf_counter() - started)
 
+    def _cross_site(self, scope: Scope) -> bool:
+        """An unsafe request riding on the session cookie from another site (see gateway.csrf)."""
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return False
+        headers = scope["headers"]
+        if bearer_token(headers) is not None or self.jar.read(headers) == (None, None):
+            return False
+        refused: bool = self.csrf.refuses(scope["method"], headers, self._origin(scope))
+        return refused
+
     async def _deny(
         self, send: Send, scope: Scope, reason: str, route: Route | None, cookies: list[bytes] | None = None
     ) -> int:
@@ -200,6 +247,8 @@ class Gateway:
 
         auth = AuthResult()
         if route.auth != "none":
+            if self._cross_site(scope):
+                return route.name, await self._deny(send, scope, "csrf", route)
             auth = await self.authenticator.authenticate(headers)
             if auth.claims is None and route.auth == "required":
                 return route.name, await self._deny(send, scope, auth.reason or "no_token", route, auth.set_cookies)
@@ -226,6 +275,9 @@ class Gateway:
             upstream_headers = [(n, v) for n, v in upstream_headers if n != b"authorization"]
             upstream_headers.append((b"authorization", b"Bearer " + auth.token.encode()))
 
+        if route.capture is not None:
+            # The login response is read and rewritten here, so it must come back unencoded.
+            upstream_headers = [(n, v) for n, v in upstream_headers if n != b"accept-encoding"]
         query: bytes = scope["query_string"]
         up = route.upstream
         url = f"{up.scheme}://{up.netloc}{up.base_path}{path}" + (f"?{query.decode('latin-1')}" if query else "")
@@ -247,6 +299,13 @@ class Gateway:
         self.metrics.upstream(route.name, time.perf_counter() - upstream_started)
 
         out = self.header_rules.outbound(response.headers, route.name)
+        if route.capture is not None and wants_capture(response.status, out):
+            captured = await self.capturer.take(route.capture, out, response.body, route.name)
+            if captured.reason is not None:
+                return route.name, await self._deny(send, scope, captured.reason, route, auth.set_cookies)
+            await send({"type": "http.response.start", "status": response.status, "headers": captured.headers})
+            await send({"type": "http.response.body", "body": captured.body})
+            return route.name, response.status
         if auth.set_cookies:
             out.extend((b"set-cookie", c) for c in auth.set_cookies)
             if auth.refreshed:

@@ -208,6 +208,20 @@ class OIDCConfig(_Model):
     scopes: tuple[str, ...] = ("openid", "offline_access")
     redirect_url: str
 
+    @field_validator("issuer", "redirect_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not _is_http_url(value):
+            raise ValueError("not an http(s) URL")
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "openid" not in value:
+            raise ValueError('must include "openid"')
+        return value
+
 
 class LoginConfig(_Model):
     url: str | None = None
@@ -299,9 +313,10 @@ class GatewayConfig(_Model):
 
     @model_validator(mode="after")
     def _store_secret(self) -> GatewayConfig:
-        if self.refresh.endpoint and not self.store.url.startswith("memory:") and not self.store.secret:
-            # Every process must seal and unseal the same results, so the key cannot be random.
-            raise _problems(("store.secret", "required when refresh.endpoint is set and the store is shared"))
+        shared = not self.store.url.startswith("memory:")
+        if (self.refresh.endpoint or self.login.oidc) and shared and not self.store.secret:
+            # Every process must seal and unseal the same values, so the key cannot be random.
+            raise _problems(("store.secret", "required with a shared store when refresh or login.oidc is set"))
         return self
 
 

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jwt
+
 from gateway.config import CookiesConfig
+
+# RFC 6265 §6.1: browsers keep at least 4096 bytes per cookie; many keep no more.
+MAX_COOKIE_BYTES = 4096
+DEFAULT_REFRESH_LIFETIME = 14 * 24 * 3600
+
+
+class CookieTooLarge(ValueError):
+    """A token would make a cookie browsers silently drop."""
+
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -76,6 +87,28 @@ class CookieJar:
 
     def clear_refresh(self) -> bytes:
         return self._cookie(self.refresh_name, "", 0)
+
+    def session(self, access: str, refresh: str | None, refresh_max_age: int | None) -> list[bytes]:
+        """Set-Cookie values for a new session; raises CookieTooLarge rather than set a cookie that vanishes."""
+        cookies = [self.set_access(access)]
+        if refresh is not None:
+            cookies.append(self.set_refresh(refresh, refresh_max_age))
+        for cookie in cookies:
+            if len(cookie.split(b";", 1)[0]) > MAX_COOKIE_BYTES:
+                raise CookieTooLarge(cookie.split(b"=", 1)[0].decode())
+        return cookies
+
+    def refresh_lifetime(self, token: str, now: float) -> int:
+        """How long a refresh cookie holding ``token`` may live: its JWT exp, capped by config."""
+        configured = self.refresh_max_age
+        try:
+            exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+        except jwt.InvalidTokenError:
+            exp = None  # opaque refresh tokens (Auth0, many OAuth2 servers)
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            remaining = max(int(exp - now), 1)
+            return min(remaining, configured) if configured else remaining
+        return configured or DEFAULT_REFRESH_LIFETIME
 
     def _cookie(self, name: str, value: str, max_age: int | None) -> bytes:
         age = f"; Max-Age={max_age}" if max_age is not None else ""

@@ -131,6 +131,23 @@ class HeaderRules:
             out.append((b"x-forwarded-host", forwarded_host or host or b""))
         return out
 
+    def origin(self, headers: Headers, client: str | None, scheme: str) -> str:
+        """``scheme://host`` the browser used: X-Forwarded-Proto/Host only from trusted proxies."""
+        host = proto = None
+        trusted = client in self._trusted
+        for name, value in headers:
+            if name == b"host" and host is None:
+                host = value
+            elif trusted and name == b"x-forwarded-host":
+                host = value.split(b",")[0].strip()
+            elif trusted and name == b"x-forwarded-proto":
+                proto = value.split(b",")[0].strip()
+        if trusted:
+            for name, value in headers:
+                if name == b"x-forwarded-host":
+                    host = value.split(b",")[0].strip()
+        return f"{(proto or scheme.encode()).decode('latin-1')}://{(host or b'').decode('latin-1')}"
+
     def _without_gateway_cookies(self, value: bytes) -> bytes:
         kept = []
         for part in value.split(b";"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -47,6 +48,19 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     return 1
 end
 return 0
+"""
+
+# Add to an expiring set (a sorted set scored by expiry), drop what has expired, keep the key
+# as long as its longest member, and announce: one atomic step.
+_ADD_MEMBER = """
+redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if last[2] then
+    redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(last[2]) * 1000))
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
 """
 
 _HEALTH_CHECK_INTERVAL = 15.0
@@ -102,6 +116,7 @@ class RedisStore:
         self._set_notify = client.register_script(_SET_NOTIFY)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._add_member = client.register_script(_ADD_MEMBER)
         self._watchers = Watchers()
         self._subscribed = asyncio.Event()
         self._subscriber: asyncio.Task[None] | None = None
@@ -155,6 +170,18 @@ class RedisStore:
     async def wait(self, key: str, timeout: float) -> bool:
         async with self.watch(key) as waiter:
             return await waiter.wait(timeout)
+
+    async def add_member(self, key: str, member: str, expires_at: float) -> None:
+        now = time.time()
+        with _translated("add_member"):
+            await self._add_member(keys=[self._key(key)], args=[member, expires_at, now, self._channel, key])
+
+    async def members(self, key: str, now: float) -> dict[str, float]:
+        with _translated("members"):
+            found: list[tuple[Any, float]] = await self._redis.zrangebyscore(  # type: ignore[assignment]
+                self._key(key), f"({now}", "+inf", withscores=True
+            )
+        return {(m.decode() if isinstance(m, bytes) else str(m)): float(score) for m, score in found}
 
     async def ping(self) -> None:
         with _translated("ping"):

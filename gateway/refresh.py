@@ -32,11 +32,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from uuid import uuid4
 
-import jwt
-
 from gateway.config import RefreshConfig
 from gateway.cookies import CookieJar
 from gateway.credentials import AuthResult
+from gateway.denylist import Denylist
 from gateway.errors import BadIdPResponse, IdPUnavailable, RefreshRejected, StoreError
 from gateway.idp import IdPClient
 from gateway.metrics import Metrics
@@ -48,7 +47,6 @@ log = logging.getLogger("gateway.refresh")
 audit = logging.getLogger("gateway.audit")
 
 FAILURE_MEMORY = 2.0  # seconds a passing IdP failure is shared with concurrent waiters (no stampede)
-DEFAULT_COOKIE_LIFETIME = 14 * 24 * 3600
 # Outcomes that end the session: both cookies are cleared.
 FATAL = frozenset({"invalid_grant", "reuse", "abandoned"})
 
@@ -81,6 +79,7 @@ class SessionRefresher:
         jar: CookieJar,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        denylist: Denylist | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -95,10 +94,12 @@ class SessionRefresher:
         self._owner = f"{os.getpid()}:{uuid4().hex}"
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._denylist = denylist  # set when tokens.revoke_superseded: the replaced access token is refused
 
     async def refresh(self, refresh_token: str, old_access: str | None, *, _nested: bool = False) -> AuthResult:
         h = self._sealer.token_hash(refresh_token)
         flight = self._inflight.get(h)
+        leader = flight is None
         if flight is None:
             flight = asyncio.ensure_future(self._flight(h, refresh_token))
             self._inflight[h] = flight
@@ -107,11 +108,35 @@ class SessionRefresher:
         # (the IdP would have redeemed the token and nobody would learn its successor).
         outcome = await asyncio.shield(flight)
         result = await self._answer(outcome)
+        if leader and result.claims is not None and old_access and self._denylist is not None:
+            await self._deny_replaced(self._denylist, old_access, result.claims.get("jti"))
         if outcome.label == "grace_hit" and result.reason == "token_expired" and outcome.refresh and not _nested:
             # The successor's access token expired within the grace period (access lifetime
             # shorter than grace_period): carry on with the successor refresh token.
             return await self.refresh(outcome.refresh, outcome.access, _nested=True)
         return result
+
+    async def end_session(self, refresh_token: str) -> bool:
+        """Logout: the gateway refuses this refresh token from now on, and the IdP is asked to revoke it."""
+        h = self._sealer.token_hash(refresh_token)
+        try:
+            dead = self._sealer.seal(b'{"dead": true}')
+            await self._store.set(f"used:{{{h}}}", dead, self._cookie_lifetime(refresh_token))
+            await self._store.delete(f"result:{{{h}}}")
+        except StoreError as exc:
+            log.error("logout token=%s: could not record the ended session (%s)", h[:12], exc)
+        revoked = await self._idp.revoke(refresh_token)
+        log.info("logout token=%s revoked_at_idp=%s", h[:12], revoked)
+        return revoked
+
+    async def _deny_replaced(self, denylist: Denylist, old_access: str, new_jti: Any) -> None:
+        claims = await self._verifier.signed_claims(old_access)
+        jti, exp = (claims or {}).get("jti"), (claims or {}).get("exp")
+        if isinstance(jti, str) and jti != new_jti and isinstance(exp, int | float) and exp > self._clock():
+            try:
+                await denylist.deny(jti, float(exp))
+            except StoreError as exc:
+                log.warning("could not denylist the replaced access token: %s", exc)
 
     async def close(self) -> None:
         """Let flights in progress finish (they hold locks and redeemed tokens)."""
@@ -270,16 +295,7 @@ class SessionRefresher:
     # --- helpers ----------------------------------------------------------------------------------
 
     def _cookie_lifetime(self, token: str) -> int:
-        """How long a refresh cookie holding ``token`` may live: its JWT exp, capped by config."""
-        configured = self._jar.refresh_max_age
-        try:
-            exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
-        except jwt.InvalidTokenError:
-            exp = None
-        if isinstance(exp, int | float) and not isinstance(exp, bool):
-            remaining = max(int(exp - self._clock()), 1)
-            return min(remaining, configured) if configured else remaining
-        return configured or DEFAULT_COOKIE_LIFETIME
+        return self._jar.refresh_lifetime(token, self._clock())
 
     def _seal(self, outcome: Outcome) -> bytes:
         return self._sealer.seal(json.dumps(asdict(outcome)).encode())

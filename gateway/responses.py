@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from email.utils import formatdate
 from html import escape
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 Headers = list[tuple[bytes, bytes]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -59,6 +59,27 @@ def safe_next(path: str, query: bytes) -> str:
     if target.startswith("//"):
         target = "/" + target.lstrip("/")
     return target + ("?" + query.decode("latin-1") if query else "")
+
+
+def safe_target(value: str | None) -> str:
+    """``value`` if it is a relative path on this site, else ``/`` (open-redirect defence).
+
+    Browsers ignore tabs and newlines in URLs and treat ``\\`` like ``/``, so ``/\\evil``,
+    ``/%09/evil`` or ``//evil`` would all leave the site; only a path starting with a single
+    ``/`` followed by something else is kept (oauth2-proxy's redirect tests are the model).
+    """
+    if not value or len(value) > 2048:
+        return "/"
+    decoded = unquote(value)
+    for candidate in (value, decoded):
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in candidate):
+            return "/"
+        squeezed = candidate.replace("\\", "/")
+        if not squeezed.startswith("/") or squeezed.startswith("//"):
+            return "/"
+        if "://" in squeezed.split("?", 1)[0] or squeezed.startswith("/.."):
+            return "/"
+    return value
 
 
 def login_location(login_url: str, next_url: str) -> str:

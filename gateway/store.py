@@ -96,6 +96,14 @@ class Store(Protocol):
         """Register interest in ``key``: enter, check state, then ``await waiter.wait(timeout)``."""
         ...
 
+    async def add_member(self, key: str, member: str, expires_at: float) -> None:
+        """Add ``member`` to the expiring set ``key`` until ``expires_at`` (epoch seconds); announce ``key``."""
+        ...
+
+    async def members(self, key: str, now: float) -> dict[str, float]:
+        """Members of the expiring set ``key`` still alive at ``now`` (epoch seconds), with their expiry."""
+        ...
+
     async def wait(self, key: str, timeout: float) -> bool: ...
 
     async def ping(self) -> None: ...
@@ -117,6 +125,7 @@ class MemoryStore:
         self._data: dict[str, tuple[bytes, float]] = {}
         self._watchers = Watchers()
         self._writes = 0
+        self._sets: dict[str, dict[str, float]] = {}
 
     def _live(self, key: str) -> bytes | None:
         entry = self._data.get(self._prefix + key)
@@ -180,6 +189,18 @@ class MemoryStore:
         async with self.watch(key) as waiter:
             return await waiter.wait(timeout)
 
+    async def add_member(self, key: str, member: str, expires_at: float) -> None:
+        # Expiry here is epoch time (it comes from token exp claims), not the store's monotonic clock.
+        members = self._sets.setdefault(self._prefix + key, {})
+        members[member] = max(expires_at, members.get(member, 0.0))
+        now = time.time()
+        for name in [m for m, exp in members.items() if exp <= now]:
+            del members[name]
+        self._watchers.announce(key)
+
+    async def members(self, key: str, now: float) -> dict[str, float]:
+        return {m: exp for m, exp in self._sets.get(self._prefix + key, {}).items() if exp > now}
+
     async def ping(self) -> None:
         return None
 
@@ -188,6 +209,7 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._data.clear()
+        self._sets.clear()
 
 
 def open_store(url: str, key_prefix: str) -> Store:

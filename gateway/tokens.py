@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,10 +69,17 @@ def _reason(exc: Exception) -> str:
 class Verifier:
     """Verifies access tokens against the configured keys, issuer, audience and clock."""
 
-    def __init__(self, config: TokensConfig, keys: KeySource, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: TokensConfig,
+        keys: KeySource,
+        clock: Callable[[], float] = time.time,
+        denied: Container[object] = frozenset(),
+    ) -> None:
         self._config = config
         self._keys = keys
         self._clock = clock
+        self._denied = denied  # revoked jti values (gateway.denylist), checked on every use
         self._algorithms = frozenset(config.algorithms)
         self._cache: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
         self._options: Any = {
@@ -130,7 +137,17 @@ class Verifier:
         self._remember(token, claims, exp)
         return self._check_time(claims, exp)
 
+    async def signed_claims(self, token: str) -> dict[str, Any] | None:
+        """Claims of a token whose signature (and iss/aud) verify, expired or not; for revocation only."""
+        verdict = await self.verify(token)
+        if verdict.claims is not None:
+            return verdict.claims
+        cached = self._cache.get(token)
+        return cached[0] if cached is not None and verdict.reason in ("token_expired", "token_revoked") else None
+
     def _check_time(self, claims: dict[str, Any], exp: float) -> Verdict:
+        if claims.get("jti") in self._denied:
+            return Verdict(None, "token_revoked")
         now = self._clock()
         if now >= exp + self._config.leeway:
             return Verdict(None, "token_expired", refreshable=True, exp=exp)

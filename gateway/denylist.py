@@ -1,0 +1,82 @@
+"""Revoked access tokens (by ``jti``), refused by every gateway process within a second.
+
+The shared list is an expiring set in the store (each ``jti`` until its token's ``exp``). Each
+process keeps a local copy, so checking a request costs a dict lookup, never a Redis round trip.
+The copy is reloaded when the store announces a change (immediately) and at least once per
+``poll`` seconds besides, so a dropped subscription delays a revocation by at most ``poll``.
+If the store is unreachable the last copy is kept: revocations made before stay refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from gateway.errors import StoreError
+from gateway.store import Store
+
+log = logging.getLogger("gateway.denylist")
+
+KEY = "denylist"
+
+
+class Denylist:
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time, poll: float = 1.0) -> None:
+        self._store = store
+        self._clock = clock
+        self._poll = poll
+        self._local: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._store_down = False
+
+    def __contains__(self, jti: object) -> bool:
+        if not isinstance(jti, str):
+            return False
+        exp = self._local.get(jti)
+        return exp is not None and exp > self._clock()
+
+    async def deny(self, jti: str, expires_at: float) -> None:
+        """Refuse ``jti`` everywhere until ``expires_at``; locally at once even if the store is down."""
+        self._local[jti] = max(expires_at, self._local.get(jti, 0.0))
+        await self._store.add_member(KEY, jti, expires_at)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._sync_forever(), name="denylist-sync")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _sync_forever(self) -> None:
+        while True:
+            try:
+                # Watch first, then load: a change announced while loading still wakes the wait.
+                async with self._store.watch(KEY) as waiter:
+                    await self._load()
+                    await waiter.wait(self._poll)
+            except StoreError:
+                await asyncio.sleep(self._poll)
+
+    async def _load(self) -> None:
+        try:
+            remote = await self._store.members(KEY, self._clock())
+        except StoreError as exc:
+            if not self._store_down:
+                log.warning("denylist: store unreachable, keeping %d local entries: %s", len(self._local), exc)
+            self._store_down = True
+            return
+        if self._store_down:
+            log.info("denylist: store reachable again")
+            self._store_down = False
+        now = self._clock()
+        # Keep local entries the store has not confirmed yet (a deny whose write failed).
+        local = {j: e for j, e in self._local.items() if e > now}
+        local.update(remote)
+        self._local = local

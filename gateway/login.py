@@ -1,0 +1,239 @@
+"""OpenID Connect login run by the gateway: authorization code flow with PKCE (RFC 7636).
+
+``GET {prefix}/login?next=/path`` sends the browser to the provider's authorization endpoint
+(found through ``{issuer}/.well-known/openid-configuration``) with ``state``, ``nonce`` and an
+S256 code challenge; those, with ``next``, travel in a short-lived sealed cookie (AES-GCM, so
+neither readable nor forgeable). ``GET {prefix}/callback`` checks the state (once: a replayed
+state is refused through the store), exchanges the code, verifies the ID token (signature,
+issuer, audience = client_id, nonce) and the access token, sets the session cookies and
+redirects to ``next``. Tokens never appear in a URL, a body or a log.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import jwt
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from gateway.config import OIDCConfig
+from gateway.cookies import CookieJar, CookieTooLarge
+from gateway.errors import StoreError
+from gateway.keys import KeySource
+from gateway.responses import safe_target
+from gateway.sealing import Sealer
+from gateway.store import Store
+from gateway.tokens import Verifier
+
+log = logging.getLogger("gateway.login")
+
+STATE_LIFETIME = 600
+DISCOVERY_TTL = 3600
+
+
+class LoginFailed(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class OIDCLogin:
+    def __init__(
+        self,
+        *,
+        config: OIDCConfig,
+        jar: CookieJar,
+        http: httpx.AsyncClient,
+        sealer: Sealer,
+        store: Store,
+        verifier: Verifier,
+        keys: KeySource,
+        algorithms: tuple[str, ...],
+        secure: bool,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._jar = jar
+        self._http = http
+        self._sealer = sealer
+        self._store = store
+        self._verifier = verifier
+        self._keys = keys
+        self._algorithms = list(algorithms)
+        self._clock = clock
+        self._cookie = ("__Host-" if secure else "") + "gw_oidc"
+        self._cookie_attrs = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if secure else "")
+        self._discovery: dict[str, Any] | None = None
+        self._discovered_at = 0.0
+
+    async def login(self, request: Request) -> Response:
+        try:
+            meta = await self._discover()
+        except LoginFailed as exc:
+            return _failure(exc)
+        state, nonce, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(32), secrets.token_urlsafe(64)
+        target = safe_target(request.query_params.get("next"))
+        sealed = self._sealer.seal(
+            json.dumps({"s": state, "n": nonce, "v": verifier, "next": target, "t": self._clock()}).encode()
+        )
+        params = {
+            "response_type": "code",
+            "client_id": self._config.client_id,
+            "redirect_uri": self._config.redirect_url,
+            "scope": " ".join(self._config.scopes),
+            "state": state,
+            "nonce": nonce,
+            "code_challenge": _b64(hashlib.sha256(verifier.encode()).digest()),
+            "code_challenge_method": "S256",
+        }
+        location = f"{meta['authorization_endpoint']}?{urlencode(params)}"
+        response = RedirectResponse(location, status_code=302, headers={"cache-control": "no-store"})
+        response.headers.append(
+            "set-cookie", f"{self._cookie}={_b64(sealed)}; Max-Age={STATE_LIFETIME}{self._cookie_attrs}"
+        )
+        return response
+
+    async def callback(self, request: Request) -> Response:
+        try:
+            target, cookies = await self._complete(request)
+        except LoginFailed as exc:
+            response = _failure(exc)
+        else:
+            response = RedirectResponse(target, status_code=302, headers={"cache-control": "no-store"})
+            for cookie in cookies:
+                response.headers.append("set-cookie", cookie.decode("latin-1"))
+        response.headers.append("set-cookie", f"{self._cookie}=; Max-Age=0{self._cookie_attrs}")
+        return response
+
+    async def _complete(self, request: Request) -> tuple[str, list[bytes]]:
+        query = request.query_params
+        if "error" in query:
+            log.warning("login: the provider answered error=%s", query.get("error", "")[:64])
+            raise LoginFailed(400, "login_refused")
+        flow = self._flow(request.cookies.get(self._cookie))
+        state, code = query.get("state", ""), query.get("code", "")
+        if not code or not hmac.compare_digest(state.encode(), str(flow["s"]).encode()):
+            raise LoginFailed(400, "login_state_invalid")
+        try:
+            first_use = await self._store.set_if_absent(
+                f"oidc:{{{self._sealer.token_hash(state)}}}", b"1", STATE_LIFETIME
+            )
+        except StoreError as exc:
+            log.error("login: store unavailable (%s)", exc)
+            raise LoginFailed(503, "store_unavailable") from None
+        if not first_use:
+            raise LoginFailed(400, "login_state_replayed")
+        tokens = await self._exchange(code, str(flow["v"]))
+        access, refresh, id_token = tokens.get("access_token"), tokens.get("refresh_token"), tokens.get("id_token")
+        if not isinstance(access, str) or not isinstance(id_token, str):
+            raise LoginFailed(502, "idp_bad_response")
+        await self._check_id_token(id_token, str(flow["n"]))
+        verdict = await self._verifier.verify(access)
+        if verdict.claims is None:
+            log.error("login: the provider's access token does not verify with tokens.* settings (%s)", verdict.reason)
+            raise LoginFailed(502, "idp_bad_response")
+        refresh = refresh if isinstance(refresh, str) and refresh else None
+        try:
+            lifetime = self._jar.refresh_lifetime(refresh, self._clock()) if refresh else None
+            cookies = self._jar.session(access, refresh, lifetime)
+        except CookieTooLarge as exc:
+            log.error("login: token too large for the %s cookie (over 4 KB); no session set", exc)
+            raise LoginFailed(502, "cookie_too_large") from None
+        log.info("login: session started, subject %s", self._sealer.token_hash(str(verdict.claims.get("sub")))[:12])
+        return str(flow["next"]), cookies
+
+    def _flow(self, cookie: str | None) -> dict[str, Any]:
+        if not cookie:
+            raise LoginFailed(400, "login_state_missing")
+        try:
+            flow = json.loads(self._sealer.unseal(base64.urlsafe_b64decode(cookie + "=" * (-len(cookie) % 4))))
+        except (StoreError, ValueError):
+            raise LoginFailed(400, "login_state_invalid") from None
+        if not isinstance(flow, dict) or self._clock() - float(flow.get("t", 0)) > STATE_LIFETIME:
+            raise LoginFailed(400, "login_state_expired")
+        return flow
+
+    async def _exchange(self, code: str, code_verifier: str) -> dict[str, Any]:
+        meta = await self._discover()
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": self._config.redirect_url,
+            "code_verifier": code_verifier,
+            "client_id": self._config.client_id,
+        }
+        if self._config.client_secret:
+            form["client_secret"] = self._config.client_secret
+        try:
+            response = await self._http.post(meta["token_endpoint"], data=form, follow_redirects=False)
+        except httpx.HTTPError as exc:
+            log.error("login: token endpoint unreachable (%s)", exc.__class__.__name__)
+            raise LoginFailed(503, "idp_error") from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code != 200 or not isinstance(body, dict):
+            error = body.get("error") if isinstance(body, dict) else None
+            log.warning("login: code exchange refused (status %d, error=%s)", response.status_code, error)
+            raise LoginFailed(400 if response.status_code < 500 else 503, "code_exchange_failed")
+        return body
+
+    async def _check_id_token(self, id_token: str, nonce: str) -> None:
+        try:
+            header = jwt.get_unverified_header(id_token)
+            alg = header.get("alg")
+            if alg not in self._algorithms:
+                raise jwt.InvalidAlgorithmError(str(alg))
+            key = await self._keys.key_for(header.get("kid"), alg)
+            claims = jwt.decode(
+                id_token, key, algorithms=[alg], audience=self._config.client_id, issuer=self._config.issuer, leeway=60
+            )
+        except (jwt.InvalidTokenError, TypeError, ValueError) as exc:
+            log.error("login: ID token refused (%s)", exc.__class__.__name__)
+            raise LoginFailed(502, "id_token_invalid") from None
+        if not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode()):
+            log.error("login: ID token nonce does not match")
+            raise LoginFailed(400, "id_token_invalid")
+
+    async def _discover(self) -> dict[str, Any]:
+        if self._discovery is not None and self._clock() - self._discovered_at < DISCOVERY_TTL:
+            return self._discovery
+        url = self._config.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        try:
+            response = await self._http.get(url, follow_redirects=False)
+            meta = response.json()
+        except (httpx.HTTPError, ValueError):
+            log.error("login: discovery failed at %s", url)
+            raise LoginFailed(503, "idp_error") from None
+        if not isinstance(meta, dict) or meta.get("issuer") != self._config.issuer:
+            # OIDC Discovery §4.3: the issuer in the document must be the one we asked.
+            log.error("login: discovery document at %s names another issuer", url)
+            raise LoginFailed(503, "idp_error")
+        if not all(isinstance(meta.get(k), str) for k in ("authorization_endpoint", "token_endpoint")):
+            raise LoginFailed(503, "idp_error")
+        self._discovery, self._discovered_at = meta, self._clock()
+        return meta
+
+
+def _failure(exc: LoginFailed) -> Response:
+    response = JSONResponse({"error": "login_failed", "reason": exc.reason}, status_code=exc.status)
+    response.headers["cache-control"] = "no-store"
+    if exc.status == 503:
+        response.headers["retry-after"] = "5"
+    return response

@@ -1,0 +1,92 @@
+"""``POST {prefix}/logout``: end the session everywhere, whatever the IdP says.
+
+The access token's ``jti`` goes on the denylist until its ``exp`` (so a replayed copy is refused
+by every process); the refresh token is refused by the gateway from now on and revoked at the
+IdP's RFC 7009 endpoint when one is configured; both cookies are cleared. A revocation endpoint
+that fails does not keep the session alive. Browsers are sent to ``logout.redirect`` (303),
+other clients get 204.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.cookies import CookieJar
+from gateway.credentials import bearer_token
+from gateway.csrf import CSRFGuard
+from gateway.denylist import Denylist
+from gateway.errors import StoreError
+from gateway.refresh import SessionRefresher
+from gateway.responses import safe_target, wants_html
+from gateway.tokens import Verifier
+
+log = logging.getLogger("gateway.logout")
+
+
+class Logout:
+    def __init__(
+        self,
+        *,
+        jar: CookieJar,
+        verifier: Verifier,
+        denylist: Denylist,
+        refresher: SessionRefresher | None,
+        csrf: CSRFGuard,
+        origin: Callable[[MutableMapping[str, Any]], str],
+        redirect: str,
+    ) -> None:
+        self._jar = jar
+        self._verifier = verifier
+        self._denylist = denylist
+        self._refresher = refresher
+        self._csrf = csrf
+        self._origin = origin
+        self._redirect = safe_target(redirect) if redirect.startswith("/") else redirect
+
+    async def __call__(self, request: Request) -> Response:
+        scope = request.scope
+        headers = scope["headers"]
+        bearer = bearer_token(headers)
+        access, refresh = self._jar.read(headers)
+        if not bearer and (access or refresh) and self._csrf.refuses("POST", headers, self._origin(scope)):
+            return JSONResponse({"error": "forbidden", "reason": "csrf"}, status_code=403)
+        token = bearer or access
+        if token:
+            await self._deny(token)
+        if refresh and self._refresher is not None:
+            await self._refresher.end_session(refresh)
+        clear = [self._jar.clear_access(), self._jar.clear_refresh()]
+        if wants_html("GET", headers) or _is_form(headers):
+            response: Response = Response(status_code=303, headers={"location": self._redirect})
+        else:
+            response = Response(status_code=204)
+        response.headers["cache-control"] = "no-store"
+        for cookie in clear:
+            response.headers.append("set-cookie", cookie.decode("latin-1"))
+        return response
+
+    async def _deny(self, token: str) -> None:
+        claims = await self._verifier.signed_claims(token)
+        if claims is None:
+            return  # not our token (or forged): nothing to revoke
+        jti, exp = claims.get("jti"), claims.get("exp")
+        if not isinstance(jti, str) or not isinstance(exp, int | float):
+            log.warning("logout: the access token has no jti; it stays valid until it expires")
+            return
+        try:
+            await self._denylist.deny(jti, float(exp))
+        except StoreError as exc:
+            log.error("logout: denylist not shared with other processes (%s); refused here only", exc)
+
+
+def _is_form(headers: list[tuple[bytes, bytes]]) -> bool:
+    """An HTML form post (a logout button) expects a page back, not 204."""
+    for name, value in headers:
+        if name == b"content-type":
+            return value.startswith((b"application/x-www-form-urlencoded", b"multipart/form-data"))
+    return False
