@@ -240,6 +240,8 @@ async def test_admin_issue_mints_sessions_without_counting(client: httpx.AsyncCl
         "families_revoked": 0,
         "logins": 0,
         "revocations": 0,
+        "authorize_requests": 0,
+        "code_exchanges": 0,
     }
 
 

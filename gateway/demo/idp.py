@@ -1,7 +1,8 @@
 """A strict identity provider that rotates refresh tokens and detects their reuse.
 
 It speaks two dialects: OAuth 2.0 (RFC 6749 ``POST /token``, RFC 7009 ``POST /revoke``) and
-Django SimpleJWT (``POST /api/token/``, ``POST /api/token/refresh/``). Every refresh token may be
+Django SimpleJWT (``POST /api/token/``, ``POST /api/token/refresh/``), and is an OpenID Connect
+provider (discovery, code + PKCE login) through ``gateway.demo.oidc``. Every refresh token may be
 redeemed once; presenting a redeemed one revokes its whole family, as node-oidc-provider and
 SimpleJWT with BLACKLIST_AFTER_ROTATION do (RFC 9700 §4.14.2). ``/_admin/*`` lets tests count
 calls, inject failures and mint sessions. State lives in memory: one process, one event loop.
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, cast
 from urllib.parse import parse_qsl, unquote_plus
@@ -79,6 +81,8 @@ class IdPSettings:
     client_auth: ClientAuth = "any"
     latency: float = 0.0
     users: dict[str, DemoUser] = field(default_factory=default_users)
+    # OIDC redirect URIs registered for client_id; empty accepts any loopback http URI (tests, demo).
+    redirect_uris: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.algorithm == "RS256" and self.rsa_key is None:
@@ -108,8 +112,10 @@ class Counters:
     refresh_rejected: int = 0
     reuse_detected: int = 0
     families_revoked: int = 0
-    logins: int = 0
+    logins: int = 0  # password grant, SimpleJWT login and the OIDC login form
     revocations: int = 0
+    authorize_requests: int = 0  # GET /authorize, valid or not
+    code_exchanges: int = 0  # grant_type=authorization_code requests from an authenticated client
 
 
 @dataclass
@@ -166,8 +172,11 @@ class IdentityProvider:
         self._signing_key: SigningKey = key or settings.hs_secret
         self._verify_key: str | rsa.RSAPublicKey = key.public_key() if key else settings.hs_secret
         self._rogue_key: SigningKey | None = None  # signs the "bad_signature" tokens
+        # Answers grant_type=authorization_code once the client is authenticated (``gateway.demo.oidc``).
+        self.code_grant: Callable[[dict[str, str]], Awaitable[Response]] | None = None
 
-    def _sign(self, claims: dict[str, Any], key: SigningKey | None = None) -> str:
+    def sign(self, claims: dict[str, Any], key: SigningKey | None = None) -> str:
+        """A JWT over ``claims`` with the IdP's key (or ``key``), alg and kid."""
         headers = {"typ": "JWT"} | ({"kid": self.settings.kid} if self.settings.algorithm == "RS256" else {})
         return jwt.encode(claims, key or self._signing_key, algorithm=self.settings.algorithm, headers=headers)
 
@@ -178,13 +187,13 @@ class IdentityProvider:
         if self.settings.audience is not None:
             claims["aud"] = self.settings.audience
         claims |= {"jti": uuid.uuid4().hex, "token_type": "access"}
-        return self._sign(claims | (user["claims"] if user else {}) | family.claims, key)
+        return self.sign(claims | (user["claims"] if user else {}) | family.claims, key)
 
     def _issue(self, family: Family, access_ttl: int | None = None) -> TokenPair:
         """Sign a new pair; the new refresh token becomes the family's only redeemable one."""
         now = int(time.time())
         family.current = uuid.uuid4().hex
-        refresh = self._sign(
+        refresh = self.sign(
             {
                 "iss": self.settings.issuer,
                 "sub": family.username,
@@ -216,7 +225,8 @@ class IdentityProvider:
         except jwt.InvalidTokenError:
             return None
 
-    def _revoke_family(self, family: Family) -> None:
+    def revoke_family(self, family: Family) -> None:
+        """End a login: none of the family's refresh tokens can be redeemed any more."""
         if not family.revoked:
             family.revoked = True
             self.counters.families_revoked += 1
@@ -230,7 +240,7 @@ class IdentityProvider:
             # A token of this family that is no longer current was redeemed before: someone holds a
             # copy, so end the session for everyone (RFC 9700 §4.14.2).
             self.counters.reuse_detected += 1
-            self._revoke_family(family)
+            self.revoke_family(family)
             return None
         return self._issue(family)
 
@@ -317,6 +327,8 @@ class IdentityProvider:
                 self.counters.logins += 1
                 pair = self.start_session(form["username"])
                 return _oauth_tokens({"access_token": pair.access, "refresh_token": pair.refresh}, pair.expires_in)
+            if grant == "authorization_code" and self.code_grant is not None:
+                return await self.code_grant(form)
             if grant != "refresh_token":
                 raise OAuthError("unsupported_grant_type" if grant else "invalid_request")
             outcome = await self.refresh(form.get("refresh_token"))
@@ -365,7 +377,7 @@ class IdentityProvider:
         claims = self._decode(form["token"], verify_exp=False)
         family = self.families.get(str(claims.get("fam"))) if claims and claims.get("token_type") == "refresh" else None
         if family is not None:
-            self._revoke_family(family)
+            self.revoke_family(family)
         return Response(status_code=200)
 
     async def jwks(self, request: Request) -> Response:
@@ -439,8 +451,13 @@ def _oauth_tokens(body: dict[str, Any], expires_in: int) -> Response:
 
 
 def create_idp_app(settings: IdPSettings) -> Starlette:
-    """The IdP as an ASGI app; its state is ``app.state.idp`` (an ``IdentityProvider``)."""
+    """The IdP as an ASGI app; its state is ``app.state.idp`` (an ``IdentityProvider``) and ``app.state.oidc``."""
+    # Imported here because gateway.demo.oidc builds on this module.
+    from gateway.demo.oidc import OIDCProvider
+
     idp = IdentityProvider(settings)
+    oidc = OIDCProvider(idp)
+    idp.code_grant = oidc.exchange
     routes = [
         Route("/token", idp.token, methods=["POST"]),
         Route("/revoke", idp.revoke, methods=["POST"]),
@@ -452,9 +469,10 @@ def create_idp_app(settings: IdPSettings) -> Starlette:
         Route("/_admin/behaviour", idp.admin_behaviour, methods=["POST"]),
         Route("/_admin/reset", idp.admin_reset, methods=["POST"]),
         Route("/_admin/issue", idp.admin_issue, methods=["POST"]),
+        *oidc.routes(),
     ]
     app = Starlette(routes=routes)
-    app.state.idp = idp
+    app.state.idp, app.state.oidc = idp, oidc
     return app
 
 
@@ -468,18 +486,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algorithm", choices=["HS256", "RS256"], default="HS256")
     parser.add_argument("--secret", help="HS256 shared secret")
     parser.add_argument("--access-ttl", type=int, default=300)
-    parser.add_argument("--issuer", default=IdPSettings.issuer)
+    parser.add_argument("--issuer", help="default: http://HOST:PORT, so OIDC discovery URLs resolve")
     parser.add_argument("--audience", default=IdPSettings.audience, help='"" for tokens without aud')
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to sleep before answering refreshes")
     parser.add_argument("--public-key-out", metavar="PATH", help="write the RS256 public key (PEM) here")
+    parser.add_argument(
+        "--redirect-uri", action="append", default=[], help="register an OIDC redirect URI (repeatable; none: loopback)"
+    )
     args = parser.parse_args(argv)
+    # OIDC Discovery §4.3: the issuer is the URL the provider is reached at.
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    host = f"[{host}]" if ":" in host else host
     settings = IdPSettings(
-        issuer=args.issuer,
+        issuer=args.issuer or f"http://{host}:{args.port}",
         audience=args.audience or None,
         algorithm=args.algorithm,
         hs_secret=args.secret or IdPSettings.hs_secret,
         access_ttl=args.access_ttl,
         latency=args.latency,
+        redirect_uris=args.redirect_uri,
     )
     if args.public_key_out:
         with open(args.public_key_out, "w") as f:

@@ -119,11 +119,27 @@ class IdPProcess(ServerProcess):
         """A fresh session without a login or refresh call: ``{"access", "refresh"}``."""
         return dict(self._admin("POST", "issue", {"username": username, "access_ttl": access_ttl, "claims": claims}))
 
+    def sign_in(self, authorize_url: str, username: str = "alice", password: str | None = None) -> str:
+        """Do what a browser does at the OIDC login page; return where the IdP redirects (the callback URL)."""
+        import re
+        from html import unescape
+
+        page = httpx.get(authorize_url, timeout=5)
+        page.raise_for_status()
+        hidden = re.findall(r'<input type="hidden" name="([^"]*)" value="([^"]*)">', page.text)
+        form = {unescape(k): unescape(v) for k, v in hidden} | {"username": username, "password": password or username}
+        response = httpx.post(f"{self.url}/authorize", data=form, timeout=5)
+        if response.status_code != 302:
+            raise AssertionError(f"sign-in failed: {response.status_code} {response.text[:200]}")
+        return response.headers["location"]
+
 
 def start_idp(**opts: Any) -> IdPProcess:
     """Start ``gateway.demo.idp``; options are its flags (``algorithm="RS256"``, ``access_ttl=5``, ``latency=0.2``).
 
-    With RS256 the public key is written to a temporary file, ``.public_key_path``.
+    With RS256 the public key is written to a temporary file, ``.public_key_path``. Unless ``issuer=`` is
+    given, the issuer is the IdP's own URL (``.url``), which OIDC discovery needs; ``redirect_uri=`` takes
+    a URI or a list (none: any loopback URI is accepted).
     """
     port = free_port()
     owns_public_key = opts.get("algorithm") == "RS256" and "public_key_out" not in opts
@@ -132,7 +148,8 @@ def start_idp(**opts: Any) -> IdPProcess:
         os.close(fd)
     args = ["--host", "127.0.0.1", "--port", str(port)]
     for key, value in opts.items():
-        args += [f"--{key.replace('_', '-')}", "" if value is None else str(value)]
+        for item in value if isinstance(value, list) else [value]:
+            args += [f"--{key.replace('_', '-')}", "" if item is None else str(item)]
     idp = IdPProcess("gateway.demo.idp", args, f"http://127.0.0.1:{port}", ready_path="/jwks")
     idp.public_key_path, idp._owns_public_key = opts.get("public_key_out"), owns_public_key
     return idp.start()
