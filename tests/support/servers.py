@@ -176,11 +176,13 @@ class GatewayProcess(ServerProcess):
         return httpx.get(f"{self.url}/.gateway/metrics", timeout=5).text
 
 
-def start_gateway(config: dict[str, Any], *, workers: int = 1, env: dict[str, str] | None = None) -> GatewayProcess:
-    """Write ``config`` as YAML and run ``python -m gateway serve`` on a free port."""
+def start_gateway(
+    config: dict[str, Any], *, workers: int = 1, env: dict[str, str] | None = None, port: int | None = None
+) -> GatewayProcess:
+    """Write ``config`` as YAML and run ``python -m gateway serve`` on ``port`` (default: a free one)."""
     import yaml
 
-    port = free_port()
+    port = port or free_port()
     fd, path = tempfile.mkstemp(prefix="gateway-", suffix=".yaml")
     with os.fdopen(fd, "w") as handle:
         yaml.safe_dump(config, handle)
