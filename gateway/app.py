@@ -114,7 +114,7 @@ class Gateway:
             Endpoint("/health", self._health),
             Endpoint("/ready", self._ready),
             Endpoint("/metrics", self._metrics),
-            Endpoint("/logout", self._logout_endpoint(sealer), methods=["POST"]),
+            Endpoint("/logout", self._logout_endpoint().handle, methods=["POST"]),
         ]
         self.login_url = config.login.url
         if config.login.oidc is not None:
@@ -134,7 +134,7 @@ class Gateway:
             self.login_url = f"{self.prefix}/login?next={{next}}"
         self.internal = Starlette(routes=[Mount(self.prefix, routes=endpoints)])
 
-    def _logout_endpoint(self, sealer: Sealer) -> Logout:
+    def _logout_endpoint(self) -> Logout:
         return Logout(
             jar=self.jar,
             verifier=self.verifier,

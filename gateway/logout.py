@@ -48,7 +48,7 @@ class Logout:
         self._origin = origin
         self._redirect = safe_target(redirect) if redirect.startswith("/") else redirect
 
-    async def __call__(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
         scope = request.scope
         headers = scope["headers"]
         bearer = bearer_token(headers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +31,7 @@ def demo_config(port: int, idp_url: str, upstream_url: str, secret: str) -> Gate
         "tokens": {
             "algorithms": ["HS256"],
             "secret": secret,
+            "issuer": idp_url,
             "audience": "legacy-app",
             "leeway": 0,
             "refresh_before": 5,
@@ -43,8 +45,17 @@ def demo_config(port: int, idp_url: str, upstream_url: str, secret: str) -> Gate
             "grace_period": 30,
         },
         "cookies": {"secure": False},  # plain http on loopback; keep true (the default) in production
+        "login": {
+            "oidc": {
+                "issuer": idp_url,
+                "client_id": "legacy-app",
+                "client_secret": "demo-secret",
+                "redirect_url": f"http://127.0.0.1:{port}/.gateway/callback",
+            }
+        },
         "routes": [
-            {"name": "login", "path": "/api/token/", "upstream": idp_url, "auth": "none"},
+            # SimpleJWT-style JSON login: the gateway turns the tokens into httpOnly cookies.
+            {"name": "login", "path": "/api/token/", "upstream": idp_url, "auth": "none", "capture": {}},
             {"name": "public", "path": "/public/", "upstream": upstream_url, "auth": "none"},
             {"name": "admin", "path": "/admin/", "upstream": upstream_url, "require": {"claims": {"is_staff": True}}},
             {"name": "app", "path": "/", "upstream": upstream_url},
@@ -55,38 +66,35 @@ def demo_config(port: int, idp_url: str, upstream_url: str, secret: str) -> Gate
 
 def _banner(port: int, idp_port: int) -> str:
     gw = f"http://127.0.0.1:{port}"
-    login = (
-        f"curl -s -X POST {gw}/api/token/ -H 'Content-Type: application/json' "
-        '-d \'{"username": "alice", "password": "alice"}\''
-    )
     return f"""
 gateway demo is running (Ctrl+C to stop)
-  gateway            {gw}      routes: /api/token/ (login, no auth), /public/, /admin/ (is_staff), /
-  demo IdP           http://127.0.0.1:{idp_port}      users alice/alice (staff), bob/bob
+  gateway            {gw}      routes: /api/token/ (JSON login, captured), /public/, /admin/ (is_staff), /
+  demo IdP           http://127.0.0.1:{idp_port}      OpenID provider; users alice/alice (staff), bob/bob
                                                access tokens live {DEMO_ACCESS_TTL}s, refresh tokens rotate
   echo upstream      http://127.0.0.1:{port + 2}      answers with the request it received, headers included
 
-Try it:
-  # no token: 401 with a reason code
+In a browser: open {gw}/ , sign in as alice/alice at the demo IdP, and you are back with the
+echo of your request: x-auth-user, x-auth-email, x-auth-roles came from the gateway. Reload after
+{DEMO_ACCESS_TTL}s: the gateway refreshed the session by itself. Log out with a POST to {gw}/.gateway/logout.
+
+With curl:
+  # no session: 401 with a reason code (browsers are redirected to the login)
   curl -i {gw}/hello
 
-  # log in at the IdP (through the gateway) and keep the tokens
-  TOKENS=$({login})
-  ACCESS=$(echo "$TOKENS" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access"])')
-  REFRESH=$(echo "$TOKENS" | python3 -c 'import json,sys; print(json.load(sys.stdin)["refresh"])')
+  # JSON login through the gateway: the tokens become httpOnly cookies, the refresh token
+  # never reaches the client's body
+  curl -s -c /tmp/gw-jar -X POST {gw}/api/token/ -H 'Content-Type: application/json' \\
+       -d '{{"username": "alice", "password": "alice"}}'
 
-  # the upstream sees identity headers: x-auth-user, x-auth-email, x-auth-roles
-  curl -s {gw}/hello -H "Authorization: Bearer $ACCESS"
+  # the upstream sees identity headers; spoofed ones never get through
+  curl -s -b /tmp/gw-jar {gw}/hello -H 'X-Auth-User: mallory'
 
-  # spoofed identity headers never get through
-  curl -s {gw}/public/x -H 'X-Auth-User: mallory' -H 'X_Auth_User: mallory'
+  # after {DEMO_ACCESS_TTL}s the access token has expired: the gateway refreshes it at the IdP and
+  # answers with rotated cookies
+  sleep {DEMO_ACCESS_TTL}; curl -s -i -b /tmp/gw-jar -c /tmp/gw-jar {gw}/hello | grep -i set-cookie
 
-  # a browser session lives in httpOnly cookies. Once the access token has expired the gateway
-  # refreshes it at the IdP by itself and answers with rotated cookies (Set-Cookie):
-  sleep {DEMO_ACCESS_TTL}
-  curl -s -i -c /tmp/gw-jar -b "gw_access=$ACCESS; gw_refresh=$REFRESH" {gw}/hello | grep -i set-cookie
-  # the rotated cookies carry the session on (curl replays them from its jar)
-  curl -s -b /tmp/gw-jar {gw}/hello | grep -o '"x-auth-user", "[a-z]*"'
+  # log out: tokens revoked, cookies cleared; the old access token is refused from now on
+  curl -s -i -b /tmp/gw-jar -c /tmp/gw-jar -X POST {gw}/.gateway/logout
 
   # metrics
   curl -s {gw}/.gateway/metrics | grep gateway_
@@ -107,11 +115,11 @@ async def _serve(port: int) -> None:
     idp_url, upstream_url = f"http://127.0.0.1:{idp_port}", f"http://127.0.0.1:{upstream_port}"
     gateway = create_app(demo_config(port, idp_url, upstream_url, settings.hs_secret))
     servers = [
-        uvicorn.Server(uvicorn.Config(create_idp_app(settings), port=idp_port, log_level="warning")),
-        uvicorn.Server(uvicorn.Config(create_upstream_app(), port=upstream_port, log_level="warning")),
-        uvicorn.Server(
+        _Server(uvicorn.Config(create_idp_app(settings), port=idp_port, log_level="warning")),
+        _Server(uvicorn.Config(create_upstream_app(), port=upstream_port, log_level="warning")),
+        _Server(
             uvicorn.Config(
-                gateway, port=port, log_level="info", access_log=False, proxy_headers=False, date_header=False
+                gateway, port=port, access_log=False, proxy_headers=False, date_header=False, server_header=False
             )
         ),
     ]
@@ -135,7 +143,25 @@ async def _serve(port: int) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _in_use(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def run_demo(port: int = 8080) -> int:
+    busy = [p for p in (port, port + 1, port + 2) if _in_use(p)]
+    if busy:
+        print(
+            f"gateway demo: could not start: port {', '.join(map(str, busy))} is in use "
+            f"(the demo needs {port}, {port + 1} and {port + 2}; try --port N)",
+            file=sys.stderr,
+        )
+        return 1
     try:
         asyncio.run(_serve(port))
     except SystemExit as exc:
