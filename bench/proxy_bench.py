@@ -1,0 +1,270 @@
+"""Proxy benchmark: the gateway against the upstream itself and two baseline proxies, in one run.
+
+Everything runs on this machine, loopback only. The proxy under test gets core 0 (taskset), the
+load generator (wrk) and the upstream (nginx returning 1 KB; a raw-ASGI uvicorn upstream when
+nginx is missing) share core 1. Each target is warmed up, then driven with wrk at each
+connection count. Reported: req/s, p50, p99, CPU microseconds per request (the proxy's own
+utime + stime from /proc), RSS, and ratios against the baselines measured in the same run.
+
+    .venv/bin/python bench/proxy_bench.py              # full run, writes bench/RESULTS.md
+    .venv/bin/python bench/proxy_bench.py --quick      # a few seconds per target, writes bench/out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import jwt
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from support.servers import free_port, wait_for_http  # noqa: E402
+
+PYTHON = sys.executable
+HS_SECRET = "bench-hs256-secret-0123456789abcdef-xyz"
+BODY_1K = "x" * 1024
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def pinned(core: int, command: list[str]) -> list[str]:
+    return ["taskset", "-c", str(core), *command] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else command
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    url: str
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+
+def start(name: str, command: list[str], url: str, ready: str, workdir: Path) -> Server:
+    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    wait_for_http(url + ready, timeout=30, process=process)
+    return Server(name, process, url)
+
+
+def start_upstream(workdir: Path) -> tuple[Server, str]:
+    port = free_port()
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx:
+        conf = workdir / "nginx.conf"
+        conf.write_text(
+            f"""worker_processes 1; daemon off; pid {workdir}/nginx.pid; error_log {workdir}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; keepalive_requests 1000000;
+  client_body_temp_path {workdir}; proxy_temp_path {workdir}; fastcgi_temp_path {workdir};
+  uwsgi_temp_path {workdir}; scgi_temp_path {workdir};
+  server {{ listen 127.0.0.1:{port}; default_type text/plain; location / {{ return 200 "{BODY_1K}"; }} }}
+}}
+"""
+        )
+        command = pinned(1, [nginx, "-c", str(conf), "-p", str(workdir)])
+        return start("upstream", command, f"http://127.0.0.1:{port}", "/", workdir), "nginx 1 KB"
+    script = workdir / "upstream.py"
+    script.write_text(
+        "import uvicorn\nBODY=b'x'*1024\n"
+        "async def app(scope, receive, send):\n"
+        "    if scope['type'] != 'http': return\n"
+        "    await send({'type':'http.response.start','status':200,'headers':[(b'content-length',b'1024')]})\n"
+        "    await send({'type':'http.response.body','body':BODY})\n"
+        f"uvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning', access_log=False)\n"
+    )
+    command = pinned(1, [PYTHON, str(script)])
+    return start("upstream", command, f"http://127.0.0.1:{port}", "/", workdir), "uvicorn 1 KB (nginx not found)"
+
+
+def gateway_config(upstream: str, algorithm: str, key_file: Path | None) -> dict[str, object]:
+    tokens: dict[str, object] = {"algorithms": [algorithm], "audience": "bench"}
+    if algorithm == "HS256":
+        tokens["secret"] = HS_SECRET
+    else:
+        tokens["public_key_file"] = str(key_file)
+    return {
+        "tokens": tokens,
+        "cookies": {"secure": False},
+        "routes": [
+            {"name": "public", "path": "/public/", "upstream": upstream, "auth": "none"},
+            {"name": "app", "path": "/", "upstream": upstream},
+        ],
+    }
+
+
+def wrk(url: str, connections: int, seconds: float, headers: dict[str, str]) -> tuple[float, float, float, int, int]:
+    """(req/s, p50 ms, p99 ms, requests, non-2xx responses) from one wrk run on core 1."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "5s"]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    out = subprocess.run(pinned(1, [*command, url]), capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+
+    def percentile(label: str) -> float:
+        value, unit = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rate, percentile("50"), percentile("99"), total, int(non2xx.group(1)) if non2xx else 0
+
+
+@dataclass
+class Row:
+    target: str
+    case: str
+    connections: int
+    rate: float
+    p50: float
+    p99: float
+    cpu_us: float
+    rss: float
+    non2xx: int
+
+
+def measure(server: Server, case: str, path: str, headers: dict[str, str], conns: list[int], secs: float) -> list[Row]:
+    rows = []
+    wrk(server.url + path, conns[0], min(2.0, secs), headers)  # warm-up: pools, caches, JIT-free but lazy imports
+    for connections in conns:
+        cpu = server.cpu_seconds()
+        rate, p50, p99, total, non2xx = wrk(server.url + path, connections, secs, headers)
+        cpu_us = (server.cpu_seconds() - cpu) / max(total, 1) * 1e6
+        rows.append(Row(server.name, case, connections, rate, p50, p99, cpu_us, server.rss_mb(), non2xx))
+        print(
+            f"  {server.name:<10} {case:<22} c={connections:<4} {rate:>9.0f} req/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms"
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 s per measurement, 32 connections; for CI smoke")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
+    parser.add_argument("--connections", default="32,128")
+    parser.add_argument("--out", help="markdown results file (default bench/RESULTS.md, or bench/out/ with --quick)")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk not found: install Debian's wrk (apt-get install wrk)")
+    secs = 2.0 if args.quick else args.duration
+    conns = [32] if args.quick else [int(c) for c in args.connections.split(",")]
+    out = Path(args.out) if args.out else (ROOT / "bench" / ("out/RESULTS-quick.md" if args.quick else "RESULTS.md"))
+
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_file = workdir / "public.pem"
+    key_file.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    claims = {"sub": "bench-user", "aud": "bench", "roles": ["user"], "email": "b@example.com"}
+    claims["exp"] = int(time.time()) + 3600
+    hs_token = jwt.encode(claims, HS_SECRET, algorithm="HS256")
+    rs_token = jwt.encode(claims, key, algorithm="RS256")
+
+    servers: list[Server] = []
+    rows: list[Row] = []
+    try:
+        upstream, upstream_kind = start_upstream(workdir)
+        servers.append(upstream)
+        print(f"upstream: {upstream_kind} at {upstream.url}")
+        print("direct (wrk -> upstream)")
+        rows += measure(upstream, "direct", "/app", {}, conns, secs)
+
+        def run(name: str, command: list[str], cases: list[tuple[str, str, dict[str, str]]]) -> None:
+            port = free_port()
+            server = start(name, pinned(0, [*command, "--port", str(port)]), f"http://127.0.0.1:{port}", "/", workdir)
+            servers.append(server)
+            print(name)
+            for case, path, headers in cases:
+                rows.extend(measure(server, case, path, headers, conns, secs))
+            server.stop()
+
+        baseline = [("no auth", "/app", {})]
+        run("naive", [PYTHON, "bench/baselines/naive_httpx.py", "--upstream", upstream.url], baseline)
+        run("forwarder", [PYTHON, "bench/baselines/aiohttp_forwarder.py", "--upstream", upstream.url], baseline)
+        for algorithm, cases in (
+            (
+                "HS256",
+                [
+                    ("HS256 bearer", "/app", {"Authorization": f"Bearer {hs_token}"}),
+                    ("auth none", "/public/x", {}),
+                    ("401 no token", "/app", {}),
+                ],
+            ),
+            ("RS256", [("RS256 cookie", "/app", {"Cookie": f"gw_access={rs_token}"})]),
+        ):
+            config = workdir / f"gateway-{algorithm}.yaml"
+            config.write_text(yaml.safe_dump(gateway_config(upstream.url, algorithm, key_file)))
+            command = [PYTHON, "-m", "gateway", "serve", "--config", str(config), "--host", "127.0.0.1"]
+            run("gateway", [*command, "--log-level", "warning"], cases)
+    finally:
+        for server in servers:
+            server.stop()
+    report(rows, out, upstream_kind, secs)
+
+
+def report(rows: list[Row], out: Path, upstream_kind: str, secs: float) -> None:
+    def find(target: str, case: str, connections: int) -> Row | None:
+        return next((r for r in rows if (r.target, r.case, r.connections) == (target, case, connections)), None)
+
+    lines = [
+        f"# Proxy benchmark, {date.today()}",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}. Upstream: {upstream_kind}. Proxy pinned to core 0; wrk and the "
+        f"upstream on core 1. {secs:g} s per measurement after a warm-up; one worker per proxy.",
+        "",
+        "| target | case | conns | req/s | p50 ms | p99 ms | CPU µs/req | RSS MB | non-2xx | × forwarder | × naive "
+        "| × direct |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        forwarder, naive, direct = (
+            find(t, c, r.connections)
+            for t, c in (("forwarder", "no auth"), ("naive", "no auth"), ("upstream", "direct"))
+        )
+        ratio = [f"{r.rate / b.rate:.2f}" if b else "-" for b in (forwarder, naive, direct)]
+        lines.append(
+            f"| {r.target} | {r.case} | {r.connections} | {r.rate:,.0f} | {r.p50:.2f} | {r.p99:.2f} | "
+            f"{r.cpu_us:.0f} | {r.rss:.0f} | {r.non2xx} | {' | '.join(ratio)} |"
+        )
+    lines += ["", "Ratios compare req/s at the same connection count in this run; absolute numbers are noisy here."]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
