@@ -3,8 +3,8 @@
 A Bearer header wins over the access cookie. The result is either an identity (claims) or a
 reason code; it also carries the Set-Cookie headers the response must bear (rotated tokens, or
 a cleared access cookie after a bad one). Refresh is delegated to a ``Refresher`` and only ever
-happens for cookie sessions whose access token is absent, expired or nearly so, and otherwise
-fully valid: a forged token never reaches the IdP, and API clients (Bearer) get a plain 401.
+happens for cookie sessions whose access token is absent, expired or nearly so (or revoked),
+and otherwise fully valid: a forged token never reaches the IdP, and API clients (Bearer) get a plain 401.
 """
 
 from __future__ import annotations
@@ -72,8 +72,15 @@ class Authenticator:
         verdict: Verdict | None = await self._verifier.verify(access) if access else None
         if verdict is not None and verdict.ok and not verdict.refreshable:
             return AuthResult(claims=verdict.claims, token=access)
+        garbage = verdict.reason if verdict is not None and verdict.reason in _UNREADABLE else None
+        if garbage:
+            # Not a token at all (truncated, mangled by a proxy): treat the cookie as absent, so a
+            # refresh cookie can still carry the session; a well-formed but forged token cannot.
+            verdict = None
 
-        needs_refresh = verdict is None or verdict.refreshable
+        # A revoked access token (tokens.revoke_superseded) may ride with a refresh token still in
+        # its grace period: the refresher hands out the successor, or refuses an ended session.
+        needs_refresh = verdict is None or verdict.refreshable or verdict.reason == "token_revoked"
         if refresh is not None and needs_refresh and self._refresher is not None:
             result = await self._refresher.refresh(refresh, access)
             if result.claims is None and verdict is not None and verdict.ok and result.reason in _SOFT_FAILURES:
@@ -81,6 +88,8 @@ class Authenticator:
                 return AuthResult(claims=verdict.claims, token=access)
             return result
         if verdict is None:
+            if garbage:
+                return AuthResult(reason=garbage, set_cookies=[self._jar.clear_access()])
             return AuthResult(reason="no_token")
         if verdict.ok:
             return AuthResult(claims=verdict.claims, token=access)
@@ -88,5 +97,7 @@ class Authenticator:
         return AuthResult(reason=verdict.reason, set_cookies=clear)
 
 
+# Access cookies that hold no token at all (as opposed to a token that fails a check).
+_UNREADABLE = frozenset({"malformed_token", "token_too_large"})
 # Failures that say nothing about the session itself (it may still be fine a moment later).
 _SOFT_FAILURES = frozenset({"idp_error", "lock_timeout", "store_unavailable"})

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.config import CookiesConfig, TokensConfig
 from gateway.cookies import CookieJar
-from gateway.credentials import Authenticator, bearer_token
+from gateway.credentials import Authenticator, AuthResult, bearer_token
 from gateway.keys import StaticKey
 from gateway.tokens import Verifier
 
@@ -163,3 +163,36 @@ async def test_forged_token_never_reaches_the_refresher(jar: CookieJar) -> None:
     expired = token("alice", exp=NOW - 600)
     await auth.authenticate([cookie(expired, "r1")])
     assert refresher.calls == [("r1", expired)]
+
+
+async def test_revoked_cookie_token_goes_to_the_refresher(jar: CookieJar) -> None:
+    """Regression: a superseded (denylisted) access token with its refresh cookie gets the grace successor, not 401."""
+    refresher = CountingRefresher()
+    config = TokensConfig(algorithms=("HS256",), secret=SECRET)
+    revoked = jwt.encode({"sub": "alice", "exp": NOW + 300, "jti": "old"}, SECRET, algorithm="HS256")
+    auth = Authenticator(Verifier(config, StaticKey(SECRET.encode()), lambda: NOW, denied={"old"}), jar, refresher)
+    result = await auth.authenticate([cookie(revoked, "r1")])
+    assert refresher.calls == [("r1", revoked)]
+    assert result.claims is None and result.reason == "invalid_grant"  # the refresher's answer, not a pass
+    alone = await auth.authenticate([cookie(revoked)])
+    assert alone.claims is None and alone.reason == "token_revoked"
+    bearer = await auth.authenticate([(b"authorization", b"Bearer " + revoked.encode())])
+    assert bearer.reason == "token_revoked" and len(refresher.calls) == 1
+
+
+async def test_unreadable_access_cookie_is_absent_so_the_refresh_cookie_resumes_the_session() -> None:
+    """Issue 4: an unparseable gateway cookie is treated as absent, never as an error."""
+
+    class Refresher:
+        calls = 0
+
+        async def refresh(self, refresh_token: str, old_access: str | None) -> AuthResult:
+            Refresher.calls += 1
+            return AuthResult(claims={"sub": "alice"}, token="new", refreshed=True)
+
+    config = TokensConfig(algorithms=("HS256",), secret="s" * 32)
+    jar = CookieJar.from_config(CookiesConfig())
+    auth = Authenticator(Verifier(config, StaticKey(b"s" * 32)), jar, Refresher())
+    header = (b"cookie", f"{jar.access_name}=not-a-jwt; {jar.refresh_name}=r1".encode())
+    result = await auth.authenticate([header])
+    assert result.claims == {"sub": "alice"} and Refresher.calls == 1

@@ -13,7 +13,6 @@ import pytest
 from support.servers import (
     GatewayProcess,
     IdPProcess,
-    ServerProcess,
     free_port,
     start_gateway,
     start_idp,

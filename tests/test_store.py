@@ -184,6 +184,57 @@ async def test_one_notify_wakes_many_waiters(store: Store) -> None:
     assert time.monotonic() - started < 1.0
 
 
+# --- expiring sets (the denylist) ---
+
+
+async def test_member_visible_until_its_expiry(store: Store) -> None:
+    now = time.time()
+    await store.add_member("denylist", "jti-short", now + 0.3)
+    await store.add_member("denylist", "jti-long", now + 30)
+    found = await store.members("denylist", time.time())
+    assert set(found) == {"jti-short", "jti-long"}
+    assert found["jti-short"] == pytest.approx(now + 0.3, abs=0.01)
+    assert found["jti-long"] == pytest.approx(now + 30, abs=0.01)
+    # Asked about a later moment, the short one is gone while the long one stays.
+    assert set(await store.members("denylist", now + 1)) == {"jti-long"}
+    await asyncio.sleep(0.4)
+    assert set(await store.members("denylist", time.time())) == {"jti-long"}
+
+
+async def test_member_already_expired_is_not_visible(store: Store) -> None:
+    await store.add_member("denylist", "old", time.time() - 1)
+    assert await store.members("denylist", time.time()) == {}
+    assert await store.members("other-set", time.time()) == {}
+
+
+async def test_readding_a_member_extends_it_never_shortens(store: Store) -> None:
+    now = time.time()
+    await store.add_member("denylist", "jti", now + 0.2)
+    await store.add_member("denylist", "jti", now + 30)
+    await store.add_member("denylist", "jti", now + 0.1)  # an earlier expiry does not shorten it
+    await asyncio.sleep(0.3)
+    found = await store.members("denylist", time.time())
+    assert found == {"jti": pytest.approx(now + 30, abs=0.01)}
+
+
+async def test_all_members_expired_then_a_new_one_is_visible(store: Store) -> None:
+    await store.add_member("denylist", "first", time.time() + 0.1)
+    await asyncio.sleep(0.2)
+    await store.add_member("denylist", "second", time.time() + 30)
+    assert set(await store.members("denylist", time.time())) == {"second"}
+
+
+async def test_add_member_wakes_a_watcher_of_the_key(store: Store) -> None:
+    async with store.watch("denylist") as waiter:
+        started = time.monotonic()
+        await store.add_member("denylist", "jti", time.time() + 30)
+        assert await waiter.wait(2.0)
+        assert time.monotonic() - started < 1.0
+    async with store.watch("other") as waiter:
+        await store.add_member("denylist", "jti2", time.time() + 30)
+        assert not await waiter.wait(TTL)
+
+
 # --- redis across processes ---
 
 
@@ -204,6 +255,36 @@ async def test_notify_reaches_waiter_of_another_store(redis_url: str, key_prefix
     finally:
         await first.close()
         await second.close()
+
+
+async def test_members_shared_between_redis_stores(redis_url: str, key_prefix: str) -> None:
+    first, second = RedisStore(redis_url, key_prefix), RedisStore(redis_url, key_prefix)
+    try:
+        await first.start()
+        await second.start()
+        async with first.watch("denylist") as waiter:
+            await second.add_member("denylist", "from-second", time.time() + 30)
+            assert await waiter.wait(2.0)
+        assert set(await first.members("denylist", time.time())) == {"from-second"}
+        await first.add_member("denylist", "from-first", time.time() + 30)
+        assert set(await second.members("denylist", time.time())) == {"from-second", "from-first"}
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_expiring_set_key_does_not_outlive_its_members(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore(redis_url, key_prefix)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await store.add_member("denylist", "a", time.time() + 0.2)
+        ttl_ms = await client.pttl(f"{key_prefix}denylist")
+        assert 0 < ttl_ms <= 1200  # the key expires with its last member: no unbounded growth
+        await store.add_member("denylist", "b", time.time() + 60)
+        assert 50_000 < await client.pttl(f"{key_prefix}denylist") <= 61_000
+    finally:
+        await client.aclose()
+        await store.close()
 
 
 async def test_first_watch_is_subscribed_before_caller_checks(redis_url: str, key_prefix: str) -> None:

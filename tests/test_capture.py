@@ -1,0 +1,177 @@
+"""gateway/capture.py: a JSON login response becomes httpOnly cookies; the page never sees the refresh token."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from http.cookies import SimpleCookie
+from typing import Any
+
+import jwt
+import pytest
+
+from gateway.capture import MAX_CAPTURE_BYTES, Captured, Capturer, wants_capture
+from gateway.config import CaptureConfig, CookiesConfig, TokensConfig
+from gateway.cookies import CookieJar
+from gateway.keys import StaticKey
+from gateway.tokens import Verifier
+
+NOW = 1_700_000_000.0
+SECRET = "capture-tests-secret-0123456789abcdef"
+SPEC = CaptureConfig()
+JSON_HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"999"), (b"cache-control", b"private")]
+
+
+def access_token(**extra: Any) -> str:
+    claims = {"sub": "alice", "jti": "a1", "iat": NOW - 1, "exp": NOW + 300, "token_type": "access", **extra}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+def refresh_token(lifetime: int = 3600) -> str:
+    claims = {"sub": "alice", "jti": "r1", "iat": NOW - 1, "exp": NOW + lifetime, "token_type": "refresh"}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+def capturer() -> Capturer:
+    jar = CookieJar.from_config(CookiesConfig())
+    verifier = Verifier(TokensConfig(algorithms=("HS256",), secret=SECRET), StaticKey(SECRET), lambda: NOW)
+    return Capturer(jar, verifier, lambda: NOW)
+
+
+async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def take(capturer: Capturer, body: bytes, spec: CaptureConfig = SPEC, split: int = 7) -> Captured:
+    parts = [body[i : i + split] for i in range(0, len(body), split)] or [b""]
+    return await capturer.take(spec, list(JSON_HEADERS), chunks(*parts), "login")
+
+
+def header(captured: Captured, name: bytes) -> list[bytes]:
+    return [v for n, v in captured.headers if n == name]
+
+
+def cookies(captured: Captured) -> dict[str, Any]:
+    jar: dict[str, Any] = {}
+    for line in header(captured, b"set-cookie"):
+        parsed: SimpleCookie = SimpleCookie()
+        parsed.load(line.decode())
+        jar.update(parsed)
+    return jar
+
+
+async def test_simplejwt_login_becomes_cookies(capturer: Capturer) -> None:
+    access, refresh = access_token(), refresh_token()
+    body = json.dumps({"access": access, "refresh": refresh, "user": {"name": "Alice"}}).encode()
+    captured = await take(capturer, body)
+    assert captured.reason is None
+    jar = cookies(captured)
+    assert jar["__Host-gw_access"].value == access
+    assert jar["__Host-gw_refresh"].value == refresh
+    for morsel in jar.values():
+        assert morsel["httponly"] and morsel["secure"] and morsel["path"] == "/"
+    assert jar["__Host-gw_refresh"]["max-age"] == "3600"  # the refresh token's own exp
+    assert json.loads(captured.body) == {"access": access, "user": {"name": "Alice"}}
+    assert refresh.encode() not in captured.body
+    assert header(captured, b"content-length") == [str(len(captured.body)).encode()]
+    assert header(captured, b"cache-control") == [b"no-store"]
+    assert header(captured, b"content-type") == [b"application/json"]
+
+
+async def test_keep_access_false_removes_the_access_token_too(capturer: Capturer) -> None:
+    access, refresh = access_token(), refresh_token()
+    body = json.dumps({"access": access, "refresh": refresh, "detail": "ok"}).encode()
+    captured = await take(capturer, body, CaptureConfig(keep_access=False))
+    assert set(cookies(captured)) == {"__Host-gw_access", "__Host-gw_refresh"}
+    assert json.loads(captured.body) == {"detail": "ok"}
+    assert access.encode() not in captured.body and refresh.encode() not in captured.body
+    assert header(captured, b"content-length") == [str(len(captured.body)).encode()]
+
+
+async def test_custom_field_names(capturer: Capturer) -> None:
+    access, refresh = access_token(), refresh_token()
+    body = json.dumps({"access_token": access, "refresh_token": refresh, "expires_in": 300}).encode()
+    captured = await take(capturer, body, CaptureConfig(access="access_token", refresh="refresh_token"))
+    assert cookies(captured)["__Host-gw_refresh"].value == refresh
+    assert json.loads(captured.body) == {"access_token": access, "expires_in": 300}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>not json</html>",
+        b"",
+        b'{"access": "truncated',
+        b'["a", "list"]',
+        json.dumps({"access": access_token()}).encode(),  # no refresh field
+        json.dumps({"access": access_token(), "refresh": None}).encode(),
+        json.dumps({"detail": "No active account found"}).encode(),
+    ],
+)
+async def test_nothing_to_capture_passes_through_unchanged(capturer: Capturer, body: bytes) -> None:
+    captured = await take(capturer, body)
+    assert captured.reason is None
+    assert captured.body == body
+    assert header(captured, b"set-cookie") == []
+    assert header(captured, b"content-length") == [str(len(body)).encode()]
+    assert header(captured, b"cache-control") == [b"private"]  # untouched
+
+
+@pytest.mark.parametrize(
+    "access",
+    [
+        jwt.encode({"sub": "alice", "exp": NOW + 300}, "another-secret-0123456789abcdefgh", algorithm="HS256"),
+        access_token(exp=NOW - 3600),  # expired
+        "not-a-jwt",
+        None,
+    ],
+)
+async def test_access_token_that_does_not_verify_sets_no_session(capturer: Capturer, access: str | None) -> None:
+    body = json.dumps({"access": access, "refresh": refresh_token()}).encode()
+    captured = await take(capturer, body)
+    assert captured.reason == "idp_bad_response"
+    assert captured.body == b"" and header(captured, b"set-cookie") == []
+
+
+async def test_refresh_token_too_large_for_a_cookie(capturer: Capturer) -> None:
+    body = json.dumps({"access": access_token(), "refresh": "r" * 4100}).encode()
+    captured = await take(capturer, body)
+    assert captured.reason == "cookie_too_large"
+    assert captured.body == b"" and header(captured, b"set-cookie") == []
+
+
+async def test_refresh_token_just_under_the_limit_is_kept(capturer: Capturer) -> None:
+    refresh = "r" * (4096 - len("__Host-gw_refresh="))
+    captured = await take(capturer, json.dumps({"access": access_token(), "refresh": refresh}).encode(), split=1024)
+    assert captured.reason is None
+    assert cookies(captured)["__Host-gw_refresh"].value == refresh
+
+
+async def test_body_over_a_mebibyte_is_refused(capturer: Capturer) -> None:
+    padding = "x" * MAX_CAPTURE_BYTES
+    body = json.dumps({"access": access_token(), "refresh": refresh_token(), "padding": padding}).encode()
+    captured = await take(capturer, body, split=64 * 1024)
+    assert captured.reason == "capture_too_large"
+    assert captured.body == b"" and header(captured, b"set-cookie") == []
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (200, [(b"content-type", b"application/json")], True),
+        (201, [(b"content-type", b"application/json; charset=utf-8")], True),
+        (200, [(b"content-type", b"application/vnd.api+json")], True),
+        (200, [(b"content-type", b"application/json"), (b"content-encoding", b"identity")], True),
+        (401, [(b"content-type", b"application/json")], False),
+        (400, [(b"content-type", b"application/json")], False),
+        (302, [(b"content-type", b"application/json")], False),
+        (200, [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")], False),
+        (200, [(b"content-type", b"application/json"), (b"content-encoding", b"br")], False),
+        (200, [(b"content-type", b"text/html; charset=utf-8")], False),
+        (200, [], False),
+    ],
+)
+def test_wants_capture(status: int, headers: list[tuple[bytes, bytes]], expected: bool) -> None:
+    assert wants_capture(status, headers) is expected

@@ -1,0 +1,165 @@
+"""gateway/denylist.py: a revoked jti is refused at once here and within a second in every other process."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.denylist import KEY, Denylist
+from gateway.errors import StoreError
+from gateway.redisstore import RedisStore
+from gateway.store import MemoryStore, Store
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore("gwtest:")
+        return
+    redis_store = RedisStore(request.getfixturevalue("redis_url"), request.getfixturevalue("key_prefix"))
+    try:
+        yield redis_store
+    finally:
+        await redis_store.close()
+
+
+async def seen_within(condition: Callable[[], bool], limit: float) -> float:
+    """Seconds until ``condition`` holds (polled every 10 ms); fails after ``limit``."""
+    started = time.monotonic()
+    while not condition():
+        elapsed = time.monotonic() - started
+        assert elapsed < limit, f"not seen within {limit}s"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def test_deny_refuses_at_once_locally(store: Store) -> None:
+    denylist = Denylist(store)
+    await denylist.start()
+    try:
+        assert "jti-1" not in denylist
+        await denylist.deny("jti-1", time.time() + 60)
+        assert "jti-1" in denylist  # no wait for the store round trip
+        assert "jti-2" not in denylist
+        assert None not in denylist and 42 not in denylist
+    finally:
+        await denylist.close()
+
+
+async def test_denied_entry_expires_with_the_token(store: Store) -> None:
+    denylist = Denylist(store)
+    await denylist.start()
+    try:
+        await denylist.deny("short", time.time() + 0.3)
+        await denylist.deny("long", time.time() + 60)
+        assert "short" in denylist and "long" in denylist
+        await asyncio.sleep(0.4)
+        assert "short" not in denylist and "long" in denylist
+    finally:
+        await denylist.close()
+
+
+async def test_expiry_follows_the_injected_clock() -> None:
+    now = [1000.0]
+    denylist = Denylist(MemoryStore(), clock=lambda: now[0])
+    await denylist.deny("jti", 1010.0)
+    assert "jti" in denylist
+    now[0] = 1009.9
+    assert "jti" in denylist
+    now[0] = 1010.0
+    assert "jti" not in denylist
+
+
+async def test_a_new_process_loads_existing_denials_at_start(store: Store) -> None:
+    first = Denylist(store)
+    await first.deny("earlier", time.time() + 60)
+    later = Denylist(store)
+    await later.start()
+    try:
+        await seen_within(lambda: "earlier" in later, 1.0)
+    finally:
+        await later.close()
+
+
+async def test_another_process_refuses_within_a_second(redis_url: str, key_prefix: str) -> None:
+    here, there = RedisStore(redis_url, key_prefix), RedisStore(redis_url, key_prefix)
+    mine, theirs = Denylist(here), Denylist(there)
+    await here.start()
+    await there.start()
+    await mine.start()
+    await theirs.start()
+    try:
+        await asyncio.sleep(0.1)  # both sync loops are watching
+        for n in range(3):
+            jti = f"revoked-{n}"
+            started = time.monotonic()
+            await mine.deny(jti, time.time() + 60)
+            await seen_within(lambda jti=jti: jti in theirs, 1.0)
+            assert time.monotonic() - started < 1.0
+    finally:
+        await mine.close()
+        await theirs.close()
+        await here.close()
+        await there.close()
+
+
+async def test_a_lost_announcement_is_caught_by_the_poll(redis_url: str, key_prefix: str) -> None:
+    """Fallback when the subscription drops: an entry written without PUBLISH is still seen within ``poll``."""
+    store = RedisStore(redis_url, key_prefix)
+    denylist = Denylist(store, poll=0.3)
+    client = aioredis.Redis.from_url(redis_url)
+    await denylist.start()
+    try:
+        await asyncio.sleep(0.1)
+        await client.zadd(f"{key_prefix}{KEY}", {"silent": time.time() + 60})
+        elapsed = await seen_within(lambda: "silent" in denylist, 1.0)
+        assert elapsed < 1.0
+    finally:
+        await denylist.close()
+        await client.aclose()
+        await store.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_store_down_deny_still_refuses_here() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{_closed_port()}/0", "gwtest:", socket_timeout=0.2)
+    denylist = Denylist(store, poll=0.1)
+    try:
+        await denylist.start()  # no exception: the gateway must come up without its store
+        with pytest.raises(StoreError):
+            await denylist.deny("jti", time.time() + 60)
+        assert "jti" in denylist  # refused locally although the store never heard of it
+        await asyncio.sleep(0.8)  # several failed sync rounds
+        task = denylist._task
+        assert task is not None and not task.done(), "the sync loop died"
+        assert "jti" in denylist  # a failed reload keeps the local copy
+    finally:
+        await denylist.close()
+        await store.close()
+
+
+async def test_local_denial_survives_reload_that_does_not_know_it(redis_url: str, key_prefix: str) -> None:
+    """A deny whose store write failed must not be dropped by the next successful reload."""
+    store = RedisStore(redis_url, key_prefix)
+    denylist = Denylist(store, poll=0.1)
+    await denylist.start()
+    try:
+        denylist._local["unshared"] = time.time() + 60  # as deny() leaves it when the write fails
+        await store.add_member(KEY, "shared", time.time() + 60)
+        await seen_within(lambda: "shared" in denylist, 1.0)
+        await asyncio.sleep(0.3)
+        assert "unshared" in denylist
+    finally:
+        await denylist.close()
+        await store.close()
