@@ -55,6 +55,7 @@ log = logging.getLogger("gateway")
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+_CACHE_SIZE = 10_000
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -85,6 +86,8 @@ class Gateway:
             trusted_proxies=config.server.trusted_proxies,
         )
         self.metrics = Metrics()
+        self._paths: dict[bytes, tuple[str, str]] = {}  # raw path -> canonical forms
+        self._identities: dict[str, list[tuple[bytes, bytes]]] = {}  # access token -> identity headers
         # Control-plane client (JWKS now; IdP refresh and OIDC later). Never follows redirects.
         self.http = httpx.AsyncClient(follow_redirects=False, timeout=config.refresh.timeout)
         self.keys = build_key_source(config.tokens, self.http)
@@ -207,6 +210,18 @@ class Gateway:
         method = scope["method"] if scope["method"] in _METHODS else "OTHER"
         self.metrics.request(route_name, method, status, time.perf_counter() - started)
 
+    def _identity_for(self, token: str | None, claims: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+        """Identity headers, built once per token: the same token always has the same claims."""
+        if token is None:
+            return self.identity.build(claims)
+        cached = self._identities.get(token)
+        if cached is None:
+            cached = self.identity.build(claims)
+            if len(self._identities) >= _CACHE_SIZE:
+                self._identities.clear()
+            self._identities[token] = cached
+        return cached
+
     def _cross_site(self, scope: Scope) -> bool:
         """An unsafe request riding on the session cookie from another site (see gateway.csrf)."""
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -237,10 +252,17 @@ class Gateway:
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> tuple[str, int]:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        try:
-            decoded, path = canonical_path(scope.get("raw_path") or scope["path"].encode())
-        except BadPath:
-            return "-", await self._deny(send, scope, "bad_path", None)
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        canonical = self._paths.get(raw_path)
+        if canonical is None:
+            try:
+                canonical = canonical_path(raw_path)
+            except BadPath:
+                return "-", await self._deny(send, scope, "bad_path", None)
+            if len(self._paths) >= _CACHE_SIZE:
+                self._paths.clear()  # bounded: a scan of unique URLs cannot grow it
+            self._paths[raw_path] = canonical
+        decoded, path = canonical
         route = self.routes.match(request_host(headers), decoded)
         if route is None:
             return "-", await self._deny(send, scope, "no_route", None)
@@ -258,7 +280,7 @@ class Gateway:
             if route.require and not claims_allowed(claims, route.require):
                 return route.name, await self._deny(send, scope, "claims_denied", route, auth.set_cookies)
             try:
-                identity = self.identity.build(claims)
+                identity = self._identity_for(auth.token, claims)
             except UnsafeClaim as exc:
                 log.warning("route %s: claim %s holds CR, LF or NUL; refusing", route.name, exc)
                 return route.name, await self._deny(send, scope, "claim_unsafe", route, auth.set_cookies)
@@ -313,14 +335,19 @@ class Gateway:
                 out.append(NO_STORE)
         await send({"type": "http.response.start", "status": response.status, "headers": out})
         try:
+            # One chunk of look-ahead: the last chunk goes out with more_body=False, which saves
+            # a send (and a write) per response; most responses are a single chunk.
+            pending = b""
             async for chunk in response.body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if pending:
+                    await send({"type": "http.response.body", "body": pending, "more_body": True})
+                pending = chunk
         except UpstreamFailure as exc:
             # Headers are gone already; all we can do is cut the connection so the client sees it.
             log.warning("route %s: upstream failed mid-response: %s", route.name, exc)
             response.close()
             return route.name, response.status
-        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.body", "body": pending})
         return route.name, response.status
 
     # --- internal endpoints -------------------------------------------------------------------

@@ -1,17 +1,78 @@
 """Prometheus metrics (prometheus-client), one registry per app.
 
-Label children are looked up once and memoised: ``labels()`` costs a lock and a dict walk,
-and this runs on every request.
+Per-request metrics (requests, latency, upstream latency, denials) are counted in plain dicts
+and handed to prometheus-client by a collector at scrape time: its ``Counter``/``Histogram``
+take a lock and walk label dicts on every update, which measured ~7 % of a proxied request here.
+Rare events (refresh outcomes, IdP latency, lock waits) use the library's types directly.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _Histogram:
+    """Bucket counts (non-cumulative until exported), sum and count for one label set."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*map(str, BUCKETS), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class _RequestCollector(Collector):
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.durations: dict[str, _Histogram] = {}
+        self.upstream: dict[str, _Histogram] = {}
+        self.denials: dict[str, int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "gateway_requests", "Requests answered, by route, method and status", labels=["route", "method", "status"]
+        )
+        for (route, method, status), count in list(self.requests.items()):
+            requests.add_metric([route, method, str(status)], count)
+        yield requests
+        for name, doc, series in (
+            ("gateway_request_duration_seconds", "Time to answer, by route", self.durations),
+            (
+                "gateway_upstream_duration_seconds",
+                "Time until the upstream's response headers, by route",
+                self.upstream,
+            ),
+        ):
+            family = HistogramMetricFamily(name, doc, labels=["route"])
+            for route, histogram in list(series.items()):
+                family.add_metric([route], histogram.buckets(), histogram.total)
+            yield family
+        denials = CounterMetricFamily(
+            "gateway_denials", "Requests refused by the gateway, by reason", labels=["reason"]
+        )
+        for reason, count in list(self.denials.items()):
+            denials.add_metric([reason], count)
+        yield denials
 
 
 class Metrics:
@@ -20,60 +81,34 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._requests = Counter(
-            "gateway_requests_total",
-            "Requests answered, by route, method and status",
-            ["route", "method", "status"],
-            registry=r,
-        )
-        self._duration = Histogram(
-            "gateway_request_duration_seconds",
-            "Time to answer, by route",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self._upstream = Histogram(
-            "gateway_upstream_duration_seconds",
-            "Time until the upstream's response headers, by route",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self._denials = Counter(
-            "gateway_denials_total", "Requests refused by the gateway, by reason", ["reason"], registry=r
-        )
-        self._refresh = Counter("gateway_refresh_total", "Refresh outcomes", ["outcome"], registry=r)
-        self._idp = Histogram(
-            "gateway_idp_duration_seconds", "IdP refresh call latency", buckets=_LATENCY_BUCKETS, registry=r
-        )
+        self._fast = _RequestCollector()
+        r.register(self._fast)
+        self._refresh = Counter("gateway_refresh", "Refresh outcomes", ["outcome"], registry=r)
+        self._idp = Histogram("gateway_idp_duration_seconds", "IdP refresh call latency", buckets=BUCKETS, registry=r)
         self._lock_wait = Histogram(
-            "gateway_refresh_wait_seconds",
-            "Time a request waited for another's refresh",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            "gateway_refresh_wait_seconds", "Time a request waited for another's refresh", buckets=BUCKETS, registry=r
         )
-        self._children: dict[tuple[Any, ...], Any] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self._child(self._requests, route, method, str(status)).inc()
-        self._child(self._duration, route).observe(seconds)
+        fast = self._fast
+        key = (route, method, status)
+        fast.requests[key] = fast.requests.get(key, 0) + 1
+        histogram = fast.durations.get(route)
+        if histogram is None:
+            histogram = fast.durations[route] = _Histogram()
+        histogram.observe(seconds)
 
     def upstream(self, route: str, seconds: float) -> None:
-        self._child(self._upstream, route).observe(seconds)
+        histogram = self._fast.upstream.get(route)
+        if histogram is None:
+            histogram = self._fast.upstream[route] = _Histogram()
+        histogram.observe(seconds)
 
     def denial(self, reason: str) -> None:
-        self._child(self._denials, reason).inc()
+        self._fast.denials[reason] = self._fast.denials.get(reason, 0) + 1
 
     def refresh(self, outcome: str) -> None:
-        self._child(self._refresh, outcome).inc()
+        self._refresh.labels(outcome).inc()
 
     def idp_latency(self, seconds: float) -> None:
         self._idp.observe(seconds)

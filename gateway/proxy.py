@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 from yarl import URL
 
 Headers = list[tuple[bytes, bytes]]
@@ -54,12 +54,29 @@ class Forwarder(Protocol):
     async def close(self) -> None: ...
 
 
+class _ExactRequest(aiohttp.ClientRequest):
+    """A request that adds no headers of its own: a proxy forwards what the client sent.
+
+    aiohttp adds Accept, Accept-Encoding and User-Agent when absent (an Accept-Encoding the
+    client never sent would bring back a compressed body it cannot read). Its per-request
+    ``skip_auto_headers`` does this too, but rebuilds a multidict on every request (~3 % of
+    the hot path here), so the defaults are switched off once, in the class.
+    """
+
+    DEFAULT_HEADERS: dict[istr, str] = {}
+    _skip_auto_headers = CIMultiDict({"Content-Type": None})  # nor a default Content-Type on bodies
+
+    def update_auto_headers(self, skip_auto_headers: object) -> None:
+        return None
+
+
 class AiohttpForwarder:
     """Keep-alive connection pool to every upstream, sized for concurrency."""
 
     def __init__(self, *, pool_size: int = 512) -> None:
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=0, keepalive_timeout=30)
@@ -67,7 +84,7 @@ class AiohttpForwarder:
             connector=connector,
             auto_decompress=False,  # bodies pass through as the upstream encoded them
             cookie_jar=aiohttp.DummyCookieJar(),  # never remember one user's cookies for the next
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            request_class=_ExactRequest,
         )
         return self._session
 
@@ -82,7 +99,10 @@ class AiohttpForwarder:
         read_timeout: float,
     ) -> UpstreamResponse:
         session = self._session or self._open()
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+        timeout = self._timeouts.get((connect_timeout, read_timeout))
+        if timeout is None:  # one per route, built once
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+            self._timeouts[(connect_timeout, read_timeout)] = timeout
         try:
             response = await session.request(
                 method,

@@ -298,3 +298,12 @@ def _hs256_with_raw_key(claims: dict[str, Any], key: bytes) -> str:
 
     signing = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + b"." + b64(json.dumps(claims).encode())
     return (signing + b"." + b64(hmac.new(key, signing, hashlib.sha256).digest())).decode()
+
+
+def test_upstream_gets_exactly_the_clients_headers(gateway: GatewayProcess) -> None:
+    """Regression: the forwarding client must not add Accept, Accept-Encoding or User-Agent of its own."""
+    status, body = raw_get(gateway, "/public/plain")
+    assert status == 200
+    names = [name for name, _ in json.loads(body)["headers"]]
+    assert not {"accept", "accept-encoding", "user-agent", "content-type"} & set(names)
+    assert names[0] == "host"
