@@ -46,7 +46,7 @@ from gateway.metrics import Metrics
 from gateway.proxy import AiohttpForwarder, Forwarder, UpstreamFailure
 from gateway.refresh import SessionRefresher
 from gateway.responses import NO_STORE, Send, login_location, safe_next, send_denial, status_for, wants_html
-from gateway.routing import BadPath, Route, RouteTable, canonical_path, request_host
+from gateway.routing import BadPath, Route, RouteTable, canonical_path, host_name
 from gateway.sealing import Sealer
 from gateway.store import Store, open_store
 from gateway.tokens import Verifier
@@ -263,7 +263,16 @@ class Gateway:
                 self._paths.clear()  # bounded: a scan of unique URLs cannot grow it
             self._paths[raw_path] = canonical
         decoded, path = canonical
-        route = self.routes.match(request_host(headers), decoded)
+        host: bytes | None = None
+        has_body = False
+        for name, value in headers:  # one pass for what the path below needs
+            if name == b"host":
+                host = value
+            elif name == b"content-length":
+                has_body = value.strip() != b"0"
+            elif name == b"transfer-encoding":
+                has_body = True
+        route = self.routes.match(host_name(host) if host and self.routes.by_host else None, decoded)
         if route is None:
             return "-", await self._deny(send, scope, "no_route", None)
 
@@ -290,7 +299,7 @@ class Gateway:
             headers,
             client=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
-            host=next((v for n, v in headers if n == b"host"), None),
+            host=host,
         )
         upstream_headers.extend(identity)
         if self.config.identity.forward_token and claims is not None and auth.token:
@@ -303,7 +312,7 @@ class Gateway:
         query: bytes = scope["query_string"]
         up = route.upstream
         url = f"{up.scheme}://{up.netloc}{up.base_path}{path}" + (f"?{query.decode('latin-1')}" if query else "")
-        body = _request_body(receive) if _has_body(headers) else None
+        body = _request_body(receive) if has_body else None
         upstream_started = time.perf_counter()
         try:
             response = await self.forwarder.send(
@@ -364,15 +373,6 @@ class Gateway:
 
     async def _metrics(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
-
-
-def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name == b"content-length":
-            return value.strip() != b"0"
-        if name == b"transfer-encoding":
-            return True
-    return False
 
 
 async def _request_body(receive: Receive) -> AsyncIterator[bytes]:

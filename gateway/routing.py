@@ -99,6 +99,7 @@ class RouteTable:
     def __init__(self, routes: list[Route]) -> None:
         # Sorted once: host-bound first, then longer prefixes, keeping config order for ties.
         self.routes = sorted(routes, key=lambda r: (r.host is None, -len(r.prefix)))
+        self.by_host = any(r.host is not None for r in routes)  # else the Host header never matters
 
     @classmethod
     def from_config(cls, routes: tuple[RouteConfig, ...]) -> RouteTable:
@@ -126,8 +127,13 @@ def request_host(headers: list[tuple[bytes, bytes]]) -> str | None:
     """The Host header, lower-cased, without port."""
     for name, value in headers:
         if name == b"host":
-            host = value.decode("latin-1").strip().lower().rstrip(".")
-            if host.startswith("["):
-                return host.split("]", 1)[0] + "]"
-            return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+            return host_name(value)
     return None
+
+
+def host_name(value: bytes) -> str:
+    """A Host header value, lower-cased, without port or trailing dot."""
+    host = value.decode("latin-1").strip().lower().rstrip(".")
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
