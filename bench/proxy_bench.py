@@ -59,15 +59,27 @@ class Server:
                 self.process.kill()
                 self.process.wait()
 
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
+    def pids(self) -> list[int]:
+        """The server and its worker processes (uvicorn --workers N forks them)."""
+        found = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout.split()
+        return [self.process.pid, *map(int, found)]
 
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+        return total
+
+    def rss_mb(self, pid: int | None = None) -> float:
+        """RSS of one process: the server itself, or with --workers N the largest worker."""
+        pids = [pid] if pid else self.pids()
+        sizes = []
+        for each in pids:
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    sizes.append(int(line.split()[1]) / 1024)
+        return max(sizes, default=0.0)
 
 
 def start(name: str, command: list[str], url: str, ready: str, workdir: Path) -> Server:
@@ -174,6 +186,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
     parser.add_argument("--connections", default="32,128")
     parser.add_argument("--out", help="markdown results file (default bench/RESULTS.md, or bench/out/ with --quick)")
+    parser.add_argument("--soak", type=float, default=0, help="also run the gateway under load this long, sampling RSS")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: install Debian's wrk (apt-get install wrk)")
@@ -228,13 +241,55 @@ def main() -> None:
             config.write_text(yaml.safe_dump(gateway_config(upstream.url, algorithm, key_file)))
             command = [PYTHON, "-m", "gateway", "serve", "--config", str(config), "--host", "127.0.0.1"]
             run("gateway", [*command, "--log-level", "warning"], cases)
+        hs_config = workdir / "gateway-HS256.yaml"
+        serve = [PYTHON, "-m", "gateway", "serve", "--config", str(hs_config), "--host", "127.0.0.1"]
+        if not args.quick:
+            # Two workers, not pinned: on 2 cores they share the machine with wrk and the upstream.
+            port = free_port()
+            two = start(
+                "gateway×2", [*serve, "--workers", "2", "--port", str(port)], f"http://127.0.0.1:{port}", "/", workdir
+            )
+            servers.append(two)
+            print("gateway --workers 2")
+            rows.extend(measure(two, "HS256 bearer", "/app", {"Authorization": f"Bearer {hs_token}"}, conns, secs))
+            two.stop()
+        if args.soak:
+            soak_lines = soak(serve, workdir, hs_token, args.soak)
     finally:
         for server in servers:
             server.stop()
-    report(rows, out, upstream_kind, secs)
+    report(rows, out, upstream_kind, secs, soak_lines if args.soak else [])
 
 
-def report(rows: list[Row], out: Path, upstream_kind: str, secs: float) -> None:
+def soak(serve: list[str], workdir: Path, token: str, seconds: float) -> list[str]:
+    """Run the gateway (1 worker, core 0) under steady load; sample its RSS to show it stays flat."""
+    port = free_port()
+    server = start("soak", pinned(0, [*serve, "--port", str(port)]), f"http://127.0.0.1:{port}", "/", workdir)
+    print(f"soak: {seconds:g} s under load")
+    command = ["wrk", "-t1", "-c64", f"-d{int(seconds)}s", "-H", f"Authorization: Bearer {token}", f"{server.url}/app"]
+    load = subprocess.Popen(pinned(1, command), stdout=subprocess.PIPE, text=True)
+    samples: list[tuple[float, float]] = []
+    started = time.monotonic()
+    try:
+        while load.poll() is None:
+            samples.append((time.monotonic() - started, server.rss_mb()))
+            time.sleep(min(15.0, max(1.0, seconds / 20)))
+        out = load.communicate()[0]
+    finally:
+        server.stop()
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    first, last = samples[0][1], samples[-1][1]
+    peak = max(mb for _, mb in samples)
+    return [
+        f"Soak: {seconds:g} s at 64 connections, HS256 bearer, 1 worker: "
+        f"{float(rate.group(1)) if rate else 0:,.0f} req/s; "
+        f"RSS {first:.0f} MB at the start -> {last:.0f} MB at the end (peak {peak:.0f} MB).",
+        "",
+        "RSS over time (s: MB): " + ", ".join(f"{t:.0f}: {mb:.0f}" for t, mb in samples),
+    ]
+
+
+def report(rows: list[Row], out: Path, upstream_kind: str, secs: float, soak_lines: list[str]) -> None:
     def find(target: str, case: str, connections: int) -> Row | None:
         return next((r for r in rows if (r.target, r.case, r.connections) == (target, case, connections)), None)
 
@@ -260,6 +315,8 @@ def report(rows: list[Row], out: Path, upstream_kind: str, secs: float) -> None:
             f"{r.cpu_us:.0f} | {r.rss:.0f} | {r.non2xx} | {' | '.join(ratio)} |"
         )
     lines += ["", "Ratios compare req/s at the same connection count in this run; absolute numbers are noisy here."]
+    if soak_lines:
+        lines += ["", *soak_lines]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
