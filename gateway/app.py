@@ -1,66 +1,51 @@
-"""The one place that assembles the gateway: resources, stages, and the request path in order.
+"""The ASGI application: shared resources, lifecycle, and config reloads.
 
-    request -> internal endpoint?  (under server.prefix: health, ready, metrics)
-            -> canonical path      (routing.canonical_path; ambiguous paths are 400)
-            -> route match         (routing.RouteTable; none is 404)
-            -> authenticate        (credentials.Authenticator: cookie / Bearer, verify, refresh)
-            -> authorise           (identity.claims_allowed on route.require; 403)
-            -> rewrite headers     (headers.HeaderRules, then identity headers injected)
-            -> forward, streamed   (proxy.Forwarder; 502 / 504)
-            -> response            (+ Set-Cookie for rotated or cleared cookies)
+``create_app(config)`` is the one place that assembles the gateway. What lives as long as the
+process (store, HTTP clients, denylist, metrics) is opened and closed here, in the lifespan;
+everything built from gateway.yaml is a ``Pipeline`` (see ``gateway.pipeline``, which reads
+top to bottom as the request path).
 
-The hot path is plain ASGI with direct ``send`` calls; Starlette serves only the internal
-endpoints, where its conveniences cost nothing that matters.
+Reload: on SIGHUP, and when the config file changes on disk, every worker re-reads and
+validates the file and swaps in a new pipeline atomically: requests in flight finish under the
+pipeline they started with, new ones get the new one. An invalid file is refused with the same
+messages as ``gateway check``, logged, counted, and the old config keeps serving. Settings a
+running process cannot change (``store.*``, ``server.host``/``port``) need a restart; a file
+that changes them is refused and says so.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import hashlib
 import logging
 import os
 import secrets
+import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import httpx
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount
-from starlette.routing import Route as Endpoint
 
-from gateway.capture import Capturer, wants_capture
 from gateway.config import GatewayConfig, load_config
-from gateway.cookies import CookieJar
-from gateway.credentials import Authenticator, AuthResult, bearer_token
-from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
-from gateway.errors import StoreError
-from gateway.headers import HeaderRules
-from gateway.identity import IdentityHeaders, UnsafeClaim, claims_allowed
-from gateway.idp import IdPClient
-from gateway.keys import build_key_source
-from gateway.login import OIDCLogin
-from gateway.logout import Logout
+from gateway.errors import ConfigError, StoreError
+from gateway.logs import configure as configure_logging
 from gateway.metrics import Metrics
-from gateway.proxy import AiohttpForwarder, Forwarder, UpstreamFailure
-from gateway.refresh import SessionRefresher
-from gateway.responses import NO_STORE, Send, login_location, safe_next, send_denial, status_for, wants_html
-from gateway.routing import BadPath, Route, RouteTable, canonical_path, host_name
+from gateway.pipeline import Pipeline, Shared
+from gateway.proxy import AiohttpForwarder, Forwarder
+from gateway.responses import Send
 from gateway.sealing import Sealer
 from gateway.store import Store, open_store
-from gateway.tokens import Verifier
 
 log = logging.getLogger("gateway")
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-_CACHE_SIZE = 10_000
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request body was being forwarded."""
+WATCH_INTERVAL = 1.0
 
 
 class Gateway:
@@ -73,114 +58,73 @@ class Gateway:
         clock: Callable[[], float] = time.time,
         forwarder: Forwarder | None = None,
         store: Store | None = None,
+        config_path: str | None = None,
     ) -> None:
-        self.config = config
-        self.prefix = config.server.prefix
-        self.routes = RouteTable.from_config(config.routes)
-        self.jar = CookieJar.from_config(config.cookies)
-        self.identity = IdentityHeaders(config.identity.headers)
-        self.header_rules = HeaderRules(
-            strip_patterns=config.identity.strip_inbound,
-            identity_names=self.identity.names,
-            cookie_names=self.jar.bare_names,
-            trusted_proxies=config.server.trusted_proxies,
+        store = store or open_store(config.store.url, config.store.key_prefix)
+        self.shared = Shared(
+            store=store,
+            http=httpx.AsyncClient(follow_redirects=False, timeout=config.refresh.timeout),
+            forwarder=forwarder or AiohttpForwarder(),
+            denylist=Denylist(store, clock=clock),
+            metrics=Metrics(),
+            # memory:// lives in one process, so a random sealing key is as good as any there.
+            sealer=Sealer(config.store.secret or secrets.token_bytes(32)),
+            clock=clock,
         )
-        self.metrics = Metrics()
-        self._paths: dict[bytes, tuple[str, str]] = {}  # raw path -> canonical forms
-        self._identities: dict[str, list[tuple[bytes, bytes]]] = {}  # access token -> identity headers
-        # Control-plane client (JWKS now; IdP refresh and OIDC later). Never follows redirects.
-        self.http = httpx.AsyncClient(follow_redirects=False, timeout=config.refresh.timeout)
-        self.keys = build_key_source(config.tokens, self.http)
-        self.store: Store = store or open_store(config.store.url, config.store.key_prefix)
-        self.denylist = Denylist(self.store, clock=clock)
-        self.verifier = Verifier(config.tokens, self.keys, clock, denied=self.denylist)
-        # memory:// lives in one process, so a random sealing key is as good as any there.
-        sealer = Sealer(config.store.secret or secrets.token_bytes(32))
-        self.refresher: SessionRefresher | None = None
-        if config.refresh.endpoint is not None:
-            self.refresher = SessionRefresher(
-                config=config.refresh,
-                store=self.store,
-                sealer=sealer,
-                idp=IdPClient(config.refresh, self.http),
-                verifier=self.verifier,
-                jar=self.jar,
-                metrics=self.metrics,
-                clock=clock,
-                denylist=self.denylist if config.tokens.revoke_superseded else None,
-            )
-        self.authenticator = Authenticator(self.verifier, self.jar, self.refresher)
-        self.csrf = CSRFGuard(config.csrf.allowed_origins)
-        self.capturer = Capturer(self.jar, self.verifier, clock)
-        self.forwarder: Forwarder = forwarder or AiohttpForwarder()
-        endpoints = [
-            Endpoint("/health", self._health),
-            Endpoint("/ready", self._ready),
-            Endpoint("/metrics", self._metrics),
-            Endpoint("/logout", self._logout_endpoint().handle, methods=["POST"]),
-        ]
-        self.login_url = config.login.url
-        if config.login.oidc is not None:
-            oidc = OIDCLogin(
-                config=config.login.oidc,
-                jar=self.jar,
-                http=self.http,
-                sealer=sealer,
-                store=self.store,
-                verifier=self.verifier,
-                keys=self.keys,
-                algorithms=config.tokens.algorithms,
-                secure=config.cookies.secure,
-                clock=clock,
-            )
-            endpoints += [Endpoint("/login", oidc.login), Endpoint("/callback", oidc.callback)]
-            self.login_url = f"{self.prefix}/login?next={{next}}"
-        self.internal = Starlette(routes=[Mount(self.prefix, routes=endpoints)])
+        self.pipeline = Pipeline(config, self.shared)
+        self.config_path = config_path
+        self.generation = 1
+        self._fingerprint = _fingerprint(config_path) if config_path else None
+        self._watcher: asyncio.Task[None] | None = None
+        self._retired: set[asyncio.Future[Any]] = set()
+        self.shared.metrics.config_loaded(self.generation, ok=True)
 
-    def _logout_endpoint(self) -> Logout:
-        return Logout(
-            jar=self.jar,
-            verifier=self.verifier,
-            denylist=self.denylist,
-            refresher=self.refresher,
-            csrf=self.csrf,
-            origin=self._origin,
-            redirect=self.config.logout.redirect,
-        )
-
-    def _origin(self, scope: Scope) -> str:
-        """This request's own origin, as the browser sees it (forwarded headers from trusted proxies)."""
-        client = scope.get("client")
-        return self.header_rules.origin(scope["headers"], client[0] if client else None, scope.get("scheme", "http"))
-
-    # --- lifecycle ------------------------------------------------------------------------
-
-    async def startup(self) -> None:
-        await self.keys.start()
-        try:
-            await self.store.start()
-        except StoreError as exc:
-            # Not fatal: valid access tokens work without the store; /ready reports it.
-            log.warning("store not reachable at start: %s", exc)
-        await self.denylist.start()
-
-    async def shutdown(self) -> None:
-        await self.denylist.close()
-        if self.refresher is not None:
-            await self.refresher.close()
-        await self.forwarder.close()
-        await self.store.close()
-        await self.http.aclose()
+    @property
+    def config(self) -> GatewayConfig:
+        return self.pipeline.config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            await self.pipeline.handle(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
             # WebSocket proxying is not built yet: refuse the handshake (uvicorn answers 403).
             await send({"type": "websocket.close", "code": 1008})
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        await self.pipeline.start()
+        try:
+            await self.shared.store.start()
+        except StoreError as exc:
+            # Not fatal: valid access tokens work without the store; /ready reports it.
+            log.warning("store not reachable at start: %s", exc)
+        await self.shared.denylist.start()
+        if self.config_path:
+            if self.config.server.watch_config:
+                self._watcher = asyncio.create_task(self._watch(), name="config-watch")
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                # Only possible in the main thread of a process (each uvicorn worker is one).
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+        # Everything built so far lives as long as the process: keep it out of the cyclic GC's
+        # full collections, which otherwise walk it again and again under load.
+        gc.collect()
+        gc.freeze()
+
+    async def shutdown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.wait([self._watcher], timeout=2)
+        await self.shared.denylist.close()
+        await self.pipeline.close()  # waits for refreshes in flight: they hold locks
+        if self._retired:
+            await asyncio.wait(self._retired, timeout=self.config.refresh.timeout + 1)
+        await self.shared.forwarder.close()
+        await self.shared.store.close()
+        await self.shared.http.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -197,194 +141,67 @@ class Gateway:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    # --- request path ---------------------------------------------------------------------
+    # --- reload ---------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
-        prefix = self.prefix
-        if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
-            await self.internal(scope, receive, send)
-            return
-        started = time.perf_counter()
-        route_name, status = await self._proxy(scope, receive, send)
-        method = scope["method"] if scope["method"] in _METHODS else "OTHER"
-        self.metrics.request(route_name, method, status, time.perf_counter() - started)
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading %s", self.config_path)
+        task = asyncio.ensure_future(self.reload("SIGHUP"))
+        self._retired.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._retired.discard)
 
-    def _identity_for(self, token: str | None, claims: dict[str, Any]) -> list[tuple[bytes, bytes]]:
-        """Identity headers, built once per token: the same token always has the same claims."""
-        if token is None:
-            return self.identity.build(claims)
-        cached = self._identities.get(token)
-        if cached is None:
-            cached = self.identity.build(claims)
-            if len(self._identities) >= _CACHE_SIZE:
-                self._identities.clear()
-            self._identities[token] = cached
-        return cached
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            if self.config_path is None:
+                return
+            current = _fingerprint(self.config_path)
+            if current is not None and current != self._fingerprint:
+                await self.reload("file changed")
 
-    def _cross_site(self, scope: Scope) -> bool:
-        """An unsafe request riding on the session cookie from another site (see gateway.csrf)."""
-        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+    async def reload(self, why: str) -> bool:
+        """Re-read the config file; swap in a new pipeline when it is valid. True when swapped."""
+        if self.config_path is None:
             return False
-        headers = scope["headers"]
-        if bearer_token(headers) is not None or self.jar.read(headers) == (None, None):
-            return False
-        refused: bool = self.csrf.refuses(scope["method"], headers, self._origin(scope))
-        return refused
-
-    async def _deny(
-        self, send: Send, scope: Scope, reason: str, route: Route | None, cookies: list[bytes] | None = None
-    ) -> int:
-        html = wants_html(scope["method"], scope["headers"])
-        login = self._login_location(scope)
-        headers = [(b"set-cookie", c) for c in cookies or []]
-        self.metrics.denial(reason)
-        log.info("denied %s %s route=%s reason=%s", scope["method"], scope["path"], route and route.name, reason)
-        name = route.name if route else None
-        await send_denial(send, reason, html=html, route=name, headers=headers, login_url=login)
-        status = status_for(reason)[0]
-        return 302 if status == 401 and html and login else status
-
-    def _login_location(self, scope: Scope) -> str | None:
-        if not self.login_url:
-            return None
-        return login_location(self.login_url, safe_next(scope["path"], scope["query_string"]))
-
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> tuple[str, int]:
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        canonical = self._paths.get(raw_path)
-        if canonical is None:
-            try:
-                canonical = canonical_path(raw_path)
-            except BadPath:
-                return "-", await self._deny(send, scope, "bad_path", None)
-            if len(self._paths) >= _CACHE_SIZE:
-                self._paths.clear()  # bounded: a scan of unique URLs cannot grow it
-            self._paths[raw_path] = canonical
-        decoded, path = canonical
-        host: bytes | None = None
-        has_body = False
-        for name, value in headers:  # one pass for what the path below needs
-            if name == b"host":
-                host = value
-            elif name == b"content-length":
-                has_body = value.strip() != b"0"
-            elif name == b"transfer-encoding":
-                has_body = True
-        route = self.routes.match(host_name(host) if host and self.routes.by_host else None, decoded)
-        if route is None:
-            return "-", await self._deny(send, scope, "no_route", None)
-
-        auth = AuthResult()
-        if route.auth != "none":
-            if self._cross_site(scope):
-                return route.name, await self._deny(send, scope, "csrf", route)
-            auth = await self.authenticator.authenticate(headers)
-            if auth.claims is None and route.auth == "required":
-                return route.name, await self._deny(send, scope, auth.reason or "no_token", route, auth.set_cookies)
-        claims = auth.claims
-        identity: list[tuple[bytes, bytes]] = []
-        if claims is not None:
-            if route.require and not claims_allowed(claims, route.require):
-                return route.name, await self._deny(send, scope, "claims_denied", route, auth.set_cookies)
-            try:
-                identity = self._identity_for(auth.token, claims)
-            except UnsafeClaim as exc:
-                log.warning("route %s: claim %s holds CR, LF or NUL; refusing", route.name, exc)
-                return route.name, await self._deny(send, scope, "claim_unsafe", route, auth.set_cookies)
-
-        client = scope.get("client")
-        upstream_headers = self.header_rules.inbound(
-            headers,
-            client=client[0] if client else None,
-            scheme=scope.get("scheme", "http"),
-            host=host,
-        )
-        upstream_headers.extend(identity)
-        if self.config.identity.forward_token and claims is not None and auth.token:
-            upstream_headers = [(n, v) for n, v in upstream_headers if n != b"authorization"]
-            upstream_headers.append((b"authorization", b"Bearer " + auth.token.encode()))
-
-        if route.capture is not None:
-            # The login response is read and rewritten here, so it must come back unencoded.
-            upstream_headers = [(n, v) for n, v in upstream_headers if n != b"accept-encoding"]
-        query: bytes = scope["query_string"]
-        up = route.upstream
-        url = f"{up.scheme}://{up.netloc}{up.base_path}{path}" + (f"?{query.decode('latin-1')}" if query else "")
-        body = _request_body(receive) if has_body else None
-        upstream_started = time.perf_counter()
+        self._fingerprint = _fingerprint(self.config_path)
         try:
-            response = await self.forwarder.send(
-                scope["method"],
-                url,
-                upstream_headers,
-                body,
-                connect_timeout=route.connect_timeout,
-                read_timeout=route.read_timeout,
+            config = load_config(self.config_path)
+            _check_reloadable(self.config, config)
+            pipeline = Pipeline(config, self.shared)
+            await pipeline.start()
+        except ConfigError as exc:
+            log.error(
+                "config reload (%s) refused, still serving generation %d:\n  %s",
+                why,
+                self.generation,
+                "\n  ".join(exc.problems),
             )
-        except UpstreamFailure as exc:
-            reason = "upstream_timeout" if exc.timeout else "upstream_unreachable"
-            log.warning("route %s: %s", route.name, exc)
-            return route.name, await self._deny(send, scope, reason, route, auth.set_cookies)
-        self.metrics.upstream(route.name, time.perf_counter() - upstream_started)
-
-        out = self.header_rules.outbound(response.headers, route.name)
-        if route.capture is not None and wants_capture(response.status, out):
-            captured = await self.capturer.take(route.capture, out, response.body, route.name)
-            if captured.reason is not None:
-                return route.name, await self._deny(send, scope, captured.reason, route, auth.set_cookies)
-            await send({"type": "http.response.start", "status": response.status, "headers": captured.headers})
-            await send({"type": "http.response.body", "body": captured.body})
-            return route.name, response.status
-        if auth.set_cookies:
-            out.extend((b"set-cookie", c) for c in auth.set_cookies)
-            if auth.refreshed:
-                out = [(n, v) for n, v in out if n != b"cache-control"]
-                out.append(NO_STORE)
-        await send({"type": "http.response.start", "status": response.status, "headers": out})
-        try:
-            # One chunk of look-ahead: the last chunk goes out with more_body=False, which saves
-            # a send (and a write) per response; most responses are a single chunk.
-            pending = b""
-            async for chunk in response.body:
-                if pending:
-                    await send({"type": "http.response.body", "body": pending, "more_body": True})
-                pending = chunk
-        except UpstreamFailure as exc:
-            # Headers are gone already; all we can do is cut the connection so the client sees it.
-            log.warning("route %s: upstream failed mid-response: %s", route.name, exc)
-            response.close()
-            return route.name, response.status
-        await send({"type": "http.response.body", "body": pending})
-        return route.name, response.status
-
-    # --- internal endpoints -------------------------------------------------------------------
-
-    async def _health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    async def _ready(self, request: Request) -> Response:
-        try:
-            await self.store.ping()
-        except StoreError:
-            return JSONResponse({"status": "unavailable", "store": "unreachable"}, status_code=503)
-        return JSONResponse({"status": "ready"})
-
-    async def _metrics(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+            self.shared.metrics.config_loaded(self.generation, ok=False)
+            return False
+        old, self.pipeline = self.pipeline, pipeline
+        self.generation += 1
+        self.shared.metrics.config_loaded(self.generation, ok=True)
+        log.info("config reload (%s): generation %d serving, %d routes", why, self.generation, len(config.routes))
+        retiring = asyncio.ensure_future(old.close())  # its refreshes in flight finish on their own
+        self._retired.add(retiring)
+        retiring.add_done_callback(self._retired.discard)
+        return True
 
 
-async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
+def _check_reloadable(old: GatewayConfig, new: GatewayConfig) -> None:
+    problems = []
+    if new.store != old.store:
+        problems.append("store: changing the store needs a restart")
+    if (new.server.host, new.server.port) != (old.server.host, old.server.port):
+        problems.append("server.host/server.port: changing the listening address needs a restart")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _fingerprint(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None  # a file being replaced (editors rename): look again next time
 
 
 def create_app(config: GatewayConfig, **kwargs: Any) -> Gateway:
@@ -394,4 +211,6 @@ def create_app(config: GatewayConfig, **kwargs: Any) -> Gateway:
 
 def app_from_env() -> Gateway:
     """uvicorn factory for worker processes: the config path comes from $GATEWAY_CONFIG."""
-    return create_app(load_config(os.environ.get("GATEWAY_CONFIG", "gateway.yaml")))
+    configure_logging()
+    path = os.environ.get("GATEWAY_CONFIG", "gateway.yaml")
+    return create_app(load_config(path), config_path=path)

@@ -7,7 +7,6 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from collections.abc import Sequence
 from gateway import __version__
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
+from gateway.logs import configure as configure_logging
 
 
 def _config_path(arg: str | None) -> str:
@@ -67,14 +67,13 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     os.environ["GATEWAY_CONFIG"] = os.path.abspath(path)
-    uvicorn.run(
+    os.environ["GATEWAY_LOG_LEVEL"] = args.log_level  # for the worker processes
+    server_config = uvicorn.Config(
         "gateway.app:app_from_env",
         factory=True,
         host=args.host or config.server.host,
         port=args.port or config.server.port,
         workers=args.workers,
-        loop="auto",
-        http="auto",
         # X-Forwarded-* are the gateway's business (server.trusted_proxies); uvicorn's own
         # handling would trust 127.0.0.1 behind our back.
         proxy_headers=False,
@@ -84,7 +83,14 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         timeout_graceful_shutdown=30,
     )
-    return 0
+    if args.workers > 1:
+        from gateway.supervisor import Supervisor
+
+        Supervisor(server_config, sockets=[server_config.bind_socket()]).run()
+        return 0
+    server = uvicorn.Server(server_config)
+    server.run()
+    return 0 if server.started else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -118,8 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per control-plane call is noise
+    configure_logging(getattr(args, "log_level", None))
     try:
         result: int = args.func(args)
     except BrokenPipeError:  # `gateway check | head`

@@ -45,6 +45,7 @@ class ServerConfig(_Model):
     port: int = Field(8080, ge=1, le=65535)
     prefix: str = "/.gateway"
     trusted_proxies: tuple[str, ...] = ()
+    watch_config: bool = True  # reload when gateway.yaml changes on disk (SIGHUP always reloads)
 
     @field_validator("prefix")
     @classmethod

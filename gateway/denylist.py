@@ -10,7 +10,6 @@ If the store is unreachable the last copy is kept: revocations made before stay 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ class Denylist:
         self._local: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._store_down = False
+        self._closing = False
 
     def __contains__(self, jti: object) -> bool:
         if not isinstance(jti, str):
@@ -48,14 +48,15 @@ class Denylist:
             self._task = asyncio.create_task(self._sync_forever(), name="denylist-sync")
 
     async def close(self) -> None:
+        self._closing = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: shutdown must not hang on a sync loop stuck in a store call.
+            await asyncio.wait([task], timeout=2.0)
 
     async def _sync_forever(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 # Watch first, then load: a change announced while loading still wakes the wait.
                 async with self._store.watch(KEY) as waiter:

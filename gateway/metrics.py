@@ -11,7 +11,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -85,9 +85,18 @@ class Metrics:
         r.register(self._fast)
         self._refresh = Counter("gateway_refresh", "Refresh outcomes", ["outcome"], registry=r)
         self._idp = Histogram("gateway_idp_duration_seconds", "IdP refresh call latency", buckets=BUCKETS, registry=r)
+        self._generation = Gauge("gateway_config_generation", "Config generation serving (1 at start)", registry=r)
+        self._reloads = Counter("gateway_config_reloads", "Config loads, by result", ["result"], registry=r)
+        self._last_reload_ok = Gauge("gateway_config_last_reload_ok", "1 if the last config load worked", registry=r)
         self._lock_wait = Histogram(
             "gateway_refresh_wait_seconds", "Time a request waited for another's refresh", buckets=BUCKETS, registry=r
         )
+
+    def config_loaded(self, generation: int, *, ok: bool) -> None:
+        """A config (re)load: the generation now serving and whether the last attempt worked."""
+        self._generation.set(generation)
+        self._reloads.labels("ok" if ok else "refused").inc()
+        self._last_reload_ok.set(1 if ok else 0)
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         fast = self._fast

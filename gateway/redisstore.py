@@ -196,10 +196,8 @@ class RedisStore:
         task, self._subscriber = self._subscriber, None
         if task is not None:
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            # Bounded: closing its pub/sub connection must not hold up a worker's shutdown.
+            await asyncio.wait([task], timeout=self._socket_timeout)
         if self._owns_client:
             await self._redis.aclose()
 
@@ -213,7 +211,8 @@ class RedisStore:
             self._subscriber = asyncio.create_task(self._subscribe_forever(), name="redisstore-subscriber")
         if not self._subscribed.is_set():
             try:
-                await asyncio.wait_for(self._subscribed.wait(), self._socket_timeout)
+                async with asyncio.timeout(self._socket_timeout):
+                    await self._subscribed.wait()
             except TimeoutError:
                 logger.warning("store notifications unavailable; waiters fall back to their timeouts")
 

@@ -153,6 +153,9 @@ class SessionRefresher:
         except StoreError as exc:
             log.error("refresh token=%s: store unavailable (%s); answering 503", h[:12], exc)
             outcome = Outcome("store_unavailable")
+        except Exception:  # noqa: BLE001 - shared by every waiter: fail closed with 503, keep cookies
+            log.exception("refresh token=%s: unexpected failure; answering 503", h[:12])
+            outcome = Outcome("refresh_error")
         self._metrics.refresh(outcome.label)
         log.info("refresh token=%s outcome=%s duration=%.3fs", h[:12], outcome.label, time.monotonic() - started)
         return outcome

@@ -30,6 +30,7 @@ STATUS: dict[str, tuple[int, str]] = {
     "idp_error": (503, "service_unavailable"),
     "lock_timeout": (503, "service_unavailable"),
     "store_unavailable": (503, "service_unavailable"),
+    "refresh_error": (503, "service_unavailable"),
     "idp_bad_response": (502, "bad_gateway"),
 }
 RETRY_AFTER = b"5"

@@ -35,7 +35,10 @@ class Waiter:
         if self._event.is_set():
             return True
         try:
-            await asyncio.wait_for(self._event.wait(), max(timeout, 0.0))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races with the event being set, and a cancelled waiter must stop.
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await self._event.wait()
         except TimeoutError:
             return False
         return True

@@ -465,3 +465,17 @@ async def test_grace_hit_whose_access_token_expired_carries_on_with_the_successo
     _, newest = assert_refreshed(late, old.refresh)
     assert newest != successor
     assert h.idp.counters.refresh_calls == 2 and h.idp.counters.reuse_detected == 0
+
+
+async def test_unexpected_failure_is_503_not_500_and_keeps_cookies(build: Build) -> None:
+    """Every waiter shares the flight's outcome, so a bug there must fail closed, not crash each request."""
+
+    class Exploding(BrokenStore):
+        async def get(self, key: str) -> bytes | None:
+            raise RuntimeError("unexpected")
+
+    h = build(store=Exploding(MemoryStore()))
+    old = h.session()
+    result = await h.refresher.refresh(old.refresh, old.access)
+    assert result.reason == "refresh_error" and result.set_cookies == []
+    assert h.idp.counters.refresh_calls == 0
