@@ -46,6 +46,7 @@ class ServerConfig(_Model):
     prefix: str = "/.gateway"
     trusted_proxies: tuple[str, ...] = ()
     watch_config: bool = True  # reload when gateway.yaml changes on disk (SIGHUP always reloads)
+    access_log: bool = True  # one JSON line per request on the gateway.access logger
 
     @field_validator("prefix")
     @classmethod

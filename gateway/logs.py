@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -20,3 +21,11 @@ def configure(level: str | None = None) -> None:
         logging.basicConfig(level=level, format=FORMAT)
     logging.getLogger("gateway").setLevel(level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per control-plane call is noise
+    access = logging.getLogger("gateway.access")
+    if not access.handlers:
+        # Access lines are JSON documents, one per line, on stdout (diagnostics go to stderr).
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.propagate = False
+        access.setLevel(logging.INFO)

@@ -20,10 +20,14 @@ Starlette serves only the internal endpoints, where its conveniences cost nothin
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -56,11 +60,38 @@ from gateway.store import Store
 from gateway.tokens import Verifier
 
 log = logging.getLogger("gateway")
+access_log = logging.getLogger("gateway.access")
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 _CACHE_SIZE = 10_000
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class RequestInfo:
+    """What the access log line says about one request, filled in along the path."""
+
+    __slots__ = ("request_id", "request_id_from_client", "reason", "upstream", "subject", "refreshed")
+
+    def __init__(self, request_id: tuple[str, bool]) -> None:
+        self.request_id, self.request_id_from_client = request_id
+        self.reason: str | None = None
+        self.upstream: float | None = None
+        self.subject: Any = None
+        self.refreshed = False
+
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> tuple[str, bool]:
+    """The client's X-Request-ID when it is sane (so traces join up), else a new one."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            if _REQUEST_ID.fullmatch(value):
+                return value.decode("ascii"), True
+            break
+    return os.urandom(12).hex(), False
 
 
 class ClientGone(Exception):
@@ -93,6 +124,7 @@ class Pipeline:
         self.forwarder = shared.forwarder
         self.http = shared.http
         self.prefix = config.server.prefix
+        self._access_log = config.server.access_log
         self.routes = RouteTable.from_config(config.routes)
         self.jar = CookieJar.from_config(config.cookies)
         self.identity = IdentityHeaders(config.identity.headers)
@@ -180,9 +212,29 @@ class Pipeline:
             await self.internal(scope, receive, send)
             return
         started = time.perf_counter()
+        scope["gateway"] = info = RequestInfo(_request_id(scope["headers"]))
         route_name, status = await self._proxy(scope, receive, send)
         method = scope["method"] if scope["method"] in _METHODS else "OTHER"
-        self.metrics.request(route_name, method, status, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.request(route_name, method, status, elapsed)
+        if self._access_log:
+            self._log_access(scope, info, route_name, status, elapsed)
+
+    def _log_access(self, scope: Scope, info: RequestInfo, route: str, status: int, elapsed: float) -> None:
+        """One JSON line per request; the path without its query (queries carry secrets), the subject hashed."""
+        record = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "request_id": info.request_id,
+            "route": route,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 2),
+            "upstream_ms": round(info.upstream * 1000, 2) if info.upstream is not None else None,
+            "outcome": info.reason or ("refreshed" if info.refreshed else "ok"),
+            "subject": self.shared.sealer.token_hash(str(info.subject))[:16] if info.subject is not None else None,
+        }
+        access_log.info(json.dumps(record, separators=(",", ":")))
 
     def _identity_for(self, token: str | None, claims: dict[str, Any]) -> list[tuple[bytes, bytes]]:
         """Identity headers, built once per token: the same token always has the same claims."""
@@ -212,6 +264,10 @@ class Pipeline:
         html = wants_html(scope["method"], scope["headers"])
         login = self._login_location(scope)
         headers = [(b"set-cookie", c) for c in cookies or []]
+        info: RequestInfo | None = scope.get("gateway")
+        if info is not None:
+            info.reason = reason
+            headers.append((b"x-request-id", info.request_id.encode()))
         self.metrics.denial(reason)
         log.info("denied %s %s route=%s reason=%s", scope["method"], scope["path"], route and route.name, reason)
         name = route.name if route else None
@@ -276,6 +332,13 @@ class Pipeline:
             host=host,
         )
         upstream_headers.extend(identity)
+        info = scope["gateway"]
+        info.subject = claims.get("sub") if claims is not None else None
+        info.refreshed = auth.refreshed
+        if not info.request_id_from_client:
+            request_id = info.request_id.encode()
+            upstream_headers = [(n, v) for n, v in upstream_headers if n != b"x-request-id"]
+            upstream_headers.append((b"x-request-id", request_id))
         if self.config.identity.forward_token and claims is not None and auth.token:
             upstream_headers = [(n, v) for n, v in upstream_headers if n != b"authorization"]
             upstream_headers.append((b"authorization", b"Bearer " + auth.token.encode()))
@@ -301,9 +364,11 @@ class Pipeline:
             reason = "upstream_timeout" if exc.timeout else "upstream_unreachable"
             log.warning("route %s: %s", route.name, exc)
             return route.name, await self._deny(send, scope, reason, route, auth.set_cookies)
-        self.metrics.upstream(route.name, time.perf_counter() - upstream_started)
+        info.upstream = time.perf_counter() - upstream_started
+        self.metrics.upstream(route.name, info.upstream)
 
         out = self.header_rules.outbound(response.headers, route.name)
+        out.append((b"x-request-id", info.request_id.encode()))
         if route.capture is not None and wants_capture(response.status, out):
             captured = await self.capturer.take(route.capture, out, response.body, route.name)
             if captured.reason is not None:

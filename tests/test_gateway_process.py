@@ -307,3 +307,28 @@ def test_upstream_gets_exactly_the_clients_headers(gateway: GatewayProcess) -> N
     names = [name for name, _ in json.loads(body)["headers"]]
     assert not {"accept", "accept-encoding", "user-agent", "content-type"} & set(names)
     assert names[0] == "host"
+
+
+def test_access_log_is_one_json_line_per_request_without_secrets(gateway: GatewayProcess) -> None:
+    probe = token({"sub": "access-log-probe"})
+    response = httpx.get(
+        f"{gateway.url}/logged/path?password=hunter2",
+        headers={"Authorization": f"Bearer {probe}", "X-Request-ID": "abc-123"},
+    )
+    assert response.headers["x-request-id"] == "abc-123"
+    assert ["x-request-id", "abc-123"] in response.json()["headers"]
+    denied = httpx.get(f"{gateway.url}/logged/denied", headers={"X-Request-ID": "bad id with spaces"})
+    generated = denied.headers["x-request-id"]
+    assert generated and generated != "bad id with spaces"
+    deadline = time.monotonic() + 5
+    records: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and len(records) < 2:
+        records = [json.loads(line) for line in gateway.log().splitlines() if line.startswith('{"time"')]
+        records = [r for r in records if r["path"].startswith("/logged/")]
+        time.sleep(0.1)
+    ok = next(r for r in records if r["request_id"] == "abc-123")
+    assert ok["status"] == 200 and ok["route"] == "app" and ok["path"] == "/logged/path" and ok["outcome"] == "ok"
+    assert ok["upstream_ms"] is not None and ok["subject"] and ok["subject"] != "access-log-probe"
+    bad = next(r for r in records if r["request_id"] == generated)
+    assert bad["status"] == 401 and bad["outcome"] == "no_token"
+    assert "hunter2" not in gateway.log() and probe not in gateway.log()
