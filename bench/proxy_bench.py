@@ -127,6 +127,9 @@ def gateway_config(upstream: str, algorithm: str, key_file: Path | None) -> dict
     else:
         tokens["public_key_file"] = str(key_file)
     return {
+        # The target is auth + identity headers + metrics; the JSON access log (on by default) is
+        # an I/O cost of its own, kept out so the figures compare proxies, not log pipes.
+        "server": {"access_log": False},
         "tokens": tokens,
         "cookies": {"secure": False},
         "routes": [
