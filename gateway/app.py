@@ -66,7 +66,7 @@ class Gateway:
             http=httpx.AsyncClient(follow_redirects=False, timeout=config.refresh.timeout),
             forwarder=forwarder or AiohttpForwarder(),
             denylist=Denylist(store, clock=clock),
-            metrics=Metrics(),
+            metrics=Metrics(os.environ.get("GATEWAY_METRICS_DIR")),
             # memory:// lives in one process, so a random sealing key is as good as any there.
             sealer=Sealer(config.store.secret or secrets.token_bytes(32)),
             clock=clock,
@@ -76,6 +76,7 @@ class Gateway:
         self.generation = 1
         self._fingerprint = _fingerprint(config_path) if config_path else None
         self._watcher: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
         self._retired: set[asyncio.Future[Any]] = set()
         self.shared.metrics.config_loaded(self.generation, ok=True)
 
@@ -103,6 +104,8 @@ class Gateway:
             # Not fatal: valid access tokens work without the store; /ready reports it.
             log.warning("store not reachable at start: %s", exc)
         await self.shared.denylist.start()
+        if self.shared.metrics.shared_dir:
+            self._publisher = asyncio.create_task(self._publish_metrics(), name="metrics-publish")
         if self.config_path:
             if self.config.server.watch_config:
                 self._watcher = asyncio.create_task(self._watch(), name="config-watch")
@@ -114,7 +117,19 @@ class Gateway:
         gc.collect()
         gc.freeze()
 
+    async def _publish_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.shared.metrics.publish()
+            except OSError as exc:
+                log.warning("metrics snapshot not written: %s", exc)
+
     async def shutdown(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(OSError):
+                self.shared.metrics.publish()  # the last numbers of this worker
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.wait([self._watcher], timeout=2)

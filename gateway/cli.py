@@ -84,9 +84,14 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
     )
     if args.workers > 1:
+        import tempfile
+
         from gateway.supervisor import Supervisor
 
-        Supervisor(server_config, sockets=[server_config.bind_socket()]).run()
+        # Workers publish metric snapshots here so that any of them answers a scrape for all.
+        with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as metrics_dir:
+            os.environ["GATEWAY_METRICS_DIR"] = metrics_dir
+            Supervisor(server_config, sockets=[server_config.bind_socket()]).run()
         return 0
     server = uvicorn.Server(server_config)
     server.run()

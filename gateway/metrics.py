@@ -4,12 +4,22 @@ Per-request metrics (requests, latency, upstream latency, denials) are counted i
 and handed to prometheus-client by a collector at scrape time: its ``Counter``/``Histogram``
 take a lock and walk label dicts on every update, which measured ~7 % of a proxied request here.
 Rare events (refresh outcomes, IdP latency, lock waits) use the library's types directly.
+
+With ``--workers N`` each worker is its own process with its own numbers; so that any worker
+can answer a scrape for all, every worker writes a snapshot of its samples to a directory the
+supervisor creates (``$GATEWAY_METRICS_DIR``) every second and at scrape time, and the worker
+answering adds them up. prometheus-client's own multiprocess mode would put a file-backed lock
+on every increment of the hot path instead.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from bisect import bisect_left
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -78,7 +88,9 @@ class _RequestCollector(Collector):
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, shared_dir: str | None = None) -> None:
+        # With several workers, each publishes snapshots into shared_dir ($GATEWAY_METRICS_DIR).
+        self.shared_dir = shared_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._fast = _RequestCollector()
@@ -126,4 +138,53 @@ class Metrics:
         self._lock_wait.observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's metrics, or with ``--workers N`` every worker's, added up."""
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        self.publish()
+        snapshots = []
+        for path in Path(self.shared_dir).glob("*.json"):
+            try:
+                snapshots.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue  # a worker writing right now: its previous numbers are a moment old anyway
+        return generate_latest(_Merged(snapshots))
+
+    def publish(self) -> None:
+        """Write this worker's samples where the worker answering a scrape can add them up."""
+        if self.shared_dir is None:
+            return
+        families = []
+        for family in self.registry.collect():
+            # *_created are per-process timestamps: they do not add up.
+            samples = [[s.name, s.labels, s.value] for s in family.samples if not s.name.endswith("_created")]
+            families.append([family.name, family.documentation, family.type, samples])
+        target = Path(self.shared_dir) / f"{os.getpid()}.json"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "families": families}))
+        os.replace(tmp, target)
+
+
+class _Merged(Collector):
+    """Every worker's last snapshot summed: counters and histograms add up; gauges keep a ``pid`` label.
+
+    Snapshots of workers that have exited stay, so counters never go backwards when one is replaced.
+    """
+
+    def __init__(self, snapshots: list[dict[str, Any]]) -> None:
+        self._snapshots = snapshots
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        totals: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        for snapshot in self._snapshots:
+            for name, documentation, kind, samples in snapshot["families"]:
+                merged.setdefault(name, Metric(name, documentation, kind))
+                for sample_name, labels, value in samples:
+                    if kind == "gauge":
+                        labels = {**labels, "pid": str(snapshot["pid"])}
+                    key = (name, sample_name, tuple(sorted(labels.items())))
+                    totals[key] = totals.get(key, 0.0) + value
+        for (name, sample_name, labels), value in totals.items():
+            merged[name].add_sample(sample_name, dict(labels), value)
+        yield from merged.values()

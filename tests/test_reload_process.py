@@ -119,3 +119,15 @@ def test_sigterm_lets_requests_in_flight_finish(upstream: ServerProcess) -> None
         # uvicorn re-raises the SIGTERM it caught once shut down, so "ended by SIGTERM" is the clean exit.
         assert gw.process.wait(10) in (0, -signal.SIGTERM)
         assert "Application shutdown complete" in gw.log()
+
+
+def test_metrics_add_up_across_workers(upstream: ServerProcess) -> None:
+    with start_gateway(config(upstream.url), workers=2) as gw:
+        all_workers_up(gw)
+        bearer = {"Authorization": f"Bearer {token()}"}
+        for _ in range(20):  # a new connection each: both workers answer some
+            assert httpx.get(f"{gw.url}/counted", headers=bearer).status_code == 200
+        line = 'gateway_requests_total{method="GET",route="app",status="200"} 20.0'
+        # Any worker answers the scrape with both workers' numbers (snapshots are at most 1 s old).
+        assert wait_for(lambda: all(line in gw.metrics() for _ in range(4)), timeout=5)
+        assert gw.metrics().count("gateway_config_generation{") == 2  # a gauge per worker
