@@ -60,7 +60,7 @@ class Gateway:
         store: Store | None = None,
         config_path: str | None = None,
     ) -> None:
-        store = store or open_store(config.store.url, config.store.key_prefix)
+        store = store or open_store(config.store)
         self.shared = Shared(
             store=store,
             http=httpx.AsyncClient(follow_redirects=False, timeout=config.refresh.timeout),

@@ -66,10 +66,60 @@ class ServerConfig(_Model):
         return value
 
 
+class SentinelConfig(_Model):
+    """Redis Sentinel: the sentinels to ask and the name of the master set they monitor."""
+
+    hosts: tuple[str, ...] = ()
+    master: str = ""
+    password: str | None = None
+    sentinel_password: str | None = None
+    db: int = Field(0, ge=0)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if _host_port(item) is None:
+                raise ValueError(f"{item!r} is not host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _required(self) -> SentinelConfig:
+        problems: list[tuple[str, str]] = []
+        if not self.hosts:
+            problems.append(("hosts", 'list at least one sentinel as "host:port"'))
+        if not self.master:
+            problems.append(("master", "name the master set the sentinels monitor"))
+        if problems:
+            raise _problems(*problems)
+        return self
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """The sentinels as (host, port) pairs."""
+        return [address for item in self.hosts if (address := _host_port(item)) is not None]
+
+
 class StoreConfig(_Model):
+    """Where shared state lives: ``url`` for memory or one Redis; ``sentinel`` or ``cluster`` for HA Redis.
+
+    With ``sentinel``, ``url`` may only choose the scheme (``redis://``, or ``rediss://`` for TLS) and
+    defaults to ``redis://``; the master's address comes from the sentinels.  With ``cluster: true``,
+    ``url`` names one seed node; the client discovers the others.
+    """
+
     url: str = "memory://"
     key_prefix: str = "gw:"
     secret: str | None = None
+    sentinel: SentinelConfig | None = None
+    cluster: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sentinel_url(cls, data: Any) -> Any:
+        # The default memory:// would mark a Sentinel store as process-local (store.secret, --workers checks).
+        if isinstance(data, dict) and data.get("sentinel") is not None and "url" not in data:
+            return {**data, "url": "redis://"}
+        return data
 
     @field_validator("url")
     @classmethod
@@ -77,6 +127,26 @@ class StoreConfig(_Model):
         if urlsplit(value).scheme not in {"memory", "redis", "rediss", "unix"}:
             raise ValueError("must be memory://, redis://, rediss:// or unix://")
         return value
+
+    @model_validator(mode="after")
+    def _topology(self) -> StoreConfig:
+        problems: list[tuple[str, str]] = []
+        parts = urlsplit(self.url)
+        if self.sentinel is not None and self.cluster:
+            problems.append(("cluster", "cannot be combined with store.sentinel"))
+        elif self.sentinel is not None:
+            if parts.scheme not in {"redis", "rediss"} or parts.netloc or parts.path not in ("", "/"):
+                problems.append(
+                    ("url", "with store.sentinel, leave out or set to redis:// or rediss:// (TLS) without an address")
+                )
+        elif self.cluster:
+            if parts.scheme not in {"redis", "rediss"} or not parts.hostname:
+                problems.append(("url", "store.cluster needs a redis:// or rediss:// URL naming one seed node"))
+            elif parts.path not in ("", "/", "/0"):
+                problems.append(("url", "Redis Cluster has only database 0"))
+        if problems:
+            raise _problems(*problems)
+        return self
 
 
 class TokensConfig(_Model):
@@ -320,6 +390,15 @@ class GatewayConfig(_Model):
             # Every process must seal and unseal the same values, so the key cannot be random.
             raise _problems(("store.secret", "required with a shared store when refresh or login.oidc is set"))
         return self
+
+
+def _host_port(value: str) -> tuple[str, int] | None:
+    """Split "host:port" (or "[v6]:port"); None unless both parts are present and the port is valid."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    return host, int(port)
 
 
 def _is_http_url(value: str) -> bool:

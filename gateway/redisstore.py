@@ -4,6 +4,15 @@ Locks are ``SET NX PX`` with an owner id; renew and release are compare-and-set 
 former owner whose lease expired can never extend or delete someone else's lock.  Announcements go
 over one pub/sub channel (``{prefix}notify``, message = relative key) read by one background
 subscriber per process, which wakes local waiters.
+
+Three topologies, one class: a single server (``redis://``, ``rediss://``, ``unix://``); Sentinel,
+where redis-py's ``SentinelConnectionPool`` asks the sentinels for the master on every new
+connection, so after a failover the next connection goes to the promoted replica; and Cluster.
+On a Cluster every script touches one key (keys of a session share a ``{h}`` hash tag), so
+EVALSHA routes by that key, and SCRIPT LOAD goes to every primary.  Classic PUBLISH on a Cluster
+is broadcast over the cluster bus to every node, so the subscriber is a plain connection to any
+one node (a different one on each reconnect), not redis-py's ``ClusterPubSub``, which would pick
+the node by the channel's slot and is built for sharded channels.
 """
 
 from __future__ import annotations
@@ -14,14 +23,18 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.config import SentinelConfig
 from gateway.errors import StoreError
 from gateway.store import Waiter, Watchers
 
@@ -68,6 +81,26 @@ _POLL_SECONDS = 1.0
 _BACKOFF_MAX = 5.0
 
 
+def _options(socket_timeout: float) -> dict[str, Any]:
+    """Fail-fast connection options shared by every topology."""
+    return {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        "health_check_interval": _HEALTH_CHECK_INTERVAL,
+        # The default retries several times with backoff; one immediate retry covers a stale pooled
+        # connection after a Redis restart or failover without turning an outage into a hang.
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    }
+
+
+def _with_address(url: str, host: str, port: int) -> str:
+    """``url`` (credentials, TLS, options kept) pointed at another node."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{address}"))
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -80,8 +113,9 @@ def _translated(op: str) -> Iterator[None]:
     except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
         # Connection messages name host and port only; safe and useful in logs.
         raise StoreError(f"redis {op} failed: {type(exc).__name__}: {exc}") from None
-    except RedisError as exc:
-        # Other errors (ResponseError...) may echo arguments back, so only the class is kept.
+    except (RedisError, RedisClusterException) as exc:
+        # Other errors (ResponseError, "cluster cannot be connected"...) may echo arguments back, so
+        # only the class is kept.  RedisClusterException is not a RedisError.
         raise StoreError(f"redis {op} failed: {type(exc).__name__}") from None
 
 
@@ -89,15 +123,7 @@ class RedisStore:
     """``Store`` on Redis: fails fast (short socket timeouts, one retry) so a request never hangs on it."""
 
     def __init__(self, url: str, key_prefix: str, *, socket_timeout: float = 2.0) -> None:
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            health_check_interval=_HEALTH_CHECK_INTERVAL,
-            # The default retries ten times with backoff; one immediate retry covers a stale pooled
-            # connection after a Redis restart without turning an outage into a hang.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
+        client = aioredis.Redis.from_url(url, **_options(socket_timeout))
         self._init(client, key_prefix, socket_timeout, owns_client=True)
 
     @classmethod
@@ -107,16 +133,61 @@ class RedisStore:
         store._init(client, key_prefix, socket_timeout, owns_client=False)
         return store
 
-    def _init(self, client: aioredis.Redis, key_prefix: str, socket_timeout: float, *, owns_client: bool) -> None:
+    @classmethod
+    def for_sentinel(
+        cls, sentinel: SentinelConfig, key_prefix: str, *, tls: bool = False, socket_timeout: float = 2.0
+    ) -> RedisStore:
+        """The master of ``sentinel.master``, re-discovered through the sentinels on every new connection."""
+        sentinel_options: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            # discover_master already moves on to the next sentinel when one fails.
+            "retry": Retry(NoBackoff(), 0),
+            "password": sentinel.sentinel_password,
+            "ssl": tls,
+        }
+        manager = Sentinel(  # type: ignore[no-untyped-call]
+            sentinel.addresses(), sentinel_kwargs=sentinel_options, password=sentinel.password, db=sentinel.db, ssl=tls
+        )
+        client = manager.master_for(sentinel.master, **_options(socket_timeout))
+        store = cls.__new__(cls)
+        store._init(client, key_prefix, socket_timeout, owns_client=True, also_close=list(manager.sentinels))
+        return store
+
+    @classmethod
+    def for_cluster(cls, url: str, key_prefix: str, *, socket_timeout: float = 2.0) -> RedisStore:
+        """A Redis Cluster found from the seed node in ``url``."""
+        client = RedisCluster.from_url(url, **_options(socket_timeout))
+        store = cls.__new__(cls)
+        store._init(client, key_prefix, socket_timeout, owns_client=True, cluster_url=url)
+        return store
+
+    def _init(
+        self,
+        client: aioredis.Redis | RedisCluster,
+        key_prefix: str,
+        socket_timeout: float,
+        *,
+        owns_client: bool,
+        also_close: list[aioredis.Redis] | None = None,
+        cluster_url: str | None = None,
+    ) -> None:
         self._redis = client
         self._owns_client = owns_client
+        self._also_close = also_close or []
+        self._cluster_url = cluster_url
         self._prefix = key_prefix
         self._channel = f"{key_prefix}notify"
         self._socket_timeout = socket_timeout
+        # AsyncScript runs EVALSHA and loads the script on NOSCRIPT (on a Cluster: on every primary).
         self._set_notify = client.register_script(_SET_NOTIFY)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._add_member = client.register_script(_ADD_MEMBER)
+        # redis-py 8.1's asyncio RedisCluster races when many first commands initialize it at once
+        # (connections are replaced under each other: AttributeError, ConnectionError), so the
+        # first initialization is done once, behind a lock.
+        self._cluster_init = asyncio.Lock() if isinstance(client, RedisCluster) else None
         self._watchers = Watchers()
         self._subscribed = asyncio.Event()
         self._subscriber: asyncio.Task[None] | None = None
@@ -124,8 +195,18 @@ class RedisStore:
     def _key(self, key: str) -> str:
         return self._prefix + key
 
+    async def _ready(self) -> None:
+        """On a Cluster, discover the nodes once before the first command (see ``_init``)."""
+        if self._cluster_init is None:
+            return
+        async with self._cluster_init:
+            if self._cluster_init is not None and isinstance(self._redis, RedisCluster):
+                await self._redis.initialize()
+                self._cluster_init = None
+
     async def get(self, key: str) -> bytes | None:
         with _translated("get"):
+            await self._ready()
             value = await self._redis.get(self._key(key))
         # The client is built without decode_responses, so anything but bytes or None is a bug.
         if value is not None and not isinstance(value, bytes):
@@ -134,6 +215,7 @@ class RedisStore:
 
     async def set(self, key: str, value: bytes, ttl: float, *, notify: bool = False) -> None:
         with _translated("set"):
+            await self._ready()
             if notify:
                 await self._set_notify(keys=[self._key(key)], args=[value, _ms(ttl), self._channel, key])
             else:
@@ -141,10 +223,12 @@ class RedisStore:
 
     async def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool:
         with _translated("set_if_absent"):
+            await self._ready()
             return bool(await self._redis.set(self._key(key), value, px=_ms(ttl), nx=True))
 
     async def delete(self, key: str) -> None:
         with _translated("delete"):
+            await self._ready()
             await self._redis.delete(self._key(key))
 
     async def acquire(self, key: str, owner: str, lease: float) -> bool:
@@ -152,10 +236,12 @@ class RedisStore:
 
     async def renew(self, key: str, owner: str, lease: float) -> bool:
         with _translated("renew"):
+            await self._ready()
             return bool(await self._renew(keys=[self._key(key)], args=[owner, _ms(lease)]))
 
     async def release(self, key: str, owner: str) -> bool:
         with _translated("release"):
+            await self._ready()
             return bool(await self._release(keys=[self._key(key)], args=[owner, self._channel, key]))
 
     @asynccontextmanager
@@ -174,10 +260,12 @@ class RedisStore:
     async def add_member(self, key: str, member: str, expires_at: float) -> None:
         now = time.time()
         with _translated("add_member"):
+            await self._ready()
             await self._add_member(keys=[self._key(key)], args=[member, expires_at, now, self._channel, key])
 
     async def members(self, key: str, now: float) -> dict[str, float]:
         with _translated("members"):
+            await self._ready()
             found: list[tuple[Any, float]] = await self._redis.zrangebyscore(  # type: ignore[assignment]
                 self._key(key), f"({now}", "+inf", withscores=True
             )
@@ -185,6 +273,7 @@ class RedisStore:
 
     async def ping(self) -> None:
         with _translated("ping"):
+            await self._ready()
             await self._redis.ping()
 
     async def start(self) -> None:
@@ -200,6 +289,8 @@ class RedisStore:
             await asyncio.wait([task], timeout=self._socket_timeout)
         if self._owns_client:
             await self._redis.aclose()
+            for extra in self._also_close:
+                await extra.aclose()
 
     async def _ensure_subscribed(self) -> None:
         """Start the subscriber if needed and wait, bounded, until the channel is subscribed.
@@ -223,23 +314,45 @@ class RedisStore:
         callers wait in slices and re-check state, so a drop costs latency, never correctness.
         """
         backoff = 0.1
+        attempt = 0
         while True:
-            pubsub = self._redis.pubsub()
+            client: aioredis.Redis | None = None
+            pubsub: aioredis.client.PubSub | None = None
             try:
+                client = await self._subscriber_client(attempt)
+                pubsub = client.pubsub()
                 await pubsub.subscribe(self._channel)
                 while True:
                     message = await pubsub.get_message(timeout=_POLL_SECONDS)
                     if message is not None:
                         self._dispatch(message)
                         backoff = 0.1
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 logger.warning("store subscription lost (%s); retrying in %.1fs", type(exc).__name__, backoff)
             finally:
                 # Until the next subscribe is confirmed, new watchers must not assume delivery.
                 self._subscribed.clear()
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                if pubsub is not None:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                if client is not None and client is not self._redis:
+                    await client.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
+            attempt += 1
+
+    async def _subscriber_client(self, attempt: int) -> aioredis.Redis:
+        """The client to subscribe through: our own, or on a Cluster a connection to one node."""
+        if isinstance(self._redis, aioredis.Redis):
+            return self._redis
+        # Any node will do (PUBLISH is broadcast cluster-wide); rotate so a dead node is left behind.
+        await self._ready()
+        nodes = self._redis.get_nodes()
+        if not nodes or self._cluster_url is None:
+            raise RedisConnectionError("no cluster node known")
+        node = nodes[attempt % len(nodes)]
+        return aioredis.Redis.from_url(
+            _with_address(self._cluster_url, node.host, int(node.port)), **_options(self._socket_timeout)
+        )
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if message["type"] == "subscribe":

@@ -47,6 +47,7 @@ log = logging.getLogger("gateway.refresh")
 audit = logging.getLogger("gateway.audit")
 
 FAILURE_MEMORY = 2.0  # seconds a passing IdP failure is shared with concurrent waiters (no stampede)
+SHARE_RETRY = 10.0  # seconds the owner keeps trying to store a successor the IdP already issued
 # Outcomes that end the session: both cookies are cleared.
 FATAL = frozenset({"invalid_grant", "reuse", "abandoned"})
 
@@ -223,6 +224,12 @@ class SessionRefresher:
             return Outcome("abandoned")
         await self._store.set(attempt, b"1", remember)
         renewing = asyncio.create_task(self._renew(lock))
+        try:
+            return await self._redeem(h, token, attempt, remember)
+        finally:
+            renewing.cancel()  # held until the result is shared: a slow store must not free the lock early
+
+    async def _redeem(self, h: str, token: str, attempt: str, remember: float) -> Outcome:
         started = time.monotonic()
         try:
             issued = await self._idp.redeem(token)
@@ -240,7 +247,6 @@ class SessionRefresher:
             await self._settle(h, Outcome("idp_bad_response"), remember)
             return Outcome("idp_bad_response")
         finally:
-            renewing.cancel()
             self._metrics.idp_latency(time.monotonic() - started)
 
         if not (await self._verifier.verify(issued.access)).ok:
@@ -249,16 +255,30 @@ class SessionRefresher:
             return Outcome("idp_bad_response")
         successor = issued.refresh or token
         outcome = Outcome("ok", issued.access, successor, self._cookie_lifetime(successor))
-        try:
-            await self._store.set(f"result:{{{h}}}", self._seal(outcome), max(self._config.grace_period, 1.0))
-            if successor != token:
-                used = self._sealer.seal(json.dumps({"successor": successor}).encode())
-                await self._store.set(f"used:{{{h}}}", used, remember)
-            await self._store.delete(attempt)
-        except StoreError as exc:
-            # The IdP has redeemed the token: this request must still get the successor.
-            log.error("refresh token=%s: new tokens could not be shared (%s)", h[:12], exc)
+        await self._share(h, token, outcome, attempt, remember)
         return outcome
+
+    async def _share(self, h: str, token: str, outcome: Outcome, attempt: str, remember: float) -> None:
+        """Store the successor for the other requests, retrying through a store failover.
+
+        The IdP has redeemed the token, so these writes are the only record of its successor: a
+        Redis failover (seconds) must not turn every other request into an abandoned session.
+        This request gets the successor in any case.
+        """
+        deadline = time.monotonic() + max(2 * self._lease, SHARE_RETRY)
+        while True:
+            try:
+                await self._store.set(f"result:{{{h}}}", self._seal(outcome), max(self._config.grace_period, 1.0))
+                if outcome.refresh != token:
+                    used = self._sealer.seal(json.dumps({"successor": outcome.refresh}).encode())
+                    await self._store.set(f"used:{{{h}}}", used, remember)
+                await self._store.delete(attempt)
+                return
+            except StoreError as exc:
+                if time.monotonic() >= deadline:
+                    log.error("refresh token=%s: new tokens could not be shared (%s)", h[:12], exc)
+                    return
+                await asyncio.sleep(0.25)
 
     async def _settle(self, h: str, outcome: Outcome, remember: float) -> None:
         """Record that this token is finished: concurrent requests share the failure, later ones get 401."""

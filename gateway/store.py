@@ -4,7 +4,8 @@ Callers pass relative keys (``lock:{h}``, ``result:{h}``); the store prepends it
 Values are opaque bytes: sealing happens in the caller, so no store ever sees a token.
 
 ``MemoryStore`` serves one process; ``RedisStore`` (in ``gateway.redisstore``) is shared by
-every worker and host.  Both announce keys to waiters registered with ``watch()``.
+every worker and host, on one Redis server, behind Redis Sentinel, or on a Redis Cluster.  Both
+announce keys to waiters registered with ``watch()``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
+
+from gateway.config import StoreConfig
 
 
 class Waiter:
@@ -215,14 +218,23 @@ class MemoryStore:
         self._sets.clear()
 
 
-def open_store(url: str, key_prefix: str) -> Store:
-    """Build the store named by ``url``: ``memory://`` or ``redis://``, ``rediss://``, ``unix://``."""
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme == "memory":
-        return MemoryStore(key_prefix)
-    if scheme in ("redis", "rediss", "unix"):
-        # Imported here so a memory-only deployment never needs a Redis connection set up.
-        from gateway.redisstore import RedisStore
+def open_store(config: StoreConfig | str, key_prefix: str = "gw:") -> Store:
+    """Build the store ``config`` describes: memory, one Redis (redis://, rediss://, unix://), Sentinel or Cluster.
 
-        return RedisStore(url, key_prefix)
-    raise ValueError(f"unsupported store URL scheme {scheme!r}: use memory://, redis://, rediss:// or unix://")
+    A bare URL (with ``key_prefix``) is accepted too, for tools and tests.
+    """
+    if isinstance(config, str):
+        scheme = config.split("://", 1)[0].lower() if "://" in config else ""
+        if scheme not in ("memory", "redis", "rediss", "unix"):
+            raise ValueError(f"unsupported store URL scheme {scheme!r}: use memory://, redis://, rediss:// or unix://")
+        config = StoreConfig(url=config, key_prefix=key_prefix)
+    if config.sentinel is None and config.url.lower().startswith("memory:"):
+        return MemoryStore(config.key_prefix)
+    # Imported here so a memory-only deployment never needs a Redis connection set up.
+    from gateway.redisstore import RedisStore
+
+    if config.sentinel is not None:
+        return RedisStore.for_sentinel(config.sentinel, config.key_prefix, tls=config.url.lower().startswith("rediss:"))
+    if config.cluster:
+        return RedisStore.for_cluster(config.url, config.key_prefix)
+    return RedisStore(config.url, config.key_prefix)

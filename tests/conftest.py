@@ -12,6 +12,7 @@ from uuid import uuid4
 
 import pytest
 import redis
+from support.redis_servers import SentinelSetup, start_cluster, start_sentinel_setup
 
 
 def _free_port() -> int:
@@ -72,3 +73,23 @@ def key_prefix(redis_url: str) -> Iterator[str]:
         keys = list(client.scan_iter(match=f"{prefix}*", count=500))
         if keys:
             client.delete(*keys)
+
+
+# --- redis cluster and sentinel ---
+#
+# Real topologies (tests/support/redis_servers.py), started once per session; the failover tests
+# start their own Sentinel setup, since they kill its master.
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A seed-node URL of a throwaway 3-master Redis Cluster."""
+    with start_cluster(tmp_path_factory.mktemp("redis-cluster")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSetup]:
+    """A Sentinel setup shared by the session; tests must not kill its master."""
+    with start_sentinel_setup(tmp_path_factory.mktemp("redis-sentinel")) as setup:
+        yield setup

@@ -9,10 +9,12 @@ import time
 import httpx
 from support.servers import free_port, wait_for_http
 
+from gateway.demo.runner import port_in_use
+
 
 def test_demo_walkthrough() -> None:
     port = free_port()
-    while any(_busy(p) for p in (port + 1, port + 2)):
+    while any(port_in_use(p) for p in (port, port + 1, port + 2)):  # the demo needs three ports in a row
         port = free_port()
     demo = subprocess.Popen(
         [sys.executable, "-m", "gateway", "demo", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -37,14 +39,6 @@ def test_demo_walkthrough() -> None:
         output = demo.communicate(timeout=10)[0].decode()
     assert "gateway demo is running" in output and f"{gw}/api/token/" in output
     assert demo.returncode == 0
-
-
-def _busy(port: int) -> bool:
-    try:
-        httpx.get(f"http://127.0.0.1:{port}/", timeout=0.2)
-    except httpx.TransportError:
-        return False
-    return True
 
 
 def test_demo_port_in_use_is_a_clear_error() -> None:

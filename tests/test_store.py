@@ -11,6 +11,7 @@ from uuid import uuid4
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.config import SentinelConfig
 from gateway.errors import StoreError
 from gateway.redisstore import RedisStore
 from gateway.store import MemoryStore, Store, open_store
@@ -18,12 +19,20 @@ from gateway.store import MemoryStore, Store, open_store
 TTL = 0.2
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     if request.param == "memory":
         yield MemoryStore(f"gwtest:{uuid4().hex[:8]}:")
         return
-    redis_store = RedisStore(request.getfixturevalue("redis_url"), request.getfixturevalue("key_prefix"))
+    if request.param == "cluster":
+        # Throwaway servers of this session: a unique prefix keeps tests apart, no cleanup needed.
+        redis_store = RedisStore.for_cluster(request.getfixturevalue("redis_cluster_url"), f"gwtest:{uuid4().hex[:8]}:")
+    elif request.param == "sentinel":
+        setup = request.getfixturevalue("redis_sentinel")
+        sentinel = SentinelConfig(hosts=tuple(setup.hosts), master=setup.master)
+        redis_store = RedisStore.for_sentinel(sentinel, f"gwtest:{uuid4().hex[:8]}:")
+    else:
+        redis_store = RedisStore(request.getfixturevalue("redis_url"), request.getfixturevalue("key_prefix"))
     try:
         yield redis_store
     finally:

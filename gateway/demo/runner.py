@@ -143,7 +143,7 @@ async def _serve(port: int) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _in_use(port: int) -> bool:
+def port_in_use(port: int) -> bool:
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -154,7 +154,7 @@ def _in_use(port: int) -> bool:
 
 
 def run_demo(port: int = 8080) -> int:
-    busy = [p for p in (port, port + 1, port + 2) if _in_use(p)]
+    busy = [p for p in (port, port + 1, port + 2) if port_in_use(p)]
     if busy:
         print(
             f"gateway demo: could not start: port {', '.join(map(str, busy))} is in use "

@@ -1,0 +1,219 @@
+"""RedisStore beyond one node: building it from StoreConfig, Redis Cluster routing and broadcast, Sentinel failover.
+
+The Store contract itself runs on every topology in tests/test_store.py; these tests cover what only
+a topology can get wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from support.redis_servers import SentinelSetup, start_sentinel_setup
+
+from gateway.config import SentinelConfig, StoreConfig
+from gateway.errors import StoreError
+from gateway.redisstore import RedisStore
+from gateway.store import MemoryStore, open_store
+
+
+def _prefix() -> str:
+    return f"gwtest:{uuid4().hex[:8]}:"
+
+
+def _sentinel(setup: SentinelSetup) -> SentinelConfig:
+    return SentinelConfig(hosts=tuple(setup.hosts), master=setup.master)
+
+
+# --- open_store ---
+
+
+async def test_open_store_builds_each_topology() -> None:
+    # Construction does no I/O, so nothing needs to listen on these ports.
+    assert isinstance(open_store(StoreConfig()), MemoryStore)
+    built = [
+        open_store(StoreConfig(url="redis://127.0.0.1:1/0")),
+        open_store(StoreConfig(url="redis://127.0.0.1:1", cluster=True)),
+        open_store(StoreConfig(sentinel=SentinelConfig(hosts=("127.0.0.1:1",), master="m"))),
+    ]
+    try:
+        assert all(isinstance(store, RedisStore) for store in built)
+    finally:
+        for store in built:
+            await store.close()
+
+
+async def test_sentinel_store_fails_fast_without_sentinels() -> None:
+    store = RedisStore.for_sentinel(SentinelConfig(hosts=("127.0.0.1:1",), master="m"), "gwtest:", socket_timeout=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            await store.get("k")
+        assert time.monotonic() - started < 3.0
+    finally:
+        await store.close()
+
+
+# --- cluster ---
+
+
+@pytest.fixture
+async def cluster_client(redis_cluster_url: str) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster.from_url(redis_cluster_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _tags_on_every_master(client: RedisCluster, prefix: str) -> dict[str, str]:
+    """One hash tag per master: {node name: tag} such that lock:{tag} lives on that node."""
+    found: dict[str, str] = {}
+    for i in range(1000):
+        tag = f"h{i}"
+        node = client.get_node_from_key(f"{prefix}lock:{{{tag}}}")
+        assert node is not None
+        found.setdefault(node.name, tag)
+        if len(found) == 3:
+            return found
+    raise AssertionError("no tag found for some master")
+
+
+async def test_cluster_scripts_and_notify_work_on_every_master(
+    redis_cluster_url: str, cluster_client: RedisCluster
+) -> None:
+    prefix = _prefix()
+    await cluster_client.initialize()
+    tags = _tags_on_every_master(cluster_client, prefix)
+    writer, reader = (
+        RedisStore.for_cluster(redis_cluster_url, prefix),
+        RedisStore.for_cluster(redis_cluster_url, prefix),
+    )
+    try:
+        await reader.start()
+        for tag in tags.values():
+            # Every script runs where its key lives (EVALSHA routed by key, NOSCRIPT → SCRIPT LOAD).
+            assert await writer.acquire(f"lock:{{{tag}}}", "a", 5)
+            assert await writer.renew(f"lock:{{{tag}}}", "a", 5)
+            # The reader's subscriber sits on one node; PUBLISH from any master must reach it.
+            async with reader.watch(f"lock:{{{tag}}}") as waiter:
+                assert await writer.release(f"lock:{{{tag}}}", "a")
+                assert await waiter.wait(2.0)
+            async with reader.watch(f"result:{{{tag}}}") as waiter:
+                await writer.set(f"result:{{{tag}}}", b"tokens", 5, notify=True)
+                assert await waiter.wait(2.0)
+            assert await reader.get(f"result:{{{tag}}}") == b"tokens"
+    finally:
+        await writer.close()
+        await reader.close()
+
+
+async def test_cluster_scripts_reload_after_script_flush(redis_cluster_url: str, cluster_client: RedisCluster) -> None:
+    """Regression: a master that lost its script cache (restart, failover) must get the script loaded again."""
+    prefix = _prefix()
+    store = RedisStore.for_cluster(redis_cluster_url, prefix)
+    try:
+        assert await store.acquire("lock:{h}", "a", 5)
+        assert await store.renew("lock:{h}", "a", 5)
+        await cluster_client.execute_command("SCRIPT FLUSH", target_nodes=RedisCluster.PRIMARIES)
+        assert await store.renew("lock:{h}", "a", 5)
+        assert await store.release("lock:{h}", "a")
+    finally:
+        await store.close()
+
+
+async def test_cluster_subscriber_reconnects_after_connection_drop(redis_cluster_url: str) -> None:
+    prefix = _prefix()
+    store, writer = RedisStore.for_cluster(redis_cluster_url, prefix), RedisStore.for_cluster(redis_cluster_url, prefix)
+    try:
+        await store.start()
+        # Kill every pub/sub connection in the (throwaway) cluster: ours among them.
+        await writer.ping()
+        admin = RedisCluster.from_url(redis_cluster_url)
+        try:
+            await admin.initialize()
+            for node in admin.get_nodes():
+                with redis.Redis(host=node.host, port=int(node.port)) as client:
+                    client.client_kill_filter(_type="pubsub")
+        finally:
+            await admin.aclose()
+        deadline = time.monotonic() + 5
+        while True:
+            async with store.watch("result:{h}") as waiter:
+                await writer.set("result:{h}", b"tokens", 5, notify=True)
+                if await waiter.wait(0.5):
+                    break
+            assert time.monotonic() < deadline, "subscriber did not come back"
+    finally:
+        await store.close()
+        await writer.close()
+
+
+# --- sentinel ---
+
+
+async def test_sentinel_store_talks_to_the_master(redis_sentinel: SentinelSetup) -> None:
+    prefix = _prefix()
+    store = RedisStore.for_sentinel(_sentinel(redis_sentinel), prefix)
+    try:
+        await store.set("result:{h}", b"v", 5)
+        async with aioredis.Redis(port=redis_sentinel.current_master_port()) as master:
+            assert await master.get(f"{prefix}result:{{h}}") == b"v"
+    finally:
+        await store.close()
+
+
+@pytest.mark.slow
+async def test_sentinel_failover_fails_fast_then_recovers(tmp_path: Path) -> None:
+    """Killing the master mid-flow: calls raise StoreError quickly, then work on the promoted replica."""
+    with start_sentinel_setup(tmp_path) as setup:
+        store = RedisStore.for_sentinel(_sentinel(setup), _prefix(), socket_timeout=1.0)
+        try:
+            await store.start()
+            assert await store.acquire("lock:{h}", "owner", 30)
+            with redis.Redis(port=setup.master_port) as master:
+                # WAIT counts this connection's writes; replication is ordered, so the lock went first.
+                master.set("gwtest:marker", b"1")
+                assert master.wait(1, 2000) == 1  # the lock reached the replica before the crash
+            async with store.watch("result:{h}") as early:
+                # A waiter registered before the crash, as a request waiting on the lock holder would be.
+                setup.kill_master()
+
+                failures, slowest = 0, 0.0
+                deadline = time.monotonic() + 20
+                while True:
+                    started = time.monotonic()
+                    try:
+                        holder = await store.get("lock:{h}")
+                    except StoreError:
+                        failures += 1
+                    else:
+                        if setup.current_master_port() == setup.replica_port:
+                            break
+                    finally:
+                        slowest = max(slowest, time.monotonic() - started)
+                    assert time.monotonic() < deadline, "no master after 20 s"
+                    await asyncio.sleep(0.1)
+                assert failures > 0  # the outage was observed, and each call within it failed fast
+                assert slowest < 2.5
+                assert holder == b"owner"  # the promoted replica has the lock
+                assert await store.renew("lock:{h}", "owner", 30)
+
+                # Announcements resume once the subscriber has found the new master.
+                deadline = time.monotonic() + 10
+                while not early.announced:
+                    await store.set("result:{h}", b"tokens", 5, notify=True)
+                    await early.wait(0.5)
+                    assert time.monotonic() < deadline, "announcements did not resume"
+            async with store.watch("lock:{h}") as waiter:
+                assert await store.release("lock:{h}", "owner")
+                assert await waiter.wait(2.0)
+        finally:
+            await store.close()

@@ -1,0 +1,188 @@
+"""config/gateway.schema.json, config/examples/ and the README's config reference stay in step with the models."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.config import GatewayConfig, parse_config
+from gateway.errors import ConfigError
+from gateway.schema import build_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_FILE = ROOT / "config" / "gateway.schema.json"
+EXAMPLES = sorted((ROOT / "config" / "examples").glob("*.yaml"))
+# Placeholder values for every ${VAR} the example configs use without a default.
+ENV = {
+    "REDIS_URL": "redis://redis:6379/0",
+    "GATEWAY_SECRET": "placeholder-gateway-secret-0123456789abcdef",
+    "CLIENT_ID": "legacy-app",
+    "CLIENT_SECRET": "placeholder-client-secret",
+    "JWT_SECRET": "placeholder-jwt-secret-0123456789abcdef",
+    "JWT_SIGNING_KEY": "placeholder-django-signing-key-0123456789abcdef",
+}
+SECRET_KEYS = {"secret", "client_secret"}
+
+
+def _load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _parse(path: Path, env: dict[str, str] = ENV) -> GatewayConfig:
+    return parse_config(_load(path), env=env)
+
+
+def test_schema_file_is_current() -> None:
+    stored = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    assert stored == build_schema(), "config/gateway.schema.json is stale: run scripts/schema"
+
+
+def test_schema_forbids_unknown_keys_everywhere() -> None:
+    schema = build_schema()
+    assert schema["additionalProperties"] is False
+    for name, definition in schema["$defs"].items():
+        if definition.get("type") == "object" and "properties" in definition:
+            assert definition.get("additionalProperties") is False, name
+    assert set(schema["required"]) == {"tokens", "routes"}
+    assert "${VAR}" in schema["description"]
+
+
+def test_there_is_an_example_per_provider() -> None:
+    assert {p.stem for p in EXAMPLES} >= {"keycloak", "auth0", "simplejwt", "oidc"}
+
+
+@pytest.mark.parametrize("path", [ROOT / "gateway.yaml", *EXAMPLES], ids=lambda p: p.name)
+def test_config_loads_with_the_real_loader(path: Path) -> None:
+    config = _parse(path)
+    assert config.routes
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_takes_secrets_from_the_environment(path: Path) -> None:
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif key.rsplit(".", 1)[-1] in SECRET_KEYS and node is not None:
+            assert re.fullmatch(r"\$\{[A-Z_]+\}", str(node)), f"{path.name} {key}: use ${{ENV}} for secrets"
+
+    walk(_load(path), "")
+    with pytest.raises(ConfigError) as info:
+        _parse(path, env={})
+    assert any("REDIS_URL is not set" in p for p in info.value.problems)
+
+
+def test_keycloak_example() -> None:
+    config = _parse(ROOT / "config" / "examples" / "keycloak.yaml")
+    realm = "https://keycloak.example/realms/main"
+    assert config.tokens.algorithms == ("RS256",)
+    assert config.tokens.jwks_url == f"{realm}/protocol/openid-connect/certs"
+    assert config.tokens.issuer == realm
+    assert config.refresh.style == "oauth2"
+    assert config.refresh.endpoint == f"{realm}/protocol/openid-connect/token"
+    assert config.refresh.revocation_endpoint == f"{realm}/protocol/openid-connect/revoke"
+    assert config.login.oidc is not None and config.login.oidc.issuer == realm
+    assert config.identity.headers == {
+        "X-Auth-User": "preferred_username",
+        "X-Auth-Email": "email",
+        "X-Auth-Roles": "realm_access.roles",
+    }
+    assert config.store.url.startswith("redis://")
+
+
+def test_auth0_example() -> None:
+    config = _parse(ROOT / "config" / "examples" / "auth0.yaml")
+    assert config.tokens.algorithms == ("RS256",)
+    assert config.tokens.jwks_url == "https://TENANT.auth0.com/.well-known/jwks.json"
+    assert config.tokens.audience == "https://api.example.com"
+    assert config.refresh.style == "oauth2"
+    assert config.refresh.client_auth == "post"
+    assert config.refresh.client_secret == ENV["CLIENT_SECRET"]
+    assert config.logout.redirect.endswith("client_id=legacy-app&returnTo=https%3A%2F%2Fapp.example%2F")
+
+
+def test_simplejwt_example() -> None:
+    config = _parse(ROOT / "config" / "examples" / "simplejwt.yaml")
+    assert config.tokens.algorithms == ("HS256",)
+    assert config.tokens.secret == ENV["JWT_SIGNING_KEY"]
+    assert config.refresh.style == "json"
+    assert config.refresh.endpoint == "http://django:8000/api/token/refresh/"
+    assert config.refresh.grace_period > 0
+    assert config.identity.headers["X-Auth-User"] == "user_id"
+    (token,) = [r for r in config.routes if r.capture is not None]
+    assert token.path == "/api/token/" and token.auth == "none"
+
+
+def test_generic_oidc_example() -> None:
+    config = _parse(ROOT / "config" / "examples" / "oidc.yaml")
+    assert config.tokens.jwks_url and config.login.oidc is not None
+    assert config.login.oidc.issuer == config.tokens.issuer
+    assert "openid" in config.login.oidc.scopes
+
+
+def test_examples_validate_against_the_schema() -> None:
+    jsonschema = pytest.importorskip("jsonschema")  # not a dependency; editors use the same file
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    for path in [ROOT / "gateway.yaml", *EXAMPLES]:
+        # The schema describes the config after ${VAR} expansion.
+        expanded = parse_config(_load(path), env=ENV).model_dump(mode="json", exclude_unset=True)
+        jsonschema.validate(expanded, schema)
+
+
+def _model_keys() -> list[str]:
+    """Top-level keys and their sub-keys ("server", "server.host", ...), read from the schema."""
+    schema = build_schema()
+    defs: dict[str, Any] = schema["$defs"]
+
+    def target(node: dict[str, Any]) -> dict[str, Any] | None:
+        for candidate in [node, node.get("items", {}), *node.get("anyOf", [])]:
+            if "$ref" in candidate:
+                resolved: dict[str, Any] = defs[candidate["$ref"].rsplit("/", 1)[-1]]
+                return resolved
+        return None
+
+    keys = []
+    for top, node in schema["properties"].items():
+        keys.append(top)
+        sub = target(node)
+        keys += [f"{top}.{key}" for key in (sub or {}).get("properties", {})]
+    return keys
+
+
+def _undocumented(readme: str) -> list[str]:
+    """Model keys that README.md's Configuration section does not name."""
+    reference = readme.split("\n## Configuration", 1)[1].split("\n## ", 1)[0]
+    sections = reference.split("\n### ")
+    missing = []
+    for key in _model_keys():
+        top, _, sub = key.partition(".")
+        # A sub-key is a table row (| `host` |) under a heading naming its parent (### `server`),
+        # or written out in full (`login.url`).
+        own = [section for section in sections if f"`{top}`" in section.split("\n", 1)[0]]
+        if sub:
+            found = f"`{key}`" in reference or any(f"| `{sub}` |" in section for section in own)
+        else:
+            found = bool(own) or f"`{top}." in reference
+        if not found:
+            missing.append(key)
+    return missing
+
+
+def test_readme_documents_every_config_key() -> None:
+    missing = _undocumented((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert not missing, f"config keys missing from README.md's Configuration section: {missing}"
+
+
+def test_readme_check_notices_an_undocumented_key() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    without = re.sub(r"\n\| `wait_timeout` \|[^\n]*", "", readme)
+    assert without != readme
+    assert "refresh.wait_timeout" in _undocumented(without)
