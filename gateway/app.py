@@ -61,12 +61,13 @@ class Gateway:
         config_path: str | None = None,
     ) -> None:
         store = store or open_store(config.store)
+        metrics = Metrics(os.environ.get("GATEWAY_METRICS_DIR"))
         self.shared = Shared(
             store=store,
             http=httpx.AsyncClient(follow_redirects=False, timeout=config.refresh.timeout),
             forwarder=forwarder or AiohttpForwarder(),
-            denylist=Denylist(store, clock=clock),
-            metrics=Metrics(os.environ.get("GATEWAY_METRICS_DIR")),
+            denylist=Denylist(store, clock=clock, on_store_error=lambda: metrics.store_error("denylist")),
+            metrics=metrics,
             # memory:// lives in one process, so a random sealing key is as good as any there.
             sealer=Sealer(config.store.secret or secrets.token_bytes(32)),
             clock=clock,

@@ -23,7 +23,14 @@ KEY = "denylist"
 
 
 class Denylist:
-    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time, poll: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        poll: float = 1.0,
+        on_store_error: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
         self._clock = clock
         self._poll = poll
@@ -31,6 +38,7 @@ class Denylist:
         self._task: asyncio.Task[None] | None = None
         self._store_down = False
         self._closing = False
+        self._on_store_error = on_store_error or (lambda: None)
 
     def __contains__(self, jti: object) -> bool:
         if not isinstance(jti, str):
@@ -69,6 +77,7 @@ class Denylist:
         try:
             remote = await self._store.members(KEY, self._clock())
         except StoreError as exc:
+            self._on_store_error()
             if not self._store_down:
                 log.warning("denylist: store unreachable, keeping %d local entries: %s", len(self._local), exc)
             self._store_down = True

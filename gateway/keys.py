@@ -55,6 +55,7 @@ class JWKSKeys:
         *,
         min_refetch: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        on_fetch: Callable[[bool], None] | None = None,
     ) -> None:
         self._url = url
         self._client = client
@@ -63,6 +64,7 @@ class JWKSKeys:
         self._keys: dict[str | None, jwt.PyJWK] = {}
         self._fetched_at: float | None = None
         self._lock = asyncio.Lock()
+        self._on_fetch = on_fetch or (lambda ok: None)
 
     async def start(self) -> None:
         try:
@@ -98,7 +100,9 @@ class JWKSKeys:
             response.raise_for_status()
             jwks = jwt.PyJWKSet.from_dict(response.json())
         except (httpx.HTTPError, ValueError, jwt.PyJWKSetError, jwt.InvalidKeyError) as exc:
+            self._on_fetch(False)
             raise KeyFetchError(f"{self._url}: {exc.__class__.__name__}") from None
+        self._on_fetch(True)
         keys: dict[str | None, jwt.PyJWK] = {}
         for key in jwks.keys:
             if key.public_key_use in (None, "sig"):
@@ -107,14 +111,16 @@ class JWKSKeys:
         log.info("jwks: fetched %d keys from %s", len(keys), self._url)
 
 
-def build_key_source(config: TokensConfig, client: httpx.AsyncClient) -> KeySource:
+def build_key_source(
+    config: TokensConfig, client: httpx.AsyncClient, on_fetch: Callable[[bool], None] | None = None
+) -> KeySource:
     """Make the configured key source; unreadable or unusable key files are ConfigErrors."""
     if config.secret is not None:
         return StaticKey(config.secret.encode())
     if config.public_key_file is not None:
         return StaticKey(load_public_key(config.public_key_file, config.algorithms))
     if config.jwks_url is not None:
-        return JWKSKeys(config.jwks_url, client)
+        return JWKSKeys(config.jwks_url, client, on_fetch=on_fetch)
     raise ConfigError(["tokens: no key source configured"])
 
 

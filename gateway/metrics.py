@@ -100,9 +100,19 @@ class Metrics:
         self._generation = Gauge("gateway_config_generation", "Config generation serving (1 at start)", registry=r)
         self._reloads = Counter("gateway_config_reloads", "Config loads, by result", ["result"], registry=r)
         self._last_reload_ok = Gauge("gateway_config_last_reload_ok", "1 if the last config load worked", registry=r)
+        self._jwks = Counter("gateway_jwks_fetches", "JWKS fetches, by result", ["result"], registry=r)
+        self._store_errors = Counter(
+            "gateway_store_errors", "Store (Redis) failures seen, by where they hit", ["where"], registry=r
+        )
         self._lock_wait = Histogram(
             "gateway_refresh_wait_seconds", "Time a request waited for another's refresh", buckets=BUCKETS, registry=r
         )
+
+    def jwks_fetch(self, ok: bool) -> None:
+        self._jwks.labels("ok" if ok else "error").inc()
+
+    def store_error(self, where: str) -> None:
+        self._store_errors.labels(where).inc()
 
     def config_loaded(self, generation: int, *, ok: bool) -> None:
         """A config (re)load: the generation now serving and whether the last attempt worked."""

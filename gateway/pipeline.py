@@ -136,7 +136,7 @@ class Pipeline:
         )
         self._paths: dict[bytes, tuple[str, str]] = {}  # raw path -> canonical forms
         self._identities: dict[str, list[tuple[bytes, bytes]]] = {}  # access token -> identity headers
-        self.keys = build_key_source(config.tokens, self.http)
+        self.keys = build_key_source(config.tokens, self.http, on_fetch=self.metrics.jwks_fetch)
         self.verifier = Verifier(config.tokens, self.keys, clock, denied=self.denylist)
         sealer = shared.sealer
         self.refresher: SessionRefresher | None = None
@@ -407,6 +407,7 @@ class Pipeline:
         try:
             await self.store.ping()
         except StoreError:
+            self.metrics.store_error("ready")
             return JSONResponse({"status": "unavailable", "store": "unreachable"}, status_code=503)
         return JSONResponse({"status": "ready"})
 

@@ -153,6 +153,7 @@ class SessionRefresher:
             outcome = await self._coordinate(h, token)
         except StoreError as exc:
             log.error("refresh token=%s: store unavailable (%s); answering 503", h[:12], exc)
+            self._metrics.store_error("refresh")
             outcome = Outcome("store_unavailable")
         except Exception:  # noqa: BLE001 - shared by every waiter: fail closed with 503, keep cookies
             log.exception("refresh token=%s: unexpected failure; answering 503", h[:12])

@@ -278,6 +278,7 @@ def test_rs256_with_jwks_from_a_real_idp(upstream: ServerProcess) -> None:
             session = idp.issue("bob")
             data = echo(httpx.get(f"{gw.url}/x", headers={"Cookie": f"gw_access={session['access']}"}))
             assert data["h"]["x-auth-user"] == ["bob"]
+            assert 'gateway_jwks_fetches_total{result="ok"} 1.0' in gw.metrics()
             # HS256 signed with the RSA public key: the classic algorithm-confusion attack.
             assert idp.public_key_path is not None
             with open(idp.public_key_path, "rb") as handle:

@@ -258,6 +258,10 @@ def test_valid_tokens_work_and_refresh_fails_closed_without_redis(idp: IdPProces
             assert refused.status_code == 503 and "set-cookie" not in refused.headers
             assert time.monotonic() - started < 10
             assert httpx.get(f"{gw.url}/.gateway/ready").status_code == 503
+            deadline = time.monotonic() + 5  # other workers' numbers reach a scrape within a second
+            while 'gateway_store_errors_total{where="refresh"}' not in gw.metrics():
+                assert time.monotonic() < deadline, "store errors are not counted"
+                time.sleep(0.2)
             assert idp.stats()["refresh_calls"] == 0  # never refresh without the lock
     finally:
         if server.poll() is None:
