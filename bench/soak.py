@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
@@ -44,6 +45,7 @@ class Stats:
         self.statuses: dict[int, int] = {}
         self.rotations = 0
         self.errors = 0
+        self.reasons: dict[str, int] = {}
 
 
 async def session_loop(
@@ -57,7 +59,10 @@ async def session_loop(
             started = time.perf_counter()
             try:
                 async with client.get(f"{url}/page/{i}", headers={"Cookie": header}) as response:
-                    await response.read()
+                    body = await response.read()
+                    if response.status >= 400 and body.startswith(b"{"):
+                        reason = json.loads(body).get("reason", "?")
+                        stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
                     stats.latencies.append(time.perf_counter() - started)
                     stats.statuses[response.status] = stats.statuses.get(response.status, 0) + 1
                     found: dict[str, str] = {}
@@ -135,7 +140,7 @@ async def run(args: argparse.Namespace) -> list[str]:
                     connector=connector, cookie_jar=aiohttp.DummyCookieJar(), timeout=timeout
                 ) as client:
                     loops = [asyncio.create_task(session_loop(client, gateway.url, s, stop, stats)) for s in sessions]
-                    storms = asyncio.create_task(reload_storms(gateway, config, stop))
+                    storms = asyncio.create_task(reload_storms(gateway, config, stop if args.reloads else 0))
                     started = time.monotonic()
                     while time.monotonic() < stop:
                         rss.append((time.monotonic() - started, worker_rss(gateway)))
@@ -167,7 +172,7 @@ async def run(args: argparse.Namespace) -> list[str]:
         f"| {total} | {dict(sorted(stats.statuses.items()))} | {stats.rotations} | {calls} | {per_rotation:.2f} "
         f"| {stats.statuses.get(401, 0)} | {stats.statuses.get(503, 0)} | {stats.errors} | {p50:.1f} | {p99:.1f} |",
         "",
-        f"IdP: {idp_stats}",
+        f"Denial reasons: {stats.reasons or 'none'}. IdP: {idp_stats}",
         "",
         "RSS per worker over time (s: MB, one figure per worker):",
         "",
@@ -181,6 +186,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=15)
     parser.add_argument("--sessions", type=int, default=200)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--no-reloads", dest="reloads", action="store_false", help="skip the reload storms")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.md"))
     args = parser.parse_args()
     lines = asyncio.run(run(args))

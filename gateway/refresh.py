@@ -196,15 +196,16 @@ class SessionRefresher:
 
     async def _lookup(self, h: str) -> Outcome | None:
         """A finished refresh of this token (grace hit or shared failure), or a reuse."""
+        # Read in the reverse order of the owner's writes (result, then used): reading result
+        # first could miss a result written a moment later and then see its used marker, which
+        # would look like reuse of a token that is within its grace period (found by bench/soak.py).
+        used = await self._store.get(f"used:{{{h}}}")
         raw = await self._store.get(f"result:{{{h}}}")
         if raw is not None:
             outcome = self._unseal(raw)
-            return (
-                Outcome("grace_hit", outcome.access, outcome.refresh, outcome.refresh_max_age)
-                if outcome.ok
-                else outcome
-            )
-        used = await self._store.get(f"used:{{{h}}}")
+            if outcome.ok:
+                return Outcome("grace_hit", outcome.access, outcome.refresh, outcome.refresh_max_age)
+            return outcome
         if used is not None:
             return await self._reused(h, used)
         return None

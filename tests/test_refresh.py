@@ -479,3 +479,34 @@ async def test_unexpected_failure_is_503_not_500_and_keeps_cookies(build: Build)
     result = await h.refresher.refresh(old.refresh, old.access)
     assert result.reason == "refresh_error" and result.set_cookies == []
     assert h.idp.counters.refresh_calls == 0
+
+
+async def test_owner_writes_landing_between_a_readers_gets_are_a_grace_hit_not_reuse(build: Build) -> None:
+    """Regression (found by bench/soak.py): the reader saw no result, then the owner's used marker: 401 reuse."""
+    h = build()
+    old = h.session()
+    first = await h.refresher.refresh(old.refresh, old.access)  # the real rotation, for realistic values
+    key = h.hash(old.refresh)
+    store = h.store
+    result = await store.get(f"result:{{{key}}}")
+    used = await store.get(f"used:{{{key}}}")
+    assert result is not None and used is not None
+    await store.delete(f"result:{{{key}}}")
+    await store.delete(f"used:{{{key}}}")
+
+    real_get = store.get
+    landed = False
+
+    async def get(name: str) -> bytes | None:
+        nonlocal landed
+        value = await real_get(name)
+        if not landed:  # the owner's two writes land right after the reader's first read
+            landed = True
+            await store.set(f"result:{{{key}}}", result, 30)
+            await store.set(f"used:{{{key}}}", used, 3600)
+        return value
+
+    store.get = get  # type: ignore[method-assign]
+    again = await h.refresher.refresh(old.refresh, old.access)
+    assert again.reason is None and again.set_cookies == first.set_cookies
+    assert h.idp.counters.refresh_calls == 1
