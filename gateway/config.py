@@ -47,6 +47,7 @@ class ServerConfig(_Model):
     trusted_proxies: tuple[str, ...] = ()
     watch_config: bool = True  # reload when gateway.yaml changes on disk (SIGHUP always reloads)
     access_log: bool = True  # one JSON line per request on the gateway.access logger
+    tracing: bool = False  # OpenTelemetry spans, when the opentelemetry-api package is installed
 
     @field_validator("prefix")
     @classmethod

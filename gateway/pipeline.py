@@ -58,6 +58,7 @@ from gateway.routing import BadPath, Route, RouteTable, canonical_path, host_nam
 from gateway.sealing import Sealer
 from gateway.store import Store
 from gateway.tokens import Verifier
+from gateway.tracing import Tracer
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
@@ -125,6 +126,7 @@ class Pipeline:
         self.http = shared.http
         self.prefix = config.server.prefix
         self._access_log = config.server.access_log
+        self.tracer = Tracer(config.server.tracing)
         self.routes = RouteTable.from_config(config.routes)
         self.jar = CookieJar.from_config(config.cookies)
         self.identity = IdentityHeaders(config.identity.headers)
@@ -213,7 +215,13 @@ class Pipeline:
             return
         started = time.perf_counter()
         scope["gateway"] = info = RequestInfo(_request_id(scope["headers"]))
-        route_name, status = await self._proxy(scope, receive, send)
+        if self.tracer.enabled:
+            with self.tracer.span("gateway.request", method=scope["method"]) as span:
+                route_name, status = await self._proxy(scope, receive, send)
+                span.set_attribute("gateway.route", route_name)
+                span.set_attribute("http.response.status_code", status)
+        else:
+            route_name, status = await self._proxy(scope, receive, send)
         method = scope["method"] if scope["method"] in _METHODS else "OTHER"
         elapsed = time.perf_counter() - started
         self.metrics.request(route_name, method, status, elapsed)
@@ -310,7 +318,8 @@ class Pipeline:
         if route.auth != "none":
             if self._cross_site(scope):
                 return route.name, await self._deny(send, scope, "csrf", route)
-            auth = await self.authenticator.authenticate(headers)
+            with self.tracer.span("gateway.authenticate", route=route.name):
+                auth = await self.authenticator.authenticate(headers)
             if auth.claims is None and route.auth == "required":
                 return route.name, await self._deny(send, scope, auth.reason or "no_token", route, auth.set_cookies)
         claims = auth.claims
@@ -352,14 +361,15 @@ class Pipeline:
         body = _request_body(receive) if has_body else None
         upstream_started = time.perf_counter()
         try:
-            response = await self.forwarder.send(
-                scope["method"],
-                url,
-                upstream_headers,
-                body,
-                connect_timeout=route.connect_timeout,
-                read_timeout=route.read_timeout,
-            )
+            with self.tracer.span("gateway.upstream", route=route.name):
+                response = await self.forwarder.send(
+                    scope["method"],
+                    url,
+                    upstream_headers,
+                    body,
+                    connect_timeout=route.connect_timeout,
+                    read_timeout=route.read_timeout,
+                )
         except UpstreamFailure as exc:
             reason = "upstream_timeout" if exc.timeout else "upstream_unreachable"
             log.warning("route %s: %s", route.name, exc)
