@@ -7,6 +7,7 @@ a topology can get wrong.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from support.redis_servers import SentinelSetup, start_sentinel_setup
+from support.redis_servers import SentinelSetup, start_cluster, start_sentinel_setup
 
 from gateway.config import SentinelConfig, StoreConfig
 from gateway.errors import StoreError
@@ -217,3 +218,51 @@ async def test_sentinel_failover_fails_fast_then_recovers(tmp_path: Path) -> Non
                 assert await waiter.wait(2.0)
         finally:
             await store.close()
+
+
+@pytest.mark.slow
+async def test_cluster_resharding_moves_a_session_without_losing_it(tmp_path: Path) -> None:
+    """Issue 6: a Cluster resharding under a session's keys: lock, result and notifications keep working."""
+    with start_cluster(tmp_path) as url:
+        seed = int(url.rsplit(":", 1)[1])
+        store, other = RedisStore.for_cluster(url, "gwtest:"), RedisStore.for_cluster(url, "gwtest:")
+        try:
+            assert await store.acquire("lock:{sess}", "owner-1", 30)
+            await store.set("result:{sess}", b"sealed-successor", 60)
+            with redis.Redis(port=seed) as client:
+                slot = client.execute_command("CLUSTER KEYSLOT", "gwtest:result:{sess}")
+            listing = subprocess.run(
+                ["redis-cli", "-p", str(seed), "cluster", "nodes"], capture_output=True, text=True, check=True
+            ).stdout
+            nodes = [line.split() for line in listing.splitlines() if line.strip()]
+            owner = next(n for n in nodes if any(_holds(r, slot) for r in n[8:]))
+            target = next(n for n in nodes if n[0] != owner[0])
+            count = sum(_size(r) for r in owner[8:])
+            subprocess.run(
+                ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{seed}", "--cluster-from", owner[0],
+                 "--cluster-to", target[0], "--cluster-slots", str(count), "--cluster-yes"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
+            )  # fmt: skip
+            assert await store.get("result:{sess}") == b"sealed-successor"  # the key moved with its slot
+            assert await store.renew("lock:{sess}", "owner-1", 30)
+            async with other.watch("lock:{sess}") as waiter:
+                assert await store.release("lock:{sess}", "owner-1")
+                assert await waiter.wait(5)
+            assert await other.acquire("lock:{sess}", "owner-2", 30)
+        finally:
+            await store.close()
+            await other.close()
+
+
+def _holds(spec: str, slot: int) -> bool:
+    if spec.startswith("["):
+        return False
+    low, _, high = spec.partition("-")
+    return int(low) <= slot <= int(high or low)
+
+
+def _size(spec: str) -> int:
+    if spec.startswith("["):
+        return 0
+    low, _, high = spec.partition("-")
+    return int(high or low) - int(low) + 1
