@@ -13,7 +13,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from http.cookies import SimpleCookie
 from typing import Any
 
 import httpx
@@ -24,6 +23,7 @@ from support.servers import (
     IdPProcess,
     ServerProcess,
     free_port,
+    set_cookies,
     start_gateway,
     start_idp,
     start_upstream,
@@ -91,16 +91,6 @@ def cookie_header(access: str | None, refresh: str | None) -> str:
     if refresh:
         parts.append(f"{REFRESH}={refresh}")
     return "; ".join(parts)
-
-
-def set_cookies(response: httpx.Response) -> dict[str, Any]:
-    jar: dict[str, Any] = {}
-    for line in response.headers.get_list("set-cookie"):
-        cookie: SimpleCookie = SimpleCookie()
-        cookie.load(line)
-        for name, morsel in cookie.items():
-            jar[name] = morsel
-    return jar
 
 
 def refresh_calls(idp: IdPProcess) -> int:

@@ -12,7 +12,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -23,6 +22,7 @@ from support.servers import (
     IdPProcess,
     ServerProcess,
     free_port,
+    set_cookies,
     start_gateway,
     start_idp,
     start_upstream,
@@ -155,15 +155,6 @@ def lonely_gateway(
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def set_cookies(response: httpx.Response) -> dict[str, Any]:
-    jar: dict[str, Any] = {}
-    for line in response.headers.get_list("set-cookie"):
-        cookie: SimpleCookie = SimpleCookie()
-        cookie.load(line)
-        jar.update(cookie)
-    return jar
 
 
 def cookie_header(access: str | None, refresh: str | None) -> str:

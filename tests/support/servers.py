@@ -192,3 +192,15 @@ def start_gateway(
     if env:
         gateway.env = {**os.environ, **env}
     return gateway.start()
+
+
+def set_cookies(response: httpx.Response) -> dict[str, Any]:
+    """The cookies a response sets, by name (``http.cookies.Morsel``: ``.value``, ``["max-age"]``...)."""
+    from http.cookies import SimpleCookie
+
+    jar: dict[str, Any] = {}
+    for line in response.headers.get_list("set-cookie"):
+        cookie: SimpleCookie = SimpleCookie()
+        cookie.load(line)
+        jar.update(cookie)
+    return jar
