@@ -18,6 +18,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from support.redis_servers import SentinelSetup, start_cluster, start_sentinel_setup
+from support.servers import free_port
 
 from gateway.config import SentinelConfig, StoreConfig
 from gateway.errors import StoreError
@@ -266,3 +267,74 @@ def _size(spec: str) -> int:
         return 0
     low, _, high = spec.partition("-")
     return int(high or low) - int(low) + 1
+
+
+def _tls_material(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (cryptography, no openssl CLI)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    paths[2].write_bytes(key_pem)
+    return paths
+
+
+async def test_rediss_tls_store(tmp_path: Path) -> None:
+    """`rediss://` talks TLS and verifies the server against the CA named in the URL (ssl_ca_certs)."""
+    ca, cert, key = _tls_material(tmp_path)
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+         "--tls-auth-clients", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    store = RedisStore(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}", "gwtest:")
+    untrusted = RedisStore(f"rediss://127.0.0.1:{port}/0", "gwtest:")  # the system CAs do not know ours
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await store.ping()
+                break
+            except StoreError:
+                assert time.monotonic() < deadline, "TLS redis-server did not come up"
+                await asyncio.sleep(0.1)
+        await store.set("result:{tls}", b"sealed", 10)
+        assert await store.get("result:{tls}") == b"sealed"
+        assert await store.acquire("lock:{tls}", "me", 5)
+        async with store.watch("lock:{tls}") as waiter:
+            assert await store.release("lock:{tls}", "me")
+            assert await waiter.wait(5)
+        with pytest.raises(StoreError):
+            await untrusted.get("result:{tls}")
+    finally:
+        await store.close()
+        await untrusted.close()
+        server.terminate()
+        server.wait(5)
