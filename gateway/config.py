@@ -461,8 +461,11 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> GatewayConf
     try:
         config = GatewayConfig.model_validate(expanded)
     except ValidationError as exc:
+        # A key whose variable is missing was validated as "": its knock-on complaints
+        # ("set exactly one of ...", "at least 32 bytes") would only hide the real problem.
+        missing = {problem.split(":", 1)[0] for problem in problems}
         for error in exc.errors():
-            problems.extend(_format(error))
+            problems.extend(p for p in _format(error) if p.split(":", 1)[0] not in missing)
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)

@@ -425,3 +425,15 @@ def test_serve_bad_config_exits_1_before_serving(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "tokens.algorithms" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_missing_variable_is_the_only_complaint_about_its_key() -> None:
+    """Regression: an unset ${JWT_SECRET} also produced "set exactly one of..." and "at least 32 bytes"."""
+    data = {"tokens": {"algorithms": ["HS256"], "secret": "${JWT_SECRET}"}, "routes": []}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, env={})
+    tokens = [p for p in info.value.problems if p.startswith("tokens.")]
+    assert tokens == [
+        "tokens.secret: environment variable JWT_SECRET is not set (use ${JWT_SECRET:-default} for a default)"
+    ]
+    assert any(p.startswith("routes") for p in info.value.problems)  # other problems are still all reported
