@@ -35,7 +35,7 @@ from gateway.denylist import Denylist
 from gateway.errors import ConfigError, StoreError
 from gateway.logs import configure as configure_logging
 from gateway.metrics import Metrics
-from gateway.pipeline import Pipeline, Shared
+from gateway.pipeline import Pipeline, RequestIds, Shared
 from gateway.proxy import AiohttpForwarder, Forwarder
 from gateway.responses import Send
 from gateway.sealing import Sealer
@@ -71,6 +71,7 @@ class Gateway:
             # memory:// lives in one process, so a random sealing key is as good as any there.
             sealer=Sealer(config.store.secret or secrets.token_bytes(32)),
             clock=clock,
+            request_ids=RequestIds(),
         )
         self.pipeline = Pipeline(config, self.shared)
         self.config_path = config_path

@@ -26,6 +26,7 @@ class AuthResult:
     bearer: bool = False
     set_cookies: list[bytes] = field(default_factory=list)
     refreshed: bool = False
+    exp: float | None = None  # set when the token was simply valid (no refresh, no cookie to set)
 
 
 class Refresher(Protocol):
@@ -64,14 +65,14 @@ class Authenticator:
             if not bearer:
                 return AuthResult(reason="malformed_authorization", bearer=True)
             checked = await self._verifier.verify(bearer)
-            return AuthResult(claims=checked.claims, token=bearer, reason=checked.reason, bearer=True)
+            return AuthResult(claims=checked.claims, token=bearer, reason=checked.reason, bearer=True, exp=checked.exp)
 
         access, refresh = self._jar.read(headers)
         if access is None and refresh is None:
             return AuthResult(reason="no_token")
         verdict: Verdict | None = await self._verifier.verify(access) if access else None
         if verdict is not None and verdict.ok and not verdict.refreshable:
-            return AuthResult(claims=verdict.claims, token=access)
+            return AuthResult(claims=verdict.claims, token=access, exp=verdict.exp)
         garbage = verdict.reason if verdict is not None and verdict.reason in _UNREADABLE else None
         if garbage:
             # Not a token at all (truncated, mangled by a proxy): treat the cookie as absent, so a

@@ -20,6 +20,7 @@ Starlette serves only the internal endpoints, where its conveniences cost nothin
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 from starlette.applications import Starlette
@@ -51,7 +52,7 @@ from gateway.keys import build_key_source
 from gateway.login import OIDCLogin
 from gateway.logout import Logout
 from gateway.metrics import Metrics
-from gateway.proxy import Forwarder, UpstreamFailure
+from gateway.proxy import Forwarder, UpstreamFailure, chunks
 from gateway.refresh import SessionRefresher
 from gateway.responses import NO_STORE, Send, login_location, safe_next, send_denial, status_for, wants_html
 from gateway.routing import BadPath, Route, RouteTable, canonical_path, host_name
@@ -74,8 +75,9 @@ class RequestInfo:
 
     __slots__ = ("request_id", "request_id_from_client", "reason", "upstream", "subject", "refreshed")
 
-    def __init__(self, request_id: tuple[str, bool]) -> None:
-        self.request_id, self.request_id_from_client = request_id
+    def __init__(self) -> None:
+        self.request_id = ""
+        self.request_id_from_client = False
         self.reason: str | None = None
         self.upstream: float | None = None
         self.subject: Any = None
@@ -85,14 +87,25 @@ class RequestInfo:
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
-def _request_id(headers: list[tuple[bytes, bytes]]) -> tuple[str, bool]:
-    """The client's X-Request-ID when it is sane (so traces join up), else a new one."""
-    for name, value in headers:
-        if name == b"x-request-id":
-            if _REQUEST_ID.fullmatch(value):
-                return value.decode("ascii"), True
-            break
-    return os.urandom(12).hex(), False
+class RequestIds:
+    """New request IDs: a random prefix per process and a counter (unique, and cheap to make)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count) & 0xFFFFFFFF:08x}"
+
+
+class Known(NamedTuple):
+    """A token seen valid before, with what the request path needs from it (see Pipeline._proxy)."""
+
+    claims: dict[str, Any]
+    fresh_until: float  # exp - tokens.refresh_before: after this, the full path decides
+    jti: Any
+    identity: list[tuple[bytes, bytes]]
+    token: str
 
 
 class ClientGone(Exception):
@@ -110,6 +123,7 @@ class Shared:
     metrics: Metrics
     sealer: Sealer
     clock: Callable[[], float]
+    request_ids: RequestIds
 
 
 class Pipeline:
@@ -137,7 +151,10 @@ class Pipeline:
             trusted_proxies=config.server.trusted_proxies,
         )
         self._paths: dict[bytes, tuple[str, str]] = {}  # raw path -> canonical forms
-        self._identities: dict[str, list[tuple[bytes, bytes]]] = {}  # access token -> identity headers
+        # Authorization header value (bytes) or access cookie (str) -> a token verified before.
+        self._known: dict[bytes | str, Known] = {}
+        self._refresh_before = config.tokens.refresh_before
+        self._request_ids = shared.request_ids
         self.keys = build_key_source(config.tokens, self.http, on_fetch=self.metrics.jwks_fetch)
         self.verifier = Verifier(config.tokens, self.keys, clock, denied=self.denylist)
         sealer = shared.sealer
@@ -214,7 +231,7 @@ class Pipeline:
             await self.internal(scope, receive, send)
             return
         started = time.perf_counter()
-        scope["gateway"] = info = RequestInfo(_request_id(scope["headers"]))
+        scope["gateway"] = info = RequestInfo()
         if self.tracer.enabled:
             with self.tracer.span("gateway.request", method=scope["method"]) as span:
                 route_name, status = await self._proxy(scope, receive, send)
@@ -244,17 +261,13 @@ class Pipeline:
         }
         access_log.info(json.dumps(record, separators=(",", ":")))
 
-    def _identity_for(self, token: str | None, claims: dict[str, Any]) -> list[tuple[bytes, bytes]]:
-        """Identity headers, built once per token: the same token always has the same claims."""
-        if token is None:
-            return self.identity.build(claims)
-        cached = self._identities.get(token)
-        if cached is None:
-            cached = self.identity.build(claims)
-            if len(self._identities) >= _CACHE_SIZE:
-                self._identities.clear()
-            self._identities[token] = cached
-        return cached
+    def _remember(self, key: bytes | str, auth: AuthResult, claims: dict[str, Any], identity: list[Any]) -> None:
+        """Keep a plainly valid token for the fast path: same token, same claims, same headers."""
+        if auth.exp is None or auth.token is None:
+            return
+        if len(self._known) >= _CACHE_SIZE:
+            self._known.clear()  # bounded: a flood of distinct tokens cannot grow it
+        self._known[key] = Known(claims, auth.exp - self._refresh_before, claims.get("jti"), identity, auth.token)
 
     def _cross_site(self, scope: Scope) -> bool:
         """An unsafe request riding on the session cookie from another site (see gateway.csrf)."""
@@ -290,6 +303,29 @@ class Pipeline:
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> tuple[str, int]:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        info: RequestInfo = scope["gateway"]
+        host: bytes | None = None
+        authorization: bytes | None = None
+        request_id: bytes | None = None
+        has_body = cookies = False
+        for name, value in headers:  # one pass for what the path below needs
+            if name == b"host":
+                host = value
+            elif name == b"authorization":
+                authorization = b"" if authorization is not None else value  # b"": more than one
+            elif name == b"cookie":
+                cookies = True
+            elif name == b"content-length":
+                has_body = value.strip() != b"0"
+            elif name == b"transfer-encoding":
+                has_body = True
+            elif name == b"x-request-id" and request_id is None:
+                request_id = value
+        if request_id is not None and _REQUEST_ID.fullmatch(request_id):
+            info.request_id, info.request_id_from_client = request_id.decode("ascii"), True
+        else:
+            info.request_id = self._request_ids()  # the client's, when sane, so traces join up
+
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         canonical = self._paths.get(raw_path)
         if canonical is None:
@@ -301,37 +337,46 @@ class Pipeline:
                 self._paths.clear()  # bounded: a scan of unique URLs cannot grow it
             self._paths[raw_path] = canonical
         decoded, path = canonical
-        host: bytes | None = None
-        has_body = False
-        for name, value in headers:  # one pass for what the path below needs
-            if name == b"host":
-                host = value
-            elif name == b"content-length":
-                has_body = value.strip() != b"0"
-            elif name == b"transfer-encoding":
-                has_body = True
         route = self.routes.match(host_name(host) if host and self.routes.by_host else None, decoded)
         if route is None:
             return "-", await self._deny(send, scope, "no_route", None)
 
-        auth = AuthResult()
+        auth: AuthResult | None = None
+        set_cookies: list[bytes] | None = None
+        claims: dict[str, Any] | None = None
+        identity: list[tuple[bytes, bytes]] = []
+        token: str | None = None
         if route.auth != "none":
             if self._cross_site(scope):
                 return route.name, await self._deny(send, scope, "csrf", route)
-            with self.tracer.span("gateway.authenticate", route=route.name):
-                auth = await self.authenticator.authenticate(headers)
-            if auth.claims is None and route.auth == "required":
-                return route.name, await self._deny(send, scope, auth.reason or "no_token", route, auth.set_cookies)
-        claims = auth.claims
-        identity: list[tuple[bytes, bytes]] = []
-        if claims is not None:
-            if route.require and not claims_allowed(claims, route.require):
-                return route.name, await self._deny(send, scope, "claims_denied", route, auth.set_cookies)
-            try:
-                identity = self._identity_for(auth.token, claims)
-            except UnsafeClaim as exc:
-                log.warning("route %s: claim %s holds CR, LF or NUL; refusing", route.name, exc)
-                return route.name, await self._deny(send, scope, "claim_unsafe", route, auth.set_cookies)
+            # Fast path: a token verified before, still well before its expiry, not revoked since.
+            # Everything else (first sight, near expiry, refresh, errors) takes the full path.
+            # The key is the credential the authenticator will use: a Bearer header wins over cookies.
+            key: bytes | str | None = None
+            if authorization and authorization[:7].lower() == b"bearer ":
+                key = authorization
+            elif authorization is None or authorization:  # none, or one that is not Bearer
+                key = self.jar.read(headers)[0] if cookies else None
+            known = self._known.get(key) if key else None
+            if known is not None and self.shared.clock() < known.fresh_until and known.jti not in self.denylist:
+                claims, identity, token = known.claims, known.identity, known.token
+            else:
+                with self.tracer.span("gateway.authenticate", route=route.name):
+                    auth = await self.authenticator.authenticate(headers)
+                claims, token = auth.claims, auth.token
+                if claims is None and route.auth == "required":
+                    return route.name, await self._deny(send, scope, auth.reason or "no_token", route, auth.set_cookies)
+            set_cookies = auth.set_cookies if auth is not None else None
+            if claims is not None and route.require and not claims_allowed(claims, route.require):
+                return route.name, await self._deny(send, scope, "claims_denied", route, set_cookies)
+            if auth is not None and claims is not None:
+                try:
+                    identity = self.identity.build(claims)
+                except UnsafeClaim as exc:
+                    log.warning("route %s: claim %s holds CR, LF or NUL; refusing", route.name, exc)
+                    return route.name, await self._deny(send, scope, "claim_unsafe", route, set_cookies)
+                if key and isinstance(key, bytes) == auth.bearer and not auth.set_cookies and not auth.refreshed:
+                    self._remember(key, auth, claims, identity)
 
         client = scope.get("client")
         upstream_headers = self.header_rules.inbound(
@@ -341,16 +386,16 @@ class Pipeline:
             host=host,
         )
         upstream_headers.extend(identity)
-        info = scope["gateway"]
-        info.subject = claims.get("sub") if claims is not None else None
-        info.refreshed = auth.refreshed
+        if claims is not None:
+            info.subject = claims.get("sub")
+            info.refreshed = auth is not None and auth.refreshed
         if not info.request_id_from_client:
-            request_id = info.request_id.encode()
-            upstream_headers = [(n, v) for n, v in upstream_headers if n != b"x-request-id"]
-            upstream_headers.append((b"x-request-id", request_id))
-        if self.config.identity.forward_token and claims is not None and auth.token:
+            if request_id is not None:  # the client's was not sane: replaced
+                upstream_headers = [(n, v) for n, v in upstream_headers if n != b"x-request-id"]
+            upstream_headers.append((b"x-request-id", info.request_id.encode()))
+        if self.config.identity.forward_token and claims is not None and token:
             upstream_headers = [(n, v) for n, v in upstream_headers if n != b"authorization"]
-            upstream_headers.append((b"authorization", b"Bearer " + auth.token.encode()))
+            upstream_headers.append((b"authorization", b"Bearer " + token.encode()))
 
         if route.capture is not None:
             # The login response is read and rewritten here, so it must come back unencoded.
@@ -373,39 +418,38 @@ class Pipeline:
         except UpstreamFailure as exc:
             reason = "upstream_timeout" if exc.timeout else "upstream_unreachable"
             log.warning("route %s: %s", route.name, exc)
-            return route.name, await self._deny(send, scope, reason, route, auth.set_cookies)
+            return route.name, await self._deny(send, scope, reason, route, set_cookies)
         info.upstream = time.perf_counter() - upstream_started
         self.metrics.upstream(route.name, info.upstream)
 
         out = self.header_rules.outbound(response.headers, route.name)
         out.append((b"x-request-id", info.request_id.encode()))
         if route.capture is not None and wants_capture(response.status, out):
-            captured = await self.capturer.take(route.capture, out, response.body, route.name)
+            captured = await self.capturer.take(route.capture, out, chunks(response), route.name)
             if captured.reason is not None:
-                return route.name, await self._deny(send, scope, captured.reason, route, auth.set_cookies)
+                return route.name, await self._deny(send, scope, captured.reason, route, set_cookies)
             await send({"type": "http.response.start", "status": response.status, "headers": captured.headers})
             await send({"type": "http.response.body", "body": captured.body})
             return route.name, response.status
-        if auth.set_cookies:
-            out.extend((b"set-cookie", c) for c in auth.set_cookies)
-            if auth.refreshed:
+        if set_cookies:
+            out.extend((b"set-cookie", c) for c in set_cookies)
+            if info.refreshed:
                 out = [(n, v) for n, v in out if n != b"cache-control"]
                 out.append(NO_STORE)
         await send({"type": "http.response.start", "status": response.status, "headers": out})
         try:
-            # One chunk of look-ahead: the last chunk goes out with more_body=False, which saves
-            # a send (and a write) per response; most responses are a single chunk.
-            pending = b""
-            async for chunk in response.body:
-                if pending:
-                    await send({"type": "http.response.body", "body": pending, "more_body": True})
-                pending = chunk
+            # Each chunk goes out as it comes; the last one with more_body=False, which saves a
+            # send (and a write) per response. Most responses are one chunk, read once.
+            chunk = await response.read()
+            while chunk and not response.at_eof():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = await response.read()
         except UpstreamFailure as exc:
             # Headers are gone already; all we can do is cut the connection so the client sees it.
             log.warning("route %s: upstream failed mid-response: %s", route.name, exc)
             response.close()
             return route.name, response.status
-        await send({"type": "http.response.body", "body": pending})
+        await send({"type": "http.response.body", "body": chunk})
         return route.name, response.status
 
     # --- internal endpoints -------------------------------------------------------------------

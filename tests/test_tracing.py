@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -30,12 +30,26 @@ def provider() -> Iterator[None]:
     yield
 
 
+class Answer:
+    status = 200
+    headers = [(b"content-length", b"2")]
+
+    def __init__(self) -> None:
+        self.left = [b"ok"]
+
+    async def read(self) -> bytes:
+        return self.left.pop() if self.left else b""
+
+    def at_eof(self) -> bool:
+        return not self.left
+
+    def close(self) -> None:
+        return None
+
+
 class Upstream:
     async def send(self, method: str, url: str, headers: Any, body: Any, **_: float) -> UpstreamResponse:
-        async def chunks() -> AsyncIterator[bytes]:
-            yield b"ok"
-
-        return UpstreamResponse(200, [(b"content-length", b"2")], chunks())
+        return Answer()
 
     async def close(self) -> None:
         return None
