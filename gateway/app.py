@@ -40,6 +40,7 @@ from gateway.proxy import AiohttpForwarder, Forwarder
 from gateway.responses import Send
 from gateway.sealing import Sealer
 from gateway.store import Store, open_store
+from gateway.websocket import Sockets
 
 log = logging.getLogger("gateway")
 
@@ -62,17 +63,20 @@ class Gateway:
     ) -> None:
         store = store or open_store(config.store)
         metrics = Metrics(os.environ.get("GATEWAY_METRICS_DIR"))
+        denylist = Denylist(store, clock=clock, on_store_error=lambda: metrics.store_error("denylist"))
         self.shared = Shared(
             store=store,
             http=httpx.AsyncClient(follow_redirects=False, timeout=config.refresh.timeout),
             forwarder=forwarder or AiohttpForwarder(),
-            denylist=Denylist(store, clock=clock, on_store_error=lambda: metrics.store_error("denylist")),
+            denylist=denylist,
             metrics=metrics,
             # memory:// lives in one process, so a random sealing key is as good as any there.
             sealer=Sealer(config.store.secret or secrets.token_bytes(32)),
             clock=clock,
             request_ids=RequestIds(),
+            sockets=Sockets(denylist, metrics, clock),
         )
+        self.shared.sockets.config = config.websocket
         self.pipeline = Pipeline(config, self.shared)
         self.config_path = config_path
         self.generation = 1
@@ -90,11 +94,10 @@ class Gateway:
         kind = scope["type"]
         if kind == "http":
             await self.pipeline.handle(scope, receive, send)
+        elif kind == "websocket":
+            await self.pipeline.websocket(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
-        elif kind == "websocket":
-            # WebSocket proxying is not built yet: refuse the handshake (uvicorn answers 403).
-            await send({"type": "websocket.close", "code": 1008})
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -135,6 +138,7 @@ class Gateway:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.wait([self._watcher], timeout=2)
+        await self.shared.sockets.close()
         await self.shared.denylist.close()
         await self.pipeline.close()  # waits for refreshes in flight: they hold locks
         if self._retired:
@@ -195,6 +199,7 @@ class Gateway:
             self.shared.metrics.config_loaded(self.generation, ok=False)
             return False
         old, self.pipeline = self.pipeline, pipeline
+        self.shared.sockets.config = config.websocket
         self.generation += 1
         self.shared.metrics.config_loaded(self.generation, ok=True)
         log.info("config reload (%s): generation %d serving, %d routes", why, self.generation, len(config.routes))

@@ -82,6 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         log_level=args.log_level,
         timeout_graceful_shutdown=30,
+        # Client-side WebSocket limits (the upstream side is set per socket from the same keys).
+        ws_max_size=config.websocket.max_message_size,
+        ws_ping_interval=config.websocket.ping_interval or None,
     )
     if args.workers > 1:
         import tempfile

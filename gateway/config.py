@@ -314,6 +314,14 @@ class TimeoutConfig(_Model):
     read: float = Field(60, gt=0)
 
 
+class WebSocketConfig(_Model):
+    close_on_expiry: bool = False
+    max_message_size: int = Field(1_048_576, ge=1024)
+    idle_timeout: float = Field(300, ge=0)
+    max_connections: int = Field(10_000, ge=1)
+    ping_interval: float = Field(20, ge=0)
+
+
 class RequireConfig(_Model):
     claims: dict[str, Any] = Field(default_factory=dict)
 
@@ -365,6 +373,7 @@ class GatewayConfig(_Model):
     login: LoginConfig = LoginConfig()
     logout: LogoutConfig = LogoutConfig()
     csrf: CSRFConfig = CSRFConfig()
+    websocket: WebSocketConfig = WebSocketConfig()
     routes: tuple[RouteConfig, ...]
 
     @field_validator("routes")

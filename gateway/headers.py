@@ -22,6 +22,7 @@ from collections.abc import Iterable
 log = logging.getLogger("gateway.headers")
 
 Headers = list[tuple[bytes, bytes]]
+StrHeaders = list[tuple[str, str]]  # what HTTP and WebSocket clients take
 
 HOP_BY_HOP = frozenset(
     {
@@ -82,6 +83,7 @@ class HeaderRules:
         self._cookies = frozenset(c.encode() for c in cookie_names)
         self._trusted = TrustedProxies(trusted_proxies)
         self._plain: dict[bytes, bool] = {}  # name -> passes inbound filter (memo; names repeat)
+        self._lowered: dict[bytes, bytes] = {}  # upstream header name -> lower case (memo)
 
     def _passes(self, name: bytes) -> bool:
         known = self._plain.get(name)
@@ -98,10 +100,10 @@ class HeaderRules:
             self._plain[name] = ok
         return ok
 
-    def inbound(self, headers: Headers, *, client: str | None, scheme: str, host: bytes | None) -> Headers:
-        """Headers to send upstream, before identity headers are added."""
+    def inbound(self, headers: Headers, *, client: str | None, scheme: str, host: bytes | None) -> StrHeaders:
+        """Headers to send upstream, before identity headers are added; decoded (latin-1) for the client."""
         listed = _connection_listed(headers) if any(n == b"connection" for n, _ in headers) else set()
-        out: Headers = []
+        out: StrHeaders = []
         forwarded_for: list[bytes] = []
         forwarded_proto = forwarded_host = None
         trusted = client in self._trusted
@@ -122,13 +124,13 @@ class HeaderRules:
                 value = self._without_gateway_cookies(value)
                 if not value:
                     continue
-            out.append((name, value))
+            out.append((name.decode("latin-1"), value.decode("latin-1")))
         if client:
             forwarded_for.append(client.encode())
-        out.append((b"x-forwarded-for", b", ".join(forwarded_for)))
-        out.append((b"x-forwarded-proto", forwarded_proto or scheme.encode()))
+        out.append(("x-forwarded-for", b", ".join(forwarded_for).decode("latin-1")))
+        out.append(("x-forwarded-proto", (forwarded_proto or scheme.encode()).decode("latin-1")))
         if forwarded_host or host:
-            out.append((b"x-forwarded-host", forwarded_host or host or b""))
+            out.append(("x-forwarded-host", (forwarded_host or host or b"").decode("latin-1")))
         return out
 
     def origin(self, headers: Headers, client: str | None, scheme: str) -> str:
@@ -157,13 +159,19 @@ class HeaderRules:
         return b"; ".join(kept)
 
     def outbound(self, headers: Iterable[tuple[bytes, bytes]], route: str) -> Headers:
-        """Response headers for the client."""
-        headers = list(headers)
-        listed = _connection_listed(headers)
+        """Response headers for the client: names lower-cased, hop-by-hop and Connection-listed ones dropped."""
         out: Headers = []
+        listed: set[bytes] = set()
+        lowered = self._lowered
         for name, value in headers:
-            lower = name.lower()
-            if lower in HOP_BY_HOP or lower in listed:
+            lower = lowered.get(name)
+            if lower is None:
+                lower = name.lower()
+                if len(lowered) < 4096:
+                    lowered[name] = lower
+            if lower in HOP_BY_HOP:
+                if lower == b"connection":
+                    listed.update(part.strip().lower() for part in value.split(b","))
                 continue
             if lower == b"set-cookie":
                 cookie = value.split(b"=", 1)[0].strip()
@@ -171,4 +179,7 @@ class HeaderRules:
                     log.warning("route %s: dropped an upstream Set-Cookie for the gateway cookie %s", route, cookie)
                     continue
             out.append((lower, value))
+        listed -= HOP_BY_HOP  # Connection: keep-alive / close / upgrade name nothing more to drop
+        if listed:
+            out = [(n, v) for n, v in out if n not in listed]
         return out

@@ -108,6 +108,23 @@ class Metrics:
             "gateway_refresh_wait_seconds", "Time a request waited for another's refresh", buckets=BUCKETS, registry=r
         )
 
+        self._ws_open = Gauge("gateway_websocket_connections", "WebSockets open now", registry=r)
+        messages = Counter(
+            "gateway_websocket_messages", "WebSocket messages relayed, by direction", ["direction"], registry=r
+        )
+        self.ws_to_upstream = messages.labels("to_upstream")  # bound once: inc() per message
+        self.ws_to_client = messages.labels("to_client")
+        self._ws_closed = Counter(
+            "gateway_websocket_closed", "WebSockets closed, by who or what closed them", ["by"], registry=r
+        )
+
+    def websocket_opened(self) -> None:
+        self._ws_open.inc()
+
+    def websocket_closed(self, by: str) -> None:
+        self._ws_open.dec()
+        self._ws_closed.labels(by).inc()
+
     def jwks_fetch(self, ok: bool) -> None:
         self._jwks.labels("ok" if ok else "error").inc()
 

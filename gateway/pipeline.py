@@ -37,6 +37,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount
 from starlette.routing import Route as Endpoint
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+from yarl import URL
 
 from gateway.capture import Capturer, wants_capture
 from gateway.config import GatewayConfig
@@ -45,14 +48,14 @@ from gateway.credentials import Authenticator, AuthResult, bearer_token
 from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
 from gateway.errors import StoreError
-from gateway.headers import HeaderRules
+from gateway.headers import HeaderRules, StrHeaders
 from gateway.identity import IdentityHeaders, UnsafeClaim, claims_allowed
 from gateway.idp import IdPClient
 from gateway.keys import build_key_source
 from gateway.login import OIDCLogin
 from gateway.logout import Logout
 from gateway.metrics import Metrics
-from gateway.proxy import Forwarder, UpstreamFailure, chunks
+from gateway.proxy import Forwarder, UpstreamFailure, chunks, upstream_url
 from gateway.refresh import SessionRefresher
 from gateway.responses import NO_STORE, Send, login_location, safe_next, send_denial, status_for, wants_html
 from gateway.routing import BadPath, Route, RouteTable, canonical_path, host_name
@@ -60,6 +63,7 @@ from gateway.sealing import Sealer
 from gateway.store import Store
 from gateway.tokens import Verifier
 from gateway.tracing import Tracer
+from gateway.websocket import SESSION_KEY, Sockets, Tunnel, as_http, relay
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
@@ -68,6 +72,7 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 _CACHE_SIZE = 10_000
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class RequestInfo:
@@ -104,7 +109,7 @@ class Known(NamedTuple):
     claims: dict[str, Any]
     fresh_until: float  # exp - tokens.refresh_before: after this, the full path decides
     jti: Any
-    identity: list[tuple[bytes, bytes]]
+    identity: list[tuple[str, str]]
     token: str
 
 
@@ -124,6 +129,7 @@ class Shared:
     sealer: Sealer
     clock: Callable[[], float]
     request_ids: RequestIds
+    sockets: Sockets
 
 
 class Pipeline:
@@ -151,6 +157,7 @@ class Pipeline:
             trusted_proxies=config.server.trusted_proxies,
         )
         self._paths: dict[bytes, tuple[str, str]] = {}  # raw path -> canonical forms
+        self._urls: dict[tuple[str, str], URL] = {}  # (route, canonical path) -> upstream URL, no query
         # Authorization header value (bytes) or access cookie (str) -> a token verified before.
         self._known: dict[bytes | str, Known] = {}
         self._refresh_before = config.tokens.refresh_before
@@ -261,7 +268,7 @@ class Pipeline:
         }
         access_log.info(json.dumps(record, separators=(",", ":")))
 
-    def _remember(self, key: bytes | str, auth: AuthResult, claims: dict[str, Any], identity: list[Any]) -> None:
+    def _remember(self, key: bytes | str, auth: AuthResult, claims: dict[str, Any], identity: StrHeaders) -> None:
         """Keep a plainly valid token for the fast path: same token, same claims, same headers."""
         if auth.exp is None or auth.token is None:
             return
@@ -344,10 +351,10 @@ class Pipeline:
         auth: AuthResult | None = None
         set_cookies: list[bytes] | None = None
         claims: dict[str, Any] | None = None
-        identity: list[tuple[bytes, bytes]] = []
+        identity: StrHeaders = []
         token: str | None = None
         if route.auth != "none":
-            if self._cross_site(scope):
+            if scope["method"] not in _SAFE_METHODS and self._cross_site(scope):
                 return route.name, await self._deny(send, scope, "csrf", route)
             # Fast path: a token verified before, still well before its expiry, not revoked since.
             # Everything else (first sight, near expiry, refresh, errors) takes the full path.
@@ -371,7 +378,7 @@ class Pipeline:
                 return route.name, await self._deny(send, scope, "claims_denied", route, set_cookies)
             if auth is not None and claims is not None:
                 try:
-                    identity = self.identity.build(claims)
+                    identity = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.identity.build(claims)]
                 except UnsafeClaim as exc:
                     log.warning("route %s: claim %s holds CR, LF or NUL; refusing", route.name, exc)
                     return route.name, await self._deny(send, scope, "claim_unsafe", route, set_cookies)
@@ -391,18 +398,26 @@ class Pipeline:
             info.refreshed = auth is not None and auth.refreshed
         if not info.request_id_from_client:
             if request_id is not None:  # the client's was not sane: replaced
-                upstream_headers = [(n, v) for n, v in upstream_headers if n != b"x-request-id"]
-            upstream_headers.append((b"x-request-id", info.request_id.encode()))
+                upstream_headers = [(n, v) for n, v in upstream_headers if n != "x-request-id"]
+            upstream_headers.append(("x-request-id", info.request_id))
         if self.config.identity.forward_token and claims is not None and token:
-            upstream_headers = [(n, v) for n, v in upstream_headers if n != b"authorization"]
-            upstream_headers.append((b"authorization", b"Bearer " + token.encode()))
+            upstream_headers = [(n, v) for n, v in upstream_headers if n != "authorization"]
+            upstream_headers.append(("authorization", "Bearer " + token))
 
         if route.capture is not None:
             # The login response is read and rewritten here, so it must come back unencoded.
-            upstream_headers = [(n, v) for n, v in upstream_headers if n != b"accept-encoding"]
+            upstream_headers = [(n, v) for n, v in upstream_headers if n != "accept-encoding"]
         query: bytes = scope["query_string"]
         up = route.upstream
-        url = f"{up.scheme}://{up.netloc}{up.base_path}{path}" + (f"?{query.decode('latin-1')}" if query else "")
+        if query:
+            url = upstream_url(f"{up.scheme}://{up.netloc}{up.base_path}{path}?{query.decode('latin-1')}")
+        else:
+            cached = self._urls.get((route.name, path))
+            if cached is None:
+                if len(self._urls) >= _CACHE_SIZE:
+                    self._urls.clear()
+                cached = self._urls[(route.name, path)] = upstream_url(f"{up.scheme}://{up.netloc}{up.base_path}{path}")
+            url = cached
         body = _request_body(receive) if has_body else None
         upstream_started = time.perf_counter()
         try:
@@ -452,6 +467,150 @@ class Pipeline:
         await send({"type": "http.response.body", "body": chunk})
         return route.name, response.status
 
+    # --- WebSockets ---------------------------------------------------------------------------
+
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket handshake: authorised like a GET, then relayed (see gateway.websocket)."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        started = time.perf_counter()
+        scope["method"] = "GET"  # for the shared denial and logging code: a handshake is a GET
+        scope["gateway"] = info = RequestInfo()
+        info.request_id = self._request_ids()
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                if _REQUEST_ID.fullmatch(value):
+                    info.request_id, info.request_id_from_client = value.decode("ascii"), True
+                break
+        if "websocket.http.response" in scope.get("extensions", {}):
+            respond = as_http(send)
+        else:
+            respond = _refuse_handshake(send)  # no denial responses here: the server answers 403
+        route_name, status, closed_by = "-", 101, None
+        try:
+            route_name, status, closed_by = await self._websocket(scope, receive, send, respond, info)
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.request(route_name, "WEBSOCKET", status, elapsed)
+            if self._access_log:
+                self._log_access(scope, info, route_name, status, elapsed)
+            if closed_by is not None:
+                log.info("websocket closed route=%s by=%s after %.1fs", route_name, closed_by, elapsed)
+
+    async def _websocket(
+        self, scope: Scope, receive: Receive, send: Send, respond: Send, info: RequestInfo
+    ) -> tuple[str, int, str | None]:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        try:
+            decoded, path = canonical_path(raw_path)
+        except BadPath:
+            return "-", await self._deny(respond, scope, "bad_path", None), None
+        host = next((v for n, v in headers if n == b"host"), None)
+        route = self.routes.match(host_name(host) if host and self.routes.by_host else None, decoded)
+        if route is None:
+            return "-", await self._deny(respond, scope, "no_route", None), None
+        sockets = self.shared.sockets
+        if len(sockets) >= self.config.websocket.max_connections:
+            return route.name, await self._deny(respond, scope, "websocket_limit", route), None
+
+        auth = AuthResult()
+        identity: StrHeaders = []
+        watch: str | None = None
+        if route.auth != "none":
+            _, refresh_cookie = self.jar.read(headers)
+            # Browsers send cookies with cross-site WebSocket handshakes and no CORS applies:
+            # a cookie session is only good from its own site (cross-site WebSocket hijacking).
+            if bearer_token(headers) is None and (refresh_cookie or self.jar.read(headers)[0]):
+                own = self._origin({**scope, "scheme": "https" if scope.get("scheme") == "wss" else "http"})
+                if self.csrf.refuses("POST", headers, own):  # checked as an unsafe request would be
+                    return route.name, await self._deny(respond, scope, "csrf", route), None
+            auth = await self.authenticator.authenticate(headers)
+            claims = auth.claims
+            if claims is None and route.auth == "required":
+                reason = auth.reason or "no_token"
+                return route.name, await self._deny(respond, scope, reason, route, auth.set_cookies), None
+            if claims is not None:
+                if route.require and not claims_allowed(claims, route.require):
+                    return route.name, await self._deny(respond, scope, "claims_denied", route, auth.set_cookies), None
+                try:
+                    identity = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.identity.build(claims)]
+                except UnsafeClaim:
+                    return route.name, await self._deny(respond, scope, "claim_unsafe", route, auth.set_cookies), None
+                info.subject, info.refreshed = claims.get("sub"), auth.refreshed
+                # What ends this socket: its session (cookie sessions follow their refresh token's
+                # family through rotations), or for Bearer and access-only cookies its token.
+                if not auth.bearer and refresh_cookie and self.refresher is not None:
+                    watch = SESSION_KEY + await self.refresher.session_of(refresh_cookie)
+                elif isinstance(claims.get("jti"), str):
+                    watch = claims["jti"]
+
+        client = scope.get("client")
+        upstream_headers = [
+            (n, v)
+            for n, v in self.header_rules.inbound(
+                headers, client=client[0] if client else None, scheme=scope.get("scheme", "ws"), host=host
+            )
+            if n != "host" and not n.startswith("sec-websocket-")  # the client library makes its own
+        ]
+        upstream_headers.extend(identity)
+        if not info.request_id_from_client:
+            upstream_headers = [(n, v) for n, v in upstream_headers if n != "x-request-id"]
+            upstream_headers.append(("x-request-id", info.request_id))
+        if self.config.identity.forward_token and auth.claims is not None and auth.token:
+            upstream_headers = [(n, v) for n, v in upstream_headers if n != "authorization"]
+            upstream_headers.append(("authorization", "Bearer " + auth.token))
+        up = route.upstream
+        scheme = "wss" if up.scheme == "https" else "ws"
+        query: bytes = scope["query_string"]
+        url = f"{scheme}://{up.netloc}{up.base_path}{path}" + (f"?{query.decode('latin-1')}" if query else "")
+        limits = self.config.websocket
+        try:
+            upstream = await ws_connect(
+                url,
+                additional_headers=upstream_headers,
+                subprotocols=scope.get("subprotocols") or None,
+                open_timeout=route.connect_timeout,
+                max_size=limits.max_message_size,
+                ping_interval=limits.ping_interval or None,
+                compression=None,  # each hop negotiates its own; none here saves CPU on both
+                user_agent_header=None,
+                proxy=None,  # never an HTTP(S)_PROXY from the environment: upstreams are local
+            )
+        except InvalidStatus as exc:
+            # The upstream refused the handshake: its answer goes back as it was.
+            answer = exc.response
+            out = self.header_rules.outbound(
+                [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.raw_items()], route.name
+            )
+            out = [(n, v) for n, v in out if n not in (b"content-length", b"transfer-encoding")]
+            body = answer.body or b""
+            out += [(b"content-length", str(len(body)).encode()), (b"x-request-id", info.request_id.encode())]
+            out += [(b"set-cookie", c) for c in auth.set_cookies]
+            await respond({"type": "http.response.start", "status": answer.status_code, "headers": out})
+            await respond({"type": "http.response.body", "body": body})
+            return route.name, answer.status_code, None
+        except TimeoutError:
+            log.warning("route %s: upstream WebSocket handshake timed out", route.name)
+            return route.name, await self._deny(respond, scope, "upstream_timeout", route, auth.set_cookies), None
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            log.warning("route %s: upstream WebSocket refused: %s", route.name, type(exc).__name__)
+            return route.name, await self._deny(respond, scope, "upstream_unreachable", route, auth.set_cookies), None
+
+        accept = [(b"set-cookie", c) for c in auth.set_cookies]
+        accept.append((b"x-request-id", info.request_id.encode()))
+        exp = auth.claims.get("exp") if auth.claims is not None and limits.close_on_expiry else None
+        tunnel = Tunnel(watch, float(exp) if isinstance(exp, int | float) else None)
+        sockets.add(tunnel)
+        by = "error"
+        try:
+            await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": accept})
+            by = await relay(tunnel, receive, send, upstream, self.metrics, limits.max_message_size)
+        finally:
+            sockets.discard(tunnel, by)
+            await upstream.close()
+        return route.name, 101, by
+
     # --- internal endpoints -------------------------------------------------------------------
 
     async def _health(self, request: Request) -> Response:
@@ -467,6 +626,16 @@ class Pipeline:
 
     async def _metrics(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+
+def _refuse_handshake(send: Send) -> Send:
+    """Without the denial-response extension, any refusal is a close before accept (HTTP 403)."""
+
+    async def refuse(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            await send({"type": "websocket.close", "code": 1008})
+
+    return refuse
 
 
 async def _request_body(receive: Receive) -> AsyncIterator[bytes]:

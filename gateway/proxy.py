@@ -14,7 +14,7 @@ import aiohttp
 from multidict import CIMultiDict, istr
 from yarl import URL
 
-Headers = list[tuple[bytes, bytes]]
+Headers = list[tuple[str, str]]  # request headers, latin-1 decoded (as aiohttp takes them)
 CHUNK = 64 * 1024
 
 
@@ -50,11 +50,16 @@ async def chunks(response: UpstreamResponse) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def upstream_url(url: str) -> URL:
+    """The URL to forward to, taken as already encoded: the canonical path goes out exactly as authorised."""
+    return URL(url, encoded=True)
+
+
 class Forwarder(Protocol):
     async def send(
         self,
         method: str,
-        url: str,
+        url: URL,
         headers: Headers,
         body: AsyncIterator[bytes] | None,
         *,
@@ -102,7 +107,7 @@ class AiohttpForwarder:
     async def send(
         self,
         method: str,
-        url: str,
+        url: URL,
         headers: Headers,
         body: AsyncIterator[bytes] | None,
         *,
@@ -117,8 +122,8 @@ class AiohttpForwarder:
         try:
             response = await session.request(
                 method,
-                URL(url, encoded=True),  # the canonical path goes out exactly as it was authorised
-                headers=CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
+                url,
+                headers=headers,
                 data=body,
                 allow_redirects=False,
                 timeout=timeout,

@@ -130,6 +130,19 @@ class SessionRefresher:
         log.info("logout token=%s revoked_at_idp=%s", h[:12], revoked)
         return revoked
 
+    async def session_of(self, refresh_token: str) -> str:
+        """The session a refresh token belongs to: the hash of the first refresh token of its family.
+
+        Rotation hands the family on (``family:{h}``), so a socket opened with one refresh token
+        is still found when the session ends with a later one. Without the store: the token's own hash.
+        """
+        h = self._sealer.token_hash(refresh_token)
+        try:
+            raw = await self._store.get(f"family:{{{h}}}")
+        except StoreError:
+            return h
+        return raw.decode() if raw else h
+
     async def _deny_replaced(self, denylist: Denylist, old_access: str, new_jti: Any) -> None:
         claims = await self._verifier.signed_claims(old_access)
         jti, exp = (claims or {}).get("jti"), (claims or {}).get("exp")
@@ -268,8 +281,14 @@ class SessionRefresher:
         This request gets the successor in any case.
         """
         deadline = time.monotonic() + max(2 * self._lease, SHARE_RETRY)
+        family = await self.session_of(token) if outcome.refresh != token else None
         while True:
             try:
+                if family is not None and outcome.refresh is not None:
+                    successor = self._sealer.token_hash(outcome.refresh)
+                    await self._store.set(
+                        f"family:{{{successor}}}", family.encode(), outcome.refresh_max_age or remember
+                    )
                 await self._store.set(f"result:{{{h}}}", self._seal(outcome), max(self._config.grace_period, 1.0))
                 if outcome.refresh != token:
                     used = self._sealer.seal(json.dumps({"successor": outcome.refresh}).encode())

@@ -32,6 +32,7 @@ STATUS: dict[str, tuple[int, str]] = {
     "store_unavailable": (503, "service_unavailable"),
     "refresh_error": (503, "service_unavailable"),
     "idp_bad_response": (502, "bad_gateway"),
+    "websocket_limit": (503, "service_unavailable"),
 }
 RETRY_AFTER = b"5"
 NO_STORE = (b"cache-control", b"no-store")

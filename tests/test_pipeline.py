@@ -53,7 +53,7 @@ class Upstream:
         self.seen: list[dict[str, str]] = []
 
     async def send(self, method: str, url: str, headers: Any, body: Any, **_: float) -> UpstreamResponse:
-        self.seen.append({k.decode(): v.decode() for k, v in headers})
+        self.seen.append(dict(headers))
         return Answer()
 
     async def close(self) -> None:

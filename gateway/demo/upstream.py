@@ -9,6 +9,11 @@ Raw ASGI, no framework, so benchmarks measure the gateway rather than this serve
     GET /_set-cookie/{name} two Set-Cookie headers
     GET /_hop              hop-by-hop headers a proxy must drop (RFC 9110 §7.6.1)
     GET /_html             text/html
+
+WebSocket (any path): the first message it sends is JSON ``{"hello": {path, query_string,
+headers, subprotocols}}``; then it echoes every text or binary message. A text message
+``close <code> [reason]`` makes it close with that code; ``/_ws_refuse/{status}`` refuses the
+handshake with that HTTP status.
 """
 
 from __future__ import annotations
@@ -113,12 +118,49 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
+async def _websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    if (await receive())["type"] != "websocket.connect":
+        return
+    name, _, arg = scope["path"][1:].partition("/")
+    if name == "_ws_refuse" and arg.isdigit():
+        body = json.dumps({"refused": int(arg)}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "websocket.http.response.start", "status": int(arg), "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+        return
+    subprotocols = scope.get("subprotocols") or []
+    await send({"type": "websocket.accept", "subprotocol": subprotocols[0] if subprotocols else None})
+    hello = {
+        "path": scope["path"],
+        "query_string": scope["query_string"].decode("latin-1"),
+        "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in scope["headers"]],
+        "subprotocols": subprotocols,
+    }
+    await send({"type": "websocket.send", "text": json.dumps({"hello": hello})})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        text = message.get("text")
+        if text is not None and text.startswith("close "):
+            code, _, reason = text[6:].partition(" ")
+            await send({"type": "websocket.close", "code": int(code), "reason": reason})
+            return
+        if text is not None:
+            await send({"type": "websocket.send", "text": text})
+        else:
+            await send({"type": "websocket.send", "bytes": message.get("bytes") or b""})
+
+
 def create_upstream_app() -> ASGIApp:
     """The echo upstream as a raw ASGI app."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
+            return
+        if scope["type"] == "websocket":
+            await _websocket(scope, receive, send)
             return
         if scope["type"] != "http":
             return

@@ -1,0 +1,200 @@
+"""WebSocket proxying: the handshake is authorised like any request, then messages are relayed.
+
+    handshake  -> route, credentials, refresh, claims, CSRF (Origin) exactly as for HTTP
+                  (``Pipeline.websocket``); a refusal is an HTTP answer (401/403/404/502/503...)
+                  sent with the ASGI ``websocket.http.response`` extension, never an accepted
+                  socket closed at once
+               -> the upstream handshake (``websockets`` client) with the identity headers
+               -> the client's socket accepted with the upstream's subprotocol and the rotated cookies
+    relay      -> text and binary messages both ways, each ``send`` awaited (backpressure: a slow
+                  reader slows its writer instead of filling memory); close codes pass through
+    watchdog   -> once a second per worker: a socket whose session ended (logout, denylist) is
+                  closed with 4401, one whose token expired with 4401 when
+                  ``websocket.close_on_expiry``, an idle one with 1001
+
+Ping/pong is per hop: ASGI hands an application messages, not control frames, so uvicorn
+answers (and sends) the client's pings and the ``websockets`` client the upstream's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from gateway.config import WebSocketConfig
+from gateway.denylist import Denylist
+from gateway.metrics import Metrics
+
+log = logging.getLogger("gateway.websocket")
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+SESSION_ENDED = 4401  # the session behind the socket ended (logout, denylist) or its token expired
+WATCH_INTERVAL = 1.0
+SESSION_KEY = "session:"  # denylist entries that end a whole session (see Logout)
+# Codes that may not be sent in a close frame (RFC 6455 §7.4.1): 1005/1006/1015 only describe one.
+_UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
+
+
+def sendable(code: int | None, fallback: int) -> int:
+    if code is None or code in _UNSENDABLE or not (1000 <= code <= 4999) or 1016 <= code < 3000:
+        return fallback
+    return code
+
+
+class Tunnel:
+    """One proxied socket as the watchdog sees it."""
+
+    __slots__ = ("watch", "expires", "last_active", "stop")
+
+    def __init__(self, watch: str | None, expires: float | None) -> None:
+        self.watch = watch  # denylist key whose presence ends this socket (a session or a jti)
+        self.expires = expires  # set when websocket.close_on_expiry: the token's exp
+        self.last_active = time.monotonic()
+        self.stop: asyncio.Future[tuple[int, str, str]] = asyncio.get_running_loop().create_future()
+
+    def end(self, code: int, reason: str, by: str) -> None:
+        if not self.stop.done():
+            self.stop.set_result((code, reason, by))
+
+
+class Sockets:
+    """The open sockets of this worker, and the watchdog that ends them."""
+
+    def __init__(self, denylist: Denylist, metrics: Metrics, clock: Callable[[], float]) -> None:
+        self._denylist = denylist
+        self._metrics = metrics
+        self._clock = clock
+        self._open: set[Tunnel] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+        self.config = WebSocketConfig()  # the serving generation's settings (set on each pipeline start)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, tunnel: Tunnel) -> None:
+        self._open.add(tunnel)
+        self._metrics.websocket_opened()
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.create_task(self._watch(), name="websocket-watchdog")
+
+    def discard(self, tunnel: Tunnel, by: str) -> None:
+        if tunnel in self._open:
+            self._open.discard(tunnel)
+            self._metrics.websocket_closed(by)
+
+    def sweep(self) -> None:
+        """End the sockets whose session ended, whose token expired (when asked to) or that idled."""
+        now, idle_since = self._clock(), time.monotonic() - self.config.idle_timeout
+        for tunnel in list(self._open):
+            if tunnel.watch is not None and tunnel.watch in self._denylist:
+                tunnel.end(SESSION_ENDED, "session ended", "session_ended")
+            elif tunnel.expires is not None and now >= tunnel.expires:
+                tunnel.end(SESSION_ENDED, "token expired", "token_expired")
+            elif self.config.idle_timeout and tunnel.last_active < idle_since:
+                tunnel.end(1001, "idle timeout", "idle")
+
+    async def _watch(self) -> None:
+        while self._open:
+            await asyncio.sleep(WATCH_INTERVAL)
+            self.sweep()
+
+    async def close(self) -> None:
+        """Shutdown: every socket is told the server is going away."""
+        for tunnel in list(self._open):
+            tunnel.end(1001, "gateway shutting down", "shutdown")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+
+
+async def relay(
+    tunnel: Tunnel, receive: Receive, send: Send, upstream: ClientConnection, metrics: Metrics, max_size: int
+) -> str:
+    """Relay messages until one side closes or the watchdog ends the socket; say who ended it."""
+
+    async def from_client() -> tuple[str, int, str]:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.receive":
+                data = message.get("text")
+                if data is None:
+                    data = message.get("bytes") or b""
+                if len(data) > max_size:
+                    return "too_big", 1009, "message too big"
+                tunnel.last_active = time.monotonic()
+                try:
+                    await upstream.send(data)
+                except ConnectionClosed:
+                    return "upstream", upstream.close_code or 1006, upstream.close_reason or ""
+                metrics.ws_to_upstream.inc()
+            elif message["type"] == "websocket.disconnect":
+                return "client", message.get("code", 1005), message.get("reason") or ""
+
+    async def from_upstream() -> tuple[str, int, str]:
+        try:
+            async for data in upstream:
+                tunnel.last_active = time.monotonic()
+                if isinstance(data, str):
+                    await send({"type": "websocket.send", "text": data})
+                else:
+                    await send({"type": "websocket.send", "bytes": data})
+                metrics.ws_to_client.inc()
+        except ConnectionClosed:
+            pass
+        except OSError:  # the client went away while we were writing to it
+            return "client", 1006, ""
+        return "upstream", upstream.close_code or 1006, upstream.close_reason or ""
+
+    client = asyncio.ensure_future(from_client())
+    server = asyncio.ensure_future(from_upstream())
+    try:
+        waiting: set[asyncio.Future[Any]] = {client, server, tunnel.stop}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (client, server):
+            task.cancel()
+    if tunnel.stop.done():
+        code, reason, by = tunnel.stop.result()
+        await _close_client(send, code, reason)
+        await upstream.close(1001, reason)
+        return by
+    by, code, reason = client.result() if client.done() and not client.cancelled() else server.result()
+    if by == "client":
+        # The client's close code goes upstream; a vanished client (1006) is "going away".
+        await upstream.close(sendable(code, 1001), reason)
+    elif by == "too_big":
+        await _close_client(send, code, reason)
+        await upstream.close(1001, "client sent a message too big")
+    else:
+        # The upstream's close code comes back to the client; a vanished upstream is 1014 (bad gateway).
+        await _close_client(send, sendable(code, 1014 if code == 1006 else 1000), reason)
+    return by
+
+
+async def _close_client(send: Send, code: int, reason: str) -> None:
+    with contextlib.suppress(OSError, RuntimeError):  # the client may be gone already
+        await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+
+
+def as_http(send: Send) -> Send:
+    """A ``send`` that turns an HTTP answer into the WebSocket denial response (ASGI extension)."""
+
+    async def send_http(message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            await send({**message, "type": "websocket.http.response.start"})
+        elif kind == "http.response.body":
+            await send({**message, "type": "websocket.http.response.body"})
+
+    return send_http
