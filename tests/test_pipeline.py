@@ -110,7 +110,7 @@ async def test_a_known_token_is_refused_once_revoked(gateway: Gateway, clock: Cl
     assert (await get(gateway, headers=bearer)).status_code == 200  # now from the cache
     await gateway.shared.denylist.deny("j-1", clock.now + 600)
     refused = await get(gateway, headers=bearer)
-    assert refused.status_code == 401 and refused.json()["error"] == "invalid_token"
+    assert refused.status_code == 401 and refused.json()["reason"] == "token_revoked"
 
 
 async def test_a_known_token_still_expires_on_time(gateway: Gateway, clock: Clock) -> None:
@@ -120,7 +120,7 @@ async def test_a_known_token_still_expires_on_time(gateway: Gateway, clock: Cloc
     assert (await get(gateway, headers=bearer)).status_code == 200
     clock.now += 21
     refused = await get(gateway, headers=bearer)
-    assert refused.status_code == 401 and refused.json()["error"] == "invalid_token"
+    assert refused.status_code == 401 and refused.json()["reason"] == "token_expired"
 
 
 async def test_cached_identity_follows_the_credential_in_use(
@@ -143,7 +143,7 @@ async def test_route_claim_rules_apply_to_a_cached_token(gateway: Gateway, clock
     bearer = {"Authorization": f"Bearer {token(clock, 'alice', roles=['user'])}"}
     assert (await get(gateway, "/x", headers=bearer)).status_code == 200
     refused = await get(gateway, "/admin/panel", headers=bearer)
-    assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
+    assert refused.status_code == 403 and refused.json()["reason"] == "claims_denied"
     admin = {"Authorization": f"Bearer {token(clock, 'root', roles=['admin'])}"}
     assert (await get(gateway, "/admin/panel", headers=admin)).status_code == 200
 
@@ -154,7 +154,7 @@ async def test_two_bearer_headers_are_refused_even_when_each_is_known(gateway: G
         assert (await get(gateway, headers={"Authorization": f"Bearer {each}"})).status_code == 200
     both = [("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
     refused = await get(gateway, headers=both)
-    assert refused.status_code == 401 and refused.json()["error"] == "invalid_token"
+    assert refused.status_code == 401 and refused.json()["reason"] == "malformed_authorization"
 
 
 async def test_request_ids_are_unique_and_a_sane_client_id_is_kept(
