@@ -78,7 +78,7 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 class RequestInfo:
     """What the access log line says about one request, filled in along the path."""
 
-    __slots__ = ("request_id", "request_id_from_client", "reason", "upstream", "subject", "refreshed")
+    __slots__ = ("request_id", "request_id_from_client", "reason", "upstream", "subject", "refreshed", "answered")
 
     def __init__(self) -> None:
         self.request_id = ""
@@ -87,6 +87,7 @@ class RequestInfo:
         self.upstream: float | None = None
         self.subject: Any = None
         self.refreshed = False
+        self.answered: float | None = None  # WebSockets: perf_counter() when the handshake was answered
 
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
@@ -490,12 +491,14 @@ class Pipeline:
         try:
             route_name, status, closed_by = await self._websocket(scope, receive, send, respond, info)
         finally:
-            elapsed = time.perf_counter() - started
-            self.metrics.request(route_name, "WEBSOCKET", status, elapsed)
+            # The handshake is the request (its latency is what the histogram shows); the access
+            # log line is written when the socket closes, with how long it lived.
+            ended = time.perf_counter()
+            self.metrics.request(route_name, "WEBSOCKET", status, (info.answered or ended) - started)
             if self._access_log:
-                self._log_access(scope, info, route_name, status, elapsed)
+                self._log_access(scope, info, route_name, status, ended - started)
             if closed_by is not None:
-                log.info("websocket closed route=%s by=%s after %.1fs", route_name, closed_by, elapsed)
+                log.info("websocket closed route=%s by=%s after %.1fs", route_name, closed_by, ended - started)
 
     async def _websocket(
         self, scope: Scope, receive: Receive, send: Send, respond: Send, info: RequestInfo
@@ -565,6 +568,7 @@ class Pipeline:
         query: bytes = scope["query_string"]
         url = f"{scheme}://{up.netloc}{up.base_path}{path}" + (f"?{query.decode('latin-1')}" if query else "")
         limits = self.config.websocket
+        connecting = time.perf_counter()
         try:
             upstream = await ws_connect(
                 url,
@@ -597,6 +601,8 @@ class Pipeline:
             log.warning("route %s: upstream WebSocket refused: %s", route.name, type(exc).__name__)
             return route.name, await self._deny(respond, scope, "upstream_unreachable", route, auth.set_cookies), None
 
+        info.answered = time.perf_counter()
+        info.upstream = info.answered - connecting
         accept = [(b"set-cookie", c) for c in auth.set_cookies]
         accept.append((b"x-request-id", info.request_id.encode()))
         exp = auth.claims.get("exp") if auth.claims is not None and limits.close_on_expiry else None

@@ -216,6 +216,18 @@ def test_upstream_close_code_and_reason_reach_the_client(gateway: GatewayProcess
         assert closed_by(ws, within=5) == (4000, "see you")
 
 
+def test_client_close_code_and_reason_reach_the_upstream(
+    gateway: GatewayProcess, idp: IdPProcess, upstream: ServerProcess
+) -> None:
+    with open_socket(gateway, **bearer(idp)) as ws:
+        hello(ws)
+        ws.close(4002, "tab closed")
+    deadline = time.monotonic() + 5
+    while [4002, "tab closed"] not in httpx.get(f"{upstream.url}/_ws_closes").json():
+        assert time.monotonic() < deadline, "the upstream never saw the client's close"
+        time.sleep(0.1)
+
+
 def test_client_close_is_counted_and_frees_the_socket(gateway: GatewayProcess, idp: IdPProcess) -> None:
     before = metric(gateway, "gateway_websocket_closed_total", by="client")
     with open_socket(gateway, **bearer(idp)) as ws:

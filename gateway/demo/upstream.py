@@ -13,13 +13,15 @@ Raw ASGI, no framework, so benchmarks measure the gateway rather than this serve
 WebSocket (any path): the first message it sends is JSON ``{"hello": {path, query_string,
 headers, subprotocols}}``; then it echoes every text or binary message. A text message
 ``close <code> [reason]`` makes it close with that code; ``/_ws_refuse/{status}`` refuses the
-handshake with that HTTP status.
+handshake with that HTTP status. ``GET /_ws_closes`` lists the last close codes and reasons its
+clients sent, as ``[[code, reason], ...]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -101,6 +103,8 @@ async def _special(name: str, arg: str, send: Send) -> bool:
             (b"x-normal", b"yes"),
         ]
         await _json(send, 200, {"hop": True}, hop)
+    elif name == "_ws_closes" and not arg:
+        await _json(send, 200, list(CLOSES))
     elif name == "_html" and not arg:
         await _respond(send, 200, b"<!doctype html><html><body><h1>upstream</h1></body></html>", b"text/html")
     else:
@@ -116,6 +120,9 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+CLOSES: collections.deque[tuple[int, str]] = collections.deque(maxlen=100)
 
 
 async def _websocket(scope: Scope, receive: Receive, send: Send) -> None:
@@ -140,6 +147,7 @@ async def _websocket(scope: Scope, receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
+            CLOSES.append((message.get("code", 1005), message.get("reason") or ""))
             return
         text = message.get("text")
         if text is not None and text.startswith("close "):

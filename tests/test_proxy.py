@@ -1,0 +1,88 @@
+"""AiohttpForwarder against a raw TCP server that records the request bytes it receives.
+
+The forwarding client must send exactly the headers it is given (nothing of its own), one Host
+header whatever the client sent, and stream the body back chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.proxy import AiohttpForwarder, UpstreamFailure, chunks, upstream_url
+
+
+class Recorder:
+    """Answers every request with a fixed body after recording the request head."""
+
+    def __init__(self, body: bytes = b"hello") -> None:
+        self.heads: list[bytes] = []
+        self.body = body
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.heads.append(head)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Up: 1\r\n\r\n%s" % (len(self.body), self.body))
+        await writer.drain()
+        writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    def header_lines(self) -> list[str]:
+        return self.heads[-1].decode("latin-1").split("\r\n")[1:-2]
+
+
+@pytest.fixture
+async def forwarder() -> AsyncIterator[AiohttpForwarder]:
+    forwarder = AiohttpForwarder()
+    yield forwarder
+    await forwarder.close()
+
+
+async def fetch(forwarder: AiohttpForwarder, url: str, headers: list[tuple[str, str]]) -> bytes:
+    response = await forwarder.send("GET", upstream_url(url), headers, None, connect_timeout=5, read_timeout=5)
+    assert response.status == 200 and (b"X-Up", b"1") in response.headers
+    return b"".join([chunk async for chunk in chunks(response)])
+
+
+async def test_sends_exactly_the_given_headers(forwarder: AiohttpForwarder) -> None:
+    recorder = Recorder()
+    async with recorder as url:
+        body = await fetch(forwarder, url + "/a?b=1", [("host", "app.example"), ("x-auth-user", "alice")])
+    assert body == b"hello"
+    assert recorder.heads[-1].startswith(b"GET /a?b=1 HTTP/1.1\r\n")
+    assert recorder.header_lines() == ["host: app.example", "x-auth-user: alice"]
+
+
+async def test_one_host_header_whatever_the_client_sent(forwarder: AiohttpForwarder) -> None:
+    recorder = Recorder()
+    async with recorder as url:
+        await fetch(forwarder, url, [("host", "first.example"), ("accept", "*/*"), ("host", "second.example")])
+        doubled = [line for line in recorder.header_lines() if line.lower().startswith("host:")]
+        await fetch(forwarder, url, [("accept", "*/*")])
+        hostless = [line for line in recorder.header_lines() if line.lower().startswith("host:")]
+    assert [h.lower() for h in doubled] == ["host: second.example"]  # as aiohttp itself does: the last one
+    assert [h.lower() for h in hostless] == [f"host: {url.removeprefix('http://')}"]
+
+
+async def test_unreachable_upstream_is_an_upstream_failure(forwarder: AiohttpForwarder) -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(UpstreamFailure) as failure:
+        await forwarder.send(
+            "GET", upstream_url(f"http://127.0.0.1:{port}/"), [], None, connect_timeout=2, read_timeout=2
+        )
+    assert failure.value.timeout is False
