@@ -39,6 +39,7 @@ from gateway.pipeline import Pipeline, RequestIds, Shared
 from gateway.proxy import AiohttpForwarder, Forwarder
 from gateway.responses import Send
 from gateway.sealing import Sealer
+from gateway.sessions import SessionIndex
 from gateway.store import Store, open_store
 from gateway.websocket import Sockets
 
@@ -64,17 +65,19 @@ class Gateway:
         store = store or open_store(config.store)
         metrics = Metrics(os.environ.get("GATEWAY_METRICS_DIR"))
         denylist = Denylist(store, clock=clock, on_store_error=lambda: metrics.store_error("denylist"))
+        # memory:// lives in one process, so a random sealing key is as good as any there.
+        sealer = Sealer(config.store.secret or secrets.token_bytes(32))
         self.shared = Shared(
             store=store,
             http=httpx.AsyncClient(follow_redirects=False, timeout=config.refresh.timeout),
             forwarder=forwarder or AiohttpForwarder(),
             denylist=denylist,
             metrics=metrics,
-            # memory:// lives in one process, so a random sealing key is as good as any there.
-            sealer=Sealer(config.store.secret or secrets.token_bytes(32)),
+            sealer=sealer,
             clock=clock,
             request_ids=RequestIds(),
             sockets=Sockets(denylist, metrics, clock),
+            sessions=SessionIndex(store, sealer, denylist, clock),
         )
         self.shared.sockets.config = config.websocket
         self.pipeline = Pipeline(config, self.shared)

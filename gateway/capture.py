@@ -18,6 +18,7 @@ from typing import Any
 
 from gateway.config import CaptureConfig
 from gateway.cookies import CookieJar, CookieTooLarge
+from gateway.sessions import SessionIndex
 from gateway.tokens import Verifier
 
 log = logging.getLogger("gateway.capture")
@@ -46,10 +47,17 @@ def wants_capture(status: int, headers: Headers) -> bool:
 
 
 class Capturer:
-    def __init__(self, jar: CookieJar, verifier: Verifier, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        jar: CookieJar,
+        verifier: Verifier,
+        clock: Callable[[], float] = time.time,
+        sessions: SessionIndex | None = None,
+    ) -> None:
         self._jar = jar
         self._verifier = verifier
         self._clock = clock
+        self._sessions = sessions
 
     async def take(self, spec: CaptureConfig, headers: Headers, body: AsyncIterator[bytes], route: str) -> Captured:
         chunks: list[bytes] = []
@@ -68,14 +76,18 @@ class Capturer:
         if not isinstance(data, dict) or not isinstance(data.get(spec.refresh), str):
             return Captured(raw, _with_length(headers, len(raw)))  # nothing to capture
         access, refresh = data.get(spec.access), data[spec.refresh]
-        if not isinstance(access, str) or not (await self._verifier.verify(access)).ok:
+        verdict = await self._verifier.verify(access) if isinstance(access, str) else None
+        if verdict is None or verdict.claims is None:
             log.error("route %s: the captured access token does not verify; no session set", route)
             return Captured(reason="idp_bad_response")
+        lifetime = self._jar.refresh_lifetime(refresh, self._clock())
         try:
-            cookies = self._jar.session(access, refresh, self._jar.refresh_lifetime(refresh, self._clock()))
+            cookies = self._jar.session(str(access), refresh, lifetime)
         except CookieTooLarge as exc:
             log.error("route %s: token too large for the %s cookie (over 4 KB); no session set", route, exc)
             return Captured(reason="cookie_too_large")
+        if self._sessions is not None:
+            await self._sessions.started(verdict.claims, refresh, lifetime)
         del data[spec.refresh]
         if not spec.keep_access:
             data.pop(spec.access, None)

@@ -33,6 +33,7 @@ from gateway.errors import StoreError
 from gateway.keys import KeySource
 from gateway.responses import safe_target
 from gateway.sealing import Sealer
+from gateway.sessions import SessionIndex
 from gateway.store import Store
 from gateway.tokens import Verifier
 
@@ -66,7 +67,9 @@ class OIDCLogin:
         algorithms: tuple[str, ...],
         secure: bool,
         clock: Callable[[], float] = time.time,
+        sessions: SessionIndex | None = None,
     ) -> None:
+        self._sessions = sessions
         self._config = config
         self._jar = jar
         self._http = http
@@ -154,6 +157,8 @@ class OIDCLogin:
         except CookieTooLarge as exc:
             log.error("login: token too large for the %s cookie (over 4 KB); no session set", exc)
             raise LoginFailed(502, "cookie_too_large") from None
+        if self._sessions is not None:
+            await self._sessions.started(verdict.claims, refresh, lifetime)
         log.info("login: session started, subject %s", self._sealer.token_hash(str(verdict.claims.get("sub")))[:12])
         return str(flow["next"]), cookies
 

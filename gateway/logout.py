@@ -10,7 +10,6 @@ other clients get 204.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -24,8 +23,8 @@ from gateway.denylist import Denylist
 from gateway.errors import StoreError
 from gateway.refresh import SessionRefresher
 from gateway.responses import safe_target, wants_html
+from gateway.sessions import ENDED
 from gateway.tokens import Verifier
-from gateway.websocket import SESSION_KEY
 
 log = logging.getLogger("gateway.logout")
 
@@ -61,9 +60,7 @@ class Logout:
         if token:
             await self._deny(token)
         if refresh and self._refresher is not None:
-            session = await self._refresher.session_of(refresh)
-            await self._refresher.end_session(refresh)
-            await self._end_sockets(session, refresh)
+            await self._refresher.end_session(refresh)  # its WebSockets close everywhere too
         clear = [self._jar.clear_access(), self._jar.clear_refresh()]
         if wants_html("GET", headers) or _is_form(headers):
             response: Response = Response(status_code=303, headers={"location": self._redirect})
@@ -73,14 +70,6 @@ class Logout:
         for cookie in clear:
             response.headers.append("set-cookie", cookie.decode("latin-1"))
         return response
-
-    async def _end_sockets(self, session: str, refresh: str) -> None:
-        """Every process closes the WebSockets of this session (they watch the denylist)."""
-        now = time.time()
-        try:
-            await self._denylist.deny(SESSION_KEY + session, now + self._jar.refresh_lifetime(refresh, now))
-        except StoreError as exc:
-            log.error("logout: session end not shared with other processes (%s); sockets here close", exc)
 
     async def _deny(self, token: str) -> None:
         claims = await self._verifier.signed_claims(token)
@@ -92,6 +81,7 @@ class Logout:
             return
         try:
             await self._denylist.deny(jti, float(exp))
+            await self._denylist.deny(ENDED + jti, float(exp))  # and the sockets opened with it
         except StoreError as exc:
             log.error("logout: denylist not shared with other processes (%s); refused here only", exc)
 

@@ -37,7 +37,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount
 from starlette.routing import Route as Endpoint
-from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from yarl import URL
 
@@ -60,10 +59,11 @@ from gateway.refresh import SessionRefresher
 from gateway.responses import NO_STORE, Send, login_location, safe_next, send_denial, status_for, wants_html
 from gateway.routing import BadPath, Route, RouteTable, canonical_path, host_name
 from gateway.sealing import Sealer
+from gateway.sessions import SessionIndex
 from gateway.store import Store
 from gateway.tokens import Verifier
 from gateway.tracing import Tracer
-from gateway.websocket import SESSION_KEY, Sockets, Tunnel, as_http, relay
+from gateway.websocket import Slot, Sockets, Tunnel, as_http, connect_upstream, relay
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
@@ -131,6 +131,7 @@ class Shared:
     clock: Callable[[], float]
     request_ids: RequestIds
     sockets: Sockets
+    sessions: SessionIndex
 
 
 class Pipeline:
@@ -178,10 +179,11 @@ class Pipeline:
                 metrics=self.metrics,
                 clock=clock,
                 denylist=self.denylist if config.tokens.revoke_superseded else None,
+                sessions=shared.sessions,
             )
         self.authenticator = Authenticator(self.verifier, self.jar, self.refresher)
         self.csrf = CSRFGuard(config.csrf.allowed_origins)
-        self.capturer = Capturer(self.jar, self.verifier, clock)
+        self.capturer = Capturer(self.jar, self.verifier, clock, shared.sessions)
         endpoints = [
             Endpoint("/health", self._health),
             Endpoint("/ready", self._ready),
@@ -201,6 +203,7 @@ class Pipeline:
                 algorithms=config.tokens.algorithms,
                 secure=config.cookies.secure,
                 clock=clock,
+                sessions=shared.sessions,
             )
             endpoints += [Endpoint("/login", oidc.login), Endpoint("/callback", oidc.callback)]
             self.login_url = f"{self.prefix}/login?next={{next}}"
@@ -509,17 +512,38 @@ class Pipeline:
             decoded, path = canonical_path(raw_path)
         except BadPath:
             return "-", await self._deny(respond, scope, "bad_path", None), None
+        if decoded == self.prefix or decoded.startswith(self.prefix + "/"):
+            return "-", await self._deny(respond, scope, "no_route", None), None  # internal endpoints are HTTP
         host = next((v for n, v in headers if n == b"host"), None)
         route = self.routes.match(host_name(host) if host and self.routes.by_host else None, decoded)
         if route is None:
             return "-", await self._deny(respond, scope, "no_route", None), None
         sockets = self.shared.sockets
-        if len(sockets) >= self.config.websocket.max_connections:
+        slot = sockets.reserve(self.config.websocket.max_connections)  # before any await: no overshoot
+        if slot is None:
             return route.name, await self._deny(respond, scope, "websocket_limit", route), None
+        try:
+            return await self._tunnel(scope, receive, send, respond, info, route, path, host, slot)
+        finally:
+            sockets.release(slot)
 
+    async def _tunnel(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        respond: Send,
+        info: RequestInfo,
+        route: Route,
+        path: str,
+        host: bytes | None,
+        slot: Slot,
+    ) -> tuple[str, int, str | None]:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        sockets = self.shared.sockets
         auth = AuthResult()
         identity: StrHeaders = []
-        watch: str | None = None
+        watch: tuple[str, ...] = ()
         if route.auth != "none":
             _, refresh_cookie = self.jar.read(headers)
             # Browsers send cookies with cross-site WebSocket handshakes and no CORS applies:
@@ -541,12 +565,9 @@ class Pipeline:
                 except UnsafeClaim:
                     return route.name, await self._deny(respond, scope, "claim_unsafe", route, auth.set_cookies), None
                 info.subject, info.refreshed = claims.get("sub"), auth.refreshed
-                # What ends this socket: its session (cookie sessions follow their refresh token's
-                # family through rotations), or for Bearer and access-only cookies its token.
-                if not auth.bearer and refresh_cookie and self.refresher is not None:
-                    watch = SESSION_KEY + await self.refresher.session_of(refresh_cookie)
-                elif isinstance(claims.get("jti"), str):
-                    watch = claims["jti"]
+                # What ends this socket: the end of its session (found from the verified access
+                # token, see gateway.sessions), or a logout with the token itself.
+                watch = await self.shared.sessions.watch_keys(claims)
 
         client = scope.get("client")
         upstream_headers = [
@@ -570,7 +591,7 @@ class Pipeline:
         limits = self.config.websocket
         connecting = time.perf_counter()
         try:
-            upstream = await ws_connect(
+            upstream = await connect_upstream(
                 url,
                 additional_headers=upstream_headers,
                 subprotocols=scope.get("subprotocols") or None,
@@ -578,6 +599,8 @@ class Pipeline:
                 max_size=limits.max_message_size,
                 ping_interval=limits.ping_interval or None,
                 compression=None,  # each hop negotiates its own; none here saves CPU on both
+                max_queue=4,  # messages read ahead from the upstream: with backpressure, 4 x max_size at most
+                close_timeout=5,
                 user_agent_header=None,
                 proxy=None,  # never an HTTP(S)_PROXY from the environment: upstreams are local
             )
@@ -607,7 +630,7 @@ class Pipeline:
         accept.append((b"x-request-id", info.request_id.encode()))
         exp = auth.claims.get("exp") if auth.claims is not None and limits.close_on_expiry else None
         tunnel = Tunnel(watch, float(exp) if isinstance(exp, int | float) else None)
-        sockets.add(tunnel)
+        sockets.add(tunnel, slot)
         by = "error"
         try:
             await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": accept})

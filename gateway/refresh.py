@@ -40,6 +40,7 @@ from gateway.errors import BadIdPResponse, IdPUnavailable, RefreshRejected, Stor
 from gateway.idp import IdPClient
 from gateway.metrics import Metrics
 from gateway.sealing import Sealer
+from gateway.sessions import SessionIndex
 from gateway.store import Store
 from gateway.tokens import Verifier
 
@@ -81,6 +82,7 @@ class SessionRefresher:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         denylist: Denylist | None = None,
+        sessions: SessionIndex | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -96,6 +98,7 @@ class SessionRefresher:
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._denylist = denylist  # set when tokens.revoke_superseded: the replaced access token is refused
+        self._sessions = sessions  # session records, so that an ended session closes its WebSockets
 
     async def refresh(self, refresh_token: str, old_access: str | None, *, _nested: bool = False) -> AuthResult:
         h = self._sealer.token_hash(refresh_token)
@@ -126,22 +129,19 @@ class SessionRefresher:
             await self._store.delete(f"result:{{{h}}}")
         except StoreError as exc:
             log.error("logout token=%s: could not record the ended session (%s)", h[:12], exc)
+        await self._end_sockets(h, self._cookie_lifetime(refresh_token))
         revoked = await self._idp.revoke(refresh_token)
         log.info("logout token=%s revoked_at_idp=%s", h[:12], revoked)
         return revoked
 
-    async def session_of(self, refresh_token: str) -> str:
-        """The session a refresh token belongs to: the hash of the first refresh token of its family.
-
-        Rotation hands the family on (``family:{h}``), so a socket opened with one refresh token
-        is still found when the session ends with a later one. Without the store: the token's own hash.
-        """
-        h = self._sealer.token_hash(refresh_token)
+    async def _end_sockets(self, h: str, lifetime: float) -> None:
+        """The session of refresh token ``h`` is over: its WebSockets close in every process."""
+        if self._sessions is None:
+            return
         try:
-            raw = await self._store.get(f"family:{{{h}}}")
-        except StoreError:
-            return h
-        return raw.decode() if raw else h
+            await self._sessions.end(await self._sessions.root_of(h), lifetime)
+        except StoreError as exc:
+            log.error("token=%s: sockets of the ended session not closed everywhere (%s)", h[:12], exc)
 
     async def _deny_replaced(self, denylist: Denylist, old_access: str, new_jti: Any) -> None:
         claims = await self._verifier.signed_claims(old_access)
@@ -256,6 +256,7 @@ class SessionRefresher:
         except RefreshRejected as exc:
             log.info("refresh token=%s: %s", h[:12], exc)
             await self._settle(h, Outcome("invalid_grant"), remember)
+            await self._end_sockets(h, remember)  # the IdP says the session is over
             return Outcome("invalid_grant")
         except BadIdPResponse as exc:
             log.error("refresh token=%s: %s", h[:12], exc)
@@ -264,16 +265,19 @@ class SessionRefresher:
         finally:
             self._metrics.idp_latency(time.monotonic() - started)
 
-        if not (await self._verifier.verify(issued.access)).ok:
+        verdict = await self._verifier.verify(issued.access)
+        if verdict.claims is None:
             log.error("refresh token=%s: the IdP's new access token does not verify", h[:12])
             await self._settle(h, Outcome("idp_bad_response"), remember)
             return Outcome("idp_bad_response")
         successor = issued.refresh or token
         outcome = Outcome("ok", issued.access, successor, self._cookie_lifetime(successor))
-        await self._share(h, token, outcome, attempt, remember)
+        await self._share(h, token, outcome, attempt, remember, verdict.claims)
         return outcome
 
-    async def _share(self, h: str, token: str, outcome: Outcome, attempt: str, remember: float) -> None:
+    async def _share(
+        self, h: str, token: str, outcome: Outcome, attempt: str, remember: float, claims: dict[str, Any]
+    ) -> None:
         """Store the successor for the other requests, retrying through a store failover.
 
         The IdP has redeemed the token, so these writes are the only record of its successor: a
@@ -281,14 +285,12 @@ class SessionRefresher:
         This request gets the successor in any case.
         """
         deadline = time.monotonic() + max(2 * self._lease, SHARE_RETRY)
-        family = await self.session_of(token) if outcome.refresh != token else None
         while True:
             try:
-                if family is not None and outcome.refresh is not None:
-                    successor = self._sealer.token_hash(outcome.refresh)
-                    await self._store.set(
-                        f"family:{{{successor}}}", family.encode(), outcome.refresh_max_age or remember
-                    )
+                if self._sessions is not None:
+                    # The new tokens join the old one's session (before anyone can use them).
+                    root = await self._sessions.root_of(h)
+                    await self._sessions.link(claims, outcome.refresh, root, outcome.refresh_max_age or remember)
                 await self._store.set(f"result:{{{h}}}", self._seal(outcome), max(self._config.grace_period, 1.0))
                 if outcome.refresh != token:
                     used = self._sealer.seal(json.dumps({"successor": outcome.refresh}).encode())
@@ -331,6 +333,7 @@ class SessionRefresher:
             f"used:{{{self._sealer.token_hash(successor)}}}", self._sealer.seal(b'{"dead": true}'), forever
         )
         await self._store.delete(f"result:{{{self._sealer.token_hash(successor)}}}")
+        await self._end_sockets(h, forever)
         task = asyncio.create_task(self._idp.revoke(successor))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

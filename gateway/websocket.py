@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.config import WebSocketConfig
@@ -40,7 +40,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 SESSION_ENDED = 4401  # the session behind the socket ended (logout, denylist) or its token expired
 WATCH_INTERVAL = 1.0
-SESSION_KEY = "session:"  # denylist entries that end a whole session (see Logout)
+CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take on either side
 # Codes that may not be sent in a close frame (RFC 6455 §7.4.1): 1005/1006/1015 only describe one.
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
 
@@ -56,8 +56,8 @@ class Tunnel:
 
     __slots__ = ("watch", "expires", "last_active", "stop")
 
-    def __init__(self, watch: str | None, expires: float | None) -> None:
-        self.watch = watch  # denylist key whose presence ends this socket (a session or a jti)
+    def __init__(self, watch: tuple[str, ...], expires: float | None) -> None:
+        self.watch = watch  # denylist entries that end this socket (see gateway.sessions)
         self.expires = expires  # set when websocket.close_on_expiry: the token's exp
         self.last_active = time.monotonic()
         self.stop: asyncio.Future[tuple[int, str, str]] = asyncio.get_running_loop().create_future()
@@ -65,6 +65,22 @@ class Tunnel:
     def end(self, code: int, reason: str, by: str) -> None:
         if not self.stop.done():
             self.stop.set_result((code, reason, by))
+
+
+class Slot:
+    __slots__ = ("used",)
+
+    def __init__(self) -> None:
+        self.used = False
+
+
+class connect_upstream(connect):  # noqa: N801 - used as a function, as websockets' own connect
+    """``websockets``' connect without following redirects: an upstream's 3xx goes back to the
+    client as its answer, as on the HTTP path (following one would send the identity headers to
+    wherever it points)."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
 
 
 class Sockets:
@@ -75,13 +91,27 @@ class Sockets:
         self._metrics = metrics
         self._clock = clock
         self._open: set[Tunnel] = set()
+        self._pending = 0  # handshakes in progress that hold a slot
         self._watchdog: asyncio.Task[None] | None = None
         self.config = WebSocketConfig()  # the serving generation's settings (set on each pipeline start)
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(self, tunnel: Tunnel) -> None:
+    def reserve(self, limit: int) -> Slot | None:
+        """A place for one more socket, held through the handshake; None when the worker is full."""
+        if len(self._open) + self._pending >= limit:
+            return None
+        self._pending += 1
+        return Slot()
+
+    def release(self, slot: Slot) -> None:
+        if not slot.used:
+            slot.used = True
+            self._pending -= 1
+
+    def add(self, tunnel: Tunnel, slot: Slot) -> None:
+        self.release(slot)  # the open socket now counts itself
         self._open.add(tunnel)
         self._metrics.websocket_opened()
         if self._watchdog is None or self._watchdog.done():
@@ -96,7 +126,7 @@ class Sockets:
         """End the sockets whose session ended, whose token expired (when asked to) or that idled."""
         now, idle_since = self._clock(), time.monotonic() - self.config.idle_timeout
         for tunnel in list(self._open):
-            if tunnel.watch is not None and tunnel.watch in self._denylist:
+            if any(key in self._denylist for key in tunnel.watch):
                 tunnel.end(SESSION_ENDED, "session ended", "session_ended")
             elif tunnel.expires is not None and now >= tunnel.expires:
                 tunnel.end(SESSION_ENDED, "token expired", "token_expired")
@@ -152,7 +182,7 @@ async def relay(
                 metrics.ws_to_client.inc()
         except ConnectionClosed:
             pass
-        except OSError:  # the client went away while we were writing to it
+        except (OSError, RuntimeError):  # the client went away (or was closed by the server) mid-send
             return "client", 1006, ""
         return "upstream", upstream.close_code or 1006, upstream.close_reason or ""
 
@@ -164,18 +194,26 @@ async def relay(
     finally:
         for task in (client, server):
             task.cancel()
+        # Collected, so that nothing is left running or unretrieved, but never waited on for
+        # long: a client that stopped reading must not hold its slot (and its upstream) forever.
+        await asyncio.wait([client, server], timeout=CLOSE_TIMEOUT)
     if tunnel.stop.done():
         code, reason, by = tunnel.stop.result()
         await _close_client(send, code, reason)
-        await upstream.close(1001, reason)
+        await _close_upstream(upstream, 1001, reason)
         return by
-    by, code, reason = client.result() if client.done() and not client.cancelled() else server.result()
+    done = client if client.done() and not client.cancelled() and client.exception() is None else server
+    if done.cancelled() or done.exception() is not None:
+        await _close_client(send, 1011, "gateway error")
+        await _close_upstream(upstream, 1011, "gateway error")
+        return "error"
+    by, code, reason = done.result()
     if by == "client":
         # The client's close code goes upstream; a vanished client (1006) is "going away".
-        await upstream.close(sendable(code, 1001), reason)
+        await _close_upstream(upstream, sendable(code, 1001), reason)
     elif by == "too_big":
         await _close_client(send, code, reason)
-        await upstream.close(1001, "client sent a message too big")
+        await _close_upstream(upstream, 1001, "client sent a message too big")
     else:
         # The upstream's close code comes back to the client; a vanished upstream is 1014 (bad gateway).
         await _close_client(send, sendable(code, 1014 if code == 1006 else 1000), reason)
@@ -183,8 +221,17 @@ async def relay(
 
 
 async def _close_client(send: Send, code: int, reason: str) -> None:
-    with contextlib.suppress(OSError, RuntimeError):  # the client may be gone already
-        await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+    # Bounded: the close frame waits for a writable socket, which a client that stopped
+    # reading never gives; the server drops the connection when the application returns.
+    with contextlib.suppress(OSError, RuntimeError, TimeoutError):  # the client may be gone already
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+
+
+async def _close_upstream(upstream: ClientConnection, code: int, reason: str) -> None:
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await upstream.close(code, reason[:120])
 
 
 def as_http(send: Send) -> Send:

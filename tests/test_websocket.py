@@ -9,8 +9,9 @@ import pytest
 from gateway.config import WebSocketConfig
 from gateway.denylist import Denylist
 from gateway.metrics import Metrics
+from gateway.sessions import ENDED, SESSION
 from gateway.store import MemoryStore
-from gateway.websocket import SESSION_ENDED, SESSION_KEY, Sockets, Tunnel, sendable
+from gateway.websocket import SESSION_ENDED, Sockets, Tunnel, sendable
 
 
 @pytest.mark.parametrize(
@@ -39,16 +40,21 @@ async def test_watchdog_ends_sessions_expired_tokens_and_idle_sockets() -> None:
     denylist = Denylist(MemoryStore("t:", clock=clock), clock=clock)
     sockets = Sockets(denylist, Metrics(), clock)
     sockets.config = WebSocketConfig(idle_timeout=60)
-    session = Tunnel(SESSION_KEY + "family-1", None)
-    expiring = Tunnel(None, clock.now + 30)
-    idle = Tunnel(None, None)
-    quiet = Tunnel("jti-2", None)
+    session = Tunnel((ENDED + "jti-1", SESSION + "family-1"), None)
+    expiring = Tunnel((), clock.now + 30)
+    idle = Tunnel((), None)
+    quiet = Tunnel((ENDED + "jti-2",), None)
     for tunnel in (session, expiring, idle, quiet):
-        sockets.add(tunnel)
+        slot = sockets.reserve(limit=10)
+        assert slot is not None
+        sockets.add(tunnel, slot)
+    assert sockets.reserve(limit=4) is None  # full
+    sockets.release(sockets.reserve(limit=5) or pytest.fail("a fifth slot"))
     sockets.sweep()
     assert not any(t.stop.done() for t in (session, expiring, idle, quiet))
 
-    await denylist.deny(SESSION_KEY + "family-1", clock.now + 600)
+    await denylist.deny(SESSION + "family-1", clock.now + 600)
+    await denylist.deny("jti-2", clock.now + 600)  # superseded (HTTP refuses it): not a socket's end
     clock.now += 31
     idle.last_active -= 61
     sockets.sweep()
@@ -60,4 +66,5 @@ async def test_watchdog_ends_sessions_expired_tokens_and_idle_sockets() -> None:
     for tunnel in (session, expiring, idle, quiet):
         sockets.discard(tunnel, "test")
     assert len(sockets) == 0
+    assert sockets.reserve(limit=1) is not None  # every slot was given back
     await sockets.close()

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -195,6 +196,25 @@ def test_upstream_refusal_passes_through_as_its_status(gateway: GatewayProcess, 
     assert (code, body) == (404, {"refused": 404})
 
 
+def test_upstream_redirects_are_answered_not_followed(gateway: GatewayProcess, idp: IdPProcess) -> None:
+    """Following one would take the identity headers wherever the upstream points."""
+    handshake = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    # A raw handshake (a WebSocket client library would follow the redirect itself).
+    response = httpx.get(f"{gateway.url}/_ws_redirect", headers=handshake | bearer(idp))
+    assert response.status_code == 302  # had the gateway followed it, this would be 101
+    assert response.headers["location"].endswith("/_ws_landing")
+
+
+def test_internal_endpoints_take_no_websockets(gateway: GatewayProcess, idp: IdPProcess) -> None:
+    code, body = refused(gateway, "/.gateway/metrics", **bearer(idp))
+    assert (code, body["reason"]) == (404, "no_route")
+
+
 def test_handshake_refresh_sets_the_rotated_cookies(gateway: GatewayProcess, idp: IdPProcess) -> None:
     session = idp.issue("alice", access_ttl=-30)  # the access token expired half a minute ago
     before = idp.stats()["refresh_calls"]
@@ -291,6 +311,45 @@ def test_logout_after_rotation_closes_a_socket_opened_before_it(gateway: Gateway
         assert closed_by(ws, within=5) == (4401, "session ended")
 
 
+def test_logout_with_a_bearer_token_closes_the_sockets_opened_with_it(gateway: GatewayProcess, idp: IdPProcess) -> None:
+    token = idp.issue("erin")["access"]
+    with open_socket(gateway, Authorization=f"Bearer {token}") as ws:
+        hello(ws)
+        response = httpx.post(f"{gateway.url}/.gateway/logout", headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 204
+        assert closed_by(ws, within=5) == (4401, "session ended")
+
+
+def test_a_stolen_access_token_with_a_junk_refresh_cookie_still_closes_at_logout(
+    gateway: GatewayProcess, idp: IdPProcess
+) -> None:
+    """What ends a socket comes from its verified access token, never from the unchecked refresh cookie."""
+    access, refresh = log_in(gateway)
+    stolen = f"{ACCESS}={access}; {REFRESH}=junk-{os.urandom(8).hex()}"
+    with open_socket(gateway, Cookie=stolen, Origin=gateway.url) as ws:
+        hello(ws)
+        log_out(gateway, access, refresh)  # the real user logs out
+        assert closed_by(ws, within=5) == (4401, "session ended")
+
+
+def test_refresh_token_reuse_closes_the_sessions_sockets(gateway: GatewayProcess, idp: IdPProcess) -> None:
+    """A superseded refresh token replayed after the grace period ends the session: its sockets close too."""
+    session = idp.issue("frank", access_ttl=-30)
+    old = f"{ACCESS}={session['access']}; {REFRESH}={session['refresh']}"
+    with open_socket(gateway, Cookie=old, Origin=gateway.url) as ws:  # refreshed at the handshake
+        hello(ws)
+        jar = {c.split("=", 1)[0]: c.split("=", 1)[1].split(";")[0] for c in ws.response.headers.get_all("set-cookie")}
+        new = f"{ACCESS}={jar[ACCESS]}; {REFRESH}={jar[REFRESH]}"
+        with open_socket(gateway, Cookie=new, Origin=gateway.url) as second:
+            hello(second)
+            # An attacker replays the old refresh token once the grace period (10 s here) is over.
+            time.sleep(10.5)
+            replay = httpx.get(f"{gateway.url}/page", headers={"Cookie": old})
+            assert replay.status_code == 401
+            assert closed_by(ws, within=5) == (4401, "session ended")
+            assert closed_by(second, within=5) == (4401, "session ended")
+
+
 # --- limits ---------------------------------------------------------------------------------
 
 
@@ -345,3 +404,38 @@ def test_connections_over_the_limit_are_refused_with_503(strict: GatewayProcess)
         except InvalidStatus:
             assert time.monotonic() < deadline
             time.sleep(0.2)
+
+
+def test_a_client_that_stops_reading_does_not_hold_its_slot(strict: GatewayProcess) -> None:
+    """Ended while the gateway is blocked writing to it, the socket still gives its slot back."""
+    before = metric(strict, "gateway_websocket_closed_total")
+    host, port = strict.url.removeprefix("http://").split(":")
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window fills at once
+    raw.connect((host, int(port)))
+    token = short_lived(4)["Authorization"]
+    raw.sendall(
+        f"GET /live HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: {token}\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += raw.recv(1)  # byte by byte: nothing after the handshake is read
+    assert head.startswith(b"HTTP/1.1 101")
+    frame = b"\x81\xfe" + (2000).to_bytes(2, "big") + b"\x00\x00\x00\x00" + b"y" * 2000  # masked, zero key
+    try:
+        raw.settimeout(5)
+        for _ in range(2000):  # echoed back into a client that reads nothing: the gateway's sends block
+            raw.sendall(frame)
+    except (TimeoutError, OSError):
+        pass  # the gateway stopped reading us too: backpressure both ways
+    try:
+        # The token expires (close_on_expiry) while the gateway is stuck in a send to this client.
+        deadline = time.monotonic() + 15
+        while metric(strict, "gateway_websocket_closed_total") < before + 1:
+            assert time.monotonic() < deadline, "the stalled socket was never let go"
+            time.sleep(0.5)
+        assert metric(strict, "gateway_websocket_connections") == 0
+    finally:
+        raw.close()

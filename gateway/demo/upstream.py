@@ -13,8 +13,9 @@ Raw ASGI, no framework, so benchmarks measure the gateway rather than this serve
 WebSocket (any path): the first message it sends is JSON ``{"hello": {path, query_string,
 headers, subprotocols}}``; then it echoes every text or binary message. A text message
 ``close <code> [reason]`` makes it close with that code; ``/_ws_refuse/{status}`` refuses the
-handshake with that HTTP status. ``GET /_ws_closes`` lists the last close codes and reasons its
-clients sent, as ``[[code, reason], ...]``.
+handshake with that HTTP status; ``/_ws_redirect`` answers 302 to ``/_ws_landing``.
+``GET /_ws_closes`` lists the last close codes and reasons its clients sent, as
+``[[code, reason], ...]``.
 """
 
 from __future__ import annotations
@@ -129,6 +130,12 @@ async def _websocket(scope: Scope, receive: Receive, send: Send) -> None:
     if (await receive())["type"] != "websocket.connect":
         return
     name, _, arg = scope["path"][1:].partition("/")
+    if name == "_ws_redirect":
+        here = next((v for n, v in scope["headers"] if n == b"host"), b"")
+        location = b"ws://" + here + b"/_ws_landing"
+        await send({"type": "websocket.http.response.start", "status": 302, "headers": [(b"location", location)]})
+        await send({"type": "websocket.http.response.body", "body": b""})
+        return
     if name == "_ws_refuse" and arg.isdigit():
         body = json.dumps({"refused": int(arg)}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
