@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from support.fakes import RecordingUpstream
 
 from gateway.app import Gateway, create_app
 from gateway.config import parse_config
-from gateway.proxy import UpstreamResponse
 
 SECRET = "pipeline-tests-secret-0123456789abcdef"
 
@@ -29,49 +29,18 @@ class Clock:
         return self.now
 
 
-class Answer:
-    status = 200
-    headers = [(b"content-length", b"2")]
-
-    def __init__(self) -> None:
-        self.left = [b"ok"]
-
-    async def read(self) -> bytes:
-        return self.left.pop() if self.left else b""
-
-    def at_eof(self) -> bool:
-        return not self.left
-
-    def close(self) -> None:
-        return None
-
-
-class Upstream:
-    """Records the headers of every forwarded request."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict[str, str]] = []
-
-    async def send(self, method: str, url: str, headers: Any, body: Any, **_: float) -> UpstreamResponse:
-        self.seen.append(dict(headers))
-        return Answer()
-
-    async def close(self) -> None:
-        return None
-
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
 
 
 @pytest.fixture
-def upstream() -> Upstream:
-    return Upstream()
+def upstream() -> RecordingUpstream:
+    return RecordingUpstream()
 
 
 @pytest.fixture
-async def gateway(clock: Clock, upstream: Upstream) -> Gateway:
+async def gateway(clock: Clock, upstream: RecordingUpstream) -> Gateway:
     config = parse_config(
         {
             "server": {"access_log": False},
@@ -124,7 +93,7 @@ async def test_a_known_token_still_expires_on_time(gateway: Gateway, clock: Cloc
 
 
 async def test_cached_identity_follows_the_credential_in_use(
-    gateway: Gateway, upstream: Upstream, clock: Clock
+    gateway: Gateway, upstream: RecordingUpstream, clock: Clock
 ) -> None:
     """A non-Bearer Authorization header must not become the cache key for a cookie's identity."""
     basic = {"Authorization": "Basic dXNlcjpwYXNz"}
@@ -158,7 +127,7 @@ async def test_two_bearer_headers_are_refused_even_when_each_is_known(gateway: G
 
 
 async def test_request_ids_are_unique_and_a_sane_client_id_is_kept(
-    gateway: Gateway, upstream: Upstream, clock: Clock
+    gateway: Gateway, upstream: RecordingUpstream, clock: Clock
 ) -> None:
     bearer = {"Authorization": f"Bearer {token(clock, 'alice')}"}
     ids = {(await get(gateway, headers=bearer)).headers["x-request-id"] for _ in range(20)}

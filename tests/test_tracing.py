@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import jwt
@@ -13,10 +12,10 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from support.fakes import RecordingUpstream
 
 from gateway.app import create_app
 from gateway.config import parse_config
-from gateway.proxy import UpstreamResponse
 
 SECRET = "tracing-tests-secret-0123456789abcdef"
 EXPORTER = InMemorySpanExporter()
@@ -30,31 +29,6 @@ def provider() -> Iterator[None]:
     yield
 
 
-class Answer:
-    status = 200
-    headers = [(b"content-length", b"2")]
-
-    def __init__(self) -> None:
-        self.left = [b"ok"]
-
-    async def read(self) -> bytes:
-        return self.left.pop() if self.left else b""
-
-    def at_eof(self) -> bool:
-        return not self.left
-
-    def close(self) -> None:
-        return None
-
-
-class Upstream:
-    async def send(self, method: str, url: str, headers: Any, body: Any, **_: float) -> UpstreamResponse:
-        return Answer()
-
-    async def close(self) -> None:
-        return None
-
-
 async def get(tracing: bool) -> httpx.Response:
     config = parse_config(
         {
@@ -63,7 +37,7 @@ async def get(tracing: bool) -> httpx.Response:
             "routes": [{"name": "app", "path": "/", "upstream": "http://127.0.0.1:9"}],
         }
     )
-    app = create_app(config, forwarder=Upstream())
+    app = create_app(config, forwarder=RecordingUpstream())
     token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
         return await client.get("/x", headers={"Authorization": f"Bearer {token}"})
