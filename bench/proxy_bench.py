@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support.servers import free_port, wait_for_http  # noqa: E402
 
 PYTHON = sys.executable
+HEALTH = "/.gateway/health"
 HS_SECRET = "bench-hs256-secret-0123456789abcdef-xyz"
 BODY_1K = "x" * 1024
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -171,7 +173,6 @@ class Row:
 
 def measure(server: Server, case: str, path: str, headers: dict[str, str], conns: list[int], secs: float) -> list[Row]:
     rows = []
-    wrk(server.url + path, conns[0], min(2.0, secs), headers)  # warm-up: pools, caches, JIT-free but lazy imports
     for connections in conns:
         cpu = server.cpu_seconds()
         rate, p50, p99, total, non2xx = wrk(server.url + path, connections, secs, headers)
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
     parser.add_argument("--connections", default="32,128")
     parser.add_argument("--out", help="markdown results file (default bench/RESULTS.md, or bench/out/ with --quick)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement; medians reported")
     parser.add_argument("--soak", type=float, default=0, help="also run the gateway under load this long, sampling RSS")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -209,59 +211,83 @@ def main() -> None:
     rs_token = jwt.encode(claims, key, algorithm="RS256")
 
     servers: list[Server] = []
-    rows: list[Row] = []
+    rounds = 1 if args.quick else args.rounds
+    soak_lines: list[str] = []
     try:
         upstream, upstream_kind = start_upstream(workdir)
         servers.append(upstream)
         print(f"upstream: {upstream_kind} at {upstream.url}")
-        print("direct (wrk -> upstream)")
-        rows += measure(upstream, "direct", "/app", {}, conns, secs)
 
-        def run(name: str, command: list[str], cases: list[tuple[str, str, dict[str, str]]]) -> None:
+        def launch(name: str, command: list[str], ready: str = "/", pin: bool = True) -> Server:
             port = free_port()
-            server = start(name, pinned(0, [*command, "--port", str(port)]), f"http://127.0.0.1:{port}", "/", workdir)
+            command = [*command, "--port", str(port)]
+            server = start(name, pinned(0, command) if pin else command, f"http://127.0.0.1:{port}", ready, workdir)
             servers.append(server)
-            print(name)
-            for case, path, headers in cases:
-                rows.extend(measure(server, case, path, headers, conns, secs))
-            server.stop()
+            return server
 
+        # Every proxy runs from the start (all on core 0; the idle ones cost nothing), so that the
+        # rounds below can interleave them: each round measures every target once, and the
+        # medians over rounds are reported. Drift on the machine then hits every target alike.
+        gateway_cmd = [PYTHON, "-m", "gateway", "serve", "--host", "127.0.0.1", "--log-level", "warning"]
+        configs = {}
+        for algorithm in ("HS256", "RS256"):
+            configs[algorithm] = workdir / f"gateway-{algorithm}.yaml"
+            configs[algorithm].write_text(yaml.safe_dump(gateway_config(upstream.url, algorithm, key_file)))
         baseline = [("no auth", "/app", {})]
-        run("naive", [PYTHON, "bench/baselines/naive_httpx.py", "--upstream", upstream.url], baseline)
-        run("forwarder", [PYTHON, "bench/baselines/aiohttp_forwarder.py", "--upstream", upstream.url], baseline)
-        for algorithm, cases in (
+        plan: list[tuple[Server, list[tuple[str, str, dict[str, str]]]]] = [
+            (upstream, [("direct", "/app", {})]),
+            (launch("naive", [PYTHON, "bench/baselines/naive_httpx.py", "--upstream", upstream.url]), baseline),
             (
-                "HS256",
+                launch("forwarder", [PYTHON, "bench/baselines/aiohttp_forwarder.py", "--upstream", upstream.url]),
+                baseline,
+            ),
+            (
+                launch("gateway", [*gateway_cmd, "--config", str(configs["HS256"])], HEALTH),
                 [
                     ("HS256 bearer", "/app", {"Authorization": f"Bearer {hs_token}"}),
                     ("auth none", "/public/x", {}),
                     ("401 no token", "/app", {}),
                 ],
             ),
-            ("RS256", [("RS256 cookie", "/app", {"Cookie": f"gw_access={rs_token}"})]),
-        ):
-            config = workdir / f"gateway-{algorithm}.yaml"
-            config.write_text(yaml.safe_dump(gateway_config(upstream.url, algorithm, key_file)))
-            command = [PYTHON, "-m", "gateway", "serve", "--config", str(config), "--host", "127.0.0.1"]
-            run("gateway", [*command, "--log-level", "warning"], cases)
-        hs_config = workdir / "gateway-HS256.yaml"
-        serve = [PYTHON, "-m", "gateway", "serve", "--config", str(hs_config), "--host", "127.0.0.1"]
+            (
+                launch("gateway-rs", [*gateway_cmd, "--config", str(configs["RS256"])], HEALTH),
+                [("RS256 cookie", "/app", {"Cookie": f"gw_access={rs_token}"})],
+            ),
+        ]
         if not args.quick:
             # Two workers, not pinned: on 2 cores they share the machine with wrk and the upstream.
-            port = free_port()
-            two = start(
-                "gateway×2", [*serve, "--workers", "2", "--port", str(port)], f"http://127.0.0.1:{port}", "/", workdir
+            two = launch(
+                "gateway×2", [*gateway_cmd, "--config", str(configs["HS256"]), "--workers", "2"], HEALTH, False
             )
-            servers.append(two)
-            print("gateway --workers 2")
-            rows.extend(measure(two, "HS256 bearer", "/app", {"Authorization": f"Bearer {hs_token}"}, conns, secs))
-            two.stop()
+            plan.append((two, [("HS256 bearer", "/app", {"Authorization": f"Bearer {hs_token}"})]))
+        for server, cases in plan:  # warm-up: pools, caches, lazy imports
+            for _, path, headers in cases:
+                wrk(server.url + path, conns[0], min(2.0, secs), headers)
+        samples: dict[tuple[str, str, int], list[Row]] = {}
+        for number in range(rounds):
+            print(f"round {number + 1} of {rounds}")
+            for server, cases in plan:
+                for case, path, headers in cases:
+                    for row in measure(server, case, path, headers, conns, secs):
+                        samples.setdefault((row.target, row.case, row.connections), []).append(row)
+        rows = [median(group) for group in samples.values()]
+        spread = [
+            f"Per-round gateway (HS256 bearer) / forwarder at {c} connections: "
+            + ", ".join(
+                f"{g.rate / f.rate:.2f}"
+                for g, f in zip(
+                    samples[("gateway", "HS256 bearer", c)], samples[("forwarder", "no auth", c)], strict=True
+                )
+            )
+            for c in conns
+        ]
         if args.soak:
-            soak_lines = soak(serve, workdir, hs_token, args.soak)
+            hs_serve = [*gateway_cmd, "--config", str(configs["HS256"])]
+            soak_lines = soak(hs_serve, workdir, hs_token, args.soak)
     finally:
         for server in servers:
             server.stop()
-    report(rows, out, upstream_kind, secs, soak_lines if args.soak else [])
+    report(rows, out, upstream_kind, secs, rounds, spread, soak_lines)
 
 
 def soak(serve: list[str], workdir: Path, token: str, seconds: float) -> list[str]:
@@ -292,7 +318,25 @@ def soak(serve: list[str], workdir: Path, token: str, seconds: float) -> list[st
     ]
 
 
-def report(rows: list[Row], out: Path, upstream_kind: str, secs: float, soak_lines: list[str]) -> None:
+def median(group: list[Row]) -> Row:
+    """The middle of several rounds: medians of rates, latencies and CPU; the largest RSS."""
+    first = group[0]
+    return Row(
+        first.target,
+        first.case,
+        first.connections,
+        statistics.median(r.rate for r in group),
+        statistics.median(r.p50 for r in group),
+        statistics.median(r.p99 for r in group),
+        statistics.median(r.cpu_us for r in group),
+        max(r.rss for r in group),
+        sum(r.non2xx for r in group),
+    )
+
+
+def report(
+    rows: list[Row], out: Path, upstream_kind: str, secs: float, rounds: int, spread: list[str], soak_lines: list[str]
+) -> None:
     def find(target: str, case: str, connections: int) -> Row | None:
         return next((r for r in rows if (r.target, r.case, r.connections) == (target, case, connections)), None)
 
@@ -301,7 +345,8 @@ def report(rows: list[Row], out: Path, upstream_kind: str, secs: float, soak_lin
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}. Upstream: {upstream_kind}. Proxy pinned to core 0; wrk and the "
-        f"upstream on core 1. {secs:g} s per measurement after a warm-up; one worker per proxy.",
+        f"upstream on core 1. {secs:g} s per measurement after a warm-up; one worker per proxy; {rounds} rounds, "
+        "interleaved (each round measures every target once); each figure is the median over the rounds.",
         "",
         "| target | case | conns | req/s | p50 ms | p99 ms | CPU µs/req | RSS MB | non-2xx | × forwarder | × naive "
         "| × direct |",
@@ -317,7 +362,11 @@ def report(rows: list[Row], out: Path, upstream_kind: str, secs: float, soak_lin
             f"| {r.target} | {r.case} | {r.connections} | {r.rate:,.0f} | {r.p50:.2f} | {r.p99:.2f} | "
             f"{r.cpu_us:.0f} | {r.rss:.0f} | {r.non2xx} | {' | '.join(ratio)} |"
         )
-    lines += ["", "Ratios compare req/s at the same connection count in this run; absolute numbers are noisy here."]
+    lines += [
+        "",
+        "Ratios compare median req/s at the same connection count in this run; absolute numbers are noisy here.",
+    ]
+    lines += ["", *spread]
     if soak_lines:
         lines += ["", *soak_lines]
     out.parent.mkdir(parents=True, exist_ok=True)
