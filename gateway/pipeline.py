@@ -281,6 +281,37 @@ class Pipeline:
             self._known.clear()  # bounded: a flood of distinct tokens cannot grow it
         self._known[key] = Known(claims, auth.exp - self._refresh_before, claims.get("jti"), identity, auth.token)
 
+    def _admit(self, route: Route, claims: dict[str, Any]) -> tuple[str | None, StrHeaders]:
+        """The route's claim rules, then the identity headers: (reason, []) when refused."""
+        if route.require and not claims_allowed(claims, route.require):
+            return "claims_denied", []
+        try:
+            return None, [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.identity.build(claims)]
+        except UnsafeClaim as exc:
+            log.warning("route %s: claim %s holds CR, LF or NUL; refusing", route.name, exc)
+            return "claim_unsafe", []
+
+    def _upstream_headers(
+        self, scope: Scope, host: bytes | None, identity: StrHeaders, info: RequestInfo, token: str | None
+    ) -> StrHeaders:
+        """The request's headers as the upstream gets them: filtered, then identity and request ID added.
+
+        ``token`` is the verified access token (None without one); it goes upstream with identity.forward_token.
+        """
+        client = scope.get("client")
+        out = self.header_rules.inbound(
+            scope["headers"], client=client[0] if client else None, scheme=scope.get("scheme", "http"), host=host
+        )
+        out.extend(identity)
+        if not info.request_id_from_client:
+            if any(n == "x-request-id" for n, _ in out):  # the client's was not sane: replaced
+                out = [(n, v) for n, v in out if n != "x-request-id"]
+            out.append(("x-request-id", info.request_id))
+        if self._forward_token and token:
+            out = [(n, v) for n, v in out if n != "authorization"]
+            out.append(("authorization", "Bearer " + token))
+        return out
+
     def _cross_site(self, scope: Scope) -> bool:
         """An unsafe request riding on the session cookie from another site (see gateway.csrf)."""
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -379,35 +410,20 @@ class Pipeline:
                 if claims is None and route.auth == "required":
                     return route.name, await self._deny(send, scope, auth.reason or "no_token", route, auth.set_cookies)
             set_cookies = auth.set_cookies if auth is not None else None
-            if claims is not None and route.require and not claims_allowed(claims, route.require):
-                return route.name, await self._deny(send, scope, "claims_denied", route, set_cookies)
-            if auth is not None and claims is not None:
-                try:
-                    identity = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.identity.build(claims)]
-                except UnsafeClaim as exc:
-                    log.warning("route %s: claim %s holds CR, LF or NUL; refusing", route.name, exc)
-                    return route.name, await self._deny(send, scope, "claim_unsafe", route, set_cookies)
+            if auth is None:  # a known token: its identity headers are ready, the route's rules still apply
+                if claims is not None and route.require and not claims_allowed(claims, route.require):
+                    return route.name, await self._deny(send, scope, "claims_denied", route)
+            elif claims is not None:
+                reason, identity = self._admit(route, claims)
+                if reason is not None:
+                    return route.name, await self._deny(send, scope, reason, route, set_cookies)
                 if key and isinstance(key, bytes) == auth.bearer and not auth.set_cookies and not auth.refreshed:
                     self._remember(key, auth, claims, identity)
 
-        client = scope.get("client")
-        upstream_headers = self.header_rules.inbound(
-            headers,
-            client=client[0] if client else None,
-            scheme=scope.get("scheme", "http"),
-            host=host,
-        )
-        upstream_headers.extend(identity)
+        upstream_headers = self._upstream_headers(scope, host, identity, info, token if claims is not None else None)
         if claims is not None:
             info.subject = claims.get("sub")
             info.refreshed = auth is not None and auth.refreshed
-        if not info.request_id_from_client:
-            if request_id is not None:  # the client's was not sane: replaced
-                upstream_headers = [(n, v) for n, v in upstream_headers if n != "x-request-id"]
-            upstream_headers.append(("x-request-id", info.request_id))
-        if self._forward_token and claims is not None and token:
-            upstream_headers = [(n, v) for n, v in upstream_headers if n != "authorization"]
-            upstream_headers.append(("authorization", "Bearer " + token))
 
         if route.capture is not None:
             # The login response is read and rewritten here, so it must come back unencoded.
@@ -483,7 +499,9 @@ class Pipeline:
         if (await receive())["type"] != "websocket.connect":
             return
         started = time.perf_counter()
-        scope["method"] = "GET"  # for the shared denial and logging code: a handshake is a GET
+        # For the code shared with HTTP (denials, logs, origin, X-Forwarded-Proto): a handshake is a GET.
+        scope["method"] = "GET"
+        scope["scheme"] = "https" if scope.get("scheme") == "wss" else "http"
         scope["gateway"] = info = RequestInfo()
         info.request_id = self._request_ids()
         for name, value in scope["headers"]:
@@ -554,41 +572,27 @@ class Pipeline:
             # Browsers send cookies with cross-site WebSocket handshakes and no CORS applies:
             # a cookie session is only good from its own site (cross-site WebSocket hijacking).
             if bearer_token(headers) is None and (refresh_cookie or self.jar.read(headers)[0]):
-                own = self._origin({**scope, "scheme": "https" if scope.get("scheme") == "wss" else "http"})
-                if self.csrf.refuses("POST", headers, own):  # checked as an unsafe request would be
+                if self.csrf.refuses("POST", headers, self._origin(scope)):  # checked as an unsafe request would be
                     return route.name, await self._deny(respond, scope, "csrf", route), None
             auth = await self.authenticator.authenticate(headers)
             claims = auth.claims
             if claims is None and route.auth == "required":
-                reason = auth.reason or "no_token"
-                return route.name, await self._deny(respond, scope, reason, route, auth.set_cookies), None
+                refused = auth.reason or "no_token"
+                return route.name, await self._deny(respond, scope, refused, route, auth.set_cookies), None
             if claims is not None:
-                if route.require and not claims_allowed(claims, route.require):
-                    return route.name, await self._deny(respond, scope, "claims_denied", route, auth.set_cookies), None
-                try:
-                    identity = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.identity.build(claims)]
-                except UnsafeClaim:
-                    return route.name, await self._deny(respond, scope, "claim_unsafe", route, auth.set_cookies), None
+                reason, identity = self._admit(route, claims)
+                if reason is not None:
+                    return route.name, await self._deny(respond, scope, reason, route, auth.set_cookies), None
                 info.subject, info.refreshed = claims.get("sub"), auth.refreshed
                 # What ends this socket: the end of its session (found from the verified access
                 # token, see gateway.sessions), or a logout with the token itself.
                 watch = await self.shared.sessions.watch_keys(claims)
 
-        client = scope.get("client")
         upstream_headers = [
             (n, v)
-            for n, v in self.header_rules.inbound(
-                headers, client=client[0] if client else None, scheme=scope.get("scheme", "ws"), host=host
-            )
+            for n, v in self._upstream_headers(scope, host, identity, info, auth.token if auth.claims else None)
             if n != "host" and not n.startswith("sec-websocket-")  # the client library makes its own
         ]
-        upstream_headers.extend(identity)
-        if not info.request_id_from_client:
-            upstream_headers = [(n, v) for n, v in upstream_headers if n != "x-request-id"]
-            upstream_headers.append(("x-request-id", info.request_id))
-        if self.config.identity.forward_token and auth.claims is not None and auth.token:
-            upstream_headers = [(n, v) for n, v in upstream_headers if n != "authorization"]
-            upstream_headers.append(("authorization", "Bearer " + auth.token))
         up = route.upstream
         scheme = "wss" if up.scheme == "https" else "ws"
         query: bytes = scope["query_string"]

@@ -156,6 +156,7 @@ def test_bearer_socket_relays_text_and_binary_with_identity_headers(gateway: Gat
         assert seen["x-auth-user"] == "alice" and seen["x-auth-email"] == "alice@example.com"
         assert [n for n, _ in greeting["headers"]].count("x-auth-user") == 1  # the spoofed one is gone
         assert seen["x-request-id"] == "ws-trace-1" and seen["x-forwarded-for"] == "127.0.0.1"
+        assert seen["x-forwarded-proto"] == "http"  # what apps check for https, not "ws"
         assert greeting["path"] == "/live" and greeting["query_string"] == "room=7"
         ws.send("hello, upstream")
         assert ws.recv(timeout=5) == "hello, upstream"
