@@ -243,6 +243,16 @@ FETCH = """async ([url, method, body]) => {
 }"""
 
 
+OPEN_SOCKET = """(url) => new Promise((resolve) => {
+    const socket = new WebSocket(url);
+    window.__closed = new Promise((done) => { socket.onclose = (e) => done({code: e.code, reason: e.reason}); });
+    socket.onmessage = (e) => resolve({opened: true, hello: JSON.parse(e.data).hello});
+    socket.onerror = () => resolve({opened: false});
+})"""
+
+SOCKET_CLOSED = """() => Promise.race([window.__closed, new Promise((r) => setTimeout(() => r(null), 8000))])"""
+
+
 def wait_for_expiry() -> None:
     """Sleep until the session's access token has expired (its cookie is only ever ACCESS_TTL long)."""
     time.sleep(ACCESS_TTL + 1)
@@ -379,6 +389,42 @@ def test_cross_origin_form_post_is_refused(session: Page, gateway: GatewayProces
     assert {k.lower(): v for k, v in arrived["headers"].items()}["x-auth-user"] == "alice"
 
 
+def test_cross_site_page_cannot_open_a_websocket_on_the_session(session: Page, gateway: GatewayProcess) -> None:
+    """Cross-site WebSocket hijacking: the browser sends the session cookies along, the gateway refuses."""
+
+    class Attack(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>win a prize</title>"
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    # Another origin on the same host (a real server on another port): the same site, so the
+    # browser sends the session cookies with the handshake and only the Origin check stands.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Attack)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    live = gateway.url.replace("http://", "ws://") + "/live"
+    seen = len(gateway.log().splitlines())
+    try:
+        session.goto(f"http://127.0.0.1:{server.server_address[1]}/attack")
+        assert session.evaluate(OPEN_SOCKET, live) == {"opened": False}
+    finally:
+        server.shutdown()
+        server.server_close()
+    deadline = time.monotonic() + 5
+    while not any("reason=csrf" in line for line in gateway.log().splitlines()[seen:]):
+        assert time.monotonic() < deadline, "the handshake did not reach the gateway, or was not refused as csrf"
+        time.sleep(0.1)
+    session.goto(f"{gateway.url}/home")  # from the gateway's own page: the same socket opens, as the user
+    opened = session.evaluate(OPEN_SOCKET, live)
+    assert opened["opened"] and dict(opened["hello"]["headers"])["x-auth-user"] == "alice"
+
+
 def test_logout_ends_the_session_everywhere(context: BrowserContext, gateway: GatewayProcess, idp: IdPProcess) -> None:
     page = context.new_page()
     log_in(page, gateway, idp)
@@ -401,3 +447,14 @@ def test_logout_ends_the_session_everywhere(context: BrowserContext, gateway: Ga
     page.goto(f"{gateway.url}/home")
     assert page.url.startswith(f"{idp.url}/authorize?"), page.url
     assert page.locator("#login").is_visible()
+
+
+def test_a_pages_websocket_closes_when_the_user_logs_out(
+    context: BrowserContext, gateway: GatewayProcess, idp: IdPProcess
+) -> None:
+    page = context.new_page()
+    log_in(page, gateway, idp)
+    opened = page.evaluate(OPEN_SOCKET, gateway.url.replace("http://", "ws://") + "/live")
+    assert opened["opened"] and dict(opened["hello"]["headers"])["x-auth-user"] == "alice"
+    assert page.evaluate(FETCH, ["/.gateway/logout", "POST", None])["status"] == 204
+    assert page.evaluate(SOCKET_CLOSED) == {"code": 4401, "reason": "session ended"}

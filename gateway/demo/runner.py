@@ -65,7 +65,7 @@ def demo_config(port: int, idp_url: str, upstream_url: str, secret: str) -> Gate
 
 
 def _banner(port: int, idp_port: int) -> str:
-    gw = f"http://127.0.0.1:{port}"
+    gw, ws = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
     return f"""
 gateway demo is running (Ctrl+C to stop)
   gateway            {gw}      routes: /api/token/ (JSON login, captured), /public/, /admin/ (is_staff), /
@@ -75,7 +75,10 @@ gateway demo is running (Ctrl+C to stop)
 
 In a browser: open {gw}/ , sign in as alice/alice at the demo IdP, and you are back with the
 echo of your request: x-auth-user, x-auth-email, x-auth-roles came from the gateway. Reload after
-{DEMO_ACCESS_TTL}s: the gateway refreshed the session by itself. Log out with a POST to {gw}/.gateway/logout.
+{DEMO_ACCESS_TTL}s: the gateway refreshed the session by itself. A WebSocket rides the same session;
+in the browser console: s = new WebSocket("{ws}/live"); s.onmessage = e => console.log(e.data)
+(the upstream's first message lists the identity headers it got). Log out with a POST to
+{gw}/.gateway/logout: the socket is closed with code 4401.
 
 With curl:
   # no session: 401 with a reason code (browsers are redirected to the login)
