@@ -13,6 +13,7 @@ from uuid import uuid4
 import pytest
 import redis
 from support.redis_servers import SentinelSetup, start_cluster, start_sentinel_setup
+from support.servers import ServerProcess, start_upstream
 
 
 def _free_port() -> int:
@@ -21,6 +22,16 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+# --- processes ---
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ServerProcess]:
+    """The demo echo upstream (`gateway.demo.upstream`) as a real process, one per test module."""
+    with start_upstream() as server:
+        yield server
 
 
 # --- redis ---

@@ -29,7 +29,6 @@ from support.servers import (
     free_port,
     start_gateway,
     start_idp,
-    start_upstream,
 )
 
 CHROMIUM = "/usr/bin/chromium"
@@ -94,12 +93,6 @@ class Recorder:
 @pytest.fixture(scope="module")
 def idp() -> Iterator[IdPProcess]:
     with start_idp(algorithm="RS256", access_ttl=ACCESS_TTL) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ServerProcess]:
-    with start_upstream() as server:
         yield server
 
 

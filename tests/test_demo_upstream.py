@@ -9,13 +9,7 @@ from pathlib import Path
 import httpx
 import jwt
 import pytest
-from support.servers import IdPProcess, ServerProcess, start_idp, start_upstream
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ServerProcess]:
-    with start_upstream() as server:
-        yield server
+from support.servers import IdPProcess, ServerProcess, start_idp
 
 
 @pytest.fixture(scope="module")

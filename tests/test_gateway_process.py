@@ -13,15 +13,9 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from support.servers import GatewayProcess, ServerProcess, free_port, start_gateway, start_idp, start_upstream
+from support.servers import GatewayProcess, ServerProcess, free_port, start_gateway, start_idp
 
 SECRET = "integration-secret-0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ServerProcess]:
-    with start_upstream() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from support.servers import (
     set_cookies,
     start_gateway,
     start_idp,
-    start_upstream,
 )
 
 IDP_SECRET = "refresh-tests-hs256-secret-0123456789abcdef"
@@ -57,12 +56,6 @@ def gateway_config(
 @pytest.fixture(scope="module")
 def idp() -> Iterator[IdPProcess]:
     with start_idp(secret=IDP_SECRET) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ServerProcess]:
-    with start_upstream() as server:
         yield server
 
 

@@ -6,14 +6,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import jwt
-import pytest
 import yaml
-from support.servers import GatewayProcess, ServerProcess, start_gateway, start_upstream
+from support.servers import GatewayProcess, ServerProcess, start_gateway
 
 SECRET = "reload-tests-secret-0123456789abcdef"
 
@@ -32,12 +30,6 @@ def config(upstream: str, *, staff_only: bool = False, watch: bool = True) -> di
         "cookies": {"secure": False},
         "routes": [route],
     }
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ServerProcess]:
-    with start_upstream() as server:
-        yield server
 
 
 def all_workers_up(gateway: GatewayProcess, workers: int = 2) -> None:

@@ -27,7 +27,6 @@ from support.servers import (
     set_cookies,
     start_gateway,
     start_idp,
-    start_upstream,
 )
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
@@ -72,12 +71,6 @@ def config(idp: IdPProcess, upstream: ServerProcess, store_url: str, **websocket
 @pytest.fixture(scope="module")
 def idp() -> Iterator[IdPProcess]:
     with start_idp(secret=SECRET) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ServerProcess]:
-    with start_upstream() as server:
         yield server
 
 
