@@ -34,6 +34,7 @@ def gateway(upstream: ServerProcess) -> Iterator[GatewayProcess]:
             {"name": "admin", "path": "/admin/", "upstream": upstream.url, "require": {"claims": {"is_staff": True}}},
             {"name": "down", "path": "/down/", "upstream": dead},
             {"name": "slow", "path": "/_slow/", "upstream": upstream.url, "timeout": {"connect": 1, "read": 0.5}},
+            {"name": "drip", "path": "/_drip/", "upstream": upstream.url, "timeout": {"connect": 1, "read": 0.5}},
             {"name": "app", "path": "/", "upstream": upstream.url},
         ],
     }
@@ -224,10 +225,40 @@ def test_upstream_refused_is_502_and_timeout_is_504(gateway: GatewayProcess) -> 
         "reason": "upstream_unreachable",
         "route": "down",
     }
+    started = time.monotonic()
     slow = httpx.get(f"{gateway.url}/_slow/3", headers=auth, timeout=10)
     assert slow.status_code == 504 and slow.json()["route"] == "slow"
+    assert time.monotonic() - started < 2.5  # the 0.5 s read timeout fired, not the upstream's 3 s answer
     page = httpx.get(f"{gateway.url}/down/x", headers={**auth, "Accept": "text/html"})
     assert page.status_code == 502 and "text/html" in page.headers["content-type"] and "127.0.0.1" not in page.text
+
+
+def test_read_timeout_is_between_chunks_not_for_the_whole_body(gateway: GatewayProcess) -> None:
+    auth = {"Authorization": f"Bearer {token()}"}
+    # 5 chunks 0.3 s apart: 1.2 s in all, more than the 0.5 s read timeout, but never 0.5 s of silence.
+    steady = httpx.get(f"{gateway.url}/_drip/0.3", headers=auth, timeout=10)
+    assert steady.status_code == 200 and len(steady.content) == 5 * 1024
+    # The upstream falls silent after its first chunk: the gateway gives up and cuts the response.
+    started = time.monotonic()
+    with httpx.stream("GET", f"{gateway.url}/_drip/3", headers=auth, timeout=10) as stalled:
+        assert stalled.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            stalled.read()
+    assert time.monotonic() - started < 2.5
+    # The gateway still answers on its connections afterwards.
+    assert httpx.get(f"{gateway.url}/_drip/0", headers=auth).status_code == 200
+
+
+def test_a_slow_upload_is_not_a_read_timeout(gateway: GatewayProcess) -> None:
+    # The read timeout starts once the request is sent: a client taking 1.5 s to upload is not cut at 0.5 s.
+    def body() -> Iterator[bytes]:
+        for _ in range(5):
+            time.sleep(0.3)
+            yield b"y" * 1000
+
+    auth = {"Authorization": f"Bearer {token()}"}
+    response = httpx.post(f"{gateway.url}/_slow/upload", headers=auth, content=body(), timeout=10)
+    assert echo(response)["body_length"] == 5000
 
 
 def test_response_headers_are_cleaned(gateway: GatewayProcess) -> None:

@@ -86,3 +86,75 @@ async def test_unreachable_upstream_is_an_upstream_failure(forwarder: AiohttpFor
             "GET", upstream_url(f"http://127.0.0.1:{port}/"), [], None, connect_timeout=2, read_timeout=2
         )
     assert failure.value.timeout is False
+
+
+class Silent:
+    """Accepts connections and reads requests, then says nothing (or only a head and part of a body)."""
+
+    def __init__(self, answer: bytes = b"") -> None:
+        self.answer = answer
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(self.answer)
+        await reader.read()  # until the gateway hangs up
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        for writer in self.writers:
+            writer.close()
+        self.server.close()
+
+
+async def test_no_answer_within_the_read_timeout_is_a_timeout(forwarder: AiohttpForwarder) -> None:
+    async with Silent() as url:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamFailure) as failure:
+            await forwarder.send("GET", upstream_url(url), [], None, connect_timeout=2, read_timeout=0.2)
+        assert failure.value.timeout is True
+        assert asyncio.get_running_loop().time() - started < 1.5
+        # The timeout's cancellation was taken back: the request's task goes on undisturbed.
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+        await asyncio.sleep(0.01)
+
+
+async def test_a_body_that_stops_coming_is_a_timeout(forwarder: AiohttpForwarder) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"
+    async with Silent(head) as url:
+        response = await forwarder.send("GET", upstream_url(url), [], None, connect_timeout=2, read_timeout=0.2)
+        assert await response.read() == b"hello"
+        with pytest.raises(UpstreamFailure) as failure:
+            await response.read()
+        assert failure.value.timeout is True
+
+
+async def test_a_cancelled_request_stays_cancelled(forwarder: AiohttpForwarder) -> None:
+    # Cancellation from outside (a server shutting down) is not a timeout, even when the read
+    # timeout fires while it is under way.
+    async with Silent() as url:
+        request = asyncio.create_task(
+            forwarder.send("GET", upstream_url(url), [], None, connect_timeout=2, read_timeout=30)
+        )
+        await asyncio.sleep(0.01)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        # Both at once: the deadline expires (fired here by hand, in the same loop step) and the
+        # task is cancelled from outside. The outside cancellation wins.
+        both = asyncio.create_task(
+            forwarder.send("GET", upstream_url(url), [], None, connect_timeout=2, read_timeout=30)
+        )
+        await asyncio.sleep(0.01)
+        for _, expire in list(forwarder._deadlines._due.values()):
+            expire()
+        both.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await both

@@ -6,6 +6,7 @@ Raw ASGI, no framework, so benchmarks measure the gateway rather than this serve
     GET /_stream/{nbytes}  nbytes of b"x", chunked, in 64 KiB pieces
     GET /_status/{code}    that status, JSON {"status": code}
     GET /_slow/{seconds}   sleeps, then 200
+    GET /_drip/{seconds}   5 chunks of 1 KiB, chunked, {seconds} apart (the first at once)
     GET /_set-cookie/{name} two Set-Cookie headers
     GET /_hop              hop-by-hop headers a proxy must drop (RFC 9110 §7.6.1)
     GET /_html             text/html
@@ -83,15 +84,30 @@ async def _stream(send: Send, nbytes: int) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
+async def _drip(send: Send, interval: float) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    for index in range(5):
+        if index:
+            await asyncio.sleep(interval)
+        await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _seconds(arg: str) -> bool:
+    return arg.replace(".", "", 1).isdigit()
+
+
 async def _special(name: str, arg: str, send: Send) -> bool:
     """Answer one of the ``GET /_name/arg`` paths; False when the path is not one of them."""
     if name == "_stream" and arg.isdigit():
         await _stream(send, int(arg))
     elif name == "_status" and arg.isdigit() and 200 <= int(arg) <= 599:
         await _json(send, int(arg), {"status": int(arg)})
-    elif name == "_slow" and arg.replace(".", "", 1).isdigit():
+    elif name == "_slow" and _seconds(arg):
         await asyncio.sleep(float(arg))
         await _json(send, 200, {"slept": float(arg)})
+    elif name == "_drip" and _seconds(arg):
+        await _drip(send, float(arg))
     elif name == "_set-cookie" and arg:
         cookies = [(b"set-cookie", f"{arg}=upstream; Path=/".encode()), (b"set-cookie", b"other=1; Path=/")]
         await _json(send, 200, {"cookies": [arg, "other"]}, cookies)
