@@ -37,6 +37,8 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+_NONE: frozenset[bytes] = frozenset()
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})  # they list no header
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"})
 
 
@@ -100,9 +102,14 @@ class HeaderRules:
             self._plain[name] = ok
         return ok
 
-    def inbound(self, headers: Headers, *, client: str | None, scheme: str, host: bytes | None) -> StrHeaders:
-        """Headers to send upstream, before identity headers are added; decoded (latin-1) for the client."""
-        listed = _connection_listed(headers) if any(n == b"connection" for n, _ in headers) else set()
+    def inbound(
+        self, headers: Headers, *, client: str | None, scheme: str, host: bytes | None, connection: bool = True
+    ) -> StrHeaders:
+        """Headers to send upstream, before identity headers are added; decoded (latin-1) for the client.
+
+        ``connection=False`` says there is no Connection header (the caller looked already).
+        """
+        listed = _connection_listed(headers) if connection and any(n == b"connection" for n, _ in headers) else _NONE
         out: StrHeaders = []
         forwarded_for: list[bytes] = []
         forwarded_proto = forwarded_host = None
@@ -170,7 +177,7 @@ class HeaderRules:
                 if len(lowered) < 4096:
                     lowered[name] = lower
             if lower in HOP_BY_HOP:
-                if lower == b"connection":
+                if lower == b"connection" and value not in _PLAIN_CONNECTION:
                     listed.update(part.strip().lower() for part in value.split(b","))
                 continue
             if lower == b"set-cookie":

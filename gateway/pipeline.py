@@ -292,19 +292,33 @@ class Pipeline:
             return "claim_unsafe", []
 
     def _upstream_headers(
-        self, scope: Scope, host: bytes | None, identity: StrHeaders, info: RequestInfo, token: str | None
+        self,
+        scope: Scope,
+        host: bytes | None,
+        identity: StrHeaders,
+        info: RequestInfo,
+        token: str | None,
+        *,
+        connection: bool = True,
+        client_request_id: bool = True,
     ) -> StrHeaders:
         """The request's headers as the upstream gets them: filtered, then identity and request ID added.
 
         ``token`` is the verified access token (None without one); it goes upstream with identity.forward_token.
+        ``connection`` / ``client_request_id`` False say the request has no Connection / X-Request-ID
+        header, which saves looking (the hot path knows from its own pass over the headers).
         """
         client = scope.get("client")
         out = self.header_rules.inbound(
-            scope["headers"], client=client[0] if client else None, scheme=scope.get("scheme", "http"), host=host
+            scope["headers"],
+            client=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            host=host,
+            connection=connection,
         )
         out.extend(identity)
         if not info.request_id_from_client:
-            if any(n == "x-request-id" for n, _ in out):  # the client's was not sane: replaced
+            if client_request_id and any(n == "x-request-id" for n, _ in out):  # the client's was not sane: replaced
                 out = [(n, v) for n, v in out if n != "x-request-id"]
             out.append(("x-request-id", info.request_id))
         if self._forward_token and token:
@@ -350,7 +364,7 @@ class Pipeline:
         host: bytes | None = None
         authorization: bytes | None = None
         request_id: bytes | None = None
-        has_body = cookies = False
+        has_body = cookies = connection = False
         for name, value in headers:  # one pass for what the path below needs
             if name == b"host":
                 host = value
@@ -364,6 +378,8 @@ class Pipeline:
                 has_body = True
             elif name == b"x-request-id" and request_id is None:
                 request_id = value
+            elif name == b"connection":
+                connection = True
         if request_id is not None and _REQUEST_ID.fullmatch(request_id):
             info.request_id, info.request_id_from_client = request_id.decode("ascii"), True
         else:
@@ -420,7 +436,15 @@ class Pipeline:
                 if key and isinstance(key, bytes) == auth.bearer and not auth.set_cookies and not auth.refreshed:
                     self._remember(key, auth, claims, identity)
 
-        upstream_headers = self._upstream_headers(scope, host, identity, info, token if claims is not None else None)
+        upstream_headers = self._upstream_headers(
+            scope,
+            host,
+            identity,
+            info,
+            token if claims is not None else None,
+            connection=connection,
+            client_request_id=request_id is not None,
+        )
         if claims is not None:
             info.subject = claims.get("sub")
             info.refreshed = auth is not None and auth.refreshed
