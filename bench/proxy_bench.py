@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -191,11 +192,16 @@ def main() -> None:
     parser.add_argument("--connections", default="32,128")
     parser.add_argument("--out", help="markdown results file (default bench/RESULTS.md, or bench/out/ with --quick)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement; medians reported")
+    parser.add_argument(
+        "--paired-rounds", type=int, help="rounds of the paired measurement (default 5, 1 with --quick; 0: skip)"
+    )
     parser.add_argument("--soak", type=float, default=0, help="also run the gateway under load this long, sampling RSS")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: install Debian's wrk (apt-get install wrk)")
     secs = 2.0 if args.quick else args.duration
+    if args.paired_rounds is None:
+        args.paired_rounds = 1 if args.quick else 5
     conns = [32] if args.quick else [int(c) for c in args.connections.split(",")]
     out = Path(args.out) if args.out else (ROOT / "bench" / ("out/RESULTS-quick.md" if args.quick else "RESULTS.md"))
 
@@ -234,15 +240,14 @@ def main() -> None:
             configs[algorithm] = workdir / f"gateway-{algorithm}.yaml"
             configs[algorithm].write_text(yaml.safe_dump(gateway_config(upstream.url, algorithm, key_file)))
         baseline = [("no auth", "/app", {})]
+        forwarder = launch("forwarder", [PYTHON, "bench/baselines/aiohttp_forwarder.py", "--upstream", upstream.url])
+        gateway = launch("gateway", [*gateway_cmd, "--config", str(configs["HS256"])], HEALTH)
         plan: list[tuple[Server, list[tuple[str, str, dict[str, str]]]]] = [
             (upstream, [("direct", "/app", {})]),
             (launch("naive", [PYTHON, "bench/baselines/naive_httpx.py", "--upstream", upstream.url]), baseline),
+            (forwarder, baseline),
             (
-                launch("forwarder", [PYTHON, "bench/baselines/aiohttp_forwarder.py", "--upstream", upstream.url]),
-                baseline,
-            ),
-            (
-                launch("gateway", [*gateway_cmd, "--config", str(configs["HS256"])], HEALTH),
+                gateway,
                 [
                     ("HS256 bearer", "/app", {"Authorization": f"Bearer {hs_token}"}),
                     ("auth none", "/public/x", {}),
@@ -281,6 +286,8 @@ def main() -> None:
             )
             for c in conns
         ]
+        if args.paired_rounds:
+            spread += ["", *paired(forwarder, gateway, hs_token, conns, min(secs, 5.0), args.paired_rounds)]
         if args.soak:
             hs_serve = [*gateway_cmd, "--config", str(configs["HS256"])]
             soak_lines = soak(hs_serve, workdir, hs_token, args.soak)
@@ -288,6 +295,38 @@ def main() -> None:
         for server in servers:
             server.stop()
     report(rows, out, upstream_kind, secs, rounds, spread, soak_lines)
+
+
+def paired(forwarder: Server, gateway: Server, token: str, conns: list[int], secs: float, rounds: int) -> list[str]:
+    """Gateway and forwarder on core 0 at once, each under its own wrk (both on core 1).
+
+    The kernel shares core 0 evenly between two busy processes, so the ratio of their req/s is
+    the inverse ratio of their CPU cost per request, and whatever else the machine does in the
+    meantime (other tenants, frequency changes) hits both at the same instant. On a noisy
+    machine this is the steadier way to compare them; the table above is the absolute view.
+    """
+    bearer = {"Authorization": f"Bearer {token}"}
+    lines = []
+    with ThreadPoolExecutor(2) as pool:
+        for connections in conns:
+            ratios = []
+            for _ in range(rounds):
+                base = pool.submit(wrk, forwarder.url + "/app", connections, secs, {})
+                ours = pool.submit(wrk, gateway.url + "/app", connections, secs, bearer)
+                ratios.append(ours.result()[0] / base.result()[0])
+            print(f"  paired     gateway / forwarder    c={connections:<4} " + ", ".join(f"{r:.3f}" for r in ratios))
+            lines.append(
+                f"Paired gateway (HS256 bearer) / forwarder at {connections} connections: "
+                f"median **{statistics.median(ratios):.2f}** over {rounds} rounds of {secs:g} s "
+                f"({', '.join(f'{r:.2f}' for r in ratios)})"
+            )
+    lines += [
+        "",
+        "Paired: both proxies on core 0 at the same time, each driven by its own wrk. The kernel "
+        "gives each half the core, so the ratio of their req/s is the inverse ratio of their CPU "
+        "cost per request, and drift on the machine hits both at the same instant.",
+    ]
+    return lines
 
 
 def soak(serve: list[str], workdir: Path, token: str, seconds: float) -> list[str]:

@@ -105,10 +105,11 @@ class Deadlines:
     """Read timeouts for many requests at once, checked by one periodic task.
 
     aiohttp's own read timeout (``sock_read``) starts, cancels and restarts an event-loop timer
-    on every request and every chunk received; on the hot path that was ~4 % of the gateway's
-    CPU. Here a request only writes its deadline into a dict, and a sweeper that wakes every
-    quarter of the shortest timeout in use (at most once a second) expires the overdue ones.
-    A timeout therefore fires up to that much late: 60 s fires within 61 s, 0.5 s within 0.625 s.
+    on every request and every chunk received: ~1 % of the instructions per request here, and
+    3-5 % of throughput under load. Here a request only writes its deadline into a dict, and a
+    sweeper that wakes every quarter of the shortest timeout in use (at most once a second)
+    expires the overdue ones. A timeout therefore fires up to that much late: 60 s fires within
+    61 s, 0.5 s within 0.625 s.
     """
 
     def __init__(self) -> None:
@@ -121,7 +122,7 @@ class Deadlines:
         self._due[key] = (loop.time() + seconds, expire)
         if seconds < self._period * 4:
             self._period = max(seconds / 4, 0.01)
-        if self._sweeper is None:
+        if self._sweeper is None or self._sweeper.done():
             self._sweeper = loop.create_task(self._sweep(), name="upstream-deadlines")
 
     def disarm(self, key: object) -> None:
@@ -144,6 +145,7 @@ class Deadlines:
         self._due.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
+            self._sweeper = None
 
 
 class _Expired:

@@ -158,3 +158,15 @@ async def test_a_cancelled_request_stays_cancelled(forwarder: AiohttpForwarder) 
         both.cancel()
         with pytest.raises(asyncio.CancelledError):
             await both
+
+
+async def test_timeouts_still_fire_after_the_forwarder_was_closed_and_reused(forwarder: AiohttpForwarder) -> None:
+    async with Silent() as url:
+        with pytest.raises(UpstreamFailure):
+            await forwarder.send("GET", upstream_url(url), [], None, connect_timeout=2, read_timeout=0.1)
+        await forwarder.close()  # e.g. the app's shutdown, then another start in the same process
+        with pytest.raises(UpstreamFailure) as failure:
+            await asyncio.wait_for(
+                forwarder.send("GET", upstream_url(url), [], None, connect_timeout=2, read_timeout=0.1), 3
+            )
+        assert failure.value.timeout is True
