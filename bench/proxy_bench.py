@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
     parser.add_argument("--connections", default="32,128")
     parser.add_argument("--out", help="markdown results file (default bench/RESULTS.md, or bench/out/ with --quick)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement; medians reported")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement; medians reported")
     parser.add_argument(
         "--paired-rounds", type=int, help="rounds of the paired measurement (default 5, 1 with --quick; 0: skip)"
     )
