@@ -207,9 +207,8 @@ class AiohttpForwarder:
         if timeout is None:  # one per route, built once
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=reads)
             self._timeouts[(connect_timeout, reads)] = timeout
-        task = asyncio.current_task() if reads is None else None
         expired = None
-        if task is not None:
+        if reads is None and (task := asyncio.current_task()) is not None:
             expired = _Expired(task)
             self._deadlines.arm(expired, read_timeout, expired)
         try:
