@@ -4,8 +4,11 @@ It speaks two dialects: OAuth 2.0 (RFC 6749 ``POST /token``, RFC 7009 ``POST /re
 Django SimpleJWT (``POST /api/token/``, ``POST /api/token/refresh/``), and is an OpenID Connect
 provider (discovery, code + PKCE login) through ``gateway.demo.oidc``. Every refresh token may be
 redeemed once; presenting a redeemed one revokes its whole family, as node-oidc-provider and
-SimpleJWT with BLACKLIST_AFTER_ROTATION do (RFC 9700 §4.14.2). ``/_admin/*`` lets tests count
-calls, inject failures and mint sessions. State lives in memory: one process, one event loop.
+SimpleJWT with BLACKLIST_AFTER_ROTATION do (RFC 9700 §4.14.2), unless a reuse window lets the
+previous token be redeemed again for a while (Auth0's reuse interval, Okta's grace period).
+``/_admin/*`` lets tests count calls, read the redemption ledger, inject failures (before or after
+redeeming, ``gateway.demo.idp_faults``), roll the signing key over, skew the clock and mint sessions.
+State lives in memory: one process, one event loop.
 """
 
 from __future__ import annotations
@@ -30,11 +33,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+# Re-exported names: tests and tools import the failures and Behaviour from here.
+from gateway.demo.idp_faults import CONSUMING_FAILURES as CONSUMING_FAILURES
+from gateway.demo.idp_faults import FAILURES as FAILURES
+from gateway.demo.idp_faults import (
+    SPOILED_ANSWER_FAILURES,
+    Keyring,
+    Ledger,
+    LedgerEvent,
+    failure_response,
+    jwk,
+)
+from gateway.demo.idp_faults import Behaviour as Behaviour
+
 Algorithm = Literal["HS256", "RS256"]
 ClientAuth = Literal["post", "basic", "none", "any"]
-FAILURES = ("503", "500", "timeout", "html", "invalid_client", "garbage", "no_access", "bad_signature")
-# These answer 200 with tokens, so the IdP has redeemed the presented refresh token by then.
-CONSUMING_FAILURES = ("no_access", "bad_signature")
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
 
 
@@ -83,6 +96,11 @@ class IdPSettings:
     users: dict[str, DemoUser] = field(default_factory=default_users)
     # OIDC redirect URIs registered for client_id; empty accepts any loopback http URI (tests, demo).
     redirect_uris: list[str] = field(default_factory=list)
+    # Defaults of the run-time ``Behaviour`` (``/_admin/reset`` returns to them).
+    reuse_window: float = 0.0
+    revoke_used: bool = True
+    reuse_revokes_family: bool = True
+    clock_skew: float = 0.0
 
     def __post_init__(self) -> None:
         if self.algorithm == "RS256" and self.rsa_key is None:
@@ -98,11 +116,18 @@ class IdPSettings:
         return pem.decode()
 
     def jwks(self) -> dict[str, Any]:
-        """The JWK Set: the RSA public key, or no keys for HS256 (a shared secret is never published)."""
-        if self.rsa_key is None:
-            return {"keys": []}
-        jwk = jwt.algorithms.RSAAlgorithm.to_jwk(self.rsa_key.public_key(), as_dict=True)
-        return {"keys": [{**jwk, "kid": self.kid, "alg": "RS256", "use": "sig"}]}
+        """The JWK Set of the initial key, or no keys for HS256 (a shared secret is never published)."""
+        return {"keys": [jwk(self.kid, self.rsa_key)] if self.rsa_key else []}
+
+    def behaviour(self) -> Behaviour:
+        """The run-time behaviour the IdP starts with (and ``/_admin/reset`` returns to)."""
+        return Behaviour(
+            latency=self.latency,
+            reuse_window=self.reuse_window,
+            revoke_used=self.revoke_used,
+            reuse_revokes_family=self.reuse_revokes_family,
+            clock_skew=self.clock_skew,
+        )
 
 
 @dataclass
@@ -116,24 +141,26 @@ class Counters:
     revocations: int = 0
     authorize_requests: int = 0  # GET /authorize, valid or not
     code_exchanges: int = 0  # grant_type=authorization_code requests from an authenticated client
-
-
-@dataclass
-class Behaviour:
-    latency: float = 0.0
-    fail: str | None = None
-    fail_count: int | None = None  # None: every refresh request fails while ``fail`` is set
+    jwks_requests: int = 0  # GET /jwks and /.well-known/jwks.json, up or down
 
 
 @dataclass
 class Family:
-    """One login's chain of refresh tokens; only ``current`` may be redeemed."""
+    """One login's chain of refresh tokens; only ``current`` may be redeemed (and ``previous`` in a reuse window)."""
 
     id: str
     username: str
     claims: dict[str, Any]
     current: str = ""
     revoked: bool = False
+    revoked_reason: Literal["reuse", "revocation"] | None = None
+    previous: str | None = None  # the token the last rotation redeemed
+    rotated_at: float = 0.0  # time.monotonic() of that rotation
+    issued: list[str] = field(default_factory=list)  # every refresh jti, oldest first
+
+    def summary(self) -> dict[str, Any]:
+        keys = ("id", "username", "current", "previous", "revoked", "revoked_reason", "issued")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
@@ -165,34 +192,42 @@ class IdentityProvider:
     def __init__(self, settings: IdPSettings) -> None:
         self.settings = settings
         self.counters = Counters()
-        self.behaviour = Behaviour(latency=settings.latency)
+        self.behaviour = settings.behaviour()
+        self.ledger = Ledger()
         self.families: dict[str, Family] = {}
         self._redeem_lock = asyncio.Lock()
-        key = settings.rsa_key
-        self._signing_key: SigningKey = key or settings.hs_secret
-        self._verify_key: str | rsa.RSAPublicKey = key.public_key() if key else settings.hs_secret
+        self.keyring = Keyring(settings.kid, settings.rsa_key)  # RS256 only
         self._rogue_key: SigningKey | None = None  # signs the "bad_signature" tokens
         # Answers grant_type=authorization_code once the client is authenticated (``gateway.demo.oidc``).
         self.code_grant: Callable[[dict[str, str]], Awaitable[Response]] | None = None
 
+    def now(self) -> float:
+        """The IdP's clock: the time plus ``clock_skew``; what issued tokens' iat/exp are based on."""
+        return time.time() + self.behaviour.clock_skew
+
     def sign(self, claims: dict[str, Any], key: SigningKey | None = None) -> str:
-        """A JWT over ``claims`` with the IdP's key (or ``key``), alg and kid."""
-        headers = {"typ": "JWT"} | ({"kid": self.settings.kid} if self.settings.algorithm == "RS256" else {})
-        return jwt.encode(claims, key or self._signing_key, algorithm=self.settings.algorithm, headers=headers)
+        """A JWT over ``claims`` with the IdP's current key (or ``key``), alg and kid."""
+        rs256 = self.settings.algorithm == "RS256"
+        headers = {"typ": "JWT"} | ({"kid": self.keyring.kid} if rs256 else {})
+        signing_key = key or (self.keyring.keys[self.keyring.kid] if rs256 else self.settings.hs_secret)
+        return jwt.encode(claims, signing_key, algorithm=self.settings.algorithm, headers=headers)
 
     def _access(self, family: Family, ttl: int, key: SigningKey | None = None) -> str:
-        now = int(time.time())
+        now = int(self.now())
         user = self.settings.users.get(family.username)
         claims: dict[str, Any] = {"iss": self.settings.issuer, "sub": family.username, "iat": now, "exp": now + ttl}
+        if self.behaviour.clock_skew:
+            claims["nbf"] = now
         if self.settings.audience is not None:
             claims["aud"] = self.settings.audience
         claims |= {"jti": uuid.uuid4().hex, "token_type": "access"}
         return self.sign(claims | (user["claims"] if user else {}) | family.claims, key)
 
     def _issue(self, family: Family, access_ttl: int | None = None) -> TokenPair:
-        """Sign a new pair; the new refresh token becomes the family's only redeemable one."""
-        now = int(time.time())
+        """Sign a new pair; the new refresh token becomes the family's current one."""
+        now = int(self.now())
         family.current = uuid.uuid4().hex
+        family.issued.append(family.current)
         refresh = self.sign(
             {
                 "iss": self.settings.issuer,
@@ -213,36 +248,67 @@ class IdentityProvider:
         self.families[family.id] = family
         return self._issue(family, ttl)
 
-    def _decode(self, token: str, verify_exp: bool = True) -> dict[str, Any] | None:
+    def _decode(self, token: str) -> dict[str, Any] | None:
+        """The claims of a token this IdP signed (with any of its keys), expired or not."""
         try:
+            key: str | rsa.RSAPublicKey = self.settings.hs_secret
+            if self.settings.algorithm == "RS256":
+                kid = jwt.get_unverified_header(token).get("kid", self.keyring.kid)
+                key = self.keyring.keys[kid].public_key()
             return jwt.decode(
                 token,
-                self._verify_key,
+                key,
                 algorithms=[self.settings.algorithm],
                 issuer=self.settings.issuer,
-                options={"verify_exp": verify_exp, "verify_aud": False, "require": ["exp", "jti", "sub"]},
+                # The caller checks exp, on the IdP's (maybe skewed) clock; iat and nbf are not checked.
+                options={
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                    "verify_aud": False,
+                    "require": ["exp", "jti", "sub"],
+                },
             )
-        except jwt.InvalidTokenError:
+        except (jwt.InvalidTokenError, KeyError, TypeError):  # TypeError: a kid that is not a string
             return None
 
-    def revoke_family(self, family: Family) -> None:
+    def _refresh_claims(self, token: str | None) -> dict[str, Any] | None:
+        """The claims of one of this IdP's refresh tokens (expired or not), else None."""
+        claims = self._decode(token) if token else None
+        return claims if claims is not None and claims.get("token_type") == "refresh" else None
+
+    def revoke_family(self, family: Family, reason: Literal["reuse", "revocation"] = "revocation") -> None:
         """End a login: none of the family's refresh tokens can be redeemed any more."""
         if not family.revoked:
-            family.revoked = True
+            family.revoked, family.revoked_reason = True, reason
             self.counters.families_revoked += 1
 
-    def _redeem(self, presented: str) -> TokenPair | None:
-        claims = self._decode(presented)
-        family = self.families.get(str(claims.get("fam"))) if claims and claims.get("token_type") == "refresh" else None
-        if claims is None or family is None or family.revoked:
+    def _log(self, claims: dict[str, Any] | None, event: LedgerEvent) -> None:
+        jti, family = (str(claims["jti"]), str(claims.get("fam"))) if claims else (None, None)
+        self.ledger.record(jti, family, event)
+
+    def _redeem(self, claims: dict[str, Any] | None) -> TokenPair | None:
+        family = self.families.get(str(claims.get("fam"))) if claims else None
+        if claims is None or family is None or family.revoked or int(claims["exp"]) <= self.now():
+            self._log(claims, "rejected")
             return None
-        if claims["jti"] != family.current:
-            # A token of this family that is no longer current was redeemed before: someone holds a
-            # copy, so end the session for everyone (RFC 9700 §4.14.2).
-            self.counters.reuse_detected += 1
-            self.revoke_family(family)
-            return None
-        return self._issue(family)
+        b, now = self.behaviour, time.monotonic()
+        if claims["jti"] == family.current:
+            family.previous, family.rotated_at = family.current, now
+            self._log(claims, "redeemed")
+            return self._issue(family)
+        if claims["jti"] == family.previous and b.reuse_window > 0 and now - family.rotated_at <= b.reuse_window:
+            # Inside the reuse window the previous token buys another pair; what the first redemption
+            # issued is no longer current. The window stays anchored at that first redemption.
+            self._log(claims, "reused_in_window")
+            return self._issue(family)
+        # A token of this family that is no longer current was redeemed before: someone holds a
+        # copy, so end the session for everyone (RFC 9700 §4.14.2), unless told to only refuse it.
+        self.counters.reuse_detected += 1
+        self._log(claims, "reused")
+        if b.reuse_revokes_family:
+            self.revoke_family(family, "reuse")
+        return None
 
     def _take_failure(self) -> str | None:
         b = self.behaviour
@@ -256,35 +322,39 @@ class IdentityProvider:
         return fail
 
     async def refresh(self, presented: str | None) -> Outcome:
-        """Redeem a refresh token, honouring injected latency and failures."""
+        """Redeem a refresh token, honouring injected latency and failures; every call is in the ledger."""
         # Decided on arrival, so concurrent requests meet failures in the order they came.
         fail = self._take_failure()
+        claims = self._refresh_claims(presented)
+        consuming = fail is None or fail in CONSUMING_FAILURES
+        if not consuming:
+            self._log(claims, "failed")
         if self.behaviour.latency > 0:
             await asyncio.sleep(self.behaviour.latency)
         if fail == "timeout":
             await asyncio.sleep(3600)
-        if fail is not None and fail not in CONSUMING_FAILURES:
+        if not consuming:
             return Outcome(None, fail)
         # The lock makes "is it current? then rotate" one step even if redemption ever awaits,
         # so of two simultaneous redemptions exactly one wins and the other is reuse.
         async with self._redeem_lock:
-            pair = self._redeem(presented) if presented else None
+            pair = self._redeem(claims)
         if pair is None:
             self.counters.refresh_rejected += 1
         else:
             self.counters.refresh_ok += 1
+        if fail == "redeem_then_hang":
+            await asyncio.sleep(3600)
         return Outcome(pair, fail)
 
     def failure_response(self, fail: str) -> Response:
-        if fail == "503":
-            return PlainTextResponse("Service Unavailable", status_code=503)
-        if fail == "500":
-            return JSONResponse({"error": "server_error"}, status_code=500)
-        if fail == "html":
-            return Response("<html><body><h1>Something went wrong</h1></body></html>", media_type="text/html")
-        if fail == "garbage":
-            return Response(b"\x00not json{", media_type="application/json")
-        return JSONResponse({"error": "invalid_client"}, status_code=401)
+        return failure_response(fail)
+
+    def _failed_answer(self, outcome: Outcome) -> Response | None:
+        """The injected failure's answer when it replaces the normal one: all but the spoiled tokens."""
+        if outcome.fail is None or outcome.fail in SPOILED_ANSWER_FAILURES:
+            return None
+        return failure_response(outcome.fail)
 
     def tokens_body(self, pair: TokenPair, fail: str | None, access_key: str, refresh_key: str) -> dict[str, Any]:
         """The success body, spoiled as the injected ``no_access`` / ``bad_signature`` failure asks."""
@@ -319,6 +389,7 @@ class IdentityProvider:
             if not self._client_ok(request, form):
                 if grant == "refresh_token":
                     self.counters.refresh_rejected += 1
+                    self._log(self._refresh_claims(form.get("refresh_token")), "rejected")
                 raise OAuthError("invalid_client", 401)
             if grant == "password":
                 user = self.settings.users.get(form.get("username", ""))
@@ -335,9 +406,9 @@ class IdentityProvider:
         except OAuthError as exc:
             headers = {"WWW-Authenticate": 'Basic realm="idp"'} if exc.status == 401 else {}
             return JSONResponse({"error": exc.error}, status_code=exc.status, headers=NO_STORE | headers)
+        if (failed := self._failed_answer(outcome)) is not None:
+            return failed
         if outcome.pair is None:
-            if outcome.fail:
-                return self.failure_response(outcome.fail)
             return JSONResponse({"error": "invalid_grant"}, status_code=400, headers=NO_STORE)
         body = self.tokens_body(outcome.pair, outcome.fail, "access_token", "refresh_token")
         return _oauth_tokens(body, outcome.pair.expires_in)
@@ -356,9 +427,9 @@ class IdentityProvider:
         self.counters.refresh_calls += 1
         presented = (await _json(request)).get("refresh")
         outcome = await self.refresh(presented if isinstance(presented, str) else None)
+        if (failed := self._failed_answer(outcome)) is not None:
+            return failed
         if outcome.pair is None:
-            if outcome.fail:
-                return self.failure_response(outcome.fail)
             return JSONResponse({"detail": "Token is invalid or expired", "code": "token_not_valid"}, status_code=401)
         return JSONResponse(self.tokens_body(outcome.pair, outcome.fail, "access", "refresh"))
 
@@ -374,34 +445,56 @@ class IdentityProvider:
         self.counters.revocations += 1
         # Expired tokens may still be revoked; unknown or invalid ones are ignored (RFC 7009 §2.2).
         # Access tokens are accepted but change nothing: they are self-contained and short-lived.
-        claims = self._decode(form["token"], verify_exp=False)
-        family = self.families.get(str(claims.get("fam"))) if claims and claims.get("token_type") == "refresh" else None
-        if family is not None:
+        # With revoke_used false, a token already used is all that is revoked (SimpleJWT's blacklist),
+        # which changes nothing here: it could not be redeemed anyway.
+        claims = self._refresh_claims(form["token"])
+        family = self.families.get(str(claims.get("fam"))) if claims else None
+        if (
+            claims is not None
+            and family is not None
+            and (self.behaviour.revoke_used or claims["jti"] == family.current)
+        ):
             self.revoke_family(family)
         return Response(status_code=200)
 
     async def jwks(self, request: Request) -> Response:
-        return JSONResponse(self.settings.jwks())
+        self.counters.jwks_requests += 1
+        if self.behaviour.jwks == "down":
+            return PlainTextResponse("Service Unavailable", status_code=503)
+        return JSONResponse(self.keyring.jwks())
 
     async def admin_stats(self, request: Request) -> Response:
         return JSONResponse(dataclasses.asdict(self.counters))
 
     async def admin_behaviour(self, request: Request) -> Response:
-        body = await _json(request)
-        fail, count, latency = body.get("fail"), body.get("fail_count"), body.get("latency", self.behaviour.latency)
-        if fail is not None and fail not in FAILURES:
-            return JSONResponse({"error": f"fail must be null or one of {', '.join(FAILURES)}"}, status_code=400)
-        if not (count is None or isinstance(count, int)) or not isinstance(latency, int | float):
-            return JSONResponse({"error": "fail_count must be an int or null, latency a number"}, status_code=400)
-        self.behaviour.latency = float(latency)
-        if "fail" in body or "fail_count" in body:
-            self.behaviour.fail, self.behaviour.fail_count = fail, count
+        error = self.behaviour.update(await _json(request))
+        if error is not None:
+            return _bad_request(error)
         return JSONResponse(dataclasses.asdict(self.behaviour))
 
     async def admin_reset(self, request: Request) -> Response:
+        """Zero the counters, clear the ledger and return to the start-up behaviour (keys and families stay)."""
         self.counters = Counters()
-        self.behaviour = Behaviour(latency=self.settings.latency)
+        self.behaviour = self.settings.behaviour()
+        self.ledger.clear()
         return JSONResponse({"ok": True})
+
+    async def admin_ledger(self, request: Request) -> Response:
+        return JSONResponse({"entries": list(self.ledger.entries)})
+
+    async def admin_families(self, request: Request) -> Response:
+        return JSONResponse({"families": [family.summary() for family in self.families.values()]})
+
+    async def admin_rotate_key(self, request: Request) -> Response:
+        """``{"drop_old": bool}``: a new signing key and kid; answers ``{"kid", "published"}``."""
+        drop_old = (await _json(request)).get("drop_old", False)
+        if not isinstance(drop_old, bool):
+            return _bad_request("drop_old must be a boolean")
+        if self.settings.algorithm != "RS256":
+            return _bad_request("key rollover needs algorithm RS256")
+        key = await asyncio.to_thread(_new_rsa_key)  # ~0.1 s of CPU: keep answering meanwhile
+        kid = self.keyring.rotate(key, drop_old)
+        return JSONResponse({"kid": kid, "published": self.keyring.published})
 
     async def admin_issue(self, request: Request) -> Response:
         body = await _json(request)
@@ -410,6 +503,10 @@ class IdentityProvider:
             return JSONResponse({"error": "need username (str), access_ttl (int|null), claims (object)"}, 400)
         pair = self.start_session(username, claims, ttl)
         return JSONResponse({"access": pair.access, "refresh": pair.refresh})
+
+
+def _bad_request(message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=400)
 
 
 def _basic_credentials(request: Request) -> tuple[str, str] | None:
@@ -469,6 +566,9 @@ def create_idp_app(settings: IdPSettings) -> Starlette:
         Route("/_admin/behaviour", idp.admin_behaviour, methods=["POST"]),
         Route("/_admin/reset", idp.admin_reset, methods=["POST"]),
         Route("/_admin/issue", idp.admin_issue, methods=["POST"]),
+        Route("/_admin/ledger", idp.admin_ledger, methods=["GET"]),
+        Route("/_admin/families", idp.admin_families, methods=["GET"]),
+        Route("/_admin/rotate_key", idp.admin_rotate_key, methods=["POST"]),
         *oidc.routes(),
     ]
     app = Starlette(routes=routes)
@@ -491,6 +591,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to sleep before answering refreshes")
     parser.add_argument("--public-key-out", metavar="PATH", help="write the RS256 public key (PEM) here")
     parser.add_argument(
+        "--reuse-window", type=float, default=0.0, help="seconds the previous refresh token stays redeemable"
+    )
+    parser.add_argument(
+        "--ignore-revoke-used", action="store_true", help="revoking an already used token leaves its family alone"
+    )
+    parser.add_argument(
+        "--reuse-keeps-family", action="store_true", help="a reused token is refused without revoking its family"
+    )
+    parser.add_argument("--clock-skew", type=float, default=0.0, help="seconds added to iat/nbf/exp of issued tokens")
+    parser.add_argument(
         "--redirect-uri", action="append", default=[], help="register an OIDC redirect URI (repeatable; none: loopback)"
     )
     args = parser.parse_args(argv)
@@ -505,13 +615,23 @@ def main(argv: list[str] | None = None) -> None:
         access_ttl=args.access_ttl,
         latency=args.latency,
         redirect_uris=args.redirect_uri,
+        reuse_window=args.reuse_window,
+        revoke_used=not args.ignore_revoke_used,
+        reuse_revokes_family=not args.reuse_keeps_family,
+        clock_skew=args.clock_skew,
     )
     if args.public_key_out:
         with open(args.public_key_out, "w") as f:
             f.write(settings.public_pem())
-    # A short graceful shutdown: a "timeout" failure leaves requests sleeping for an hour.
+    # A short graceful shutdown: a "timeout" failure leaves requests sleeping for an hour. No proxy
+    # headers: scope["client"] must be the real peer (redeem_then_reset finds the socket by it).
     uvicorn.run(
-        create_idp_app(settings), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=1
+        create_idp_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=1,
+        proxy_headers=False,
     )
 
 

@@ -217,7 +217,7 @@ class OIDCProvider:
         if code.redeemed:
             # RFC 6749 §4.1.2: a code used twice is stolen or leaked; revoke what it issued.
             if code.family is not None:
-                self.idp.revoke_family(code.family)
+                self.idp.revoke_family(code.family, "reuse")
             raise OAuthError("invalid_grant")
         # Burnt by its first presentation, right or wrong, so a verifier cannot be guessed at leisure.
         code.redeemed = True
@@ -242,7 +242,7 @@ class OIDCProvider:
     def id_token(self, code: AuthorizationCode, access_token: str) -> str:
         """The ID token (OIDC Core §2), signed like the access tokens."""
         s = self.idp.settings
-        now = int(self.clock())
+        now = int(self.clock() + self.idp.behaviour.clock_skew)
         claims: dict[str, Any] = {
             "iss": s.issuer,
             "sub": code.username,

@@ -107,11 +107,39 @@ class IdPProcess(ServerProcess):
         return dict(self._admin("GET", "stats"))
 
     def behaviour(self, **kw: Any) -> dict[str, Any]:
-        """E.g. ``behaviour(fail="503", fail_count=1)`` or ``behaviour(latency=0.5)``."""
+        """E.g. ``behaviour(fail="503", fail_count=1)``, ``behaviour(latency=0.5)``, ``behaviour(reuse_window=5)``,
+        ``behaviour(revoke_used=False, reuse_revokes_family=False)``, ``behaviour(jwks="down", clock_skew=30)``;
+        without arguments, the current behaviour. Unknown or ill-typed fields are refused (HTTP 400)."""
         return dict(self._admin("POST", "behaviour", kw))
 
     def reset(self) -> None:
+        """Zero the counters, clear the ledger, return to the start-up behaviour (keys and sessions stay)."""
         self._admin("POST", "reset")
+
+    def ledger(self) -> list[dict[str, Any]]:
+        """Every refresh request since the last reset, oldest first: ``{"jti", "family", "event", "at"}``.
+
+        ``event`` is ``redeemed``, ``reused``, ``reused_in_window``, ``rejected`` or ``failed`` (an injected
+        failure answered before redeeming); ``jti`` and ``family`` are None for a token the IdP did not sign.
+        """
+        return list(self._admin("GET", "ledger")["entries"])
+
+    def redemption_counts(self) -> dict[str, int]:
+        """How many times each refresh token (jti) was presented and recognised: redeemed, reused or reused
+        in the reuse window. A client that never presents a token twice keeps every count at 1."""
+        counts: dict[str, int] = {}
+        for entry in self.ledger():
+            if entry["jti"] is not None and entry["event"] in ("redeemed", "reused", "reused_in_window"):
+                counts[entry["jti"]] = counts.get(entry["jti"], 0) + 1
+        return counts
+
+    def families(self) -> list[dict[str, Any]]:
+        """Every session: ``{"id", "username", "current", "previous", "revoked", "revoked_reason", "issued"}``."""
+        return list(self._admin("GET", "families")["families"])
+
+    def rotate_key(self, drop_old: bool = False) -> str:
+        """RS256: sign with a new key from now on; the JWKS keeps the previous key unless ``drop_old``. The kid."""
+        return str(self._admin("POST", "rotate_key", {"drop_old": drop_old})["kid"])
 
     def issue(
         self, username: str, access_ttl: int | None = None, claims: dict[str, Any] | None = None
@@ -135,7 +163,9 @@ class IdPProcess(ServerProcess):
 
 
 def start_idp(**opts: Any) -> IdPProcess:
-    """Start ``gateway.demo.idp``; options are its flags (``algorithm="RS256"``, ``access_ttl=5``, ``latency=0.2``).
+    """Start ``gateway.demo.idp``; options are its flags (``algorithm="RS256"``, ``access_ttl=5``, ``latency=0.2``,
+    ``reuse_window=5``, ``clock_skew=30``); ``True`` passes a bare switch (``ignore_revoke_used=True``,
+    ``reuse_keeps_family=True``), ``False`` leaves it out.
 
     With RS256 the public key is written to a temporary file, ``.public_key_path``. Unless ``issuer=`` is
     given, the issuer is the IdP's own URL (``.url``), which OIDC discovery needs; ``redirect_uri=`` takes
@@ -148,9 +178,14 @@ def start_idp(**opts: Any) -> IdPProcess:
         os.close(fd)
     args = ["--host", "127.0.0.1", "--port", str(port)]
     for key, value in opts.items():
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            args += [flag] if value else []
+            continue
         for item in value if isinstance(value, list) else [value]:
-            args += [f"--{key.replace('_', '-')}", "" if item is None else str(item)]
-    idp = IdPProcess("gateway.demo.idp", args, f"http://127.0.0.1:{port}", ready_path="/jwks")
+            args += [flag, "" if item is None else str(item)]
+    # Ready when the admin API answers (polling /jwks would count in jwks_requests).
+    idp = IdPProcess("gateway.demo.idp", args, f"http://127.0.0.1:{port}", ready_path="/_admin/stats")
     idp.public_key_path, idp._owns_public_key = opts.get("public_key_out"), owns_public_key
     return idp.start()
 
