@@ -31,15 +31,16 @@ from typing import Any
 import httpx
 
 from gateway.config import GatewayConfig, load_config
+from gateway.cookies import DEFAULT_REFRESH_LIFETIME
 from gateway.denylist import Denylist
 from gateway.errors import ConfigError, StoreError
+from gateway.families import Families
 from gateway.logs import configure as configure_logging
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, RequestIds, Shared
 from gateway.proxy import AiohttpForwarder, Forwarder
 from gateway.responses import Send
 from gateway.sealing import Sealer
-from gateway.sessions import SessionIndex
 from gateway.store import Store, open_store
 from gateway.websocket import Sockets
 
@@ -77,7 +78,10 @@ class Gateway:
             clock=clock,
             request_ids=RequestIds(),
             sockets=Sockets(denylist, metrics, clock),
-            sessions=SessionIndex(store, sealer, denylist, clock),
+            # An ended session is remembered as long as its longest refresh cookie may live.
+            families=Families(
+                store, sealer, denylist, clock, config.cookies.refresh.max_age or DEFAULT_REFRESH_LIFETIME
+            ),
         )
         self.shared.sockets.config = config.websocket
         self.pipeline = Pipeline(config, self.shared)

@@ -18,7 +18,7 @@ from typing import Any
 
 from gateway.config import CaptureConfig
 from gateway.cookies import CookieJar, CookieTooLarge
-from gateway.sessions import SessionIndex
+from gateway.families import Families
 from gateway.tokens import Verifier
 
 log = logging.getLogger("gateway.capture")
@@ -52,12 +52,12 @@ class Capturer:
         jar: CookieJar,
         verifier: Verifier,
         clock: Callable[[], float] = time.time,
-        sessions: SessionIndex | None = None,
+        families: Families | None = None,
     ) -> None:
         self._jar = jar
         self._verifier = verifier
         self._clock = clock
-        self._sessions = sessions
+        self._families = families
 
     async def take(self, spec: CaptureConfig, headers: Headers, body: AsyncIterator[bytes], route: str) -> Captured:
         chunks: list[bytes] = []
@@ -86,8 +86,8 @@ class Capturer:
         except CookieTooLarge as exc:
             log.error("route %s: token too large for the %s cookie (over 4 KB); no session set", route, exc)
             return Captured(reason="cookie_too_large")
-        if self._sessions is not None:
-            await self._sessions.started(verdict.claims, refresh, lifetime)
+        if self._families is not None:
+            await self._families.started(verdict.claims, refresh, lifetime)
         del data[spec.refresh]
         if not spec.keep_access:
             data.pop(spec.access, None)

@@ -228,6 +228,10 @@ class RefreshConfig(_Model):
     grace_period: float = Field(30, ge=0, le=3600)
     lock_lease: float = Field(5, gt=0, le=60)
     wait_timeout: float = Field(30, gt=0, le=300)
+    # Auth0 "reuse interval", Okta "grace period", Keycloak "refresh token max reuse": how long the
+    # IdP accepts a just-used refresh token again. Above 0, an attempt whose answer was lost is
+    # retried once within it instead of ending the session (docs/refresh.md).
+    idp_reuse_window: float = Field(0, ge=0, le=3600)
 
     @field_validator("endpoint", "revocation_endpoint")
     @classmethod
@@ -235,6 +239,21 @@ class RefreshConfig(_Model):
         if value is not None and not _is_http_url(value):
             raise ValueError("not an http(s) URL")
         return value
+
+    @model_validator(mode="after")
+    def _grace(self) -> RefreshConfig:
+        if self.endpoint is not None and self.grace_period < self.lock_lease:
+            # Waiters look again every 0.25 s, but one look can take a store timeout (2 s) and the
+            # owner's write-out a lease: the result must outlive that (issue 12, failure 7).
+            raise _problems(
+                (
+                    "grace_period",
+                    f"{self.grace_period:g} s is shorter than refresh.lock_lease ({self.lock_lease:g} s): requests "
+                    "waiting on another worker's refresh must find its result before it expires; raise "
+                    "grace_period or lower lock_lease",
+                )
+            )
+        return self
 
 
 class CookieSpec(_Model):

@@ -85,8 +85,9 @@ class Authenticator:
         if refresh is not None and needs_refresh and self._refresher is not None:
             result = await self._refresher.refresh(refresh, access)
             if result.claims is None and verdict is not None and verdict.ok and result.reason in _SOFT_FAILURES:
-                # Refreshing early failed for a passing reason, but the token still works: use it.
-                return AuthResult(claims=verdict.claims, token=access)
+                # Refreshing early failed for a passing reason, but the token still works: use it,
+                # and keep whatever the refresh set (a successor the IdP issued must reach the browser).
+                return AuthResult(claims=verdict.claims, token=access, set_cookies=result.set_cookies)
             return result
         if verdict is None:
             if garbage:
@@ -101,4 +102,14 @@ class Authenticator:
 # Access cookies that hold no token at all (as opposed to a token that fails a check).
 _UNREADABLE = frozenset({"malformed_token", "token_too_large"})
 # Failures that say nothing about the session itself (it may still be fine a moment later).
-_SOFT_FAILURES = frozenset({"idp_error", "lock_timeout", "store_unavailable"})
+_SOFT_FAILURES = frozenset(
+    {
+        "idp_error",
+        "lock_timeout",
+        "store_unavailable",
+        "refresh_error",
+        "idp_answer_lost",
+        "idp_bad_response",
+        "idp_token_unverified",
+    }
+)

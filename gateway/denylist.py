@@ -4,7 +4,8 @@ The shared list is an expiring set in the store (each ``jti`` until its token's 
 process keeps a local copy, so checking a request costs a dict lookup, never a Redis round trip.
 The copy is reloaded when the store announces a change (immediately) and at least once per
 ``poll`` seconds besides, so a dropped subscription delays a revocation by at most ``poll``.
-If the store is unreachable the last copy is kept: revocations made before stay refused.
+If the store is unreachable the last copy is kept: revocations made before stay refused, and a
+revocation whose write failed is written again by the sync loop once the store answers.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Denylist:
         self._clock = clock
         self._poll = poll
         self._local: dict[str, float] = {}
+        self._unshared: dict[str, float] = {}  # denied here while the store was unreachable
         self._task: asyncio.Task[None] | None = None
         self._store_down = False
         self._closing = False
@@ -49,7 +51,11 @@ class Denylist:
     async def deny(self, jti: str, expires_at: float) -> None:
         """Refuse ``jti`` everywhere until ``expires_at``; locally at once even if the store is down."""
         self._local[jti] = max(expires_at, self._local.get(jti, 0.0))
-        await self._store.add_member(KEY, jti, expires_at)
+        try:
+            await self._store.add_member(KEY, jti, expires_at)
+        except StoreError:
+            self._unshared[jti] = self._local[jti]
+            raise
 
     async def start(self) -> None:
         if self._task is None:
@@ -85,6 +91,12 @@ class Denylist:
         if self._store_down:
             log.info("denylist: store reachable again")
             self._store_down = False
+        for jti, exp in list(self._unshared.items()):
+            try:
+                await self._store.add_member(KEY, jti, exp)
+            except StoreError:
+                break
+            del self._unshared[jti]
         now = self._clock()
         # Keep local entries the store has not confirmed yet (a deny whose write failed).
         local = {j: e for j, e in self._local.items() if e > now}

@@ -6,8 +6,10 @@ GatewayError
 ├── KeyFetchError          JWKS could not be fetched and no last good keys exist
 └── RefreshError           a refresh did not produce usable tokens
     ├── RefreshRejected    the IdP says the grant is dead (invalid_grant, 401): end the session
-    ├── IdPUnavailable     IdP down, slow, 5xx, garbage: keep cookies, answer 503
-    ├── BadIdPResponse     a 200 without a usable, verifiable access token: answer 502
+    ├── IdPUnavailable     the token was not redeemed (IdP unreachable, 5xx, refused us): 503, retry later
+    ├── IdPAnswerLost      the IdP may have redeemed the token, but its answer is lost (timeout or
+    │   │                  reset after sending, 502/504, a 200 that is not JSON): never send it again
+    │   └── BadIdPResponse a 200 without usable tokens: 502
     ├── LockTimeout        waited too long for another process's refresh: answer 503
     └── RefreshReused      a superseded refresh token came back after the grace period
 """
@@ -49,7 +51,11 @@ class IdPUnavailable(RefreshError):
     reason = "idp_error"
 
 
-class BadIdPResponse(RefreshError):
+class IdPAnswerLost(RefreshError):
+    reason = "idp_answer_lost"
+
+
+class BadIdPResponse(IdPAnswerLost):
     reason = "idp_bad_response"
 
 

@@ -3,16 +3,24 @@
 ``oauth2``: RFC 6749 §6 form POST ``grant_type=refresh_token`` with client authentication
 (``post``, ``basic`` or ``none``). ``json``: Django SimpleJWT style, ``POST {"refresh": ...}``.
 Redirects are never followed. Every answer is classified by status and OAuth ``error`` code,
-never by message text:
+never by message text, and by whether the IdP may have redeemed the token (issue 12, point 2):
 
 - the grant is dead (``invalid_grant``; SimpleJWT's 401 ``token_not_valid``) -> RefreshRejected
-- the IdP is down, slow, 5xx, answers HTML or garbage, or rejects *us* (``invalid_client``)
+- the request never reached the IdP (connect error, pool timeout), or the IdP answered that it
+  did not redeem it (500, 503, 429, ``invalid_client`` and other refusals of *us*)
   -> IdPUnavailable: the session is fine, the gateway is not; keep the cookies, answer 503
-- a 200 without an access token -> BadIdPResponse (502)
+- the request was sent and the answer is lost or unusable (read timeout, reset, 502 or 504 from
+  a proxy in front of the IdP, a 200 that is not JSON) -> IdPAnswerLost; a 200 without usable
+  tokens -> BadIdPResponse. The IdP may have redeemed the token: it must never be sent again
+  (unless the IdP tolerates reuse for a while, ``refresh.idp_reuse_window``).
+
+Each redemption goes out on a connection of its own (``Connection: close``): a pooled connection
+the IdP closed while idle would make "sent, then reset" ambiguous for no reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from dataclasses import dataclass
@@ -22,12 +30,14 @@ from urllib.parse import quote
 import httpx
 
 from gateway.config import RefreshConfig
-from gateway.errors import BadIdPResponse, IdPUnavailable, RefreshRejected
+from gateway.errors import BadIdPResponse, IdPAnswerLost, IdPUnavailable, RefreshRejected
 
 log = logging.getLogger("gateway.idp")
 
 # OAuth errors that mean "this refresh token will never work again" (RFC 6749 §5.2).
 _DEAD_GRANT = frozenset({"invalid_grant"})
+# Statuses a proxy in front of the IdP answers when the IdP's own answer did not reach it.
+_ANSWER_LOST = frozenset({502, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,23 +70,41 @@ class IdPClient:
         return form, {}
 
     async def redeem(self, refresh_token: str) -> IssuedTokens:
-        """Exchange a refresh token; raises RefreshRejected, IdPUnavailable or BadIdPResponse."""
+        """Exchange a refresh token; raises RefreshRejected, IdPUnavailable or IdPAnswerLost.
+
+        The whole call is bounded by ``refresh.timeout``, connecting included.
+        """
         c = self._config
+        traced = sent = False
+
+        async def trace(event: str, info: dict[str, Any]) -> None:
+            nonlocal traced, sent
+            # From the first byte of the request on, the IdP may act on it (httpcore trace events).
+            traced, sent = True, sent or ".send_request_headers." in event
+
+        options: dict[str, Any] = {
+            "timeout": c.timeout,
+            "follow_redirects": False,
+            "extensions": {"trace": trace},
+            "headers": {"Connection": "close"},
+        }
         try:
-            if c.style == "json":
-                response = await self._client.post(
-                    self._endpoint, json={c.fields.request: refresh_token}, timeout=c.timeout, follow_redirects=False
-                )
-            else:
-                form, headers = self._client_auth()
-                form.update(grant_type="refresh_token", refresh_token=refresh_token)
-                response = await self._client.post(
-                    self._endpoint, data=form, headers=headers, timeout=c.timeout, follow_redirects=False
-                )
-        except httpx.TimeoutException:
-            raise IdPUnavailable("IdP timed out") from None
-        except httpx.HTTPError as exc:
+            async with asyncio.timeout(c.timeout):
+                if c.style == "json":
+                    body = {c.fields.request: refresh_token}
+                    response = await self._client.post(self._endpoint, json=body, **options)
+                else:
+                    form, headers = self._client_auth()
+                    form.update(grant_type="refresh_token", refresh_token=refresh_token)
+                    options["headers"] |= headers
+                    response = await self._client.post(self._endpoint, data=form, **options)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise IdPUnavailable(f"IdP unreachable ({exc.__class__.__name__})") from None
+        except (TimeoutError, httpx.HTTPError) as exc:
+            # A transport that reports no progress (not httpcore) leaves it unknown: assume it was sent.
+            if sent or not traced:
+                raise IdPAnswerLost(f"IdP answer lost after sending ({exc.__class__.__name__})") from None
+            raise IdPUnavailable(f"IdP unreachable before sending ({exc.__class__.__name__})") from None
         return self._classify(response)
 
     def _classify(self, response: httpx.Response) -> IssuedTokens:
@@ -84,8 +112,11 @@ class IdPClient:
         body = _json(response)
         if status == 200:
             if body is None:
-                raise IdPUnavailable("IdP answered 200 without JSON")
+                raise IdPAnswerLost("IdP answered 200 without JSON")
             return self._tokens(body)
+        if status in _ANSWER_LOST:
+            # A proxy in front of the IdP gave up waiting or lost the IdP's answer: it may have redeemed.
+            raise IdPAnswerLost(f"IdP answer lost in a proxy (status {status})")
         error = body.get("error") if body else None
         code = body.get("code") if body else None
         if error in _DEAD_GRANT:

@@ -30,10 +30,10 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from gateway.config import OIDCConfig
 from gateway.cookies import CookieJar, CookieTooLarge
 from gateway.errors import StoreError
+from gateway.families import Families
 from gateway.keys import KeySource
 from gateway.responses import safe_target
 from gateway.sealing import Sealer
-from gateway.sessions import SessionIndex
 from gateway.store import Store
 from gateway.tokens import Verifier
 
@@ -67,9 +67,9 @@ class OIDCLogin:
         algorithms: tuple[str, ...],
         secure: bool,
         clock: Callable[[], float] = time.time,
-        sessions: SessionIndex | None = None,
+        families: Families | None = None,
     ) -> None:
-        self._sessions = sessions
+        self._families = families
         self._config = config
         self._jar = jar
         self._http = http
@@ -92,7 +92,8 @@ class OIDCLogin:
         state, nonce, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(32), secrets.token_urlsafe(64)
         target = safe_target(request.query_params.get("next"))
         sealed = self._sealer.seal(
-            json.dumps({"s": state, "n": nonce, "v": verifier, "next": target, "t": self._clock()}).encode()
+            json.dumps({"s": state, "n": nonce, "v": verifier, "next": target, "t": self._clock()}).encode(),
+            self._cookie,
         )
         params = {
             "response_type": "code",
@@ -157,8 +158,8 @@ class OIDCLogin:
         except CookieTooLarge as exc:
             log.error("login: token too large for the %s cookie (over 4 KB); no session set", exc)
             raise LoginFailed(502, "cookie_too_large") from None
-        if self._sessions is not None:
-            await self._sessions.started(verdict.claims, refresh, lifetime)
+        if self._families is not None:
+            await self._families.started(verdict.claims, refresh, lifetime)
         log.info("login: session started, subject %s", self._sealer.token_hash(str(verdict.claims.get("sub")))[:12])
         return str(flow["next"]), cookies
 
@@ -166,7 +167,8 @@ class OIDCLogin:
         if not cookie:
             raise LoginFailed(400, "login_state_missing")
         try:
-            flow = json.loads(self._sealer.unseal(base64.urlsafe_b64decode(cookie + "=" * (-len(cookie) % 4))))
+            raw = base64.urlsafe_b64decode(cookie + "=" * (-len(cookie) % 4))
+            flow = json.loads(self._sealer.unseal(raw, self._cookie))
         except (StoreError, ValueError):
             raise LoginFailed(400, "login_state_invalid") from None
         if not isinstance(flow, dict) or self._clock() - float(flow.get("t", 0)) > STATE_LIFETIME:

@@ -21,9 +21,9 @@ from gateway.credentials import bearer_token
 from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
 from gateway.errors import StoreError
+from gateway.families import ENDED
 from gateway.refresh import SessionRefresher
 from gateway.responses import safe_target, wants_html
-from gateway.sessions import ENDED
 from gateway.tokens import Verifier
 
 log = logging.getLogger("gateway.logout")

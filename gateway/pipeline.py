@@ -47,6 +47,7 @@ from gateway.credentials import Authenticator, AuthResult, bearer_token
 from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
 from gateway.errors import StoreError
+from gateway.families import Families
 from gateway.headers import HeaderRules, StrHeaders
 from gateway.identity import IdentityHeaders, UnsafeClaim, claims_allowed
 from gateway.idp import IdPClient
@@ -59,7 +60,6 @@ from gateway.refresh import SessionRefresher
 from gateway.responses import NO_STORE, Send, login_location, safe_next, send_denial, status_for, wants_html
 from gateway.routing import BadPath, Route, RouteTable, canonical_path, host_name
 from gateway.sealing import Sealer
-from gateway.sessions import SessionIndex
 from gateway.store import Store
 from gateway.tokens import Verifier
 from gateway.tracing import Tracer
@@ -108,7 +108,7 @@ class Known(NamedTuple):
     """A token seen valid before, with what the request path needs from it (see Pipeline._proxy)."""
 
     claims: dict[str, Any]
-    fresh_until: float  # exp - tokens.refresh_before: after this, the full path decides
+    fresh_until: float  # exp - the refresh margin (Verifier.refresh_margin): after this, the full path decides
     jti: Any
     identity: list[tuple[str, str]]
     token: str
@@ -131,7 +131,7 @@ class Shared:
     clock: Callable[[], float]
     request_ids: RequestIds
     sockets: Sockets
-    sessions: SessionIndex
+    families: Families
 
 
 class Pipeline:
@@ -162,7 +162,6 @@ class Pipeline:
         self._urls: dict[tuple[str, str], URL] = {}  # (route, canonical path) -> upstream URL, no query
         # Authorization header value (bytes) or access cookie (str) -> a token verified before.
         self._known: dict[bytes | str, Known] = {}
-        self._refresh_before = config.tokens.refresh_before
         self._forward_token = config.identity.forward_token
         self._request_ids = shared.request_ids
         self.keys = build_key_source(config.tokens, self.http, on_fetch=self.metrics.jwks_fetch)
@@ -180,11 +179,11 @@ class Pipeline:
                 metrics=self.metrics,
                 clock=clock,
                 denylist=self.denylist if config.tokens.revoke_superseded else None,
-                sessions=shared.sessions,
+                families=shared.families,
             )
         self.authenticator = Authenticator(self.verifier, self.jar, self.refresher)
         self.csrf = CSRFGuard(config.csrf.allowed_origins)
-        self.capturer = Capturer(self.jar, self.verifier, clock, shared.sessions)
+        self.capturer = Capturer(self.jar, self.verifier, clock, shared.families)
         endpoints = [
             Endpoint("/health", self._health),
             Endpoint("/ready", self._ready),
@@ -204,7 +203,7 @@ class Pipeline:
                 algorithms=config.tokens.algorithms,
                 secure=config.cookies.secure,
                 clock=clock,
-                sessions=shared.sessions,
+                families=shared.families,
             )
             endpoints += [Endpoint("/login", oidc.login), Endpoint("/callback", oidc.callback)]
             self.login_url = f"{self.prefix}/login?next={{next}}"
@@ -279,7 +278,8 @@ class Pipeline:
             return
         if len(self._known) >= _CACHE_SIZE:
             self._known.clear()  # bounded: a flood of distinct tokens cannot grow it
-        self._known[key] = Known(claims, auth.exp - self._refresh_before, claims.get("jti"), identity, auth.token)
+        fresh_until = auth.exp - self.verifier.refresh_margin(claims, auth.exp)
+        self._known[key] = Known(claims, fresh_until, claims.get("jti"), identity, auth.token)
 
     def _admit(self, route: Route, claims: dict[str, Any]) -> tuple[str | None, StrHeaders]:
         """The route's claim rules, then the identity headers: (reason, []) when refused."""
@@ -609,8 +609,8 @@ class Pipeline:
                     return route.name, await self._deny(respond, scope, reason, route, auth.set_cookies), None
                 info.subject, info.refreshed = claims.get("sub"), auth.refreshed
                 # What ends this socket: the end of its session (found from the verified access
-                # token, see gateway.sessions), or a logout with the token itself.
-                watch = await self.shared.sessions.watch_keys(claims)
+                # token, see gateway.families), or a logout with the token itself.
+                watch = await self.shared.families.watch_keys(claims)
 
         upstream_headers = [
             (n, v)

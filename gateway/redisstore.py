@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -36,7 +36,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config import SentinelConfig
 from gateway.errors import StoreError
-from gateway.store import Waiter, Watchers
+from gateway.store import (
+    POLL_INTERVAL,
+    FamilyEnd,
+    Finish,
+    RecordKeys,
+    TokenRecord,
+    Waiter,
+    Watchers,
+    parse_attempt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +53,15 @@ logger = logging.getLogger(__name__)
 _SET_NOTIFY = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+# Idempotent for the holder, so a retry after a lost reply finds the lock its own.
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
@@ -74,6 +92,88 @@ if last[2] then
 end
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
+"""
+
+# --- refresh records (docs/refresh.md): every state change of a refresh token is one script, on
+# keys that share the family's hash tag. Times are Redis's own clock (TIME), in milliseconds, so
+# workers on hosts with different clocks agree on deadlines and grace periods. Redis 7 replicates
+# scripts by their effects, which is what lets a script that read TIME write afterwards.
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: ended, result, used, attempt, issued
+_READ_RECORD = (
+    _NOW
+    + """
+local used = redis.call('HMGET', KEYS[3], 'v', 'at')
+return {now, redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]), used[1], used[2],
+        redis.call('HGETALL', KEYS[4]), redis.call('GET', KEYS[5])}
+"""
+)
+
+# KEYS: lock, attempt, ended, used   ARGV: owner, fence, window ms, ttl ms, fence to take over ('' none)
+_BEGIN_ATTEMPT = (
+    _NOW
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then return false end
+local current = redis.call('HMGET', KEYS[2], 'fence', 'state')
+if current[1] and current[2] ~= 'done' and current[1] ~= ARGV[5] then return false end
+local retried = (ARGV[5] ~= '' and current[1]) and '1' or '0'
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'fence', ARGV[2], 'started', now, 'deadline', now + tonumber(ARGV[3]),
+           'state', 'pending', 'retried', retried)
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return now
+"""
+)
+
+# KEYS: attempt   ARGV: fence, 'maybe' | 'clear'
+_SETTLE_ATTEMPT = """
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
+if ARGV[2] == 'clear' then redis.call('DEL', KEYS[1]) else redis.call('HSET', KEYS[1], 'state', 'maybe') end
+return 1
+"""
+
+# KEYS: attempt, ended, used, members, then the write keys
+# ARGV: fence, channel, announced key, used value ('' none), used ttl ms, member ('' none), member exp (epoch s),
+#       then value and ttl ms for each write key
+_FINISH = (
+    _NOW
+    + """
+local current = redis.call('HMGET', KEYS[1], 'fence', 'state')
+if current[1] ~= ARGV[1] then return 'superseded' end
+if current[2] == 'done' then return 'ok' end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'ended' end
+for i = 5, #KEYS do
+    redis.call('SET', KEYS[i], ARGV[8 + (i - 5) * 2], 'PX', ARGV[9 + (i - 5) * 2])
+end
+if ARGV[4] ~= '' then
+    redis.call('DEL', KEYS[3])
+    redis.call('HSET', KEYS[3], 'v', ARGV[4], 'at', now)
+    redis.call('PEXPIRE', KEYS[3], ARGV[5])
+end
+if ARGV[6] ~= '' then
+    redis.call('ZADD', KEYS[4], 'GT', ARGV[7], ARGV[6])
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now / 1000)
+    local last = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
+    if last[2] then redis.call('PEXPIREAT', KEYS[4], math.ceil(tonumber(last[2]) * 1000)) end
+end
+redis.call('HSET', KEYS[1], 'state', 'done')
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 'ok'
+"""
+)
+
+# KEYS: ended, members, head   ARGV: reason, ttl ms, now (epoch s)
+_END_FAMILY = """
+local first = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+local reason = first and ARGV[1] or redis.call('GET', KEYS[1])
+return {first and 1 or 0, reason, redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[3], '+inf', 'WITHSCORES'),
+        redis.call('GET', KEYS[3])}
 """
 
 _HEALTH_CHECK_INTERVAL = 15.0
@@ -184,6 +284,12 @@ class RedisStore:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._add_member = client.register_script(_ADD_MEMBER)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._read_record = client.register_script(_READ_RECORD)
+        self._begin_attempt = client.register_script(_BEGIN_ATTEMPT)
+        self._settle_attempt = client.register_script(_SETTLE_ATTEMPT)
+        self._finish = client.register_script(_FINISH)
+        self._end_family = client.register_script(_END_FAMILY)
         # redis-py 8.1's asyncio RedisCluster races when many first commands initialize it at once
         # (connections are replaced under each other: AttributeError, ConnectionError), so the
         # first initialization is done once, behind a lock.
@@ -191,6 +297,8 @@ class RedisStore:
         self._watchers = Watchers()
         self._subscribed = asyncio.Event()
         self._subscriber: asyncio.Task[None] | None = None
+        self._connecting_since = 0.0  # when the current subscription attempt began (monotonic)
+        self._warned = False
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -232,7 +340,13 @@ class RedisStore:
             await self._redis.delete(self._key(key))
 
     async def acquire(self, key: str, owner: str, lease: float) -> bool:
-        return await self.set_if_absent(key, owner.encode(), lease)
+        with _translated("acquire"):
+            await self._ready()
+            return bool(await self._acquire(keys=[self._key(key)], args=[owner, _ms(lease)]))
+
+    async def holder(self, key: str) -> str | None:
+        value = await self.get(key)
+        return value.decode(errors="replace") if value is not None else None
 
     async def renew(self, key: str, owner: str, lease: float) -> bool:
         with _translated("renew"):
@@ -243,6 +357,79 @@ class RedisStore:
         with _translated("release"):
             await self._ready()
             return bool(await self._release(keys=[self._key(key)], args=[owner, self._channel, key]))
+
+    # --- refresh records (the scripts above) ---
+
+    async def read_record(self, keys: RecordKeys) -> TokenRecord:
+        names = [keys.ended, keys.result, keys.used, keys.attempt, keys.issued]
+        with _translated("read_record"):
+            await self._ready()
+            now, ended, result, used, rotated_at, attempt, issued = await self._read_record(
+                keys=[self._key(k) for k in names]
+            )
+        pairs = dict(zip(attempt[::2], attempt[1::2], strict=True)) if attempt else None
+        return TokenRecord(
+            now=int(now) / 1000,
+            ended=ended.decode(errors="replace") if ended else None,
+            result=result or None,
+            used=used or None,
+            rotated_at=int(rotated_at) / 1000 if used and rotated_at else None,
+            attempt=parse_attempt(pairs, scale=0.001),
+            issued=issued or None,
+        )
+
+    async def begin_attempt(
+        self, keys: RecordKeys, owner: str, fence: str, window: float, ttl: float, *, replace: str | None = None
+    ) -> float | None:
+        names = [keys.lock, keys.attempt, keys.ended, keys.used]
+        with _translated("begin_attempt"):
+            await self._ready()
+            started = await self._begin_attempt(
+                keys=[self._key(k) for k in names], args=[owner, fence, _ms(window), _ms(ttl), replace or ""]
+            )
+        return int(started) / 1000 if started else None
+
+    async def settle_attempt(self, keys: RecordKeys, fence: str, state: Literal["maybe", "clear"]) -> bool:
+        with _translated("settle_attempt"):
+            await self._ready()
+            return bool(await self._settle_attempt(keys=[self._key(keys.attempt)], args=[fence, state]))
+
+    async def finish(
+        self,
+        keys: RecordKeys,
+        fence: str,
+        writes: Sequence[tuple[str, bytes, float]],
+        *,
+        used: tuple[bytes, float] | None = None,
+        member: tuple[str, float] | None = None,
+    ) -> Finish:
+        names = [keys.attempt, keys.ended, keys.used, keys.members, *(key for key, _, _ in writes)]
+        args: list[Any] = [fence, self._channel, keys.lock]
+        args += [used[0], _ms(used[1])] if used is not None else ["", 0]
+        args += [member[0], member[1]] if member is not None else ["", 0]
+        for _, value, ttl in writes:
+            args += [value, _ms(ttl)]
+        with _translated("finish"):
+            await self._ready()
+            answer = await self._finish(keys=[self._key(k) for k in names], args=args)
+        text = answer.decode() if isinstance(answer, bytes) else str(answer)
+        if text not in ("ok", "ended", "superseded"):
+            raise StoreError("redis finish returned an unexpected answer")
+        return text  # type: ignore[return-value]
+
+    async def end_family(self, keys: RecordKeys, reason: str, ttl: float, now: float) -> FamilyEnd:
+        names = [keys.ended, keys.members, keys.head]
+        with _translated("end_family"):
+            await self._ready()
+            first, found, members, head = await self._end_family(
+                keys=[self._key(k) for k in names], args=[reason, _ms(ttl), now]
+            )
+        alive = {
+            (m.decode() if isinstance(m, bytes) else str(m)): float(score)
+            for m, score in zip(members[::2], members[1::2], strict=True)
+        }
+        text = found.decode(errors="replace") if isinstance(found, bytes) else reason
+        return FamilyEnd(first=bool(first), reason=text, members=alive, head=head or None)
 
     @asynccontextmanager
     async def watch(self, key: str) -> AsyncIterator[Waiter]:
@@ -293,31 +480,41 @@ class RedisStore:
                 await extra.aclose()
 
     async def _ensure_subscribed(self) -> None:
-        """Start the subscriber if needed and wait, bounded, until the channel is subscribed.
+        """Start the subscriber if needed; while a subscription is being set up, wait for it briefly.
 
-        Waiting matters: an announcement published before SUBSCRIBE took effect would be lost.  If the
-        subscription is down, carry on: the waiter then times out at its bound and the caller re-checks.
+        Waiting matters: an announcement published before SUBSCRIBE took effect would be lost. But
+        the wait is bounded by one poll interval per subscription attempt, not per waiter: while the
+        subscription is down, waiters poll the store every ``POLL_INTERVAL`` instead (issue 12, 9).
         """
         if self._subscriber is None or self._subscriber.done():
+            self._connecting_since = time.monotonic()
             self._subscriber = asyncio.create_task(self._subscribe_forever(), name="redisstore-subscriber")
-        if not self._subscribed.is_set():
+        if self._subscribed.is_set():
+            return
+        left = self._connecting_since + POLL_INTERVAL - time.monotonic()
+        if left > 0:
             try:
-                async with asyncio.timeout(self._socket_timeout):
+                async with asyncio.timeout(left):
                     await self._subscribed.wait()
             except TimeoutError:
-                logger.warning("store notifications unavailable; waiters fall back to their timeouts")
+                pass
+        if not self._subscribed.is_set() and not self._warned:
+            self._warned = True
+            logger.warning("store notifications unavailable; waiters poll every %.2fs", POLL_INTERVAL)
 
     async def _subscribe_forever(self) -> None:
         """One pub/sub connection per process, reconnecting with backoff when it drops.
 
-        Announcements published while it is down are lost; waiters then time out at their bound, and
-        callers wait in slices and re-check state, so a drop costs latency, never correctness.
+        Announcements published while it is down are lost; waiters poll the store meanwhile, so a
+        drop costs latency (one poll interval), never correctness. A subscription the server never
+        confirms (a connection that went silent) counts as down and is made again.
         """
         backoff = 0.1
         attempt = 0
         while True:
             client: aioredis.Redis | None = None
             pubsub: aioredis.client.PubSub | None = None
+            self._connecting_since = time.monotonic()
             try:
                 client = await self._subscriber_client(attempt)
                 pubsub = client.pubsub()
@@ -327,6 +524,11 @@ class RedisStore:
                     if message is not None:
                         self._dispatch(message)
                         backoff = 0.1
+                    elif (
+                        not self._subscribed.is_set()
+                        and time.monotonic() - self._connecting_since > self._socket_timeout
+                    ):
+                        raise RedisTimeoutError("subscription not confirmed")
             except (RedisError, RedisClusterException, OSError) as exc:
                 logger.warning("store subscription lost (%s); retrying in %.1fs", type(exc).__name__, backoff)
             finally:
@@ -339,6 +541,9 @@ class RedisStore:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
             attempt += 1
+
+    def _unconfirmed_for(self) -> float:
+        return time.monotonic() - self._connecting_since
 
     async def _subscriber_client(self, attempt: int) -> aioredis.Redis:
         """The client to subscribe through: our own, or on a Cluster a connection to one node."""
@@ -358,6 +563,7 @@ class RedisStore:
         if message["type"] == "subscribe":
             # Confirmed by the server: from here on, every PUBLISH on the channel reaches us.
             self._subscribed.set()
+            self._warned = False
         elif message["type"] == "message":
             data = message["data"]
             self._watchers.announce(data.decode() if isinstance(data, bytes) else str(data))

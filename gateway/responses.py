@@ -28,6 +28,8 @@ STATUS: dict[str, tuple[int, str]] = {
     "upstream_unreachable": (502, "bad_gateway"),
     "upstream_timeout": (504, "gateway_timeout"),
     "idp_error": (503, "service_unavailable"),
+    "idp_answer_lost": (503, "service_unavailable"),  # the IdP may have redeemed: next time, 401 refresh_lost
+    "idp_token_unverified": (503, "service_unavailable"),  # the successor is kept (refresh cookie rotated)
     "lock_timeout": (503, "service_unavailable"),
     "store_unavailable": (503, "service_unavailable"),
     "refresh_error": (503, "service_unavailable"),

@@ -2,6 +2,10 @@
 
 Two independent keys are derived from one configured secret with HKDF-SHA256 (RFC 5869), so the
 hash key used for keys and logs never doubles as the encryption key.
+
+Every sealed value is bound to where it lives: the store key (or cookie name) is the AEAD's
+associated data, so a value copied to another key by someone who can write to Redis but does
+not know the secret does not unseal there (invariant I4, docs/refresh.md).
 """
 
 from __future__ import annotations
@@ -41,16 +45,16 @@ class Sealer:
         """A short keyed hash of ``token``: stable across processes, safe for store keys and logs."""
         return hmac.new(self._hash_key, token.encode(), hashlib.sha256).hexdigest()[:32]
 
-    def seal(self, plaintext: bytes) -> bytes:
-        """Encrypt and authenticate ``plaintext``; a fresh random nonce is prepended."""
+    def seal(self, plaintext: bytes, bound_to: str) -> bytes:
+        """Encrypt and authenticate ``plaintext`` for the place ``bound_to`` (a store key, a cookie name)."""
         nonce = os.urandom(_NONCE_BYTES)
-        return nonce + self._aead.encrypt(nonce, plaintext, None)
+        return nonce + self._aead.encrypt(nonce, plaintext, bound_to.encode())
 
-    def unseal(self, data: bytes) -> bytes:
-        """Reverse ``seal``; raise StoreError if the value was altered or sealed with another secret."""
+    def unseal(self, data: bytes, bound_to: str) -> bytes:
+        """Reverse ``seal``; StoreError if the value was altered, sealed with another secret or for another place."""
         if len(data) < _NONCE_BYTES + 16:
             raise StoreError("sealed value could not be decrypted")
         try:
-            return self._aead.decrypt(data[:_NONCE_BYTES], data[_NONCE_BYTES:], None)
+            return self._aead.decrypt(data[:_NONCE_BYTES], data[_NONCE_BYTES:], bound_to.encode())
         except InvalidTag:
             raise StoreError("sealed value could not be decrypted") from None

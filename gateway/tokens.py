@@ -9,6 +9,7 @@ so a repeated token costs no signature check.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -20,6 +21,8 @@ import jwt
 
 from gateway.config import TokensConfig
 from gateway.keys import KeySource
+
+log = logging.getLogger("gateway.tokens")
 
 MAX_TOKEN_BYTES = 16 * 1024
 ACCESS_TYPES = frozenset({"jwt", "at+jwt", "application/at+jwt"})
@@ -81,6 +84,7 @@ class Verifier:
         self._clock = clock
         self._denied = denied  # revoked jti values (gateway.denylist), checked on every use
         self._algorithms = frozenset(config.algorithms)
+        self._warned_lifetime = math.inf  # logged once per shorter lifetime seen, not once per token
         self._cache: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
         self._options: Any = {
             "require": ["exp"],
@@ -151,8 +155,32 @@ class Verifier:
         now = self._clock()
         if now >= exp + self._config.leeway:
             return Verdict(None, "token_expired", refreshable=True, exp=exp)
-        due = exp - now < self._config.refresh_before
+        due = exp - now < self.refresh_margin(claims, exp)
         return Verdict(claims, None, refreshable=due, exp=exp)
+
+    def refresh_margin(self, claims: dict[str, Any], exp: float) -> float:
+        """How long before ``exp`` this token is refreshed: ``refresh_before``, at most half its lifetime.
+
+        A token that lives 10 s with ``refresh_before: 30`` would otherwise be due from the moment
+        it is issued, and every request would call the IdP (issue 12, failure 11).
+        """
+        configured = self._config.refresh_before
+        iat = _number(claims.get("iat"))
+        if iat is None or exp <= iat or exp - iat >= 2 * configured:
+            return configured
+        lifetime = exp - iat
+        if lifetime < configured and lifetime < self._warned_lifetime:
+            self._warned_lifetime = lifetime
+            log.warning(
+                "access tokens live %.0f s, less than tokens.refresh_before (%.0f s): refreshing %.0f s "
+                "before expiry instead; tokens.leeway (%.0f s) accepts them that long past expiry. "
+                "Set refresh_before and leeway well below the token lifetime.",
+                lifetime,
+                configured,
+                lifetime / 2,
+                self._config.leeway,
+            )
+        return lifetime / 2
 
     def _remember(self, token: str, claims: dict[str, Any], exp: float) -> None:
         cache = self._cache

@@ -57,7 +57,7 @@ class Tunnel:
     __slots__ = ("watch", "expires", "last_active", "stop")
 
     def __init__(self, watch: tuple[str, ...], expires: float | None) -> None:
-        self.watch = watch  # denylist entries that end this socket (see gateway.sessions)
+        self.watch = watch  # denylist entries that end this socket (see gateway.families)
         self.expires = expires  # set when websocket.close_on_expiry: the token's exp
         self.last_active = time.monotonic()
         self.stop: asyncio.Future[tuple[int, str, str]] = asyncio.get_running_loop().create_future()

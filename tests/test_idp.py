@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from starlette.routing import Route
 
 from gateway.config import RefreshConfig, RefreshFields
 from gateway.demo.idp import IdentityProvider, IdPSettings, create_idp_app
-from gateway.errors import BadIdPResponse, IdPUnavailable, RefreshRejected
+from gateway.errors import BadIdPResponse, IdPAnswerLost, IdPUnavailable, RefreshRejected
 from gateway.idp import IdPClient
 
 IDP = "http://idp.test"
@@ -161,13 +162,28 @@ async def test_rotation_returns_a_new_refresh_token_and_the_old_one_is_then_reje
     assert idp.counters.reuse_detected == 1
 
 
-@pytest.mark.parametrize("fail", ["503", "500", "html", "garbage", "invalid_client"])
-async def test_demo_idp_failures_are_unavailable(fail: str, http: Callable[[Any], httpx.AsyncClient]) -> None:
+@pytest.mark.parametrize("fail", ["503", "500", "invalid_client"])
+async def test_demo_idp_failures_that_did_not_redeem_are_unavailable(
+    fail: str, http: Callable[[Any], httpx.AsyncClient]
+) -> None:
     app, idp = demo()
     pair = idp.start_session("alice")
     idp.behaviour.fail = fail
     with pytest.raises(IdPUnavailable):
         await IdPClient(oauth2(), http(app)).redeem(pair.refresh)
+
+
+@pytest.mark.parametrize("fail", ["html", "garbage"])
+async def test_a_200_that_is_not_json_may_have_redeemed_the_token(
+    fail: str, http: Callable[[Any], httpx.AsyncClient]
+) -> None:
+    """Issue 12, failure 5: the gateway cannot tell that this IdP did not redeem, so it must assume it did."""
+    app, idp = demo()
+    pair = idp.start_session("alice")
+    idp.behaviour.fail = fail
+    with pytest.raises(IdPAnswerLost) as raised:
+        await IdPClient(oauth2(), http(app)).redeem(pair.refresh)
+    assert not isinstance(raised.value, BadIdPResponse)
 
 
 async def test_demo_idp_200_without_access_token_is_a_bad_response(http: Callable[[Any], httpx.AsyncClient]) -> None:
@@ -233,8 +249,12 @@ async def test_response_without_refresh_token_means_keep_the_current_one(
         (oauth2(), Response("down", status_code=503), IdPUnavailable),
         (json_style(), Response("down", status_code=503), IdPUnavailable),
         (json_style(), Response("<html>login</html>", status_code=401, media_type="text/html"), IdPUnavailable),
-        (oauth2(), Response("<html>oops</html>", media_type="text/html"), IdPUnavailable),
-        (oauth2(), JSONResponse(["access_token"]), IdPUnavailable),
+        (oauth2(), Response("<html>oops</html>", media_type="text/html"), IdPAnswerLost),
+        (oauth2(), JSONResponse(["access_token"]), IdPAnswerLost),
+        (oauth2(), Response("<html>Bad Gateway</html>", status_code=502, media_type="text/html"), IdPAnswerLost),
+        (oauth2(), Response("<html>Gateway Timeout</html>", status_code=504, media_type="text/html"), IdPAnswerLost),
+        (json_style(), Response("upstream timed out", status_code=504), IdPAnswerLost),
+        (oauth2(), JSONResponse({"error": "temporarily_unavailable"}, status_code=429), IdPUnavailable),
         (oauth2(), JSONResponse({"token_type": "Bearer"}), BadIdPResponse),
         (oauth2(), JSONResponse({"access_token": ""}), BadIdPResponse),
         (oauth2(), JSONResponse({"access_token": "a", "refresh_token": 5}), BadIdPResponse),
@@ -282,7 +302,8 @@ async def test_expires_in(expires_in: Any, parsed: float | None, http: Callable[
 # --- transport failures (real sockets: ASGITransport has no timeouts) --------------------------------
 
 
-async def test_timeout_is_unavailable() -> None:
+async def test_a_timeout_after_the_request_was_sent_is_an_answer_lost() -> None:
+    """Issue 12, failure 5: the IdP got the request and may have redeemed the token; it is never sent again."""
     done = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -295,7 +316,7 @@ async def test_timeout_is_unavailable() -> None:
         async with httpx.AsyncClient() as http:
             client = IdPClient(oauth2(endpoint=f"http://127.0.0.1:{port}/token", timeout=0.2), http)
             started = asyncio.get_running_loop().time()
-            with pytest.raises(IdPUnavailable, match="timed out"):
+            with pytest.raises(IdPAnswerLost, match="after sending"):
                 await client.redeem("old-refresh")
             assert asyncio.get_running_loop().time() - started < 2
     finally:
@@ -361,3 +382,34 @@ async def test_an_endpoint_is_required() -> None:
     async with httpx.AsyncClient() as http:
         with pytest.raises(ValueError, match="endpoint"):
             IdPClient(RefreshConfig(), http)
+
+
+async def test_a_connection_reset_after_the_request_was_sent_is_an_answer_lost() -> None:
+    seen = asyncio.Event()
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        seen.set()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()  # RST: the request arrived, its answer never leaves
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient() as http:
+            client = IdPClient(oauth2(endpoint=f"http://127.0.0.1:{port}/token", timeout=2), http)
+            with pytest.raises(IdPAnswerLost):
+                await client.redeem("old-refresh")
+        assert seen.is_set()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_each_redemption_asks_for_a_connection_of_its_own(http: Callable[[Any], httpx.AsyncClient]) -> None:
+    """A pooled connection the IdP closed while idle would make "sent, then reset" ambiguous for nothing."""
+    idp = Scripted(lambda: JSONResponse({"access_token": "new-access"}))
+    await IdPClient(oauth2(), http(idp.app)).redeem("the-refresh-token")
+    [(headers, _)] = idp.seen
+    assert headers["connection"] == "close"

@@ -17,18 +17,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import refresh as refresh_module
+from gateway import redemption
 from gateway.config import CookiesConfig, CookieSpec, RefreshConfig, TokensConfig
 from gateway.cookies import CookieJar
 from gateway.credentials import AuthResult
 from gateway.demo.idp import IdentityProvider, IdPSettings, TokenPair, create_idp_app
+from gateway.denylist import Denylist
 from gateway.errors import StoreError
+from gateway.families import Families
 from gateway.idp import IdPClient
 from gateway.keys import StaticKey
 from gateway.metrics import Metrics
+from gateway.redemption import Lease
 from gateway.refresh import SessionRefresher
 from gateway.sealing import Sealer
-from gateway.store import MemoryStore, Store
+from gateway.store import MemoryStore, RecordKeys, Store
 from gateway.tokens import Verifier
 
 SECRET = IdPSettings.hs_secret
@@ -59,6 +62,7 @@ class Harness:
     sealer: Sealer
     metrics: Metrics
     refresher: SessionRefresher
+    denylist: Denylist
 
     @property
     def idp(self) -> IdentityProvider:
@@ -90,6 +94,7 @@ async def build() -> AsyncIterator[Build]:
         store: Store | None = None,
         clock: Clock | None = None,
         cookies: CookiesConfig | None = None,
+        keys: Any = None,
         **refresh: Any,
     ) -> Harness:
         app = app if app is not None else create_idp_app(IdPSettings())
@@ -112,16 +117,19 @@ async def build() -> AsyncIterator[Build]:
         tokens = TokensConfig(algorithms=("HS256",), secret=SECRET, audience="legacy-app", leeway=0)
         sealer = Sealer("store-secret-for-tests")  # the same in every "process", as configured
         metrics = Metrics()
+        denylist = Denylist(store)
+        families = Families(store, sealer, denylist, time.time, 3600)
         refresher = SessionRefresher(
             config=config,
             store=store,
             sealer=sealer,
             idp=IdPClient(config, http),
-            verifier=Verifier(tokens, StaticKey(SECRET.encode())),
+            verifier=Verifier(tokens, keys or StaticKey(SECRET.encode()), denied=denylist),
             jar=CookieJar.from_config(cookies or CookiesConfig()),
             metrics=metrics,
+            families=families,
         )
-        harness = Harness(app, http, store, clock, sealer, metrics, refresher)
+        harness = Harness(app, http, store, clock, sealer, metrics, refresher, denylist)
         made.append(harness)
         return harness
 
@@ -220,7 +228,7 @@ async def test_reuse_after_grace_ends_the_session_and_revokes_the_successor(buil
 
     # The gateway refuses the successor too, without asking the IdP.
     refused = await h.refresher.refresh(successor, None)
-    assert refused.reason == "invalid_grant"
+    assert refused.reason == "reuse"
     assert_cleared(refused)
     assert h.idp.counters.refresh_calls == 1
 
@@ -237,7 +245,7 @@ async def test_idp_failure_keeps_cookies_then_the_same_token_refreshes_fine(buil
     assert h.idp.counters.refresh_calls == 1
 
     # Shared for FAILURE_MEMORY seconds, so a burst of retries does not stampede a struggling IdP.
-    h.clock.advance(refresh_module.FAILURE_MEMORY - 0.5)
+    h.clock.advance(redemption.FAILURE_MEMORY - 0.5)
     retry = await h.refresher.refresh(old.refresh, old.access)
     assert retry.reason == "idp_error" and h.idp.counters.refresh_calls == 1
 
@@ -249,7 +257,7 @@ async def test_idp_failure_keeps_cookies_then_the_same_token_refreshes_fine(buil
 
 
 async def test_failure_memory_is_the_module_setting(build: Build, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(refresh_module, "FAILURE_MEMORY", 0.5)
+    monkeypatch.setattr(redemption, "FAILURE_MEMORY", 0.5)
     h = build()
     old = h.session()
     h.idp.behaviour.fail = "500"
@@ -271,40 +279,92 @@ async def test_invalid_grant_clears_both_cookies_and_is_remembered(build: Build)
     assert h.idp.counters.refresh_calls == 1
 
 
-async def test_new_access_token_that_fails_verification_sets_no_cookies(build: Build) -> None:
+async def test_new_access_token_that_never_verifies_is_502_and_the_successor_is_kept(build: Build) -> None:
+    """The IdP redeemed the token: its successor is the session now, even if its access token is bad."""
     h = build()
     old = h.session()
     h.idp.behaviour.fail = "bad_signature"
     result = await h.refresher.refresh(old.refresh, old.access)
-    assert result.reason == "idp_bad_response" and result.set_cookies == [] and result.claims is None
+    assert result.reason == "idp_bad_response" and result.claims is None
+    assert set(cookies(result)) == {REFRESH}  # the rotated refresh cookie, no access cookie
+    successor = jwt.decode(cookies(result)[REFRESH][0], options={"verify_signature": False})
+    assert successor["jti"] == old.family.current  # the IdP's own successor
+    assert h.idp.counters.refresh_ok == 1 and h.outcomes("unverified") == 1
 
 
-async def test_abandoned_attempt_ends_the_session_without_calling_the_idp(build: Build) -> None:
-    """Regression: a token a dead owner may have redeemed is never sent again (it could be reuse)."""
+async def lost_attempt(h: Harness, token: str, *, state: str = "maybe", window: float = 60) -> RecordKeys:
+    """What an owner leaves behind when the IdP may have redeemed ``token`` and the answer was lost."""
+    keys = RecordKeys(h.hash(token), h.hash(token))
+    assert await h.store.acquire(keys.lock, "dead-owner", 60)
+    assert await h.store.begin_attempt(keys, "dead-owner", "fence-1", window, 3600) is not None
+    if state == "maybe":
+        assert await h.store.settle_attempt(keys, "fence-1", "maybe")
+    assert await h.store.release(keys.lock, "dead-owner")
+    return keys
+
+
+async def test_a_lost_answer_ends_the_session_cleanly_without_calling_the_idp(build: Build, caplog: Any) -> None:
+    """Regression: a token the IdP may have redeemed is never sent again (it would be reuse: the family dies)."""
     h = build()
     old = h.session()
-    await h.store.set(f"attempt:{{{h.hash(old.refresh)}}}", b"1", 60)
+    await lost_attempt(h, old.refresh)
     result = await h.refresher.refresh(old.refresh, old.access)
-    assert result.reason == "invalid_grant"
+    assert result.reason == "refresh_lost"
     assert_cleared(result)
-    assert h.idp.counters.refresh_calls == 0 and h.outcomes("abandoned") == 1
+    assert h.idp.counters.refresh_calls == 0 and h.outcomes("refresh_lost") == 1
+    assert f"event=refresh_lost token={h.hash(old.refresh)[:12]}" in caplog.text
+    assert (await h.refresher.refresh(old.refresh, old.access)).reason == "refresh_lost"  # and stays ended
+    assert h.idp.counters.refresh_calls == 0
+
+
+async def test_an_attempt_whose_owner_is_still_within_its_deadline_is_waited_for(build: Build) -> None:
+    """A pending attempt is somebody's IdP call in flight: never ended, never duplicated; its result is shared."""
+    h = build()
+    old = h.session()
+    keys = RecordKeys(h.hash(old.refresh), h.hash(old.refresh))
+    owner = build(app=h.app, store=h.store, clock=h.clock)  # another worker, same store
+    assert await h.store.acquire(keys.lock, "slow-owner", 60)
+    waiting = asyncio.create_task(h.refresher.refresh(old.refresh, old.access))
+    await asyncio.sleep(0.3)
+    assert not waiting.done() and h.idp.counters.refresh_calls == 0
+    await h.store.release(keys.lock, "slow-owner")  # the owner gave up before sending: nothing recorded
+    done = await asyncio.wait_for(waiting, 5)
+    assert_refreshed(done, old.refresh)
+    assert h.idp.counters.refresh_calls == 1
+    assert (await owner.refresher.refresh(old.refresh, old.access)).set_cookies == done.set_cookies
+    assert h.idp.counters.refresh_calls == 1
 
 
 class BrokenStore:
-    """A MemoryStore whose ``get`` (or writes of some keys) fail as an unreachable Redis would."""
+    """A MemoryStore whose reads, or the named operations, fail as an unreachable Redis would (``failing`` times)."""
 
-    def __init__(self, inner: MemoryStore, *, get: bool = False, set_prefix: str | None = None) -> None:
-        self._inner, self._fail_get, self._fail_set = inner, get, set_prefix
+    def __init__(
+        self, inner: MemoryStore, *, get: bool = False, fail: tuple[str, ...] = (), failing: int = 10**9
+    ) -> None:
+        self._inner, self._fail_get, self._fail, self.failing = inner, get, fail, failing
+
+    def _maybe_fail(self, operation: str) -> None:
+        if operation in self._fail and self.failing > 0:
+            self.failing -= 1
+            raise StoreError(f"{operation}: connection reset")
 
     async def get(self, key: str) -> bytes | None:
         if self._fail_get:
             raise StoreError("connection refused")
         return await self._inner.get(key)
 
-    async def set(self, key: str, value: bytes, ttl: float, *, notify: bool = False) -> None:
-        if self._fail_set is not None and key.startswith(self._fail_set):
-            raise StoreError("connection reset")
-        await self._inner.set(key, value, ttl, notify=notify)
+    async def read_record(self, keys: RecordKeys) -> Any:
+        if self._fail_get:
+            raise StoreError("connection refused")
+        return await self._inner.read_record(keys)
+
+    async def finish(self, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_fail("finish")
+        return await self._inner.finish(*args, **kwargs)
+
+    async def settle_attempt(self, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_fail("settle_attempt")
+        return await self._inner.settle_attempt(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -318,11 +378,40 @@ async def test_store_unavailable_answers_without_cookies_or_idp_call(build: Buil
     assert h.idp.counters.refresh_calls == 0
 
 
-async def test_tokens_redeemed_but_not_shareable_still_reach_the_request(build: Build) -> None:
-    h = build(store=BrokenStore(MemoryStore(), set_prefix="result:"))
+async def test_tokens_redeemed_but_not_recorded_still_reach_the_request_and_are_recorded_later(
+    build: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The IdP has redeemed the token: a store outage during the write-out must not lose the successor."""
+    monkeypatch.setattr(redemption, "SHARE_RETRY", 0.3)
+    store = BrokenStore(MemoryStore("gw:"), fail=("finish",))
+    h = build(store=store)
     old = h.session()
-    assert_refreshed(await h.refresher.refresh(old.refresh, old.access), old.refresh)
+    first = await h.refresher.refresh(old.refresh, old.access)
+    assert_refreshed(first, old.refresh)
     assert h.idp.counters.refresh_ok == 1
+    store.failing = 0  # the store is back: the write-out, still retried in the background, lands
+    await h.refresher.close()
+    again = await h.refresher.refresh(old.refresh, old.access)
+    assert again.set_cookies == first.set_cookies and h.idp.counters.refresh_calls == 1
+
+
+async def test_an_attempt_that_never_reached_the_idp_is_cleared_even_through_a_store_failure(
+    build: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 12, failure 1): IdP down and Redis failing at once must not become a logout later."""
+    clock = Clock()
+    store = BrokenStore(MemoryStore("gw:", clock=clock), fail=("settle_attempt",), failing=3)
+    h = build(store=store, clock=clock)
+    old = h.session()
+    h.idp.behaviour.fail = "503"
+    down = await h.refresher.refresh(old.refresh, old.access)
+    assert down.reason == "idp_error" and down.set_cookies == []
+    await h.refresher.close()  # the clearing goes on in the background until the store answers
+    assert store.failing == 0
+    h.idp.behaviour.fail = None
+    h.clock.advance(redemption.FAILURE_MEMORY + 1)
+    assert_refreshed(await h.refresher.refresh(old.refresh, old.access), old.refresh)
+    assert h.idp.counters.refresh_calls == 2 and h.idp.counters.refresh_ok == 1
 
 
 # --- the lock ---------------------------------------------------------------------------------------------
@@ -331,7 +420,7 @@ async def test_tokens_redeemed_but_not_shareable_still_reach_the_request(build: 
 async def test_lock_held_by_an_owner_that_never_releases_times_out(build: Build) -> None:
     h = build(wait_timeout=0.2)
     old = h.session()
-    assert await h.store.acquire(f"lock:{{{h.hash(old.refresh)}}}", "another-process", 60)
+    assert await h.store.acquire(RecordKeys(h.hash(old.refresh), h.hash(old.refresh)).lock, "another-process", 60)
     started = time.monotonic()
     result = await h.refresher.refresh(old.refresh, old.access)
     assert result.reason == "lock_timeout" and result.set_cookies == []
@@ -342,23 +431,72 @@ async def test_lock_held_by_an_owner_that_never_releases_times_out(build: Build)
 async def test_lease_is_renewed_while_a_slow_idp_call_is_in_flight(build: Build) -> None:
     """Regression (oauth2-proxy PR #3456): an IdP slower than the lease still gets exactly one call."""
     store = MemoryStore("gw:")  # real monotonic clock: leases must really run out without renewal
-    first = build(store=store, lock_lease=0.3)
-    second = build(app=first.app, store=store, lock_lease=0.3)  # another worker process
+    first = build(store=store, lock_lease=0.3, grace_period=1)
+    second = build(app=first.app, store=store, lock_lease=0.3, grace_period=1)  # another worker process
     first.idp.behaviour.latency = 1.0
     old = first.session()
-    lock = f"lock:{{{first.hash(old.refresh)}}}"
+    lock = RecordKeys(first.hash(old.refresh), first.hash(old.refresh)).lock
     owner = asyncio.create_task(first.refresher.refresh(old.refresh, old.access))
+    holders: list[str | None] = []
     for _ in range(200):
-        if await store.get(lock) is not None:
+        if await store.holder(lock) is not None:
             break
         await asyncio.sleep(0.005)
+    taken = time.monotonic()
     waiter = asyncio.create_task(second.refresher.refresh(old.refresh, old.access))
+    for wait in (0.45, 0.75):  # past one lease, then past two: held only if renewed
+        await asyncio.sleep(taken + wait - time.monotonic())
+        holders.append(await store.holder(lock))
     a, b = await asyncio.wait_for(asyncio.gather(owner, waiter), 5)
+    assert holders[0] is not None and holders == [holders[0]] * 2, holders  # the same owner all along
     assert first.idp.counters.refresh_calls == 1
     assert_refreshed(a, old.refresh)
     assert b.set_cookies == a.set_cookies and b.claims == a.claims
     assert (first.outcomes("ok"), second.outcomes("grace_hit")) == (1, 1)
-    assert await store.get(lock) is None  # released
+    assert await store.holder(lock) is None  # released
+
+
+class StallingStore(BrokenStore):
+    """Renewals that hang (a slow Redis reply) the first ``stalls`` times."""
+
+    def __init__(self, inner: MemoryStore, stalls: int) -> None:
+        super().__init__(inner)
+        self.stalls = stalls
+
+    async def renew(self, key: str, owner: str, lease: float) -> bool:
+        if self.stalls > 0:
+            self.stalls -= 1
+            await asyncio.sleep(60)
+        return await self._inner.renew(key, owner, lease)
+
+
+async def test_a_stalled_renewal_is_retried_at_once_and_the_lease_never_lapses() -> None:
+    """Regression (failure 2): one slow renewal pushed the next past the lease; the owner stopped renewing."""
+    store = StallingStore(MemoryStore("gw:"), stalls=2)
+    assert await store.acquire("lock:{h}", "me", 0.4)
+    lease = Lease(store, "lock:{h}", "me", 0.4).start()  # type: ignore[arg-type]
+    seen = []
+    for _ in range(8):  # 1.6 s: four leases
+        await asyncio.sleep(0.2)
+        seen.append(await store.holder("lock:{h}"))
+    await lease.release()
+    assert store.stalls == 0 and seen == ["me"] * 8 and not lease.lost
+    assert await store.holder("lock:{h}") is None
+
+
+async def test_a_lease_that_expired_is_taken_back_unless_another_owner_holds_it() -> None:
+    store = MemoryStore("gw:")
+    assert await store.acquire("lock:{h}", "me", 0.2)
+    await store.release("lock:{h}", "me")  # as if it had expired
+    lease = Lease(store, "lock:{h}", "me", 0.2).start()
+    await asyncio.sleep(0.15)
+    assert await store.holder("lock:{h}") == "me" and not lease.lost  # nobody had it: taken back
+    await store.release("lock:{h}", "me")
+    assert await store.acquire("lock:{h}", "other", 5)
+    await asyncio.sleep(0.15)
+    assert lease.lost and await store.holder("lock:{h}") == "other"  # never stolen back
+    await lease.release()
+    assert await store.holder("lock:{h}") == "other"
 
 
 # --- cookies ---------------------------------------------------------------------------------------------
@@ -438,7 +576,7 @@ async def test_no_token_is_ever_logged(build: Build, caplog: pytest.LogCaptureFi
     h.idp.behaviour.fail = "503"
     remember(await h.refresher.refresh(failing.refresh, failing.access))
     h.idp.behaviour.fail = "bad_signature"
-    h.clock.advance(refresh_module.FAILURE_MEMORY + 1)
+    h.clock.advance(redemption.FAILURE_MEMORY + 1)
     remember(await h.refresher.refresh(failing.refresh, failing.access))
     h.idp.behaviour.fail = None
     dead = h.session()
@@ -450,7 +588,7 @@ async def test_no_token_is_ever_logged(build: Build, caplog: pytest.LogCaptureFi
     text = caplog.text + "".join(str(r.args) for r in caplog.records)
     assert not [t for t in seen if t in text]
     assert f"event=refresh_reuse token={h.hash(ok.refresh)[:12]}" in caplog.text
-    for outcome in ("ok", "grace_hit", "reuse", "idp_error", "idp_bad_response", "invalid_grant"):
+    for outcome in ("ok", "grace_hit", "reuse", "idp_error", "unverified", "invalid_grant"):
         assert f"outcome={outcome} " in caplog.text
 
 
@@ -481,32 +619,132 @@ async def test_unexpected_failure_is_503_not_500_and_keeps_cookies(build: Build)
     assert h.idp.counters.refresh_calls == 0
 
 
-async def test_owner_writes_landing_between_a_readers_gets_are_a_grace_hit_not_reuse(build: Build) -> None:
-    """Regression (found by bench/soak.py): the reader saw no result, then the owner's used marker: 401 reuse."""
+async def test_an_owner_that_finished_between_a_waiters_read_and_its_acquire_is_not_called_twice(build: Build) -> None:
+    """The owner's second look after acquiring: with an IdP that does not rotate, nothing else stops a 2nd call."""
+    idp = StaticIdP()
+    h = build(app=idp.app)
+    other = build(app=idp.app, store=h.store, clock=h.clock)  # another worker
+    token = "opaque-non-rotating-refresh-token"
+    real_acquire = h.store.acquire
+    raced = False
+
+    async def acquire(key: str, owner: str, lease: float) -> bool:
+        nonlocal raced
+        if not raced:  # between this worker's read (nothing there) and its acquire, the other finishes
+            raced = True
+            await other.refresher.refresh(token, None)
+        return await real_acquire(key, owner, lease)
+
+    h.store.acquire = acquire  # type: ignore[method-assign]
+    result = await h.refresher.refresh(token, None)
+    assert raced and idp.calls == 1
+    assert result.claims is not None and result.claims["n"] == 1
+    assert h.outcomes("grace_hit") == 1
+
+
+# --- session continuity under faults (issue 12) -------------------------------------------------------
+
+
+class FlakyKeys:
+    """A key source that cannot produce the key while ``down`` (a new kid during rollover, JWKS unreachable)."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    async def key_for(self, kid: str | None, alg: str) -> Any:
+        return None if self.down else SECRET.encode()
+
+    async def start(self) -> None:
+        return None
+
+
+async def test_a_successor_whose_access_token_cannot_be_verified_yet_is_kept_and_verified_later(build: Build) -> None:
+    """Regression (failure 6): a key rollover with JWKS down threw the valid successor away and ended the session."""
+    keys = FlakyKeys()
+    h = build(keys=keys)
+    old = h.session()
+    keys.down = True
+    first = await h.refresher.refresh(old.refresh, old.access)
+    assert first.reason == "idp_token_unverified" and first.claims is None  # 503, a transient failure
+    assert set(cookies(first)) == {REFRESH}
+    successor = cookies(first)[REFRESH][0]
+    assert jwt.decode(successor, options={"verify_signature": False})["jti"] == old.family.current
+    # Still down: the same answer again, for the old cookie and for the successor, with no new IdP call.
+    assert (await h.refresher.refresh(old.refresh, old.access)).reason == "idp_token_unverified"
+    assert (await h.refresher.refresh(successor, None)).reason == "idp_token_unverified"
+    keys.down = False  # JWKS answers again
+    recovered = await h.refresher.refresh(successor, None)
+    assert recovered.claims is not None and recovered.claims["sub"] == "alice"
+    assert cookies(recovered)[REFRESH][0] == successor and ACCESS in cookies(recovered)
+    assert h.idp.counters.refresh_calls == 1 and h.idp.counters.reuse_detected == 0
+
+
+async def test_reuse_of_any_ancestor_ends_the_whole_family(build: Build) -> None:
+    """Regression (failure 3): R0 -> R1 -> R2, then R0 replayed: R2 and its access token are refused too."""
     h = build()
     old = h.session()
-    first = await h.refresher.refresh(old.refresh, old.access)  # the real rotation, for realistic values
-    key = h.hash(old.refresh)
-    store = h.store
-    result = await store.get(f"result:{{{key}}}")
-    used = await store.get(f"used:{{{key}}}")
-    assert result is not None and used is not None
-    await store.delete(f"result:{{{key}}}")
-    await store.delete(f"used:{{{key}}}")
+    _, r1 = assert_refreshed(await h.refresher.refresh(old.refresh, old.access), old.refresh)
+    h.clock.advance(GRACE + 1)
+    second = await h.refresher.refresh(r1, None)
+    a2, r2 = assert_refreshed(second, r1)
+    h.clock.advance(GRACE + 1)
+    assert h.idp.counters.refresh_calls == 2
 
-    real_get = store.get
-    landed = False
+    replay = await h.refresher.refresh(old.refresh, None)  # the thief's copy of R0
+    assert replay.reason == "reuse"
+    assert_cleared(replay)
+    # The newest tokens die with it, at the gateway, whatever the IdP does with revocation.
+    assert (await h.refresher.refresh(r2, None)).reason == "reuse"
+    assert (await h.refresher.refresh(r1, None)).reason == "reuse"
+    assert second.claims is not None and second.claims["jti"] in h.denylist
+    verdict = await Verifier(
+        TokensConfig(algorithms=("HS256",), secret=SECRET, audience="legacy-app", leeway=0),
+        StaticKey(SECRET.encode()),
+        denied=h.denylist,
+    ).verify(a2)
+    assert verdict.reason == "token_revoked"
+    assert h.idp.counters.refresh_calls == 2  # nothing more reached the IdP
 
-    async def get(name: str) -> bytes | None:
-        nonlocal landed
-        value = await real_get(name)
-        if not landed:  # the owner's two writes land right after the reader's first read
-            landed = True
-            await store.set(f"result:{{{key}}}", result, 30)
-            await store.set(f"used:{{{key}}}", used, 3600)
-        return value
 
-    store.get = get  # type: ignore[method-assign]
+async def test_a_logout_during_a_refresh_is_not_undone_by_the_owners_write_out(build: Build) -> None:
+    """Regression (failure 4): the owner's write-out restored the result, and the successor kept working."""
+    h = build(revocation_endpoint=None)  # the IdP would redeem all the same (revocation ignored or not offered)
+    h.idp.behaviour.latency = 0.3
+    old = h.session()
+    flight = asyncio.create_task(h.refresher.refresh(old.refresh, old.access))
+    await asyncio.sleep(0.1)  # the owner is at the IdP
+    await h.refresher.end_session(old.refresh)
+    ended = await flight
+    assert ended.reason == "session_ended" and ended.claims is None
+    assert_cleared(ended)
+    # Within grace, with the old cookie: still over (failure 10: not a grace hit, not a 502).
     again = await h.refresher.refresh(old.refresh, old.access)
-    assert again.reason is None and again.set_cookies == first.set_cookies
-    assert h.idp.counters.refresh_calls == 1
+    assert again.reason == "session_ended"
+    assert_cleared(again)
+    assert h.idp.counters.refresh_ok == 1
+
+
+async def test_the_superseded_cookie_after_logout_is_401_not_a_grace_hit(build: Build) -> None:
+    """Regression (failure 10): the grace hit handed back the denylisted successor as a 502, cookies kept."""
+    h = build()
+    old = h.session()
+    _, successor = assert_refreshed(await h.refresher.refresh(old.refresh, old.access), old.refresh)
+    await h.refresher.end_session(successor)  # logout with the new cookies
+    late_tab = await h.refresher.refresh(old.refresh, old.access)  # another tab, old cookies, within grace
+    assert late_tab.reason == "session_ended"
+    assert_cleared(late_tab)
+
+
+async def test_a_sealed_value_copied_to_another_sessions_key_does_not_hand_over_its_tokens(build: Build) -> None:
+    """Regression (I4): someone who can write to Redis but lacks the secret moves Alice's result to Bob's key."""
+    h = build()
+    alice, bob = h.session(), h.idp.start_session("bob", ttl=-60)
+    await h.refresher.refresh(alice.refresh, alice.access)
+    alice_keys = RecordKeys(h.hash(alice.refresh), h.hash(alice.refresh))
+    bob_keys = RecordKeys(h.hash(bob.refresh), h.hash(bob.refresh))
+    stolen = await h.store.get(alice_keys.result)
+    assert stolen is not None
+    await h.store.set(bob_keys.result, stolen, 30)
+    result = await h.refresher.refresh(bob.refresh, bob.access)
+    assert result.claims is None and result.reason == "store_unavailable"
+    assert not any("alice" in c.decode() for c in result.set_cookies)

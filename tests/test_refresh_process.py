@@ -62,7 +62,9 @@ def idp() -> Iterator[IdPProcess]:
 @pytest.fixture(scope="module")
 def gateway(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> Iterator[GatewayProcess]:
     prefix = f"gwtest:{os.urandom(4).hex()}:"
-    with start_gateway(gateway_config(idp, upstream, redis_url, prefix, grace_period=3), workers=4) as server:
+    with start_gateway(
+        gateway_config(idp, upstream, redis_url, prefix, grace_period=3, lock_lease=2), workers=4
+    ) as server:
         yield server
 
 
@@ -160,12 +162,35 @@ def test_idp_503_keeps_cookies_and_later_succeeds(gateway: GatewayProcess, idp: 
     assert up.status_code == 200 and REFRESH in set_cookies(up)
 
 
-@pytest.mark.parametrize("fail", ["500", "html", "garbage", "invalid_client"])
-def test_idp_failures_are_503_not_logout(gateway: GatewayProcess, idp: IdPProcess, fail: str) -> None:
+@pytest.mark.parametrize("fail", ["500", "503", "invalid_client"])
+def test_idp_failures_that_did_not_redeem_are_503_not_logout(
+    gateway: GatewayProcess, idp: IdPProcess, fail: str
+) -> None:
     session = expired_session(idp)
+    cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
     idp.behaviour(fail=fail, fail_count=1)
-    response = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie_header(session["access"], session["refresh"])})
+    response = httpx.get(f"{gateway.url}/x", headers=cookie)
     assert response.status_code == 503 and "set-cookie" not in response.headers
+    time.sleep(2.2)  # the failure is shared for 2 s; then the same cookies work again (I2)
+    again = httpx.get(f"{gateway.url}/x", headers=cookie)
+    assert again.status_code == 200 and REFRESH in set_cookies(again)
+    assert max(idp.redemption_counts().values()) == 1
+
+
+@pytest.mark.parametrize("fail", ["html", "garbage"])
+def test_a_200_that_is_not_json_is_503_once_and_the_token_is_never_resent(
+    gateway: GatewayProcess, idp: IdPProcess, fail: str
+) -> None:
+    """Issue 12, failure 5: a 200 the gateway cannot read may mean the IdP redeemed the token."""
+    session = expired_session(idp)
+    cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+    idp.behaviour(fail=fail, fail_count=1)
+    first = httpx.get(f"{gateway.url}/x", headers=cookie)
+    assert first.status_code == 503 and "set-cookie" not in first.headers
+    time.sleep(2.2)
+    later = httpx.get(f"{gateway.url}/x", headers={**cookie, "Accept": "text/html"})
+    assert later.status_code == 302 and set_cookies(later)[REFRESH]["max-age"] == "0"
+    assert refresh_calls(idp) == 1
 
 
 def test_invalid_grant_ends_the_session(gateway: GatewayProcess, idp: IdPProcess) -> None:
@@ -179,14 +204,35 @@ def test_invalid_grant_ends_the_session(gateway: GatewayProcess, idp: IdPProcess
     assert page.status_code == 302 and set_cookies(page)[ACCESS]["max-age"] == "0"
 
 
-@pytest.mark.parametrize("fail", ["no_access", "bad_signature"])
-def test_unusable_tokens_from_the_idp_are_502_without_cookies(
-    gateway: GatewayProcess, idp: IdPProcess, fail: str
+def test_a_200_without_tokens_is_502_once_then_a_clean_logout_never_a_resend(
+    gateway: GatewayProcess, idp: IdPProcess
+) -> None:
+    """The IdP redeemed the token and its answer is unusable: the token is never sent again (I1)."""
+    session = expired_session(idp)
+    cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+    idp.behaviour(fail="no_access", fail_count=1)
+    response = httpx.get(f"{gateway.url}/x", headers=cookie)
+    assert response.status_code == 502 and "set-cookie" not in response.headers
+    time.sleep(2.2)  # past the 2 s the failure is shared with concurrent requests
+    later = httpx.get(f"{gateway.url}/x", headers=cookie)
+    assert later.status_code == 401 and later.json()["reason"] == "refresh_lost"
+    assert set_cookies(later)[REFRESH]["max-age"] == "0" and set_cookies(later)[ACCESS]["max-age"] == "0"
+    assert refresh_calls(idp) == 1 and max(idp.redemption_counts().values()) == 1
+
+
+def test_a_new_access_token_with_a_bad_signature_is_502_and_the_successor_is_kept(
+    gateway: GatewayProcess, idp: IdPProcess
 ) -> None:
     session = expired_session(idp)
-    idp.behaviour(fail=fail, fail_count=1)
+    idp.behaviour(fail="bad_signature", fail_count=1)
     response = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie_header(session["access"], session["refresh"])})
-    assert response.status_code == 502 and "set-cookie" not in response.headers
+    assert response.status_code == 502
+    successor = set_cookies(response)[REFRESH].value
+    assert ACCESS not in set_cookies(response) and successor != session["refresh"]
+    # The session carries on with the successor: the next request refreshes it, and works.
+    after = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie_header(None, successor)})
+    assert after.status_code == 200 and refresh_calls(idp) == 2
+    assert max(idp.redemption_counts().values()) == 1
 
 
 def test_only_valid_expired_cookie_sessions_refresh(gateway: GatewayProcess, idp: IdPProcess) -> None:
@@ -269,34 +315,73 @@ def test_slow_idp_longer_than_the_lease_is_called_once(
         assert len({set_cookies(r)[REFRESH].value for r in responses}) == 1
 
 
+def _kill_the_owner_mid_call(
+    gw: GatewayProcess, idp: IdPProcess, redis_url: str, prefix: str, cookie: str
+) -> list[Any]:
+    """SIGKILL the worker holding the refresh lock once its request reached the IdP; then 10 more requests."""
+
+    async def scenario() -> list[httpx.Response | BaseException]:
+        async with httpx.AsyncClient(timeout=40) as client:
+            first = asyncio.ensure_future(client.get(f"{gw.url}/a", headers={"Cookie": cookie}))
+            owner = await _lock_owner(redis_url, prefix)
+            deadline = time.monotonic() + 10
+            while refresh_calls(idp) == 0:  # the request is at the IdP, which will redeem it
+                assert time.monotonic() < deadline, "the owner never called the IdP"
+                await asyncio.sleep(0.02)
+            os.kill(owner, signal.SIGKILL)
+            others = await asyncio.gather(
+                *(client.get(f"{gw.url}/b", headers={"Cookie": cookie}) for _ in range(10)), return_exceptions=True
+            )
+            killed = await asyncio.gather(first, return_exceptions=True)
+            assert isinstance(killed[0], httpx.HTTPError)  # the killed worker's own client lost its connection
+            return list(others)
+
+    return asyncio.run(scenario())
+
+
 @pytest.mark.slow
-def test_worker_killed_while_holding_the_lock(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> None:
+def test_worker_killed_mid_call_ends_the_session_cleanly_and_never_resends_the_token(
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+) -> None:
+    """The IdP redeemed the token and the only worker that could know the successor died: refresh_lost, not reuse."""
     prefix = f"gwtest:{os.urandom(4).hex()}:"
-    config = gateway_config(idp, upstream, redis_url, prefix, timeout=10, lock_lease=2, wait_timeout=8)
+    config = gateway_config(idp, upstream, redis_url, prefix, timeout=4, lock_lease=1, wait_timeout=20)
     with start_gateway(config, workers=2) as gw:
         session = expired_session(idp)
-        idp.behaviour(latency=3)
-        cookie = cookie_header(session["access"], session["refresh"])
+        idp.behaviour(latency=2)
+        others = _kill_the_owner_mid_call(
+            gw, idp, redis_url, prefix, cookie_header(session["access"], session["refresh"])
+        )
+        assert all(isinstance(r, httpx.Response) for r in others), others
+        for response in others:
+            assert response.status_code == 401 and response.json()["reason"] == "refresh_lost"
+            cleared = set_cookies(response)
+            assert cleared[ACCESS]["max-age"] == "0" and cleared[REFRESH]["max-age"] == "0"
+        time.sleep(0.5)
+        assert refresh_calls(idp) == 1  # never sent again
+        assert [e["event"] for e in idp.ledger()] == ["redeemed"]  # no reuse at the IdP: its family lives on
+        assert "event=refresh_lost" in gw.log()
 
-        async def scenario() -> list[httpx.Response | BaseException]:
-            async with httpx.AsyncClient(timeout=30) as client:
-                first = asyncio.ensure_future(client.get(f"{gw.url}/a", headers={"Cookie": cookie}))
-                owner = await _lock_owner(redis_url, prefix)
-                os.kill(owner, signal.SIGKILL)
-                started = time.monotonic()
-                others = await asyncio.gather(
-                    *(client.get(f"{gw.url}/b", headers={"Cookie": cookie}) for _ in range(10)), return_exceptions=True
-                )
-                assert time.monotonic() - started < 20  # nobody hangs past the bound
-                return [*(await asyncio.gather(first, return_exceptions=True)), *others]
 
-        results = asyncio.run(scenario())
-        statuses = [r.status_code for r in results if isinstance(r, httpx.Response)]
-        # The killed worker's own request loses its connection; everybody else gets an answer
-        # that either continues the session or ends it cleanly.
-        assert statuses and all(s in (200, 401) for s in statuses)
-        assert all(s == statuses[0] for s in statuses)
-        assert idp.stats()["refresh_calls"] <= 1
+@pytest.mark.slow
+def test_worker_killed_mid_call_is_retried_once_within_the_idps_reuse_window(
+    upstream: ServerProcess, redis_url: str
+) -> None:
+    """Design point 7: with refresh.idp_reuse_window, the lost answer is asked for again and the session lives."""
+    with start_idp(secret=IDP_SECRET, reuse_window=30) as idp:
+        prefix = f"gwtest:{os.urandom(4).hex()}:"
+        config = gateway_config(
+            idp, upstream, redis_url, prefix, timeout=4, lock_lease=1, wait_timeout=20, idp_reuse_window=30
+        )
+        with start_gateway(config, workers=2) as gw:
+            session = expired_session(idp)
+            idp.behaviour(latency=2)
+            cookie = cookie_header(session["access"], session["refresh"])
+            others = _kill_the_owner_mid_call(gw, idp, redis_url, prefix, cookie)
+            assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in others), others
+            assert len({set_cookies(r)[REFRESH].value for r in others if isinstance(r, httpx.Response)}) == 1
+            assert [e["event"] for e in idp.ledger()] == ["redeemed", "reused_in_window"]
+            assert refresh_calls(idp) == 2 and not any(f["revoked"] for f in idp.families())
 
 
 async def _lock_owner(redis_url: str, prefix: str) -> int:
@@ -318,7 +403,12 @@ def test_simplejwt_style_rotation_with_blacklisting(idp: IdPProcess, upstream: S
     """Django SimpleJWT with ROTATE_REFRESH_TOKENS + BLACKLIST_AFTER_ROTATION: JSON refresh, 401 on reuse."""
     prefix = f"gwtest:{os.urandom(4).hex()}:"
     config = gateway_config(idp, upstream, redis_url, prefix, grace_period=2)
-    config["refresh"] = {"endpoint": f"{idp.url}/api/token/refresh/", "style": "json", "grace_period": 2}
+    config["refresh"] = {
+        "endpoint": f"{idp.url}/api/token/refresh/",
+        "style": "json",
+        "grace_period": 2,
+        "lock_lease": 2,
+    }
     config["cookies"] = {"secure": False, "access": {"name": "sid"}, "refresh": {"name": "rid", "max_age": 3600}}
     with start_gateway(config, workers=2) as gw:
         session = expired_session(idp, "bob")

@@ -22,18 +22,27 @@ def test_token_hash_is_stable_short_hex_and_keyed() -> None:
 
 def test_seal_round_trip_and_nonce_is_fresh() -> None:
     sealer = Sealer("s3cret")
-    first, second = sealer.seal(TOKEN.encode()), sealer.seal(TOKEN.encode())
+    first, second = sealer.seal(TOKEN.encode(), "result:{h}"), sealer.seal(TOKEN.encode(), "result:{h}")
     assert first != second
     assert TOKEN.encode() not in first
-    assert sealer.unseal(first) == TOKEN.encode()
-    assert Sealer("s3cret").unseal(second) == TOKEN.encode()
-    assert sealer.unseal(sealer.seal(b"")) == b""
+    assert sealer.unseal(first, "result:{h}") == TOKEN.encode()
+    assert Sealer("s3cret").unseal(second, "result:{h}") == TOKEN.encode()
+    assert sealer.unseal(sealer.seal(b"", "k"), "k") == b""
+
+
+def test_a_value_copied_to_another_key_does_not_unseal() -> None:
+    """Regression (issue 12, I4): someone with Redis write access but not the secret moves a value."""
+    sealer = Sealer("s3cret")
+    alices = sealer.seal(b'{"access": "alice"}', "result:{root-a}:h1")
+    with pytest.raises(StoreError, match="could not be decrypted"):
+        sealer.unseal(alices, "result:{root-b}:h2")
+    assert sealer.unseal(alices, "result:{root-a}:h1") == b'{"access": "alice"}'
 
 
 @pytest.mark.parametrize("damage", ["flip_body", "flip_nonce", "truncate", "empty"])
 def test_unseal_rejects_tampering(damage: str) -> None:
     sealer = Sealer("s3cret")
-    sealed = bytearray(sealer.seal(b"tokens"))
+    sealed = bytearray(sealer.seal(b"tokens", "k"))
     if damage == "flip_body":
         sealed[-1] ^= 1
     elif damage == "flip_nonce":
@@ -43,12 +52,12 @@ def test_unseal_rejects_tampering(damage: str) -> None:
     else:
         sealed = bytearray()
     with pytest.raises(StoreError, match="could not be decrypted"):
-        sealer.unseal(bytes(sealed))
+        sealer.unseal(bytes(sealed), "k")
 
 
 def test_unseal_with_wrong_secret_fails() -> None:
     with pytest.raises(StoreError, match="could not be decrypted"):
-        Sealer("other").unseal(Sealer("s3cret").seal(b"tokens"))
+        Sealer("other").unseal(Sealer("s3cret").seal(b"tokens", "k"), "k")
 
 
 def test_empty_secret_is_refused_and_repr_hides_it() -> None:

@@ -366,7 +366,8 @@ def test_cross_site_get_is_not_refused(gateway: GatewayProcess) -> None:
 
 
 def test_refresh_revokes_the_superseded_access_token(gateway: GatewayProcess, idp: IdPProcess) -> None:
-    session = idp.issue("alice", access_ttl=20)  # valid, but inside refresh_before (60 s)
+    # Valid, but inside refresh_before (60 s): issued 100 s ago, so half its lifetime is more than that.
+    session = idp.issue("alice", access_ttl=20, claims={"iat": int(time.time()) - 100})
     assert batch(replays(gateway, session["access"], 4))[0].status_code == 200  # Bearer is never refreshed
     refreshes = stat(idp, "refresh_calls")
     first = httpx.get(f"{gateway.url}/page", headers={"Cookie": cookie_header(session["access"], session["refresh"])})
@@ -385,7 +386,7 @@ def test_refresh_revokes_the_superseded_access_token(gateway: GatewayProcess, id
 
 def test_old_cookies_within_grace_still_get_the_successor(gateway: GatewayProcess, idp: IdPProcess) -> None:
     """Regression: with revoke_superseded, a racing tab still holding the old cookies must not be logged out."""
-    session = idp.issue("alice", access_ttl=20)
+    session = idp.issue("alice", access_ttl=20, claims={"iat": int(time.time()) - 100})  # due for refresh
     old = {"Cookie": cookie_header(session["access"], session["refresh"])}
     first = httpx.get(f"{gateway.url}/page", headers=old)
     assert first.status_code == 200

@@ -234,10 +234,29 @@ async def test_expired_within_leeway_still_ok(hs: Make) -> None:
 
 
 async def test_expiring_within_refresh_before_is_ok_and_refreshable(hs: Make) -> None:
-    verdict = await hs().verify(hs_token(claims(exp=NOW + 10)))
+    verdict = await hs().verify(hs_token(claims(exp=NOW + 10, iat=NOW - 300)))
     assert verdict.ok and verdict.refreshable
-    later = await hs().verify(hs_token(claims(exp=NOW + 31)))
+    later = await hs().verify(hs_token(claims(exp=NOW + 31, iat=NOW - 300)))
     assert later.ok and not later.refreshable
+
+
+async def test_short_lived_tokens_are_refreshed_at_half_their_life_not_always(
+    hs: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (issue 12, failure 11): 10 s tokens with refresh_before 30 made every request call the IdP."""
+    verifier = hs()
+    fresh = await verifier.verify(hs_token(claims(iat=NOW - 2, exp=NOW + 8)))
+    assert fresh.ok and not fresh.refreshable  # 8 s left of 10: not due yet
+    due = await verifier.verify(hs_token(claims(iat=NOW - 6, exp=NOW + 4)))
+    assert due.ok and due.refreshable  # under half its life left
+    warnings = [r.getMessage() for r in caplog.records if "refresh_before" in r.getMessage()]
+    assert warnings == [
+        "access tokens live 10 s, less than tokens.refresh_before (30 s): refreshing 5 s before expiry instead; "
+        "tokens.leeway (30 s) accepts them that long past expiry. Set refresh_before and leeway well below the "
+        "token lifetime."
+    ]  # once, with the numbers
+    long_lived = await verifier.verify(hs_token(claims(iat=NOW - 10, exp=NOW + 50)))
+    assert long_lived.ok and not long_lived.refreshable  # 60 s tokens keep the configured 30 s
 
 
 async def test_nbf_beyond_leeway_refused_within_leeway_ok(hs: Make) -> None:

@@ -9,7 +9,7 @@ import pytest
 from gateway.config import WebSocketConfig
 from gateway.denylist import Denylist
 from gateway.metrics import Metrics
-from gateway.sessions import ENDED, SESSION
+from gateway.families import ENDED, SESSION
 from gateway.store import MemoryStore
 from gateway.websocket import SESSION_ENDED, Sockets, Tunnel, sendable
 

@@ -1,0 +1,127 @@
+"""Session families: every token knows its session, and a session ends as a whole, everywhere.
+
+A session is a refresh-token family, named by the keyed hash of its first refresh token (its
+root). The store remembers, for as long as the cookies may live:
+
+    family:{h(refresh)}  -> root   for every rotated refresh token: the successor inherits the root
+    member:{h(jti)}      -> root   for every access token the gateway hands out (WebSockets find
+                                   their session from their verified access token)
+    members:{root}       the family's access tokens (jti until exp), written atomically with each
+                         rotation (see ``Store.finish``) and at login
+    head:{root}          sealed: the family's newest refresh token
+    ended:{root}         why the family ended: session_ended (logout), reuse, invalid_grant, refresh_lost
+
+Ending a family (``end``) is one atomic step in the store; afterwards no token of the family gets
+a 200 on any worker, whatever the IdP does with revocation (invariant I3, docs/refresh.md):
+refresh tokens find ``ended:{root}``; every live access token of the family goes on the
+denylist (refused by every worker within a second); ``session:{root}`` on the denylist closes
+the family's WebSockets. Logout also denylists ``ended:{jti}`` for the access token it was
+given, which closes sockets whose token has no family (a Bearer token from elsewhere).
+Superseded tokens (``tokens.revoke_superseded``) are refused by HTTP but do not close sockets:
+a rotation is not the end of a session.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from gateway.denylist import Denylist
+from gateway.errors import StoreError
+from gateway.sealing import Sealer
+from gateway.store import FamilyEnd, RecordKeys, Store
+
+log = logging.getLogger("gateway.families")
+
+SESSION = "session:"  # denylist: every socket of this session ends
+ENDED = "ended:"  # denylist: every socket opened with this access token (jti) ends
+
+
+class Families:
+    def __init__(
+        self, store: Store, sealer: Sealer, denylist: Denylist, clock: Callable[[], float], lifetime: float
+    ) -> None:
+        self._store = store
+        self._sealer = sealer
+        self._denylist = denylist
+        self._clock = clock
+        self._lifetime = lifetime  # how long an ended family is remembered: the longest a refresh cookie lives
+
+    async def root_of(self, h: str) -> str:
+        """The session of the refresh token with hash ``h`` (``h`` itself when never rotated). Raises StoreError."""
+        raw = await self._store.get(f"family:{{{h}}}")
+        return raw.decode() if raw else h
+
+    async def link(self, root: str, refresh_token: str | None, claims: dict[str, Any] | None, lifetime: float) -> None:
+        """Record that a new refresh token and access token belong to ``root``. Raises StoreError."""
+        if refresh_token is not None:
+            h = self._sealer.token_hash(refresh_token)
+            if h != root:
+                await self._store.set(f"family:{{{h}}}", root.encode(), lifetime)
+        jti = (claims or {}).get("jti")
+        if isinstance(jti, str):
+            await self._store.set(f"member:{{{self._sealer.token_hash(jti)}}}", root.encode(), lifetime)
+
+    async def join(self, root: str, claims: dict[str, Any]) -> None:
+        """Count an access token among the family's, so that ending the family refuses it. Raises StoreError."""
+        jti, exp = claims.get("jti"), claims.get("exp")
+        if isinstance(jti, str) and isinstance(exp, int | float):
+            await self._store.add_member(RecordKeys(root, root).members, jti, float(exp))
+
+    async def started(self, claims: dict[str, Any], refresh_token: str | None, lifetime: float | None) -> None:
+        """A login: the session is new, its root the refresh token's hash. Best effort."""
+        if refresh_token is None:
+            return
+        root = self._sealer.token_hash(refresh_token)
+        keys = RecordKeys(root, root)
+        try:
+            await self.link(root, refresh_token, claims, lifetime or 3600)
+            await self.join(root, claims)
+            await self._store.set(keys.head, self._sealer.seal(refresh_token.encode(), keys.head), lifetime or 3600)
+        except StoreError as exc:
+            log.warning("session record not stored (%s): logout ends this session by its tokens only", exc)
+
+    async def end(self, keys: RecordKeys, reason: str) -> FamilyEnd:
+        """End the family of ``keys`` everywhere (atomic in the store); then refuse its live access tokens.
+
+        Raises StoreError only when the family could not be marked ended; the denylist entries
+        that follow are retried by the denylist's own sync when the store is back.
+        """
+        now = self._clock()
+        end = await self._store.end_family(keys, reason, self._lifetime, now)
+        for jti, exp in end.members.items():
+            await self._deny(jti, exp)
+        await self._deny(SESSION + keys.root, now + self._lifetime)
+        return end
+
+    def head(self, keys: RecordKeys, sealed: bytes | None) -> str | None:
+        """The newest refresh token of the family, from ``FamilyEnd.head``."""
+        if sealed is None:
+            return None
+        try:
+            return self._sealer.unseal(sealed, keys.head).decode()
+        except StoreError:
+            log.error("family %s: the stored head token does not unseal", keys.root[:12])
+            return None
+
+    async def _deny(self, entry: str, expires_at: float) -> None:
+        try:
+            await self._denylist.deny(entry, expires_at)
+        except StoreError as exc:
+            # Refused here already; other workers learn it when this worker's copy is shared again.
+            log.error("family end not shared with other workers yet (%s)", exc)
+
+    async def watch_keys(self, claims: dict[str, Any]) -> tuple[str, ...]:
+        """The denylist entries that end a socket opened with this (verified) access token."""
+        jti = claims.get("jti")
+        if not isinstance(jti, str):
+            return ()
+        try:
+            raw = await self._store.get(f"member:{{{self._sealer.token_hash(jti)}}}")
+        except StoreError:
+            raw = None  # the store is down: the token itself still ends it
+        return (ENDED + jti, SESSION + raw.decode()) if raw else (ENDED + jti,)
+
+    async def end_token(self, jti: str, expires_at: float) -> None:
+        await self._denylist.deny(ENDED + jti, expires_at)

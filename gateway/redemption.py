@@ -1,0 +1,323 @@
+"""The owner's critical section: one call to the IdP per refresh token, and its write-out.
+
+Only the worker holding ``lock:{root}:h`` comes here (see ``gateway.refresh``). It records an
+attempt under a fresh fence before it sends anything, sends only while that record is young,
+classifies what the IdP did, and writes the successor out with one conditional script that
+succeeds only while its attempt still holds the fence and the family is alive. The states and
+why each fault leaves I1-I4 intact are in docs/refresh.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+from uuid import uuid4
+
+import jwt
+
+from gateway.config import RefreshConfig
+from gateway.errors import BadIdPResponse, IdPAnswerLost, IdPUnavailable, RefreshRejected, StoreError
+from gateway.families import Families
+from gateway.idp import IdPClient, IssuedTokens
+from gateway.sealing import Sealer
+from gateway.store import Attempt, Finish, RecordKeys, Store
+from gateway.tokens import Verifier
+
+log = logging.getLogger("gateway.refresh")
+audit = logging.getLogger("gateway.audit")
+
+FAILURE_MEMORY = 2.0  # seconds a passing IdP failure is shared with concurrent waiters (no stampede)
+SEND_WINDOW = 2.0  # the owner sends only this long after asking to record its attempt: never late, after a pause
+SHARE_RETRY = 10.0  # seconds a request waits for its write-out through a store outage (then: in the background)
+BACKGROUND_RETRY = 300.0  # seconds a write-out (or a cleanup) keeps being retried after that
+RETRY_PAUSE = 0.25
+_ENDINGS = frozenset({"invalid_grant", "reuse", "refresh_lost", "session_ended"})
+# Verification failures of a token the IdP just issued that may pass a moment later: a new kid
+# while the JWKS cannot be fetched, an IdP clock ahead of ours.
+TRANSIENT = frozenset({"unknown_key", "token_not_yet_valid"})
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one refresh flight produced: new tokens or a failure code (``label`` is the metric)."""
+
+    label: str
+    access: str | None = None
+    refresh: str | None = None
+    refresh_max_age: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.access is not None
+
+
+def attempt_window(config: RefreshConfig) -> float:
+    """How long after it began an attempt may still be in its owner's hands (then it counts as abandoned)."""
+    return SEND_WINDOW + config.timeout + 2 * config.lock_lease + 1.0
+
+
+class Lease:
+    """Keeps the refresh lock while the owner works (oauth2-proxy PR #3456: a slow IdP outlives a fixed TTL).
+
+    Renews every quarter lease, gives each renewal an eighth of the lease, and retries a failed or
+    stalled one at once, so a slow reply cannot push the next renewal past the lease. When the key
+    has expired anyway it is taken back if nobody else holds it; when another owner holds it,
+    ``lost`` says so. Losing the lock is not fatal: the attempt's fence, not the lock, decides
+    whose write-out counts.
+    """
+
+    def __init__(self, store: Store, key: str, owner: str, lease: float) -> None:
+        self._store, self._key, self._owner, self._lease = store, key, owner, lease
+        self._task: asyncio.Task[None] | None = None
+        self.lost = False
+        self.kept = False  # a background task took over stopping and releasing
+
+    def start(self) -> Lease:
+        self._task = asyncio.create_task(self._run(), name="refresh-lease")
+        return self
+
+    async def release(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+        try:
+            await self._store.release(self._key, self._owner)
+        except StoreError as exc:
+            log.warning("refresh lock %s not released (%s); it expires by itself", self._key[:24], exc)
+
+    async def _run(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self._lease / 4)
+            while not await self._renew_once():
+                if self.lost:
+                    return
+                if not failing:
+                    log.warning("refresh lock %s: renewal failed; retrying at once", self._key[:24])
+                failing = True
+                await asyncio.sleep(0.02)
+            failing = False
+
+    async def _renew_once(self) -> bool:
+        try:
+            async with asyncio.timeout(self._lease / 8):
+                if await self._store.renew(self._key, self._owner, self._lease):
+                    return True
+                holder = await self._store.holder(self._key)
+                if holder is None and await self._store.acquire(self._key, self._owner, self._lease):
+                    log.warning("refresh lock %s had expired; taken back", self._key[:24])
+                    return True
+        except (StoreError, TimeoutError):
+            return False
+        self.lost = True
+        log.warning("refresh lock %s is held by another owner now; the attempt's fence still guards the write-out",
+                    self._key[:24])  # fmt: skip
+        return False
+
+
+class Redemption:
+    """Calls the IdP for one refresh token and records what came of it; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        config: RefreshConfig,
+        store: Store,
+        sealer: Sealer,
+        idp: IdPClient,
+        verifier: Verifier,
+        families: Families,
+        owner: str,
+        lifetime: Callable[[str], int],
+        background: Callable[[Awaitable[Any]], None],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._sealer = sealer
+        self._idp = idp
+        self._verifier = verifier
+        self._families = families
+        self._owner = owner
+        self._lifetime = lifetime  # how long a cookie holding this refresh token may live
+        self._background = background
+
+    async def run(self, keys: RecordKeys, token: str, lease: Lease, takeover: Attempt | None) -> Outcome | None:
+        """Redeem ``token`` (taking over ``takeover``, an attempt whose answer was lost, for one retry).
+
+        None when the store refused the attempt or the write-out because the state changed under
+        us: the caller looks at the store again.
+        """
+        replace = takeover.fence if takeover is not None else None
+        retried = takeover is not None
+        while True:
+            fence = await self._begin(keys, token, lease, replace)
+            if fence is None:
+                return None
+            first_send = time.monotonic()
+            try:
+                issued = await self._idp.redeem(token)
+            except IdPUnavailable as exc:
+                log.error("refresh token=%s: IdP unavailable, token not redeemed: %s", keys.h[:12], exc)
+                await self._settle(keys, fence, "clear", lease)
+                return await self._shared_failure(keys, "idp_error")
+            except RefreshRejected as exc:
+                log.info("refresh token=%s: %s", keys.h[:12], exc)
+                try:
+                    end = await self._families.end(keys, "invalid_grant")
+                except StoreError as store_exc:
+                    log.error("refresh token=%s: session end not recorded (%s)", keys.h[:12], store_exc)
+                    return Outcome("invalid_grant")
+                return Outcome(end.reason if end.reason in _ENDINGS else "invalid_grant")
+            except IdPAnswerLost as exc:
+                label = "idp_bad_response" if isinstance(exc, BadIdPResponse) else "idp_answer_lost"
+                if not retried and time.monotonic() - first_send < self._config.idp_reuse_window - SEND_WINDOW:
+                    log.warning("refresh token=%s: %s; retrying once within the IdP's reuse window", keys.h[:12], exc)
+                    replace, retried = fence, True
+                    continue
+                audit.warning("event=refresh_answer_lost token=%s detail=%s", keys.h[:12], exc)
+                await self._settle(keys, fence, "maybe", lease)
+                return await self._shared_failure(keys, label)
+            return await self._write_out(keys, token, fence, issued, lease)
+
+    async def _begin(self, keys: RecordKeys, token: str, lease: Lease, replace: str | None) -> str | None:
+        """Record the attempt; the fence, or None if refused. Sends nothing unless the record is certain and young."""
+        fence = uuid4().hex
+        asked = time.monotonic()
+        # A "maybe" attempt is remembered as long as a cookie holding the token may live.
+        window, ttl = attempt_window(self._config), float(self._lifetime(token))
+        try:
+            started = await self._store.begin_attempt(keys, self._owner, fence, window, ttl, replace=replace)
+        except StoreError:
+            # The record may exist although we cannot know: never send; make sure it is gone.
+            await self._settle(keys, fence, "clear", lease)
+            raise
+        if started is None:
+            return None
+        if time.monotonic() - asked > SEND_WINDOW:
+            log.warning("refresh token=%s: the attempt was recorded too late to send it; not sending", keys.h[:12])
+            await self._settle(keys, fence, "clear", lease)
+            raise StoreError("store too slow to record the attempt in time")
+        return fence
+
+    async def _write_out(
+        self, keys: RecordKeys, token: str, fence: str, issued: IssuedTokens, lease: Lease
+    ) -> Outcome | None:
+        verdict = await self._verifier.verify(issued.access)
+        claims = verdict.claims
+        if claims is None:
+            # Kept all the same (design point 3): the IdP has redeemed the token; the successor is the
+            # session now. A later request verifies the access token again (JWKS back, clocks agree).
+            log.error("refresh token=%s: the IdP's new access token does not verify (%s); successor kept",
+                      keys.h[:12], verdict.reason)  # fmt: skip
+        successor = issued.refresh or token
+        rotated = successor != token
+        max_age = self._lifetime(successor)
+        outcome = Outcome("ok" if claims is not None else "unverified", issued.access, successor, max_age)
+        writes = [(keys.result, self.seal(outcome, keys.result), max(self._config.grace_period, 1.0))]
+        if rotated:
+            writes.append((keys.head, self._sealer.seal(successor.encode(), keys.head), max_age))
+        if claims is None and verdict.reason in TRANSIENT:
+            later = keys.of(self._sealer.token_hash(successor))
+            writes.append((later.issued, self._sealer.seal(issued.access.encode(), later.issued), _life(issued.access)))
+        used = None
+        if rotated:
+            record = json.dumps({"successor": successor}).encode()
+            used = (self._sealer.seal(record, keys.used), float(self._lifetime(token)))
+        jti, exp = (claims or {}).get("jti"), (claims or {}).get("exp")
+        member = (jti, float(exp)) if isinstance(jti, str) and isinstance(exp, int | float) else None
+
+        async def finish() -> Finish:
+            # The successor joins the family before anyone can present it.
+            await self._families.link(keys.root, successor if rotated else None, claims, max_age)
+            return await self._store.finish(keys, fence, writes, used=used, member=member)
+
+        answer = await self._retrying(finish, SHARE_RETRY)
+        if answer is None:
+            log.error("refresh token=%s: successor not recorded yet (store unavailable); retrying in the background",
+                      keys.h[:12])  # fmt: skip
+            lease.kept = True
+            self._background(self._finish_later(keys, finish, lease))
+            return outcome
+        if answer == "ended":
+            # Logout or reuse detection won the race: the family is over, and so are these tokens.
+            log.info("refresh token=%s: the session ended during the IdP call; successor discarded", keys.h[:12])
+            if rotated:
+                self._background(self._idp.revoke(successor))
+            return Outcome("session_ended")  # the reason itself is the family's (refresh.ended_label)
+        if answer == "superseded":
+            log.warning("refresh token=%s: another worker took this attempt over; successor discarded", keys.h[:12])
+            return None
+        return outcome
+
+    async def _finish_later(self, keys: RecordKeys, finish: Callable[[], Awaitable[Finish]], lease: Lease) -> None:
+        try:
+            answer = await self._retrying(finish, BACKGROUND_RETRY)
+            log.info("refresh token=%s: successor recorded late (%s)", keys.h[:12], answer or "gave up")
+        finally:
+            await lease.release()
+
+    async def _settle(self, keys: RecordKeys, fence: str, state: Any, lease: Lease) -> None:
+        """Mark our attempt ``maybe`` or clear it; through a store outage, keep trying in the background.
+
+        Clearing matters as much as marking: an attempt that never reached the IdP must not outlive
+        us, or the next request would take it for a lost answer and end the session (failure 1).
+        The lock stays ours until it is done, so nobody reads the attempt meanwhile.
+        """
+
+        async def settle() -> bool:
+            return await self._store.settle_attempt(keys, fence, state)
+
+        if await self._retrying(settle, RETRY_PAUSE) is None:
+            lease.kept = True
+            self._background(self._settle_later(keys, settle, lease))
+
+    async def _settle_later(self, keys: RecordKeys, settle: Callable[[], Awaitable[bool]], lease: Lease) -> None:
+        try:
+            done = await self._retrying(settle, BACKGROUND_RETRY)
+            log.info(
+                "refresh token=%s: attempt settled late (%s)", keys.h[:12], "ok" if done is not None else "gave up"
+            )
+        finally:
+            await lease.release()
+
+    async def _shared_failure(self, keys: RecordKeys, label: str) -> Outcome:
+        """Tell concurrent requests, for a moment, so that they do not stampede a struggling IdP."""
+        try:
+            await self._store.set(keys.result, self.seal(Outcome(label), keys.result), FAILURE_MEMORY)
+        except StoreError as exc:
+            log.warning("refresh token=%s: failure not shared (%s)", keys.h[:12], exc)
+        return Outcome(label)
+
+    async def _retrying(self, step: Callable[[], Awaitable[Any]], patience: float) -> Any:
+        """``step()`` until it does not raise StoreError; None when ``patience`` ran out."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return await step()
+            except StoreError as exc:
+                if time.monotonic() >= deadline:
+                    log.debug("store still unavailable: %s", exc)
+                    return None
+                await asyncio.sleep(RETRY_PAUSE)
+
+    def seal(self, outcome: Outcome, key: str) -> bytes:
+        return self._sealer.seal(json.dumps(asdict(outcome)).encode(), key)
+
+    def unseal(self, raw: bytes, key: str) -> Outcome:
+        return Outcome(**json.loads(self._sealer.unseal(raw, key)))
+
+
+def _life(access: str) -> float:
+    """How long to keep an access token awaiting verification: until its exp (unverified read), at most an hour."""
+    try:
+        exp = jwt.decode(access, options={"verify_signature": False}).get("exp")
+    except jwt.InvalidTokenError:
+        exp = None
+    if isinstance(exp, int | float) and not isinstance(exp, bool):
+        return min(max(exp - time.time(), 1.0), 3600.0)
+    return 60.0
