@@ -213,6 +213,10 @@ def _translated(op: str) -> Iterator[None]:
     except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
         # Connection messages name host and port only; safe and useful in logs.
         raise StoreError(f"redis {op} failed: {type(exc).__name__}: {exc}") from None
+    except RuntimeError as exc:
+        # redis-py on uvloop: a write to a connection the peer just reset raises "unable to perform
+        # operation on <TCPTransport closed=True>" (a RuntimeError); redis-py has disconnected it.
+        raise StoreError(f"redis {op} failed: connection closed ({type(exc).__name__})") from None
     except (RedisError, RedisClusterException) as exc:
         # Other errors (ResponseError, "cluster cannot be connected"...) may echo arguments back, so
         # only the class is kept.  RedisClusterException is not a RedisError.
@@ -529,7 +533,8 @@ class RedisStore:
                         and time.monotonic() - self._connecting_since > self._socket_timeout
                     ):
                         raise RedisTimeoutError("subscription not confirmed")
-            except (RedisError, RedisClusterException, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:
+                # RuntimeError: redis-py on uvloop, a write to a connection the peer reset (see _translated).
                 logger.warning("store subscription lost (%s); retrying in %.1fs", type(exc).__name__, backoff)
             finally:
                 # Until the next subscribe is confirmed, new watchers must not assume delivery.

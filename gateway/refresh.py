@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 from uuid import uuid4
 
@@ -39,8 +40,9 @@ from gateway.errors import StoreError
 from gateway.families import Families
 from gateway.idp import IdPClient
 from gateway.metrics import Metrics
-from gateway.redemption import SEND_WINDOW, TRANSIENT, Lease, Outcome, Redemption
+from gateway.redemption import BACKGROUND_RETRY, RETRY_PAUSE, SEND_WINDOW, TRANSIENT, Lease, Outcome, Redemption
 from gateway.sealing import Sealer
+from gateway.stalls import Stalls
 from gateway.store import POLL_INTERVAL, Attempt, RecordKeys, Store, TokenRecord
 from gateway.tokens import Verifier
 
@@ -53,6 +55,14 @@ MAX_FOLLOW = 4  # successors followed for one request that arrived within grace 
 FATAL = frozenset({"invalid_grant", "reuse", "refresh_lost", "session_ended"})
 
 Step = Literal["take", "takeover", "wait", "stale"]
+
+
+@dataclass(slots=True)
+class Arrival:
+    """When a flight began (monotonic, this process) and first read the store (the store's clock)."""
+
+    began: float
+    at: float | None = None
 
 
 class SessionRefresher:
@@ -86,6 +96,7 @@ class SessionRefresher:
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
         self._background: set[asyncio.Future[Any]] = set()
         self._denylist = denylist  # set when tokens.revoke_superseded: the replaced access token is refused
+        self._stalls = Stalls()  # a request held up in a stalled worker is not a late replay
         self._redemption = Redemption(
             config=config,
             store=store,
@@ -119,32 +130,54 @@ class SessionRefresher:
         return result
 
     async def end_session(self, refresh_token: str) -> bool:
-        """Logout: the whole family is refused from now on, and the IdP is asked to revoke its newest token."""
+        """Logout: the whole family is refused from now on, and the IdP is asked to revoke its newest token.
+
+        With the store unreachable the end is recorded as soon as it answers again (retried in the
+        background), so a copy of the session's tokens does not outlive the outage.
+        """
         h = self._sealer.token_hash(refresh_token)
         newest = refresh_token
         try:
-            keys = RecordKeys(await self._families.root_of(h), h)
-            end = await self._families.end(keys, "session_ended")
-            newest = self._families.head(keys, end.head) or refresh_token
+            newest = await self._record_end(h) or refresh_token
         except StoreError as exc:
-            log.error("logout token=%s: could not record the ended session (%s)", h[:12], exc)
+            log.error("logout token=%s: ended session not recorded yet (%s); retrying in the background", h[:12], exc)
+            self._spawn(self._record_end_later(h))
         revoked = await self._idp.revoke(newest)
         log.info("logout token=%s revoked_at_idp=%s", h[:12], revoked)
         return revoked
+
+    async def _record_end(self, h: str) -> str | None:
+        keys = RecordKeys(await self._families.root_of(h), h)
+        end = await self._families.end(keys, "session_ended")
+        return self._families.head(keys, end.head)
+
+    async def _record_end_later(self, h: str) -> None:
+        deadline = time.monotonic() + BACKGROUND_RETRY
+        while time.monotonic() < deadline:
+            await asyncio.sleep(RETRY_PAUSE)
+            try:
+                await self._record_end(h)
+            except StoreError:
+                continue
+            log.info("logout token=%s: ended session recorded", h[:12])
+            return
+        log.error("logout token=%s: ended session never recorded (store unavailable)", h[:12])
 
     async def close(self) -> None:
         """Let flights and write-outs in progress finish (they hold locks and redeemed tokens)."""
         pending = [*self._inflight.values(), *self._background]
         if pending:
             await asyncio.wait(pending, timeout=self._config.timeout + 1)
+        await self._stalls.close()
 
     # --- one flight per process ---------------------------------------------------------------
 
     async def _flight(self, h: str, token: str) -> Outcome:
         started = time.monotonic()
+        self._stalls.start()
         try:
             keys = RecordKeys(await self._families.root_of(h), h)
-            outcome = await self._coordinate(keys, token, None, 0)
+            outcome = await self._coordinate(keys, token, Arrival(started), 0)
         except StoreError as exc:
             log.error("refresh token=%s: store unavailable (%s); answering 503", h[:12], exc)
             self._metrics.store_error("refresh")
@@ -156,7 +189,7 @@ class SessionRefresher:
         log.info("refresh token=%s outcome=%s duration=%.3fs", h[:12], outcome.label, time.monotonic() - started)
         return outcome
 
-    async def _coordinate(self, keys: RecordKeys, token: str, arrived: float | None, depth: int) -> Outcome:
+    async def _coordinate(self, keys: RecordKeys, token: str, arrived: Arrival, depth: int) -> Outcome:
         """Judge the token's record until there is an outcome, redeeming it when it falls to us."""
         deadline = time.monotonic() + self._config.wait_timeout
         waited_since: float | None = None
@@ -164,7 +197,7 @@ class SessionRefresher:
         while True:
             async with self._store.watch(keys.lock) as waiter:
                 record = await self._store.read_record(keys)
-                arrived = record.now if arrived is None else arrived  # the store's clock: every worker agrees
+                arrived.at = record.now if arrived.at is None else arrived.at  # the store's clock: workers agree
                 step = await self._judge(keys, token, record, arrived, depth)
                 if isinstance(step, Outcome):
                     self._waited(waited_since)
@@ -189,9 +222,9 @@ class SessionRefresher:
                 await waiter.wait(min(remaining, POLL_INTERVAL))
 
     async def _judge(
-        self, keys: RecordKeys, token: str, record: TokenRecord, arrived: float, depth: int
+        self, keys: RecordKeys, token: str, record: TokenRecord, arrived: Arrival, depth: int
     ) -> Outcome | Step:
-        """What a token's record means for a request that arrived at ``arrived`` (store clock)."""
+        """What a token's record means for a request that arrived at ``arrived.at`` (store clock)."""
         if record.ended is not None:
             return Outcome(ended_label(record.ended))
         if record.result is not None:
@@ -202,7 +235,9 @@ class SessionRefresher:
         if record.used is not None:
             successor: str = json.loads(self._sealer.unseal(record.used, keys.used))["successor"]
             rotated_at = record.rotated_at if record.rotated_at is not None else record.now
-            if arrived > rotated_at + self._config.grace_period:
+            held_up = self._stalls.credit(arrived.began)  # this worker stood still meanwhile
+            at = arrived.at if arrived.at is not None else record.now
+            if at - held_up > rotated_at + self._config.grace_period:
                 return await self._reused(keys)
             if depth >= MAX_FOLLOW:
                 return Outcome("refresh_error")
@@ -221,7 +256,7 @@ class SessionRefresher:
             return "takeover"
         return "wait" if record.now < attempt.deadline else "stale"
 
-    async def _own(self, keys: RecordKeys, token: str, arrived: float, depth: int, settled: bool) -> Outcome | None:
+    async def _own(self, keys: RecordKeys, token: str, arrived: Arrival, depth: int, settled: bool) -> Outcome | None:
         """We hold the lock: look again, then redeem, take a lost attempt over, or end the session."""
         lease = Lease(self._store, keys.lock, self._owner, self._config.lock_lease).start()
         try:

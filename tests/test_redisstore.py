@@ -342,3 +342,18 @@ async def test_rediss_tls_store(tmp_path: Path) -> None:
         await untrusted.close()
         server.terminate()
         server.wait(5)
+
+
+async def test_a_write_to_a_connection_the_peer_reset_is_a_store_error(redis_url: str, key_prefix: str) -> None:
+    """Regression (fault campaign): redis-py on uvloop raises RuntimeError for it; it must not become a 500."""
+    store = RedisStore(redis_url, key_prefix)
+
+    async def closed(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    try:
+        store._redis.get = closed  # type: ignore[method-assign]
+        with pytest.raises(StoreError, match="connection closed"):
+            await store.get("k")
+    finally:
+        await store.close()

@@ -31,6 +31,7 @@ from gateway.metrics import Metrics
 from gateway.redemption import Lease
 from gateway.refresh import SessionRefresher
 from gateway.sealing import Sealer
+from gateway.stalls import Stalls
 from gateway.store import MemoryStore, RecordKeys, Store
 from gateway.tokens import Verifier
 
@@ -748,3 +749,37 @@ async def test_a_sealed_value_copied_to_another_sessions_key_does_not_hand_over_
     result = await h.refresher.refresh(bob.refresh, bob.access)
     assert result.claims is None and result.reason == "store_unavailable"
     assert not any("alice" in c.decode() for c in result.set_cookies)
+
+
+async def test_a_request_held_up_in_a_stalled_worker_is_not_taken_for_a_replay(build: Build) -> None:
+    """A worker paused (SIGSTOP, a VM pause) past the grace period: its in-flight request is still legit."""
+    h = build()
+    old = h.session()
+    first = await h.refresher.refresh(old.refresh, old.access)
+    h.clock.advance(GRACE + 1)  # the store's clock moved on while this worker stood still...
+    h.refresher._stalls.note(time.monotonic(), GRACE + 1)  # ...which its ticker noticed
+    late = await h.refresher.refresh(old.refresh, old.access)
+    assert late.reason is None and late.claims is not None
+    # The result had expired, so it carried on with the successor: redeemed once, no reuse anywhere.
+    assert cookies(late)[REFRESH][0] != cookies(first)[REFRESH][0] and h.idp.counters.refresh_ok == 2
+    assert h.idp.counters.reuse_detected == 0 and h.outcomes("reuse") == 0
+
+
+async def test_without_a_stall_the_same_late_request_is_reuse(build: Build) -> None:
+    h = build()
+    old = h.session()
+    await h.refresher.refresh(old.refresh, old.access)
+    h.clock.advance(GRACE + 1)
+    assert (await h.refresher.refresh(old.refresh, old.access)).reason == "reuse"
+
+
+async def test_the_stall_ticker_notices_a_blocked_loop() -> None:
+    stalls = Stalls()
+    stalls.start()
+    await asyncio.sleep(0.15)
+    since = time.monotonic()
+    time.sleep(0.8)  # the event loop stands still, as under SIGSTOP
+    await asyncio.sleep(0.15)
+    await stalls.close()
+    assert 0.5 < stalls.credit(since) < 1.0
+    assert stalls.credit(time.monotonic() + 5) == 0  # long ago from a later flight's view

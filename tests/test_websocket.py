@@ -8,8 +8,8 @@ import pytest
 
 from gateway.config import WebSocketConfig
 from gateway.denylist import Denylist
-from gateway.metrics import Metrics
 from gateway.families import ENDED, SESSION
+from gateway.metrics import Metrics
 from gateway.store import MemoryStore
 from gateway.websocket import SESSION_ENDED, Sockets, Tunnel, sendable
 
