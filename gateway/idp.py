@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -54,6 +55,9 @@ class IdPClient:
         self._config = config
         self._endpoint = config.endpoint
         self._client = client
+        # httpcore (behind httpx's own transport) reports each step through the "trace" extension;
+        # other transports (httpx.ASGITransport in tests) do not.
+        self._traced = isinstance(getattr(client, "_transport", None), httpx.AsyncHTTPTransport)
 
     def _client_auth(self) -> tuple[dict[str, str], dict[str, str]]:
         """(form fields, headers) that authenticate the gateway as an OAuth client."""
@@ -69,18 +73,29 @@ class IdPClient:
             form["client_secret"] = c.client_secret
         return form, {}
 
-    async def redeem(self, refresh_token: str) -> IssuedTokens:
+    async def redeem(
+        self, refresh_token: str, *, before_send: Callable[[], Awaitable[None]] | None = None
+    ) -> IssuedTokens:
         """Exchange a refresh token; raises RefreshRejected, IdPUnavailable or IdPAnswerLost.
 
-        The whole call is bounded by ``refresh.timeout``, connecting included.
+        ``before_send`` runs once connected, right before the request's first byte leaves; what it
+        raises propagates, with nothing sent. The whole call is bounded by ``refresh.timeout``,
+        connecting included.
         """
         c = self._config
         traced = sent = False
 
         async def trace(event: str, info: dict[str, Any]) -> None:
             nonlocal traced, sent
+            traced = True
             # From the first byte of the request on, the IdP may act on it (httpcore trace events).
-            traced, sent = True, sent or ".send_request_headers." in event
+            if not sent and ".send_request_headers.started" in event:
+                if before_send is not None:
+                    await before_send()
+                sent = True
+
+        if before_send is not None and not self._traced:
+            await before_send()  # a transport that reports no progress: record the attempt up front
 
         options: dict[str, Any] = {
             "timeout": c.timeout,

@@ -74,6 +74,7 @@ class Lease:
     def __init__(self, store: Store, key: str, owner: str, lease: float) -> None:
         self._store, self._key, self._owner, self._lease = store, key, owner, lease
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         self.lost = False
         self.kept = False  # a background task took over stopping and releasing
 
@@ -82,9 +83,13 @@ class Lease:
         return self
 
     async def release(self) -> None:
+        # A flag as well as a cancellation: on Python 3.11, asyncio.wait_for inside redis-py can
+        # swallow a cancellation that lands as its reply does, and the renewals would go on for
+        # ever (found by the fault campaign: a request hung on it). Never wait for it unbounded.
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.wait([self._task])
+            await asyncio.wait([self._task], timeout=self._lease)
         try:
             await self._store.release(self._key, self._owner)
         except StoreError as exc:
@@ -92,10 +97,12 @@ class Lease:
 
     async def _run(self) -> None:
         failing = False
-        while True:
+        while not self._stopped:
             await asyncio.sleep(self._lease / 4)
+            if self._stopped:
+                return
             while not await self._renew_once():
-                if self.lost:
+                if self.lost or self._stopped:
                     return
                 if not failing:
                     log.warning("refresh lock %s: renewal failed; retrying at once", self._key[:24])
@@ -118,6 +125,10 @@ class Lease:
         log.warning("refresh lock %s is held by another owner now; the attempt's fence still guards the write-out",
                     self._key[:24])  # fmt: skip
         return False
+
+
+class _Refused(Exception):
+    """The store refused the attempt (the state changed under us): nothing was sent."""
 
 
 class Redemption:
@@ -155,15 +166,27 @@ class Redemption:
         replace = takeover.fence if takeover is not None else None
         retried = takeover is not None
         while True:
-            fence = await self._begin(keys, token, lease, replace)
-            if fence is None:
-                return None
+            fence = uuid4().hex
+            recorded = False
+
+            async def record(fence: str = fence, replace: str | None = replace) -> None:
+                # Called by the IdP client once connected, right before the request's first byte
+                # leaves: a worker killed before this line leaves no attempt behind, one killed
+                # after it has (almost always) sent the request.
+                nonlocal recorded
+                if not await self._begin(keys, token, fence, lease, replace):
+                    raise _Refused
+                recorded = True
+
             first_send = time.monotonic()
             try:
-                issued = await self._idp.redeem(token)
+                issued = await self._idp.redeem(token, before_send=record)
+            except _Refused:
+                return None
             except IdPUnavailable as exc:
                 log.error("refresh token=%s: IdP unavailable, token not redeemed: %s", keys.h[:12], exc)
-                await self._settle(keys, fence, "clear", lease)
+                if recorded:
+                    await self._settle(keys, fence, "clear", lease)
                 return await self._shared_failure(keys, "idp_error")
             except RefreshRejected as exc:
                 log.info("refresh token=%s: %s", keys.h[:12], exc)
@@ -184,25 +207,27 @@ class Redemption:
                 return await self._shared_failure(keys, label)
             return await self._write_out(keys, token, fence, issued, lease)
 
-    async def _begin(self, keys: RecordKeys, token: str, lease: Lease, replace: str | None) -> str | None:
-        """Record the attempt; the fence, or None if refused. Sends nothing unless the record is certain and young."""
-        fence = uuid4().hex
+    async def _begin(self, keys: RecordKeys, token: str, fence: str, lease: Lease, replace: str | None) -> bool:
+        """Record the attempt under ``fence``; False if refused. Raises StoreError when it cannot be sure.
+
+        Nothing is sent unless the record is certain and young: after a store failure the record
+        may exist although we cannot know, so it is cleared (retried while we keep the lock).
+        """
         asked = time.monotonic()
         # A "maybe" attempt is remembered as long as a cookie holding the token may live.
         window, ttl = attempt_window(self._config), float(self._lifetime(token))
         try:
             started = await self._store.begin_attempt(keys, self._owner, fence, window, ttl, replace=replace)
-        except StoreError:
-            # The record may exist although we cannot know: never send; make sure it is gone.
+        except (StoreError, asyncio.CancelledError):  # cancelled: refresh.timeout ran out meanwhile
             await self._settle(keys, fence, "clear", lease)
             raise
         if started is None:
-            return None
+            return False
         if time.monotonic() - asked > SEND_WINDOW:
             log.warning("refresh token=%s: the attempt was recorded too late to send it; not sending", keys.h[:12])
             await self._settle(keys, fence, "clear", lease)
             raise StoreError("store too slow to record the attempt in time")
-        return fence
+        return True
 
     async def _write_out(
         self, keys: RecordKeys, token: str, fence: str, issued: IssuedTokens, lease: Lease
@@ -296,12 +321,15 @@ class Redemption:
     async def _retrying(self, step: Callable[[], Awaitable[Any]], patience: float) -> Any:
         """``step()`` until it does not raise StoreError; None when ``patience`` ran out."""
         deadline = time.monotonic() + patience
+        failed = False
         while True:
             try:
                 return await step()
             except StoreError as exc:
+                if not failed:
+                    log.warning("refresh: store unavailable (%s); retrying for up to %.0f s", exc, patience)
+                failed = True
                 if time.monotonic() >= deadline:
-                    log.debug("store still unavailable: %s", exc)
                     return None
                 await asyncio.sleep(RETRY_PAUSE)
 

@@ -118,9 +118,11 @@ return {now, redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]), used[1], us
 _BEGIN_ATTEMPT = (
     _NOW
     + """
+local current = redis.call('HMGET', KEYS[2], 'fence', 'state', 'started')
+-- The same call again (redis-py retries once after a reset): it happened, answer as the first time.
+if current[1] == ARGV[2] and current[2] == 'pending' then return tonumber(current[3]) end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
 if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then return false end
-local current = redis.call('HMGET', KEYS[2], 'fence', 'state')
 if current[1] and current[2] ~= 'done' and current[1] ~= ARGV[5] then return false end
 local retried = (ARGV[5] ~= '' and current[1]) and '1' or '0'
 redis.call('DEL', KEYS[2])

@@ -40,7 +40,7 @@ class Stalls:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            await asyncio.wait([self._task])
+            await asyncio.wait([self._task], timeout=1.0)
 
     async def _tick(self) -> None:
         last = time.monotonic()

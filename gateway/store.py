@@ -224,6 +224,7 @@ class Store(Protocol):
 
         Refused unless ``owner`` holds ``keys.lock``, the family is alive, the token is not
         superseded, and there is no unsettled attempt (other than ``replace``, which is taken over).
+        Idempotent: repeated after a lost reply, it answers as the first time.
         """
         ...
 
@@ -385,11 +386,13 @@ class MemoryStore:
     async def begin_attempt(
         self, keys: RecordKeys, owner: str, fence: str, window: float, ttl: float, *, replace: str | None = None
     ) -> float | None:
+        current = self._attempt(keys.attempt)
+        if current is not None and current["fence"] == fence and current["state"] == "pending":
+            return float(current["started"])  # a repeat of this very call
         if self._live(keys.lock) != owner.encode():
             return None
         if self._live(keys.ended) is not None or self._used_record(keys.used) is not None:
             return None
-        current = self._attempt(keys.attempt)
         if current is not None and current["state"] != "done" and current["fence"] != (replace or ""):
             return None
         now = self._clock()

@@ -783,3 +783,34 @@ async def test_the_stall_ticker_notices_a_blocked_loop() -> None:
     await stalls.close()
     assert 0.5 < stalls.credit(since) < 1.0
     assert stalls.credit(time.monotonic() + 5) == 0  # long ago from a later flight's view
+
+
+async def test_releasing_a_lease_never_hangs_even_if_its_renewal_swallows_the_cancellation() -> None:
+    """Regression (fault campaign): a cancellation swallowed inside redis-py (asyncio.wait_for on 3.11)
+    left the renewals running for ever, and the request waiting on them hung."""
+    block = asyncio.Event()
+
+    class Swallowing(BrokenStore):
+        renewing = False
+
+        async def renew(self, key: str, owner: str, lease: float) -> bool:
+            self.renewing = True
+            while not block.is_set():
+                try:
+                    await block.wait()
+                except asyncio.CancelledError:
+                    pass  # the reply lands with the cancellation: the cancellation is lost
+            return await self._inner.renew(key, owner, lease)
+
+    store = Swallowing(MemoryStore("gw:"))
+    assert await store.acquire("lock:{h}", "me", 5)
+    lease = Lease(store, "lock:{h}", "me", 5).start()  # type: ignore[arg-type]
+    while not store.renewing:
+        await asyncio.sleep(0.05)
+    releasing = asyncio.create_task(lease.release())
+    await asyncio.sleep(0.05)
+    block.set()
+    await asyncio.wait_for(releasing, 3)
+    assert await store.holder("lock:{h}") is None
+    await asyncio.sleep(1.5)  # past the next renewal time: nothing renews it
+    assert await store.holder("lock:{h}") is None

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from gateway.config import SentinelConfig
 from gateway.errors import StoreError
 from gateway.redisstore import RedisStore
-from gateway.store import MemoryStore, Store, open_store
+from gateway.store import MemoryStore, RecordKeys, Store, open_store
 
 TTL = 0.2
 
@@ -399,3 +399,13 @@ async def test_subscriber_reconnects_after_connection_drop(redis_url: str, key_p
         await store.close()
         await own.aclose()
         await client.aclose()
+
+
+async def test_begin_attempt_repeated_after_a_lost_reply_answers_as_the_first_time(store: Store) -> None:
+    """Regression (fault campaign): redis-py re-sends a script after a reset; the first run had recorded it."""
+    keys = RecordKeys("root", "h")
+    assert await store.acquire(keys.lock, "me", 5)
+    first = await store.begin_attempt(keys, "me", "fence-1", 10, 60)
+    assert first is not None
+    assert await store.begin_attempt(keys, "me", "fence-1", 10, 60) == first
+    assert await store.begin_attempt(keys, "me", "fence-2", 10, 60) is None  # another attempt is still refused
