@@ -70,7 +70,14 @@ class Gateway:
         sealer = Sealer(config.store.secret or secrets.token_bytes(32))
         self.shared = Shared(
             store=store,
-            http=httpx.AsyncClient(follow_redirects=False, timeout=config.refresh.timeout),
+            # No idle connections kept: a refresh sent on a connection the IdP closed while idle
+            # would fail as "sent, answer lost" and end the session (docs/refresh.md). The control
+            # plane is rare traffic (refreshes, JWKS, OIDC), so a fresh connection each time costs little.
+            http=httpx.AsyncClient(
+                follow_redirects=False,
+                timeout=config.refresh.timeout,
+                limits=httpx.Limits(max_keepalive_connections=0),
+            ),
             forwarder=forwarder or AiohttpForwarder(),
             denylist=denylist,
             metrics=metrics,

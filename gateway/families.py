@@ -105,6 +105,10 @@ class Families:
             log.error("family %s: the stored head token does not unseal", keys.root[:12])
             return None
 
+    async def refuse(self, jti: str, expires_at: float) -> None:
+        """Refuse one access token of an ended family everywhere (see ``end``)."""
+        await self._deny(jti, expires_at)
+
     async def _deny(self, entry: str, expires_at: float) -> None:
         try:
             await self._denylist.deny(entry, expires_at)

@@ -89,6 +89,10 @@ class IdPClient:
             nonlocal traced, sent
             traced = True
             # From the first byte of the request on, the IdP may act on it (httpcore trace events).
+            # Not the CONNECT to an HTTPS proxy, which httpcore traces with the same names.
+            request = info.get("request")
+            if getattr(request, "method", b"") == b"CONNECT":
+                return
             if not sent and ".send_request_headers.started" in event:
                 if before_send is not None:
                     await before_send()
@@ -113,7 +117,7 @@ class IdPClient:
                     form.update(grant_type="refresh_token", refresh_token=refresh_token)
                     options["headers"] |= headers
                     response = await self._client.post(self._endpoint, data=form, **options)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError) as exc:
             raise IdPUnavailable(f"IdP unreachable ({exc.__class__.__name__})") from None
         except (TimeoutError, httpx.HTTPError) as exc:
             # A transport that reports no progress (not httpcore) leaves it unknown: assume it was sent.

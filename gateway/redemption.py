@@ -72,7 +72,7 @@ class Lease:
     """
 
     def __init__(self, store: Store, key: str, owner: str, lease: float) -> None:
-        self._store, self._key, self._owner, self._lease = store, key, owner, lease
+        self._store, self._key, self.owner, self._lease = store, key, owner, lease
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self.lost = False
@@ -91,7 +91,7 @@ class Lease:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=self._lease)
         try:
-            await self._store.release(self._key, self._owner)
+            await self._store.release(self._key, self.owner)
         except StoreError as exc:
             log.warning("refresh lock %s not released (%s); it expires by itself", self._key[:24], exc)
 
@@ -113,10 +113,10 @@ class Lease:
     async def _renew_once(self) -> bool:
         try:
             async with asyncio.timeout(self._lease / 8):
-                if await self._store.renew(self._key, self._owner, self._lease):
+                if await self._store.renew(self._key, self.owner, self._lease):
                     return True
                 holder = await self._store.holder(self._key)
-                if holder is None and await self._store.acquire(self._key, self._owner, self._lease):
+                if holder is None and await self._store.acquire(self._key, self.owner, self._lease):
                     log.warning("refresh lock %s had expired; taken back", self._key[:24])
                     return True
         except (StoreError, TimeoutError):
@@ -143,7 +143,6 @@ class Redemption:
         idp: IdPClient,
         verifier: Verifier,
         families: Families,
-        owner: str,
         lifetime: Callable[[str], int],
         background: Callable[[Awaitable[Any]], None],
     ) -> None:
@@ -153,7 +152,6 @@ class Redemption:
         self._idp = idp
         self._verifier = verifier
         self._families = families
-        self._owner = owner
         self._lifetime = lifetime  # how long a cookie holding this refresh token may live
         self._background = background
 
@@ -185,8 +183,8 @@ class Redemption:
                 return None
             except IdPUnavailable as exc:
                 log.error("refresh token=%s: IdP unavailable, token not redeemed: %s", keys.h[:12], exc)
-                if recorded:
-                    await self._settle(keys, fence, "clear", lease)
+                if recorded and not await self._settle(keys, fence, "clear", lease):
+                    return Outcome("idp_error")  # taken over meanwhile: not ours to share
                 return await self._shared_failure(keys, "idp_error")
             except RefreshRejected as exc:
                 log.info("refresh token=%s: %s", keys.h[:12], exc)
@@ -198,12 +196,14 @@ class Redemption:
                 return Outcome(end.reason if end.reason in _ENDINGS else "invalid_grant")
             except IdPAnswerLost as exc:
                 label = "idp_bad_response" if isinstance(exc, BadIdPResponse) else "idp_answer_lost"
-                if not retried and time.monotonic() - first_send < self._config.idp_reuse_window - SEND_WINDOW:
+                margin = SEND_WINDOW + self._config.timeout  # the retry must reach the IdP inside the window
+                if not retried and time.monotonic() - first_send < self._config.idp_reuse_window - margin:
                     log.warning("refresh token=%s: %s; retrying once within the IdP's reuse window", keys.h[:12], exc)
                     replace, retried = fence, True
                     continue
                 audit.warning("event=refresh_answer_lost token=%s detail=%s", keys.h[:12], exc)
-                await self._settle(keys, fence, "maybe", lease)
+                if not await self._settle(keys, fence, "maybe", lease):
+                    return Outcome(label)  # taken over meanwhile: not ours to share
                 return await self._shared_failure(keys, label)
             return await self._write_out(keys, token, fence, issued, lease)
 
@@ -215,9 +215,10 @@ class Redemption:
         """
         asked = time.monotonic()
         # A "maybe" attempt is remembered as long as a cookie holding the token may live.
-        window, ttl = attempt_window(self._config), float(self._lifetime(token))
+        window = attempt_window(self._config)
+        ttl = max(float(self._lifetime(token)), window + 60)  # never gone while its owner may still act
         try:
-            started = await self._store.begin_attempt(keys, self._owner, fence, window, ttl, replace=replace)
+            started = await self._store.begin_attempt(keys, lease.owner, fence, window, ttl, replace=replace)
         except (StoreError, asyncio.CancelledError):  # cancelled: refresh.timeout ran out meanwhile
             await self._settle(keys, fence, "clear", lease)
             raise
@@ -266,7 +267,7 @@ class Redemption:
             log.error("refresh token=%s: successor not recorded yet (store unavailable); retrying in the background",
                       keys.h[:12])  # fmt: skip
             lease.kept = True
-            self._background(self._finish_later(keys, finish, lease))
+            self._background(self._finish_later(keys, finish, lease, successor if rotated else None, member))
             return outcome
         if answer == "ended":
             # Logout or reuse detection won the race: the family is over, and so are these tokens.
@@ -276,17 +277,32 @@ class Redemption:
             return Outcome("session_ended")  # the reason itself is the family's (refresh.ended_label)
         if answer == "superseded":
             log.warning("refresh token=%s: another worker took this attempt over; successor discarded", keys.h[:12])
+            if rotated:
+                self._background(self._idp.revoke(successor))
             return None
         return outcome
 
-    async def _finish_later(self, keys: RecordKeys, finish: Callable[[], Awaitable[Finish]], lease: Lease) -> None:
+    async def _finish_later(
+        self,
+        keys: RecordKeys,
+        finish: Callable[[], Awaitable[Finish]],
+        lease: Lease,
+        successor: str | None,
+        member: tuple[str, float] | None,
+    ) -> None:
+        """The write-out after the request already has its tokens; if the session ended meanwhile, they die."""
         try:
             answer = await self._retrying(finish, BACKGROUND_RETRY)
             log.info("refresh token=%s: successor recorded late (%s)", keys.h[:12], answer or "gave up")
+            if answer in ("ended", "superseded"):
+                if member is not None:
+                    await self._families.refuse(*member)  # the access token already handed out
+                if successor is not None:
+                    await self._idp.revoke(successor)
         finally:
             await lease.release()
 
-    async def _settle(self, keys: RecordKeys, fence: str, state: Any, lease: Lease) -> None:
+    async def _settle(self, keys: RecordKeys, fence: str, state: Any, lease: Lease) -> bool:
         """Mark our attempt ``maybe`` or clear it; through a store outage, keep trying in the background.
 
         Clearing matters as much as marking: an attempt that never reached the IdP must not outlive
@@ -297,9 +313,11 @@ class Redemption:
         async def settle() -> bool:
             return await self._store.settle_attempt(keys, fence, state)
 
-        if await self._retrying(settle, RETRY_PAUSE) is None:
+        done = await self._retrying(settle, RETRY_PAUSE)
+        if done is None:
             lease.kept = True
             self._background(self._settle_later(keys, settle, lease))
+        return bool(done)
 
     async def _settle_later(self, keys: RecordKeys, settle: Callable[[], Awaitable[bool]], lease: Lease) -> None:
         try:

@@ -134,9 +134,16 @@ return now
 )
 
 # KEYS: attempt   ARGV: fence, 'maybe' | 'clear'
+# A retry took over an attempt whose answer was lost: that the retry never left does not mean the
+# first one never did, so "clear" leaves it "maybe" (still retried: it is never sent a third time).
 _SETTLE_ATTEMPT = """
-if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
-if ARGV[2] == 'clear' then redis.call('DEL', KEYS[1]) else redis.call('HSET', KEYS[1], 'state', 'maybe') end
+local current = redis.call('HMGET', KEYS[1], 'fence', 'retried')
+if current[1] ~= ARGV[1] then return 0 end
+if ARGV[2] == 'clear' and current[2] ~= '1' then
+    redis.call('DEL', KEYS[1])
+else
+    redis.call('HSET', KEYS[1], 'state', 'maybe')
+end
 return 1
 """
 

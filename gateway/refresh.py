@@ -104,7 +104,6 @@ class SessionRefresher:
             idp=idp,
             verifier=verifier,
             families=families,
-            owner=self._owner,
             lifetime=self._cookie_lifetime,
             background=self._spawn,
         )
@@ -139,7 +138,7 @@ class SessionRefresher:
         newest = refresh_token
         try:
             newest = await self._record_end(h) or refresh_token
-        except StoreError as exc:
+        except (StoreError, ValueError, TypeError) as exc:  # ValueError/TypeError: a reply of an odd shape
             log.error("logout token=%s: ended session not recorded yet (%s); retrying in the background", h[:12], exc)
             self._spawn(self._record_end_later(h))
         revoked = await self._idp.revoke(newest)
@@ -157,7 +156,7 @@ class SessionRefresher:
             await asyncio.sleep(RETRY_PAUSE)
             try:
                 await self._record_end(h)
-            except StoreError:
+            except (StoreError, ValueError, TypeError):
                 continue
             log.info("logout token=%s: ended session recorded", h[:12])
             return
@@ -206,10 +205,13 @@ class SessionRefresher:
                 # be back from a store outage and about to settle it (failure 1).
                 stale_since = (stale_since or time.monotonic()) if step == "stale" else None
                 settled = stale_since is not None and time.monotonic() - stale_since >= SETTLE
+                # One owner id per acquisition (the pid first, for operators): two flights of this
+                # process (a token and, followed from it, its successor) never share a lock.
+                owner = f"{self._owner}:{uuid4().hex[:8]}"
                 if (step in ("take", "takeover") or settled) and await self._store.acquire(
-                    keys.lock, self._owner, self._config.lock_lease
+                    keys.lock, owner, self._config.lock_lease
                 ):
-                    outcome = await self._own(keys, token, arrived, depth, settled)
+                    outcome = await self._own(keys, token, arrived, depth, settled, owner)
                     if outcome is not None:
                         self._waited(waited_since)
                         return outcome
@@ -256,9 +258,11 @@ class SessionRefresher:
             return "takeover"
         return "wait" if record.now < attempt.deadline else "stale"
 
-    async def _own(self, keys: RecordKeys, token: str, arrived: Arrival, depth: int, settled: bool) -> Outcome | None:
+    async def _own(
+        self, keys: RecordKeys, token: str, arrived: Arrival, depth: int, settled: bool, owner: str
+    ) -> Outcome | None:
         """We hold the lock: look again, then redeem, take a lost attempt over, or end the session."""
-        lease = Lease(self._store, keys.lock, self._owner, self._config.lock_lease).start()
+        lease = Lease(self._store, keys.lock, owner, self._config.lock_lease).start()
         try:
             # Another owner may have finished between our read and our acquire.
             record = await self._store.read_record(keys)
@@ -278,7 +282,9 @@ class SessionRefresher:
     def _may_retry(self, attempt: Attempt, now: float) -> bool:
         """A lost answer may be retried once while the IdP still accepts the token (design point 7)."""
         window = self._config.idp_reuse_window
-        return window > 0 and not attempt.retried and now < attempt.started + window - SEND_WINDOW
+        # The retry must reach the IdP inside the window: recording it, then connecting, takes up to this.
+        margin = SEND_WINDOW + self._config.timeout
+        return window > 0 and not attempt.retried and now < attempt.started + window - margin
 
     async def _issued(self, keys: RecordKeys, token: str, sealed: bytes) -> Outcome | None:
         """This token came with an access token that did not verify at first: try it again."""
@@ -289,6 +295,9 @@ class SessionRefresher:
         lifetime = self._cookie_lifetime(token)
         if verdict.claims is not None:
             await self._families.join(keys.root, verdict.claims)
+            ended = (await self._store.read_record(keys)).ended  # an end between our read and the join
+            if ended is not None:
+                return Outcome(ended_label(ended))
             return Outcome("reverified", access, token, lifetime)
         return Outcome("unverified", access, token, lifetime)
 

@@ -229,7 +229,10 @@ class Store(Protocol):
         ...
 
     async def settle_attempt(self, keys: RecordKeys, fence: str, state: Literal["maybe", "clear"]) -> bool:
-        """Mark the attempt ``maybe`` (answer lost) or delete it (never sent), only if it is still ``fence``'s."""
+        """Mark the attempt ``maybe`` (answer lost) or delete it (never sent), only if it is still ``fence``'s.
+
+        A retry (it took over a ``maybe`` attempt) is never deleted: it goes back to ``maybe``.
+        """
         ...
 
     async def finish(
@@ -405,9 +408,9 @@ class MemoryStore:
         current = self._attempt(keys.attempt)
         if current is None or current["fence"] != fence:
             return False
-        if state == "clear":
+        if state == "clear" and current["retried"] != "1":
             del self._attempts[self._prefix + keys.attempt]
-        else:
+        else:  # a retry that never left does not clear the lost first attempt it took over
             current["state"] = "maybe"
         return True
 

@@ -413,3 +413,31 @@ async def test_each_redemption_asks_for_a_connection_of_its_own(http: Callable[[
     await IdPClient(oauth2(), http(idp.app)).redeem("the-refresh-token")
     [(headers, _)] = idp.seen
     assert headers["connection"] == "close"
+
+
+async def test_an_https_proxy_refusing_the_connect_is_not_a_sent_request() -> None:
+    """Review finding: httpcore traces the proxy's CONNECT like the request; an IdP outage behind a
+    proxy must not count as "sent, answer lost" (which ends the session)."""
+    called = False
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def record() -> None:
+        nonlocal called
+        called = True
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{port}") as http:
+            client = IdPClient(oauth2(endpoint="https://idp.invalid/token", timeout=2), http)
+            with pytest.raises(IdPUnavailable):
+                await client.redeem("old-refresh", before_send=record)
+        assert not called  # no attempt recorded: the token never left
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -814,3 +814,20 @@ async def test_releasing_a_lease_never_hangs_even_if_its_renewal_swallows_the_ca
     assert await store.holder("lock:{h}") is None
     await asyncio.sleep(1.5)  # past the next renewal time: nothing renews it
     assert await store.holder("lock:{h}") is None
+
+
+async def test_a_late_write_out_that_finds_the_session_ended_refuses_what_it_handed_out(
+    build: Build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: the request already has its tokens when the store comes back; if a logout came
+    first, the access token it was given must die with the session."""
+    monkeypatch.setattr(redemption, "SHARE_RETRY", 0.3)
+    store = BrokenStore(MemoryStore("gw:"), fail=("finish",))
+    h = build(store=store)
+    old = h.session()
+    first = await h.refresher.refresh(old.refresh, old.access)
+    assert first.claims is not None and first.claims["jti"] not in h.denylist
+    await h.refresher.end_session(old.refresh)  # logout, recorded while the write-out still fails
+    store.failing = 0
+    await h.refresher.close()  # the background write-out lands: "ended"
+    assert first.claims["jti"] in h.denylist

@@ -409,3 +409,15 @@ async def test_begin_attempt_repeated_after_a_lost_reply_answers_as_the_first_ti
     assert first is not None
     assert await store.begin_attempt(keys, "me", "fence-1", 10, 60) == first
     assert await store.begin_attempt(keys, "me", "fence-2", 10, 60) is None  # another attempt is still refused
+
+
+async def test_a_retry_that_never_left_does_not_clear_the_lost_attempt_it_took_over(store: Store) -> None:
+    """Review finding: clearing the retry erased the record that the first send may have been redeemed."""
+    keys = RecordKeys("root", "h")
+    assert await store.acquire(keys.lock, "me", 5)
+    assert await store.begin_attempt(keys, "me", "first", 10, 60) is not None
+    assert await store.settle_attempt(keys, "first", "maybe")
+    assert await store.begin_attempt(keys, "me", "retry", 10, 60, replace="first") is not None
+    assert await store.settle_attempt(keys, "retry", "clear")  # the retry got a 503: it was not redeemed...
+    attempt = (await store.read_record(keys)).attempt
+    assert attempt is not None and attempt.state == "maybe" and attempt.retried  # ...but the first may have been
