@@ -48,7 +48,7 @@ from refresh_storm import redis_url  # noqa: E402
 from support.faultproxy import FaultProxy  # noqa: E402
 from support.servers import GatewayProcess, IdPProcess, set_cookies, start_gateway, start_idp, start_upstream  # noqa: E402
 
-from gateway import redisstore  # noqa: E402
+from gateway.store import lua  # noqa: E402
 from gateway.sealing import Sealer  # noqa: E402
 
 SECRET = "campaign-hs256-secret-0123456789abcdef"
@@ -59,14 +59,14 @@ ACCESS, REFRESH = "gw_access", "gw_refresh"
 # the browser with a superseded token that can only look like a replay (docs/refresh.md).
 LEASE, GRACE, TIMEOUT = 1.0, 10.0, 4.0
 SCRIPTS = {
-    "read_record": redisstore._READ_RECORD,
-    "begin_attempt": redisstore._BEGIN_ATTEMPT,
-    "settle_attempt": redisstore._SETTLE_ATTEMPT,
-    "finish": redisstore._FINISH,
-    "end_family": redisstore._END_FAMILY,
-    "acquire": redisstore._ACQUIRE,
-    "renew": redisstore._RENEW,
-    "release": redisstore._RELEASE,
+    "read_record": lua.READ_RECORD,
+    "begin_attempt": lua.BEGIN_ATTEMPT,
+    "settle_attempt": lua.SETTLE_ATTEMPT,
+    "finish": lua.FINISH,
+    "end_family": lua.END_FAMILY,
+    "acquire": lua.ACQUIRE,
+    "renew": lua.RENEW,
+    "release": lua.RELEASE,
 }
 
 

@@ -28,7 +28,7 @@ from support.faultproxy import FaultProxy
 from support.servers import GatewayProcess, IdPProcess, ServerProcess, set_cookies, start_gateway, start_idp
 from test_refresh_process import ACCESS, IDP_SECRET, REFRESH, cookie_header, gateway_config
 
-from gateway import redisstore
+from gateway.store import lua
 from gateway.sealing import Sealer
 from gateway.store import RecordKeys
 
@@ -110,7 +110,7 @@ def test_attempt_marker_whose_delete_failed_is_cleared_and_the_session_goes_on(
     with serve(idp, upstream, via(proxy, redis_url)) as gw:
         session = expired(idp)
         idp.behaviour(fail="503", fail_count=1)
-        rule = proxy.add_rule(f"^EVALSHA {sha(redisstore._SETTLE_ATTEMPT)}", "reset_before", times=2)
+        rule = proxy.add_rule(f"^EVALSHA {sha(lua.SETTLE_ATTEMPT)}", "reset_before", times=2)
         down = get(gw, session["access"], session["refresh"])
         assert down.status_code == 503 and "set-cookie" not in down.headers
         assert proxy.matched(rule) >= 1
@@ -127,7 +127,7 @@ def test_attempt_marker_whose_reply_was_lost_never_becomes_a_logout(
     """Failure 1b: the marker reached Redis but its reply was lost; the IdP was never called."""
     with serve(idp, upstream, via(proxy, redis_url)) as gw:
         session = expired(idp)
-        rule = proxy.add_rule(f"^EVALSHA {sha(redisstore._BEGIN_ATTEMPT)}", "drop_reply")
+        rule = proxy.add_rule(f"^EVALSHA {sha(lua.BEGIN_ATTEMPT)}", "drop_reply")
         lost = get(gw, session["access"], session["refresh"])
         assert lost.status_code == 503 and "set-cookie" not in lost.headers
         assert proxy.matched(rule) == 1 and idp.stats()["refresh_calls"] == 0
@@ -149,7 +149,7 @@ def test_a_lease_renewal_that_stalls_or_fails_leaves_responses_in_agreement(
     with serve(idp, upstream, via(proxy, redis_url)) as gw:
         session = expired(idp)
         idp.behaviour(latency=2.5)  # longer than the 1 s lease
-        renew = f"^EVALSHA {sha(redisstore._RENEW)}"
+        renew = f"^EVALSHA {sha(lua.RENEW)}"
         if fault == "one_renewal_stalls":
             rule = proxy.add_rule(renew, "delay_reply", delay=2.0)  # twice the lease
         else:

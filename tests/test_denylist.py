@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from gateway.denylist import KEY, Denylist
 from gateway.errors import StoreError
-from gateway.redisstore import RedisStore
+from gateway.store.redis import RedisStore
 from gateway.store import MemoryStore, Store
 
 

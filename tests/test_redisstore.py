@@ -23,7 +23,7 @@ from support.servers import free_port
 
 from gateway.config import SentinelConfig, StoreConfig
 from gateway.errors import StoreError
-from gateway.redisstore import RedisStore
+from gateway.store.redis import RedisStore
 from gateway.store import MemoryStore, open_store
 
 

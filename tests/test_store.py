@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from gateway.config import SentinelConfig
 from gateway.errors import StoreError
-from gateway.redisstore import RedisStore
+from gateway.store.redis import RedisStore
 from gateway.store import MemoryStore, RecordKeys, Store, open_store
 
 TTL = 0.2
