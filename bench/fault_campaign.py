@@ -48,8 +48,8 @@ from refresh_storm import redis_url  # noqa: E402
 from support.faultproxy import FaultProxy  # noqa: E402
 from support.servers import GatewayProcess, IdPProcess, set_cookies, start_gateway, start_idp, start_upstream  # noqa: E402
 
-from gateway.store import lua  # noqa: E402
 from gateway.sealing import Sealer  # noqa: E402
+from gateway.store import lua  # noqa: E402
 
 SECRET = "campaign-hs256-secret-0123456789abcdef"
 STORE_SECRET = "campaign-store-secret"

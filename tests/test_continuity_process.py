@@ -28,9 +28,8 @@ from support.faultproxy import FaultProxy
 from support.servers import GatewayProcess, IdPProcess, ServerProcess, set_cookies, start_gateway, start_idp
 from test_refresh_process import ACCESS, IDP_SECRET, REFRESH, cookie_header, gateway_config
 
-from gateway.store import lua
 from gateway.sealing import Sealer
-from gateway.store import RecordKeys
+from gateway.store import RecordKeys, lua
 
 STORE_SECRET = "store-secret-for-tests"
 

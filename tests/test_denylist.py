@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 
 from gateway.denylist import KEY, Denylist
 from gateway.errors import StoreError
-from gateway.store.redis import RedisStore
 from gateway.store import MemoryStore, Store
+from gateway.store.redis import RedisStore
 
 
 @pytest.fixture(params=["memory", "redis"])

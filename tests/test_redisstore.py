@@ -23,8 +23,8 @@ from support.servers import free_port
 
 from gateway.config import SentinelConfig, StoreConfig
 from gateway.errors import StoreError
-from gateway.store.redis import RedisStore
 from gateway.store import MemoryStore, open_store
+from gateway.store.redis import RedisStore
 
 
 def _prefix() -> str:

@@ -13,8 +13,8 @@ import redis.asyncio as aioredis
 
 from gateway.config import SentinelConfig
 from gateway.errors import StoreError
-from gateway.store.redis import RedisStore
 from gateway.store import MemoryStore, RecordKeys, Store, open_store
+from gateway.store.redis import RedisStore
 
 TTL = 0.2
 
