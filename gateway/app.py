@@ -24,7 +24,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,13 @@ from gateway.logs import configure as configure_logging
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, RequestIds, Shared
 from gateway.proxy import AiohttpForwarder, Forwarder
-from gateway.responses import Send
 from gateway.sealing import Sealer
 from gateway.store import Store, open_store
+from gateway.types import Receive, Scope, Send
 from gateway.websocket import Sockets
 
 log = logging.getLogger("gateway")
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 WATCH_INTERVAL = 1.0
 
 

@@ -20,11 +20,11 @@ from gateway.config import CaptureConfig
 from gateway.cookies import CookieJar, CookieTooLarge
 from gateway.families import Families
 from gateway.tokens import Verifier
+from gateway.types import RawHeaders
 
 log = logging.getLogger("gateway.capture")
 
 MAX_CAPTURE_BYTES = 1024 * 1024
-Headers = list[tuple[bytes, bytes]]
 
 
 @dataclass(slots=True)
@@ -32,11 +32,11 @@ class Captured:
     """The response to send instead; ``reason`` set means refuse with that reason (502)."""
 
     body: bytes = b""
-    headers: Headers = field(default_factory=list)
+    headers: RawHeaders = field(default_factory=list)
     reason: str | None = None
 
 
-def wants_capture(status: int, headers: Headers) -> bool:
+def wants_capture(status: int, headers: RawHeaders) -> bool:
     content_type = encoding = b""
     for name, value in headers:
         if name == b"content-type":
@@ -59,7 +59,7 @@ class Capturer:
         self._clock = clock
         self._families = families
 
-    async def take(self, spec: CaptureConfig, headers: Headers, body: AsyncIterator[bytes], route: str) -> Captured:
+    async def take(self, spec: CaptureConfig, headers: RawHeaders, body: AsyncIterator[bytes], route: str) -> Captured:
         chunks: list[bytes] = []
         size = 0
         async for chunk in body:
@@ -98,5 +98,5 @@ class Capturer:
         return Captured(out, new_headers)
 
 
-def _with_length(headers: Headers, length: int) -> Headers:
+def _with_length(headers: RawHeaders, length: int) -> RawHeaders:
     return [(n, v) for n, v in headers if n != b"content-length"] + [(b"content-length", str(length).encode())]

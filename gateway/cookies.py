@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import jwt
 
 from gateway.config import CookiesConfig
+from gateway.types import RawHeaders
 
 # RFC 6265 §6.1: browsers keep at least 4096 bytes per cookie; many keep no more.
 MAX_COOKIE_BYTES = 4096
@@ -21,9 +22,6 @@ DEFAULT_REFRESH_LIFETIME = 14 * 24 * 3600
 
 class CookieTooLarge(ValueError):
     """A token would make a cookie browsers silently drop."""
-
-
-Headers = list[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +52,7 @@ class CookieJar:
     def bare_names(self) -> tuple[str, str]:
         return self.access_name.removeprefix("__Host-"), self.refresh_name.removeprefix("__Host-")
 
-    def read(self, headers: Headers) -> tuple[str | None, str | None]:
+    def read(self, headers: RawHeaders) -> tuple[str | None, str | None]:
         """(access, refresh) cookie values; None for absent, duplicated or empty ones."""
         access = refresh = None
         seen_access = seen_refresh = 0

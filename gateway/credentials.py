@@ -14,8 +14,7 @@ from typing import Any, Protocol
 
 from gateway.cookies import CookieJar
 from gateway.tokens import Verdict, Verifier
-
-Headers = list[tuple[bytes, bytes]]
+from gateway.types import RawHeaders
 
 
 @dataclass(slots=True)
@@ -34,7 +33,7 @@ class Refresher(Protocol):
         """New tokens for a refresh token: an AuthResult with claims and cookies, or a reason."""
 
 
-def bearer_token(headers: Headers) -> str | None:
+def bearer_token(headers: RawHeaders) -> str | None:
     """The Bearer token; "" when an Authorization header is malformed; None when there is none."""
     found: str | None = None
     for name, value in headers:
@@ -59,7 +58,7 @@ class Authenticator:
         self._jar = jar
         self._refresher = refresher
 
-    async def authenticate(self, headers: Headers) -> AuthResult:
+    async def authenticate(self, headers: RawHeaders) -> AuthResult:
         bearer = bearer_token(headers)
         if bearer is not None:
             if not bearer:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-Headers = list[tuple[bytes, bytes]]
+from gateway.types import RawHeaders
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -39,7 +39,7 @@ class CSRFGuard:
     def __init__(self, allowed_origins: Iterable[str]) -> None:
         self._allowed = frozenset(o for o in (origin_of(a) for a in allowed_origins) if o)
 
-    def refuses(self, method: str, headers: Headers, own_origin: str) -> bool:
+    def refuses(self, method: str, headers: RawHeaders, own_origin: str) -> bool:
         """True when this unsafe, cookie-authenticated request must be refused."""
         if method not in UNSAFE_METHODS:
             return False

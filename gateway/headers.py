@@ -19,10 +19,10 @@ import logging
 import re
 from collections.abc import Iterable
 
+from gateway.types import RawHeaders, StrHeaders
+
 log = logging.getLogger("gateway.headers")
 
-Headers = list[tuple[bytes, bytes]]
-StrHeaders = list[tuple[str, str]]  # what HTTP and WebSocket clients take
 
 HOP_BY_HOP = frozenset(
     {
@@ -46,7 +46,7 @@ def _canonical(name: bytes) -> bytes:
     return name.lower().replace(b"_", b"-").replace(b".", b"-")
 
 
-def _connection_listed(headers: Headers) -> set[bytes]:
+def _connection_listed(headers: RawHeaders) -> set[bytes]:
     listed: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":  # upstream raw headers keep their original case
@@ -103,7 +103,7 @@ class HeaderRules:
         return ok
 
     def inbound(
-        self, headers: Headers, *, client: str | None, scheme: str, host: bytes | None, connection: bool = True
+        self, headers: RawHeaders, *, client: str | None, scheme: str, host: bytes | None, connection: bool = True
     ) -> StrHeaders:
         """Headers to send upstream, before identity headers are added; decoded (latin-1) for the client.
 
@@ -140,7 +140,7 @@ class HeaderRules:
             out.append(("x-forwarded-host", (forwarded_host or host or b"").decode("latin-1")))
         return out
 
-    def origin(self, headers: Headers, client: str | None, scheme: str) -> str:
+    def origin(self, headers: RawHeaders, client: str | None, scheme: str) -> str:
         """``scheme://host`` the browser used: X-Forwarded-Proto/Host only from trusted proxies."""
         host = proto = None
         trusted = client in self._trusted
@@ -165,9 +165,9 @@ class HeaderRules:
                 kept.append(part.strip())
         return b"; ".join(kept)
 
-    def outbound(self, headers: Iterable[tuple[bytes, bytes]], route: str) -> Headers:
+    def outbound(self, headers: Iterable[tuple[bytes, bytes]], route: str) -> RawHeaders:
         """Response headers for the client: names lower-cased, hop-by-hop and Connection-listed ones dropped."""
-        out: Headers = []
+        out: RawHeaders = []
         listed: set[bytes] = set()
         lowered = self._lowered
         for name, value in headers:

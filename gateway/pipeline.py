@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -48,7 +48,7 @@ from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
 from gateway.errors import StoreError
 from gateway.families import Families
-from gateway.headers import HeaderRules, StrHeaders
+from gateway.headers import HeaderRules
 from gateway.identity import IdentityHeaders, UnsafeClaim, claims_allowed
 from gateway.idp import IdPClient
 from gateway.keys import build_key_source
@@ -57,19 +57,18 @@ from gateway.logout import Logout
 from gateway.metrics import Metrics
 from gateway.proxy import Forwarder, UpstreamFailure, chunks, upstream_url
 from gateway.refresh import SessionRefresher
-from gateway.responses import NO_STORE, Send, login_location, safe_next, send_denial, status_for, wants_html
+from gateway.responses import NO_STORE, login_location, safe_next, send_denial, status_for, wants_html
 from gateway.routing import BadPath, Route, RouteTable, canonical_path, host_name
 from gateway.sealing import Sealer
 from gateway.store import Store
 from gateway.tokens import Verifier
 from gateway.tracing import Tracer
+from gateway.types import Receive, Scope, Send, StrHeaders
 from gateway.websocket import Slot, Sockets, Tunnel, as_http, connect_upstream, relay
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 _CACHE_SIZE = 10_000
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

@@ -16,7 +16,8 @@ from aiohttp import hdrs
 from multidict import CIMultiDict, istr
 from yarl import URL
 
-Headers = list[tuple[str, str]]  # request headers, latin-1 decoded (as aiohttp takes them)
+from gateway.types import StrHeaders
+
 CHUNK = 64 * 1024
 
 
@@ -62,7 +63,7 @@ class Forwarder(Protocol):
         self,
         method: str,
         url: URL,
-        headers: Headers,
+        headers: StrHeaders,
         body: AsyncIterator[bytes] | None,
         *,
         connect_timeout: float,
@@ -162,7 +163,7 @@ class _Expired:
         self.task.cancel()
 
 
-def _as_multidict(headers: Headers | None) -> CIMultiDict[str]:
+def _as_multidict(headers: StrHeaders | None) -> CIMultiDict[str]:
     return CIMultiDict(headers or ())
 
 
@@ -192,7 +193,7 @@ class AiohttpForwarder:
         self,
         method: str,
         url: URL,
-        headers: Headers,
+        headers: StrHeaders,
         body: AsyncIterator[bytes] | None,
         *,
         connect_timeout: float,

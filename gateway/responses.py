@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from email.utils import formatdate
 from html import escape
 from typing import Any
 from urllib.parse import quote, unquote
 
-Headers = list[tuple[bytes, bytes]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+from gateway.types import RawHeaders, Send
 
 # reason -> (status, error) ; unknown reasons are 401 invalid_token.
 STATUS: dict[str, tuple[int, str]] = {
@@ -44,7 +42,7 @@ def status_for(reason: str) -> tuple[int, str]:
     return STATUS.get(reason, (401, "invalid_token"))
 
 
-def wants_html(method: str, headers: Headers) -> bool:
+def wants_html(method: str, headers: RawHeaders) -> bool:
     """A browser navigation: redirect or HTML, not JSON."""
     accept = b""
     for name, value in headers:
@@ -102,14 +100,14 @@ def http_date() -> bytes:
 _date_cache: list[Any] = [0, b""]
 
 
-async def send_response(send: Send, status: int, body: bytes, headers: Headers) -> None:
+async def send_response(send: Send, status: int, body: bytes, headers: RawHeaders) -> None:
     """A complete small response (the server adds no Date header: upstream responses carry their own)."""
     headers = [(b"date", http_date()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_json(send: Send, status: int, payload: dict[str, Any], headers: Headers | None = None) -> None:
+async def send_json(send: Send, status: int, payload: dict[str, Any], headers: RawHeaders | None = None) -> None:
     body = json.dumps(payload, separators=(",", ":")).encode()
     base = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send_response(send, status, body, base + (headers or []))
@@ -121,7 +119,7 @@ async def send_denial(
     *,
     html: bool,
     route: str | None = None,
-    headers: Headers | None = None,
+    headers: RawHeaders | None = None,
     login_url: str | None = None,
 ) -> None:
     """The gateway's answer for a refused request (reason codes in ``STATUS``)."""

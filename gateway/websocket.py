@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -31,12 +31,10 @@ from websockets.exceptions import ConnectionClosed
 from gateway.config import WebSocketConfig
 from gateway.denylist import Denylist
 from gateway.metrics import Metrics
+from gateway.types import Message, Receive, Send
 
 log = logging.getLogger("gateway.websocket")
 
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 SESSION_ENDED = 4401  # the session behind the socket ended (logout, denylist) or its token expired
 WATCH_INTERVAL = 1.0

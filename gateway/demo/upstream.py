@@ -26,26 +26,19 @@ import asyncio
 import collections
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+from gateway.types import ASGIApp, RawHeaders, Receive, Scope, Send
 
 CHUNK = 64 * 1024
-Headers = list[tuple[bytes, bytes]]
 
 
-async def _respond(send: Send, status: int, body: bytes, content_type: bytes, extra: Headers | None = None) -> None:
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes, extra: RawHeaders | None = None) -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-async def _json(send: Send, status: int, data: object, extra: Headers | None = None) -> None:
+async def _json(send: Send, status: int, data: object, extra: RawHeaders | None = None) -> None:
     await _respond(send, status, json.dumps(data).encode(), b"application/json", extra)
 
 
