@@ -19,6 +19,7 @@ from typing import Any
 from gateway.config import CaptureConfig
 from gateway.cookies import CookieJar, CookieTooLarge
 from gateway.families import Families
+from gateway.reasons import Reason
 from gateway.tokens import Verifier
 from gateway.types import RawHeaders
 
@@ -33,7 +34,7 @@ class Captured:
 
     body: bytes = b""
     headers: RawHeaders = field(default_factory=list)
-    reason: str | None = None
+    reason: Reason | None = None
 
 
 def wants_capture(status: int, headers: RawHeaders) -> bool:
@@ -66,7 +67,7 @@ class Capturer:
             size += len(chunk)
             if size > MAX_CAPTURE_BYTES:
                 log.error("route %s: login response over %d bytes; refusing to pass it on", route, MAX_CAPTURE_BYTES)
-                return Captured(reason="capture_too_large")
+                return Captured(reason=Reason.CAPTURE_TOO_LARGE)
             chunks.append(chunk)
         raw = b"".join(chunks)
         try:
@@ -79,13 +80,13 @@ class Capturer:
         verdict = await self._verifier.verify(access) if isinstance(access, str) else None
         if verdict is None or verdict.claims is None:
             log.error("route %s: the captured access token does not verify; no session set", route)
-            return Captured(reason="idp_bad_response")
+            return Captured(reason=Reason.IDP_BAD_RESPONSE)
         lifetime = self._jar.refresh_lifetime(refresh, self._clock())
         try:
             cookies = self._jar.session(str(access), refresh, lifetime)
         except CookieTooLarge as exc:
             log.error("route %s: token too large for the %s cookie (over 4 KB); no session set", route, exc)
-            return Captured(reason="cookie_too_large")
+            return Captured(reason=Reason.COOKIE_TOO_LARGE)
         if self._families is not None:
             await self._families.started(verdict.claims, refresh, lifetime)
         del data[spec.refresh]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.cookies import CookieJar
+from gateway.reasons import Reason
 from gateway.tokens import Verdict, Verifier
 from gateway.types import RawHeaders
 
@@ -21,7 +22,7 @@ from gateway.types import RawHeaders
 class AuthResult:
     claims: dict[str, Any] | None = None
     token: str | None = None  # the access token the request goes on with
-    reason: str | None = None
+    reason: Reason | None = None
     bearer: bool = False
     set_cookies: list[bytes] = field(default_factory=list)
     refreshed: bool = False
@@ -62,13 +63,13 @@ class Authenticator:
         bearer = bearer_token(headers)
         if bearer is not None:
             if not bearer:
-                return AuthResult(reason="malformed_authorization", bearer=True)
+                return AuthResult(reason=Reason.MALFORMED_AUTHORIZATION, bearer=True)
             checked = await self._verifier.verify(bearer)
             return AuthResult(claims=checked.claims, token=bearer, reason=checked.reason, bearer=True, exp=checked.exp)
 
         access, refresh = self._jar.read(headers)
         if access is None and refresh is None:
-            return AuthResult(reason="no_token")
+            return AuthResult(reason=Reason.NO_TOKEN)
         verdict: Verdict | None = await self._verifier.verify(access) if access else None
         if verdict is not None and verdict.ok and not verdict.refreshable:
             return AuthResult(claims=verdict.claims, token=access, exp=verdict.exp)
@@ -80,7 +81,7 @@ class Authenticator:
 
         # A revoked access token (tokens.revoke_superseded) may ride with a refresh token still in
         # its grace period: the refresher hands out the successor, or refuses an ended session.
-        needs_refresh = verdict is None or verdict.refreshable or verdict.reason == "token_revoked"
+        needs_refresh = verdict is None or verdict.refreshable or verdict.reason == Reason.TOKEN_REVOKED
         if refresh is not None and needs_refresh and self._refresher is not None:
             result = await self._refresher.refresh(refresh, access)
             if result.claims is None and verdict is not None and verdict.ok and result.reason in _SOFT_FAILURES:
@@ -91,24 +92,24 @@ class Authenticator:
         if verdict is None:
             if garbage:
                 return AuthResult(reason=garbage, set_cookies=[self._jar.clear_access()])
-            return AuthResult(reason="no_token")
+            return AuthResult(reason=Reason.NO_TOKEN)
         if verdict.ok:
             return AuthResult(claims=verdict.claims, token=access)
-        clear = [] if verdict.reason == "token_expired" else [self._jar.clear_access()]
+        clear = [] if verdict.reason == Reason.TOKEN_EXPIRED else [self._jar.clear_access()]
         return AuthResult(reason=verdict.reason, set_cookies=clear)
 
 
 # Access cookies that hold no token at all (as opposed to a token that fails a check).
-_UNREADABLE = frozenset({"malformed_token", "token_too_large"})
+_UNREADABLE = frozenset({Reason.MALFORMED_TOKEN, Reason.TOKEN_TOO_LARGE})
 # Failures that say nothing about the session itself (it may still be fine a moment later).
 _SOFT_FAILURES = frozenset(
     {
-        "idp_error",
-        "lock_timeout",
-        "store_unavailable",
-        "refresh_error",
-        "idp_answer_lost",
-        "idp_bad_response",
-        "idp_token_unverified",
+        Reason.IDP_ERROR,
+        Reason.LOCK_TIMEOUT,
+        Reason.STORE_UNAVAILABLE,
+        Reason.REFRESH_ERROR,
+        Reason.IDP_ANSWER_LOST,
+        Reason.IDP_BAD_RESPONSE,
+        Reason.IDP_TOKEN_UNVERIFIED,
     }
 )

@@ -29,6 +29,7 @@ from typing import Any
 
 from gateway.denylist import Denylist
 from gateway.errors import StoreError
+from gateway.reasons import Reason
 from gateway.sealing import Sealer
 from gateway.store import FamilyEnd, RecordKeys, Store
 
@@ -82,7 +83,7 @@ class Families:
         except StoreError as exc:
             log.warning("session record not stored (%s): logout ends this session by its tokens only", exc)
 
-    async def end(self, keys: RecordKeys, reason: str) -> FamilyEnd:
+    async def end(self, keys: RecordKeys, reason: Reason) -> FamilyEnd:
         """End the family of ``keys`` everywhere (atomic in the store); then refuse its live access tokens.
 
         Raises StoreError only when the family could not be marked ended; the denylist entries

@@ -32,6 +32,7 @@ from gateway.cookies import CookieJar, CookieTooLarge
 from gateway.errors import StoreError
 from gateway.families import Families
 from gateway.keys import KeySource
+from gateway.reasons import Reason
 from gateway.responses import safe_target
 from gateway.sealing import Sealer
 from gateway.store import Store
@@ -44,7 +45,7 @@ DISCOVERY_TTL = 3600
 
 
 class LoginFailed(Exception):
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: Reason) -> None:
         super().__init__(reason)
         self.status, self.reason = status, reason
 
@@ -128,36 +129,36 @@ class OIDCLogin:
         query = request.query_params
         if "error" in query:
             log.warning("login: the provider answered error=%s", query.get("error", "")[:64])
-            raise LoginFailed(400, "login_refused")
+            raise LoginFailed(400, Reason.LOGIN_REFUSED)
         flow = self._flow(request.cookies.get(self._cookie))
         state, code = query.get("state", ""), query.get("code", "")
         if not code or not hmac.compare_digest(state.encode(), str(flow["s"]).encode()):
-            raise LoginFailed(400, "login_state_invalid")
+            raise LoginFailed(400, Reason.LOGIN_STATE_INVALID)
         try:
             first_use = await self._store.set_if_absent(
                 f"oidc:{{{self._sealer.token_hash(state)}}}", b"1", STATE_LIFETIME
             )
         except StoreError as exc:
             log.error("login: store unavailable (%s)", exc)
-            raise LoginFailed(503, "store_unavailable") from None
+            raise LoginFailed(503, Reason.STORE_UNAVAILABLE) from None
         if not first_use:
-            raise LoginFailed(400, "login_state_replayed")
+            raise LoginFailed(400, Reason.LOGIN_STATE_REPLAYED)
         tokens = await self._exchange(code, str(flow["v"]))
         access, refresh, id_token = tokens.get("access_token"), tokens.get("refresh_token"), tokens.get("id_token")
         if not isinstance(access, str) or not isinstance(id_token, str):
-            raise LoginFailed(502, "idp_bad_response")
+            raise LoginFailed(502, Reason.IDP_BAD_RESPONSE)
         await self._check_id_token(id_token, str(flow["n"]))
         verdict = await self._verifier.verify(access)
         if verdict.claims is None:
             log.error("login: the provider's access token does not verify with tokens.* settings (%s)", verdict.reason)
-            raise LoginFailed(502, "idp_bad_response")
+            raise LoginFailed(502, Reason.IDP_BAD_RESPONSE)
         refresh = refresh if isinstance(refresh, str) and refresh else None
         try:
             lifetime = self._jar.refresh_lifetime(refresh, self._clock()) if refresh else None
             cookies = self._jar.session(access, refresh, lifetime)
         except CookieTooLarge as exc:
             log.error("login: token too large for the %s cookie (over 4 KB); no session set", exc)
-            raise LoginFailed(502, "cookie_too_large") from None
+            raise LoginFailed(502, Reason.COOKIE_TOO_LARGE) from None
         if self._families is not None:
             await self._families.started(verdict.claims, refresh, lifetime)
         log.info("login: session started, subject %s", self._sealer.token_hash(str(verdict.claims.get("sub")))[:12])
@@ -165,14 +166,14 @@ class OIDCLogin:
 
     def _flow(self, cookie: str | None) -> dict[str, Any]:
         if not cookie:
-            raise LoginFailed(400, "login_state_missing")
+            raise LoginFailed(400, Reason.LOGIN_STATE_MISSING)
         try:
             raw = base64.urlsafe_b64decode(cookie + "=" * (-len(cookie) % 4))
             flow = json.loads(self._sealer.unseal(raw, self._cookie))
         except (StoreError, ValueError):
-            raise LoginFailed(400, "login_state_invalid") from None
+            raise LoginFailed(400, Reason.LOGIN_STATE_INVALID) from None
         if not isinstance(flow, dict) or self._clock() - float(flow.get("t", 0)) > STATE_LIFETIME:
-            raise LoginFailed(400, "login_state_expired")
+            raise LoginFailed(400, Reason.LOGIN_STATE_EXPIRED)
         return flow
 
     async def _exchange(self, code: str, code_verifier: str) -> dict[str, Any]:
@@ -190,7 +191,7 @@ class OIDCLogin:
             response = await self._http.post(meta["token_endpoint"], data=form, follow_redirects=False)
         except httpx.HTTPError as exc:
             log.error("login: token endpoint unreachable (%s)", exc.__class__.__name__)
-            raise LoginFailed(503, "idp_error") from None
+            raise LoginFailed(503, Reason.IDP_ERROR) from None
         try:
             body = response.json()
         except ValueError:
@@ -198,7 +199,7 @@ class OIDCLogin:
         if response.status_code != 200 or not isinstance(body, dict):
             error = body.get("error") if isinstance(body, dict) else None
             log.warning("login: code exchange refused (status %d, error=%s)", response.status_code, error)
-            raise LoginFailed(400 if response.status_code < 500 else 503, "code_exchange_failed")
+            raise LoginFailed(400 if response.status_code < 500 else 503, Reason.CODE_EXCHANGE_FAILED)
         return body
 
     async def _check_id_token(self, id_token: str, nonce: str) -> None:
@@ -213,10 +214,10 @@ class OIDCLogin:
             )
         except (jwt.InvalidTokenError, TypeError, ValueError) as exc:
             log.error("login: ID token refused (%s)", exc.__class__.__name__)
-            raise LoginFailed(502, "id_token_invalid") from None
+            raise LoginFailed(502, Reason.ID_TOKEN_INVALID) from None
         if not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode()):
             log.error("login: ID token nonce does not match")
-            raise LoginFailed(400, "id_token_invalid")
+            raise LoginFailed(400, Reason.ID_TOKEN_INVALID)
 
     async def _discover(self) -> dict[str, Any]:
         if self._discovery is not None and self._clock() - self._discovered_at < DISCOVERY_TTL:
@@ -227,13 +228,13 @@ class OIDCLogin:
             meta = response.json()
         except (httpx.HTTPError, ValueError):
             log.error("login: discovery failed at %s", url)
-            raise LoginFailed(503, "idp_error") from None
+            raise LoginFailed(503, Reason.IDP_ERROR) from None
         if not isinstance(meta, dict) or meta.get("issuer") != self._config.issuer:
             # OIDC Discovery §4.3: the issuer in the document must be the one we asked.
             log.error("login: discovery document at %s names another issuer", url)
-            raise LoginFailed(503, "idp_error")
+            raise LoginFailed(503, Reason.IDP_ERROR)
         if not all(isinstance(meta.get(k), str) for k in ("authorization_endpoint", "token_endpoint")):
-            raise LoginFailed(503, "idp_error")
+            raise LoginFailed(503, Reason.IDP_ERROR)
         self._discovery, self._discovered_at = meta, self._clock()
         return meta
 

@@ -22,6 +22,7 @@ from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
 from gateway.errors import StoreError
 from gateway.families import ENDED
+from gateway.reasons import Reason
 from gateway.refresh import SessionRefresher
 from gateway.responses import safe_target, wants_html
 from gateway.tokens import Verifier
@@ -55,7 +56,7 @@ class Logout:
         bearer = bearer_token(headers)
         access, refresh = self._jar.read(headers)
         if not bearer and (access or refresh) and self._csrf.refuses("POST", headers, self._origin(scope)):
-            return JSONResponse({"error": "forbidden", "reason": "csrf"}, status_code=403)
+            return JSONResponse({"error": "forbidden", "reason": Reason.CSRF}, status_code=403)
         token = bearer or access
         if token:
             await self._deny(token)

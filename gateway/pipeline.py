@@ -56,6 +56,7 @@ from gateway.login import OIDCLogin
 from gateway.logout import Logout
 from gateway.metrics import Metrics
 from gateway.proxy import Forwarder, UpstreamFailure, chunks, upstream_url
+from gateway.reasons import Reason
 from gateway.refresh import SessionRefresher
 from gateway.responses import NO_STORE, login_location, safe_next, send_denial, status_for, wants_html
 from gateway.routing import BadPath, Route, RouteTable, canonical_path, host_name
@@ -280,15 +281,15 @@ class Pipeline:
         fresh_until = auth.exp - self.verifier.refresh_margin(claims, auth.exp)
         self._known[key] = Known(claims, fresh_until, claims.get("jti"), identity, auth.token)
 
-    def _admit(self, route: Route, claims: dict[str, Any]) -> tuple[str | None, StrHeaders]:
+    def _admit(self, route: Route, claims: dict[str, Any]) -> tuple[Reason | None, StrHeaders]:
         """The route's claim rules, then the identity headers: (reason, []) when refused."""
         if route.require and not claims_allowed(claims, route.require):
-            return "claims_denied", []
+            return Reason.CLAIMS_DENIED, []
         try:
             return None, [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.identity.build(claims)]
         except UnsafeClaim as exc:
             log.warning("route %s: claim %s holds CR, LF or NUL; refusing", route.name, exc)
-            return "claim_unsafe", []
+            return Reason.CLAIM_UNSAFE, []
 
     def _upstream_headers(
         self,
@@ -336,7 +337,7 @@ class Pipeline:
         return refused
 
     async def _deny(
-        self, send: Send, scope: Scope, reason: str, route: Route | None, cookies: list[bytes] | None = None
+        self, send: Send, scope: Scope, reason: Reason, route: Route | None, cookies: list[bytes] | None = None
     ) -> int:
         html = wants_html(scope["method"], scope["headers"])
         login = self._login_location(scope)
@@ -390,14 +391,14 @@ class Pipeline:
             try:
                 canonical = canonical_path(raw_path)
             except BadPath:
-                return "-", await self._deny(send, scope, "bad_path", None)
+                return "-", await self._deny(send, scope, Reason.BAD_PATH, None)
             if len(self._paths) >= _CACHE_SIZE:
                 self._paths.clear()  # bounded: a scan of unique URLs cannot grow it
             self._paths[raw_path] = canonical
         decoded, path = canonical
         route = self.routes.match(host_name(host) if host and self.routes.by_host else None, decoded)
         if route is None:
-            return "-", await self._deny(send, scope, "no_route", None)
+            return "-", await self._deny(send, scope, Reason.NO_ROUTE, None)
 
         auth: AuthResult | None = None
         set_cookies: list[bytes] | None = None
@@ -406,7 +407,7 @@ class Pipeline:
         token: str | None = None
         if route.auth != "none":
             if scope["method"] not in _SAFE_METHODS and self._cross_site(scope):
-                return route.name, await self._deny(send, scope, "csrf", route)
+                return route.name, await self._deny(send, scope, Reason.CSRF, route)
             # Fast path: a token verified before, still well before its expiry, not revoked since.
             # Everything else (first sight, near expiry, refresh, errors) takes the full path.
             # The key is the credential the authenticator will use: a Bearer header wins over cookies.
@@ -423,11 +424,13 @@ class Pipeline:
                     auth = await self.authenticator.authenticate(headers)
                 claims, token = auth.claims, auth.token
                 if claims is None and route.auth == "required":
-                    return route.name, await self._deny(send, scope, auth.reason or "no_token", route, auth.set_cookies)
+                    return route.name, await self._deny(
+                        send, scope, auth.reason or Reason.NO_TOKEN, route, auth.set_cookies
+                    )
             set_cookies = auth.set_cookies if auth is not None else None
             if auth is None:  # a known token: its identity headers are ready, the route's rules still apply
                 if claims is not None and route.require and not claims_allowed(claims, route.require):
-                    return route.name, await self._deny(send, scope, "claims_denied", route)
+                    return route.name, await self._deny(send, scope, Reason.CLAIMS_DENIED, route)
             elif claims is not None:
                 reason, identity = self._admit(route, claims)
                 if reason is not None:
@@ -479,7 +482,7 @@ class Pipeline:
             else:
                 response = await forwarding  # no span, not even a no-op one: this is the hot path
         except UpstreamFailure as exc:
-            reason = "upstream_timeout" if exc.timeout else "upstream_unreachable"
+            reason = Reason.UPSTREAM_TIMEOUT if exc.timeout else Reason.UPSTREAM_UNREACHABLE
             log.warning("route %s: %s", route.name, exc)
             return route.name, await self._deny(send, scope, reason, route, set_cookies)
         info.upstream = time.perf_counter() - upstream_started
@@ -557,17 +560,17 @@ class Pipeline:
         try:
             decoded, path = canonical_path(raw_path)
         except BadPath:
-            return "-", await self._deny(respond, scope, "bad_path", None), None
+            return "-", await self._deny(respond, scope, Reason.BAD_PATH, None), None
         if decoded == self.prefix or decoded.startswith(self.prefix + "/"):
-            return "-", await self._deny(respond, scope, "no_route", None), None  # internal endpoints are HTTP
+            return "-", await self._deny(respond, scope, Reason.NO_ROUTE, None), None  # internal endpoints are HTTP
         host = next((v for n, v in headers if n == b"host"), None)
         route = self.routes.match(host_name(host) if host and self.routes.by_host else None, decoded)
         if route is None:
-            return "-", await self._deny(respond, scope, "no_route", None), None
+            return "-", await self._deny(respond, scope, Reason.NO_ROUTE, None), None
         sockets = self.shared.sockets
         slot = sockets.reserve(self.config.websocket.max_connections)  # before any await: no overshoot
         if slot is None:
-            return route.name, await self._deny(respond, scope, "websocket_limit", route), None
+            return route.name, await self._deny(respond, scope, Reason.WEBSOCKET_LIMIT, route), None
         try:
             return await self._tunnel(scope, receive, send, respond, info, route, path, host, slot)
         finally:
@@ -596,11 +599,11 @@ class Pipeline:
             # a cookie session is only good from its own site (cross-site WebSocket hijacking).
             if bearer_token(headers) is None and (refresh_cookie or self.jar.read(headers)[0]):
                 if self.csrf.refuses("POST", headers, self._origin(scope)):  # checked as an unsafe request would be
-                    return route.name, await self._deny(respond, scope, "csrf", route), None
+                    return route.name, await self._deny(respond, scope, Reason.CSRF, route), None
             auth = await self.authenticator.authenticate(headers)
             claims = auth.claims
             if claims is None and route.auth == "required":
-                refused = auth.reason or "no_token"
+                refused = auth.reason or Reason.NO_TOKEN
                 return route.name, await self._deny(respond, scope, refused, route, auth.set_cookies), None
             if claims is not None:
                 reason, identity = self._admit(route, claims)
@@ -651,10 +654,14 @@ class Pipeline:
             return route.name, answer.status_code, None
         except TimeoutError:
             log.warning("route %s: upstream WebSocket handshake timed out", route.name)
-            return route.name, await self._deny(respond, scope, "upstream_timeout", route, auth.set_cookies), None
+            return route.name, await self._deny(respond, scope, Reason.UPSTREAM_TIMEOUT, route, auth.set_cookies), None
         except (OSError, InvalidHandshake, InvalidURI) as exc:
             log.warning("route %s: upstream WebSocket refused: %s", route.name, type(exc).__name__)
-            return route.name, await self._deny(respond, scope, "upstream_unreachable", route, auth.set_cookies), None
+            return (
+                route.name,
+                await self._deny(respond, scope, Reason.UPSTREAM_UNREACHABLE, route, auth.set_cookies),
+                None,
+            )
 
         info.answered = time.perf_counter()
         info.upstream = info.answered - connecting

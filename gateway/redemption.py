@@ -24,6 +24,7 @@ from gateway.config import RefreshConfig
 from gateway.errors import BadIdPResponse, IdPAnswerLost, IdPUnavailable, RefreshRejected, StoreError
 from gateway.families import Families
 from gateway.idp import IdPClient, IssuedTokens
+from gateway.reasons import FATAL, Reason, Refreshed, as_reason
 from gateway.sealing import Sealer
 from gateway.store import Attempt, Finish, RecordKeys, Store
 from gateway.tokens import Verifier
@@ -36,17 +37,16 @@ SEND_WINDOW = 2.0  # the owner sends only this long after asking to record its a
 SHARE_RETRY = 10.0  # seconds a request waits for its write-out through a store outage (then: in the background)
 BACKGROUND_RETRY = 300.0  # seconds a write-out (or a cleanup) keeps being retried after that
 RETRY_PAUSE = 0.25
-_ENDINGS = frozenset({"invalid_grant", "reuse", "refresh_lost", "session_ended"})
 # Verification failures of a token the IdP just issued that may pass a moment later: a new kid
 # while the JWKS cannot be fetched, an IdP clock ahead of ours.
-TRANSIENT = frozenset({"unknown_key", "token_not_yet_valid"})
+TRANSIENT = frozenset({Reason.UNKNOWN_KEY, Reason.TOKEN_NOT_YET_VALID})
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What one refresh flight produced: new tokens or a failure code (``label`` is the metric)."""
 
-    label: str
+    label: Reason | Refreshed
     access: str | None = None
     refresh: str | None = None
     refresh_max_age: int | None = None
@@ -184,18 +184,18 @@ class Redemption:
             except IdPUnavailable as exc:
                 log.error("refresh token=%s: IdP unavailable, token not redeemed: %s", keys.h[:12], exc)
                 if recorded and not await self._settle(keys, fence, "clear", lease):
-                    return Outcome("idp_error")  # taken over meanwhile: not ours to share
-                return await self._shared_failure(keys, "idp_error")
+                    return Outcome(Reason.IDP_ERROR)  # taken over meanwhile: not ours to share
+                return await self._shared_failure(keys, Reason.IDP_ERROR)
             except RefreshRejected as exc:
                 log.info("refresh token=%s: %s", keys.h[:12], exc)
                 try:
-                    end = await self._families.end(keys, "invalid_grant")
+                    end = await self._families.end(keys, Reason.INVALID_GRANT)
                 except StoreError as store_exc:
                     log.error("refresh token=%s: session end not recorded (%s)", keys.h[:12], store_exc)
-                    return Outcome("invalid_grant")
-                return Outcome(end.reason if end.reason in _ENDINGS else "invalid_grant")
+                    return Outcome(Reason.INVALID_GRANT)
+                return Outcome(_fatal(end.reason))
             except IdPAnswerLost as exc:
-                label = "idp_bad_response" if isinstance(exc, BadIdPResponse) else "idp_answer_lost"
+                label = Reason.IDP_BAD_RESPONSE if isinstance(exc, BadIdPResponse) else Reason.IDP_ANSWER_LOST
                 margin = SEND_WINDOW + self._config.timeout  # the retry must reach the IdP inside the window
                 if not retried and time.monotonic() - first_send < self._config.idp_reuse_window - margin:
                     log.warning("refresh token=%s: %s; retrying once within the IdP's reuse window", keys.h[:12], exc)
@@ -274,7 +274,7 @@ class Redemption:
             log.info("refresh token=%s: the session ended during the IdP call; successor discarded", keys.h[:12])
             if rotated:
                 self._background(self._idp.revoke(successor))
-            return Outcome("session_ended")  # the reason itself is the family's (refresh.ended_label)
+            return Outcome(Reason.SESSION_ENDED)  # the reason itself is the family's (refresh.ended_label)
         if answer == "superseded":
             log.warning("refresh token=%s: another worker took this attempt over; successor discarded", keys.h[:12])
             if rotated:
@@ -328,7 +328,7 @@ class Redemption:
         finally:
             await lease.release()
 
-    async def _shared_failure(self, keys: RecordKeys, label: str) -> Outcome:
+    async def _shared_failure(self, keys: RecordKeys, label: Reason) -> Outcome:
         """Tell concurrent requests, for a moment, so that they do not stampede a struggling IdP."""
         try:
             await self._store.set(keys.result, self.seal(Outcome(label), keys.result), FAILURE_MEMORY)
@@ -355,7 +355,15 @@ class Redemption:
         return self._sealer.seal(json.dumps(asdict(outcome)).encode(), key)
 
     def unseal(self, raw: bytes, key: str) -> Outcome:
-        return Outcome(**json.loads(self._sealer.unseal(raw, key)))
+        fields = json.loads(self._sealer.unseal(raw, key))
+        label = fields.pop("label")
+        return Outcome(as_reason(label) or label, **fields)
+
+
+def _fatal(reason: str) -> Reason:
+    """The outcome once an invalid_grant ended the family (the family's own reason if it ended first)."""
+    code = as_reason(reason)
+    return code if code in FATAL and code is not None else Reason.INVALID_GRANT
 
 
 def _life(access: str) -> float:

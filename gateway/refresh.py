@@ -40,6 +40,7 @@ from gateway.errors import StoreError
 from gateway.families import Families
 from gateway.idp import IdPClient
 from gateway.metrics import Metrics
+from gateway.reasons import FATAL, Reason, ended_label
 from gateway.redemption import BACKGROUND_RETRY, RETRY_PAUSE, SEND_WINDOW, TRANSIENT, Lease, Outcome, Redemption
 from gateway.sealing import Sealer
 from gateway.stalls import Stalls
@@ -52,7 +53,6 @@ audit = logging.getLogger("gateway.audit")
 SETTLE = 1.0  # seconds an attempt must look abandoned before another worker takes it over
 MAX_FOLLOW = 4  # successors followed for one request that arrived within grace of several rotations
 # Outcomes that end the session: both cookies are cleared. They are also the reasons a family ends.
-FATAL = frozenset({"invalid_grant", "reuse", "refresh_lost", "session_ended"})
 
 Step = Literal["take", "takeover", "wait", "stale"]
 
@@ -122,7 +122,7 @@ class SessionRefresher:
         result = await self._answer(outcome)
         if leader and result.claims is not None and old_access and self._denylist is not None:
             await self._deny_replaced(self._denylist, old_access, result.claims.get("jti"))
-        if outcome.label == "grace_hit" and result.reason == "token_expired" and outcome.refresh and _depth < 2:
+        if outcome.label == "grace_hit" and result.reason == Reason.TOKEN_EXPIRED and outcome.refresh and _depth < 2:
             # The successor's access token expired within the grace period (access lifetime
             # shorter than grace_period): carry on with the successor refresh token.
             return await self.refresh(outcome.refresh, outcome.access, _depth=_depth + 1)
@@ -147,7 +147,7 @@ class SessionRefresher:
 
     async def _record_end(self, h: str) -> str | None:
         keys = RecordKeys(await self._families.root_of(h), h)
-        end = await self._families.end(keys, "session_ended")
+        end = await self._families.end(keys, Reason.SESSION_ENDED)
         return self._families.head(keys, end.head)
 
     async def _record_end_later(self, h: str) -> None:
@@ -180,10 +180,10 @@ class SessionRefresher:
         except StoreError as exc:
             log.error("refresh token=%s: store unavailable (%s); answering 503", h[:12], exc)
             self._metrics.store_error("refresh")
-            outcome = Outcome("store_unavailable")
+            outcome = Outcome(Reason.STORE_UNAVAILABLE)
         except Exception:  # noqa: BLE001 - shared by every waiter: fail closed with 503, keep cookies
             log.exception("refresh token=%s: unexpected failure; answering 503", h[:12])
-            outcome = Outcome("refresh_error")
+            outcome = Outcome(Reason.REFRESH_ERROR)
         self._metrics.refresh(outcome.label)
         log.info("refresh token=%s outcome=%s duration=%.3fs", h[:12], outcome.label, time.monotonic() - started)
         return outcome
@@ -219,7 +219,7 @@ class SessionRefresher:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._waited(waited_since)
-                    return Outcome("lock_timeout")
+                    return Outcome(Reason.LOCK_TIMEOUT)
                 # Woken by the owner's write-out or release; a lost announcement costs one poll.
                 await waiter.wait(min(remaining, POLL_INTERVAL))
 
@@ -242,7 +242,7 @@ class SessionRefresher:
             if at - held_up > rotated_at + self._config.grace_period:
                 return await self._reused(keys)
             if depth >= MAX_FOLLOW:
-                return Outcome("refresh_error")
+                return Outcome(Reason.REFRESH_ERROR)
             # Within grace, but the result is gone (this request was held up, a worker paused):
             # carry on with the successor, as the request would have a moment earlier.
             later = keys.of(self._sealer.token_hash(successor))
@@ -290,7 +290,7 @@ class SessionRefresher:
         """This token came with an access token that did not verify at first: try it again."""
         access = self._sealer.unseal(sealed, keys.issued).decode()
         verdict = await self._verifier.verify(access)
-        if verdict.reason == "token_expired" or (verdict.claims is None and verdict.reason not in TRANSIENT):
+        if verdict.reason == Reason.TOKEN_EXPIRED or (verdict.claims is None and verdict.reason not in TRANSIENT):
             return None  # too late to use it, or it never will verify: refresh as usual
         lifetime = self._cookie_lifetime(token)
         if verdict.claims is not None:
@@ -304,15 +304,15 @@ class SessionRefresher:
     async def _lost(self, keys: RecordKeys) -> Outcome:
         """The IdP may have redeemed this token and its answer is lost: end the session cleanly, never resend."""
         audit.warning("event=refresh_lost token=%s", keys.h[:12])
-        return await self._end(keys, "refresh_lost")
+        return await self._end(keys, Reason.REFRESH_LOST)
 
     async def _reused(self, keys: RecordKeys) -> Outcome:
         # A superseded refresh token came back after the grace period: treat the session as
         # stolen (RFC 9700 §4.14.2) and end the whole family, whoever holds its newer tokens.
         audit.warning("event=refresh_reuse token=%s", keys.h[:12])
-        return await self._end(keys, "reuse")
+        return await self._end(keys, Reason.REUSE)
 
-    async def _end(self, keys: RecordKeys, reason: str) -> Outcome:
+    async def _end(self, keys: RecordKeys, reason: Reason) -> Outcome:
         end = await self._families.end(keys, reason)
         newest = self._families.head(keys, end.head)
         if end.first and newest is not None:
@@ -322,17 +322,17 @@ class SessionRefresher:
     # --- answers ----------------------------------------------------------------------------------
 
     async def _answer(self, outcome: Outcome) -> AuthResult:
-        if outcome.label in FATAL:
+        if isinstance(outcome.label, Reason) and outcome.label in FATAL:
             return AuthResult(reason=outcome.label, set_cookies=[self._jar.clear_access(), self._jar.clear_refresh()])
         if outcome.access is None or outcome.refresh is None:
-            return AuthResult(reason=outcome.label)
+            return AuthResult(reason=outcome.label if isinstance(outcome.label, Reason) else Reason.REFRESH_ERROR)
         verdict = await self._verifier.verify(outcome.access)
-        if verdict.reason == "token_expired" and outcome.label == "grace_hit":
-            return AuthResult(reason="token_expired")  # refresh() carries on with the successor
+        if verdict.reason == Reason.TOKEN_EXPIRED and outcome.label == "grace_hit":
+            return AuthResult(reason=Reason.TOKEN_EXPIRED)  # refresh() carries on with the successor
         if verdict.claims is None:
             # The IdP issued a successor whose access token does not verify (yet): keep the
             # successor in the refresh cookie, answer 503 (or 502 if it never can), try again later.
-            reason = "idp_token_unverified" if verdict.reason in TRANSIENT else "idp_bad_response"
+            reason = Reason.IDP_TOKEN_UNVERIFIED if verdict.reason in TRANSIENT else Reason.IDP_BAD_RESPONSE
             return AuthResult(
                 reason=reason, set_cookies=[self._jar.set_refresh(outcome.refresh, outcome.refresh_max_age)]
             )
@@ -364,8 +364,3 @@ class SessionRefresher:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-def ended_label(reason: str) -> str:
-    """The outcome for a family that ended for ``reason`` (as stored; unknown ones read as a logout)."""
-    return reason if reason in FATAL else "session_ended"

@@ -14,31 +14,32 @@ from html import escape
 from typing import Any
 from urllib.parse import quote, unquote
 
+from gateway.reasons import Reason
 from gateway.types import RawHeaders, Send
 
 # reason -> (status, error) ; unknown reasons are 401 invalid_token.
-STATUS: dict[str, tuple[int, str]] = {
-    "claims_denied": (403, "forbidden"),
-    "claim_unsafe": (403, "forbidden"),
-    "csrf": (403, "forbidden"),
-    "bad_path": (400, "bad_request"),
-    "no_route": (404, "not_found"),
-    "upstream_unreachable": (502, "bad_gateway"),
-    "upstream_timeout": (504, "gateway_timeout"),
-    "idp_error": (503, "service_unavailable"),
-    "idp_answer_lost": (503, "service_unavailable"),  # the IdP may have redeemed: next time, 401 refresh_lost
-    "idp_token_unverified": (503, "service_unavailable"),  # the successor is kept (refresh cookie rotated)
-    "lock_timeout": (503, "service_unavailable"),
-    "store_unavailable": (503, "service_unavailable"),
-    "refresh_error": (503, "service_unavailable"),
-    "idp_bad_response": (502, "bad_gateway"),
-    "websocket_limit": (503, "service_unavailable"),
+STATUS: dict[Reason, tuple[int, str]] = {
+    Reason.CLAIMS_DENIED: (403, "forbidden"),
+    Reason.CLAIM_UNSAFE: (403, "forbidden"),
+    Reason.CSRF: (403, "forbidden"),
+    Reason.BAD_PATH: (400, "bad_request"),
+    Reason.NO_ROUTE: (404, "not_found"),
+    Reason.UPSTREAM_UNREACHABLE: (502, "bad_gateway"),
+    Reason.UPSTREAM_TIMEOUT: (504, "gateway_timeout"),
+    Reason.IDP_ERROR: (503, "service_unavailable"),
+    Reason.IDP_ANSWER_LOST: (503, "service_unavailable"),  # the IdP may have redeemed: next time, 401 refresh_lost
+    Reason.IDP_TOKEN_UNVERIFIED: (503, "service_unavailable"),  # the successor is kept (refresh cookie rotated)
+    Reason.LOCK_TIMEOUT: (503, "service_unavailable"),
+    Reason.STORE_UNAVAILABLE: (503, "service_unavailable"),
+    Reason.REFRESH_ERROR: (503, "service_unavailable"),
+    Reason.IDP_BAD_RESPONSE: (502, "bad_gateway"),
+    Reason.WEBSOCKET_LIMIT: (503, "service_unavailable"),
 }
 RETRY_AFTER = b"5"
 NO_STORE = (b"cache-control", b"no-store")
 
 
-def status_for(reason: str) -> tuple[int, str]:
+def status_for(reason: Reason) -> tuple[int, str]:
     return STATUS.get(reason, (401, "invalid_token"))
 
 
@@ -115,7 +116,7 @@ async def send_json(send: Send, status: int, payload: dict[str, Any], headers: R
 
 async def send_denial(
     send: Send,
-    reason: str,
+    reason: Reason,
     *,
     html: bool,
     route: str | None = None,

@@ -21,6 +21,7 @@ import jwt
 
 from gateway.config import TokensConfig
 from gateway.keys import KeySource
+from gateway.reasons import Reason
 
 log = logging.getLogger("gateway.tokens")
 
@@ -34,7 +35,7 @@ class Verdict:
     """What verification concluded. ``claims`` is set only when the token may be used."""
 
     claims: dict[str, Any] | None
-    reason: str | None = None
+    reason: Reason | None = None
     refreshable: bool = False  # expired or near expiry, but otherwise fully valid
     exp: float = 0.0
 
@@ -43,15 +44,15 @@ class Verdict:
         return self.claims is not None
 
 
-_ERRORS: list[tuple[type[Exception], str]] = [
-    (jwt.InvalidSignatureError, "bad_signature"),
-    (jwt.InvalidAudienceError, "wrong_audience"),
-    (jwt.InvalidIssuerError, "wrong_issuer"),
-    (jwt.MissingRequiredClaimError, "missing_claim"),
-    (jwt.InvalidAlgorithmError, "alg_not_allowed"),
-    (jwt.InvalidKeyError, "bad_signature"),
-    (jwt.DecodeError, "malformed_token"),
-    (jwt.InvalidTokenError, "invalid_token"),
+_ERRORS: list[tuple[type[Exception], Reason]] = [
+    (jwt.InvalidSignatureError, Reason.BAD_SIGNATURE),
+    (jwt.InvalidAudienceError, Reason.WRONG_AUDIENCE),
+    (jwt.InvalidIssuerError, Reason.WRONG_ISSUER),
+    (jwt.MissingRequiredClaimError, Reason.MISSING_CLAIM),
+    (jwt.InvalidAlgorithmError, Reason.ALG_NOT_ALLOWED),
+    (jwt.InvalidKeyError, Reason.BAD_SIGNATURE),
+    (jwt.DecodeError, Reason.MALFORMED_TOKEN),
+    (jwt.InvalidTokenError, Reason.INVALID_TOKEN),
 ]
 
 
@@ -62,11 +63,11 @@ def _number(value: Any) -> float | None:
     return None  # NaN or infinity would make a token that never expires
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: Exception) -> Reason:
     for kind, reason in _ERRORS:
         if isinstance(exc, kind):
             return reason
-    return "invalid_token"
+    return Reason.INVALID_TOKEN
 
 
 class Verifier:
@@ -101,24 +102,24 @@ class Verifier:
         if cached is not None:
             return self._check_time(*cached)
         if len(token) > MAX_TOKEN_BYTES:
-            return Verdict(None, "token_too_large")
+            return Verdict(None, Reason.TOKEN_TOO_LARGE)
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
-            return Verdict(None, "malformed_token")
+            return Verdict(None, Reason.MALFORMED_TOKEN)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
-            return Verdict(None, "alg_not_allowed")
+            return Verdict(None, Reason.ALG_NOT_ALLOWED)
         if "crit" in header:
             # We implement no JWS extensions, so any critical one must be refused (RFC 7515 §4.1.11).
-            return Verdict(None, "unsupported_crit")
+            return Verdict(None, Reason.UNSUPPORTED_CRIT)
         typ = header.get("typ")
         if typ is not None and (not isinstance(typ, str) or typ.lower() not in ACCESS_TYPES):
-            return Verdict(None, "wrong_token_type")
+            return Verdict(None, Reason.WRONG_TOKEN_TYPE)
         kid = header.get("kid")
         key = await self._keys.key_for(kid if isinstance(kid, str) else None, alg)
         if key is None:
-            return Verdict(None, "unknown_key")
+            return Verdict(None, Reason.UNKNOWN_KEY)
         try:
             claims = jwt.decode(
                 token,
@@ -131,13 +132,13 @@ class Verifier:
         except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
             return Verdict(None, _reason(exc))
         if claims.get("token_type", "access") != "access" or claims.get("typ", "access") in ("refresh", "Refresh"):
-            return Verdict(None, "wrong_token_type")
+            return Verdict(None, Reason.WRONG_TOKEN_TYPE)
         exp, nbf, iat = _number(claims.get("exp")), _number(claims.get("nbf", 0)), _number(claims.get("iat", 0))
         if exp is None or nbf is None or iat is None:
-            return Verdict(None, "malformed_token")
+            return Verdict(None, Reason.MALFORMED_TOKEN)
         now, leeway = self._clock(), self._config.leeway
         if nbf > now + leeway or iat > now + leeway:
-            return Verdict(None, "token_not_yet_valid")
+            return Verdict(None, Reason.TOKEN_NOT_YET_VALID)
         self._remember(token, claims, exp)
         return self._check_time(claims, exp)
 
@@ -147,14 +148,16 @@ class Verifier:
         if verdict.claims is not None:
             return verdict.claims
         cached = self._cache.get(token)
-        return cached[0] if cached is not None and verdict.reason in ("token_expired", "token_revoked") else None
+        return (
+            cached[0] if cached is not None and verdict.reason in (Reason.TOKEN_EXPIRED, Reason.TOKEN_REVOKED) else None
+        )
 
     def _check_time(self, claims: dict[str, Any], exp: float) -> Verdict:
         if claims.get("jti") in self._denied:
-            return Verdict(None, "token_revoked")
+            return Verdict(None, Reason.TOKEN_REVOKED)
         now = self._clock()
         if now >= exp + self._config.leeway:
-            return Verdict(None, "token_expired", refreshable=True, exp=exp)
+            return Verdict(None, Reason.TOKEN_EXPIRED, refreshable=True, exp=exp)
         due = exp - now < self.refresh_margin(claims, exp)
         return Verdict(claims, None, refreshable=due, exp=exp)
 

@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from gateway.config import WebSocketConfig
 from gateway.denylist import Denylist
 from gateway.metrics import Metrics
+from gateway.reasons import Reason
 from gateway.types import Message, Receive, Send
 
 log = logging.getLogger("gateway.websocket")
@@ -125,9 +126,9 @@ class Sockets:
         now, idle_since = self._clock(), time.monotonic() - self.config.idle_timeout
         for tunnel in list(self._open):
             if any(key in self._denylist for key in tunnel.watch):
-                tunnel.end(SESSION_ENDED, "session ended", "session_ended")
+                tunnel.end(SESSION_ENDED, "session ended", Reason.SESSION_ENDED)
             elif tunnel.expires is not None and now >= tunnel.expires:
-                tunnel.end(SESSION_ENDED, "token expired", "token_expired")
+                tunnel.end(SESSION_ENDED, "token expired", Reason.TOKEN_EXPIRED)
             elif self.config.idle_timeout and tunnel.last_active < idle_since:
                 tunnel.end(1001, "idle timeout", "idle")
 
