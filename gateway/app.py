@@ -35,14 +35,14 @@ from gateway.cookies import DEFAULT_REFRESH_LIFETIME
 from gateway.denylist import Denylist
 from gateway.errors import ConfigError, StoreError
 from gateway.families import Families
+from gateway.forwarder import AiohttpForwarder, Forwarder
 from gateway.logs import configure as configure_logging
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline, RequestIds, Shared
-from gateway.proxy import AiohttpForwarder, Forwarder
 from gateway.sealing import Sealer
 from gateway.store import Store, open_store
+from gateway.tunnel import Sockets
 from gateway.types import Receive, Scope, Send
-from gateway.websocket import Sockets
 
 log = logging.getLogger("gateway")
 

@@ -16,8 +16,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.authn import bearer_token
 from gateway.cookies import CookieJar
-from gateway.credentials import bearer_token
 from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
 from gateway.errors import StoreError

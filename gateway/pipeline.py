@@ -40,22 +40,22 @@ from starlette.routing import Route as Endpoint
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from yarl import URL
 
+from gateway.authn import Authenticator, AuthResult, bearer_token
 from gateway.capture import Capturer, wants_capture
 from gateway.config import GatewayConfig
 from gateway.cookies import CookieJar
-from gateway.credentials import Authenticator, AuthResult, bearer_token
 from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
 from gateway.errors import StoreError
 from gateway.families import Families
+from gateway.forwarder import Forwarder, UpstreamFailure, chunks, upstream_url
 from gateway.headers import HeaderRules
 from gateway.identity import IdentityHeaders, UnsafeClaim, claims_allowed
-from gateway.idp import IdPClient
+from gateway.idp_client import IdPClient
 from gateway.keys import build_key_source
 from gateway.login import OIDCLogin
 from gateway.logout import Logout
 from gateway.metrics import Metrics
-from gateway.proxy import Forwarder, UpstreamFailure, chunks, upstream_url
 from gateway.reasons import Reason
 from gateway.refresh import SessionRefresher
 from gateway.responses import NO_STORE, login_location, safe_next, send_denial, status_for, wants_html
@@ -64,8 +64,8 @@ from gateway.sealing import Sealer
 from gateway.store import Store
 from gateway.tokens import Verifier
 from gateway.tracing import Tracer
+from gateway.tunnel import Slot, Sockets, Tunnel, as_http, connect_upstream, relay
 from gateway.types import Receive, Scope, Send, StrHeaders
-from gateway.websocket import Slot, Sockets, Tunnel, as_http, connect_upstream, relay
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
@@ -521,7 +521,7 @@ class Pipeline:
     # --- WebSockets ---------------------------------------------------------------------------
 
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A WebSocket handshake: authorised like a GET, then relayed (see gateway.websocket)."""
+        """A WebSocket handshake: authorised like a GET, then relayed (see gateway.tunnel)."""
         if (await receive())["type"] != "websocket.connect":
             return
         started = time.perf_counter()

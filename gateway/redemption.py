@@ -23,7 +23,7 @@ import jwt
 from gateway.config import RefreshConfig
 from gateway.errors import BadIdPResponse, IdPAnswerLost, IdPUnavailable, RefreshRejected, StoreError
 from gateway.families import Families
-from gateway.idp import IdPClient, IssuedTokens
+from gateway.idp_client import IdPClient, IssuedTokens
 from gateway.reasons import FATAL, Reason, Refreshed, as_reason
 from gateway.sealing import Sealer
 from gateway.store import Attempt, Finish, RecordKeys, Store

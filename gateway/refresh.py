@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from uuid import uuid4
 
+from gateway.authn import AuthResult
 from gateway.config import RefreshConfig
 from gateway.cookies import CookieJar
-from gateway.credentials import AuthResult
 from gateway.denylist import Denylist
 from gateway.errors import StoreError
 from gateway.families import Families
-from gateway.idp import IdPClient
+from gateway.idp_client import IdPClient
 from gateway.metrics import Metrics
 from gateway.reasons import FATAL, Reason, ended_label
 from gateway.redemption import BACKGROUND_RETRY, RETRY_PAUSE, SEND_WINDOW, TRANSIENT, Lease, Outcome, Redemption

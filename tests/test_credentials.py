@@ -1,4 +1,4 @@
-"""gateway.credentials: Bearer or cookie, verified; a reason (never an exception) when that fails."""
+"""gateway.authn: Bearer or cookie, verified; a reason (never an exception) when that fails."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 import jwt
 import pytest
 
+from gateway.authn import Authenticator, AuthResult, bearer_token
 from gateway.config import CookiesConfig, TokensConfig
 from gateway.cookies import CookieJar
-from gateway.credentials import Authenticator, AuthResult, bearer_token
 from gateway.keys import StaticKey
 from gateway.tokens import Verifier
 
@@ -146,7 +146,7 @@ class CountingRefresher:
         self.calls: list[tuple[str, Any]] = []
 
     async def refresh(self, refresh_token: str, old_access: str | None) -> Any:
-        from gateway.credentials import AuthResult
+        from gateway.authn import AuthResult
 
         self.calls.append((refresh_token, old_access))
         return AuthResult(reason="invalid_grant")

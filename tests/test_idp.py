@@ -19,7 +19,7 @@ from starlette.routing import Route
 from gateway.config import RefreshConfig, RefreshFields
 from gateway.demo.idp import IdentityProvider, IdPSettings, create_idp_app
 from gateway.errors import BadIdPResponse, IdPAnswerLost, IdPUnavailable, RefreshRejected
-from gateway.idp import IdPClient
+from gateway.idp_client import IdPClient
 
 IDP = "http://idp.test"
 CLIENT_ID, CLIENT_SECRET = "legacy-app", "demo-secret"

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.proxy import AiohttpForwarder, UpstreamFailure, chunks, upstream_url
+from gateway.forwarder import AiohttpForwarder, UpstreamFailure, chunks, upstream_url
 
 
 class Recorder:

@@ -18,14 +18,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import redemption
+from gateway.authn import AuthResult
 from gateway.config import CookiesConfig, CookieSpec, RefreshConfig, TokensConfig
 from gateway.cookies import CookieJar
-from gateway.credentials import AuthResult
 from gateway.demo.idp import IdentityProvider, IdPSettings, TokenPair, create_idp_app
 from gateway.denylist import Denylist
 from gateway.errors import StoreError
 from gateway.families import Families
-from gateway.idp import IdPClient
+from gateway.idp_client import IdPClient
 from gateway.keys import StaticKey
 from gateway.metrics import Metrics
 from gateway.redemption import Lease

@@ -1,4 +1,4 @@
-"""gateway/websocket.py in-process: which close codes may be sent, and what the watchdog ends."""
+"""gateway/tunnel.py in-process: which close codes may be sent, and what the watchdog ends."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from gateway.denylist import Denylist
 from gateway.families import ENDED, SESSION
 from gateway.metrics import Metrics
 from gateway.store import MemoryStore
-from gateway.websocket import SESSION_ENDED, Sockets, Tunnel, sendable
+from gateway.tunnel import SESSION_ENDED, Sockets, Tunnel, sendable
 
 
 @pytest.mark.parametrize(

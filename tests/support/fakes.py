@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.proxy import UpstreamResponse
+from gateway.forwarder import UpstreamResponse
 
 
 class Answer:
