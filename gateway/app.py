@@ -2,12 +2,12 @@
 
 ``create_app(config)`` is the one place that assembles the gateway. What lives as long as the
 process (store, HTTP clients, denylist, metrics) is opened and closed here, in the lifespan;
-everything built from gateway.yaml is a ``Pipeline`` (see ``gateway.pipeline``, which reads
-top to bottom as the request path).
+everything built from gateway.yaml is a ``Generation`` (see ``gateway.generation``, and
+docs/architecture.md for the request path module by module).
 
 Reload: on SIGHUP, and when the config file changes on disk, every worker re-reads and
-validates the file and swaps in a new pipeline atomically: requests in flight finish under the
-pipeline they started with, new ones get the new one. An invalid file is refused with the same
+validates the file and swaps in a new generation atomically: requests in flight finish under the
+generation they started with, new ones get the new one. An invalid file is refused with the same
 messages as ``gateway check``, logged, counted, and the old config keeps serving. Settings a
 running process cannot change (``store.*``, ``server.host``/``port``) need a restart; a file
 that changes them is refused and says so.
@@ -30,15 +30,16 @@ from typing import Any
 
 import httpx
 
+from gateway.accesslog import RequestIds
 from gateway.config import GatewayConfig, load_config
 from gateway.cookies import DEFAULT_REFRESH_LIFETIME
 from gateway.denylist import Denylist
 from gateway.errors import ConfigError, StoreError
 from gateway.families import Families
 from gateway.forwarder import AiohttpForwarder, Forwarder
+from gateway.generation import Generation, Shared
 from gateway.logs import configure as configure_logging
 from gateway.metrics import Metrics
-from gateway.pipeline import Pipeline, RequestIds, Shared
 from gateway.sealing import Sealer
 from gateway.store import Store, open_store
 from gateway.tunnel import Sockets
@@ -89,7 +90,7 @@ class Gateway:
             ),
         )
         self.shared.sockets.config = config.websocket
-        self.pipeline = Pipeline(config, self.shared)
+        self.serving = Generation(config, self.shared)
         self.config_path = config_path
         self.generation = 1
         self._fingerprint = _fingerprint(config_path) if config_path else None
@@ -100,21 +101,21 @@ class Gateway:
 
     @property
     def config(self) -> GatewayConfig:
-        return self.pipeline.config
+        return self.serving.config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self.pipeline.handle(scope, receive, send)
+            await self.serving.handle(scope, receive, send)
         elif kind == "websocket":
-            await self.pipeline.websocket(scope, receive, send)
+            await self.serving.websocket(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
     # --- lifecycle ------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        await self.pipeline.start()
+        await self.serving.start()
         try:
             await self.shared.store.start()
         except StoreError as exc:
@@ -152,7 +153,7 @@ class Gateway:
             await asyncio.wait([self._watcher], timeout=2)
         await self.shared.sockets.close()
         await self.shared.denylist.close()
-        await self.pipeline.close()  # waits for refreshes in flight: they hold locks
+        await self.serving.close()  # waits for refreshes in flight: they hold locks
         if self._retired:
             await asyncio.wait(self._retired, timeout=self.config.refresh.timeout + 1)
         await self.shared.forwarder.close()
@@ -192,15 +193,15 @@ class Gateway:
                 await self.reload("file changed")
 
     async def reload(self, why: str) -> bool:
-        """Re-read the config file; swap in a new pipeline when it is valid. True when swapped."""
+        """Re-read the config file; swap in a new generation when it is valid. True when swapped."""
         if self.config_path is None:
             return False
         self._fingerprint = _fingerprint(self.config_path)
         try:
             config = load_config(self.config_path)
             _check_reloadable(self.config, config)
-            pipeline = Pipeline(config, self.shared)
-            await pipeline.start()
+            fresh = Generation(config, self.shared)
+            await fresh.start()
         except ConfigError as exc:
             log.error(
                 "config reload (%s) refused, still serving generation %d:\n  %s",
@@ -210,7 +211,7 @@ class Gateway:
             )
             self.shared.metrics.config_loaded(self.generation, ok=False)
             return False
-        old, self.pipeline = self.pipeline, pipeline
+        old, self.serving = self.serving, fresh
         self.shared.sockets.config = config.websocket
         self.generation += 1
         self.shared.metrics.config_loaded(self.generation, ok=True)

@@ -19,7 +19,9 @@ import logging
 import re
 from collections.abc import Iterable
 
-from gateway.types import RawHeaders, StrHeaders
+from gateway.accesslog import RequestInfo
+from gateway.cache import BoundedCache
+from gateway.types import RawHeaders, Scope, StrHeaders
 
 log = logging.getLogger("gateway.headers")
 
@@ -78,14 +80,16 @@ class HeaderRules:
         identity_names: Iterable[bytes],
         cookie_names: Iterable[str],
         trusted_proxies: Iterable[str],
+        forward_token: bool = False,
     ) -> None:
         patterns = [fnmatch.translate(p.lower().replace("_", "-").replace(".", "-")) for p in strip_patterns]
         self._strip = re.compile("|".join(patterns).encode()) if patterns else None
         self._identity = frozenset(_canonical(n) for n in identity_names)
         self._cookies = frozenset(c.encode() for c in cookie_names)
         self._trusted = TrustedProxies(trusted_proxies)
-        self._plain: dict[bytes, bool] = {}  # name -> passes inbound filter (memo; names repeat)
-        self._lowered: dict[bytes, bytes] = {}  # upstream header name -> lower case (memo)
+        self._forward_token = forward_token  # identity.forward_token: the verified token goes upstream
+        self._plain: BoundedCache[bytes, bool] = BoundedCache(4096)  # name -> passes inbound filter (memo)
+        self._lowered: BoundedCache[bytes, bytes] = BoundedCache(4096)  # upstream name -> lower case (memo)
 
     def _passes(self, name: bytes) -> bool:
         known = self._plain.get(name)
@@ -98,9 +102,7 @@ class HeaderRules:
             and canon not in self._identity
             and not (self._strip is not None and self._strip.fullmatch(canon))
         )
-        if len(self._plain) < 4096:
-            self._plain[name] = ok
-        return ok
+        return self._plain.put(name, ok)
 
     def inbound(
         self, headers: RawHeaders, *, client: str | None, scheme: str, host: bytes | None, connection: bool = True
@@ -140,6 +142,42 @@ class HeaderRules:
             out.append(("x-forwarded-host", (forwarded_host or host or b"").decode("latin-1")))
         return out
 
+    def upstream(
+        self,
+        scope: Scope,
+        *,
+        host: bytes | None,
+        identity: StrHeaders,
+        info: RequestInfo,
+        token: str | None,
+        scheme: str | None = None,
+        connection: bool = True,
+        client_request_id: bool = True,
+    ) -> StrHeaders:
+        """The request's headers as the upstream gets them: filtered, then identity and request ID added.
+
+        ``token`` is the verified access token (None without one); it goes upstream with
+        identity.forward_token. ``connection`` / ``client_request_id`` False say the request has
+        no Connection / X-Request-ID header, which saves looking (the HTTP path knows already).
+        """
+        client = scope.get("client")
+        out = self.inbound(
+            scope["headers"],
+            client=client[0] if client else None,
+            scheme=scheme or scope.get("scheme", "http"),
+            host=host,
+            connection=connection,
+        )
+        out.extend(identity)
+        if not info.request_id_from_client:
+            if client_request_id and any(n == "x-request-id" for n, _ in out):  # the client's was not sane: replaced
+                out = [(n, v) for n, v in out if n != "x-request-id"]
+            out.append(("x-request-id", info.request_id))
+        if self._forward_token and token:
+            out = [(n, v) for n, v in out if n != "authorization"]
+            out.append(("authorization", "Bearer " + token))
+        return out
+
     def origin(self, headers: RawHeaders, client: str | None, scheme: str) -> str:
         """``scheme://host`` the browser used: X-Forwarded-Proto/Host only from trusted proxies."""
         host = proto = None
@@ -173,9 +211,7 @@ class HeaderRules:
         for name, value in headers:
             lower = lowered.get(name)
             if lower is None:
-                lower = name.lower()
-                if len(lowered) < 4096:
-                    lowered[name] = lower
+                lower = lowered.put(name, name.lower())
             if lower in HOP_BY_HOP:
                 if lower == b"connection" and value not in _PLAIN_CONNECTION:
                     listed.update(part.strip().lower() for part in value.split(b","))

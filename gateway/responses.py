@@ -8,14 +8,18 @@ addresses, exception text, tokens) never appear in a body.
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 from html import escape
 from typing import Any
 from urllib.parse import quote, unquote
 
 from gateway.reasons import Reason
-from gateway.types import RawHeaders, Send
+from gateway.types import RawHeaders, Scope, Send
+
+log = logging.getLogger("gateway")
 
 # reason -> (status, error) ; unknown reasons are 401 invalid_token.
 STATUS: dict[Reason, tuple[int, str]] = {
@@ -148,3 +152,42 @@ async def send_denial(
     if status == 401 and login_url:
         payload["login_url"] = login_url
     await send_json(send, status, payload, extra)
+
+
+class Denials:
+    """Refusals on the request path: counted, logged, and answered (JSON, HTML, or a redirect to login)."""
+
+    def __init__(self, count: Callable[[str], None], login_url: str | None) -> None:
+        self._count = count  # metrics: gateway_denials_total by reason
+        self.login_url = login_url  # with {next}; None: no login page to send browsers to
+
+    async def __call__(
+        self,
+        send: Send,
+        scope: Scope,
+        reason: Reason,
+        route: str | None,
+        cookies: list[bytes] | None = None,
+        *,
+        method: str | None = None,
+    ) -> int:
+        """Answer ``reason``; the status sent. ``method`` overrides the scope's (a WebSocket handshake is a GET)."""
+        method = method or scope["method"]
+        html = wants_html(method, scope["headers"])
+        login = self.location(scope)
+        headers = [(b"set-cookie", c) for c in cookies or []]
+        info = scope.get("gateway")
+        if info is not None:
+            info.reason = reason
+            headers.append((b"x-request-id", info.request_id.encode()))
+        self._count(reason)
+        log.info("denied %s %s route=%s reason=%s", method, scope["path"], route, reason)
+        await send_denial(send, reason, html=html, route=route, headers=headers, login_url=login)
+        status = status_for(reason)[0]
+        return 302 if status == 401 and html and login else status
+
+    def location(self, scope: Scope) -> str | None:
+        """Where a browser goes to log in and come back to this request."""
+        if not self.login_url:
+            return None
+        return login_location(self.login_url, safe_next(scope["path"], scope["query_string"]))

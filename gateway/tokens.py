@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
+from gateway.cache import BoundedCache
 from gateway.config import TokensConfig
 from gateway.keys import KeySource
 from gateway.reasons import Reason
@@ -86,7 +86,7 @@ class Verifier:
         self._denied = denied  # revoked jti values (gateway.denylist), checked on every use
         self._algorithms = frozenset(config.algorithms)
         self._warned_lifetime = math.inf  # logged once per shorter lifetime seen, not once per token
-        self._cache: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
+        self._cache: BoundedCache[str, tuple[dict[str, Any], float]] = BoundedCache(CACHE_SIZE)
         self._options: Any = {
             "require": ["exp"],
             # Time claims are checked below against our own clock, with leeway.
@@ -186,9 +186,4 @@ class Verifier:
         return lifetime / 2
 
     def _remember(self, token: str, claims: dict[str, Any], exp: float) -> None:
-        cache = self._cache
-        cache[token] = (claims, exp)
-        if len(cache) > CACHE_SIZE:
-            # Drop the oldest quarter, expired or not: bounded memory beats a perfect hit rate.
-            for _ in range(CACHE_SIZE // 4):
-                cache.popitem(last=False)
+        self._cache.put(token, (claims, exp))

@@ -1,11 +1,5 @@
-"""WebSocket proxying: the handshake is authorised like any request, then messages are relayed.
+"""A WebSocket once admitted (gateway.websocket): relayed both ways, and watched.
 
-    handshake  -> route, credentials, refresh, claims, CSRF (Origin) exactly as for HTTP
-                  (``Pipeline.websocket``); a refusal is an HTTP answer (401/403/404/502/503...)
-                  sent with the ASGI ``websocket.http.response`` extension, never an accepted
-                  socket closed at once
-               -> the upstream handshake (``websockets`` client) with the identity headers
-               -> the client's socket accepted with the upstream's subprotocol and the rotated cookies
     relay      -> text and binary messages both ways, each ``send`` awaited (backpressure: a slow
                   reader slows its writer instead of filling memory); close codes pass through
     watchdog   -> once a second per worker: a socket whose session ended (logout, denylist) is

@@ -1,0 +1,199 @@
+"""One generation of gateway.yaml: every part built from the config, wired in request order.
+
+    request ──> under server.prefix?  endpoints.internal_app (health, ready, metrics, logout, login)
+            ──> HTTP                  http.HttpPath
+            ──> WebSocket             websocket.WebSocketPath
+                both through          admission.Admission (CSRF, credential, refresh, claims)
+
+A ``Generation`` is immutable once built; a config reload builds a new one and swaps it in
+(gateway.app), so a request runs start to finish under one config. What outlives reloads (store,
+HTTP clients, denylist, metrics, open sockets) is ``Shared``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from gateway.accesslog import AccessLog, RequestIds
+from gateway.admission import Admission
+from gateway.authn import Authenticator
+from gateway.capture import Capturer
+from gateway.config import GatewayConfig
+from gateway.cookies import CookieJar
+from gateway.csrf import CSRFGuard
+from gateway.denylist import Denylist
+from gateway.endpoints import internal_app
+from gateway.families import Families
+from gateway.forwarder import Forwarder
+from gateway.headers import HeaderRules
+from gateway.http import HttpPath
+from gateway.identity import IdentityHeaders
+from gateway.idp_client import IdPClient
+from gateway.keys import build_key_source
+from gateway.login import OIDCLogin
+from gateway.logout import Logout
+from gateway.metrics import Metrics
+from gateway.refresh import SessionRefresher
+from gateway.responses import Denials
+from gateway.routing import RouteTable
+from gateway.sealing import Sealer
+from gateway.store import Store
+from gateway.tokens import Verifier
+from gateway.tracing import Tracer
+from gateway.tunnel import Sockets
+from gateway.types import Receive, Scope, Send
+from gateway.websocket import WebSocketPath
+
+_PAGE_SCHEME = {"ws": "http", "wss": "https"}
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every config generation uses and a reload keeps: connections, shared state, counters."""
+
+    store: Store
+    http: httpx.AsyncClient  # control plane (JWKS, IdP, OIDC); never follows redirects
+    forwarder: Forwarder
+    denylist: Denylist
+    metrics: Metrics
+    sealer: Sealer
+    clock: Callable[[], float]
+    request_ids: RequestIds
+    sockets: Sockets
+    families: Families
+
+
+class Generation:
+    """One config generation's request path. Build with ``Generation(config, shared)``, then ``start()``."""
+
+    def __init__(self, config: GatewayConfig, shared: Shared) -> None:
+        self.config = config
+        self.shared = shared
+        self.prefix = config.server.prefix
+        routes = RouteTable.from_config(config.routes)
+        jar = CookieJar.from_config(config.cookies)
+        identity = IdentityHeaders(config.identity.headers)
+        self.header_rules = HeaderRules(
+            strip_patterns=config.identity.strip_inbound,
+            identity_names=identity.names,
+            cookie_names=jar.bare_names,
+            trusted_proxies=config.server.trusted_proxies,
+            forward_token=config.identity.forward_token,
+        )
+        self.keys = build_key_source(config.tokens, shared.http, on_fetch=shared.metrics.jwks_fetch)
+        verifier = Verifier(config.tokens, self.keys, shared.clock, denied=shared.denylist)
+        self.refresher = self._refresher(config, shared, verifier, jar)
+        csrf = CSRFGuard(config.csrf.allowed_origins)
+        tracer = Tracer(config.server.tracing)
+        admission = Admission(
+            authenticator=Authenticator(verifier, jar, self.refresher),
+            verifier=verifier,
+            jar=jar,
+            csrf=csrf,
+            identity=identity,
+            denylist=shared.denylist,
+            tracer=tracer,
+            clock=shared.clock,
+            origin=self.origin,
+        )
+        oidc = self._oidc(config, shared, verifier, jar)
+        deny = Denials(shared.metrics.denial, f"{self.prefix}/login?next={{next}}" if oidc else config.login.url)
+        access_log = AccessLog(config.server.access_log, shared.sealer)
+        self.http = HttpPath(
+            routes=routes,
+            admission=admission,
+            header_rules=self.header_rules,
+            forwarder=shared.forwarder,
+            capturer=Capturer(jar, verifier, shared.clock, shared.families),
+            deny=deny,
+            metrics=shared.metrics,
+            tracer=tracer,
+            access_log=access_log,
+            request_ids=shared.request_ids,
+        )
+        self.websocket = WebSocketPath(
+            prefix=self.prefix,
+            routes=routes,
+            admission=admission,
+            header_rules=self.header_rules,
+            sockets=shared.sockets,
+            families=shared.families,
+            limits=config.websocket,
+            deny=deny,
+            metrics=shared.metrics,
+            access_log=access_log,
+            request_ids=shared.request_ids,
+        )
+        logout = Logout(
+            jar=jar,
+            verifier=verifier,
+            denylist=shared.denylist,
+            refresher=self.refresher,
+            csrf=csrf,
+            origin=self.origin,
+            redirect=config.logout.redirect,
+        )
+        self.internal = internal_app(self.prefix, shared.store, shared.metrics, logout, oidc)
+
+    async def start(self) -> None:
+        await self.keys.start()
+
+    async def close(self) -> None:
+        """Let this generation's refreshes finish (they hold locks and redeemed tokens)."""
+        if self.refresher is not None:
+            await self.refresher.close()
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An HTTP request: one of the gateway's own endpoints, or one to forward."""
+        path: str = scope["path"]
+        prefix = self.prefix
+        if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+            await self.internal(scope, receive, send)
+        else:
+            await self.http(scope, receive, send)
+
+    def origin(self, scope: Scope) -> str:
+        """This request's own origin, as the browser sees it (forwarded headers from trusted proxies)."""
+        client = scope.get("client")
+        scheme: str = scope.get("scheme", "http")
+        scheme = _PAGE_SCHEME.get(scheme, scheme)  # a WebSocket handshake comes from an http(s) page
+        return self.header_rules.origin(scope["headers"], client[0] if client else None, scheme)
+
+    @staticmethod
+    def _refresher(
+        config: GatewayConfig, shared: Shared, verifier: Verifier, jar: CookieJar
+    ) -> SessionRefresher | None:
+        if config.refresh.endpoint is None:
+            return None
+        return SessionRefresher(
+            config=config.refresh,
+            store=shared.store,
+            sealer=shared.sealer,
+            idp=IdPClient(config.refresh, shared.http),
+            verifier=verifier,
+            jar=jar,
+            metrics=shared.metrics,
+            clock=shared.clock,
+            denylist=shared.denylist if config.tokens.revoke_superseded else None,
+            families=shared.families,
+        )
+
+    def _oidc(self, config: GatewayConfig, shared: Shared, verifier: Verifier, jar: CookieJar) -> OIDCLogin | None:
+        if config.login.oidc is None:
+            return None
+        return OIDCLogin(
+            config=config.login.oidc,
+            jar=jar,
+            http=shared.http,
+            sealer=shared.sealer,
+            store=shared.store,
+            verifier=verifier,
+            keys=self.keys,
+            algorithms=config.tokens.algorithms,
+            secure=config.cookies.secure,
+            clock=shared.clock,
+            families=shared.families,
+        )

@@ -1,0 +1,251 @@
+"""The HTTP request path, from the first byte of headers to the last byte of the answer.
+
+    identify   X-Request-ID (the client's when sane, else a new one)       accesslog.RequestInfo
+    path       canonical form; an ambiguous path is 400                    routing.canonical_path
+    route      by host and path prefix; none is 404                        routing.RouteTable
+    admit      CSRF, credential, refresh, claims, identity headers         admission.Admission
+    rewrite    the request's headers as the upstream gets them             headers.HeaderRules.upstream
+    forward    streamed both ways; 502 / 504                               forwarder.Forwarder
+    answer     upstream headers filtered, rotated cookies added, or a      headers.HeaderRules.outbound,
+               login route's JSON tokens turned into cookies               capture.Capturer
+
+Every refusal goes through ``responses.Denials``. The path is plain ASGI with direct ``send``
+calls: it is the hot path, measured by bench/proxy_bench.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from yarl import URL
+
+from gateway.accesslog import AccessLog, RequestIds, RequestInfo
+from gateway.admission import Admission, Admitted
+from gateway.cache import BoundedCache
+from gateway.capture import Capturer, wants_capture
+from gateway.forwarder import Forwarder, UpstreamFailure, UpstreamResponse, chunks, upstream_url
+from gateway.headers import HeaderRules
+from gateway.metrics import Metrics
+from gateway.reasons import Reason
+from gateway.responses import NO_STORE, Denials
+from gateway.routing import BadPath, Route, RouteTable, canonical_path, host_name
+from gateway.tracing import Tracer
+from gateway.types import RawHeaders, Receive, Scope, Send, StrHeaders
+
+log = logging.getLogger("gateway")
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "OTHER" in metrics
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request body was being forwarded."""
+
+
+class Scanned:
+    """What the path needs from the request's headers, found in one pass over them."""
+
+    __slots__ = ("host", "authorization", "request_id", "has_body", "cookies", "connection")
+
+    def __init__(self, headers: RawHeaders) -> None:
+        self.host: bytes | None = None
+        self.authorization: bytes | None = None  # b"": more than one
+        self.request_id: bytes | None = None
+        self.has_body = self.cookies = self.connection = False
+        for name, value in headers:
+            if name == b"host":
+                self.host = value
+            elif name == b"authorization":
+                self.authorization = b"" if self.authorization is not None else value
+            elif name == b"cookie":
+                self.cookies = True
+            elif name == b"content-length":
+                self.has_body = value.strip() != b"0"
+            elif name == b"transfer-encoding":
+                self.has_body = True
+            elif name == b"x-request-id" and self.request_id is None:
+                self.request_id = value
+            elif name == b"connection":
+                self.connection = True
+
+
+class HttpPath:
+    """One config generation's HTTP path (see the module docstring for its stages)."""
+
+    def __init__(
+        self,
+        *,
+        routes: RouteTable,
+        admission: Admission,
+        header_rules: HeaderRules,
+        forwarder: Forwarder,
+        capturer: Capturer,
+        deny: Denials,
+        metrics: Metrics,
+        tracer: Tracer,
+        access_log: AccessLog,
+        request_ids: RequestIds,
+    ) -> None:
+        self._routes = routes
+        self._admission = admission
+        self._headers = header_rules
+        self._forwarder = forwarder
+        self._capturer = capturer
+        self._deny = deny
+        self._metrics = metrics
+        self._tracer = tracer
+        self._access_log = access_log
+        self._request_ids = request_ids
+        self._paths: BoundedCache[bytes, tuple[str, str]] = BoundedCache()  # raw path -> canonical forms
+        self._urls: BoundedCache[tuple[str, str], URL] = BoundedCache()  # (route, canonical path) -> URL, no query
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        scope["gateway"] = info = RequestInfo()
+        if self._tracer.enabled:
+            with self._tracer.span("gateway.request", method=scope["method"]) as span:
+                route_name, status = await self._serve(scope, receive, send, info)
+                span.set_attribute("gateway.route", route_name)
+                span.set_attribute("http.response.status_code", status)
+        else:
+            route_name, status = await self._serve(scope, receive, send, info)
+        method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+        elapsed = time.perf_counter() - started
+        self._metrics.request(route_name, method, status, elapsed)
+        if self._access_log.enabled:
+            self._access_log.write(scope["method"], scope["path"], info, route_name, status, elapsed)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, info: RequestInfo) -> tuple[str, int]:
+        """Route, admit, forward, answer: (route name or "-", status sent)."""
+        seen = Scanned(scope["headers"])
+        info.identify(seen.request_id, self._request_ids)
+        found = self._route(scope, seen.host)
+        if isinstance(found, Reason):
+            return "-", await self._deny(send, scope, found, None)
+        route, path = found
+        admitted = await self._admission.http(scope, route, seen.authorization, seen.cookies)
+        if admitted.refused is not None:
+            return route.name, await self._deny(send, scope, admitted.refused, route.name, admitted.set_cookies)
+        claims = admitted.claims
+        upstream_headers = self._headers.upstream(
+            scope,
+            host=seen.host,
+            identity=admitted.identity,
+            info=info,
+            token=admitted.token if claims is not None else None,
+            connection=seen.connection,
+            client_request_id=seen.request_id is not None,
+        )
+        if claims is not None:
+            info.subject = claims.get("sub")
+            info.refreshed = admitted.refreshed
+        response = await self._forward(scope, receive, route, path, upstream_headers, seen.has_body, info)
+        if isinstance(response, Reason):
+            return route.name, await self._deny(send, scope, response, route.name, admitted.set_cookies)
+        return route.name, await self._answer(scope, send, route, response, admitted, info)
+
+    def _route(self, scope: Scope, host: bytes | None) -> tuple[Route, str] | Reason:
+        """The route and the canonical path to forward, or why there is none."""
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        canonical = self._paths.get(raw_path)
+        if canonical is None:
+            try:
+                canonical = self._paths.put(raw_path, canonical_path(raw_path))
+            except BadPath:
+                return Reason.BAD_PATH
+        decoded, path = canonical
+        route = self._routes.match(host_name(host) if host and self._routes.by_host else None, decoded)
+        return (route, path) if route is not None else Reason.NO_ROUTE
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        route: Route,
+        path: str,
+        headers: StrHeaders,
+        has_body: bool,
+        info: RequestInfo,
+    ) -> UpstreamResponse | Reason:
+        """The upstream's answer (status and headers; the body still to read), or why there is none."""
+        if route.capture is not None:
+            # The login response is read and rewritten here, so it must come back unencoded.
+            headers = [(n, v) for n, v in headers if n != "accept-encoding"]
+        forwarding = self._forwarder.send(
+            scope["method"],
+            self._url(route, path, scope["query_string"]),
+            headers,
+            _request_body(receive) if has_body else None,
+            connect_timeout=route.connect_timeout,
+            read_timeout=route.read_timeout,
+        )
+        started = time.perf_counter()
+        try:
+            if self._tracer.enabled:
+                with self._tracer.span("gateway.upstream", route=route.name):
+                    response = await forwarding
+            else:
+                response = await forwarding  # no span, not even a no-op one: this is the hot path
+        except UpstreamFailure as exc:
+            log.warning("route %s: %s", route.name, exc)
+            return Reason.UPSTREAM_TIMEOUT if exc.timeout else Reason.UPSTREAM_UNREACHABLE
+        info.upstream = time.perf_counter() - started
+        self._metrics.upstream(route.name, info.upstream)
+        return response
+
+    def _url(self, route: Route, path: str, query: bytes) -> URL:
+        up = route.upstream
+        if query:
+            return upstream_url(f"{up.scheme}://{up.netloc}{up.base_path}{path}?{query.decode('latin-1')}")
+        url = self._urls.get((route.name, path))
+        if url is None:
+            url = self._urls.put((route.name, path), upstream_url(f"{up.scheme}://{up.netloc}{up.base_path}{path}"))
+        return url
+
+    async def _answer(
+        self, scope: Scope, send: Send, route: Route, response: UpstreamResponse, admitted: Admitted, info: RequestInfo
+    ) -> int:
+        """The upstream's answer, streamed to the client with the gateway's cookies; the status sent."""
+        out = self._headers.outbound(response.headers, route.name)
+        out.append((b"x-request-id", info.request_id.encode()))
+        set_cookies = admitted.set_cookies
+        if route.capture is not None and wants_capture(response.status, out):
+            captured = await self._capturer.take(route.capture, out, chunks(response), route.name)
+            if captured.reason is not None:
+                return await self._deny(send, scope, captured.reason, route.name, set_cookies)
+            await send({"type": "http.response.start", "status": response.status, "headers": captured.headers})
+            await send({"type": "http.response.body", "body": captured.body})
+            return response.status
+        if set_cookies:
+            out.extend((b"set-cookie", c) for c in set_cookies)
+            if info.refreshed:
+                out = [(n, v) for n, v in out if n != b"cache-control"]
+                out.append(NO_STORE)
+        await send({"type": "http.response.start", "status": response.status, "headers": out})
+        try:
+            # Each chunk goes out as it comes; the last one with more_body=False, which saves a
+            # send (and a write) per response. Most responses are one chunk, read once.
+            chunk = await response.read()
+            while chunk and not response.at_eof():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                chunk = await response.read()
+        except UpstreamFailure as exc:
+            # Headers are gone already; all we can do is cut the connection so the client sees it.
+            log.warning("route %s: upstream failed mid-response: %s", route.name, exc)
+            response.close()
+            return response.status
+        await send({"type": "http.response.body", "body": chunk})
+        return response.status
+
+
+async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
