@@ -114,19 +114,7 @@ class Generation:
             access_log=access_log,
             request_ids=shared.request_ids,
         )
-        self.websocket = WebSocketPath(
-            prefix=self.prefix,
-            routes=routes,
-            admission=admission,
-            header_rules=self.header_rules,
-            sockets=shared.sockets,
-            families=shared.families,
-            limits=config.websocket,
-            deny=deny,
-            metrics=shared.metrics,
-            access_log=access_log,
-            request_ids=shared.request_ids,
-        )
+        self.websocket = self._websocket_path(config, shared, routes, admission, deny, access_log)
         logout = Logout(
             jar=jar,
             verifier=verifier,
@@ -161,6 +149,29 @@ class Generation:
         scheme: str = scope.get("scheme", "http")
         scheme = _PAGE_SCHEME.get(scheme, scheme)  # a WebSocket handshake comes from an http(s) page
         return self.header_rules.origin(scope["headers"], client[0] if client else None, scheme)
+
+    def _websocket_path(
+        self,
+        config: GatewayConfig,
+        shared: Shared,
+        routes: RouteTable,
+        admission: Admission,
+        deny: Denials,
+        access_log: AccessLog,
+    ) -> WebSocketPath:
+        return WebSocketPath(
+            prefix=config.server.prefix,
+            routes=routes,
+            admission=admission,
+            header_rules=self.header_rules,
+            sockets=shared.sockets,
+            families=shared.families,
+            limits=config.websocket,
+            deny=deny,
+            metrics=shared.metrics,
+            access_log=access_log,
+            request_ids=shared.request_ids,
+        )
 
     @staticmethod
     def _refresher(
