@@ -190,6 +190,17 @@ async def relay(
         # Collected, so that nothing is left running or unretrieved, but never waited on for
         # long: a client that stopped reading must not hold its slot (and its upstream) forever.
         await asyncio.wait([client, server], timeout=CLOSE_TIMEOUT)
+    return await _close_both(tunnel, send, upstream, client, server)
+
+
+async def _close_both(
+    tunnel: Tunnel,
+    send: Send,
+    upstream: ClientConnection,
+    client: asyncio.Future[tuple[str, int, str]],
+    server: asyncio.Future[tuple[str, int, str]],
+) -> str:
+    """Close each side as the end requires; who ended it."""
     if tunnel.stop.done():
         code, reason, by = tunnel.stop.result()
         await _close_client(send, code, reason)

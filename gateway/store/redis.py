@@ -28,9 +28,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+import gateway.store.lua as lua
 from gateway.config import SentinelConfig
 from gateway.errors import StoreError
-from gateway.store import lua
 from gateway.store.base import FamilyEnd, Finish, RecordKeys, TokenRecord, parse_attempt
 from gateway.store.connections import client_options, sentinel_master, translated, with_address
 from gateway.store.subscriber import Subscriber
