@@ -28,6 +28,8 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 MAX_LEEWAY = 300
 MIN_HS_SECRET_BYTES = 32
+# How a route treats tokens; routing.Route keeps the same type.
+AuthMode = Literal["required", "optional", "none"]
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
 
@@ -356,7 +358,7 @@ class RouteConfig(_Model):
     path: str
     host: str | None = None
     upstream: str
-    auth: Literal["required", "optional", "none"] = "required"
+    auth: AuthMode = "required"
     require: RequireConfig | None = None
     capture: CaptureConfig | None = None
     timeout: TimeoutConfig = TimeoutConfig()
