@@ -1,0 +1,121 @@
+"""``server`` and ``store``: where the gateway listens and where shared state lives."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.config.base import Model, host_port, key_problems
+
+
+class ServerConfig(Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    prefix: str = "/.gateway"
+    trusted_proxies: tuple[str, ...] = ()
+    watch_config: bool = True  # reload when gateway.yaml changes on disk (SIGHUP always reloads)
+    access_log: bool = True  # one JSON line per request on the gateway.access logger
+    tracing: bool = False  # OpenTelemetry spans, when the opentelemetry-api package is installed
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/") or value == "/" or "?" in value or "#" in value:
+            raise ValueError("must be a path such as /.gateway")
+        return value.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+        return value
+
+
+class SentinelConfig(Model):
+    """Redis Sentinel: the sentinels to ask and the name of the master set they monitor."""
+
+    hosts: tuple[str, ...] = ()
+    master: str = ""
+    password: str | None = None
+    sentinel_password: str | None = None
+    db: int = Field(0, ge=0)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if host_port(item) is None:
+                raise ValueError(f"{item!r} is not host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _required(self) -> SentinelConfig:
+        problems: list[tuple[str, str]] = []
+        if not self.hosts:
+            problems.append(("hosts", 'list at least one sentinel as "host:port"'))
+        if not self.master:
+            problems.append(("master", "name the master set the sentinels monitor"))
+        if problems:
+            raise key_problems(*problems)
+        return self
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """The sentinels as (host, port) pairs."""
+        return [address for item in self.hosts if (address := host_port(item)) is not None]
+
+
+class StoreConfig(Model):
+    """Where shared state lives: ``url`` for memory or one Redis; ``sentinel`` or ``cluster`` for HA Redis.
+
+    With ``sentinel``, ``url`` may only choose the scheme (``redis://``, or ``rediss://`` for TLS) and
+    defaults to ``redis://``; the master's address comes from the sentinels.  With ``cluster: true``,
+    ``url`` names one seed node; the client discovers the others.
+    """
+
+    url: str = "memory://"
+    key_prefix: str = "gw:"
+    secret: str | None = None
+    sentinel: SentinelConfig | None = None
+    cluster: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sentinel_url(cls, data: Any) -> Any:
+        # The default memory:// would mark a Sentinel store as process-local (store.secret, --workers checks).
+        if isinstance(data, dict) and data.get("sentinel") is not None and "url" not in data:
+            return {**data, "url": "redis://"}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in {"memory", "redis", "rediss", "unix"}:
+            raise ValueError("must be memory://, redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _topology(self) -> StoreConfig:
+        problems: list[tuple[str, str]] = []
+        parts = urlsplit(self.url)
+        if self.sentinel is not None and self.cluster:
+            problems.append(("cluster", "cannot be combined with store.sentinel"))
+        elif self.sentinel is not None:
+            if parts.scheme not in {"redis", "rediss"} or parts.netloc or parts.path not in ("", "/"):
+                problems.append(
+                    ("url", "with store.sentinel, leave out or set to redis:// or rediss:// (TLS) without an address")
+                )
+        elif self.cluster:
+            if parts.scheme not in {"redis", "rediss"} or not parts.hostname:
+                problems.append(("url", "store.cluster needs a redis:// or rediss:// URL naming one seed node"))
+            elif parts.path not in ("", "/", "/0"):
+                problems.append(("url", "Redis Cluster has only database 0"))
+        if problems:
+            raise key_problems(*problems)
+        return self
