@@ -6,8 +6,9 @@ keys. Every problem is collected and reported at once as ``key.path: message``
 (``routes[2].upstream: not an http(s) URL``) in a :class:`ConfigError`.
 
 The package holds one module per group of sections (``server``, ``tokens``, ``sessions``,
-``routes``), ``root`` for the whole file and the rules across sections, and ``loading`` for
-reading it. Import everything from ``gateway.config``.
+``routes``), ``root`` for the whole file and the rules across sections, ``loading`` for
+reading it, and ``checks`` for rules that need more than the file (the files it names, the
+config a reload replaces, the number of workers). Import everything from ``gateway.config``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from gateway.config.base import (
     MIN_HS_SECRET_BYTES,
     AuthMode,
 )
+from gateway.config.checks import load_public_key, reload_problems, validate_files, workers_problems
 from gateway.config.loading import load_config, parse_config
 from gateway.config.root import GatewayConfig
 from gateway.config.routes import (
@@ -68,5 +70,9 @@ __all__ = [
     "TokensConfig",
     "WebSocketConfig",
     "load_config",
+    "load_public_key",
     "parse_config",
+    "reload_problems",
+    "validate_files",
+    "workers_problems",
 ]
