@@ -26,9 +26,10 @@ def key_problems(*items: tuple[str, str]) -> PydanticCustomError:
 
 
 class Model(BaseModel):
-    """Base of every section: unknown keys are errors and loaded values are frozen."""
+    """Base of every section: unknown keys are errors, loaded values are frozen, and the docstring under
+    each field is its description (in the JSON Schema and docs/configuration.md)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 def host_port(value: str) -> tuple[str, int] | None:

@@ -12,17 +12,32 @@ from gateway.config.tokens import RefreshConfig, TokensConfig
 
 
 class GatewayConfig(Model):
+    """gateway.yaml. Strings may use `${VAR}` and `${VAR:-default}` (as in `sh`, the default also applies when
+    `VAR` is set but empty; a missing variable with no default is an error naming the key). Unknown keys are
+    errors. Durations are seconds. `gateway check` reports every problem at once, each with its key path."""
+
     server: ServerConfig = ServerConfig()
+    """Listening address, internal endpoints, trusted proxies, logs and tracing."""
     store: StoreConfig = StoreConfig()
+    """Where state shared between processes lives (memory or Redis)."""
     tokens: TokensConfig
+    """How access tokens are verified; required."""
     refresh: RefreshConfig = RefreshConfig()
+    """Transparent refresh at the IdP's token endpoint."""
     cookies: CookiesConfig = CookiesConfig()
+    """The session cookies."""
     identity: IdentityConfig = IdentityConfig()
+    """Identity headers sent upstream, and the headers stripped from clients."""
     login: LoginConfig = LoginConfig()
+    """Where browsers without a session are sent."""
     logout: LogoutConfig = LogoutConfig()
+    """What happens after `POST {prefix}/logout`."""
     csrf: CSRFConfig = CSRFConfig()
+    """Origins allowed for cookie-authenticated unsafe requests."""
     websocket: WebSocketConfig = WebSocketConfig()
+    """Limits of proxied WebSockets."""
     routes: tuple[RouteConfig, ...]
+    """The routes, at least one, with unique names; matched by longest path prefix (and host, when given)."""
 
     @field_validator("routes")
     @classmethod

@@ -12,13 +12,25 @@ from gateway.config.base import Model, host_port, key_problems
 
 
 class ServerConfig(Model):
+    """Where the gateway listens, where its internal endpoints live, and what it logs and traces."""
+
     host: str = "127.0.0.1"
+    """Bind address (`gateway serve --host` overrides it)."""
     port: int = Field(8080, ge=1, le=65535)
+    """Port (`gateway serve --port` overrides it)."""
     prefix: str = "/.gateway"
+    """Where the internal endpoints (`health`, `ready`, `metrics`, `logout`, OIDC `login` and `callback`) live.
+    A path other than `/`; a trailing `/` is dropped. It takes precedence over every route."""
     trusted_proxies: tuple[str, ...] = ()
-    watch_config: bool = True  # reload when gateway.yaml changes on disk (SIGHUP always reloads)
-    access_log: bool = True  # one JSON line per request on the gateway.access logger
-    tracing: bool = False  # OpenTelemetry spans, when the opentelemetry-api package is installed
+    """IP addresses or CIDRs whose `X-Forwarded-For`, `-Proto` and `-Host` headers are believed; none by default."""
+    watch_config: bool = True
+    """Reload when the config file changes on disk (checked every second). SIGHUP always reloads."""
+    access_log: bool = True
+    """One JSON line per request on stdout (logger `gateway.access`)."""
+    tracing: bool = False
+    """OpenTelemetry spans (`gateway.request`, `gateway.authenticate`, `gateway.upstream`) when
+    `opentelemetry-api` is installed, exported by the process's OpenTelemetry SDK setup. No token, cookie or claim
+    value is put on a span."""
 
     @field_validator("prefix")
     @classmethod
@@ -39,13 +51,19 @@ class ServerConfig(Model):
 
 
 class SentinelConfig(Model):
-    """Redis Sentinel: the sentinels to ask and the name of the master set they monitor."""
+    """Redis Sentinel: the sentinels to ask and the name of the master set they monitor. The master is found
+    (and found again after a failover) through the sentinels."""
 
     hosts: tuple[str, ...] = ()
+    """The sentinels, as `"host:port"` (`"[v6]:port"` for IPv6); at least one."""
     master: str = ""
+    """Name of the master set the sentinels monitor; required."""
     password: str | None = None
+    """Password of the Redis master and replicas (use `${VAR}`)."""
     sentinel_password: str | None = None
+    """Password of the sentinels themselves, when they need one (use `${VAR}`)."""
     db: int = Field(0, ge=0)
+    """Redis database number."""
 
     @field_validator("hosts")
     @classmethod
@@ -72,18 +90,29 @@ class SentinelConfig(Model):
 
 
 class StoreConfig(Model):
-    """Where shared state lives: ``url`` for memory or one Redis; ``sentinel`` or ``cluster`` for HA Redis.
+    """Where shared state lives: `url` for memory or one Redis; `sentinel` or `cluster` for HA Redis.
 
-    With ``sentinel``, ``url`` may only choose the scheme (``redis://``, or ``rediss://`` for TLS) and
-    defaults to ``redis://``; the master's address comes from the sentinels.  With ``cluster: true``,
-    ``url`` names one seed node; the client discovers the others.
+    With `sentinel`, `url` may only choose the scheme (`redis://`, or `rediss://` for TLS) and
+    defaults to `redis://`; the master's address comes from the sentinels.  With `cluster: true`,
+    `url` names one seed node; the client discovers the others.
     """
 
     url: str = "memory://"
+    """`redis://`, `rediss://` (TLS), `unix://`, or `memory://` (embedded, one process only). redis-py connection
+    options go in the query string, e.g. `rediss://redis.internal:6380/0?ssl_ca_certs=/etc/gateway/redis-ca.pem`.
+    Defaults to `redis://` when `sentinel` is set."""
     key_prefix: str = "gw:"
+    """Every key the gateway writes lives under it."""
     secret: str | None = None
+    """Keys the token hashes and encrypts (AES-GCM) the tokens held in the store and the OIDC login-state cookie
+    (use `${VAR}`). Required with a shared store when `refresh.endpoint` or `login.oidc` is set; with `memory://`
+    and no secret, a random key is used."""
     sentinel: SentinelConfig | None = None
+    """Redis Sentinel: the master is found through these sentinels; `url` then only picks `redis://` or
+    `rediss://`."""
     cluster: bool = False
+    """Redis Cluster: `url` names one seed node and the others are discovered. Every key of one session shares a
+    hash tag, so the Lua scripts work. Cannot be combined with `sentinel`."""
 
     @model_validator(mode="before")
     @classmethod
