@@ -23,9 +23,9 @@ class TokensConfig(Model):
 
     algorithms: tuple[str, ...] = ("RS256",)
     """Allow-list from HS256/384/512, RS256/384/512, PS256/384/512, ES256/384/512 and EdDSA. `none` is never
-    accepted; HS* cannot be mixed with the others."""
+    accepted; `HS*` cannot be mixed with the others."""
     secret: str | None = None
-    """HS* shared secret (use `${VAR}`); at least 32 bytes (48 for HS384, 64 for HS512, RFC 7518 §3.2)."""
+    """`HS*` shared secret (use `${VAR}`); at least 32 bytes (48 for HS384, 64 for HS512, RFC 7518 §3.2)."""
     public_key_file: str | None = None
     """PEM public key for asymmetric algorithms; a private key is refused. Read by `gateway check` and at start."""
     jwks_url: str | None = None
