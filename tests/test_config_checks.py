@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -73,7 +74,9 @@ def test_reload_refuses_a_new_store_or_address_and_nothing_else() -> None:
     ]
 
 
-async def test_a_reload_reports_every_problem_and_keeps_serving(tmp_path: Path) -> None:
+async def test_a_reload_reports_every_problem_and_keeps_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The reload path asks the same rules: a new store and an unreadable key file are both refused."""
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(_config()))
@@ -83,6 +86,8 @@ async def test_a_reload_reports_every_problem_and_keeps_serving(tmp_path: Path) 
     path.write_text(yaml.safe_dump(changed))
     assert await gateway.reload("test") is False
     assert gateway.generation == 1 and gateway.config.tokens.secret == SECRET
+    assert "store: changing the store needs a restart" in caplog.text
+    assert "tokens.public_key_file: cannot read" in caplog.text
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
