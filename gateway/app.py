@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 from gateway.accesslog import RequestIds
-from gateway.config import GatewayConfig, load_config
+from gateway.config import GatewayConfig, load_config, reload_problems, validate_files
 from gateway.cookies import DEFAULT_REFRESH_LIFETIME
 from gateway.denylist import Denylist
 from gateway.errors import ConfigError, StoreError
@@ -199,7 +199,9 @@ class Gateway:
         self._fingerprint = _fingerprint(self.config_path)
         try:
             config = load_config(self.config_path)
-            _check_reloadable(self.config, config)
+            problems = reload_problems(self.config, config) + validate_files(config)
+            if problems:
+                raise ConfigError(problems)
             fresh = Generation(config, self.shared)
             await fresh.start()
         except ConfigError as exc:
@@ -220,16 +222,6 @@ class Gateway:
         self._retired.add(retiring)
         retiring.add_done_callback(self._retired.discard)
         return True
-
-
-def _check_reloadable(old: GatewayConfig, new: GatewayConfig) -> None:
-    problems = []
-    if new.store != old.store:
-        problems.append("store: changing the store needs a restart")
-    if (new.server.host, new.server.port) != (old.server.host, old.server.port):
-        problems.append("server.host/server.port: changing the listening address needs a restart")
-    if problems:
-        raise ConfigError(problems)
 
 
 def _fingerprint(path: str) -> str | None:

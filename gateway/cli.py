@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.config import GatewayConfig, load_config
+from gateway.config import GatewayConfig, load_config, validate_files, workers_problems
 from gateway.errors import ConfigError
 from gateway.logs import configure as configure_logging
 
@@ -21,13 +21,13 @@ def _config_path(arg: str | None) -> str:
     return arg or os.environ.get("GATEWAY_CONFIG") or "gateway.yaml"
 
 
-def _load(path: str) -> GatewayConfig | None:
+def _load(path: str, workers: int = 1) -> GatewayConfig | None:
+    """The validated config, or None after printing every problem (the file, the files it names, the workers)."""
     try:
         config = load_config(path)
-        # Building the app catches what needs I/O to know (an unreadable public_key_file).
-        from gateway.app import create_app
-
-        create_app(config)
+        problems = validate_files(config) + workers_problems(config, workers)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         print(f"gateway: invalid config {path}:", file=sys.stderr)
         for problem in exc.problems:
@@ -53,16 +53,8 @@ def _check(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     path = _config_path(args.config)
-    config = _load(path)
+    config = _load(path, args.workers)
     if config is None:
-        return 1
-    if args.workers > 1 and config.store.url.startswith("memory:") and config.refresh.endpoint:
-        # Each worker would hold its own memory: refreshes would no longer be single-flight.
-        print(
-            f"gateway: invalid config {path}:\n  store.url: memory:// serves one process; "
-            f"use redis:// to run --workers {args.workers} with refresh",
-            file=sys.stderr,
-        )
         return 1
     import uvicorn
 

@@ -12,15 +12,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 import jwt
-from jwt.algorithms import get_default_algorithms
 
-from gateway.config import HS_ALGORITHMS, TokensConfig
-from gateway.errors import ConfigError, KeyFetchError
+from gateway.config import TokensConfig, load_public_key
+from gateway.errors import KeyFetchError
 
 log = logging.getLogger("gateway.keys")
 
@@ -114,29 +112,12 @@ class JWKSKeys:
 def build_key_source(
     config: TokensConfig, client: httpx.AsyncClient, on_fetch: Callable[[bool], None] | None = None
 ) -> KeySource:
-    """Make the configured key source; unreadable or unusable key files are ConfigErrors."""
+    """The configured key source; a bad key file is a ConfigError (``config.validate_files`` reports it first)."""
     if config.secret is not None:
         return StaticKey(config.secret.encode())
     if config.public_key_file is not None:
         return StaticKey(load_public_key(config.public_key_file, config.algorithms))
-    if config.jwks_url is not None:
-        return JWKSKeys(config.jwks_url, client, on_fetch=on_fetch)
-    raise ConfigError(["tokens: no key source configured"])
-
-
-def load_public_key(path: str, algorithms: tuple[str, ...]) -> Any:
-    try:
-        pem = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError([f"tokens.public_key_file: cannot read {path} ({exc.strerror})"]) from None
-    available = get_default_algorithms()
-    for alg in algorithms:
-        if alg in HS_ALGORITHMS:
-            continue
-        try:
-            key = available[alg].prepare_key(pem)
-        except (ValueError, TypeError, jwt.InvalidKeyError):
-            continue
-        if not hasattr(key, "public_key"):  # private keys have public_key(); they cannot verify
-            return key
-    raise ConfigError([f"tokens.public_key_file: {path} is not a public key for {', '.join(algorithms)}"])
+    if config.jwks_url is None:
+        # Unreachable: TokensConfig refuses anything but exactly one key source (gateway.config.tokens).
+        raise ValueError("TokensConfig without a key source")
+    return JWKSKeys(config.jwks_url, client, on_fetch=on_fetch)

@@ -65,6 +65,19 @@ class Reason(StrEnum):
     ID_TOKEN_INVALID = "id_token_invalid"
 
 
+# Codes of the OIDC login's own failures ({"error": "login_failed", "reason": ...}, gateway.login).
+LOGIN_FAILURES = frozenset(
+    {
+        Reason.LOGIN_REFUSED,
+        Reason.LOGIN_STATE_MISSING,
+        Reason.LOGIN_STATE_INVALID,
+        Reason.LOGIN_STATE_EXPIRED,
+        Reason.LOGIN_STATE_REPLAYED,
+        Reason.CODE_EXCHANGE_FAILED,
+        Reason.ID_TOKEN_INVALID,
+    }
+)
+
 # The session is over: both cookies are cleared, and the family is refused everywhere.
 FATAL = frozenset({Reason.INVALID_GRANT, Reason.REUSE, Reason.REFRESH_LOST, Reason.SESSION_ENDED})
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
-from gateway.config import CaptureConfig, RouteConfig
+from gateway.config import AuthMode, CaptureConfig, RouteConfig
 
 # Characters kept literal when the canonical path is re-encoded (RFC 3986 pchar plus "/").
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
@@ -68,7 +68,7 @@ class Route:
     prefix: str  # without trailing slash; "" for the root route
     host: str | None
     upstream: Upstream
-    auth: str
+    auth: AuthMode
     require: dict[str, Any]
     capture: CaptureConfig | None
     connect_timeout: float

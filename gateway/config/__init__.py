@@ -1,0 +1,78 @@
+"""gateway.yaml: strict loading into frozen typed objects.
+
+Loading is three steps and does no I/O besides reading the one file: parse YAML, expand
+``${VAR}`` / ``${VAR:-default}`` in strings, validate into pydantic models that forbid unknown
+keys. Every problem is collected and reported at once as ``key.path: message``
+(``routes[2].upstream: not an http(s) URL``) in a :class:`ConfigError`.
+
+The package holds one module per group of sections (``server``, ``tokens``, ``sessions``,
+``routes``), ``root`` for the whole file and the rules across sections, ``loading`` for
+reading it, and ``checks`` for rules that need more than the file (the files it names, the
+config a reload replaces, the number of workers). Import everything from ``gateway.config``.
+"""
+
+from __future__ import annotations
+
+from gateway.config.base import (
+    ASYMMETRIC_ALGORITHMS,
+    HS_ALGORITHMS,
+    MAX_LEEWAY,
+    MIN_HS_SECRET_BYTES,
+    AuthMode,
+)
+from gateway.config.checks import load_public_key, reload_problems, validate_files, workers_problems
+from gateway.config.loading import load_config, parse_config
+from gateway.config.root import GatewayConfig
+from gateway.config.routes import (
+    CaptureConfig,
+    IdentityConfig,
+    RequireConfig,
+    RouteConfig,
+    TimeoutConfig,
+    WebSocketConfig,
+)
+from gateway.config.server import SentinelConfig, ServerConfig, StoreConfig
+from gateway.config.sessions import (
+    CookiesConfig,
+    CookieSpec,
+    CSRFConfig,
+    LoginConfig,
+    LogoutConfig,
+    OIDCConfig,
+)
+from gateway.config.tokens import RefreshConfig, RefreshFields, TokensConfig
+from gateway.errors import ConfigError
+
+__all__ = [
+    "ASYMMETRIC_ALGORITHMS",
+    "HS_ALGORITHMS",
+    "MAX_LEEWAY",
+    "MIN_HS_SECRET_BYTES",
+    "AuthMode",
+    "CSRFConfig",
+    "CaptureConfig",
+    "ConfigError",
+    "CookieSpec",
+    "CookiesConfig",
+    "GatewayConfig",
+    "IdentityConfig",
+    "LoginConfig",
+    "LogoutConfig",
+    "OIDCConfig",
+    "RefreshConfig",
+    "RefreshFields",
+    "RequireConfig",
+    "RouteConfig",
+    "SentinelConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "TimeoutConfig",
+    "TokensConfig",
+    "WebSocketConfig",
+    "load_config",
+    "load_public_key",
+    "parse_config",
+    "reload_problems",
+    "validate_files",
+    "workers_problems",
+]

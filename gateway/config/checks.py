@@ -1,0 +1,66 @@
+"""Rules that need more than the file itself: the files it names, the config a reload replaces, the workers.
+
+Loading does no I/O besides reading gateway.yaml, so what a key names on disk is checked here, by
+``validate_files``, which ``gateway check``, ``gateway serve`` and every reload call after loading.
+Each function returns problems in the loader's ``key.path: message`` form (empty when all is well).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jwt
+from jwt.algorithms import get_default_algorithms
+
+from gateway.config.base import HS_ALGORITHMS
+from gateway.config.root import GatewayConfig
+from gateway.errors import ConfigError
+
+
+def validate_files(config: GatewayConfig) -> list[str]:
+    """Problems with the files the config names: ``tokens.public_key_file`` must hold a usable public key."""
+    if config.tokens.public_key_file is None:
+        return []
+    try:
+        load_public_key(config.tokens.public_key_file, config.tokens.algorithms)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def load_public_key(path: str, algorithms: tuple[str, ...]) -> Any:
+    """The public key in the PEM file at ``path`` for one of ``algorithms``; ConfigError when there is none."""
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"tokens.public_key_file: cannot read {path} ({exc.strerror})"]) from None
+    available = get_default_algorithms()
+    for alg in algorithms:
+        if alg in HS_ALGORITHMS:
+            continue
+        try:
+            key = available[alg].prepare_key(pem)
+        except (ValueError, TypeError, jwt.InvalidKeyError):
+            continue
+        if not hasattr(key, "public_key"):  # private keys have public_key(); they cannot verify
+            return key
+    raise ConfigError([f"tokens.public_key_file: {path} is not a public key for {', '.join(algorithms)}"])
+
+
+def reload_problems(running: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """What a running process cannot take from a reloaded file: its store and its listening address."""
+    problems = []
+    if new.store != running.store:
+        problems.append("store: changing the store needs a restart")
+    if (new.server.host, new.server.port) != (running.server.host, running.server.port):
+        problems.append("server.host/server.port: changing the listening address needs a restart")
+    return problems
+
+
+def workers_problems(config: GatewayConfig, workers: int) -> list[str]:
+    """Whether ``gateway serve --workers`` can run this config: memory:// is one process's memory."""
+    if workers > 1 and config.store.url.startswith("memory:") and config.refresh.endpoint:
+        # Each worker would hold its own memory: refreshes would no longer be single-flight.
+        return [f"store.url: memory:// serves one process; use redis:// to run --workers {workers} with refresh"]
+    return []

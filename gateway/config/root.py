@@ -1,0 +1,65 @@
+"""``GatewayConfig``: the whole of gateway.yaml, and the rules that span its sections."""
+
+from __future__ import annotations
+
+from pydantic import field_validator, model_validator
+
+from gateway.config.base import Model, key_problems
+from gateway.config.routes import IdentityConfig, RouteConfig, WebSocketConfig
+from gateway.config.server import ServerConfig, StoreConfig
+from gateway.config.sessions import CookiesConfig, CSRFConfig, LoginConfig, LogoutConfig
+from gateway.config.tokens import RefreshConfig, TokensConfig
+
+
+class GatewayConfig(Model):
+    """gateway.yaml. Strings may use `${VAR}` and `${VAR:-default}` (as in `sh`, the default also applies when
+    `VAR` is set but empty; a missing variable with no default is an error naming the key). Unknown keys are
+    errors. Durations are seconds. `gateway check` reports every problem at once, each with its key path."""
+
+    server: ServerConfig = ServerConfig()
+    """Listening address, internal endpoints, trusted proxies, logs and tracing."""
+    store: StoreConfig = StoreConfig()
+    """Where state shared between processes lives (memory or Redis)."""
+    tokens: TokensConfig
+    """How access tokens are verified; required."""
+    refresh: RefreshConfig = RefreshConfig()
+    """Transparent refresh at the IdP's token endpoint."""
+    cookies: CookiesConfig = CookiesConfig()
+    """The session cookies."""
+    identity: IdentityConfig = IdentityConfig()
+    """Identity headers sent upstream, and the headers stripped from clients."""
+    login: LoginConfig = LoginConfig()
+    """Where browsers without a session are sent."""
+    logout: LogoutConfig = LogoutConfig()
+    """What happens after `POST {prefix}/logout`."""
+    csrf: CSRFConfig = CSRFConfig()
+    """Origins allowed for cookie-authenticated unsafe requests."""
+    websocket: WebSocketConfig = WebSocketConfig()
+    """Limits of proxied WebSockets."""
+    routes: tuple[RouteConfig, ...]
+    """The routes, at least one, with unique names; matched by longest path prefix (and host, when given)."""
+
+    @field_validator("routes")
+    @classmethod
+    def _routes(cls, value: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+        if not value:
+            raise ValueError("list at least one route")
+        seen: dict[str, int] = {}
+        problems: list[tuple[str, str]] = []
+        for index, route in enumerate(value):
+            if route.name in seen:
+                problems.append(
+                    (f"[{index}].name", f"duplicate route name {route.name!r} (also routes[{seen[route.name]}])")
+                )
+            seen.setdefault(route.name, index)
+        if problems:
+            raise key_problems(*problems)
+        return value
+
+    @model_validator(mode="after")
+    def _store_secret(self) -> GatewayConfig:
+        shared = not self.store.url.startswith("memory:")
+        if (self.refresh.endpoint or self.login.oidc) and shared and not self.store.secret:
+            # Every process must seal and unseal the same values, so the key cannot be random.
+            raise key_problems(("store.secret", "required with a shared store when refresh or login.oidc is set"))
+        return self

@@ -1,0 +1,150 @@
+"""``server`` and ``store``: where the gateway listens and where shared state lives."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.config.base import Model, host_port, key_problems
+
+
+class ServerConfig(Model):
+    """Where the gateway listens, where its internal endpoints live, and what it logs and traces."""
+
+    host: str = "127.0.0.1"
+    """Bind address (`gateway serve --host` overrides it)."""
+    port: int = Field(8080, ge=1, le=65535)
+    """Port (`gateway serve --port` overrides it)."""
+    prefix: str = "/.gateway"
+    """Where the internal endpoints (`health`, `ready`, `metrics`, `logout`, OIDC `login` and `callback`) live.
+    A path other than `/`; a trailing `/` is dropped. It takes precedence over every route."""
+    trusted_proxies: tuple[str, ...] = ()
+    """IP addresses or CIDRs whose `X-Forwarded-For`, `-Proto` and `-Host` headers are believed; none by default."""
+    watch_config: bool = True
+    """Reload when the config file changes on disk (checked every second). SIGHUP always reloads."""
+    access_log: bool = True
+    """One JSON line per request on stdout (logger `gateway.access`)."""
+    tracing: bool = False
+    """OpenTelemetry spans (`gateway.request`, `gateway.authenticate`, `gateway.upstream`) when
+    `opentelemetry-api` is installed, exported by the process's OpenTelemetry SDK setup. No token, cookie or claim
+    value is put on a span."""
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/") or value == "/" or "?" in value or "#" in value:
+            raise ValueError("must be a path such as /.gateway")
+        return value.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+        return value
+
+
+class SentinelConfig(Model):
+    """Redis Sentinel: the sentinels to ask and the name of the master set they monitor. The master is found
+    (and found again after a failover) through the sentinels."""
+
+    hosts: tuple[str, ...] = ()
+    """The sentinels, as `"host:port"` (`"[v6]:port"` for IPv6); at least one."""
+    master: str = ""
+    """Name of the master set the sentinels monitor; required."""
+    password: str | None = None
+    """Password of the Redis master and replicas (use `${VAR}`)."""
+    sentinel_password: str | None = None
+    """Password of the sentinels themselves, when they need one (use `${VAR}`)."""
+    db: int = Field(0, ge=0)
+    """Redis database number."""
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if host_port(item) is None:
+                raise ValueError(f"{item!r} is not host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _required(self) -> SentinelConfig:
+        problems: list[tuple[str, str]] = []
+        if not self.hosts:
+            problems.append(("hosts", 'list at least one sentinel as "host:port"'))
+        if not self.master:
+            problems.append(("master", "name the master set the sentinels monitor"))
+        if problems:
+            raise key_problems(*problems)
+        return self
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """The sentinels as (host, port) pairs."""
+        return [address for item in self.hosts if (address := host_port(item)) is not None]
+
+
+class StoreConfig(Model):
+    """Where shared state lives: `url` for memory or one Redis; `sentinel` or `cluster` for HA Redis.
+
+    With `sentinel`, `url` may only choose the scheme (`redis://`, or `rediss://` for TLS) and
+    defaults to `redis://`; the master's address comes from the sentinels.  With `cluster: true`,
+    `url` names one seed node; the client discovers the others.
+    """
+
+    url: str = "memory://"
+    """`redis://`, `rediss://` (TLS), `unix://`, or `memory://` (embedded, one process only). redis-py connection
+    options go in the query string, e.g. `rediss://redis.internal:6380/0?ssl_ca_certs=/etc/gateway/redis-ca.pem`.
+    Defaults to `redis://` when `sentinel` is set."""
+    key_prefix: str = "gw:"
+    """Every key the gateway writes lives under it."""
+    secret: str | None = None
+    """Keys the token hashes and encrypts (AES-GCM) the tokens held in the store and the OIDC login-state cookie
+    (use `${VAR}`). Required with a shared store when `refresh.endpoint` or `login.oidc` is set; with `memory://`
+    and no secret, a random key is used."""
+    sentinel: SentinelConfig | None = None
+    """Redis Sentinel: the master is found through these sentinels; `url` then only picks `redis://` or
+    `rediss://`."""
+    cluster: bool = False
+    """Redis Cluster: `url` names one seed node and the others are discovered. Every key of one session shares a
+    hash tag, so the Lua scripts work. Cannot be combined with `sentinel`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sentinel_url(cls, data: Any) -> Any:
+        # The default memory:// would mark a Sentinel store as process-local (store.secret, --workers checks).
+        if isinstance(data, dict) and data.get("sentinel") is not None and "url" not in data:
+            return {**data, "url": "redis://"}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in {"memory", "redis", "rediss", "unix"}:
+            raise ValueError("must be memory://, redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _topology(self) -> StoreConfig:
+        problems: list[tuple[str, str]] = []
+        parts = urlsplit(self.url)
+        if self.sentinel is not None and self.cluster:
+            problems.append(("cluster", "cannot be combined with store.sentinel"))
+        elif self.sentinel is not None:
+            if parts.scheme not in {"redis", "rediss"} or parts.netloc or parts.path not in ("", "/"):
+                problems.append(
+                    ("url", "with store.sentinel, leave out or set to redis:// or rediss:// (TLS) without an address")
+                )
+        elif self.cluster:
+            if parts.scheme not in {"redis", "rediss"} or not parts.hostname:
+                problems.append(("url", "store.cluster needs a redis:// or rediss:// URL naming one seed node"))
+            elif parts.path not in ("", "/", "/0"):
+                problems.append(("url", "Redis Cluster has only database 0"))
+        if problems:
+            raise key_problems(*problems)
+        return self

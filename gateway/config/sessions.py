@@ -1,0 +1,97 @@
+"""``cookies``, ``login``, ``logout`` and ``csrf``: browser sessions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from gateway.config.base import HEADER_NAME, Model, is_http_url
+
+
+class CookieSpec(Model):
+    """One of the gateway's cookies. Both are `HttpOnly; Path=/`."""
+
+    name: str
+    """Cookie name; with `cookies.secure` it gets the `__Host-` prefix (`__Host-gw_access`)."""
+    max_age: int | None = Field(None, ge=0)
+    """`Max-Age` in seconds; none makes a session cookie. For the refresh cookie it caps the time left until the
+    refresh token's `exp` (a refresh token that is not a JWT gets it, or 14 days when it is none)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not HEADER_NAME.match(value):
+            raise ValueError("not a valid cookie name")
+        return value
+
+
+class CookiesConfig(Model):
+    """The session cookies. A cookie sent twice, or one that cannot be parsed, counts as absent."""
+
+    access: CookieSpec = CookieSpec(name="gw_access")
+    """The access-token cookie (a session cookie unless `max_age` is set)."""
+    refresh: CookieSpec = CookieSpec(name="gw_refresh", max_age=1209600)
+    """The refresh-token cookie (14 days)."""
+    secure: bool = True
+    """Adds `Secure` and the `__Host-` prefix to both names. Turn it off only for plain-HTTP development."""
+    same_site: Literal["lax", "strict", "none"] = "lax"
+    """The cookies' `SameSite` attribute."""
+
+
+class OIDCConfig(Model):
+    """The OIDC authorization-code login with PKCE, run by the gateway itself. The ID token is checked with the
+    keys from `tokens` (so the IdP's keys must be configured there, usually `jwks_url`)."""
+
+    issuer: str
+    """The IdP's issuer (http(s)); its discovery document is `{issuer}/.well-known/openid-configuration`, whose
+    `issuer` must equal this exactly."""
+    client_id: str
+    """OAuth client id; also the ID token's expected `aud`."""
+    client_secret: str | None = None
+    """OAuth client secret for the code exchange (use `${VAR}`); none for a public client."""
+    scopes: tuple[str, ...] = ("openid", "offline_access")
+    """Scopes asked for; must include `openid`. Without `offline_access` (no refresh token) only the access cookie
+    is set."""
+    redirect_url: str
+    """The callback URL registered at the IdP (http(s)), normally `https://your.host{prefix}/callback`."""
+
+    @field_validator("issuer", "redirect_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not is_http_url(value):
+            raise ValueError("not an http(s) URL")
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "openid" not in value:
+            raise ValueError('must include "openid"')
+        return value
+
+
+class LoginConfig(Model):
+    """Where browsers without a session go: an external login page, or the gateway's own OIDC login."""
+
+    url: str | None = None
+    """Browsers without a session are redirected here; `{next}` is replaced by the URL-encoded relative path and
+    query of the original request. Ignored when `oidc` is set."""
+    oidc: OIDCConfig | None = None
+    """The gateway runs the OIDC code + PKCE login itself; the login URL becomes `{prefix}/login?next={next}`."""
+
+
+class LogoutConfig(Model):
+    """What `POST {prefix}/logout` does for a browser once the session has ended."""
+
+    redirect: str = "/"
+    """Where browsers land (303) after logout. A relative value must pass the safe-`next` check (else `/`); an
+    absolute URL (e.g. the IdP's end-session page) is used as written."""
+
+
+class CSRFConfig(Model):
+    """Cross-site request forgery: cookie-authenticated unsafe requests must come from an allowed origin."""
+
+    allowed_origins: tuple[str, ...] = ()
+    """Origins (`scheme://host[:port]`, compared after normalisation) accepted for cookie-authenticated unsafe
+    requests besides the request's own."""
