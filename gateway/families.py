@@ -23,15 +23,17 @@ a rotation is not the end of a session.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.denylist import Denylist
 from gateway.errors import StoreError
 from gateway.reasons import Reason
 from gateway.sealing import Sealer
-from gateway.store import FamilyEnd, RecordKeys, Store
+from gateway.store import BACKGROUND_RETRY, RETRY_PAUSE, FamilyEnd, RecordKeys, Store
 
 log = logging.getLogger("gateway.families")
 
@@ -95,6 +97,35 @@ class Families:
             await self._deny(jti, exp)
         await self._deny(SESSION + keys.root, now + self._lifetime)
         return end
+
+    async def end_session(self, h: str, spawn: Callable[[Awaitable[Any]], None]) -> str | None:
+        """Logout of the refresh token with hash ``h``: end its family; its newest refresh token, if known.
+
+        With the store unreachable the end is recorded as soon as it answers again (retried in the
+        background through ``spawn``), so a copy of the session's tokens does not outlive the outage.
+        """
+        try:
+            return await self._end_session(h)
+        except (StoreError, ValueError, TypeError) as exc:  # ValueError/TypeError: a reply of an odd shape
+            log.error("logout token=%s: ended session not recorded yet (%s); retrying in the background", h[:12], exc)
+            spawn(self._end_session_later(h))
+            return None
+
+    async def _end_session(self, h: str) -> str | None:
+        keys = RecordKeys(await self.root_of(h), h)
+        return self.head(keys, (await self.end(keys, Reason.SESSION_ENDED)).head)
+
+    async def _end_session_later(self, h: str) -> None:
+        deadline = time.monotonic() + BACKGROUND_RETRY
+        while time.monotonic() < deadline:
+            await asyncio.sleep(RETRY_PAUSE)
+            try:
+                await self._end_session(h)
+            except (StoreError, ValueError, TypeError):
+                continue
+            log.info("logout token=%s: ended session recorded", h[:12])
+            return
+        log.error("logout token=%s: ended session never recorded (store unavailable)", h[:12])
 
     def head(self, keys: RecordKeys, sealed: bytes | None) -> str | None:
         """The newest refresh token of the family, from ``FamilyEnd.head``."""

@@ -81,6 +81,10 @@ LOGIN_FAILURES = frozenset(
 # The session is over: both cookies are cleared, and the family is refused everywhere.
 FATAL = frozenset({Reason.INVALID_GRANT, Reason.REUSE, Reason.REFRESH_LOST, Reason.SESSION_ENDED})
 
+# Verification failures of a token the IdP just issued that may pass a moment later: a new kid
+# while the JWKS cannot be fetched, an IdP clock ahead of ours.
+TRANSIENT = frozenset({Reason.UNKNOWN_KEY, Reason.TOKEN_NOT_YET_VALID})
+
 # A refresh that produced tokens: new ones, a grace hit on a successor shared by another request,
 # or a successor whose access token verified only on a second look, or not yet.
 Refreshed = Literal["ok", "grace_hit", "reverified", "unverified"]

@@ -27,8 +27,8 @@ from gateway.errors import StoreError
 from gateway.families import Families
 from gateway.idp_client import IdPClient
 from gateway.keys import StaticKey
+from gateway.lease import Lease
 from gateway.metrics import Metrics
-from gateway.redemption import Lease
 from gateway.refresh import SessionRefresher
 from gateway.sealing import Sealer
 from gateway.stalls import Stalls

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from gateway.config import StoreConfig
 from gateway.store.base import (
+    BACKGROUND_RETRY,
     POLL_INTERVAL,
+    RETRY_PAUSE,
     Attempt,
     AttemptState,
     FamilyEnd,
@@ -24,7 +26,9 @@ from gateway.store.memory import MemoryStore
 from gateway.store.waiters import Waiter, Watchers
 
 __all__ = [
+    "BACKGROUND_RETRY",
     "POLL_INTERVAL",
+    "RETRY_PAUSE",
     "Attempt",
     "AttemptState",
     "FamilyEnd",

@@ -16,6 +16,10 @@ from gateway.store.waiters import Waiter
 # How often a waiter looks at the store again when no announcement came: a lost notification
 # (a pub/sub connection that dropped) costs at most this much, never a lease (issue 12, point 6).
 POLL_INTERVAL = 0.25
+# Work that must reach the store (a write-out, a logout, a cleanup) retries every RETRY_PAUSE
+# seconds through an outage, in the background once its request has its answer, for this long.
+RETRY_PAUSE = 0.25
+BACKGROUND_RETRY = 300.0
 
 
 @dataclass(frozen=True, slots=True)
