@@ -24,7 +24,8 @@ from gateway.cache import BoundedCache
 from gateway.cookies import CookieJar
 from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
-from gateway.identity import IdentityHeaders, UnsafeClaim, claims_allowed
+from gateway.errors import UnsafeClaim
+from gateway.identity import IdentityHeaders, claims_allowed
 from gateway.reasons import Reason
 from gateway.routing import Route
 from gateway.tokens import Verifier

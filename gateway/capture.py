@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import CaptureConfig
-from gateway.cookies import CookieJar, CookieTooLarge
+from gateway.cookies import CookieJar
+from gateway.errors import CookieTooLarge
 from gateway.families import Families
 from gateway.reasons import Reason
 from gateway.tokens import Verifier

@@ -13,15 +13,12 @@ from dataclasses import dataclass
 import jwt
 
 from gateway.config import CookiesConfig
+from gateway.errors import CookieTooLarge
 from gateway.types import RawHeaders
 
 # RFC 6265 §6.1: browsers keep at least 4096 bytes per cookie; many keep no more.
 MAX_COOKIE_BYTES = 4096
 DEFAULT_REFRESH_LIFETIME = 14 * 24 * 3600
-
-
-class CookieTooLarge(ValueError):
-    """A token would make a cookie browsers silently drop."""
 
 
 @dataclass(frozen=True, slots=True)

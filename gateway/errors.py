@@ -4,17 +4,26 @@ GatewayError
 ├── ConfigError            bad gateway.yaml; carries every problem with its key path
 ├── StoreError             the store (Redis) is unreachable or answered nonsense
 ├── KeyFetchError          JWKS could not be fetched and no last good keys exist
+├── BadPath                the request path is ambiguous or malformed: 400 (also a ValueError)
+├── UnsafeClaim            a claim for an identity header holds CR, LF or NUL: 403 (also a ValueError)
+├── CookieTooLarge         a token does not fit in a cookie (4 KB): 502 (also a ValueError)
+├── UpstreamFailure        the upstream refused, reset or did not answer in time: 502 / 504
+├── ClientGone             the client disconnected while its request body was being forwarded
+├── LoginFailed            the OIDC login cannot go on: its status and reason code
 └── RefreshError           a refresh did not produce usable tokens
     ├── RefreshRejected    the IdP says the grant is dead (invalid_grant, 401): end the session
     ├── IdPUnavailable     the token was not redeemed (IdP unreachable, 5xx, refused us): 503, retry later
-    ├── IdPAnswerLost      the IdP may have redeemed the token, but its answer is lost (timeout or
-    │   │                  reset after sending, 502/504, a 200 that is not JSON): never send it again
-    │   └── BadIdPResponse a 200 without usable tokens: 502
-    ├── LockTimeout        waited too long for another process's refresh: answer 503
-    └── RefreshReused      a superseded refresh token came back after the grace period
+    └── IdPAnswerLost      the IdP may have redeemed the token, but its answer is lost (timeout or
+        │                  reset after sending, 502/504, a 200 that is not JSON): never send it again
+        └── BadIdPResponse a 200 without usable tokens: 502
+
+Library errors (httpx, redis, PyJWT, aiohttp) are translated where they enter: store.connections,
+idp_client, keys, tokens (to a ``Verdict``, never raised) and forwarder.
 """
 
 from __future__ import annotations
+
+from gateway.reasons import Reason
 
 
 class GatewayError(Exception):
@@ -37,31 +46,55 @@ class KeyFetchError(GatewayError):
     """Verification keys could not be fetched and none were cached."""
 
 
-class RefreshError(GatewayError):
-    """Base of refresh failures; ``reason`` is the metric/log outcome code."""
+class BadPath(GatewayError, ValueError):
+    """The request path is ambiguous or malformed; answer 400."""
 
-    reason = "refresh_failed"
+
+class UnsafeClaim(GatewayError, ValueError):
+    """A claim value that cannot go into a header (CR, LF, NUL); the message names the claim."""
+
+
+class CookieTooLarge(GatewayError, ValueError):
+    """A token too large for a cookie: the browser would drop it silently."""
+
+
+class UpstreamFailure(GatewayError):
+    """The upstream could not be reached or did not answer in time; ``timeout`` tells which."""
+
+    def __init__(self, timeout: bool) -> None:
+        self.timeout = timeout
+        super().__init__("upstream timed out" if timeout else "upstream refused or reset the connection")
+
+
+class ClientGone(GatewayError):
+    """The client disconnected while its request body was being forwarded."""
+
+
+class LoginFailed(GatewayError):
+    """The OIDC login cannot go on: answered ``status`` with ``{"error": "login_failed", "reason": ...}``."""
+
+    def __init__(self, status: int, reason: Reason) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class RefreshError(GatewayError):
+    """Base of refresh failures; ``reason`` is the outcome code."""
+
+    reason = Reason.REFRESH_ERROR
 
 
 class RefreshRejected(RefreshError):
-    reason = "invalid_grant"
+    reason = Reason.INVALID_GRANT
 
 
 class IdPUnavailable(RefreshError):
-    reason = "idp_error"
+    reason = Reason.IDP_ERROR
 
 
 class IdPAnswerLost(RefreshError):
-    reason = "idp_answer_lost"
+    reason = Reason.IDP_ANSWER_LOST
 
 
 class BadIdPResponse(IdPAnswerLost):
-    reason = "idp_bad_response"
-
-
-class LockTimeout(RefreshError):
-    reason = "lock_timeout"
-
-
-class RefreshReused(RefreshError):
-    reason = "reuse"
+    reason = Reason.IDP_BAD_RESPONSE

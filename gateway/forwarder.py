@@ -16,17 +16,10 @@ from aiohttp import hdrs
 from multidict import CIMultiDict, istr
 from yarl import URL
 
+from gateway.errors import UpstreamFailure
 from gateway.types import StrHeaders
 
 CHUNK = 64 * 1024
-
-
-class UpstreamFailure(Exception):
-    """The upstream could not be reached or did not answer in time; ``timeout`` tells which."""
-
-    def __init__(self, timeout: bool) -> None:
-        self.timeout = timeout
-        super().__init__("upstream timed out" if timeout else "upstream refused or reset the connection")
 
 
 class UpstreamResponse(Protocol):

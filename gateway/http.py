@@ -25,22 +25,19 @@ from gateway.accesslog import AccessLog, RequestIds, RequestInfo
 from gateway.admission import Admission, Admitted
 from gateway.cache import BoundedCache
 from gateway.capture import Capturer, wants_capture
-from gateway.forwarder import Forwarder, UpstreamFailure, UpstreamResponse, chunks, upstream_url
+from gateway.errors import BadPath, ClientGone, UpstreamFailure
+from gateway.forwarder import Forwarder, UpstreamResponse, chunks, upstream_url
 from gateway.headers import HeaderRules
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.responses import NO_STORE, Denials
-from gateway.routing import BadPath, Route, RouteTable, canonical_path, host_name
+from gateway.routing import Route, RouteTable, canonical_path, host_name
 from gateway.tracing import Tracer
 from gateway.types import RawHeaders, Receive, Scope, Send, StrHeaders
 
 log = logging.getLogger("gateway")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "OTHER" in metrics
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request body was being forwarded."""
 
 
 class Scanned:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gateway.errors import UnsafeClaim
+
 _MISSING = object()
-
-
-class UnsafeClaim(ValueError):
-    """A claim value cannot be sent as a header."""
 
 
 def claim_at(claims: dict[str, Any], path: str) -> Any:

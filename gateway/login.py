@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from gateway.config import OIDCConfig
-from gateway.cookies import CookieJar, CookieTooLarge
-from gateway.errors import StoreError
+from gateway.cookies import CookieJar
+from gateway.errors import CookieTooLarge, LoginFailed, StoreError
 from gateway.families import Families
 from gateway.keys import KeySource
 from gateway.reasons import Reason
@@ -42,12 +42,6 @@ log = logging.getLogger("gateway.login")
 
 STATE_LIFETIME = 600
 DISCOVERY_TTL = 3600
-
-
-class LoginFailed(Exception):
-    def __init__(self, status: int, reason: Reason) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason
 
 
 def _b64(data: bytes) -> str:

@@ -50,7 +50,6 @@ from gateway.store import RecordKeys, Store
 from gateway.tokens import Verifier
 
 log = logging.getLogger("gateway.refresh")
-audit = logging.getLogger("gateway.audit")
 
 
 class SessionRefresher:

@@ -14,13 +14,10 @@ from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from gateway.config import AuthMode, CaptureConfig, RouteConfig
+from gateway.errors import BadPath
 
 # Characters kept literal when the canonical path is re-encoded (RFC 3986 pchar plus "/").
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
-
-
-class BadPath(ValueError):
-    """The request path is ambiguous or malformed; answer 400."""
 
 
 def canonical_path(raw_path: bytes) -> tuple[str, str]:

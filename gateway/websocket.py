@@ -26,12 +26,13 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from gateway.accesslog import AccessLog, RequestIds, RequestInfo
 from gateway.admission import Admission, Admitted
 from gateway.config import WebSocketConfig
+from gateway.errors import BadPath
 from gateway.families import Families
 from gateway.headers import HeaderRules
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.responses import Denials
-from gateway.routing import BadPath, Route, RouteTable, canonical_path, host_name
+from gateway.routing import Route, RouteTable, canonical_path, host_name
 from gateway.tunnel import Slot, Sockets, Tunnel, as_http, connect_upstream, relay
 from gateway.types import Message, Receive, Scope, Send
 

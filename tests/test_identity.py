@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from gateway.identity import IdentityHeaders, UnsafeClaim, claims_allowed
+from gateway.errors import UnsafeClaim
+from gateway.identity import IdentityHeaders, claims_allowed
 
 MAPPING = {
     "X-Auth-User": "sub",

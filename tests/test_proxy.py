@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.forwarder import AiohttpForwarder, UpstreamFailure, chunks, upstream_url
+from gateway.errors import UpstreamFailure
+from gateway.forwarder import AiohttpForwarder, chunks, upstream_url
 
 
 class Recorder:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import RouteConfig
-from gateway.routing import BadPath, RouteTable, canonical_path, request_host
+from gateway.errors import BadPath
+from gateway.routing import RouteTable, canonical_path, request_host
 
 
 def table(*routes: dict[str, str]) -> RouteTable:
