@@ -2,12 +2,12 @@
 
 It speaks two dialects: OAuth 2.0 (RFC 6749 ``POST /token``, RFC 7009 ``POST /revoke``) and
 Django SimpleJWT (``POST /api/token/``, ``POST /api/token/refresh/``), and is an OpenID Connect
-provider (discovery, code + PKCE login) through ``gateway.demo.oidc``. Every refresh token may be
+provider (discovery, code + PKCE login) through ``gateway.demo.idp.oidc``. Every refresh token may be
 redeemed once; presenting a redeemed one revokes its whole family, as node-oidc-provider and
 SimpleJWT with BLACKLIST_AFTER_ROTATION do (RFC 9700 §4.14.2), unless a reuse window lets the
 previous token be redeemed again for a while (Auth0's reuse interval, Okta's grace period).
 ``/_admin/*`` lets tests count calls, read the redemption ledger, inject failures (before or after
-redeeming, ``gateway.demo.idp_faults``), roll the signing key over, skew the clock and mint sessions.
+redeeming, ``gateway.demo.idp.faults``), roll the signing key over, skew the clock and mint sessions.
 State lives in memory: one process, one event loop.
 """
 
@@ -34,9 +34,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 # Re-exported names: tests and tools import the failures and Behaviour from here.
-from gateway.demo.idp_faults import CONSUMING_FAILURES as CONSUMING_FAILURES
-from gateway.demo.idp_faults import FAILURES as FAILURES
-from gateway.demo.idp_faults import (
+from gateway.demo.idp.faults import CONSUMING_FAILURES as CONSUMING_FAILURES
+from gateway.demo.idp.faults import FAILURES as FAILURES
+from gateway.demo.idp.faults import (
     SPOILED_ANSWER_FAILURES,
     Keyring,
     Ledger,
@@ -44,7 +44,7 @@ from gateway.demo.idp_faults import (
     failure_response,
     jwk,
 )
-from gateway.demo.idp_faults import Behaviour as Behaviour
+from gateway.demo.idp.faults import Behaviour as Behaviour
 
 Algorithm = Literal["HS256", "RS256"]
 ClientAuth = Literal["post", "basic", "none", "any"]
@@ -198,7 +198,7 @@ class IdentityProvider:
         self._redeem_lock = asyncio.Lock()
         self.keyring = Keyring(settings.kid, settings.rsa_key)  # RS256 only
         self._rogue_key: SigningKey | None = None  # signs the "bad_signature" tokens
-        # Answers grant_type=authorization_code once the client is authenticated (``gateway.demo.oidc``).
+        # Answers grant_type=authorization_code once the client is authenticated (``gateway.demo.idp.oidc``).
         self.code_grant: Callable[[dict[str, str]], Awaitable[Response]] | None = None
 
     def now(self) -> float:
@@ -549,8 +549,8 @@ def _oauth_tokens(body: dict[str, Any], expires_in: int) -> Response:
 
 def create_idp_app(settings: IdPSettings) -> Starlette:
     """The IdP as an ASGI app; its state is ``app.state.idp`` (an ``IdentityProvider``) and ``app.state.oidc``."""
-    # Imported here because gateway.demo.oidc builds on this module.
-    from gateway.demo.oidc import OIDCProvider
+    # Imported here because gateway.demo.idp.oidc builds on this module.
+    from gateway.demo.idp.oidc import OIDCProvider
 
     idp = IdentityProvider(settings)
     oidc = OIDCProvider(idp)

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from gateway.demo.idp import NO_STORE, Family, IdentityProvider, OAuthError, _form, _oauth_tokens
+from gateway.demo.idp.provider import NO_STORE, Family, IdentityProvider, OAuthError, _form, _oauth_tokens
 
 CODE_TTL = 60
 # Redeemed codes are remembered this much longer than they live, so a late replay still revokes.
