@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from gateway.demo.idp.provider import NO_STORE, Family, IdentityProvider, OAuthError, _form, _oauth_tokens
+from gateway.demo.idp.common import NO_STORE, OAuthError, oauth_tokens, read_form
+from gateway.demo.idp.provider import Family, IdentityProvider
 
 CODE_TTL = 60
 # Redeemed codes are remembered this much longer than they live, so a late replay still revokes.
@@ -178,7 +179,7 @@ class OIDCProvider:
     async def login(self, request: Request) -> Response:
         """``POST /authorize`` from the login form: a code on the redirect URI, or the form again with 401."""
         try:
-            form = await _form(request)
+            form = await read_form(request)
             auth = self.parse_request([(k, v) for k, v in form.items() if k not in ("username", "password")])
         except OAuthError:
             return _error_page("malformed form", 400)
@@ -237,7 +238,7 @@ class OIDCProvider:
             "id_token": self.id_token(code, pair.access),
             "scope": auth.scope,
         }
-        return _oauth_tokens(body, pair.expires_in)
+        return oauth_tokens(body, pair.expires_in)
 
     def id_token(self, code: AuthorizationCode, access_token: str) -> str:
         """The ID token (OIDC Core §2), signed like the access tokens."""

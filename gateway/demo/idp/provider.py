@@ -17,13 +17,12 @@ import argparse
 import asyncio
 import base64
 import dataclasses
-import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, cast
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import unquote_plus
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -32,6 +31,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+
+from gateway.demo.idp.common import NO_STORE, OAuthError, bad_request, oauth_tokens, read_form, read_json
 
 # Re-exported names: tests and tools import the failures and Behaviour from here.
 from gateway.demo.idp.faults import CONSUMING_FAILURES as CONSUMING_FAILURES
@@ -48,7 +49,6 @@ from gateway.demo.idp.faults import Behaviour as Behaviour
 
 Algorithm = Literal["HS256", "RS256"]
 ClientAuth = Literal["post", "basic", "none", "any"]
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 §5.1
 
 
 SigningKey = str | rsa.RSAPrivateKey
@@ -177,13 +177,6 @@ class Outcome:
 
     pair: TokenPair | None
     fail: str | None = None
-
-
-class OAuthError(Exception):
-    def __init__(self, error: str, status: int = 400) -> None:
-        super().__init__(error)
-        self.error = error
-        self.status = status
 
 
 class IdentityProvider:
@@ -382,7 +375,7 @@ class IdentityProvider:
 
     async def token(self, request: Request) -> Response:
         try:
-            form = await _form(request)
+            form = await read_form(request)
             grant = form.get("grant_type")
             if grant == "refresh_token":
                 self.counters.refresh_calls += 1
@@ -397,7 +390,7 @@ class IdentityProvider:
                     raise OAuthError("invalid_grant")
                 self.counters.logins += 1
                 pair = self.start_session(form["username"])
-                return _oauth_tokens({"access_token": pair.access, "refresh_token": pair.refresh}, pair.expires_in)
+                return oauth_tokens({"access_token": pair.access, "refresh_token": pair.refresh}, pair.expires_in)
             if grant == "authorization_code" and self.code_grant is not None:
                 return await self.code_grant(form)
             if grant != "refresh_token":
@@ -411,10 +404,10 @@ class IdentityProvider:
         if outcome.pair is None:
             return JSONResponse({"error": "invalid_grant"}, status_code=400, headers=NO_STORE)
         body = self.tokens_body(outcome.pair, outcome.fail, "access_token", "refresh_token")
-        return _oauth_tokens(body, outcome.pair.expires_in)
+        return oauth_tokens(body, outcome.pair.expires_in)
 
     async def simplejwt_login(self, request: Request) -> Response:
-        body = await _json(request)
+        body = await read_json(request)
         username, password = body.get("username"), body.get("password")
         user = self.settings.users.get(username) if isinstance(username, str) else None
         if user is None or user["password"] != password:
@@ -425,7 +418,7 @@ class IdentityProvider:
 
     async def simplejwt_refresh(self, request: Request) -> Response:
         self.counters.refresh_calls += 1
-        presented = (await _json(request)).get("refresh")
+        presented = (await read_json(request)).get("refresh")
         outcome = await self.refresh(presented if isinstance(presented, str) else None)
         if (failed := self._failed_answer(outcome)) is not None:
             return failed
@@ -435,7 +428,7 @@ class IdentityProvider:
 
     async def revoke(self, request: Request) -> Response:
         try:
-            form = await _form(request)
+            form = await read_form(request)
             if not self._client_ok(request, form):
                 raise OAuthError("invalid_client", 401)
             if "token" not in form:
@@ -467,9 +460,9 @@ class IdentityProvider:
         return JSONResponse(dataclasses.asdict(self.counters))
 
     async def admin_behaviour(self, request: Request) -> Response:
-        error = self.behaviour.update(await _json(request))
+        error = self.behaviour.update(await read_json(request))
         if error is not None:
-            return _bad_request(error)
+            return bad_request(error)
         return JSONResponse(dataclasses.asdict(self.behaviour))
 
     async def admin_reset(self, request: Request) -> Response:
@@ -487,26 +480,22 @@ class IdentityProvider:
 
     async def admin_rotate_key(self, request: Request) -> Response:
         """``{"drop_old": bool}``: a new signing key and kid; answers ``{"kid", "published"}``."""
-        drop_old = (await _json(request)).get("drop_old", False)
+        drop_old = (await read_json(request)).get("drop_old", False)
         if not isinstance(drop_old, bool):
-            return _bad_request("drop_old must be a boolean")
+            return bad_request("drop_old must be a boolean")
         if self.settings.algorithm != "RS256":
-            return _bad_request("key rollover needs algorithm RS256")
+            return bad_request("key rollover needs algorithm RS256")
         key = await asyncio.to_thread(_new_rsa_key)  # ~0.1 s of CPU: keep answering meanwhile
         kid = self.keyring.rotate(key, drop_old)
         return JSONResponse({"kid": kid, "published": self.keyring.published})
 
     async def admin_issue(self, request: Request) -> Response:
-        body = await _json(request)
+        body = await read_json(request)
         username, ttl, claims = body.get("username"), body.get("access_ttl"), body.get("claims") or {}
         if not isinstance(username, str) or not (ttl is None or isinstance(ttl, int)) or not isinstance(claims, dict):
             return JSONResponse({"error": "need username (str), access_ttl (int|null), claims (object)"}, 400)
         pair = self.start_session(username, claims, ttl)
         return JSONResponse({"access": pair.access, "refresh": pair.refresh})
-
-
-def _bad_request(message: str) -> Response:
-    return JSONResponse({"error": message}, status_code=400)
 
 
 def _basic_credentials(request: Request) -> tuple[str, str] | None:
@@ -519,32 +508,6 @@ def _basic_credentials(request: Request) -> tuple[str, str] | None:
         return None
     # RFC 6749 §2.3.1: both parts are form-urlencoded before being joined.
     return unquote_plus(client_id), unquote_plus(secret)
-
-
-async def _form(request: Request) -> dict[str, str]:
-    """The urlencoded body; strict like real IdPs (RFC 6749 §3.2: no repeated parameters)."""
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
-        raise OAuthError("invalid_request")
-    try:
-        pairs = parse_qsl((await request.body()).decode(), keep_blank_values=True, strict_parsing=False)
-    except UnicodeDecodeError as exc:
-        raise OAuthError("invalid_request") from exc
-    form = dict(pairs)
-    if len(form) != len(pairs):
-        raise OAuthError("invalid_request")
-    return form
-
-
-async def _json(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body() or b"{}")
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def _oauth_tokens(body: dict[str, Any], expires_in: int) -> Response:
-    return JSONResponse(body | {"token_type": "Bearer", "expires_in": expires_in}, headers=NO_STORE)
 
 
 def create_idp_app(settings: IdPSettings) -> Starlette:
