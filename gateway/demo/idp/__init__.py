@@ -5,7 +5,8 @@
 
 from gateway.demo.idp.faults import CONSUMING_FAILURES, FAILURES, Behaviour
 from gateway.demo.idp.oidc import OIDCProvider
-from gateway.demo.idp.provider import IdentityProvider, IdPSettings, TokenPair, create_idp_app
+from gateway.demo.idp.provider import IdentityProvider, TokenPair, create_idp_app
+from gateway.demo.idp.settings import IdPSettings
 
 __all__ = [
     "CONSUMING_FAILURES",
