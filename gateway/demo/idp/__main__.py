@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gateway.demo.idp.provider import create_idp_app
+from gateway.demo.idp.app import create_idp_app
 from gateway.demo.idp.settings import IdPSettings
 
 

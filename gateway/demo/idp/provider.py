@@ -1,44 +1,24 @@
-"""A strict identity provider that rotates refresh tokens and detects their reuse.
+"""The demo IdP's token logic, without HTTP: login families, refresh token rotation, reuse detection,
+injected latency and failures, and the redemption ledger.
 
-It speaks two dialects: OAuth 2.0 (RFC 6749 ``POST /token``, RFC 7009 ``POST /revoke``) and
-Django SimpleJWT (``POST /api/token/``, ``POST /api/token/refresh/``), and is an OpenID Connect
-provider (discovery, code + PKCE login) through ``gateway.demo.idp.oidc``. Every refresh token may be
-redeemed once; presenting a redeemed one revokes its whole family, as node-oidc-provider and
-SimpleJWT with BLACKLIST_AFTER_ROTATION do (RFC 9700 §4.14.2), unless a reuse window lets the
-previous token be redeemed again for a while (Auth0's reuse interval, Okta's grace period).
-``/_admin/*`` lets tests count calls, read the redemption ledger, inject failures (before or after
-redeeming, ``gateway.demo.idp.faults``), roll the signing key over, skew the clock and mint sessions.
-State lives in memory: one process, one event loop.
+Every refresh token may be redeemed once; presenting a redeemed one revokes its whole family, as
+node-oidc-provider and SimpleJWT with BLACKLIST_AFTER_ROTATION do (RFC 9700 §4.14.2), unless a reuse
+window lets the previous token be redeemed again for a while (Auth0's reuse interval, Okta's grace
+period). State lives in memory: one process, one event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import dataclasses
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
-from urllib.parse import unquote_plus
+from typing import Any, Literal
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
 
-from gateway.demo.idp.common import NO_STORE, OAuthError, bad_request, oauth_tokens, read_form, read_json
-from gateway.demo.idp.faults import (
-    CONSUMING_FAILURES,
-    SPOILED_ANSWER_FAILURES,
-    Keyring,
-    Ledger,
-    LedgerEvent,
-    failure_response,
-)
+from gateway.demo.idp.faults import CONSUMING_FAILURES, Keyring, Ledger, LedgerEvent
 from gateway.demo.idp.settings import IdPSettings, SigningKey, new_rsa_key
 
 
@@ -92,7 +72,7 @@ class Outcome:
 
 
 class IdentityProvider:
-    """The IdP's state and endpoints."""
+    """The IdP's state and what it does with tokens; ``endpoints``, ``admin`` and ``oidc`` put it on HTTP."""
 
     def __init__(self, settings: IdPSettings) -> None:
         self.settings = settings
@@ -103,8 +83,6 @@ class IdentityProvider:
         self._redeem_lock = asyncio.Lock()
         self.keyring = Keyring(settings.kid, settings.rsa_key)  # RS256 only
         self._rogue_key: SigningKey | None = None  # signs the "bad_signature" tokens
-        # Answers grant_type=authorization_code once the client is authenticated (``gateway.demo.idp.oidc``).
-        self.code_grant: Callable[[dict[str, str]], Awaitable[Response]] | None = None
 
     def now(self) -> float:
         """The IdP's clock: the time plus ``clock_skew``; what issued tokens' iat/exp are based on."""
@@ -252,15 +230,6 @@ class IdentityProvider:
             await asyncio.sleep(3600)
         return Outcome(pair, fail)
 
-    def failure_response(self, fail: str) -> Response:
-        return failure_response(fail)
-
-    def _failed_answer(self, outcome: Outcome) -> Response | None:
-        """The injected failure's answer when it replaces the normal one: all but the spoiled tokens."""
-        if outcome.fail is None or outcome.fail in SPOILED_ANSWER_FAILURES:
-            return None
-        return failure_response(outcome.fail)
-
     def tokens_body(self, pair: TokenPair, fail: str | None, access_key: str, refresh_key: str) -> dict[str, Any]:
         """The success body, spoiled as the injected ``no_access`` / ``bad_signature`` failure asks."""
         body: dict[str, Any] = {access_key: pair.access, refresh_key: pair.refresh}
@@ -273,9 +242,10 @@ class IdentityProvider:
             body[access_key] = self._access(pair.family, pair.expires_in, self._rogue_key)
         return body
 
-    def _client_ok(self, request: Request, form: dict[str, str]) -> bool:
+    def client_ok(self, form: dict[str, str], basic: tuple[str, str] | None) -> bool:
+        """Whether the client authenticated as ``settings.client_auth`` allows: by the posted ``form``
+        (client_id, client_secret) or by HTTP Basic credentials (``basic``: id and secret, or None)."""
         s = self.settings
-        basic = _basic_credentials(request)
         posted = (form.get("client_id"), form.get("client_secret"))
         if s.client_auth == "none":
             return form.get("client_id", s.client_id) == s.client_id
@@ -285,74 +255,29 @@ class IdentityProvider:
             return posted == (s.client_id, s.client_secret)
         return False
 
-    async def token(self, request: Request) -> Response:
-        try:
-            form = await read_form(request)
-            grant = form.get("grant_type")
-            if grant == "refresh_token":
-                self.counters.refresh_calls += 1
-            if not self._client_ok(request, form):
-                if grant == "refresh_token":
-                    self.counters.refresh_rejected += 1
-                    self._log(self._refresh_claims(form.get("refresh_token")), "rejected")
-                raise OAuthError("invalid_client", 401)
-            if grant == "password":
-                user = self.settings.users.get(form.get("username", ""))
-                if user is None or user["password"] != form.get("password"):
-                    raise OAuthError("invalid_grant")
-                self.counters.logins += 1
-                pair = self.start_session(form["username"])
-                return oauth_tokens({"access_token": pair.access, "refresh_token": pair.refresh}, pair.expires_in)
-            if grant == "authorization_code" and self.code_grant is not None:
-                return await self.code_grant(form)
-            if grant != "refresh_token":
-                raise OAuthError("unsupported_grant_type" if grant else "invalid_request")
-            outcome = await self.refresh(form.get("refresh_token"))
-        except OAuthError as exc:
-            headers = {"WWW-Authenticate": 'Basic realm="idp"'} if exc.status == 401 else {}
-            return JSONResponse({"error": exc.error}, status_code=exc.status, headers=NO_STORE | headers)
-        if (failed := self._failed_answer(outcome)) is not None:
-            return failed
-        if outcome.pair is None:
-            return JSONResponse({"error": "invalid_grant"}, status_code=400, headers=NO_STORE)
-        body = self.tokens_body(outcome.pair, outcome.fail, "access_token", "refresh_token")
-        return oauth_tokens(body, outcome.pair.expires_in)
+    def refuse_client(self, presented: str | None) -> None:
+        """Count and log a refresh request refused because its client did not authenticate."""
+        self.counters.refresh_rejected += 1
+        self._log(self._refresh_claims(presented), "rejected")
 
-    async def simplejwt_login(self, request: Request) -> Response:
-        body = await read_json(request)
-        username, password = body.get("username"), body.get("password")
-        user = self.settings.users.get(username) if isinstance(username, str) else None
+    def login(self, username: object, password: object) -> TokenPair | None:
+        """A password login: a new family for a known user with the right password, else None."""
+        if not isinstance(username, str):
+            return None
+        user = self.settings.users.get(username)
         if user is None or user["password"] != password:
-            return JSONResponse({"detail": "No active account found with the given credentials"}, status_code=401)
+            return None
         self.counters.logins += 1
-        pair = self.start_session(cast(str, username))
-        return JSONResponse({"access": pair.access, "refresh": pair.refresh})
+        return self.start_session(username)
 
-    async def simplejwt_refresh(self, request: Request) -> Response:
-        self.counters.refresh_calls += 1
-        presented = (await read_json(request)).get("refresh")
-        outcome = await self.refresh(presented if isinstance(presented, str) else None)
-        if (failed := self._failed_answer(outcome)) is not None:
-            return failed
-        if outcome.pair is None:
-            return JSONResponse({"detail": "Token is invalid or expired", "code": "token_not_valid"}, status_code=401)
-        return JSONResponse(self.tokens_body(outcome.pair, outcome.fail, "access", "refresh"))
-
-    async def revoke(self, request: Request) -> Response:
-        try:
-            form = await read_form(request)
-            if not self._client_ok(request, form):
-                raise OAuthError("invalid_client", 401)
-            if "token" not in form:
-                raise OAuthError("invalid_request")
-        except OAuthError as exc:
-            return JSONResponse({"error": exc.error}, status_code=exc.status)
+    def revoke(self, token: str) -> None:
+        """Revoke ``token`` (RFC 7009): the family of a refresh token of this IdP, else nothing."""
         self.counters.revocations += 1
         # Expired tokens may still be revoked; unknown or invalid ones are ignored (RFC 7009 §2.2).
         # Access tokens are accepted but change nothing: they are self-contained and short-lived.
         # With revoke_used false, a token already used is all that is revoked (SimpleJWT's blacklist),
         # which changes nothing here: it could not be redeemed anyway.
-        claims = self._refresh_claims(form["token"])
+        claims = self._refresh_claims(token)
         family = self.families.get(str(claims.get("fam"))) if claims else None
         if (
             claims is not None
@@ -360,92 +285,14 @@ class IdentityProvider:
             and (self.behaviour.revoke_used or claims["jti"] == family.current)
         ):
             self.revoke_family(family)
-        return Response(status_code=200)
 
-    async def jwks(self, request: Request) -> Response:
-        self.counters.jwks_requests += 1
-        if self.behaviour.jwks == "down":
-            return PlainTextResponse("Service Unavailable", status_code=503)
-        return JSONResponse(self.keyring.jwks())
-
-    async def admin_stats(self, request: Request) -> Response:
-        return JSONResponse(dataclasses.asdict(self.counters))
-
-    async def admin_behaviour(self, request: Request) -> Response:
-        error = self.behaviour.update(await read_json(request))
-        if error is not None:
-            return bad_request(error)
-        return JSONResponse(dataclasses.asdict(self.behaviour))
-
-    async def admin_reset(self, request: Request) -> Response:
+    def reset(self) -> None:
         """Zero the counters, clear the ledger and return to the start-up behaviour (keys and families stay)."""
         self.counters = Counters()
         self.behaviour = self.settings.behaviour()
         self.ledger.clear()
-        return JSONResponse({"ok": True})
 
-    async def admin_ledger(self, request: Request) -> Response:
-        return JSONResponse({"entries": list(self.ledger.entries)})
-
-    async def admin_families(self, request: Request) -> Response:
-        return JSONResponse({"families": [family.summary() for family in self.families.values()]})
-
-    async def admin_rotate_key(self, request: Request) -> Response:
-        """``{"drop_old": bool}``: a new signing key and kid; answers ``{"kid", "published"}``."""
-        drop_old = (await read_json(request)).get("drop_old", False)
-        if not isinstance(drop_old, bool):
-            return bad_request("drop_old must be a boolean")
-        if self.settings.algorithm != "RS256":
-            return bad_request("key rollover needs algorithm RS256")
+    async def rotate_key(self, drop_old: bool) -> str:
+        """Sign with a new RSA key under a new kid (returned) from now on; RS256 only."""
         key = await asyncio.to_thread(new_rsa_key)  # ~0.1 s of CPU: keep answering meanwhile
-        kid = self.keyring.rotate(key, drop_old)
-        return JSONResponse({"kid": kid, "published": self.keyring.published})
-
-    async def admin_issue(self, request: Request) -> Response:
-        body = await read_json(request)
-        username, ttl, claims = body.get("username"), body.get("access_ttl"), body.get("claims") or {}
-        if not isinstance(username, str) or not (ttl is None or isinstance(ttl, int)) or not isinstance(claims, dict):
-            return JSONResponse({"error": "need username (str), access_ttl (int|null), claims (object)"}, 400)
-        pair = self.start_session(username, claims, ttl)
-        return JSONResponse({"access": pair.access, "refresh": pair.refresh})
-
-
-def _basic_credentials(request: Request) -> tuple[str, str] | None:
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        client_id, _, secret = base64.b64decode(value, validate=True).decode().partition(":")
-    except ValueError:
-        return None
-    # RFC 6749 §2.3.1: both parts are form-urlencoded before being joined.
-    return unquote_plus(client_id), unquote_plus(secret)
-
-
-def create_idp_app(settings: IdPSettings) -> Starlette:
-    """The IdP as an ASGI app; its state is ``app.state.idp`` (an ``IdentityProvider``) and ``app.state.oidc``."""
-    # Imported here because gateway.demo.idp.oidc builds on this module.
-    from gateway.demo.idp.oidc import OIDCProvider
-
-    idp = IdentityProvider(settings)
-    oidc = OIDCProvider(idp)
-    idp.code_grant = oidc.exchange
-    routes = [
-        Route("/token", idp.token, methods=["POST"]),
-        Route("/revoke", idp.revoke, methods=["POST"]),
-        Route("/api/token/", idp.simplejwt_login, methods=["POST"]),
-        Route("/api/token/refresh/", idp.simplejwt_refresh, methods=["POST"]),
-        Route("/jwks", idp.jwks, methods=["GET"]),
-        Route("/.well-known/jwks.json", idp.jwks, methods=["GET"]),
-        Route("/_admin/stats", idp.admin_stats, methods=["GET"]),
-        Route("/_admin/behaviour", idp.admin_behaviour, methods=["POST"]),
-        Route("/_admin/reset", idp.admin_reset, methods=["POST"]),
-        Route("/_admin/issue", idp.admin_issue, methods=["POST"]),
-        Route("/_admin/ledger", idp.admin_ledger, methods=["GET"]),
-        Route("/_admin/families", idp.admin_families, methods=["GET"]),
-        Route("/_admin/rotate_key", idp.admin_rotate_key, methods=["POST"]),
-        *oidc.routes(),
-    ]
-    app = Starlette(routes=routes)
-    app.state.idp, app.state.oidc = idp, oidc
-    return app
+        return self.keyring.rotate(key, drop_old)
