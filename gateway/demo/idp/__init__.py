@@ -12,7 +12,7 @@ redeeming), roll the signing key over, skew the clock and mint sessions. State l
 Modules: ``settings`` (IdPSettings, the demo users), ``provider`` (families, rotation, reuse
 detection, the ledger; no HTTP), ``faults`` (run-time behaviour, injected failures, keyring, ledger),
 ``common`` (form parsing, OAuth errors, the token answer), ``endpoints`` (token, revocation, SimpleJWT,
-JWKS), ``admin`` (``/_admin/*``), ``oidc`` (the authorization code flow), and ``app``,
+JWKS), ``admin`` (``/_admin/*``), ``oidc`` and ``pages`` (the authorization code flow), and ``app``,
 the only one that brings the token endpoints and OIDC together.
 """
 
