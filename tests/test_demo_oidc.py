@@ -18,7 +18,7 @@ import pytest
 from support.servers import start_idp
 
 from gateway.demo.idp import IdPSettings, create_idp_app
-from gateway.demo.oidc import OIDCProvider
+from gateway.demo.idp.oidc import OIDCProvider
 
 ISSUER = "http://idp"
 CLIENT = {"client_id": "legacy-app", "client_secret": "demo-secret"}

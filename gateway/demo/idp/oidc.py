@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import html
 import re
 import secrets
 import time
@@ -23,10 +22,12 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from gateway.demo.idp import NO_STORE, Family, IdentityProvider, OAuthError, _form, _oauth_tokens
+from gateway.demo.idp.common import NO_STORE, OAuthError, oauth_tokens, read_form
+from gateway.demo.idp.pages import error_page, login_page
+from gateway.demo.idp.provider import Family, IdentityProvider
 
 CODE_TTL = 60
 # Redeemed codes are remembered this much longer than they live, so a late replay still revokes.
@@ -173,25 +174,25 @@ class OIDCProvider:
             auth = self.parse_request(request.query_params.multi_items())
         except (UntrustedRedirect, AuthorizeError) as exc:
             return _authorize_error(exc)
-        return _login_page(auth)
+        return login_page(auth.client_id, auth.fields())
 
     async def login(self, request: Request) -> Response:
         """``POST /authorize`` from the login form: a code on the redirect URI, or the form again with 401."""
         try:
-            form = await _form(request)
+            form = await read_form(request)
             auth = self.parse_request([(k, v) for k, v in form.items() if k not in ("username", "password")])
         except OAuthError:
-            return _error_page("malformed form", 400)
+            return error_page("malformed form", 400)
         except (UntrustedRedirect, AuthorizeError) as exc:
             return _authorize_error(exc)
         if "username" not in form and "password" not in form:
             # OIDC Core §3.1.2.1: the authorization request may itself come as a POST.
             self.idp.counters.authorize_requests += 1
-            return _login_page(auth)
+            return login_page(auth.client_id, auth.fields())
         username = form.get("username", "")
         user = self.idp.settings.users.get(username)
         if user is None or not hmac.compare_digest(user["password"], form.get("password", "")):
-            return _login_page(auth, username, "Invalid username or password.", 401)
+            return login_page(auth.client_id, auth.fields(), username, "Invalid username or password.", 401)
         self.idp.counters.logins += 1
         now = self.clock()
         self._prune(now)
@@ -237,7 +238,7 @@ class OIDCProvider:
             "id_token": self.id_token(code, pair.access),
             "scope": auth.scope,
         }
-        return _oauth_tokens(body, pair.expires_in)
+        return oauth_tokens(body, pair.expires_in)
 
     def id_token(self, code: AuthorizationCode, access_token: str) -> str:
         """The ID token (OIDC Core §2), signed like the access tokens."""
@@ -287,33 +288,5 @@ def _redirect(uri: str, params: dict[str, str | None]) -> Response:
 
 def _authorize_error(exc: UntrustedRedirect | AuthorizeError) -> Response:
     if isinstance(exc, UntrustedRedirect):
-        return _error_page(str(exc), 400)
+        return error_page(str(exc), 400)
     return _redirect(exc.redirect_uri, {"error": exc.error, "error_description": exc.description, "state": exc.state})
-
-
-def _error_page(message: str, status: int) -> Response:
-    body = f"<!doctype html><title>Sign-in error</title><h1>Sign-in error</h1><p id=error>{html.escape(message)}</p>"
-    return HTMLResponse(body, status_code=status, headers=NO_STORE)
-
-
-def _login_page(auth: AuthorizationRequest, username: str = "", message: str = "", status: int = 200) -> Response:
-    hidden = "\n".join(
-        f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">' for k, v in auth.fields()
-    )
-    alert = f'<p id="error" role="alert">{html.escape(message)}</p>' if message else ""
-    body = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Sign in - demo IdP</title></head>
-<body>
-<h1>Sign in to {html.escape(auth.client_id)}</h1>
-{alert}
-<form method="post" action="authorize">
-{hidden}
-<p><label>Username <input id="username" name="username" autocomplete="username" value="{html.escape(username)}"
-required autofocus></label></p>
-<p><label>Password <input id="password" name="password" type="password" autocomplete="current-password"
-required></label></p>
-<p><button id="login" type="submit">Sign in</button></p>
-</form>
-</body></html>
-"""
-    return HTMLResponse(body, status_code=status, headers=NO_STORE)
