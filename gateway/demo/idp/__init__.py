@@ -18,7 +18,6 @@ the only one that brings the token endpoints and OIDC together.
 
 from gateway.demo.idp.app import create_idp_app
 from gateway.demo.idp.faults import CONSUMING_FAILURES, FAILURES, Behaviour
-from gateway.demo.idp.oidc import OIDCProvider
 from gateway.demo.idp.provider import Family, IdentityProvider, TokenPair
 from gateway.demo.idp.settings import DemoUser, IdPSettings, default_users
 
@@ -30,7 +29,6 @@ __all__ = [
     "Family",
     "IdPSettings",
     "IdentityProvider",
-    "OIDCProvider",
     "TokenPair",
     "create_idp_app",
     "default_users",
