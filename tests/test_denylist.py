@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -125,15 +124,8 @@ async def test_a_lost_announcement_is_caught_by_the_poll(redis_url: str, key_pre
         await store.close()
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def test_store_down_deny_still_refuses_here() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{_closed_port()}/0", "gwtest:", socket_timeout=0.2)
+async def test_store_down_deny_still_refuses_here(closed_port: int) -> None:
+    store = RedisStore(f"redis://127.0.0.1:{closed_port}/0", "gwtest:", socket_timeout=0.2)
     denylist = Denylist(store, poll=0.1)
     try:
         await denylist.start()  # no exception: the gateway must come up without its store

@@ -13,14 +13,19 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from support.servers import GatewayProcess, ServerProcess, free_port, start_gateway, start_idp
+from support.ports import refused_port
+from support.servers import GatewayProcess, ServerProcess, start_gateway, start_idp
 
 SECRET = "integration-secret-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
 def gateway(upstream: ServerProcess) -> Iterator[GatewayProcess]:
-    dead = f"http://127.0.0.1:{free_port()}"
+    with refused_port() as port:  # held for the module: connections to it are refused, nobody else takes it
+        yield from _gateway(upstream, dead=f"http://127.0.0.1:{port}")
+
+
+def _gateway(upstream: ServerProcess, dead: str) -> Iterator[GatewayProcess]:
     config: dict[str, Any] = {
         "tokens": {"algorithms": ["HS256"], "secret": SECRET, "issuer": "https://idp.test", "audience": "legacy-app"},
         "cookies": {"secure": False},

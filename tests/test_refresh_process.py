@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import redis
+from support.faultproxy import FaultProxy
 from support.servers import (
     GatewayProcess,
     IdPProcess,
     ServerProcess,
-    free_port,
     set_cookies,
     start_gateway,
     start_idp,
@@ -255,29 +254,19 @@ def test_only_valid_expired_cookie_sessions_refresh(gateway: GatewayProcess, idp
     assert resumed.status_code == 200 and refresh_calls(idp) == before + 1
 
 
-def test_valid_tokens_work_and_refresh_fails_closed_without_redis(idp: IdPProcess, upstream: ServerProcess) -> None:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is needed for this test"
-    port = free_port()
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-        with start_gateway(gateway_config(idp, upstream, url, "gw:"), workers=2) as gw:
+def test_valid_tokens_work_and_refresh_fails_closed_without_redis(
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+) -> None:
+    # Redis is taken away by the fault proxy in front of it (every connection reset, new ones too): the
+    # gateway's store address stays this test's own, where no other process can answer instead.
+    parts = urlsplit(redis_url)
+    with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
+        url = proxy.redis_url(int(parts.path.strip("/") or 0))
+        prefix = f"gwtest:{os.urandom(4).hex()}:"
+        with start_gateway(gateway_config(idp, upstream, url, prefix), workers=2) as gw:
             valid = idp.issue("alice")
             expired = expired_session(idp)
-            server.terminate()
-            server.wait(5)
+            proxy.down()
             ok = httpx.get(f"{gw.url}/x", headers={"Cookie": cookie_header(valid["access"], valid["refresh"])})
             assert ok.status_code == 200
             started = time.monotonic()
@@ -292,10 +281,6 @@ def test_valid_tokens_work_and_refresh_fails_closed_without_redis(idp: IdPProces
                 assert time.monotonic() < deadline, "store errors are not counted"
                 time.sleep(0.2)
             assert idp.stats()["refresh_calls"] == 0  # never refresh without the lock
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
 @pytest.mark.slow

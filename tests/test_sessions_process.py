@@ -17,11 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
+from support.ports import refused_port
 from support.servers import (
     GatewayProcess,
     IdPProcess,
     ServerProcess,
-    free_port,
     set_cookies,
     start_gateway,
     start_idp,
@@ -141,10 +141,11 @@ def lonely_gateway(
     idp: IdPProcess, upstream: ServerProcess, counted: CountingUpstream, redis_url: str
 ) -> Iterator[GatewayProcess]:
     """Its revocation endpoint is down, and its login route keeps no token in the body (keep_access: false)."""
-    dead = f"http://127.0.0.1:{free_port()}/revoke"
-    config = gateway_config(idp, upstream, counted, redis_url, revocation_endpoint=dead, keep_access=False)
-    with start_gateway(config, workers=2) as server:
-        yield server
+    with refused_port() as port:  # held for the module: the revocation endpoint refuses connections
+        dead = f"http://127.0.0.1:{port}/revoke"
+        config = gateway_config(idp, upstream, counted, redis_url, revocation_endpoint=dead, keep_access=False)
+        with start_gateway(config, workers=2) as server:
+            yield server
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 from uuid import uuid4
@@ -335,15 +334,8 @@ async def test_keys_are_prefixed(redis_url: str, key_prefix: str) -> None:
 # --- redis failures ---
 
 
-def _unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def test_unreachable_redis_fails_fast() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{_unused_port()}/0", "gwtest:")
+async def test_unreachable_redis_fails_fast(closed_port: int) -> None:
+    store = RedisStore(f"redis://127.0.0.1:{closed_port}/0", "gwtest:")
     try:
         for call in (store.get("k"), store.acquire("lock:{h}", "a", 5), store.ping()):
             started = time.monotonic()
