@@ -216,6 +216,7 @@ class GatewayProcess(ServerProcess):
 
     config_path: str = ""
     config: dict[str, Any] | Callable[[int], dict[str, Any]] = {}
+    workers: int = 1
 
     def prepare(self, port: int) -> None:
         """Write the config for this port (a config may name the gateway's own URL)."""
@@ -253,7 +254,7 @@ def start_gateway(
         return ["serve", "--config", path, "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
 
     gateway = GatewayProcess("gateway", args, ready_path="/.gateway/health", port=port)
-    gateway.config_path, gateway.config = path, config
+    gateway.config_path, gateway.config, gateway.workers = path, config, workers
     if env:
         gateway.env = {**os.environ, **env}
     return gateway.start()
