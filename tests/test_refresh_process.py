@@ -18,6 +18,7 @@ import httpx
 import pytest
 import redis
 from support.faultproxy import FaultProxy
+from support.metrics import metric_value
 from support.servers import (
     GatewayProcess,
     IdPProcess,
@@ -277,7 +278,7 @@ def test_valid_tokens_work_and_refresh_fails_closed_without_redis(
             assert time.monotonic() - started < 10
             assert httpx.get(f"{gw.url}/.gateway/ready").status_code == 503
             deadline = time.monotonic() + 5  # other workers' numbers reach a scrape within a second
-            while 'gateway_store_errors_total{where="refresh"}' not in gw.metrics():
+            while metric_value(gw.metrics(), "gateway_store_errors_total", where="refresh") < 1:
                 assert time.monotonic() < deadline, "store errors are not counted"
                 time.sleep(0.2)
             assert idp.stats()["refresh_calls"] == 0  # never refresh without the lock

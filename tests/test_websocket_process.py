@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import socket
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from support.metrics import metric_value
 from support.ports import connection_owner
 from support.servers import (
     GatewayProcess,
@@ -125,15 +125,7 @@ def closed_by(socket: ClientConnection, within: float) -> tuple[int, str]:
 
 def metric(gateway: GatewayProcess, name: str, **labels: str) -> float:
     """A sample's value summed over workers (gauges carry a pid label each with several workers)."""
-    total = 0.0
-    for line in httpx.get(f"{gateway.url}/.gateway/metrics").text.splitlines():
-        found = re.fullmatch(rf"{name}(?:{{(.*)}})? (\S+)", line)
-        if found is None:
-            continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(found.group(2))
-    return total
+    return metric_value(gateway.metrics(), name, **labels)
 
 
 # --- handshake ------------------------------------------------------------------------------
