@@ -1,4 +1,13 @@
-"""Shared fixtures, one section per resource."""
+"""Shared fixtures, one section per resource.
+
+Layout: tests/unit/ mirrors the package module by module (tests/unit/test_routing.py tests
+gateway/routing.py, tests/unit/demo/ tests gateway/demo/), plus checks that need no gateway
+process (deployment files, the fault proxy); some use a real redis-server. tests/integration/
+starts real `gateway serve` (or `gateway demo`) processes, and Chromium. tests/support/ holds the
+servers and helpers both use, imported as `support` (this directory is on sys.path: pytest's
+default "prepend" import mode puts it there for this conftest; bench/ adds it itself). Test
+modules are not packages, so their file names must be unique across the tree.
+"""
 
 from __future__ import annotations
 

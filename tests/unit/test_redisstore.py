@@ -1,6 +1,6 @@
 """RedisStore beyond one node: building it from StoreConfig, Redis Cluster routing and broadcast, Sentinel failover.
 
-The Store contract itself runs on every topology in tests/test_store.py; these tests cover what only
+The Store contract itself runs on every topology in tests/unit/test_store.py; these tests cover what only
 a topology can get wrong.
 """
 

@@ -15,7 +15,7 @@ from gateway.config import GatewayConfig, parse_config
 from gateway.errors import ConfigError
 from gateway.schema import build_schema
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # tests/unit/ -> the checkout
 SCHEMA_FILE = ROOT / "config" / "gateway.schema.json"
 EXAMPLES = sorted((ROOT / "config" / "examples").glob("*.yaml"))
 # Placeholder values for every ${VAR} the example configs use without a default.
