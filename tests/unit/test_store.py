@@ -397,7 +397,7 @@ async def test_subscriber_reconnects_after_connection_drop(redis_url: str, key_p
             found = await client.client_list(_type="pubsub")
             return any(c["name"] == name and c["id"] != subscribers[0]["id"] and int(c["sub"]) > 0 for c in found)
 
-        await until(subscribed_again, "this store's subscriber subscribed again", timeout=5)
+        await until(subscribed_again, "this store's subscriber subscribed again", timeout=2.5)
         async with store.watch("result:{h}") as waiter:
             await client.publish(f"{key_prefix}notify", "result:{h}")
             assert await waiter.wait(2.0)
