@@ -1,27 +1,35 @@
-"""Shared fixtures, one section per resource."""
+"""Shared fixtures, one section per resource.
+
+Layout: tests/unit/ mirrors the package module by module (tests/unit/test_routing.py tests
+gateway/routing.py, tests/unit/demo/ tests gateway/demo/), plus checks that need no gateway
+process (deployment files, the fault proxy); some use a real redis-server. tests/integration/
+starts real `gateway serve` (or `gateway demo`) processes, and Chromium. tests/support/ holds the
+servers and helpers both use, imported as `support` (this directory is on sys.path: pytest's
+default "prepend" import mode puts it there for this conftest; bench/ adds it itself). Test
+modules are not packages, so their file names must be unique across the tree.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from uuid import uuid4
 
 import pytest
 import redis
-from support.redis_servers import SentinelSetup, start_cluster, start_sentinel_setup
+from support.ports import refused_port
+from support.redis_servers import SentinelSetup, start_cluster, start_redis, start_sentinel_setup
 from support.servers import ServerProcess, start_upstream
 
+# --- ports ---
 
-def _free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test (bound, never listening; nobody else gets it)."""
+    with refused_port() as port:
+        yield port
 
 
 # --- processes ---
@@ -39,39 +47,17 @@ def upstream() -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """REDIS_URL if set, else a throwaway redis-server on a free loopback port for the session."""
+    """REDIS_URL if set, else a throwaway redis-server on a loopback port of its own for the session."""
     if url := os.environ.get("REDIS_URL"):
         yield url
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.fail("redis-server not found: install it (apt-get install redis-server) or set REDIS_URL", pytrace=False)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--save", "", "--appendonly", "no", "--port", str(port), "--bind", "127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+    server = start_redis()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with redis.Redis.from_url(url, socket_timeout=0.5) as client:
-                    client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"redis-server did not start on port {port}", pytrace=False)
-                time.sleep(0.05)
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 @pytest.fixture

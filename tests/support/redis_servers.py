@@ -1,16 +1,21 @@
-"""Throwaway Redis topologies for tests: a 3-master Cluster and a Sentinel setup, on free loopback ports.
+"""Throwaway redis-servers for tests: a plain one, a 3-master Cluster and a Sentinel setup, on loopback.
 
-Nothing is persisted (--save '' --appendonly no); every process is stopped on exit.
+redis-server cannot bind port 0 and report it, so each is started on a candidate port and counts
+as up once it listens there itself; if the port was taken meanwhile it exits ("Address already
+in use") and is started again on another (support.ports.launch). Nothing is persisted
+(--save '' --appendonly no); every process is stopped on exit.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +23,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from support.servers import free_port as _free_port
+from support.ports import free_port, launch, stop
 
 
 def _redis_binary() -> str:
@@ -46,20 +51,71 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
         if proc.poll() is None:
             proc.terminate()
     for proc in procs:
+        stop(proc)
+
+
+class RedisServer:
+    """A redis-server process on a port of its own; its output goes to a log file."""
+
+    def __init__(
+        self,
+        args: Callable[[int], list[str]],
+        *,
+        cwd: Path | None = None,
+        port: int | None = None,
+        candidates: Callable[[], int] = free_port,
+        also: Callable[[int], Iterable[int]] = lambda port: (),
+    ) -> None:
+        self._log = tempfile.NamedTemporaryFile(prefix="redis-", suffix=".log", delete=False)
+
+        def spawn(candidate: int) -> subprocess.Popen[bytes]:
+            self._log.seek(0)
+            self._log.truncate()
+            return subprocess.Popen(
+                [_redis_binary(), *args(candidate)], cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT
+            )
+
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            self.process, self.port = launch(
+                spawn, self.log, what="redis-server", port=port, candidates=candidates, also=also
+            )
+        except BaseException:
+            self._close_log()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def log(self) -> str:
+        self._log.flush()
+        return Path(self._log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop(self.process)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if not self._log.closed:
+            self._log.close()
+            os.unlink(self._log.name)
 
 
-def _redis_server(*args: str, cwd: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [_redis_binary(), *args, "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def _plain(*args: str) -> list[str]:
+    return [*args, "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]
+
+
+def start_redis(args: Callable[[int], list[str]] | None = None, *, cwd: Path | None = None) -> RedisServer:
+    """A plain redis-server: ``args(port)`` (default ``--port PORT``) plus no persistence, on 127.0.0.1 only;
+    answering PING once this returns."""
+    server = RedisServer(lambda port: _plain(*(args(port) if args else ["--port", str(port)])), cwd=cwd)
+    try:
+        if args is None:  # a TLS-only server (--port 0 --tls-port PORT) is the caller's to ping
+            _wait_for(lambda: _pings(server.port), f"redis-server on port {server.port}")
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def _pings(port: int) -> bool:
@@ -68,9 +124,9 @@ def _pings(port: int) -> bool:
 
 
 def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    """A candidate port whose cluster bus port (port + 10000) is valid and free too, a moment ago."""
     while True:
-        port = _free_port()
+        port = free_port()
         if port + 10000 > 65535:
             continue
         with socket.socket() as sock:
@@ -84,18 +140,22 @@ def _cluster_port() -> int:
 @contextmanager
 def start_cluster(workdir: Path) -> Iterator[str]:
     """A throwaway 3-master Redis Cluster (no replicas); yields a seed-node URL once cluster_state is ok."""
-    ports = [_cluster_port() for _ in range(3)]
-    procs: list[subprocess.Popen[bytes]] = []
+    nodes: list[RedisServer] = []
     try:
-        for port in ports:
-            procs.append(
-                _redis_server(
-                    "--port", str(port), "--cluster-enabled", "yes",
-                    "--cluster-config-file", str(workdir / f"nodes-{port}.conf"),
-                    "--cluster-node-timeout", "2000",
+        for _ in range(3):
+            nodes.append(
+                RedisServer(
+                    lambda port: _plain(
+                        "--port", str(port), "--cluster-enabled", "yes",
+                        "--cluster-config-file", str(workdir / f"nodes-{port}.conf"),
+                        "--cluster-node-timeout", "2000",
+                    ),
                     cwd=workdir,
+                    candidates=_cluster_port,
+                    also=lambda port: [port + 10000],  # the cluster bus
                 )
             )  # fmt: skip
+        ports = [node.port for node in nodes]
         for port in ports:
             _wait_for(lambda port=port: _pings(port), f"cluster node on port {port}")  # type: ignore[misc]
         subprocess.run(
@@ -117,7 +177,9 @@ def start_cluster(workdir: Path) -> Iterator[str]:
         _wait_for(ready, "cluster_state:ok")
         yield f"redis://127.0.0.1:{ports[0]}"
     finally:
-        _stop(procs)
+        _stop([node.process for node in nodes])
+        for node in nodes:
+            node.stop()
 
 
 @dataclass
@@ -125,9 +187,9 @@ class SentinelSetup:
     """A master, one replica and one sentinel (quorum 1) watching them as ``master``."""
 
     master: str
-    sentinel_port: int
-    master_port: int
-    replica_port: int
+    sentinel_port: int = 0
+    master_port: int = 0
+    replica_port: int = 0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -150,16 +212,26 @@ class SentinelSetup:
 @contextmanager
 def start_sentinel_setup(workdir: Path) -> Iterator[SentinelSetup]:
     """Start the Sentinel topology; returns once the sentinel knows the master and its replica."""
-    setup = SentinelSetup(
-        master="gwmaster", sentinel_port=_free_port(), master_port=_free_port(), replica_port=_free_port()
-    )
+    setup = SentinelSetup(master="gwmaster")
+    servers: list[RedisServer] = []
+
+    def started(name: str, server: RedisServer) -> int:
+        servers.append(server)
+        setup.procs[name] = server.process
+        return server.port
+
     try:
         # No diskless-sync delay (default 5 s): the replica is in sync as soon as it attaches.
-        setup.procs["master"] = _redis_server(
-            "--port", str(setup.master_port), "--repl-diskless-sync-delay", "0", cwd=workdir
+        setup.master_port = started(
+            "master",
+            RedisServer(lambda port: _plain("--port", str(port), "--repl-diskless-sync-delay", "0"), cwd=workdir),
         )
-        setup.procs["replica"] = _redis_server(
-            "--port", str(setup.replica_port), "--replicaof", "127.0.0.1", str(setup.master_port), cwd=workdir
+        setup.replica_port = started(
+            "replica",
+            RedisServer(
+                lambda port: _plain("--port", str(port), "--replicaof", "127.0.0.1", str(setup.master_port)),
+                cwd=workdir,
+            ),
         )
         for port in (setup.master_port, setup.replica_port):
             _wait_for(lambda port=port: _pings(port), f"redis-server on port {port}")  # type: ignore[misc]
@@ -169,20 +241,19 @@ def start_sentinel_setup(workdir: Path) -> Iterator[SentinelSetup]:
                 return bool(client.info("replication").get("master_link_status") == "up")
 
         _wait_for(replicated, "the replica to attach")
-        conf = workdir / f"sentinel-{setup.sentinel_port}.conf"
-        conf.write_text(
-            f"port {setup.sentinel_port}\nbind 127.0.0.1\n"
-            f"sentinel monitor {setup.master} 127.0.0.1 {setup.master_port} 1\n"
-            f"sentinel down-after-milliseconds {setup.master} 1000\n"
-            f"sentinel failover-timeout {setup.master} 5000\n"
-            f"sentinel parallel-syncs {setup.master} 1\n"
-        )
-        setup.procs["sentinel"] = subprocess.Popen(
-            [_redis_binary(), str(conf), "--sentinel"],
-            cwd=workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+
+        def sentinel(port: int) -> list[str]:
+            conf = workdir / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\n"
+                f"sentinel monitor {setup.master} 127.0.0.1 {setup.master_port} 1\n"
+                f"sentinel down-after-milliseconds {setup.master} 1000\n"
+                f"sentinel failover-timeout {setup.master} 5000\n"
+                f"sentinel parallel-syncs {setup.master} 1\n"
+            )
+            return [str(conf), "--sentinel"]
+
+        setup.sentinel_port = started("sentinel", RedisServer(sentinel, cwd=workdir))
 
         def watching() -> bool:
             with redis.Redis(port=setup.sentinel_port, socket_timeout=0.5) as client:
@@ -192,3 +263,5 @@ def start_sentinel_setup(workdir: Path) -> Iterator[SentinelSetup]:
         yield setup
     finally:
         _stop(list(setup.procs.values()))
+        for server in servers:
+            server.stop()

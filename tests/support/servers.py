@@ -1,25 +1,22 @@
-"""Real servers on loopback for integration tests: the demo IdP and the echo upstream as subprocesses."""
+"""Real servers on loopback for integration tests: the demo IdP, the echo upstream and `gateway serve`
+as subprocesses, each on a port of its own (see support.ports: never a port freed for it by the test)."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from support.ports import free_port as free_port  # re-exported: bench/ picks candidate ports here
+from support.ports import launch, stop
 
 
 def wait_for_http(url: str, timeout: float = 15, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -38,19 +35,40 @@ def wait_for_http(url: str, timeout: float = 15, process: subprocess.Popen[bytes
 
 
 class ServerProcess:
-    """``python -m module args...`` as a subprocess, ready once ``ready_url`` answers; stopped on exit."""
+    """``python -m module args(port)...`` as a subprocess; stopped on exit.
 
-    def __init__(self, module: str, args: list[str], url: str, ready_path: str = "/") -> None:
-        self.module, self.args, self.url, self.ready_path = module, args, url, ready_path
+    Started on a candidate port, it counts as up once it listens there itself and ``ready_path``
+    answers; when the port was taken in between it exits ("address already in use") and is started
+    again on another (``support.ports.launch``). So the arguments are a function of the port, and
+    ``port``/``url`` are known once started. ``port=`` pins the port (no retry).
+    """
+
+    def __init__(
+        self, module: str, args: Callable[[int], list[str]], ready_path: str = "/", port: int | None = None
+    ) -> None:
+        self.module, self.args, self.ready_path = module, args, ready_path
+        self.port = port or 0
+        self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] | None = None
+        self._pinned = port
         self._log = tempfile.NamedTemporaryFile(prefix=f"{module}-", suffix=".log", delete=False)
+
+    def prepare(self, port: int) -> None:
+        """Called before each start attempt, with the port it is for (GatewayProcess writes its config)."""
+
+    def _spawn(self, port: int) -> subprocess.Popen[bytes]:
+        self._log.seek(0)
+        self._log.truncate()  # the log of this attempt only
+        self.prepare(port)
+        command = [sys.executable, "-m", self.module, *self.args(port)]
+        return subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
 
     def start(self) -> Self:
         if self.process is None:
-            command = [sys.executable, "-m", self.module, *self.args]
-            self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
             try:
+                self.process, self.port = launch(self._spawn, self.log, what=self.module, port=self._pinned)
+                self.url = f"http://127.0.0.1:{self.port}"
                 wait_for_http(self.url + self.ready_path, process=self.process)
             except Exception as exc:
                 log = self.log()
@@ -60,13 +78,8 @@ class ServerProcess:
 
     def stop(self) -> None:
         """Terminate, kill after 5 s, delete the log; safe to call twice."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop(self.process)
         if not self._log.closed:
             self._log.close()
             os.unlink(self._log.name)
@@ -171,36 +184,47 @@ def start_idp(**opts: Any) -> IdPProcess:
     given, the issuer is the IdP's own URL (``.url``), which OIDC discovery needs; ``redirect_uri=`` takes
     a URI or a list (none: any loopback URI is accepted).
     """
-    port = free_port()
     owns_public_key = opts.get("algorithm") == "RS256" and "public_key_out" not in opts
     if owns_public_key:
         fd, opts["public_key_out"] = tempfile.mkstemp(prefix="idp-", suffix=".pem")
         os.close(fd)
-    args = ["--host", "127.0.0.1", "--port", str(port)]
+    flags: list[str] = []
     for key, value in opts.items():
         flag = f"--{key.replace('_', '-')}"
         if isinstance(value, bool):
-            args += [flag] if value else []
+            flags += [flag] if value else []
             continue
         for item in value if isinstance(value, list) else [value]:
-            args += [flag, "" if item is None else str(item)]
+            flags += [flag, "" if item is None else str(item)]
+
+    def args(port: int) -> list[str]:
+        return ["--host", "127.0.0.1", "--port", str(port), *flags]
+
     # Ready when the admin API answers (polling /jwks would count in jwks_requests).
-    idp = IdPProcess("gateway.demo.idp", args, f"http://127.0.0.1:{port}", ready_path="/_admin/stats")
+    idp = IdPProcess("gateway.demo.idp", args, ready_path="/_admin/stats")
     idp.public_key_path, idp._owns_public_key = opts.get("public_key_out"), owns_public_key
     return idp.start()
 
 
 def start_upstream() -> ServerProcess:
     """Start the echo upstream ``gateway.demo.upstream``."""
-    port = free_port()
-    args = ["--host", "127.0.0.1", "--port", str(port)]
-    return ServerProcess("gateway.demo.upstream", args, f"http://127.0.0.1:{port}").start()
+    return ServerProcess("gateway.demo.upstream", lambda port: ["--host", "127.0.0.1", "--port", str(port)]).start()
 
 
 class GatewayProcess(ServerProcess):
     """``gateway serve`` as a real process (several uvicorn workers when asked)."""
 
     config_path: str = ""
+    config: dict[str, Any] | Callable[[int], dict[str, Any]] = {}
+    workers: int = 1
+
+    def prepare(self, port: int) -> None:
+        """Write the config for this port (a config may name the gateway's own URL)."""
+        import yaml
+
+        data = self.config(port) if callable(self.config) else self.config
+        with open(self.config_path, "w") as handle:
+            yaml.safe_dump(data, handle)
 
     def stop(self) -> None:
         super().stop()
@@ -212,18 +236,25 @@ class GatewayProcess(ServerProcess):
 
 
 def start_gateway(
-    config: dict[str, Any], *, workers: int = 1, env: dict[str, str] | None = None, port: int | None = None
+    config: dict[str, Any] | Callable[[int], dict[str, Any]],
+    *,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> GatewayProcess:
-    """Write ``config`` as YAML and run ``python -m gateway serve`` on ``port`` (default: a free one)."""
-    import yaml
+    """Write ``config`` as YAML and run ``python -m gateway serve`` on a port of its own (``port=`` pins it).
 
-    port = port or free_port()
+    ``config`` may be a function of the port, for a config that names the gateway's own URL (an OIDC
+    redirect_url): it is written again for each port tried.
+    """
     fd, path = tempfile.mkstemp(prefix="gateway-", suffix=".yaml")
-    with os.fdopen(fd, "w") as handle:
-        yaml.safe_dump(config, handle)
-    args = ["serve", "--config", path, "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
-    gateway = GatewayProcess("gateway", args, f"http://127.0.0.1:{port}", ready_path="/.gateway/health")
-    gateway.config_path = path
+    os.close(fd)
+
+    def args(port: int) -> list[str]:
+        return ["serve", "--config", path, "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+
+    gateway = GatewayProcess("gateway", args, ready_path="/.gateway/health", port=port)
+    gateway.config_path, gateway.config, gateway.workers = path, config, workers
     if env:
         gateway.env = {**os.environ, **env}
     return gateway.start()

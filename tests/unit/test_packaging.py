@@ -16,7 +16,7 @@ import yaml
 from gateway.app import create_app
 from gateway.config import GatewayConfig, ServerConfig, parse_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # tests/unit/ -> the checkout
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 CONFIG_PATH = "/etc/gateway/gateway.yaml"
 PREFIX = ServerConfig().prefix

@@ -7,15 +7,16 @@ none may fail with 500, the IdP sees at most one refresh, and the session carrie
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from support.redis_servers import SentinelSetup, start_sentinel_setup
 from support.servers import IdPProcess, ServerProcess, start_gateway, start_idp, start_upstream
+from support.waiting import wait_until
 from test_refresh_process import ACCESS, IDP_SECRET, REFRESH, cookie_header, gateway_config, refresh_calls, set_cookies
 
 pytestmark = pytest.mark.slow
@@ -71,14 +72,17 @@ def test_master_killed_during_refresh_storm(
         session = idp.issue("alice", access_ttl=-60)
         before = refresh_calls(idp)
         idp.behaviour(latency=1.5)  # the lock holder is still at the IdP when the master dies
-        killer = threading.Timer(0.5, sentinel_setup.kill_master)
-        killer.start()
-        try:
+
+        def kill_while_at_the_idp() -> None:
+            wait_until(lambda: refresh_calls(idp) > before, "the lock holder's refresh reached the IdP", timeout=20)
+            sentinel_setup.kill_master()
+
+        with ThreadPoolExecutor(1) as pool:
+            killed = pool.submit(kill_while_at_the_idp)
             results = asyncio.run(
                 _storm(f"{gateway.url}/storm", cookie_header(session["access"], session["refresh"]), 100)
             )
-        finally:
-            killer.join()
+            killed.result()
         idp.behaviour(latency=0)
 
         assert all(response is not None for _, response in results), "a request hung past 25 s"

@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from support.waiting import until
 
 from gateway import redemption
 from gateway.authn import AuthResult
@@ -202,7 +203,7 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_shared_idp_call(build
     old = h.session()
     leaving = asyncio.create_task(h.refresher.refresh(old.refresh, old.access))
     staying = asyncio.create_task(h.refresher.refresh(old.refresh, old.access))
-    await asyncio.sleep(0.05)
+    await until(lambda: h.idp.counters.refresh_calls == 1, "the shared call is at the IdP")  # for 0.2 s
     leaving.cancel()
     result = await staying
     assert_refreshed(result, old.refresh)
@@ -326,7 +327,7 @@ async def test_an_attempt_whose_owner_is_still_within_its_deadline_is_waited_for
     owner = build(app=h.app, store=h.store, clock=h.clock)  # another worker, same store
     assert await h.store.acquire(keys.lock, "slow-owner", 60)
     waiting = asyncio.create_task(h.refresher.refresh(old.refresh, old.access))
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a negative check: it keeps waiting (and calls nobody) while the owner holds on
     assert not waiting.done() and h.idp.counters.refresh_calls == 0
     await h.store.release(keys.lock, "slow-owner")  # the owner gave up before sending: nothing recorded
     done = await asyncio.wait_for(waiting, 5)
@@ -713,7 +714,7 @@ async def test_a_logout_during_a_refresh_is_not_undone_by_the_owners_write_out(b
     h.idp.behaviour.latency = 0.3
     old = h.session()
     flight = asyncio.create_task(h.refresher.refresh(old.refresh, old.access))
-    await asyncio.sleep(0.1)  # the owner is at the IdP
+    await until(lambda: h.idp.counters.refresh_calls == 1, "the owner is at the IdP")  # for 0.3 s
     await h.refresher.end_session(old.refresh)
     ended = await flight
     assert ended.reason == "session_ended" and ended.claims is None
@@ -791,7 +792,7 @@ async def test_releasing_a_lease_never_hangs_even_if_its_renewal_swallows_the_ca
     block = asyncio.Event()
 
     class Swallowing(BrokenStore):
-        renewing = False
+        renewing = swallowed = False
 
         async def renew(self, key: str, owner: str, lease: float) -> bool:
             self.renewing = True
@@ -799,7 +800,7 @@ async def test_releasing_a_lease_never_hangs_even_if_its_renewal_swallows_the_ca
                 try:
                     await block.wait()
                 except asyncio.CancelledError:
-                    pass  # the reply lands with the cancellation: the cancellation is lost
+                    self.swallowed = True  # the reply lands with the cancellation: the cancellation is lost
             return await self._inner.renew(key, owner, lease)
 
     store = Swallowing(MemoryStore("gw:"))
@@ -808,7 +809,7 @@ async def test_releasing_a_lease_never_hangs_even_if_its_renewal_swallows_the_ca
     while not store.renewing:
         await asyncio.sleep(0.05)
     releasing = asyncio.create_task(lease.release())
-    await asyncio.sleep(0.05)
+    await until(lambda: store.swallowed, "the release cancelled the renewal, which swallowed it")
     block.set()
     await asyncio.wait_for(releasing, 3)
     assert await store.holder("lock:{h}") is None

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
+from support.waiting import announcements_arrive
 
 from gateway.denylist import KEY, Denylist
 from gateway.errors import StoreError
@@ -58,7 +58,7 @@ async def test_denied_entry_expires_with_the_token(store: Store) -> None:
         await denylist.deny("short", time.time() + 0.3)
         await denylist.deny("long", time.time() + 60)
         assert "short" in denylist and "long" in denylist
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.4)  # past the short one's expiry (0.3 s): expiring is the point
         assert "short" not in denylist and "long" in denylist
     finally:
         await denylist.close()
@@ -94,7 +94,12 @@ async def test_another_process_refuses_within_a_second(redis_url: str, key_prefi
     await mine.start()
     await theirs.start()
     try:
-        await asyncio.sleep(0.1)  # both sync loops are watching
+        # Both sync loops are watching: announcements flow to both stores, and each loop has loaded once
+        # (it registers its watch before it loads, so it hears of whatever comes after).
+        await announcements_arrive(here)
+        await announcements_arrive(there)
+        await mine.deny("warm-up", time.time() + 60)
+        await seen_within(lambda: "warm-up" in theirs, 5.0)
         for n in range(3):
             jti = f"revoked-{n}"
             started = time.monotonic()
@@ -113,9 +118,10 @@ async def test_a_lost_announcement_is_caught_by_the_poll(redis_url: str, key_pre
     store = RedisStore(redis_url, key_prefix)
     denylist = Denylist(store, poll=0.3)
     client = aioredis.Redis.from_url(redis_url)
+    await client.zadd(f"{key_prefix}{KEY}", {"earlier": time.time() + 60})
     await denylist.start()
     try:
-        await asyncio.sleep(0.1)
+        await seen_within(lambda: "earlier" in denylist, 5.0)  # the first load is done: what follows is the poll's
         await client.zadd(f"{key_prefix}{KEY}", {"silent": time.time() + 60})
         elapsed = await seen_within(lambda: "silent" in denylist, 1.0)
         assert elapsed < 1.0
@@ -125,22 +131,15 @@ async def test_a_lost_announcement_is_caught_by_the_poll(redis_url: str, key_pre
         await store.close()
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def test_store_down_deny_still_refuses_here() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{_closed_port()}/0", "gwtest:", socket_timeout=0.2)
+async def test_store_down_deny_still_refuses_here(closed_port: int) -> None:
+    store = RedisStore(f"redis://127.0.0.1:{closed_port}/0", "gwtest:", socket_timeout=0.2)
     denylist = Denylist(store, poll=0.1)
     try:
         await denylist.start()  # no exception: the gateway must come up without its store
         with pytest.raises(StoreError):
             await denylist.deny("jti", time.time() + 60)
         assert "jti" in denylist  # refused locally although the store never heard of it
-        await asyncio.sleep(0.8)  # several failed sync rounds
+        await asyncio.sleep(0.8)  # several failed sync rounds (poll 0.1 s): what they leave is the point
         task = denylist._task
         assert task is not None and not task.done(), "the sync loop died"
         assert "jti" in denylist  # a failed reload keeps the local copy
@@ -158,7 +157,7 @@ async def test_local_denial_survives_reload_that_does_not_know_it(redis_url: str
         denylist._local["unshared"] = time.time() + 60  # as deny() leaves it when the write fails
         await store.add_member(KEY, "shared", time.time() + 60)
         await seen_within(lambda: "shared" in denylist, 1.0)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a few more reloads (poll 0.1 s), none of which may drop it
         assert "unshared" in denylist
     finally:
         await denylist.close()

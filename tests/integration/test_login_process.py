@@ -13,7 +13,6 @@ import pytest
 from support.servers import (
     GatewayProcess,
     IdPProcess,
-    free_port,
     start_gateway,
     start_idp,
     start_upstream,
@@ -28,29 +27,32 @@ def idp() -> Iterator[IdPProcess]:
 
 @pytest.fixture(scope="module")
 def gateway(idp: IdPProcess, redis_url: str) -> Iterator[GatewayProcess]:
-    port = free_port()
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
     with start_upstream() as upstream:
-        config: dict[str, Any] = {
-            "store": {"url": redis_url, "key_prefix": f"gwtest:{os.urandom(4).hex()}:", "secret": "login-tests-secret"},
-            "tokens": {
-                "algorithms": ["RS256"],
-                "jwks_url": f"{idp.url}/jwks",
-                "issuer": idp.url,
-                "audience": "legacy-app",
-            },
-            "refresh": {"endpoint": f"{idp.url}/token", "client_id": "legacy-app", "client_secret": "demo-secret"},
-            "cookies": {"secure": False},
-            "login": {
-                "oidc": {
+
+        def config(port: int) -> dict[str, Any]:  # the gateway's own URL is in it: written for the port it gets
+            return {
+                "store": {"url": redis_url, "key_prefix": prefix, "secret": "login-tests-secret"},
+                "tokens": {
+                    "algorithms": ["RS256"],
+                    "jwks_url": f"{idp.url}/jwks",
                     "issuer": idp.url,
-                    "client_id": "legacy-app",
-                    "client_secret": "demo-secret",
-                    "redirect_url": f"http://127.0.0.1:{port}/.gateway/callback",
-                }
-            },
-            "routes": [{"name": "app", "path": "/", "upstream": upstream.url}],
-        }
-        with start_gateway(config, workers=2, port=port) as server:
+                    "audience": "legacy-app",
+                },
+                "refresh": {"endpoint": f"{idp.url}/token", "client_id": "legacy-app", "client_secret": "demo-secret"},
+                "cookies": {"secure": False},
+                "login": {
+                    "oidc": {
+                        "issuer": idp.url,
+                        "client_id": "legacy-app",
+                        "client_secret": "demo-secret",
+                        "redirect_url": f"http://127.0.0.1:{port}/.gateway/callback",
+                    }
+                },
+                "routes": [{"name": "app", "path": "/", "upstream": upstream.url}],
+            }
+
+        with start_gateway(config, workers=2) as server:
             yield server
 
 

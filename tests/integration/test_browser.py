@@ -22,14 +22,15 @@ from typing import Any
 import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, Request, sync_playwright
+from support.ports import refused_port
 from support.servers import (
     GatewayProcess,
     IdPProcess,
     ServerProcess,
-    free_port,
     start_gateway,
     start_idp,
 )
+from support.workers import WorkerClients
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -104,46 +105,49 @@ def recorder() -> Iterator[Recorder]:
 
 @pytest.fixture(scope="module")
 def gateway(idp: IdPProcess, upstream: ServerProcess, recorder: Recorder, redis_url: str) -> Iterator[GatewayProcess]:
-    port = free_port()
-    config: dict[str, Any] = {
-        "store": {"url": redis_url, "key_prefix": f"gwtest:{os.urandom(4).hex()}:", "secret": "browser-tests-secret"},
-        "tokens": {
-            "algorithms": ["RS256"],
-            "jwks_url": f"{idp.url}/jwks",
-            "issuer": idp.url,
-            "audience": "legacy-app",
-            "leeway": 0,
-            "refresh_before": 1,
-        },
-        "refresh": {
-            "endpoint": f"{idp.url}/token",
-            "style": "oauth2",
-            "client_id": "legacy-app",
-            "client_secret": "demo-secret",
-            "revocation_endpoint": f"{idp.url}/revoke",
-        },
-        "cookies": {"secure": False},
-        "login": {
-            "oidc": {
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+
+    def config(port: int) -> dict[str, Any]:  # the gateway's own URL is in it: written for the port it gets
+        return {
+            "store": {"url": redis_url, "key_prefix": prefix, "secret": "browser-tests-secret"},
+            "tokens": {
+                "algorithms": ["RS256"],
+                "jwks_url": f"{idp.url}/jwks",
                 "issuer": idp.url,
+                "audience": "legacy-app",
+                "leeway": 0,
+                "refresh_before": 1,
+            },
+            "refresh": {
+                "endpoint": f"{idp.url}/token",
+                "style": "oauth2",
                 "client_id": "legacy-app",
                 "client_secret": "demo-secret",
-                "redirect_url": f"http://127.0.0.1:{port}/.gateway/callback",
-            }
-        },
-        "routes": [
-            {
-                "name": "login",
-                "path": "/api/token/",
-                "upstream": idp.url,
-                "auth": "none",
-                "capture": {"access": "access", "refresh": "refresh"},
+                "revocation_endpoint": f"{idp.url}/revoke",
             },
-            {"name": "transfer", "path": "/transfer", "upstream": recorder.url},
-            {"name": "app", "path": "/", "upstream": upstream.url},
-        ],
-    }
-    with start_gateway(config, workers=2, port=port) as server:
+            "cookies": {"secure": False},
+            "login": {
+                "oidc": {
+                    "issuer": idp.url,
+                    "client_id": "legacy-app",
+                    "client_secret": "demo-secret",
+                    "redirect_url": f"http://127.0.0.1:{port}/.gateway/callback",
+                }
+            },
+            "routes": [
+                {
+                    "name": "login",
+                    "path": "/api/token/",
+                    "upstream": idp.url,
+                    "auth": "none",
+                    "capture": {"access": "access", "refresh": "refresh"},
+                },
+                {"name": "transfer", "path": "/transfer", "upstream": recorder.url},
+                {"name": "app", "path": "/", "upstream": upstream.url},
+            ],
+        }
+
+    with start_gateway(config, workers=2) as server:
         yield server
 
 
@@ -356,30 +360,31 @@ def test_token_capture_keeps_the_refresh_token_from_the_page(context: BrowserCon
 def test_cross_origin_form_post_is_refused(session: Page, gateway: GatewayProcess, recorder: Recorder) -> None:
     # Another origin on the same host (another port): the same *site*, so SameSite=Lax still sends the
     # session cookies along and only the gateway's Origin check stands between the form and the app.
-    attack = f"http://127.0.0.1:{free_port()}/attack"
-    form = f"""<!doctype html><title>win a prize</title>
+    with refused_port() as port:  # nothing answers there: the page comes from the route below
+        attack = f"http://127.0.0.1:{port}/attack"
+        form = f"""<!doctype html><title>win a prize</title>
 <form method="post" action="{gateway.url}/transfer"><input name="amount" value="1000"></form>
 <script>document.forms[0].submit()</script>"""
-    session.route(attack, lambda route: route.fulfill(status=200, content_type="text/html", body=form))
-    seen = len(recorder.requests)
-    try:
-        with session.expect_response(f"{gateway.url}/transfer") as posted:
-            session.goto(attack)
-        response = posted.value
-        assert response.request.method == "POST"
-        assert response.status == 403
-        assert "csrf" in response.text()
-    finally:
-        session.unroute(attack)
-    assert len(recorder.requests) == seen, "the refused POST reached the upstream"
-    # The same browser, from the gateway's own page: passes, as the user.
-    session.goto(f"{gateway.url}/home")
-    same_origin = session.evaluate(FETCH, ["/transfer", "POST", {"amount": 5}])
-    assert same_origin["status"] == 200
-    assert len(recorder.requests) == seen + 1
-    arrived = recorder.requests[-1]
-    assert arrived["method"] == "POST" and arrived["body"] == b'{"amount":5}'
-    assert {k.lower(): v for k, v in arrived["headers"].items()}["x-auth-user"] == "alice"
+        session.route(attack, lambda route: route.fulfill(status=200, content_type="text/html", body=form))
+        seen = len(recorder.requests)
+        try:
+            with session.expect_response(f"{gateway.url}/transfer") as posted:
+                session.goto(attack)
+            response = posted.value
+            assert response.request.method == "POST"
+            assert response.status == 403
+            assert "csrf" in response.text()
+        finally:
+            session.unroute(attack)
+        assert len(recorder.requests) == seen, "the refused POST reached the upstream"
+        # The same browser, from the gateway's own page: passes, as the user.
+        session.goto(f"{gateway.url}/home")
+        same_origin = session.evaluate(FETCH, ["/transfer", "POST", {"amount": 5}])
+        assert same_origin["status"] == 200
+        assert len(recorder.requests) == seen + 1
+        arrived = recorder.requests[-1]
+        assert arrived["method"] == "POST" and arrived["body"] == b'{"amount":5}'
+        assert {k.lower(): v for k, v in arrived["headers"].items()}["x-auth-user"] == "alice"
 
 
 def test_cross_site_page_cannot_open_a_websocket_on_the_session(session: Page, gateway: GatewayProcess) -> None:
@@ -423,16 +428,24 @@ def test_logout_ends_the_session_everywhere(context: BrowserContext, gateway: Ga
     log_in(page, gateway, idp)
     old = session_cookies(context)
     revocations = idp.stats()["revocations"]
-    out = page.evaluate(FETCH, ["/.gateway/logout", "POST", None])
-    assert out["status"] == 204
-    assert session_cookies(context) == {}
-    assert idp.stats()["revocations"] == revocations + 1
-    # A copy of the old access token, replayed outside the browser, is refused by every worker.
-    for _ in range(4):
-        bearer = httpx.get(f"{gateway.url}/api/x", headers={"Authorization": f"Bearer {old[ACCESS]['value']}"})
-        cookie = httpx.get(f"{gateway.url}/api/x", headers={"Cookie": f"{ACCESS}={old[ACCESS]['value']}"})
-        for replay in (bearer, cookie):
-            assert replay.status_code == 401 and replay.json()["reason"] == "token_revoked", replay.text
+    with WorkerClients(gateway) as workers:  # a connection held by each of the gateway's workers
+        out = page.evaluate(FETCH, ["/.gateway/logout", "POST", None])
+        logged_out = time.monotonic()
+        assert out["status"] == 204
+        assert session_cookies(context) == {}
+        assert idp.stats()["revocations"] == revocations + 1
+        # A copy of the old access token, replayed outside the browser, is refused by every worker (the
+        # others hear of it through the store: within a second).
+        token = old[ACCESS]["value"]
+        replays = [("GET", f"{gateway.url}/api/x", {"Authorization": f"Bearer {token}"})] * 4
+        replays += [("GET", f"{gateway.url}/api/x", {"Cookie": f"{ACCESS}={token}"})] * 4
+        while True:
+            served = workers.batch(replays)
+            if {s.worker for s in served} == set(workers.pids) and all(
+                s.response.status_code == 401 and s.response.json()["reason"] == "token_revoked" for s in served
+            ):
+                break
+            assert time.monotonic() - logged_out < 1.0, [(s.worker, s.response.text) for s in served]
     # So is the old refresh token.
     stale = httpx.get(f"{gateway.url}/api/x", headers={"Cookie": f"{REFRESH}={old[REFRESH]['value']}"})
     assert stale.status_code == 401

@@ -325,16 +325,9 @@ async def test_a_timeout_after_the_request_was_sent_is_an_answer_lost() -> None:
         await server.wait_closed()
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-async def test_connection_refused_is_unavailable() -> None:
+async def test_connection_refused_is_unavailable(closed_port: int) -> None:
     async with httpx.AsyncClient() as http:
-        client = IdPClient(oauth2(endpoint=f"http://127.0.0.1:{closed_port()}/token"), http)
+        client = IdPClient(oauth2(endpoint=f"http://127.0.0.1:{closed_port}/token"), http)
         with pytest.raises(IdPUnavailable, match="unreachable"):
             await client.redeem("old-refresh")
 
@@ -365,7 +358,9 @@ async def test_revoke_request_shape(http: Callable[[Any], httpx.AsyncClient]) ->
     }
 
 
-async def test_revoke_unconfigured_or_failing_is_false(http: Callable[[Any], httpx.AsyncClient]) -> None:
+async def test_revoke_unconfigured_or_failing_is_false(
+    http: Callable[[Any], httpx.AsyncClient], closed_port: int
+) -> None:
     app, idp = demo()
     pair = idp.start_session("alice")
     assert await IdPClient(oauth2(revocation_endpoint=None), http(app)).revoke(pair.refresh) is False
@@ -374,7 +369,7 @@ async def test_revoke_unconfigured_or_failing_is_false(http: Callable[[Any], htt
     refusing = Scripted(lambda: JSONResponse({"error": "unsupported_token_type"}, status_code=400))
     assert await IdPClient(oauth2(), http(refusing.app)).revoke(pair.refresh) is False
     async with httpx.AsyncClient() as real:
-        unreachable = oauth2(revocation_endpoint=f"http://127.0.0.1:{closed_port()}/revoke")
+        unreachable = oauth2(revocation_endpoint=f"http://127.0.0.1:{closed_port}/revoke")
         assert await IdPClient(unreachable, real).revoke(pair.refresh) is False
 
 

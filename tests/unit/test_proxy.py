@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from support.waiting import until
 
 from gateway.errors import UpstreamFailure
 from gateway.forwarder import AiohttpForwarder, chunks, upstream_url
@@ -77,14 +78,10 @@ async def test_one_host_header_whatever_the_client_sent(forwarder: AiohttpForwar
     assert [h.lower() for h in hostless] == [f"host: {url.removeprefix('http://')}"]
 
 
-async def test_unreachable_upstream_is_an_upstream_failure(forwarder: AiohttpForwarder) -> None:
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
+async def test_unreachable_upstream_is_an_upstream_failure(forwarder: AiohttpForwarder, closed_port: int) -> None:
     with pytest.raises(UpstreamFailure) as failure:
         await forwarder.send(
-            "GET", upstream_url(f"http://127.0.0.1:{port}/"), [], None, connect_timeout=2, read_timeout=2
+            "GET", upstream_url(f"http://127.0.0.1:{closed_port}/"), [], None, connect_timeout=2, read_timeout=2
         )
     assert failure.value.timeout is False
 
@@ -96,10 +93,12 @@ class Silent:
         self.answer = answer
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
+        self.requests = 0  # request heads received so far
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
         await reader.readuntil(b"\r\n\r\n")
+        self.requests += 1
         writer.write(self.answer)
         await reader.read()  # until the gateway hangs up
 
@@ -124,7 +123,7 @@ async def test_no_answer_within_the_read_timeout_is_a_timeout(forwarder: Aiohttp
         # The timeout's cancellation was taken back: the request's task goes on undisturbed.
         task = asyncio.current_task()
         assert task is not None and task.cancelling() == 0
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # a cancellation still pending for this task would be raised here
 
 
 async def test_a_body_that_stops_coming_is_a_timeout(forwarder: AiohttpForwarder) -> None:
@@ -140,11 +139,12 @@ async def test_a_body_that_stops_coming_is_a_timeout(forwarder: AiohttpForwarder
 async def test_a_cancelled_request_stays_cancelled(forwarder: AiohttpForwarder) -> None:
     # Cancellation from outside (a server shutting down) is not a timeout, even when the read
     # timeout fires while it is under way.
-    async with Silent() as url:
+    silent = Silent()
+    async with silent as url:
         request = asyncio.create_task(
             forwarder.send("GET", upstream_url(url), [], None, connect_timeout=2, read_timeout=30)
         )
-        await asyncio.sleep(0.01)
+        await until(lambda: silent.requests == 1, "the request reached the upstream")
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request
@@ -153,7 +153,10 @@ async def test_a_cancelled_request_stays_cancelled(forwarder: AiohttpForwarder) 
         both = asyncio.create_task(
             forwarder.send("GET", upstream_url(url), [], None, connect_timeout=2, read_timeout=30)
         )
-        await asyncio.sleep(0.01)
+        await until(
+            lambda: silent.requests == 2 and bool(forwarder._deadlines._due),
+            "the request is waiting for its answer, its read deadline set",
+        )
         for _, expire in list(forwarder._deadlines._due.values()):
             expire()
         both.cancel()

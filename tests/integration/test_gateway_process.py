@@ -13,14 +13,21 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from support.servers import GatewayProcess, ServerProcess, free_port, start_gateway, start_idp
+from support.metrics import metric_value
+from support.ports import refused_port
+from support.servers import GatewayProcess, ServerProcess, start_gateway, start_idp
+from support.waiting import wait_until
 
 SECRET = "integration-secret-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
 def gateway(upstream: ServerProcess) -> Iterator[GatewayProcess]:
-    dead = f"http://127.0.0.1:{free_port()}"
+    with refused_port() as port:  # held for the module: connections to it are refused, nobody else takes it
+        yield from _gateway(upstream, dead=f"http://127.0.0.1:{port}")
+
+
+def _gateway(upstream: ServerProcess, dead: str) -> Iterator[GatewayProcess]:
     config: dict[str, Any] = {
         "tokens": {"algorithms": ["HS256"], "secret": SECRET, "issuer": "https://idp.test", "audience": "legacy-app"},
         "cookies": {"secure": False},
@@ -281,9 +288,18 @@ def test_status_and_html_passthrough(gateway: GatewayProcess) -> None:
 def test_internal_endpoints(gateway: GatewayProcess) -> None:
     assert httpx.get(f"{gateway.url}/.gateway/health").json() == {"status": "ok"}
     assert httpx.get(f"{gateway.url}/.gateway/ready").status_code == 200
-    httpx.get(f"{gateway.url}/hello")
-    text = gateway.metrics()
-    assert "gateway_requests_total" in text and "gateway_denials_total" in text
+
+    def counted() -> tuple[float, float]:
+        text = gateway.metrics()
+        requests = metric_value(text, "gateway_requests_total", route="app", method="GET", status="401")
+        return requests, metric_value(text, "gateway_denials_total", reason="no_token")
+
+    before = counted()
+    assert httpx.get(f"{gateway.url}/hello").status_code == 401
+    wait_until(  # another worker's numbers reach a scrape within a second
+        lambda: all(now > then for now, then in zip(counted(), before, strict=True)),
+        "the refused request is counted in gateway_requests_total and gateway_denials_total",
+    )
 
 
 def test_no_token_in_logs(gateway: GatewayProcess) -> None:
@@ -304,7 +320,7 @@ def test_rs256_with_jwks_from_a_real_idp(upstream: ServerProcess) -> None:
             session = idp.issue("bob")
             data = echo(httpx.get(f"{gw.url}/x", headers={"Cookie": f"gw_access={session['access']}"}))
             assert data["h"]["x-auth-user"] == ["bob"]
-            assert 'gateway_jwks_fetches_total{result="ok"} 1.0' in gw.metrics()
+            assert metric_value(gw.metrics(), "gateway_jwks_fetches_total", result="ok") == 1.0
             # HS256 signed with the RSA public key: the classic algorithm-confusion attack.
             assert idp.public_key_path is not None
             with open(idp.public_key_path, "rb") as handle:

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 from uuid import uuid4
 
 import pytest
 import redis.asyncio as aioredis
+from support.waiting import announcements_arrive, until
 
 from gateway.config import SentinelConfig
 from gateway.errors import StoreError
 from gateway.store import MemoryStore, RecordKeys, Store, open_store
 from gateway.store.redis import RedisStore
 
-TTL = 0.2
+TTL = 0.2  # tests about expiry sleep past it (TTL + 0.1 s): the wait is what they test
 
 
 @pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
@@ -128,6 +128,8 @@ async def test_late_release_never_deletes_next_owners_lock(store: Store) -> None
 
 
 async def test_wait_woken_by_set_notify(store: Store) -> None:
+    await announcements_arrive(store)
+
     async def writer() -> None:
         await asyncio.sleep(0.05)
         await store.set("result:{h}", b"tokens", 5, notify=True)
@@ -143,8 +145,11 @@ async def test_wait_woken_by_set_notify(store: Store) -> None:
 
 async def test_wait_woken_by_release(store: Store) -> None:
     assert await store.acquire("lock:{h}", "a", 5)
+    await announcements_arrive(store)
     waiting = asyncio.create_task(store.wait("lock:{h}", 2.0))
-    await asyncio.sleep(0.1)
+    # One loop step: with the subscription up, wait() registers its interest before it first suspends.
+    await asyncio.sleep(0)
+    assert not waiting.done()
     assert await store.release("lock:{h}", "a")
     assert await asyncio.wait_for(waiting, 1.0)
 
@@ -165,15 +170,17 @@ async def test_failed_release_does_not_announce(store: Store) -> None:
 
 
 async def test_register_then_check_does_not_miss_announcement(store: Store) -> None:
+    await announcements_arrive(store)
     async with store.watch("result:{h}") as waiter:
         assert await store.get("result:{h}") is None
         # The announcement lands between the caller's check and its wait.
         await store.set("result:{h}", b"tokens", 5, notify=True)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # the announcement arrives before wait() is called: it is remembered
         assert await waiter.wait(1.0)
 
 
 async def test_one_notify_wakes_many_waiters(store: Store) -> None:
+    await announcements_arrive(store)
     registered = 0
     all_registered = asyncio.Event()
 
@@ -234,6 +241,7 @@ async def test_all_members_expired_then_a_new_one_is_visible(store: Store) -> No
 
 
 async def test_add_member_wakes_a_watcher_of_the_key(store: Store) -> None:
+    await announcements_arrive(store)
     async with store.watch("denylist") as waiter:
         started = time.monotonic()
         await store.add_member("denylist", "jti", time.time() + 30)
@@ -335,15 +343,8 @@ async def test_keys_are_prefixed(redis_url: str, key_prefix: str) -> None:
 # --- redis failures ---
 
 
-def _unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def test_unreachable_redis_fails_fast() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{_unused_port()}/0", "gwtest:")
+async def test_unreachable_redis_fails_fast(closed_port: int) -> None:
+    store = RedisStore(f"redis://127.0.0.1:{closed_port}/0", "gwtest:")
     try:
         for call in (store.get("k"), store.acquire("lock:{h}", "a", 5), store.ping()):
             started = time.monotonic()
@@ -391,7 +392,12 @@ async def test_subscriber_reconnects_after_connection_drop(redis_url: str, key_p
         subscribers = [c for c in await client.client_list(_type="pubsub") if c["name"] == name]
         assert len(subscribers) == 1
         await client.client_kill_filter(_id=subscribers[0]["id"])
-        await asyncio.sleep(0.5)  # the subscriber notices, backs off 0.1 s and subscribes again
+
+        async def subscribed_again() -> bool:  # the subscriber notices, backs off 0.1 s and subscribes again
+            found = await client.client_list(_type="pubsub")
+            return any(c["name"] == name and c["id"] != subscribers[0]["id"] and int(c["sub"]) > 0 for c in found)
+
+        await until(subscribed_again, "this store's subscriber subscribed again", timeout=2.5)
         async with store.watch("result:{h}") as waiter:
             await client.publish(f"{key_prefix}notify", "result:{h}")
             assert await waiter.wait(2.0)

@@ -26,6 +26,8 @@ import redis
 import yaml
 from support.faultproxy import FaultProxy
 from support.servers import GatewayProcess, IdPProcess, ServerProcess, set_cookies, start_gateway, start_idp
+from support.waiting import until, wait_until
+from support.workers import WorkerClients
 from test_refresh_process import ACCESS, IDP_SECRET, REFRESH, cookie_header, gateway_config
 
 from gateway.sealing import Sealer
@@ -87,6 +89,24 @@ async def storm(url: str, cookie: str, count: int) -> list[httpx.Response]:
         return await asyncio.gather(*(client.get(url, headers={"Cookie": cookie}) for _ in range(count)))
 
 
+def store_key(gw: GatewayProcess, key: str) -> str:
+    """``key`` as the gateway names it in Redis (under its config's key prefix)."""
+    return str(yaml.safe_load(Path(gw.config_path).read_text())["store"]["key_prefix"]) + key
+
+
+def let_go(gw: GatewayProcess, redis_url: str) -> bool:
+    """No refresh lock and no attempt record of this gateway is left in Redis: every refresh has let go."""
+    with redis.Redis.from_url(redis_url) as direct:  # not through the proxy
+        return not any(direct.scan_iter(match=store_key(gw, "lock:*"))) and not any(
+            direct.scan_iter(match=store_key(gw, "attempt:*"))
+        )
+
+
+async def at_the_idp(idp: IdPProcess, calls: int = 1) -> None:
+    """Until the IdP has received ``calls`` refresh requests (counted on arrival, before its latency)."""
+    await until(lambda: asyncio.to_thread(lambda: idp.stats()["refresh_calls"] >= calls), "a refresh at the IdP")
+
+
 def assert_one_redemption_each(idp: IdPProcess) -> None:
     """I1, from the IdP's own ledger: no refresh token was ever presented twice."""
     counts = idp.redemption_counts()
@@ -130,7 +150,7 @@ def test_attempt_marker_whose_reply_was_lost_never_becomes_a_logout(
         lost = get(gw, session["access"], session["refresh"])
         assert lost.status_code == 503 and "set-cookie" not in lost.headers
         assert proxy.matched(rule) == 1 and idp.stats()["refresh_calls"] == 0
-        time.sleep(0.5)
+        wait_until(lambda: let_go(gw, redis_url), "the failed refresh cleared its attempt and released its lock")
         up = get(gw, session["access"], session["refresh"])
         assert up.status_code == 200, up.text
         assert idp.stats()["refresh_calls"] == 1
@@ -177,17 +197,25 @@ def test_reuse_of_an_old_token_ends_the_newest_too_with_an_idp_that_ignores_revo
         second = get(gw, None, r1)  # the access cookie gone: refresh again
         assert (first.status_code, second.status_code) == (200, 200)
         a2, r2 = set_cookies(second)[ACCESS].value, set_cookies(second)[REFRESH].value
-        time.sleep(1.5)
+        time.sleep(1.5)  # past the 1 s grace period: R0 is a replay now
         thief = get(gw, r0["access"], r0["refresh"])
         assert thief.status_code == 401 and thief.json()["reason"] == "reuse"
         assert_cleared(thief)
         owner = get(gw, None, r2)  # whoever holds the newest refresh token: over too
         assert owner.status_code == 401 and owner.json()["reason"] == "reuse"
-        deadline = time.monotonic() + 3  # the newest access token: refused on every worker within a second
-        while (bearer := httpx.get(f"{gw.url}/x", headers={"Authorization": f"Bearer {a2}"})).status_code == 200:
-            assert time.monotonic() < deadline, "the family's live access token still works"
-            time.sleep(0.1)
-        assert bearer.status_code == 401 and bearer.json()["reason"] == "token_revoked"
+        # The newest access token: refused on every worker within a second (each answers a part of the batch).
+        with WorkerClients(gw) as workers:
+            deadline = time.monotonic() + 3
+            while True:
+                served = workers.batch([("GET", f"{gw.url}/x", {"Authorization": f"Bearer {a2}"})] * 8)
+                if {s.worker for s in served} == set(workers.pids) and all(
+                    s.response.status_code != 200 for s in served
+                ):
+                    break
+                assert time.monotonic() < deadline, "the family's live access token still works on some worker"
+                time.sleep(0.1)
+        for s in served:
+            assert s.response.status_code == 401 and s.response.json()["reason"] == "token_revoked"
         assert idp.stats()["refresh_calls"] == 2  # the replay never reached the IdP
         assert_one_redemption_each(idp)
         # ...which would still honour R2: only the gateway stands between the thief's session and the app.
@@ -210,7 +238,7 @@ def test_a_logout_during_a_refresh_is_not_undone(idp: IdPProcess, upstream: Serv
             cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
             async with httpx.AsyncClient(timeout=30) as client:
                 refreshing = asyncio.ensure_future(client.get(f"{gw.url}/x", headers=cookie))
-                await asyncio.sleep(0.3)
+                await at_the_idp(idp)  # the refresh is under way (the IdP answers after 1 s)
                 logout = await client.post(f"{gw.url}/.gateway/logout", headers={**cookie, "Origin": gw.url})
                 return await refreshing, logout
 
@@ -317,7 +345,7 @@ def test_an_idp_clock_ahead_of_ours_is_a_503_then_the_same_cookies_work(
             first = get(gw, None, session["refresh"])  # a browser back after a while: the access cookie is gone
             assert first.status_code == 503 and set(set_cookies(first)) == {REFRESH}
             successor = set_cookies(first)[REFRESH].value
-            time.sleep(3.2)
+            time.sleep(3.2)  # the IdP's clock is 3 s ahead of ours: its tokens are valid here now
             back = get(gw, None, successor)
             assert back.status_code == 200, back.text
             assert idp.stats()["refresh_calls"] == 1
@@ -379,7 +407,7 @@ def test_a_sealed_value_copied_to_another_users_key_does_not_unseal(
 ) -> None:
     """Failure 8: someone with write access to Redis, but not the secret, hands Alice's tokens to Bob."""
     with serve(idp, upstream, redis_url, grace_period=30) as gw:
-        prefix = yaml.safe_load(Path(gw.config_path).read_text())["store"]["key_prefix"]
+        prefix = store_key(gw, "")
         alice, bob = expired(idp, "alice"), expired(idp, "bob")
         assert get(gw, alice["access"], alice["refresh"]).status_code == 200
         sealer = Sealer(STORE_SECRET)
@@ -425,16 +453,22 @@ def test_redis_down_during_the_idp_call_the_successor_is_recorded_when_it_is_bac
         session = expired(idp)
         idp.behaviour(latency=1.0)
 
+        result = store_key(gw, RecordKeys(*[Sealer(STORE_SECRET).token_hash(session["refresh"])] * 2).result)
+
+        async def recorded() -> bool:
+            with redis.Redis.from_url(redis_url) as direct:  # not through the proxy
+                return bool(direct.exists(result))
+
         async def scenario() -> tuple[httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(timeout=30) as client:
                 cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
                 owner = asyncio.ensure_future(client.get(f"{gw.url}/a", headers=cookie))
-                await asyncio.sleep(0.4)
+                await at_the_idp(idp)  # the owner's call is in flight (the IdP answers after 1 s)
                 await asyncio.to_thread(proxy.down)
-                await asyncio.sleep(2.0)
+                await asyncio.sleep(2.0)  # Redis is down for 2 s: longer than the IdP call
                 await asyncio.to_thread(proxy.heal)
                 first = await owner
-                await asyncio.sleep(0.5)
+                await until(recorded, "the owner recorded the successor once Redis was back")
                 return first, await client.get(f"{gw.url}/b", headers=cookie)  # another tab, old cookies
 
         first, other_tab = asyncio.run(scenario())

@@ -1,6 +1,6 @@
 """RedisStore beyond one node: building it from StoreConfig, Redis Cluster routing and broadcast, Sentinel failover.
 
-The Store contract itself runs on every topology in tests/test_store.py; these tests cover what only
+The Store contract itself runs on every topology in tests/unit/test_store.py; these tests cover what only
 a topology can get wrong.
 """
 
@@ -18,8 +18,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from support.redis_servers import SentinelSetup, start_cluster, start_sentinel_setup
-from support.servers import free_port
+from support.redis_servers import SentinelSetup, start_cluster, start_redis, start_sentinel_setup
 
 from gateway.config import SentinelConfig, StoreConfig
 from gateway.errors import StoreError
@@ -311,15 +310,13 @@ def _tls_material(directory: Path) -> tuple[Path, Path, Path]:
 async def test_rediss_tls_store(tmp_path: Path) -> None:
     """`rediss://` talks TLS and verifies the server against the CA named in the URL (ssl_ca_certs)."""
     ca, cert, key = _tls_material(tmp_path)
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
-         "--tls-auth-clients", "no"],
-        stdout=subprocess.DEVNULL,
+    server = start_redis(
+        lambda port: ["--port", "0", "--tls-port", str(port),
+                      "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                      "--tls-auth-clients", "no"]
     )  # fmt: skip
-    store = RedisStore(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}", "gwtest:")
-    untrusted = RedisStore(f"rediss://127.0.0.1:{port}/0", "gwtest:")  # the system CAs do not know ours
+    store = RedisStore(f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={ca}", "gwtest:")
+    untrusted = RedisStore(f"rediss://127.0.0.1:{server.port}/0", "gwtest:")  # the system CAs do not know ours
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -340,8 +337,7 @@ async def test_rediss_tls_store(tmp_path: Path) -> None:
     finally:
         await store.close()
         await untrusted.close()
-        server.terminate()
-        server.wait(5)
+        server.stop()
 
 
 async def test_a_write_to_a_connection_the_peer_reset_is_a_store_error(redis_url: str, key_prefix: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import socket
 import time
 from collections.abc import Iterator
@@ -20,6 +19,8 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from support.metrics import metric_value
+from support.ports import connection_owner
 from support.servers import (
     GatewayProcess,
     IdPProcess,
@@ -28,6 +29,7 @@ from support.servers import (
     start_gateway,
     start_idp,
 )
+from support.workers import worker_pids
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -123,15 +125,7 @@ def closed_by(socket: ClientConnection, within: float) -> tuple[int, str]:
 
 def metric(gateway: GatewayProcess, name: str, **labels: str) -> float:
     """A sample's value summed over workers (gauges carry a pid label each with several workers)."""
-    total = 0.0
-    for line in httpx.get(f"{gateway.url}/.gateway/metrics").text.splitlines():
-        found = re.fullmatch(rf"{name}(?:{{(.*)}})? (\S+)", line)
-        if found is None:
-            continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(found.group(2))
-    return total
+    return metric_value(gateway.metrics(), name, **labels)
 
 
 # --- handshake ------------------------------------------------------------------------------
@@ -276,8 +270,14 @@ def log_out(gateway: GatewayProcess, access: str, refresh: str) -> None:
 def test_logout_closes_the_sessions_sockets_in_every_worker(gateway: GatewayProcess, idp: IdPProcess) -> None:
     access, refresh = log_in(gateway)
     cookie = f"{ACCESS}={access}; {REFRESH}={refresh}"
+    workers = set(worker_pids(gateway, gateway.workers))
     with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(open_socket(gateway, Cookie=cookie, Origin=gateway.url)) for _ in range(4)]
+        sockets: list[ClientConnection] = []
+        held_by: set[int | None] = set()  # which worker holds each socket, read from /proc
+        while len(sockets) < 4 or not workers <= held_by:  # four at least, and one in each worker
+            assert len(sockets) < 40, f"the session's sockets never reached every worker: {held_by} of {workers}"
+            sockets.append(stack.enter_context(open_socket(gateway, Cookie=cookie, Origin=gateway.url)))
+            held_by.add(connection_owner(gateway.port, sockets[-1].socket.getsockname()[1], workers))
         bystander = stack.enter_context(open_socket(gateway, **bearer(idp, "carol")))
         for ws in [*sockets, bystander]:
             hello(ws)
