@@ -11,7 +11,7 @@ from gateway.config import GatewayConfig, ServerConfig
 from gateway.metrics import Metrics
 from gateway.reference import DENIALS, PAGES, main, render_configuration, render_metrics, render_reasons, stale
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # tests/unit/ -> the checkout
 
 
 def _committed(relative: str) -> str:

@@ -1,6 +1,6 @@
 """The request path in-process: the known-token fast path decides exactly as the full path does.
 
-A token verified once is served from a per-pipeline cache afterwards (no signature check, no
+A token verified once is served from the admission fast path (gateway.admission) afterwards (no signature check, no
 header re-parse). These tests make sure the cache is keyed by the credential actually in use and
 that revocation, expiry and per-route claim rules still bite on a cached token.
 """
