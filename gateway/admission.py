@@ -19,10 +19,10 @@ import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from gateway.authn import Authenticator, AuthResult, bearer_token
+from gateway.authn import Authenticator, AuthResult, bearer_token, read_authorization
 from gateway.cache import BoundedCache
 from gateway.cookies import CookieJar
-from gateway.csrf import CSRFGuard
+from gateway.csrf import SAFE_METHODS, CSRFGuard
 from gateway.denylist import Denylist
 from gateway.errors import UnsafeClaim
 from gateway.identity import IdentityHeaders, claims_allowed
@@ -34,18 +34,6 @@ from gateway.types import RawHeaders, Scope, StrHeaders
 
 log = logging.getLogger("gateway")
 
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-class Known(NamedTuple):
-    """A token seen valid before, with what the request path needs from it."""
-
-    claims: dict[str, Any]
-    fresh_until: float  # exp - the refresh margin (Verifier.refresh_margin): after this, the full path decides
-    jti: Any
-    identity: StrHeaders
-    token: str
-
 
 class Admitted(NamedTuple):
     """What admission decided: ``refused`` set means answer that reason (with ``set_cookies``)."""
@@ -56,9 +44,19 @@ class Admitted(NamedTuple):
     set_cookies: list[bytes] | None = None
     refreshed: bool = False
     refused: Reason | None = None
+    bearer: bool = False  # authenticated by the request's own Authorization header
 
 
 ANONYMOUS = Admitted()
+REFUSED_CSRF = Admitted(refused=Reason.CSRF)
+
+
+class Known(NamedTuple):
+    """A token seen valid before, with what admission decided for it (served as is until ``fresh_until``)."""
+
+    admitted: Admitted
+    fresh_until: float  # exp - the refresh margin (Verifier.refresh_margin): after this, the full path decides
+    jti: Any
 
 
 class Admission:
@@ -89,37 +87,55 @@ class Admission:
         # Authorization header value (bytes) or access cookie (str) -> a token verified before.
         self._known: BoundedCache[bytes | str, Known] = BoundedCache()
 
-    async def http(self, scope: Scope, route: Route, authorization: bytes | None, cookies: bool) -> Admitted:
-        """An HTTP request to ``route``; ``authorization`` is its one Authorization header (b"": several)."""
+    def known(
+        self, scope: Scope, route: Route, authorization: bytes | None, count: int, cookies: bool
+    ) -> Admitted | None:
+        """The fast path: what admission decides without awaiting anything, or None for ``http``.
+
+        ``authorization`` is the request's first Authorization header, of ``count``. A token seen
+        valid before is served here; so are auth-less routes and refusals found in the headers.
+        """
         if route.auth == "none":
+            # A login route's captured tokens become the browser's session: logging a victim into
+            # the attacker's account from another site (login CSRF) is refused like any forgery.
+            if route.capture is not None and scope["method"] not in SAFE_METHODS and self._forged(scope):
+                return REFUSED_CSRF
             return ANONYMOUS
+        if authorization is not None:
+            known = self._known.get(authorization) if count == 1 else None
+            if known is None:  # not a Bearer token seen before: read it
+                kind, _ = read_authorization(authorization, count)
+                if kind == "several":
+                    return Admitted(refused=Reason.INVALID_REQUEST)
+                if kind == "malformed":  # never read past, even with a valid cookie riding along
+                    return Admitted(refused=Reason.MALFORMED_AUTHORIZATION)
+                if kind == "bearer":
+                    return None
+        else:
+            known = None
+        if known is None:  # the credential is the access cookie, if any
+            if scope["method"] not in SAFE_METHODS and (cookies or route.capture is not None):
+                if self._cross_site(scope, route):
+                    return REFUSED_CSRF
+            known = self._known.get(self._jar.read(scope["headers"])[0] or "") if cookies else None
+        if known is None or self._clock() >= known.fresh_until or known.jti in self._denylist:
+            return None
+        # Its identity headers are ready; the route's rules still apply.
+        if route.require and not claims_allowed(known.admitted.claims or {}, route.require):
+            return Admitted(refused=Reason.CLAIMS_DENIED)
+        return known.admitted
+
+    async def http(self, scope: Scope, route: Route) -> Admitted:
+        """The full path, after ``known`` found nothing: authenticate (and refresh), then the route's rules."""
         headers: RawHeaders = scope["headers"]
-        if scope["method"] not in SAFE_METHODS and self._cross_site(scope):
-            return Admitted(refused=Reason.CSRF)
-        # The key is the credential the authenticator will use: a Bearer header wins over cookies.
-        key: bytes | str | None = None
-        if authorization and authorization[:7].lower() == b"bearer ":
-            key = authorization
-        elif authorization is None or authorization:  # none, or one that is not Bearer
-            key = self._jar.read(headers)[0] if cookies else None
-        known = self._known.get(key) if key else None
-        if known is not None and self._clock() < known.fresh_until and known.jti not in self._denylist:
-            # Its identity headers are ready; the route's rules still apply.
-            if route.require and not claims_allowed(known.claims, route.require):
-                return Admitted(refused=Reason.CLAIMS_DENIED)
-            return Admitted(known.claims, known.identity, known.token)
         with self._tracer.span("gateway.authenticate", route=route.name):
             auth = await self._authenticator.authenticate(headers)
         admitted = self._judge(route, auth)
-        if (
-            admitted.refused is None
-            and admitted.claims is not None
-            and key
-            and isinstance(key, bytes) == auth.bearer
-            and not auth.set_cookies
-            and not auth.refreshed
-        ):
-            self._remember(key, auth, admitted.claims, admitted.identity)
+        if admitted.refused is None and admitted.claims is not None and not auth.set_cookies and not auth.refreshed:
+            # The key is the credential the authenticator used: a Bearer header wins over cookies.
+            key = _header(headers, b"authorization") if auth.bearer else self._jar.read(headers)[0]
+            if key:
+                self._remember(key, auth, admitted)
         return admitted
 
     async def websocket(self, scope: Scope, route: Route) -> Admitted:
@@ -129,9 +145,8 @@ class Admission:
         headers: RawHeaders = scope["headers"]
         # Browsers send cookies with cross-site WebSocket handshakes and no CORS applies:
         # a cookie session is only good from its own site (cross-site WebSocket hijacking).
-        if bearer_token(headers) is None and any(self._jar.read(headers)):
-            if self._csrf.refuses("POST", headers, self._origin(scope)):
-                return Admitted(refused=Reason.CSRF)
+        if bearer_token(headers) is None and any(self._jar.read(headers)) and self._forged(scope, "POST"):
+            return Admitted(refused=Reason.CSRF)
         return self._judge(route, await self._authenticator.authenticate(headers))
 
     def _judge(self, route: Route, auth: AuthResult) -> Admitted:
@@ -148,19 +163,26 @@ class Admission:
         except UnsafeClaim as exc:
             log.warning("route %s: claim %s holds CR, LF or NUL; refusing", route.name, exc)
             return Admitted(refused=Reason.CLAIM_UNSAFE, set_cookies=auth.set_cookies)
-        return Admitted(claims, identity, auth.token, auth.set_cookies, auth.refreshed)
+        return Admitted(claims, identity, auth.token, auth.set_cookies, auth.refreshed, bearer=auth.bearer)
 
-    def _cross_site(self, scope: Scope) -> bool:
-        """An unsafe request riding on the session cookie from another site (see gateway.csrf)."""
-        headers = scope["headers"]
-        if bearer_token(headers) is not None or self._jar.read(headers) == (None, None):
+    def _cross_site(self, scope: Scope, route: Route) -> bool:
+        """An unsafe request riding on a session cookie (either one) from another site (see gateway.csrf)."""
+        if route.capture is None and self._jar.read(scope["headers"]) == (None, None):
             return False
-        refused: bool = self._csrf.refuses(scope["method"], headers, self._origin(scope))
+        return self._forged(scope)
+
+    def _forged(self, scope: Scope, method: str | None = None) -> bool:
+        refused: bool = self._csrf.refuses(method or scope["method"], scope["headers"], self._origin(scope))
         return refused
 
-    def _remember(self, key: bytes | str, auth: AuthResult, claims: dict[str, Any], identity: StrHeaders) -> None:
+    def _remember(self, key: bytes | str, auth: AuthResult, admitted: Admitted) -> None:
         """Keep a plainly valid token for the fast path: same token, same claims, same headers."""
-        if auth.exp is None or auth.token is None:
+        claims = admitted.claims
+        if auth.exp is None or auth.token is None or claims is None:
             return
         fresh_until = auth.exp - self._verifier.refresh_margin(claims, auth.exp)
-        self._known.put(key, Known(claims, fresh_until, claims.get("jti"), identity, auth.token))
+        self._known.put(key, Known(admitted, fresh_until, claims.get("jti")))
+
+
+def _header(headers: RawHeaders, name: bytes) -> bytes | None:
+    return next((value for key, value in headers if key == name), None)

@@ -9,8 +9,9 @@ and otherwise fully valid: a forged token never reaches the IdP, and API clients
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from gateway.cookies import CookieJar
 from gateway.reasons import Reason
@@ -34,23 +35,43 @@ class Refresher(Protocol):
         """New tokens for a refresh token: an AuthResult with claims and cookies, or a reason."""
 
 
+# RFC 6750 §2.1: "Bearer" 1*SP b64token. Tabs are accepted as separators too, as Django's
+# split() and most frameworks do, so the gateway never reads as "no token" what an app reads as one.
+_BEARER = re.compile(rb"[Bb][Ee][Aa][Rr][Ee][Rr](?:[ \t]+([\x21-\x7e]+))?[ \t]*")
+
+Authorization = Literal["none", "bearer", "malformed", "several", "other"]
+
+
+def read_authorization(value: bytes | None, count: int = 1) -> tuple[Authorization, str | None]:
+    """What an Authorization header says: (kind, bearer token).
+
+    ``several``: more than one header (RFC 6750 §3.1: 400); ``malformed``: the Bearer scheme
+    without a usable token (401); ``other``: another scheme (Basic...), not a credential here.
+    """
+    if value is None:
+        return "none", None
+    if count > 1:
+        return "several", None
+    if value[:6].lower() != b"bearer" or (len(value) > 6 and value[6:7] not in b" \t"):
+        return "other", None
+    found = _BEARER.fullmatch(value)
+    if found is None or found.group(1) is None:
+        return "malformed", None
+    return "bearer", found.group(1).decode("ascii")
+
+
+def authorization_of(headers: RawHeaders) -> tuple[Authorization, str | None]:
+    """``read_authorization`` over a request's headers."""
+    values = [value for name, value in headers if name == b"authorization"]
+    return read_authorization(values[0] if values else None, len(values))
+
+
 def bearer_token(headers: RawHeaders) -> str | None:
-    """The Bearer token; "" when an Authorization header is malformed; None when there is none."""
-    found: str | None = None
-    for name, value in headers:
-        if name != b"authorization":
-            continue
-        scheme, _, rest = value.partition(b" ")
-        if scheme.lower() != b"bearer":
-            continue
-        if found is not None:
-            return ""  # two Bearer headers: ambiguous, refuse
-        token = rest.strip()
-        try:
-            found = token.decode("ascii") if token and b" " not in token else ""
-        except UnicodeDecodeError:
-            found = ""
-    return found
+    """The Bearer token; "" when Authorization is malformed or repeated; None when there is none (or not Bearer)."""
+    kind, token = authorization_of(headers)
+    if kind == "bearer":
+        return token
+    return "" if kind in ("malformed", "several") else None
 
 
 class Authenticator:
@@ -60,10 +81,12 @@ class Authenticator:
         self._refresher = refresher
 
     async def authenticate(self, headers: RawHeaders) -> AuthResult:
-        bearer = bearer_token(headers)
+        kind, bearer = authorization_of(headers)
+        if kind == "several":
+            return AuthResult(reason=Reason.INVALID_REQUEST, bearer=True)
+        if kind == "malformed":
+            return AuthResult(reason=Reason.MALFORMED_AUTHORIZATION, bearer=True)
         if bearer is not None:
-            if not bearer:
-                return AuthResult(reason=Reason.MALFORMED_AUTHORIZATION, bearer=True)
             checked = await self._verifier.verify(bearer)
             return AuthResult(claims=checked.claims, token=bearer, reason=checked.reason, bearer=True, exp=checked.exp)
 

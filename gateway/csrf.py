@@ -1,7 +1,7 @@
 """Cross-site request forgery defence for cookie-authenticated unsafe requests.
 
-Cookies ride along on requests another site makes the browser send, so an unsafe method (POST,
-PUT, PATCH, DELETE) authenticated by the gateway's cookie must come from the page's own origin:
+Cookies ride along on requests another site makes the browser send, so an unsafe method (any but
+GET, HEAD and OPTIONS) authenticated by the gateway's cookie must come from the page's own origin:
 refused when ``Sec-Fetch-Site: cross-site``, or when ``Origin`` (else ``Referer``) names another
 origin that ``csrf.allowed_origins`` does not list. Requests with neither header (old clients,
 curl) pass: browsers that can be tricked send at least one of them on cross-site POSTs. Bearer
@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from gateway.types import RawHeaders
 
-UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # every other method may change state (WebDAV, PURGE, QUERY...)
 
 
 def origin_of(url: str) -> str | None:
@@ -41,7 +41,7 @@ class CSRFGuard:
 
     def refuses(self, method: str, headers: RawHeaders, own_origin: str) -> bool:
         """True when this unsafe, cookie-authenticated request must be refused."""
-        if method not in UNSAFE_METHODS:
+        if method in SAFE_METHODS:
             return False
         origin = referer = None
         for name, value in headers:

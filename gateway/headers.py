@@ -3,9 +3,10 @@
 Inbound (client -> upstream): hop-by-hop headers and every header named in ``Connection`` go;
 every header matching ``identity.strip_inbound`` or naming an identity header goes, however it
 is spelled (case, ``_`` or ``.`` for ``-``, duplicates); the gateway's own cookies are cut out of
-``Cookie``; ``X-Forwarded-*`` are set from the connection, and incoming ones are believed only
-from ``server.trusted_proxies``. Identity headers are injected after all of that, so nothing a
-client sends can stand in for them.
+``Cookie``; every proxy header (``PROXY_HEADERS``: X-Forwarded-*, X-Original-URL, True-Client-IP,
+X-HTTP-Method-Override...) goes; ``X-Forwarded-For/-Proto/-Host`` are set from the connection,
+and incoming ones are believed only from ``server.trusted_proxies``. Identity headers are
+injected after all of that, so nothing a client sends can stand in for them.
 
 Outbound (upstream -> client): hop-by-hop headers go, and an upstream ``Set-Cookie`` for one of
 the gateway's cookie names is dropped (an app must not overwrite the session).
@@ -41,7 +42,51 @@ HOP_BY_HOP = frozenset(
 )
 _NONE: frozenset[bytes] = frozenset()
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})  # they list no header
-_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"})
+# What proxies tell the app about the original request. From a client they are lies an app may act
+# on (IIS URL Rewrite and old Symfony take the path from X-Original-URL / X-Rewrite-URL; frameworks
+# the method from X-HTTP-Method-Override, the client's address from True-Client-IP...): all go, from
+# everyone. The gateway sets X-Forwarded-For/-Proto/-Host itself, believing only trusted proxies'.
+# identity.strip_inbound adds more.
+PROXY_HEADERS = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-ssl",
+        b"x-forwarded-scheme",
+        b"x-forwarded-server",
+        b"x-forwarded-uri",
+        b"x-forwarded-path",
+        b"x-forwarded-protocol",
+        b"x-forwarded-client-cert",
+        b"x-original-url",
+        b"x-original-uri",
+        b"x-rewrite-url",
+        b"x-original-host",
+        b"x-original-forwarded-for",
+        b"x-original-method",
+        b"x-host",
+        b"x-real-ip",
+        b"x-client-ip",
+        b"client-ip",
+        b"true-client-ip",
+        b"x-cluster-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-envoy-external-address",
+        b"x-envoy-original-path",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"front-end-https",
+        b"x-url-scheme",
+        b"x-scheme",
+        b"x-proxyuser-ip",
+    }
+)
 
 
 def _canonical(name: bytes) -> bytes:
@@ -98,7 +143,7 @@ class HeaderRules:
         canon = _canonical(name)
         ok = (
             canon not in HOP_BY_HOP
-            and canon not in _FORWARDED
+            and canon not in PROXY_HEADERS
             and canon not in self._identity
             and not (self._strip is not None and self._strip.fullmatch(canon))
         )
@@ -150,6 +195,7 @@ class HeaderRules:
         identity: StrHeaders,
         info: RequestInfo,
         token: str | None,
+        authorization: bool = True,
         scheme: str | None = None,
         connection: bool = True,
         client_request_id: bool = True,
@@ -157,8 +203,9 @@ class HeaderRules:
         """The request's headers as the upstream gets them: filtered, then identity and request ID added.
 
         ``token`` is the verified access token (None without one); it goes upstream with
-        identity.forward_token. ``connection`` / ``client_request_id`` False say the request has
-        no Connection / X-Request-ID header, which saves looking (the HTTP path knows already).
+        identity.forward_token. ``authorization`` False drops the client's own Authorization.
+        ``connection`` / ``client_request_id`` False say the request has no Connection /
+        X-Request-ID header, which saves looking (the HTTP path knows already).
         """
         client = scope.get("client")
         out = self.inbound(
@@ -168,6 +215,8 @@ class HeaderRules:
             host=host,
             connection=connection,
         )
+        if not authorization:
+            out = [(n, v) for n, v in out if n != "authorization"]
         out.extend(identity)
         if not info.request_id_from_client:
             if client_request_id and any(n == "x-request-id" for n, _ in out):  # the client's was not sane: replaced
@@ -217,9 +266,10 @@ class HeaderRules:
                     listed.update(part.strip().lower() for part in value.split(b","))
                 continue
             if lower == b"set-cookie":
-                cookie = value.split(b"=", 1)[0].strip()
-                if cookie.removeprefix(b"__Host-") in self._cookies:
-                    log.warning("route %s: dropped an upstream Set-Cookie for the gateway cookie %s", route, cookie)
+                cookie = value.split(b";", 1)[0].split(b"=", 1)[0].strip(b" \t")
+                # A nameless cookie ("=gw_access=x") comes back from the browser as "gw_access=x".
+                if not cookie or cookie.removeprefix(b"__Host-") in self._cookies:
+                    log.warning("route %s: dropped an upstream Set-Cookie for a gateway cookie or no name", route)
                     continue
             out.append((lower, value))
         listed -= HOP_BY_HOP  # Connection: keep-alive / close / upgrade name nothing more to drop

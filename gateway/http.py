@@ -43,18 +43,22 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 class Scanned:
     """What the path needs from the request's headers, found in one pass over them."""
 
-    __slots__ = ("host", "authorization", "request_id", "has_body", "cookies", "connection")
+    __slots__ = ("host", "hosts", "authorization", "authorizations", "request_id", "has_body", "cookies", "connection")
 
     def __init__(self, headers: RawHeaders) -> None:
         self.host: bytes | None = None
-        self.authorization: bytes | None = None  # b"": more than one
+        self.authorization: bytes | None = None  # the first one
         self.request_id: bytes | None = None
+        self.hosts = self.authorizations = 0
         self.has_body = self.cookies = self.connection = False
         for name, value in headers:
             if name == b"host":
                 self.host = value
+                self.hosts += 1
             elif name == b"authorization":
-                self.authorization = b"" if self.authorization is not None else value
+                if self.authorization is None:
+                    self.authorization = value
+                self.authorizations += 1
             elif name == b"cookie":
                 self.cookies = True
             elif name == b"content-length":
@@ -95,6 +99,7 @@ class HttpPath:
         self._access_log = access_log
         self._request_ids = request_ids
         self._paths: BoundedCache[bytes, tuple[str, str]] = BoundedCache()  # raw path -> canonical forms
+        self._hosts: BoundedCache[bytes, str] = BoundedCache(1024)  # Host header -> host name (valid ones)
         self._urls: BoundedCache[tuple[str, str], URL] = BoundedCache()  # (route, canonical path) -> URL, no query
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -116,64 +121,28 @@ class HttpPath:
     async def _serve(self, scope: Scope, receive: Receive, send: Send, info: RequestInfo) -> tuple[str, int]:
         """Route, admit, forward, answer: (route name or "-", status sent)."""
         seen = Scanned(scope["headers"])
-        info.identify(seen.request_id, self._request_ids)
-        found = self._route(scope, seen.host)
+        if seen.request_id is None:
+            info.request_id = self._request_ids()
+        else:
+            info.identify(seen.request_id, self._request_ids)
+        found = self._route(scope, seen)
         if isinstance(found, Reason):
             return "-", await self._deny(send, scope, found, None)
         route, path = found
-        admitted = await self._admission.http(scope, route, seen.authorization, seen.cookies)
+        if scope["method"] not in route.methods:
+            allow = [(b"allow", route.allow)]
+            return route.name, await self._deny(send, scope, Reason.METHOD_NOT_ALLOWED, route.name, extra=allow)
+        admitted = self._admission.known(scope, route, seen.authorization, seen.authorizations, seen.cookies)
+        if admitted is None:
+            admitted = await self._admission.http(scope, route)
         if admitted.refused is not None:
             return route.name, await self._deny(send, scope, admitted.refused, route.name, admitted.set_cookies)
-        claims = admitted.claims
-        upstream_headers = self._headers.upstream(
-            scope,
-            host=seen.host,
-            identity=admitted.identity,
-            info=info,
-            token=admitted.token if claims is not None else None,
-            connection=seen.connection,
-            client_request_id=seen.request_id is not None,
-        )
-        if claims is not None:
-            info.subject = claims.get("sub")
-            info.refreshed = admitted.refreshed
-        response = await self._forward(scope, receive, route, path, upstream_headers, seen.has_body, info)
-        if isinstance(response, Reason):
-            return route.name, await self._deny(send, scope, response, route.name, admitted.set_cookies)
-        return route.name, await self._answer(scope, send, route, response, admitted, info)
-
-    def _route(self, scope: Scope, host: bytes | None) -> tuple[Route, str] | Reason:
-        """The route and the canonical path to forward, or why there is none."""
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        canonical = self._paths.get(raw_path)
-        if canonical is None:
-            try:
-                canonical = self._paths.put(raw_path, canonical_path(raw_path))
-            except BadPath:
-                return Reason.BAD_PATH
-        decoded, path = canonical
-        route = self._routes.match(host_name(host) if host and self._routes.by_host else None, decoded)
-        return (route, path) if route is not None else Reason.NO_ROUTE
-
-    async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        route: Route,
-        path: str,
-        headers: StrHeaders,
-        has_body: bool,
-        info: RequestInfo,
-    ) -> UpstreamResponse | Reason:
-        """The upstream's answer (status and headers; the body still to read), or why there is none."""
-        if route.capture is not None:
-            # The login response is read and rewritten here, so it must come back unencoded.
-            headers = [(n, v) for n, v in headers if n != "accept-encoding"]
+        url, headers = self._request(scope, route, path, seen, admitted, info)
         forwarding = self._forwarder.send(
             scope["method"],
-            self._url(route, path, scope["query_string"]),
+            url,
             headers,
-            _request_body(receive) if has_body else None,
+            _request_body(receive) if seen.has_body else None,
             connect_timeout=route.connect_timeout,
             read_timeout=route.read_timeout,
         )
@@ -186,10 +155,60 @@ class HttpPath:
                 response = await forwarding  # no span, not even a no-op one: this is the hot path
         except UpstreamFailure as exc:
             log.warning("route %s: %s", route.name, exc)
-            return Reason.UPSTREAM_TIMEOUT if exc.timeout else Reason.UPSTREAM_UNREACHABLE
+            reason = Reason.UPSTREAM_TIMEOUT if exc.timeout else Reason.UPSTREAM_UNREACHABLE
+            return route.name, await self._deny(send, scope, reason, route.name, admitted.set_cookies)
         info.upstream = time.perf_counter() - started
         self._metrics.upstream(route.name, info.upstream)
-        return response
+        return route.name, await self._answer(scope, send, route, response, admitted, info)
+
+    def _request(
+        self, scope: Scope, route: Route, path: str, seen: Scanned, admitted: Admitted, info: RequestInfo
+    ) -> tuple[URL, StrHeaders]:
+        """The URL and headers the upstream gets."""
+        claims = admitted.claims
+        headers = self._headers.upstream(
+            scope,
+            host=seen.host,
+            identity=admitted.identity,
+            info=info,
+            token=admitted.token if claims is not None else None,
+            # A client's own Authorization goes upstream only where nothing is checked, or when
+            # it is the very token the gateway verified: an app must not act on one it never saw checked.
+            authorization=route.auth == "none" or (admitted.bearer and claims is not None),
+            connection=seen.connection,
+            client_request_id=seen.request_id is not None,
+        )
+        if claims is not None:
+            info.subject = claims.get("sub")
+            info.refreshed = admitted.refreshed
+        if route.capture is not None:
+            # The login response is read and rewritten here, so it must come back unencoded.
+            headers = [(n, v) for n, v in headers if n != "accept-encoding"]
+        return self._url(route, path, scope["query_string"]), headers
+
+    def _route(self, scope: Scope, seen: Scanned) -> tuple[Route, str] | Reason:
+        """The route and the canonical path to forward, or why there is none."""
+        host = seen.host
+        name: str | None = None
+        if seen.hosts > 1 or (host is None and scope.get("http_version") == "1.1"):
+            return Reason.BAD_HOST  # RFC 9112 §3.2: exactly one Host in HTTP/1.1
+        if host is not None:
+            name = self._hosts.get(host)
+            if name is None:
+                name = host_name(host)
+                if name is None:
+                    return Reason.BAD_HOST
+                self._hosts.put(host, name)
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        canonical = self._paths.get(raw_path)
+        if canonical is None:
+            try:
+                canonical = self._paths.put(raw_path, canonical_path(raw_path))
+            except BadPath:
+                return Reason.BAD_PATH
+        decoded, path = canonical
+        route = self._routes.match(name if self._routes.by_host else None, decoded)
+        return (route, path) if route is not None else Reason.NO_ROUTE
 
     def _url(self, route: Route, path: str, query: bytes) -> URL:
         up = route.upstream

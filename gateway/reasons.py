@@ -17,6 +17,9 @@ class Reason(StrEnum):
     NO_ROUTE = "no_route"
     CSRF = "csrf"
     MALFORMED_AUTHORIZATION = "malformed_authorization"
+    INVALID_REQUEST = "invalid_request"  # two Authorization headers (RFC 6750 §3.1)
+    BAD_HOST = "bad_host"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     # The access token (tokens.Verifier)
     NO_TOKEN = "no_token"
     TOKEN_EXPIRED = "token_expired"

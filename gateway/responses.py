@@ -27,6 +27,9 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.CLAIM_UNSAFE: (403, "forbidden"),
     Reason.CSRF: (403, "forbidden"),
     Reason.BAD_PATH: (400, "bad_request"),
+    Reason.BAD_HOST: (400, "bad_request"),
+    Reason.INVALID_REQUEST: (400, "invalid_request"),
+    Reason.METHOD_NOT_ALLOWED: (405, "method_not_allowed"),
     Reason.NO_ROUTE: (404, "not_found"),
     Reason.UPSTREAM_UNREACHABLE: (502, "bad_gateway"),
     Reason.UPSTREAM_TIMEOUT: (504, "gateway_timeout"),
@@ -170,12 +173,14 @@ class Denials:
         cookies: list[bytes] | None = None,
         *,
         method: str | None = None,
+        extra: RawHeaders | None = None,
     ) -> int:
         """Answer ``reason``; the status sent. ``method`` overrides the scope's (a WebSocket handshake is a GET)."""
         method = method or scope["method"]
         html = wants_html(method, scope["headers"])
         login = self.location(scope)
         headers = [(b"set-cookie", c) for c in cookies or []]
+        headers += extra or []
         info = scope.get("gateway")
         if info is not None:
             info.reason = reason

@@ -9,6 +9,7 @@ instead of being guessed at.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
@@ -70,6 +71,8 @@ class Route:
     capture: CaptureConfig | None
     connect_timeout: float
     read_timeout: float
+    methods: frozenset[str]
+    allow: bytes  # the Allow header of a 405
 
     def matches(self, path: str) -> bool:
         return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
@@ -87,6 +90,8 @@ def compile_route(config: RouteConfig) -> Route:
         capture=config.capture,
         connect_timeout=config.timeout.connect,
         read_timeout=config.timeout.read,
+        methods=frozenset(config.methods),
+        allow=", ".join(config.methods).encode(),
     )
 
 
@@ -121,16 +126,22 @@ class RouteTable:
 
 
 def request_host(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The Host header, lower-cased, without port."""
+    """The Host header, lower-cased, without port (None: none, or not a host)."""
     for name, value in headers:
         if name == b"host":
             return host_name(value)
     return None
 
 
-def host_name(value: bytes) -> str:
-    """A Host header value, lower-cased, without port or trailing dot."""
-    host = value.decode("latin-1").strip().lower().rstrip(".")
-    if host.startswith("["):
-        return host.split("]", 1)[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+# RFC 9110 §7.2: Host = uri-host [ ":" port ]. Names are held to what DNS names and IP literals use:
+# "admin.example,other", "admin.example@x" or "admin.example:80:80" are not hosts, and an upstream
+# or a virtual host could read them differently from the route table (issue 14, point 2).
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?)(?::[0-9]{1,5})?")
+
+
+def host_name(value: bytes) -> str | None:
+    """A Host header value, lower-cased, without port, then without trailing dot; None when it is not a host."""
+    found = _HOST.fullmatch(value.strip(b" \t"))
+    if found is None:
+        return None
+    return found.group(1).decode("ascii").lower().rstrip(".")

@@ -111,8 +111,12 @@ class WebSocketPath:
             return await self._deny(respond, scope, Reason.BAD_PATH, None)
         if decoded == self._prefix or decoded.startswith(self._prefix + "/"):
             return await self._deny(respond, scope, Reason.NO_ROUTE, None)  # internal endpoints are HTTP
-        host = next((v for n, v in scope["headers"] if n == b"host"), None)
-        route = self._routes.match(host_name(host) if host and self._routes.by_host else None, decoded)
+        hosts = [v for n, v in scope["headers"] if n == b"host"]
+        host = hosts[0] if len(hosts) == 1 else None
+        name = host_name(host) if host is not None else None
+        if name is None:  # a handshake is HTTP/1.1: exactly one valid Host
+            return await self._deny(respond, scope, Reason.BAD_HOST, None)
+        route = self._routes.match(name if self._routes.by_host else None, decoded)
         if route is None:
             return await self._deny(respond, scope, Reason.NO_ROUTE, None)
         slot = self._sockets.reserve(self._limits.max_connections)  # before any await: no overshoot

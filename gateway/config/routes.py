@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
 from gateway.config.base import HEADER_NAME, AuthMode, Model, is_http_url
+
+DEFAULT_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+_TOKEN = re.compile(r"[A-Z0-9!#$%&'*+.^_`|~-]+")
 
 
 class IdentityConfig(Model):
@@ -108,6 +112,9 @@ class RouteConfig(Model):
     """Turn this route's JSON login answer into the session cookies."""
     timeout: TimeoutConfig = TimeoutConfig()
     """Upstream timeouts."""
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    """HTTP methods this route accepts; any other gets 405 `method_not_allowed` (with `Allow`). TRACE and CONNECT
+    are never forwarded unless listed."""
 
     @field_validator("path")
     @classmethod
@@ -127,4 +134,12 @@ class RouteConfig(Model):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str | None) -> str | None:
-        return value.lower() if value else value
+        return value.lower().rstrip(".") if value else value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        methods = tuple(m.upper() for m in value)
+        if not methods or any(not _TOKEN.fullmatch(m) for m in methods):
+            raise ValueError("must be a list of HTTP method names")
+        return methods

@@ -32,6 +32,8 @@ IDP_SECRET = "sessions-tests-hs256-secret-0123456789abcdef"
 ACCESS, REFRESH = "__Host-gw_access", "__Host-gw_refresh"
 LOGIN_URL = "https://login.test/?next={next}"
 EVIL = "https://evil.example"
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+WEBDAV = ["PROPPATCH", "MOVE", "PURGE", "QUERY"]  # unsafe too, though no browser form sends them
 
 
 class CountingUpstream:
@@ -110,7 +112,7 @@ def gateway_config(
                 "auth": "none",
                 "capture": {"access": "access", "refresh": "refresh", "keep_access": keep_access},
             },
-            {"name": "counted", "path": "/counted/", "upstream": counted.url},
+            {"name": "counted", "path": "/counted/", "upstream": counted.url, "methods": [*METHODS, *WEBDAV]},
             {"name": "app", "path": "/", "upstream": upstream.url},
         ],
     }
@@ -373,6 +375,63 @@ def test_same_origin_cookie_post_and_bearer_post_pass(gateway: GatewayProcess, c
     )
     assert bearer.status_code == 200  # a browser never adds Authorization on its own: exempt
     assert counted.hits == hits + 4
+
+
+@pytest.mark.parametrize("cookies", ["both", "refresh only"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", *WEBDAV])
+def test_every_unsafe_method_from_another_site_is_refused_whichever_cookie_rides_along(
+    gateway: GatewayProcess, idp: IdPProcess, counted: CountingUpstream, method: str, cookies: str
+) -> None:
+    # Issue 14 (9 and the CSRF proof): a refresh cookie alone is a session too, and would be refreshed.
+    _, access, refresh = log_in(gateway)
+    hits, calls = counted.hits, idp.stats()["refresh_calls"]
+    cookie = cookie_header(access if cookies == "both" else None, refresh)
+    response = httpx.request(method, f"{gateway.url}/counted/x", headers={"Cookie": cookie, "Origin": EVIL})
+    assert response.status_code == 403 and response.json()["reason"] == "csrf"
+    assert counted.hits == hits and idp.stats()["refresh_calls"] == calls
+
+
+def test_a_cross_site_post_to_the_login_route_is_refused(gateway: GatewayProcess, idp: IdPProcess) -> None:
+    # Login CSRF: the attacker's credentials posted from another site would log the victim into the
+    # attacker's account (the captured tokens become the victim's cookies).
+    logins = idp.stats().get("logins", 0)
+    response = httpx.post(
+        f"{gateway.url}/api/token/", json={"username": "mallory", "password": "mallory"}, headers={"Origin": EVIL}
+    )
+    assert response.status_code == 403 and response.json()["reason"] == "csrf"
+    assert "set-cookie" not in response.headers and idp.stats().get("logins", 0) == logins
+    same = httpx.post(
+        f"{gateway.url}/api/token/", json={"username": "bob", "password": "bob"}, headers={"Origin": gateway.url}
+    )
+    assert same.status_code == 200
+
+
+@pytest.mark.parametrize("authorization", ["Bearer", "Bearer a\tb", "Bearer a b", ""])
+def test_a_malformed_authorization_is_401_even_beside_a_known_cookie(
+    gateway: GatewayProcess, counted: CountingUpstream, authorization: str
+) -> None:
+    # Issue 14 (8): it used to skip the CSRF check, and the cached cookie then authenticated the request.
+    _, access, refresh = log_in(gateway)
+    cookie = {"Cookie": cookie_header(access, refresh)}
+    for _ in range(3):  # known to every worker's fast path... or at least to some
+        assert httpx.get(f"{gateway.url}/counted/warm", headers=cookie).status_code == 200
+    hits = counted.hits
+    response = httpx.post(
+        f"{gateway.url}/counted/x", headers={**cookie, "Authorization": authorization, "Origin": EVIL}
+    )
+    assert response.status_code in (401, 403) and counted.hits == hits
+    if authorization.strip():
+        assert (response.status_code, response.json()["reason"]) == (401, "malformed_authorization")
+
+
+def test_methods_outside_the_route_are_405_and_trace_never_echoes(gateway: GatewayProcess) -> None:
+    _, access, refresh = log_in(gateway)
+    cookie = {"Cookie": cookie_header(access, refresh)}
+    for method in ("TRACE", "CONNECT", "PROPFIND"):
+        response = httpx.request(method, f"{gateway.url}/page", headers=cookie)
+        assert response.status_code == 405 and response.json()["reason"] == "method_not_allowed"
+        assert response.headers["allow"] == ", ".join(METHODS)
+        assert access not in response.text
 
 
 def test_cross_site_get_is_not_refused(gateway: GatewayProcess) -> None:

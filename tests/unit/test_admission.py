@@ -123,7 +123,8 @@ async def test_two_bearer_headers_are_refused_even_when_each_is_known(gateway: G
         assert (await get(gateway, headers={"Authorization": f"Bearer {each}"})).status_code == 200
     both = [("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
     refused = await get(gateway, headers=both)
-    assert refused.status_code == 401 and refused.json()["reason"] == "malformed_authorization"
+    # RFC 6750 §3.1: a request with two credentials is malformed (400), not unauthenticated.
+    assert refused.status_code == 400 and refused.json()["reason"] == "invalid_request"
 
 
 async def test_request_ids_are_unique_and_a_sane_client_id_is_kept(

@@ -7,7 +7,7 @@ from typing import Any
 import jwt
 import pytest
 
-from gateway.authn import Authenticator, AuthResult, bearer_token
+from gateway.authn import Authenticator, AuthResult, bearer_token, read_authorization
 from gateway.config import CookiesConfig, TokensConfig
 from gateway.cookies import CookieJar
 from gateway.keys import StaticKey
@@ -87,7 +87,7 @@ async def test_two_bearer_headers_are_refused(auth: Authenticator) -> None:
         (b"authorization", b"Bearer " + token("b").encode()),
     ]
     result = await auth.authenticate(headers)
-    assert result.claims is None and result.reason == "malformed_authorization"
+    assert result.claims is None and result.reason == "invalid_request"  # RFC 6750 §3.1: 400
 
 
 @pytest.mark.parametrize("garbage", [b"Bearer abc", b"Bearer a.b.c", b"Bearer ..."])
@@ -196,3 +196,23 @@ async def test_unreadable_access_cookie_is_absent_so_the_refresh_cookie_resumes_
     header = (b"cookie", f"{jar.access_name}=not-a-jwt; {jar.refresh_name}=r1".encode())
     result = await auth.authenticate([header])
     assert result.claims == {"sub": "alice"} and Refresher.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "kind", "bearer"),
+    [
+        (b"Bearer abc.def.ghi", "bearer", "abc.def.ghi"),
+        (b"bearer\tabc", "bearer", "abc"),  # what Django's split() reads as a token, so do we
+        (b"BEARER  abc ", "bearer", "abc"),
+        (b"Bearer", "malformed", None),
+        (b"Bearer ", "malformed", None),
+        (b"Bearer a b", "malformed", None),
+        (b"Bearer \xff", "malformed", None),
+        (b"Basic dXNlcjpwYXNz", "other", None),
+        (b"Bearerabc", "other", None),
+        (b"", "other", None),
+    ],
+)
+def test_authorization_is_read_as_the_app_would(value: bytes, kind: str, bearer: str | None) -> None:
+    assert read_authorization(value) == (kind, bearer)
+    assert read_authorization(value, count=2) == ("several", None)

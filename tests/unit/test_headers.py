@@ -226,3 +226,41 @@ def test_outbound_gateway_set_cookie_dropped_others_kept(rules: HeaderRules) -> 
 def test_outbound_accepts_an_iterator(rules: HeaderRules) -> None:
     headers = iter([(b"connection", b"x-a"), (b"x-a", b"1"), (b"x-b", b"2")])
     assert rules.outbound(headers, "app") == [(b"x-b", b"2")]
+
+
+# --- inbound: the whole proxy-header family (issue 14, point 3) ---
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"X-Forwarded-Port",
+        b"X-Forwarded-Prefix",
+        b"X-Forwarded-Ssl",
+        b"X-Forwarded-Scheme",
+        b"X-Forwarded-Server",
+        b"X-Forwarded-Uri",
+        b"X-Original-URL",
+        b"X_Rewrite_URL",
+        b"X-Original-Host",
+        b"X-Host",
+        b"X-Client-IP",
+        b"True-Client-IP",
+        b"X-HTTP-Method-Override",
+    ],
+)
+@pytest.mark.parametrize("client", ["203.0.113.9", "10.1.2.3"], ids=["untrusted", "trusted proxy"])
+def test_proxy_headers_never_reach_the_upstream(rules: HeaderRules, name: bytes, client: str) -> None:
+    sent = inbound(rules, [(b"host", b"gw.example"), (name.lower(), b"/admin/secret"), (b"accept", b"*/*")], client)
+    assert name.lower().replace(b"_", b"-") not in names(sent)
+    assert b"/admin/secret" not in [v for _, v in sent]
+    assert (b"accept", b"*/*") in sent
+
+
+# --- outbound: a nameless Set-Cookie is one the browser sends back under the name in its value ---
+
+
+@pytest.mark.parametrize("value", [b"=gw_access=x", b" =gw_refresh=x; Path=/", b"=x"])
+def test_nameless_upstream_cookies_are_dropped(rules: HeaderRules, value: bytes) -> None:
+    out = rules.outbound([(b"Set-Cookie", value), (b"Set-Cookie", b"app=1")], "app")
+    assert out == [(b"set-cookie", b"app=1")]

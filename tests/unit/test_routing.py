@@ -189,3 +189,34 @@ def test_compiled_route_keeps_upstream_parts() -> None:
     assert route.upstream.base_path == "/base"
     assert route.auth == "optional"
     assert any("app" in line and "/app" in line for line in routes.describe())
+
+
+# --- Host, strictly (issue 14, point 2) ---
+
+
+@pytest.mark.parametrize(
+    ("header", "host"),
+    [(b"admin.example.:443", "admin.example"), (b"admin.example.", "admin.example"), (b"[::1]", "[::1]")],
+)
+def test_the_port_goes_before_the_trailing_dot(header: bytes, host: str) -> None:
+    assert request_host([(b"host", header)]) == host
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"admin.example:80:80",
+        b"admin.example,other",
+        b"[admin.example]",
+        b"admin.example@x",
+        b"admin example",
+        b"admin.example:",
+        b"admin.example:123456",
+        b"",
+        b".",
+        b"admin..example",
+        b"admin.example/x",
+    ],
+)
+def test_what_is_not_a_host_is_none(header: bytes) -> None:
+    assert request_host([(b"host", header)]) is None
