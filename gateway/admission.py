@@ -159,7 +159,8 @@ class Admission:
         if route.require and not claims_allowed(claims, route.require):
             return Admitted(refused=Reason.CLAIMS_DENIED, set_cookies=auth.set_cookies)
         try:
-            identity = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._identity.build(claims)]
+            # UTF-8, as identity.build encodes them and the clients encode them back: "José" stays "José".
+            identity = [(n.decode("ascii"), v.decode("utf-8")) for n, v in self._identity.build(claims)]
         except UnsafeClaim as exc:
             log.warning("route %s: claim %s holds CR, LF or NUL; refusing", route.name, exc)
             return Admitted(refused=Reason.CLAIM_UNSAFE, set_cookies=auth.set_cookies)

@@ -205,12 +205,9 @@ class Gateway:
             fresh = Generation(config, self.shared)
             await fresh.start()
         except ConfigError as exc:
-            log.error(
-                "config reload (%s) refused, still serving generation %d:\n  %s",
-                why,
-                self.generation,
-                "\n  ".join(exc.problems),
-            )
+            log.error("config reload (%s) refused, still serving generation %d:", why, self.generation)
+            for problem in exc.problems:
+                log.error("  %s", problem)  # one line each: a value from the file is escaped like any other
             self.shared.metrics.config_loaded(self.generation, ok=False)
             return False
         old, self.serving = self.serving, fresh

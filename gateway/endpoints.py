@@ -9,7 +9,7 @@ from __future__ import annotations
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount
+from starlette.routing import Mount, Router
 from starlette.routing import Route as Endpoint
 
 from gateway.errors import StoreError
@@ -44,4 +44,8 @@ def internal_app(prefix: str, store: Store, metrics: Metrics, logout: Logout, oi
     ]
     if oidc is not None:
         endpoints += [Endpoint("/login", oidc.login), Endpoint("/callback", oidc.callback)]
-    return Starlette(routes=[Mount(prefix, routes=endpoints)])
+    app = Starlette(routes=[Mount(prefix, app=Router(endpoints, redirect_slashes=False))])
+    # Starlette answers "/health/" with a redirect to a URL built from the Host header: an open
+    # redirect on every host that reaches us (issue 14, point 16). A path that is not ours is 404.
+    app.router.redirect_slashes = False
+    return app

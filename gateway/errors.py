@@ -5,6 +5,7 @@ GatewayError
 ├── StoreError             the store (Redis) is unreachable or answered nonsense
 ├── KeyFetchError          JWKS could not be fetched and no last good keys exist
 ├── BadPath                the request path is ambiguous or malformed: 400 (also a ValueError)
+├── BadHeader              a header value that is not UTF-8 cannot go upstream unchanged: 400
 ├── UnsafeClaim            a claim for an identity header holds CR, LF or NUL: 403 (also a ValueError)
 ├── CookieTooLarge         a token does not fit in a cookie (4 KB): 502 (also a ValueError)
 ├── UpstreamFailure        the upstream refused, reset or did not answer in time: 502 / 504
@@ -48,6 +49,10 @@ class KeyFetchError(GatewayError):
 
 class BadPath(GatewayError, ValueError):
     """The request path is ambiguous or malformed; answer 400."""
+
+
+class BadHeader(GatewayError, ValueError):
+    """A request header whose value cannot be forwarded byte for byte (not UTF-8); the message names it."""
 
 
 class UnsafeClaim(GatewayError, ValueError):

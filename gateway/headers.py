@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 from gateway.accesslog import RequestInfo
 from gateway.cache import BoundedCache
+from gateway.errors import BadHeader
 from gateway.types import RawHeaders, Scope, StrHeaders
 
 log = logging.getLogger("gateway.headers")
@@ -152,8 +153,11 @@ class HeaderRules:
     def inbound(
         self, headers: RawHeaders, *, client: str | None, scheme: str, host: bytes | None, connection: bool = True
     ) -> StrHeaders:
-        """Headers to send upstream, before identity headers are added; decoded (latin-1) for the client.
+        """Headers to send upstream, before identity headers are added; decoded for the client.
 
+        Values are decoded as UTF-8, which the clients (aiohttp, websockets) encode them back to:
+        the upstream gets the client's bytes unchanged. A value that is not UTF-8 could not
+        survive that (latin-1 came out double-encoded): it raises ``BadHeader``, answered 400.
         ``connection=False`` says there is no Connection header (the caller looked already).
         """
         listed = _connection_listed(headers) if connection and any(n == b"connection" for n, _ in headers) else _NONE
@@ -178,13 +182,19 @@ class HeaderRules:
                 value = self._without_gateway_cookies(value)
                 if not value:
                     continue
-            out.append((name.decode("latin-1"), value.decode("latin-1")))
+            try:
+                out.append((name.decode("ascii"), value.decode("utf-8")))
+            except UnicodeDecodeError:
+                raise BadHeader(name.decode("ascii", "replace")) from None
         if client:
             forwarded_for.append(client.encode())
-        out.append(("x-forwarded-for", b", ".join(forwarded_for).decode("latin-1")))
-        out.append(("x-forwarded-proto", (forwarded_proto or scheme.encode()).decode("latin-1")))
-        if forwarded_host or host:
-            out.append(("x-forwarded-host", (forwarded_host or host or b"").decode("latin-1")))
+        try:
+            out.append(("x-forwarded-for", b", ".join(forwarded_for).decode("utf-8")))
+            out.append(("x-forwarded-proto", (forwarded_proto or scheme.encode()).decode("utf-8")))
+            if forwarded_host or host:
+                out.append(("x-forwarded-host", (forwarded_host or host or b"").decode("utf-8")))
+        except UnicodeDecodeError:
+            raise BadHeader("x-forwarded-*") from None
         return out
 
     def upstream(

@@ -25,7 +25,7 @@ from gateway.accesslog import AccessLog, RequestIds, RequestInfo
 from gateway.admission import Admission, Admitted
 from gateway.cache import BoundedCache
 from gateway.capture import Capturer, wants_capture
-from gateway.errors import BadPath, ClientGone, UpstreamFailure
+from gateway.errors import BadHeader, BadPath, ClientGone, UpstreamFailure
 from gateway.forwarder import Forwarder, UpstreamResponse, chunks, upstream_url
 from gateway.headers import HeaderRules
 from gateway.metrics import Metrics
@@ -137,7 +137,11 @@ class HttpPath:
             admitted = await self._admission.http(scope, route)
         if admitted.refused is not None:
             return route.name, await self._deny(send, scope, admitted.refused, route.name, admitted.set_cookies)
-        url, headers = self._request(scope, route, path, seen, admitted, info)
+        try:
+            url, headers = self._request(scope, route, path, seen, admitted, info)
+        except BadHeader as exc:
+            log.info("route %s: header %s is not UTF-8; refusing", route.name, exc)
+            return route.name, await self._deny(send, scope, Reason.BAD_HEADER, route.name, admitted.set_cookies)
         forwarding = self._forwarder.send(
             scope["method"],
             url,

@@ -19,6 +19,7 @@ class Reason(StrEnum):
     MALFORMED_AUTHORIZATION = "malformed_authorization"
     INVALID_REQUEST = "invalid_request"  # two Authorization headers (RFC 6750 §3.1)
     BAD_HOST = "bad_host"
+    BAD_HEADER = "bad_header"  # a header value that is not UTF-8: it cannot be forwarded unchanged
     METHOD_NOT_ALLOWED = "method_not_allowed"
     # The access token (tokens.Verifier)
     NO_TOKEN = "no_token"

@@ -28,6 +28,7 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.CSRF: (403, "forbidden"),
     Reason.BAD_PATH: (400, "bad_request"),
     Reason.BAD_HOST: (400, "bad_request"),
+    Reason.BAD_HEADER: (400, "bad_request"),
     Reason.INVALID_REQUEST: (400, "invalid_request"),
     Reason.METHOD_NOT_ALLOWED: (405, "method_not_allowed"),
     Reason.NO_ROUTE: (404, "not_found"),

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request
 
 from gateway.config import WebSocketConfig
 from gateway.denylist import Denylist
@@ -67,10 +69,34 @@ class Slot:
         self.used = False
 
 
+class _UpstreamConnection(ClientConnection):
+    """A client connection whose handshake carries the Host the gateway gives it.
+
+    ``websockets`` writes a Host for the URL, then appends the caller's headers: a Host passed in
+    would make two. The last one (ours: the client's Host, as the HTTP path forwards it) stays.
+    """
+
+    def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
+        super().__init__(protocol, **kwargs)
+        send_request = protocol.send_request
+
+        def send_one_host(request: Request) -> None:
+            hosts = request.headers.get_all("Host")
+            if len(hosts) > 1:
+                del request.headers["Host"]
+                request.headers["Host"] = hosts[-1]
+            send_request(request)
+
+        protocol.send_request = send_one_host  # type: ignore[method-assign]
+
+
 class connect_upstream(connect):  # noqa: N801 - used as a function, as websockets' own connect
     """``websockets``' connect without following redirects: an upstream's 3xx goes back to the
     client as its answer, as on the HTTP path (following one would send the identity headers to
     wherever it points)."""
+
+    def __init__(self, uri: str, **kwargs: Any) -> None:
+        super().__init__(uri, create_connection=_UpstreamConnection, **kwargs)
 
     def process_redirect(self, exc: Exception) -> Exception | str:
         return exc

@@ -26,7 +26,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from gateway.accesslog import AccessLog, RequestIds, RequestInfo
 from gateway.admission import Admission, Admitted
 from gateway.config import WebSocketConfig
-from gateway.errors import BadPath
+from gateway.errors import BadHeader, BadPath
 from gateway.families import Families
 from gateway.headers import HeaderRules
 from gateway.metrics import Metrics
@@ -182,16 +182,21 @@ class WebSocketPath:
         admitted: Admitted,
     ) -> ClientConnection | Ending:
         """The upstream's socket, or the answer already sent in its place (its refusal, 502, 504)."""
-        headers = self._headers.upstream(
-            scope,
-            host=host,
-            identity=admitted.identity,
-            info=info,
-            token=admitted.token if admitted.claims is not None else None,
-            scheme="https" if scope.get("scheme") == "wss" else "http",
-        )
-        # The client library makes its own Host and Sec-WebSocket-* headers.
-        headers = [(n, v) for n, v in headers if n != "host" and not n.startswith("sec-websocket-")]
+        try:
+            headers = self._headers.upstream(
+                scope,
+                host=host,
+                identity=admitted.identity,
+                info=info,
+                token=admitted.token if admitted.claims is not None else None,
+                authorization=route.auth == "none" or (admitted.bearer and admitted.claims is not None),
+                scheme="https" if scope.get("scheme") == "wss" else "http",
+            )
+        except BadHeader:
+            return await self._deny(respond, scope, Reason.BAD_HEADER, route, admitted.set_cookies)
+        # The client library makes its own Sec-WebSocket-* headers; Host is the client's, as on
+        # the HTTP path (tunnel.connect_upstream puts it in place of the library's).
+        headers = [(n, v) for n, v in headers if not n.startswith("sec-websocket-")]
         up = route.upstream
         query: bytes = scope["query_string"]
         url = f"{'wss' if up.scheme == 'https' else 'ws'}://{up.netloc}{up.base_path}{path}"

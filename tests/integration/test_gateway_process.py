@@ -309,6 +309,38 @@ def test_no_token_in_logs(gateway: GatewayProcess) -> None:
     assert secret_token.split(".")[2] not in gateway.log()
 
 
+@pytest.mark.parametrize("path", ["/.gateway/health/", "/.gateway/metrics/", "/.gateway/logout/"])
+def test_internal_endpoints_never_redirect_to_the_host_header(gateway: GatewayProcess, path: str) -> None:
+    # Issue 14 (16): a trailing slash was redirected to a Location built from the Host header.
+    response = httpx.get(f"{gateway.url}{path}", headers={"Host": "evil.example"})
+    assert response.status_code == 404 and "location" not in response.headers
+
+
+def test_header_bytes_reach_the_upstream_unchanged(gateway: GatewayProcess) -> None:
+    # Issue 14 (18): values were decoded as latin-1 and encoded back as UTF-8, so "José" arrived as
+    # "JosÃ©" in UTF-8 (c3 83 c2 a9), identity headers included. The echo decodes latin-1: the two
+    # UTF-8 bytes of é read as "Ã©".
+    utf8 = "José".encode()
+    headers = {"Authorization": f"Bearer {token({'sub': 'José'})}", "X-Name": utf8}
+    data = echo(httpx.get(f"{gateway.url}/hello", headers=headers))
+    assert data["h"]["x-name"] == [utf8.decode("latin-1")]
+    assert data["h"]["x-auth-user"] == [utf8.decode("latin-1")]
+    # A byte that is not UTF-8 cannot be sent on unchanged: refused, never altered.
+    refused = httpx.get(f"{gateway.url}/hello", headers={**headers, "X-Name": b"Jos\xe9"})
+    assert refused.status_code == 400 and refused.json()["reason"] == "bad_header"
+
+
+def test_a_path_cannot_forge_a_log_line(gateway: GatewayProcess) -> None:
+    # Issue 14 (15): the denial's log line carried the decoded path raw, so %0a started a new line.
+    forged = "2026-12-03 09:00:00,000 INFO gateway: FORGED admin logged in"
+    response = httpx.get(f"{gateway.url}/x%0a{forged.replace(' ', '%20')}")
+    assert response.status_code == 400
+    wait_until(lambda: "FORGED" in gateway.log(), "the denial was logged")
+    lines = [line for line in gateway.log().splitlines() if "FORGED" in line]
+    assert lines and not any(line.startswith("2026-12-03 09:00:00") for line in lines)
+    assert any("denied GET /x\\x0a2026-12-03 09:00:00" in line for line in lines)  # the diagnostic line, escaped
+
+
 def test_rs256_with_jwks_from_a_real_idp(upstream: ServerProcess) -> None:
     with start_idp(algorithm="RS256", issuer="https://idp.rs") as idp:
         config = {

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -129,6 +130,26 @@ def metric(gateway: GatewayProcess, name: str, **labels: str) -> float:
 
 
 # --- handshake ------------------------------------------------------------------------------
+
+
+def test_the_upstream_handshake_carries_the_clients_host_as_http_requests_do(
+    gateway: GatewayProcess, idp: IdPProcess
+) -> None:
+    # Issue 14 (18): the upstream got the client library's Host (its own address) on WebSockets,
+    # and the client's on HTTP: a virtual-hosted app saw two different sites.
+    credentials = bearer(idp, "alice")
+    with open_socket(gateway, "/live", **credentials) as ws:
+        seen = upstream_headers(hello(ws))
+    over_http = httpx.get(f"{gateway.url}/hello", headers=credentials).json()["headers"]
+    host = urlsplit(gateway.url).netloc
+    assert seen["host"] == host and [v for n, v in over_http if n == "host"] == [host]
+    assert [n for n, _ in hello_headers_of(gateway, credentials)].count("host") == 1
+
+
+def hello_headers_of(gateway: GatewayProcess, credentials: dict[str, str]) -> list[list[str]]:
+    with open_socket(gateway, "/live", **credentials) as ws:
+        headers: list[list[str]] = hello(ws)["headers"]
+    return headers
 
 
 def test_bearer_socket_relays_text_and_binary_with_identity_headers(gateway: GatewayProcess, idp: IdPProcess) -> None:
