@@ -100,6 +100,7 @@ class HttpPath:
         self._request_ids = request_ids
         self._paths: BoundedCache[bytes, tuple[str, str]] = BoundedCache()  # raw path -> canonical forms
         self._hosts: BoundedCache[bytes, str] = BoundedCache(1024)  # Host header -> host name (valid ones)
+        self._resolved: BoundedCache[tuple[str | None, str], Route | Reason] = BoundedCache()  # (host, path) -> route
         self._urls: BoundedCache[tuple[str, str], URL] = BoundedCache()  # (route, canonical path) -> URL, no query
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -211,8 +212,15 @@ class HttpPath:
             except BadPath:
                 return Reason.BAD_PATH
         decoded, path = canonical
-        route = self._routes.match(name if self._routes.by_host else None, decoded)
-        return (route, path) if route is not None else Reason.NO_ROUTE
+        key = (name if self._routes.by_host else None, decoded)
+        route = self._resolved.get(key)
+        if route is None:
+            try:
+                route = self._resolved.put(key, self._routes.resolve(*key) or Reason.NO_ROUTE)
+            except BadPath as exc:
+                log.info("ambiguous path refused: %s", exc)
+                route = self._resolved.put(key, Reason.BAD_PATH)
+        return route if isinstance(route, Reason) else (route, path)
 
     def _url(self, route: Route, path: str, query: bytes) -> URL:
         up = route.upstream

@@ -10,6 +10,7 @@ instead of being guessed at.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
@@ -47,6 +48,20 @@ def canonical_path(raw_path: bytes) -> tuple[str, str]:
     return decoded, quote(decoded, safe=_PATH_SAFE)
 
 
+def _servlet(path: str) -> str:
+    """Tomcat, Jetty, Spring: ``;parameters`` dropped from every segment (``/admin;x/y`` is ``/admin/y``)."""
+    return "/".join(segment.split(";", 1)[0] for segment in path.split("/")) if ";" in path else path
+
+
+def _windows(path: str) -> str:
+    """IIS and Windows file servers: case folded, trailing dots and spaces trimmed from every segment."""
+    return "/".join(segment.rstrip(". ") for segment in path.lower().split("/"))
+
+
+# How common upstreams read a path other than byte for byte (routes[].path_style).
+READINGS: dict[str, Callable[[str], str]] = {"servlet": _servlet, "windows": _windows, "case_insensitive": str.lower}
+
+
 @dataclass(frozen=True, slots=True)
 class Upstream:
     scheme: str
@@ -73,6 +88,7 @@ class Route:
     read_timeout: float
     methods: frozenset[str]
     allow: bytes  # the Allow header of a 405
+    path_style: str  # how its upstream reads paths (RouteConfig.path_style)
 
     def matches(self, path: str) -> bool:
         return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
@@ -92,6 +108,7 @@ def compile_route(config: RouteConfig) -> Route:
         read_timeout=config.timeout.read,
         methods=frozenset(config.methods),
         allow=", ".join(config.methods).encode(),
+        path_style=config.path_style,
     )
 
 
@@ -102,6 +119,11 @@ class RouteTable:
         # Sorted once: host-bound first, then longer prefixes, keeping config order for ties.
         self.routes = sorted(routes, key=lambda r: (r.host is None, -len(r.prefix)))
         self.by_host = any(r.host is not None for r in routes)  # else the Host header never matters
+        # Each reading applies to the route prefixes too: "/Admin/" read case-insensitively is "/admin".
+        self._read_prefixes = {
+            style: sorted(((r, read(r.prefix)) for r in routes), key=lambda item: (item[0].host is None, -len(item[1])))
+            for style, read in READINGS.items()
+        }
 
     @classmethod
     def from_config(cls, routes: tuple[RouteConfig, ...]) -> RouteTable:
@@ -112,6 +134,36 @@ class RouteTable:
             if route.host is not None and route.host != host:
                 continue
             if route.matches(path):
+                return route
+        return None
+
+    def resolve(self, host: str | None, path: str) -> Route | None:
+        """The route for ``path`` as its upstream will read it; BadPath when readings disagree.
+
+        A route whose upstream reads paths a known way (``path_style``) is matched on that
+        reading. For one whose upstream is unknown, every common reading must land on the same
+        route, or the path is refused: what is authorised is what the upstream serves.
+        """
+        route = self.match(host, path)
+        if route is None or route.path_style == "exact":
+            return route
+        if route.path_style in READINGS:
+            read = self._match_reading(host, path, route.path_style)
+            if read is not route and (read is None or read.path_style != route.path_style):
+                raise BadPath(f"the upstream of route {route.name} reads this path as another route's")
+            return read
+        for style in READINGS:
+            if self._match_reading(host, path, style) is not route:
+                raise BadPath(f"a {style} upstream reads this path as another route's")
+        return route
+
+    def _match_reading(self, host: str | None, path: str, style: str) -> Route | None:
+        read = READINGS[style]
+        seen = read(path)
+        for route, prefix in self._read_prefixes[style]:
+            if route.host is not None and route.host != host:
+                continue
+            if not prefix or seen == prefix or seen.startswith(prefix + "/"):
                 return route
         return None
 

@@ -28,7 +28,7 @@ from gateway.config import WebSocketConfig
 from gateway.denylist import Denylist
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
-from gateway.types import Message, Receive, Send
+from gateway.types import Message, Receive, Send, StrHeaders
 
 log = logging.getLogger("gateway.websocket")
 
@@ -100,6 +100,25 @@ class connect_upstream(connect):  # noqa: N801 - used as a function, as websocke
 
     def process_redirect(self, exc: Exception) -> Exception | str:
         return exc
+
+
+async def open_upstream(
+    url: str, headers: StrHeaders, subprotocols: list[str] | None, open_timeout: float, limits: WebSocketConfig
+) -> ClientConnection:
+    """The upstream's socket, opened with the gateway's settings (raises what ``connect`` raises)."""
+    return await connect_upstream(
+        url,
+        additional_headers=headers,
+        subprotocols=subprotocols or None,
+        open_timeout=open_timeout,
+        max_size=limits.max_message_size,
+        ping_interval=limits.ping_interval or None,
+        compression=None,  # each hop negotiates its own; none here saves CPU on both
+        max_queue=4,  # messages read ahead from the upstream: with backpressure, 4 x max_size at most
+        close_timeout=5,
+        user_agent_header=None,
+        proxy=None,  # never an HTTP(S)_PROXY from the environment: upstreams are local
+    )
 
 
 class Sockets:

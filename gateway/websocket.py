@@ -33,7 +33,7 @@ from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.responses import Denials
 from gateway.routing import Route, RouteTable, canonical_path, host_name
-from gateway.tunnel import Slot, Sockets, Tunnel, as_http, connect_upstream, relay
+from gateway.tunnel import Slot, Sockets, Tunnel, as_http, open_upstream, relay
 from gateway.types import Message, Receive, Scope, Send
 
 log = logging.getLogger("gateway")
@@ -116,7 +116,10 @@ class WebSocketPath:
         name = host_name(host) if host is not None else None
         if name is None:  # a handshake is HTTP/1.1: exactly one valid Host
             return await self._deny(respond, scope, Reason.BAD_HOST, None)
-        route = self._routes.match(name if self._routes.by_host else None, decoded)
+        try:
+            route = self._routes.resolve(name if self._routes.by_host else None, decoded)
+        except BadPath:
+            return await self._deny(respond, scope, Reason.BAD_PATH, None)
         if route is None:
             return await self._deny(respond, scope, Reason.NO_ROUTE, None)
         slot = self._sockets.reserve(self._limits.max_connections)  # before any await: no overshoot
@@ -205,19 +208,7 @@ class WebSocketPath:
         limits = self._limits
         cookies = admitted.set_cookies
         try:
-            return await connect_upstream(
-                url,
-                additional_headers=headers,
-                subprotocols=scope.get("subprotocols") or None,
-                open_timeout=route.connect_timeout,
-                max_size=limits.max_message_size,
-                ping_interval=limits.ping_interval or None,
-                compression=None,  # each hop negotiates its own; none here saves CPU on both
-                max_queue=4,  # messages read ahead from the upstream: with backpressure, 4 x max_size at most
-                close_timeout=5,
-                user_agent_header=None,
-                proxy=None,  # never an HTTP(S)_PROXY from the environment: upstreams are local
-            )
+            return await open_upstream(url, headers, scope.get("subprotocols"), route.connect_timeout, limits)
         except InvalidStatus as exc:
             # The upstream refused the handshake: its answer goes back as it was.
             answer = exc.response

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from gateway.config.base import HEADER_NAME, AuthMode, Model, is_http_url
 
 DEFAULT_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+PathStyle = Literal["unknown", "exact", "servlet", "windows", "case_insensitive"]
 _TOKEN = re.compile(r"[A-Z0-9!#$%&'*+.^_`|~-]+")
 
 
@@ -112,6 +113,12 @@ class RouteConfig(Model):
     """Turn this route's JSON login answer into the session cookies."""
     timeout: TimeoutConfig = TimeoutConfig()
     """Upstream timeouts."""
+    path_style: PathStyle = "unknown"
+    """How this route's upstream reads paths. `unknown`: a path that a common server would read as another route's
+    (`;params` dropped as servlet containers do, case folded and trailing dots or spaces trimmed as IIS does, case
+    folded) is refused with 400 `bad_path`. `exact`: the upstream reads paths byte for byte (no check). `servlet`,
+    `windows`, `case_insensitive`: the upstream reads them that way, and the gateway matches routes on that
+    reading."""
     methods: tuple[str, ...] = DEFAULT_METHODS
     """HTTP methods this route accepts; any other gets 405 `method_not_allowed` (with `Allow`). TRACE and CONNECT
     are never forwarded unless listed."""

@@ -145,6 +145,19 @@ def test_path_tricks_are_refused(gateway: GatewayProcess, path: str) -> None:
     assert json.loads(body)["reason"] == "bad_path"
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/admin;x/secret", "/admin%3b/secret", "/admin;x=1", "/ADMIN/secret", "/admin./secret", "/admin%20/secret"],
+)
+def test_a_path_an_upstream_may_read_as_the_admin_route_never_reaches_the_catch_all(
+    gateway: GatewayProcess, path: str
+) -> None:
+    # Issue 14 (1): a non-staff user's /admin;x/secret went to the catch-all and on upstream, where
+    # Tomcat serves it as /admin/secret (IIS the same for /ADMIN/secret, /admin./secret, /admin%20/secret).
+    status, body = raw_get(gateway, path, {"Authorization": f"Bearer {token({'is_staff': False})}"})
+    assert (status, json.loads(body)["reason"]) == (400, "bad_path")
+
+
 def test_double_slash_is_matched_as_forwarded(gateway: GatewayProcess) -> None:
     """//admin must be judged by the admin route's rule, since that is where it lands."""
     status, body = raw_get(gateway, "//admin/x", {"Authorization": f"Bearer {token({'is_staff': False})}"})

@@ -220,3 +220,53 @@ def test_the_port_goes_before_the_trailing_dot(header: bytes, host: str) -> None
 )
 def test_what_is_not_a_host_is_none(header: bytes) -> None:
     assert request_host([(b"host", header)]) is None
+
+
+# --- one path, one meaning (issue 14, point 1) ---
+
+GUARDED = table({"name": "app", "path": "/"}, {"name": "admin", "path": "/admin/"})
+
+
+def resolved(raw: bytes, routes: RouteTable = GUARDED) -> str | None:
+    decoded, _ = canonical_path(raw)
+    route = routes.resolve(None, decoded)
+    return route.name if route else None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"/admin;x/secret", b"/admin%3b/secret", b"/admin;x=1", b"/ADMIN/secret", b"/Admin", b"/admin./secret",
+     b"/admin%20/secret", b"/admin.%20./secret"],
+)  # fmt: skip
+def test_a_path_an_upstream_may_read_as_another_route_is_refused(raw: bytes) -> None:
+    with pytest.raises(BadPath):
+        resolved(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "route"),
+    [(b"/about;jsessionid=1", "app"), (b"/static/File.TXT", "app"), (b"/admin/Secret;v=2", "admin"), (b"/x.", "app")],
+)
+def test_readings_that_stay_on_the_route_pass(raw: bytes, route: str) -> None:
+    assert resolved(raw) == route
+
+
+def test_a_route_that_reads_paths_its_way_is_matched_on_that_reading() -> None:
+    servlet = table(
+        {"name": "app", "path": "/", "path_style": "servlet"},
+        {"name": "admin", "path": "/admin/", "path_style": "servlet"},
+    )
+    assert resolved(b"/admin;x/secret", servlet) == "admin"  # the rules of the route the upstream serves
+    windows = table(
+        {"name": "app", "path": "/", "path_style": "windows"},
+        {"name": "admin", "path": "/Admin/", "path_style": "windows"},
+    )
+    assert resolved(b"/ADMIN./secret", windows) == "admin"
+    exact = table({"name": "app", "path": "/", "path_style": "exact"}, {"name": "admin", "path": "/admin/"})
+    assert resolved(b"/ADMIN/secret", exact) == "app"  # its upstream reads /ADMIN as /ADMIN: nothing to fear
+
+
+def test_readings_that_disagree_about_the_style_are_refused() -> None:
+    mixed = table({"name": "app", "path": "/", "path_style": "servlet"}, {"name": "admin", "path": "/admin/"})
+    with pytest.raises(BadPath):
+        resolved(b"/admin;x/secret", mixed)
