@@ -51,6 +51,7 @@ class Reason(StrEnum):
     LOCK_TIMEOUT = "lock_timeout"
     STORE_UNAVAILABLE = "store_unavailable"
     REFRESH_ERROR = "refresh_error"
+    REFRESH_RATE_LIMITED = "refresh_rate_limited"  # raw refresh cookies: too many never-seen tokens from one client
     # Token capture on a login route
     CAPTURE_TOO_LARGE = "capture_too_large"
     COOKIE_TOO_LARGE = "cookie_too_large"
