@@ -53,6 +53,7 @@ class Reason(StrEnum):
     REFRESH_ERROR = "refresh_error"
     REFRESH_RATE_LIMITED = "refresh_rate_limited"  # raw refresh cookies: too many never-seen tokens from one client
     # Token capture on a login route
+    CAPTURE_FAILED = "capture_failed"  # a 2xx login answer the gateway cannot read: never passed on
     CAPTURE_TOO_LARGE = "capture_too_large"
     COOKIE_TOO_LARGE = "cookie_too_large"
     # The upstream

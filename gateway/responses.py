@@ -40,6 +40,9 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.STORE_UNAVAILABLE: (503, "service_unavailable"),
     Reason.REFRESH_ERROR: (503, "service_unavailable"),
     Reason.IDP_BAD_RESPONSE: (502, "bad_gateway"),
+    Reason.CAPTURE_FAILED: (502, "bad_gateway"),
+    Reason.CAPTURE_TOO_LARGE: (502, "bad_gateway"),
+    Reason.COOKIE_TOO_LARGE: (502, "bad_gateway"),
     Reason.REFRESH_RATE_LIMITED: (429, "too_many_requests"),
     Reason.WEBSOCKET_LIMIT: (503, "service_unavailable"),
 }

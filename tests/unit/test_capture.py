@@ -10,7 +10,7 @@ from typing import Any
 import jwt
 import pytest
 
-from gateway.capture import MAX_CAPTURE_BYTES, Captured, Capturer, wants_capture
+from gateway.capture import MAX_CAPTURE_BYTES, Captured, Capturer, capture_plan
 from gateway.config import CaptureConfig, CookiesConfig, TokensConfig
 from gateway.cookies import CookieJar
 from gateway.keys import StaticKey
@@ -108,12 +108,12 @@ async def test_custom_field_names(capturer: Capturer) -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        b"<html>not json</html>",
         b"",
-        b'{"access": "truncated',
+        b"  \r\n",
         b'["a", "list"]',
         json.dumps({"access": access_token()}).encode(),  # no refresh field
         json.dumps({"access": access_token(), "refresh": None}).encode(),
+        json.dumps({"access": access_token(), "refresh": ""}).encode(),  # an app that keeps it in its own cookie
         json.dumps({"detail": "No active account found"}).encode(),
     ],
 )
@@ -176,20 +176,53 @@ async def test_body_over_a_mebibyte_is_refused(capturer: Capturer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "headers", "expected"),
+    "body",
     [
-        (200, [(b"content-type", b"application/json")], True),
-        (201, [(b"content-type", b"application/json; charset=utf-8")], True),
-        (200, [(b"content-type", b"application/vnd.api+json")], True),
-        (200, [(b"content-type", b"application/json"), (b"content-encoding", b"identity")], True),
-        (401, [(b"content-type", b"application/json")], False),
-        (400, [(b"content-type", b"application/json")], False),
-        (302, [(b"content-type", b"application/json")], False),
-        (200, [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")], False),
-        (200, [(b"content-type", b"application/json"), (b"content-encoding", b"br")], False),
-        (200, [(b"content-type", b"text/html; charset=utf-8")], False),
-        (200, [], False),
+        b"<html>not json</html>",
+        b'{"access": "truncated',
+        b"\xff\xfe\x00{}",
+        b"access=a.b.c&refresh=r.t.k",
     ],
 )
-def test_wants_capture(status: int, headers: list[tuple[bytes, bytes]], expected: bool) -> None:
-    assert wants_capture(status, headers) is expected
+async def test_a_2xx_body_that_is_not_json_is_refused_never_passed_on(capturer: Capturer, body: bytes) -> None:
+    """Regression (issue 14, item 17): an unreadable login answer used to reach the page, tokens and all."""
+    captured = await take(capturer, body)
+    assert captured.reason == "capture_failed"
+    assert captured.body == b"" and header(captured, b"set-cookie") == []
+
+
+@pytest.mark.parametrize("refresh", [{"token": "r.t.k"}, ["r.t.k"], 42, True])
+async def test_a_refresh_field_that_is_not_a_string_is_refused(capturer: Capturer, refresh: Any) -> None:
+    body = json.dumps({"access": access_token(), "refresh": refresh}).encode()
+    captured = await take(capturer, body)
+    assert captured.reason == "capture_failed"
+    assert captured.body == b"" and header(captured, b"set-cookie") == []
+
+
+JSON = (b"content-type", b"application/json")
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "headers", "expected"),
+    [
+        ("POST", 200, [JSON], "take"),
+        ("POST", 201, [(b"content-type", b"application/json; charset=utf-8")], "take"),
+        ("POST", 200, [JSON, (b"content-encoding", b"identity")], "take"),
+        ("POST", 200, [(b"content-type", b"text/html; charset=utf-8")], "take"),  # read, then judged by its body
+        ("POST", 200, [], "take"),
+        ("POST", 401, [JSON], "pass"),  # a refused login passes through unchanged
+        ("POST", 400, [JSON, (b"content-encoding", b"gzip")], "pass"),
+        ("POST", 302, [JSON], "pass"),
+        ("POST", 503, [JSON], "pass"),
+        ("POST", 204, [], "pass"),
+        ("POST", 200, [JSON, (b"content-length", b"0")], "pass"),
+        ("HEAD", 200, [JSON, (b"content-length", b"120")], "pass"),
+        ("POST", 200, [JSON, (b"content-encoding", b"gzip")], "capture_failed"),
+        ("POST", 200, [JSON, (b"content-encoding", b"br")], "capture_failed"),
+        ("POST", 201, [JSON, (b"content-encoding", b"GZIP ")], "capture_failed"),
+        ("POST", 200, [JSON, (b"content-encoding", b"identity, gzip")], "capture_failed"),
+    ],
+)
+def test_capture_plan(method: str, status: int, headers: list[tuple[bytes, bytes]], expected: str) -> None:
+    """Regression (issue 14, item 17): a compressed 2xx login answer used to pass through (fail open)."""
+    assert capture_plan(method, status, headers) == expected
