@@ -74,8 +74,13 @@ def sha(script: str) -> str:
     return hashlib.sha1(script.encode()).hexdigest()
 
 
-def jti(token: str) -> str:
-    return str(jwt.decode(token, options={"verify_signature": False})["jti"])
+def token_of(value: str) -> str:
+    """The refresh token a refresh cookie holds (sealed by the gateway), or ``value`` itself (a raw token)."""
+    return Sealer(STORE_SECRET).open_cookie(value, REFRESH) or value
+
+
+def jti(value: str) -> str:
+    return str(jwt.decode(token_of(value), options={"verify_signature": False})["jti"])
 
 
 @dataclass
@@ -119,7 +124,8 @@ class Browser:
 
     def login(self) -> None:
         session = self.idp.issue("alice", access_ttl=None)
-        self.jar, self.previous = {ACCESS: session["access"], REFRESH: session["refresh"]}, {}
+        sealed = Sealer(STORE_SECRET).seal_cookie(session["refresh"], REFRESH)  # as the gateway would have set it
+        self.jar, self.previous = {ACCESS: session["access"], REFRESH: sealed}, {}
         self.received = {jti(session["refresh"])}
 
     def cookie(self, jar: dict[str, str]) -> str:
@@ -488,11 +494,14 @@ def main() -> None:
                     Path("/tmp/fault_campaign-gateway.log").write_text(gw.log())
                     import json
 
-                    ends = [{"jti": jti(t), "hash": Sealer(STORE_SECRET).token_hash(t)[:12]} for t in tally.lost_tokens]
+                    ends = [
+                        {"jti": jti(t), "hash": Sealer(STORE_SECRET).token_hash(token_of(t))[:12]}
+                        for t in tally.lost_tokens
+                    ]
                     Path("/tmp/fault_campaign-ends.json").write_text(
                         json.dumps({"ends": ends, "ledger": ledger, "families": idp.families()})
                     )
-                    hashes = [Sealer(STORE_SECRET).token_hash(t)[:12] for t in tally.lost_tokens]
+                    hashes = [Sealer(STORE_SECRET).token_hash(token_of(t))[:12] for t in tally.lost_tokens]
                     for line in gw.log().splitlines():
                         if any(h in line for h in hashes):
                             print(line, file=sys.stderr)

@@ -36,6 +36,8 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support.servers import free_port, start_gateway, start_idp, start_upstream  # noqa: E402
 
+from gateway.sealing import Sealer  # noqa: E402
+
 SECRET = "bench-hs256-secret-0123456789abcdef-xyz"
 
 
@@ -64,7 +66,8 @@ async def measure(
     async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as client:
         await fire(client, f"{gateway}/warm", f"gw_access={valid}", count)
         base, _ = await fire(client, f"{gateway}/b", f"gw_access={valid}", count)
-        cookie = f"gw_access={session['access']}; gw_refresh={session['refresh']}"
+        sealed = Sealer("bench-store-secret").seal_cookie(session["refresh"], "gw_refresh")  # as the gateway sets it
+        cookie = f"gw_access={session['access']}; gw_refresh={sealed}"
         storm, statuses = await fire(client, f"{gateway}/s", cookie, count)
     return base, storm, statuses
 

@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from refresh_storm import redis_url  # noqa: E402
 from support.servers import GatewayProcess, start_gateway, start_idp, start_upstream  # noqa: E402
 
+from gateway.sealing import Sealer  # noqa: E402
+
 SECRET = "soak-hs256-secret-0123456789abcdef-xyz"
 ACCESS_TTL = 5
 
@@ -51,7 +53,8 @@ class Stats:
 async def session_loop(
     client: aiohttp.ClientSession, url: str, tokens: dict[str, str], stop: float, stats: Stats
 ) -> None:
-    cookies = {"gw_access": tokens["access"], "gw_refresh": tokens["refresh"]}
+    sealed = Sealer("soak-store-secret").seal_cookie(tokens["refresh"], "gw_refresh")  # as the gateway sets it
+    cookies = {"gw_access": tokens["access"], "gw_refresh": sealed}
     while time.monotonic() < stop:
         header = "; ".join(f"{k}={v}" for k, v in cookies.items())
 

@@ -74,6 +74,7 @@ class Admission:
         tracer: Tracer,
         clock: Callable[[], float],
         origin: Callable[[Scope], str],
+        client: Callable[[Scope], str | None] | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._verifier = verifier
@@ -84,6 +85,7 @@ class Admission:
         self._tracer = tracer
         self._clock = clock
         self._origin = origin  # this request's own origin, as the browser sees it
+        self._client = client or _peer  # the client's address, after trusted proxies (limits per client)
         # Authorization header value (bytes) or access cookie (str) -> a token verified before.
         self._known: BoundedCache[bytes | str, Known] = BoundedCache()
 
@@ -129,7 +131,7 @@ class Admission:
         """The full path, after ``known`` found nothing: authenticate (and refresh), then the route's rules."""
         headers: RawHeaders = scope["headers"]
         with self._tracer.span("gateway.authenticate", route=route.name):
-            auth = await self._authenticator.authenticate(headers)
+            auth = await self._authenticator.authenticate(headers, self._client(scope))
         admitted = self._judge(route, auth)
         if admitted.refused is None and admitted.claims is not None and not auth.set_cookies and not auth.refreshed:
             # The key is the credential the authenticator used: a Bearer header wins over cookies.
@@ -147,7 +149,7 @@ class Admission:
         # a cookie session is only good from its own site (cross-site WebSocket hijacking).
         if bearer_token(headers) is None and any(self._jar.read(headers)) and self._forged(scope, "POST"):
             return Admitted(refused=Reason.CSRF)
-        return self._judge(route, await self._authenticator.authenticate(headers))
+        return self._judge(route, await self._authenticator.authenticate(headers, self._client(scope)))
 
     def _judge(self, route: Route, auth: AuthResult) -> Admitted:
         """The route's rules applied to what authentication found."""
@@ -183,6 +185,11 @@ class Admission:
             return
         fresh_until = auth.exp - self._verifier.refresh_margin(claims, auth.exp)
         self._known.put(key, Known(admitted, fresh_until, claims.get("jti")))
+
+
+def _peer(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return str(client[0]) if client else None
 
 
 def _header(headers: RawHeaders, name: bytes) -> bytes | None:

@@ -5,6 +5,8 @@ reason code; it also carries the Set-Cookie headers the response must bear (rota
 a cleared access cookie after a bad one). Refresh is delegated to a ``Refresher`` and only ever
 happens for cookie sessions whose access token is absent, expired or nearly so (or revoked),
 and otherwise fully valid: a forged token never reaches the IdP, and API clients (Bearer) get a plain 401.
+A refresh cookie the gateway did not seal (``CookieJar.open_refresh``) counts as absent and is
+cleared: it never reaches the refresher, so neither the IdP nor the store.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ class AuthResult:
 
 
 class Refresher(Protocol):
-    async def refresh(self, refresh_token: str, old_access: str | None) -> AuthResult:
-        """New tokens for a refresh token: an AuthResult with claims and cookies, or a reason."""
+    async def refresh(self, refresh_token: str, old_access: str | None, *, client: str | None = None) -> AuthResult:
+        """New tokens for a refresh token: an AuthResult with claims and cookies, or a reason.
+
+        ``client`` is the client's address (after trusted proxies), for limits per client.
+        """
 
 
 # RFC 6750 §2.1: "Bearer" 1*SP b64token. Tabs are accepted as separators too, as Django's
@@ -80,7 +85,8 @@ class Authenticator:
         self._jar = jar
         self._refresher = refresher
 
-    async def authenticate(self, headers: RawHeaders) -> AuthResult:
+    async def authenticate(self, headers: RawHeaders, client: str | None = None) -> AuthResult:
+        """The request's credential, verified (and refreshed); ``client``: its address, for the refresher."""
         kind, bearer = authorization_of(headers)
         if kind == "several":
             return AuthResult(reason=Reason.INVALID_REQUEST, bearer=True)
@@ -105,21 +111,34 @@ class Authenticator:
         # A revoked access token (tokens.revoke_superseded) may ride with a refresh token still in
         # its grace period: the refresher hands out the successor, or refuses an ended session.
         needs_refresh = verdict is None or verdict.refreshable or verdict.reason == Reason.TOKEN_REVOKED
+        dropped: list[bytes] = []
         if refresh is not None and needs_refresh and self._refresher is not None:
-            result = await self._refresher.refresh(refresh, access)
-            if result.claims is None and verdict is not None and verdict.ok and result.reason in _SOFT_FAILURES:
-                # Refreshing early failed for a passing reason, but the token still works: use it,
-                # and keep whatever the refresh set (a successor the IdP issued must reach the browser).
-                return AuthResult(claims=verdict.claims, token=access, set_cookies=result.set_cookies)
-            return result
+            token = self._jar.open_refresh(refresh)
+            if token is not None:
+                return await _refreshed(self._refresher, token, access, verdict, client)
+            # Not sealed by this gateway (junk, another secret, a raw token from before sealing): never
+            # redeemed, never looked up in the store, and cleared so the browser stops sending it.
+            dropped = [self._jar.clear_refresh()]
         if verdict is None:
             if garbage:
-                return AuthResult(reason=garbage, set_cookies=[self._jar.clear_access()])
-            return AuthResult(reason=Reason.NO_TOKEN)
+                return AuthResult(reason=garbage, set_cookies=[self._jar.clear_access(), *dropped])
+            return AuthResult(reason=Reason.NO_TOKEN, set_cookies=dropped)
         if verdict.ok:
-            return AuthResult(claims=verdict.claims, token=access)
+            return AuthResult(claims=verdict.claims, token=access, set_cookies=dropped)
         clear = [] if verdict.reason == Reason.TOKEN_EXPIRED else [self._jar.clear_access()]
-        return AuthResult(reason=verdict.reason, set_cookies=clear)
+        return AuthResult(reason=verdict.reason, set_cookies=clear + dropped)
+
+
+async def _refreshed(
+    refresher: Refresher, token: str, access: str | None, verdict: Verdict | None, client: str | None
+) -> AuthResult:
+    """The refresher's answer for ``token``, or the still valid access token when refreshing early failed softly."""
+    result = await refresher.refresh(token, access, client=client)
+    if result.claims is None and verdict is not None and verdict.ok and result.reason in _SOFT_FAILURES:
+        # Refreshing early failed for a passing reason, but the token still works: use it,
+        # and keep whatever the refresh set (a successor the IdP issued must reach the browser).
+        return AuthResult(claims=verdict.claims, token=access, set_cookies=result.set_cookies)
+    return result
 
 
 # Access cookies that hold no token at all (as opposed to a token that fails a check).
@@ -134,5 +153,6 @@ _SOFT_FAILURES = frozenset(
         Reason.IDP_ANSWER_LOST,
         Reason.IDP_BAD_RESPONSE,
         Reason.IDP_TOKEN_UNVERIFIED,
+        Reason.REFRESH_RATE_LIMITED,
     }
 )

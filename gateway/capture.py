@@ -4,7 +4,20 @@ For legacy apps whose login endpoint answers with tokens in JSON (Django SimpleJ
 ``POST /api/token/`` -> ``{"access", "refresh"}``), a route with ``capture`` makes the gateway take
 those fields out of a successful JSON response, set them as the session cookies, and send the
 body on without the refresh token (and without the access token when ``keep_access: false``).
-Anything else (an error status, a non-JSON body) passes through untouched.
+
+Capture fails closed: a body the gateway could not read might hold the refresh token, so it never
+passes one on (``capture_plan``, then ``Capturer.take``):
+
+    not 2xx (a refused login: 400, 401...), 3xx, 5xx       passes through unchanged
+    2xx without a body (HEAD, 204, 205, Content-Length: 0)  passes through unchanged
+    2xx with a Content-Encoding other than identity         502 capture_failed, body never read
+    2xx whose body is not JSON (whatever its Content-Type)  502 capture_failed
+    2xx JSON with the refresh field an object, list...      502 capture_failed
+    2xx JSON without a refresh token (absent, null, "")     passes through unchanged
+    2xx JSON with a refresh token                           captured (or 502 if the access token fails)
+
+The HTTP path asks the upstream for ``Accept-Encoding: identity`` on capture routes, so a
+compressed answer is an upstream that ignored it.
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from gateway.config import CaptureConfig
 from gateway.cookies import CookieJar
@@ -38,14 +51,17 @@ class Captured:
     reason: Reason | None = None
 
 
-def wants_capture(status: int, headers: RawHeaders) -> bool:
-    content_type = encoding = b""
+def capture_plan(method: str, status: int, headers: RawHeaders) -> Literal["take", "pass"] | Reason:
+    """What a capture route does with an answer: read it (``take``), pass it on as it is, or refuse it (a reason)."""
+    if not 200 <= status < 300 or status in (204, 205) or method == "HEAD":
+        return "pass"
+    encoding = b""
     for name, value in headers:
-        if name == b"content-type":
-            content_type = value.lower()
-        elif name == b"content-encoding":
+        if name == b"content-length" and value.strip() == b"0":
+            return "pass"
+        if name == b"content-encoding":
             encoding = value.strip().lower()
-    return 200 <= status < 300 and b"json" in content_type and encoding in (b"", b"identity")
+    return "take" if encoding in (b"", b"identity") else Reason.CAPTURE_FAILED
 
 
 class Capturer:
@@ -71,13 +87,20 @@ class Capturer:
                 return Captured(reason=Reason.CAPTURE_TOO_LARGE)
             chunks.append(chunk)
         raw = b"".join(chunks)
+        if not raw.strip():
+            return Captured(raw, _with_length(headers, len(raw)))  # nothing at all
         try:
             data: Any = json.loads(raw)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict) or not isinstance(data.get(spec.refresh), str):
-            return Captured(raw, _with_length(headers, len(raw)))  # nothing to capture
-        access, refresh = data.get(spec.access), data[spec.refresh]
+        except ValueError:  # UnicodeDecodeError too
+            log.error("route %s: a 2xx login response that is not JSON; refusing to pass it on", route)
+            return Captured(reason=Reason.CAPTURE_FAILED)
+        refresh = data.get(spec.refresh) if isinstance(data, dict) else None
+        if refresh is None or refresh == "":
+            return Captured(raw, _with_length(headers, len(raw)))  # no refresh token in it: nothing to capture
+        if not isinstance(refresh, str):
+            log.error("route %s: the login response's %s field is not a string; refusing", route, spec.refresh)
+            return Captured(reason=Reason.CAPTURE_FAILED)
+        access = data.get(spec.access)
         verdict = await self._verifier.verify(access) if isinstance(access, str) else None
         if verdict is None or verdict.claims is None:
             log.error("route %s: the captured access token does not verify; no session set", route)

@@ -4,6 +4,13 @@ Both are HttpOnly, Path=/, SameSite from config, and Secure unless configured of
 and Path=/ their names carry the ``__Host-`` prefix, so no subdomain or plain-HTTP page can set
 or shadow them (RFC 6265bis §4.1.3.2). A cookie that appears twice, or that cannot be parsed,
 is treated as absent: it is never an error page.
+
+The refresh cookie holds the refresh token sealed by the gateway (``cookies.refresh.sealed``, the
+default; gateway.sealing): ``set_refresh`` seals, ``open_refresh`` unseals, and a value that does not
+unseal (not issued by this gateway, issued under another secret or for another cookie name, or a
+raw token from before sealing) reads as no refresh token at all, so it never reaches the IdP or
+the store. Sealing makes the value longer (16 bytes, then base64): the size check in ``session``
+measures the cookie as sent.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import jwt
 
 from gateway.config import CookiesConfig
 from gateway.errors import CookieTooLarge
+from gateway.sealing import Sealer
 from gateway.types import RawHeaders
 
 # RFC 6265 §6.1: browsers keep at least 4096 bytes per cookie; many keep no more.
@@ -30,9 +38,10 @@ class CookieJar:
     refresh_max_age: int | None
     access_max_age: int | None
     attributes: str
+    sealer: Sealer | None = None  # seals the refresh cookie; None: cookies.refresh.sealed is off
 
     @classmethod
-    def from_config(cls, config: CookiesConfig) -> CookieJar:
+    def from_config(cls, config: CookiesConfig, sealer: Sealer) -> CookieJar:
         prefix = "__Host-" if config.secure else ""
         attrs = f"; Path=/; HttpOnly; SameSite={config.same_site.capitalize()}"
         if config.secure:
@@ -43,7 +52,12 @@ class CookieJar:
             access_max_age=config.access.max_age,
             refresh_max_age=config.refresh.max_age,
             attributes=attrs,
+            sealer=sealer if config.refresh.sealed else None,
         )
+
+    @property
+    def sealed(self) -> bool:
+        return self.sealer is not None
 
     @property
     def bare_names(self) -> tuple[str, str]:
@@ -74,8 +88,16 @@ class CookieJar:
         return self._cookie(self.access_name, token, age)
 
     def set_refresh(self, token: str, max_age: int | None = None) -> bytes:
+        """The refresh cookie holding ``token`` (sealed unless cookies.refresh.sealed is off)."""
         age = max_age if max_age is not None else self.refresh_max_age
-        return self._cookie(self.refresh_name, token, age)
+        value = self.sealer.seal_cookie(token, self.refresh_name) if self.sealer is not None else token
+        return self._cookie(self.refresh_name, value, age)
+
+    def open_refresh(self, value: str) -> str | None:
+        """The refresh token a refresh cookie's value (from ``read``) holds; None when it was not sealed here."""
+        if self.sealer is None:
+            return value
+        return self.sealer.open_cookie(value, self.refresh_name)
 
     def clear_access(self) -> bytes:
         return self._cookie(self.access_name, "", 0)

@@ -3,7 +3,9 @@
 A session is a refresh-token family, named by the keyed hash of its first refresh token (its
 root). The store remembers, for as long as the cookies may live:
 
-    family:{h(refresh)}  -> root   for every rotated refresh token: the successor inherits the root
+    family:{h(refresh)}  -> root   for every refresh token the gateway handed out: the first one of a
+                                   login points at itself, a successor inherits the root; a token
+                                   without one was never seen here (gateway.throttle)
     member:{h(jti)}      -> root   for every access token the gateway hands out (WebSockets find
                                    their session from their verified access token)
     members:{root}       the family's access tokens (jti until exp), written atomically with each
@@ -53,15 +55,21 @@ class Families:
 
     async def root_of(self, h: str) -> str:
         """The session of the refresh token with hash ``h`` (``h`` itself when never rotated). Raises StoreError."""
+        return (await self.lookup(h))[0]
+
+    async def lookup(self, h: str) -> tuple[str, bool]:
+        """(the root of ``h``'s session, whether the gateway handed ``h`` out: login, capture or rotation).
+
+        Raises StoreError.
+        """
         raw = await self._store.get(f"family:{{{h}}}")
-        return raw.decode() if raw else h
+        return (raw.decode(), True) if raw else (h, False)
 
     async def link(self, root: str, refresh_token: str | None, claims: dict[str, Any] | None, lifetime: float) -> None:
         """Record that a new refresh token and access token belong to ``root``. Raises StoreError."""
         if refresh_token is not None:
             h = self._sealer.token_hash(refresh_token)
-            if h != root:
-                await self._store.set(f"family:{{{h}}}", root.encode(), lifetime)
+            await self._store.set(f"family:{{{h}}}", root.encode(), lifetime)
         jti = (claims or {}).get("jti")
         if isinstance(jti, str):
             await self._store.set(f"member:{{{self._sealer.token_hash(jti)}}}", root.encode(), lifetime)

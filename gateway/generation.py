@@ -13,7 +13,7 @@ HTTP clients, denylist, metrics, open sockets) is ``Shared``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -41,6 +41,7 @@ from gateway.responses import Denials
 from gateway.routing import RouteTable
 from gateway.sealing import Sealer
 from gateway.store import Store
+from gateway.throttle import ClientThrottle
 from gateway.tokens import Verifier
 from gateway.tracing import Tracer
 from gateway.tunnel import Sockets
@@ -64,6 +65,7 @@ class Shared:
     request_ids: RequestIds
     sockets: Sockets
     families: Families
+    throttle: ClientThrottle = field(default_factory=ClientThrottle)  # used with raw refresh cookies only
 
 
 class Generation:
@@ -74,7 +76,7 @@ class Generation:
         self.shared = shared
         self.prefix = config.server.prefix
         routes = RouteTable.from_config(config.routes)
-        jar = CookieJar.from_config(config.cookies)
+        jar = CookieJar.from_config(config.cookies, shared.sealer)
         identity = IdentityHeaders(config.identity.headers)
         self.header_rules = HeaderRules(
             strip_patterns=config.identity.strip_inbound,
@@ -98,6 +100,7 @@ class Generation:
             tracer=tracer,
             clock=shared.clock,
             origin=self.origin,
+            client=self.client,
         )
         oidc = self._oidc(config, shared, verifier, jar)
         deny = Denials(shared.metrics.denial, f"{self.prefix}/login?next={{next}}" if oidc else config.login.url)
@@ -122,6 +125,7 @@ class Generation:
             refresher=self.refresher,
             csrf=csrf,
             origin=self.origin,
+            client=self.client,
             redirect=config.logout.redirect,
         )
         self.internal = internal_app(self.prefix, shared.store, shared.metrics, logout, oidc)
@@ -149,6 +153,11 @@ class Generation:
         scheme: str = scope.get("scheme", "http")
         scheme = _PAGE_SCHEME.get(scheme, scheme)  # a WebSocket handshake comes from an http(s) page
         return self.header_rules.origin(scope["headers"], client[0] if client else None, scheme)
+
+    def client(self, scope: Scope) -> str | None:
+        """The client's address: the peer, or the one trusted proxies name (X-Forwarded-For)."""
+        peer = scope.get("client")
+        return self.header_rules.client(scope["headers"], peer[0] if peer else None)
 
     def _websocket_path(
         self,
@@ -190,6 +199,8 @@ class Generation:
             clock=shared.clock,
             denylist=shared.denylist if config.tokens.revoke_superseded else None,
             families=shared.families,
+            # A sealed cookie the gateway did not issue never gets this far; raw ones are limited per client.
+            throttle=None if config.cookies.refresh.sealed else shared.throttle,
         )
 
     def _oidc(self, config: GatewayConfig, shared: Shared, verifier: Verifier, jar: CookieJar) -> OIDCLogin | None:

@@ -254,6 +254,16 @@ class HeaderRules:
                     host = value.split(b",")[0].strip()
         return f"{(proto or scheme.encode()).decode('latin-1')}://{(host or b'').decode('latin-1')}"
 
+    def client(self, headers: RawHeaders, peer: str | None) -> str | None:
+        """The client's address: the peer, or behind trusted proxies the last X-Forwarded-For hop none of them is."""
+        if peer not in self._trusted:
+            return peer
+        hops = [hop.strip().decode("latin-1") for n, v in headers if n == b"x-forwarded-for" for hop in v.split(b",")]
+        for hop in reversed(hops):
+            if hop and hop not in self._trusted:
+                return hop
+        return hops[0] if hops and hops[0] else peer
+
     def _without_gateway_cookies(self, value: bytes) -> bytes:
         kept = []
         for part in value.split(b";"):

@@ -24,7 +24,7 @@ from yarl import URL
 from gateway.accesslog import AccessLog, RequestIds, RequestInfo
 from gateway.admission import Admission, Admitted
 from gateway.cache import BoundedCache
-from gateway.capture import Capturer, wants_capture
+from gateway.capture import Capturer, capture_plan
 from gateway.errors import BadHeader, BadPath, ClientGone, UpstreamFailure
 from gateway.forwarder import Forwarder, UpstreamResponse, chunks, upstream_url
 from gateway.headers import HeaderRules
@@ -187,8 +187,10 @@ class HttpPath:
             info.subject = claims.get("sub")
             info.refreshed = admitted.refreshed
         if route.capture is not None:
-            # The login response is read and rewritten here, so it must come back unencoded.
+            # The login response is read and rewritten here, so it must come back unencoded: said
+            # explicitly, since a request without Accept-Encoding accepts any coding (RFC 9110 §12.5.3).
             headers = [(n, v) for n, v in headers if n != "accept-encoding"]
+            headers.append(("accept-encoding", "identity"))
         return self._url(route, path, scope["query_string"]), headers
 
     def _route(self, scope: Scope, seen: Scanned) -> tuple[Route, str] | Reason:
@@ -238,13 +240,10 @@ class HttpPath:
         out = self._headers.outbound(response.headers, route.name)
         out.append((b"x-request-id", info.request_id.encode()))
         set_cookies = admitted.set_cookies
-        if route.capture is not None and wants_capture(response.status, out):
-            captured = await self._capturer.take(route.capture, out, chunks(response), route.name)
-            if captured.reason is not None:
-                return await self._deny(send, scope, captured.reason, route.name, set_cookies)
-            await send({"type": "http.response.start", "status": response.status, "headers": captured.headers})
-            await send({"type": "http.response.body", "body": captured.body})
-            return response.status
+        if route.capture is not None:
+            status = await self._capture(scope, send, route, response, out, set_cookies)
+            if status is not None:
+                return status
         if set_cookies:
             out.extend((b"set-cookie", c) for c in set_cookies)
             if info.refreshed:
@@ -264,6 +263,31 @@ class HttpPath:
             response.close()
             return response.status
         await send({"type": "http.response.body", "body": chunk})
+        return response.status
+
+    async def _capture(
+        self,
+        scope: Scope,
+        send: Send,
+        route: Route,
+        response: UpstreamResponse,
+        out: RawHeaders,
+        set_cookies: list[bytes] | None,
+    ) -> int | None:
+        """A capture route's answer, rewritten or refused (the status sent); None: pass it on as it came."""
+        plan = capture_plan(scope["method"], response.status, out)
+        if plan == "pass" or route.capture is None:
+            return None
+        if isinstance(plan, Reason):
+            log.error("route %s: a compressed login response (Content-Encoding); refusing to pass it on", route.name)
+            response.close()
+            return await self._deny(send, scope, plan, route.name, set_cookies)
+        captured = await self._capturer.take(route.capture, out, chunks(response), route.name)
+        if captured.reason is not None:
+            response.close()
+            return await self._deny(send, scope, captured.reason, route.name, set_cookies)
+        await send({"type": "http.response.start", "status": response.status, "headers": captured.headers})
+        await send({"type": "http.response.body", "body": captured.body})
         return response.status
 
 

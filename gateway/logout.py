@@ -5,6 +5,10 @@ by every process); the refresh token is refused by the gateway from now on and r
 IdP's RFC 7009 endpoint when one is configured; both cookies are cleared. A revocation endpoint
 that fails does not keep the session alive. Browsers are sent to ``logout.redirect`` (303),
 other clients get 204.
+
+A refresh cookie the gateway did not seal ends nothing: no store write, no IdP call (the cookies
+are cleared all the same). With raw refresh cookies, a never-seen token over its client's limit
+gets 429 and nothing is done (gateway.throttle).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Logout:
         csrf: CSRFGuard,
         origin: Callable[[MutableMapping[str, Any]], str],
         redirect: str,
+        client: Callable[[MutableMapping[str, Any]], str | None] | None = None,
     ) -> None:
         self._jar = jar
         self._verifier = verifier
@@ -48,6 +53,7 @@ class Logout:
         self._refresher = refresher
         self._csrf = csrf
         self._origin = origin
+        self._client = client
         self._redirect = safe_target(redirect) if redirect.startswith("/") else redirect
 
     async def handle(self, request: Request) -> Response:
@@ -58,10 +64,18 @@ class Logout:
         if not bearer and (access or refresh) and self._csrf.refuses("POST", headers, self._origin(scope)):
             return JSONResponse({"error": "forbidden", "reason": Reason.CSRF}, status_code=403)
         token = bearer or access
+        session = self._jar.open_refresh(refresh) if refresh and self._refresher is not None else None
+        if session is not None and self._refresher is not None:
+            client = self._client(scope) if self._client is not None else None
+            # Its WebSockets close everywhere too.
+            if await self._refresher.end_session(session, client) == Reason.REFRESH_RATE_LIMITED:
+                return JSONResponse(
+                    {"error": "too_many_requests", "reason": Reason.REFRESH_RATE_LIMITED},
+                    status_code=429,
+                    headers={"retry-after": "5", "cache-control": "no-store"},
+                )
         if token:
             await self._deny(token)
-        if refresh and self._refresher is not None:
-            await self._refresher.end_session(refresh)  # its WebSockets close everywhere too
         clear = [self._jar.clear_access(), self._jar.clear_refresh()]
         if wants_html("GET", headers) or _is_form(headers):
             response: Response = Response(status_code=303, headers={"location": self._redirect})

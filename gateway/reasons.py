@@ -52,7 +52,9 @@ class Reason(StrEnum):
     LOCK_TIMEOUT = "lock_timeout"
     STORE_UNAVAILABLE = "store_unavailable"
     REFRESH_ERROR = "refresh_error"
+    REFRESH_RATE_LIMITED = "refresh_rate_limited"  # raw refresh cookies: too many never-seen tokens from one client
     # Token capture on a login route
+    CAPTURE_FAILED = "capture_failed"  # a 2xx login answer the gateway cannot read: never passed on
     CAPTURE_TOO_LARGE = "capture_too_large"
     COOKIE_TOO_LARGE = "cookie_too_large"
     # The upstream

@@ -21,6 +21,10 @@ this module turns the outcome into the request's answer (cookies) and runs logou
 
 A failure that says nothing about the session (IdP down, store down, waited too long) keeps the
 cookies and answers 503. RFC 9700 §4.14.2.
+
+With raw refresh cookies (``cookies.refresh.sealed: false``) a token the gateway never handed out
+(no ``family:`` record) may only start a flight, or a logout, while its client is within
+``gateway.throttle``'s limit: beyond it, 429 and nothing is written or sent.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from gateway.redemption import Outcome, Redemption
 from gateway.sealing import Sealer
 from gateway.stalls import Stalls
 from gateway.store import RecordKeys, Store
+from gateway.throttle import ClientThrottle
 from gateway.tokens import Verifier
 
 log = logging.getLogger("gateway.refresh")
@@ -68,6 +73,7 @@ class SessionRefresher:
         families: Families,
         clock: Callable[[], float] = time.time,
         denylist: Denylist | None = None,
+        throttle: ClientThrottle | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -84,6 +90,7 @@ class SessionRefresher:
         self._background: set[asyncio.Future[Any]] = set()
         self._denylist = denylist  # set when tokens.revoke_superseded: the replaced access token is refused
         self._stalls = Stalls()  # a request held up in a stalled worker is not a late replay
+        self._throttle = throttle  # raw refresh cookies: never-seen tokens per client (gateway.throttle)
         self._redemption = Redemption(
             config=config,
             store=store,
@@ -109,12 +116,14 @@ class SessionRefresher:
             spawn=self._spawn,
         )
 
-    async def refresh(self, refresh_token: str, old_access: str | None, *, _depth: int = 0) -> AuthResult:
+    async def refresh(
+        self, refresh_token: str, old_access: str | None, *, client: str | None = None, _depth: int = 0
+    ) -> AuthResult:
         h = self._sealer.token_hash(refresh_token)
         flight = self._inflight.get(h)
         leader = flight is None
         if flight is None:
-            flight = asyncio.ensure_future(self._flight(h, refresh_token))
+            flight = asyncio.ensure_future(self._flight(h, refresh_token, client))
             self._inflight[h] = flight
             flight.add_done_callback(lambda _: self._inflight.pop(h, None))
         # Shielded: a client that goes away must not cancel an IdP call others are waiting for
@@ -126,20 +135,24 @@ class SessionRefresher:
         if outcome.label == "grace_hit" and result.reason == Reason.TOKEN_EXPIRED and outcome.refresh and _depth < 2:
             # The successor's access token expired within the grace period (access lifetime
             # shorter than grace_period): carry on with the successor refresh token.
-            return await self.refresh(outcome.refresh, outcome.access, _depth=_depth + 1)
+            return await self.refresh(outcome.refresh, outcome.access, client=client, _depth=_depth + 1)
         return result
 
-    async def end_session(self, refresh_token: str) -> bool:
+    async def end_session(self, refresh_token: str, client: str | None = None) -> Reason | None:
         """Logout: the whole family is refused from now on, and the IdP is asked to revoke its newest token.
 
         With the store unreachable the end is recorded as soon as it answers again (retried in the
-        background), so a copy of the session's tokens does not outlive the outage.
+        background), so a copy of the session's tokens does not outlive the outage. Returns why
+        nothing was done (``REFRESH_RATE_LIMITED``: a never-seen raw token over its client's limit), or None.
         """
         h = self._sealer.token_hash(refresh_token)
+        if self._throttle is not None and not await self._seen(h) and not self._throttle.allow(client):
+            log.info("logout token=%s: never seen, client over its limit; nothing done", h[:12])
+            return Reason.REFRESH_RATE_LIMITED
         newest = await self._families.end_session(h, self._spawn) or refresh_token
         revoked = await self._idp.revoke(newest)
         log.info("logout token=%s revoked_at_idp=%s", h[:12], revoked)
-        return revoked
+        return None
 
     async def close(self) -> None:
         """Let flights and write-outs in progress finish (they hold locks and redeemed tokens)."""
@@ -150,12 +163,15 @@ class SessionRefresher:
 
     # --- one flight per process ---------------------------------------------------------------
 
-    async def _flight(self, h: str, token: str) -> Outcome:
+    async def _flight(self, h: str, token: str, client: str | None) -> Outcome:
         started = time.monotonic()
         self._stalls.start()
         try:
-            keys = RecordKeys(await self._families.root_of(h), h)
-            outcome = await self._coordinator.coordinate(keys, token, Arrival(started), 0)
+            root, seen = await self._families.lookup(h)
+            if not seen and self._throttle is not None and not self._throttle.allow(client):
+                outcome = Outcome(Reason.REFRESH_RATE_LIMITED)  # nothing read, locked, sent or written
+            else:
+                outcome = await self._coordinator.coordinate(RecordKeys(root, h), token, Arrival(started), 0)
         except StoreError as exc:
             log.error("refresh token=%s: store unavailable (%s); answering 503", h[:12], exc)
             self._metrics.store_error("refresh")
@@ -200,6 +216,12 @@ class SessionRefresher:
                 log.warning("could not denylist the replaced access token: %s", exc)
 
     # --- helpers ----------------------------------------------------------------------------------
+
+    async def _seen(self, h: str) -> bool:
+        try:
+            return (await self._families.lookup(h))[1]
+        except StoreError:
+            return True  # the store decides later: ending the session is retried in the background
 
     def _cookie_lifetime(self, token: str) -> int:
         return self._jar.refresh_lifetime(token, self._clock())

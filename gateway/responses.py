@@ -41,6 +41,10 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.STORE_UNAVAILABLE: (503, "service_unavailable"),
     Reason.REFRESH_ERROR: (503, "service_unavailable"),
     Reason.IDP_BAD_RESPONSE: (502, "bad_gateway"),
+    Reason.CAPTURE_FAILED: (502, "bad_gateway"),
+    Reason.CAPTURE_TOO_LARGE: (502, "bad_gateway"),
+    Reason.COOKIE_TOO_LARGE: (502, "bad_gateway"),
+    Reason.REFRESH_RATE_LIMITED: (429, "too_many_requests"),
     Reason.WEBSOCKET_LIMIT: (503, "service_unavailable"),
 }
 RETRY_AFTER = b"5"
@@ -140,7 +144,7 @@ async def send_denial(
             location = (b"location", login_url.encode("latin-1"))
             await send_response(send, 302, b"", [location, (b"content-length", b"0"), NO_STORE, *extra])
             return
-    if status == 503:
+    if status in (429, 503):
         extra.append((b"retry-after", RETRY_AFTER))
     extra.append(NO_STORE)
     if html:

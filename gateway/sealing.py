@@ -1,22 +1,31 @@
-"""Sealing of values kept in the shared store, and hashing of tokens into store keys.
+"""Sealing of values kept in the shared store or in cookies, and hashing of tokens into store keys.
 
-Two independent keys are derived from one configured secret with HKDF-SHA256 (RFC 5869), so the
-hash key used for keys and logs never doubles as the encryption key.
+Three independent keys are derived from one configured secret with HKDF-SHA256 (RFC 5869), each
+under its own label: the hash key used for store keys and logs, the store's encryption key, and
+the cookies' encryption key. None doubles as another, so a value sealed for the store never
+unseals as a cookie, nor the other way round.
 
 Every sealed value is bound to where it lives: the store key (or cookie name) is the AEAD's
 associated data, so a value copied to another key by someone who can write to Redis but does
 not know the secret does not unseal there (invariant I4, docs/refresh.md).
+
+Cookies are sealed deterministically (AES-SIV, RFC 5297): one token sealed for one cookie name
+always gives the same value, so every response that hands out a successor (concurrent requests,
+several workers) sets the same cookie. Equal cookies only reveal equal tokens, which the cookie
+itself is already the credential for; nothing else about the token can be learnt or forged.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import os
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.errors import StoreError
@@ -24,8 +33,13 @@ from gateway.errors import StoreError
 _NONCE_BYTES = 12  # the size AES-GCM is designed for (NIST SP 800-38D)
 
 
-def _derive(secret: bytes, info: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+_SIV_TAG_BYTES = 16
+# A cookie value is at most 4096 bytes (gateway.cookies): anything longer is not one of ours.
+_MAX_COOKIE_CHARS = 4096
+
+
+def _derive(secret: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
 
 
 class Sealer:
@@ -37,6 +51,8 @@ class Sealer:
             raise ValueError("sealing secret must not be empty")
         self._hash_key = _derive(raw, b"gateway token-hash v1")
         self._aead = AESGCM(_derive(raw, b"gateway seal v1"))
+        # AES-SIV takes two AES-256 keys: 64 bytes, derived under a label of their own.
+        self._cookie_aead = AESSIV(_derive(raw, b"gateway cookie seal v1", 64))
 
     def __repr__(self) -> str:
         return "Sealer(<secret>)"
@@ -58,3 +74,24 @@ class Sealer:
             return self._aead.decrypt(data[:_NONCE_BYTES], data[_NONCE_BYTES:], bound_to.encode())
         except InvalidTag:
             raise StoreError("sealed value could not be decrypted") from None
+
+    def seal_cookie(self, value: str, name: str) -> str:
+        """``value`` sealed for the cookie ``name``: base64url (no padding) of AES-SIV's tag and ciphertext."""
+        sealed = self._cookie_aead.encrypt(value.encode(), [name.encode()])
+        return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
+
+    def open_cookie(self, value: str, name: str) -> str | None:
+        """Reverse ``seal_cookie``; None for any value this secret did not seal for ``name``."""
+        if len(value) > _MAX_COOKIE_CHARS:
+            return None
+        try:
+            data = base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_", validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        if len(data) <= _SIV_TAG_BYTES:
+            return None
+        try:
+            plain = self._cookie_aead.decrypt(data, [name.encode()])
+            return plain.decode()
+        except (InvalidTag, UnicodeDecodeError):
+            return None

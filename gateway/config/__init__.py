@@ -39,6 +39,7 @@ from gateway.config.sessions import (
     LoginConfig,
     LogoutConfig,
     OIDCConfig,
+    RefreshCookieSpec,
 )
 from gateway.config.tokens import RefreshConfig, RefreshFields, TokensConfig
 from gateway.errors import ConfigError
@@ -60,6 +61,7 @@ __all__ = [
     "LogoutConfig",
     "OIDCConfig",
     "RefreshConfig",
+    "RefreshCookieSpec",
     "RefreshFields",
     "RequireConfig",
     "RouteConfig",

@@ -104,9 +104,10 @@ class StoreConfig(Model):
     key_prefix: str = "gw:"
     """Every key the gateway writes lives under it."""
     secret: str | None = None
-    """Keys the token hashes and encrypts (AES-GCM) the tokens held in the store and the OIDC login-state cookie
-    (use `${VAR}`). Required with a shared store when `refresh.endpoint` or `login.oidc` is set; with `memory://`
-    and no secret, a random key is used."""
+    """Keys the token hashes, encrypts (AES-GCM) the tokens held in the store and the OIDC login-state cookie, and
+    seals the refresh cookie (AES-SIV, under a key of its own) (use `${VAR}`). Required with a shared store when
+    `refresh.endpoint` or `login.oidc` is set; with `memory://` and no secret, a random key is used (sessions then
+    end when the process restarts). Changing it logs every session out."""
     sentinel: SentinelConfig | None = None
     """Redis Sentinel: the master is found through these sentinels; `url` then only picks `redis://` or
     `rediss://`."""

@@ -26,13 +26,25 @@ class CookieSpec(Model):
         return value
 
 
+class RefreshCookieSpec(CookieSpec):
+    """The refresh-token cookie."""
+
+    sealed: bool = True
+    """The cookie holds the refresh token sealed by the gateway (AES-SIV under a key derived from `store.secret`,
+    bound to the cookie's name): the browser never holds the token in plain text, and a cookie the gateway did not
+    issue is refused (401) without calling the IdP or writing to the store. `false` accepts a raw refresh token
+    (for apps that set the cookie themselves); the gateway then limits, per client address and worker, how many
+    refreshes with tokens it never saw before may start (a burst of 10, then one every 5 seconds; beyond: 429
+    `refresh_rate_limited`). Changing it logs every session out: cookies of one kind do not read as the other."""
+
+
 class CookiesConfig(Model):
     """The session cookies. A cookie sent twice, or one that cannot be parsed, counts as absent."""
 
     access: CookieSpec = CookieSpec(name="gw_access")
     """The access-token cookie (a session cookie unless `max_age` is set)."""
-    refresh: CookieSpec = CookieSpec(name="gw_refresh", max_age=1209600)
-    """The refresh-token cookie (14 days)."""
+    refresh: RefreshCookieSpec = RefreshCookieSpec(name="gw_refresh", max_age=1209600)
+    """The refresh-token cookie (14 days), sealed by default."""
     secure: bool = True
     """Adds `Secure` and the `__Host-` prefix to both names. Turn it off only for plain-HTTP development."""
     same_site: Literal["lax", "strict", "none"] = "lax"

@@ -25,6 +25,7 @@ import pytest
 import redis
 import yaml
 from support.faultproxy import FaultProxy
+from support.sealed import refresh_token_in
 from support.servers import GatewayProcess, IdPProcess, ServerProcess, set_cookies, start_gateway, start_idp
 from support.waiting import until, wait_until
 from support.workers import WorkerClients
@@ -219,7 +220,8 @@ def test_reuse_of_an_old_token_ends_the_newest_too_with_an_idp_that_ignores_revo
         assert idp.stats()["refresh_calls"] == 2  # the replay never reached the IdP
         assert_one_redemption_each(idp)
         # ...which would still honour R2: only the gateway stands between the thief's session and the app.
-        at_idp = httpx.post(f"{idp.url}/token", data={"grant_type": "refresh_token", "refresh_token": r2},
+        raw_r2 = refresh_token_in(r2, REFRESH)  # the browser holds it sealed; the thief would need the secret
+        at_idp = httpx.post(f"{idp.url}/token", data={"grant_type": "refresh_token", "refresh_token": raw_r2},
                             auth=("legacy-app", "demo-secret"))  # fmt: skip
         assert at_idp.status_code == 200
 

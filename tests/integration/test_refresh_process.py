@@ -19,6 +19,7 @@ import pytest
 import redis
 from support.faultproxy import FaultProxy
 from support.metrics import metric_value
+from support.sealed import refresh_cookie
 from support.servers import (
     GatewayProcess,
     IdPProcess,
@@ -80,11 +81,12 @@ def expired_session(idp: IdPProcess, user: str = "alice") -> dict[str, str]:
 
 
 def cookie_header(access: str | None, refresh: str | None) -> str:
+    """The cookies a browser holds: a raw refresh token (from the IdP) goes in sealed, as the gateway set it."""
     parts = []
     if access:
         parts.append(f"{ACCESS}={access}")
     if refresh:
-        parts.append(f"{REFRESH}={refresh}")
+        parts.append(f"{REFRESH}={refresh_cookie(refresh, REFRESH)}")
     return "; ".join(parts)
 
 
@@ -399,7 +401,7 @@ def test_simplejwt_style_rotation_with_blacklisting(idp: IdPProcess, upstream: S
     config["cookies"] = {"secure": False, "access": {"name": "sid"}, "refresh": {"name": "rid", "max_age": 3600}}
     with start_gateway(config, workers=2) as gw:
         session = expired_session(idp, "bob")
-        cookie = f"sid={session['access']}; rid={session['refresh']}"
+        cookie = f"sid={session['access']}; rid={refresh_cookie(session['refresh'], 'rid')}"
         responses = asyncio.run(storm(f"{gw.url}/x", cookie, 100))
         assert [r.status_code for r in responses] == [200] * 100
         assert idp.stats()["refresh_calls"] == 1

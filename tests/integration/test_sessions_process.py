@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from support.ports import refused_port
+from support.sealed import refresh_cookie
 from support.servers import (
     GatewayProcess,
     IdPProcess,
@@ -168,7 +169,9 @@ def every_lonely_worker(lonely_gateway: GatewayProcess) -> Iterator[WorkerClient
 
 
 def cookie_header(access: str | None, refresh: str | None) -> str:
-    return "; ".join(p for p in (access and f"{ACCESS}={access}", refresh and f"{REFRESH}={refresh}") if p)
+    """The cookies a browser holds: a raw refresh token (from the IdP) goes in sealed, as the gateway set it."""
+    sealed = refresh and refresh_cookie(refresh, REFRESH)
+    return "; ".join(p for p in (access and f"{ACCESS}={access}", sealed and f"{REFRESH}={sealed}") if p)
 
 
 def log_in(gateway: GatewayProcess, user: str = "alice") -> tuple[httpx.Response, str, str]:

@@ -22,6 +22,7 @@ import jwt
 import pytest
 from support.metrics import metric_value
 from support.ports import connection_owner
+from support.sealed import refresh_cookie
 from support.servers import (
     GatewayProcess,
     IdPProcess,
@@ -193,11 +194,29 @@ def test_denied_handshakes_get_the_http_status_of_a_request(
 
 def test_cross_site_handshake_riding_on_cookies_is_refused(gateway: GatewayProcess, idp: IdPProcess) -> None:
     session = idp.issue("alice")
-    cookie = f"{ACCESS}={session['access']}; {REFRESH}={session['refresh']}"
+    cookie = f"{ACCESS}={session['access']}; {REFRESH}={refresh_cookie(session['refresh'], REFRESH)}"
     code, body = refused(gateway, Cookie=cookie, Origin="https://evil.example")
     assert (code, body["reason"]) == (403, "csrf")
     with open_socket(gateway, Cookie=cookie, Origin=gateway.url) as ws:  # same site: fine
         assert upstream_headers(hello(ws))["x-auth-user"] == "alice"
+
+
+def test_a_handshake_with_a_refresh_cookie_the_gateway_did_not_seal_never_reaches_the_idp(
+    gateway: GatewayProcess, idp: IdPProcess
+) -> None:
+    """Regression (issue 14, item 10): a handshake's junk refresh cookie used to be redeemed at the IdP."""
+    expired = idp.issue("alice", access_ttl=-60)
+    before = idp.stats()["refresh_calls"]
+    for junk in ["junk", expired["refresh"]]:  # made up, or a raw token (a cookie set before sealing)
+        code, body = refused(gateway, Cookie=f"{ACCESS}={expired['access']}; {REFRESH}={junk}", Origin=gateway.url)
+        assert (code, body["reason"]) == (401, "token_expired")
+        code, body = refused(gateway, Cookie=f"{REFRESH}={junk}", Origin=gateway.url)
+        assert (code, body["reason"]) == (401, "no_token")
+    assert idp.stats()["refresh_calls"] == before
+    sealed = f"{ACCESS}={expired['access']}; {REFRESH}={refresh_cookie(expired['refresh'], REFRESH)}"
+    with open_socket(gateway, Cookie=sealed, Origin=gateway.url) as ws:  # the gateway's own cookie refreshes
+        assert upstream_headers(hello(ws))["x-auth-user"] == "alice"
+    assert idp.stats()["refresh_calls"] == before + 1
 
 
 def test_upstream_refusal_passes_through_as_its_status(gateway: GatewayProcess, idp: IdPProcess) -> None:
@@ -227,7 +246,7 @@ def test_internal_endpoints_take_no_websockets(gateway: GatewayProcess, idp: IdP
 def test_handshake_refresh_sets_the_rotated_cookies(gateway: GatewayProcess, idp: IdPProcess) -> None:
     session = idp.issue("alice", access_ttl=-30)  # the access token expired half a minute ago
     before = idp.stats()["refresh_calls"]
-    cookie = f"{ACCESS}={session['access']}; {REFRESH}={session['refresh']}"
+    cookie = f"{ACCESS}={session['access']}; {REFRESH}={refresh_cookie(session['refresh'], REFRESH)}"
     with open_socket(gateway, Cookie=cookie, Origin=gateway.url) as ws:
         rotated = {c.split("=", 1)[0] for c in ws.response.headers.get_all("set-cookie")}
         assert rotated == {ACCESS, REFRESH}
@@ -350,7 +369,7 @@ def test_a_stolen_access_token_with_a_junk_refresh_cookie_still_closes_at_logout
 def test_refresh_token_reuse_closes_the_sessions_sockets(gateway: GatewayProcess, idp: IdPProcess) -> None:
     """A superseded refresh token replayed after the grace period ends the session: its sockets close too."""
     session = idp.issue("frank", access_ttl=-30)
-    old = f"{ACCESS}={session['access']}; {REFRESH}={session['refresh']}"
+    old = f"{ACCESS}={session['access']}; {REFRESH}={refresh_cookie(session['refresh'], REFRESH)}"
     with open_socket(gateway, Cookie=old, Origin=gateway.url) as ws:  # refreshed at the handshake
         hello(ws)
         jar = {c.split("=", 1)[0]: c.split("=", 1)[1].split(";")[0] for c in ws.response.headers.get_all("set-cookie")}

@@ -8,13 +8,21 @@ import jwt
 import pytest
 
 from gateway.authn import Authenticator, AuthResult, bearer_token, read_authorization
-from gateway.config import CookiesConfig, TokensConfig
+from gateway.config import CookiesConfig, RefreshCookieSpec, TokensConfig
 from gateway.cookies import CookieJar
 from gateway.keys import StaticKey
+from gateway.sealing import Sealer
 from gateway.tokens import Verifier
 
 NOW = 1_700_000_000.0
 SECRET = "c" * 32
+SEALER = Sealer("authn-tests-store-secret")
+REFRESH = "__Host-gw_refresh"
+
+
+def sealed(token: str, name: str = REFRESH, sealer: Sealer = SEALER) -> str:
+    """A refresh cookie's value as the gateway sets it."""
+    return sealer.seal_cookie(token, name)
 
 
 def token(sub: str, exp: float = NOW + 300, key: str = SECRET) -> str:
@@ -23,7 +31,7 @@ def token(sub: str, exp: float = NOW + 300, key: str = SECRET) -> str:
 
 @pytest.fixture
 def jar() -> CookieJar:
-    return CookieJar.from_config(CookiesConfig())
+    return CookieJar.from_config(CookiesConfig(), SEALER)
 
 
 @pytest.fixture
@@ -130,7 +138,7 @@ async def test_expired_cookie_token_is_not_cleared(auth: Authenticator) -> None:
 
 
 async def test_refresh_cookie_without_refresher_is_no_token(auth: Authenticator) -> None:
-    result = await auth.authenticate([cookie(refresh="r1")])
+    result = await auth.authenticate([cookie(refresh=sealed("r1"))])
     assert result.claims is None and result.reason == "no_token"
 
 
@@ -145,11 +153,16 @@ class CountingRefresher:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
 
-    async def refresh(self, refresh_token: str, old_access: str | None) -> Any:
-        from gateway.authn import AuthResult
-
+    async def refresh(self, refresh_token: str, old_access: str | None, *, client: str | None = None) -> Any:
         self.calls.append((refresh_token, old_access))
         return AuthResult(reason="invalid_grant")
+
+
+def authenticator(jar: CookieJar, refresher: Any, denied: set[str] | None = None) -> Authenticator:
+    config = TokensConfig(algorithms=("HS256",), secret=SECRET)
+    return Authenticator(
+        Verifier(config, StaticKey(SECRET.encode()), lambda: NOW, denied=denied or set()), jar, refresher
+    )
 
 
 async def test_forged_token_never_reaches_the_refresher(jar: CookieJar) -> None:
@@ -157,11 +170,11 @@ async def test_forged_token_never_reaches_the_refresher(jar: CookieJar) -> None:
     config = TokensConfig(algorithms=("HS256",), secret=SECRET)
     auth = Authenticator(Verifier(config, StaticKey(SECRET.encode()), lambda: NOW), jar, refresher)
     forged = token("alice", exp=NOW - 600, key="z" * 32)
-    result = await auth.authenticate([cookie(forged, "r1")])
+    result = await auth.authenticate([cookie(forged, sealed("r1"))])
     assert result.claims is None and result.reason == "bad_signature"
     assert refresher.calls == []
     expired = token("alice", exp=NOW - 600)
-    await auth.authenticate([cookie(expired, "r1")])
+    await auth.authenticate([cookie(expired, sealed("r1"))])
     assert refresher.calls == [("r1", expired)]
 
 
@@ -171,7 +184,7 @@ async def test_revoked_cookie_token_goes_to_the_refresher(jar: CookieJar) -> Non
     config = TokensConfig(algorithms=("HS256",), secret=SECRET)
     revoked = jwt.encode({"sub": "alice", "exp": NOW + 300, "jti": "old"}, SECRET, algorithm="HS256")
     auth = Authenticator(Verifier(config, StaticKey(SECRET.encode()), lambda: NOW, denied={"old"}), jar, refresher)
-    result = await auth.authenticate([cookie(revoked, "r1")])
+    result = await auth.authenticate([cookie(revoked, sealed("r1"))])
     assert refresher.calls == [("r1", revoked)]
     assert result.claims is None and result.reason == "invalid_grant"  # the refresher's answer, not a pass
     alone = await auth.authenticate([cookie(revoked)])
@@ -186,14 +199,14 @@ async def test_unreadable_access_cookie_is_absent_so_the_refresh_cookie_resumes_
     class Refresher:
         calls = 0
 
-        async def refresh(self, refresh_token: str, old_access: str | None) -> AuthResult:
+        async def refresh(self, refresh_token: str, old_access: str | None, *, client: str | None = None) -> AuthResult:
             Refresher.calls += 1
             return AuthResult(claims={"sub": "alice"}, token="new", refreshed=True)
 
     config = TokensConfig(algorithms=("HS256",), secret="s" * 32)
-    jar = CookieJar.from_config(CookiesConfig())
+    jar = CookieJar.from_config(CookiesConfig(), SEALER)
     auth = Authenticator(Verifier(config, StaticKey(b"s" * 32)), jar, Refresher())
-    header = (b"cookie", f"{jar.access_name}=not-a-jwt; {jar.refresh_name}=r1".encode())
+    header = (b"cookie", f"{jar.access_name}=not-a-jwt; {jar.refresh_name}={sealed('r1')}".encode())
     result = await auth.authenticate([header])
     assert result.claims == {"sub": "alice"} and Refresher.calls == 1
 
@@ -216,3 +229,59 @@ async def test_unreadable_access_cookie_is_absent_so_the_refresh_cookie_resumes_
 def test_authorization_is_read_as_the_app_would(value: bytes, kind: str, bearer: str | None) -> None:
     assert read_authorization(value) == (kind, bearer)
     assert read_authorization(value, count=2) == ("several", None)
+
+
+# --- the sealed refresh cookie (issue 14, item 10) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "r1",  # a raw token: a cookie from before sealing, or one an attacker made up
+        token("alice", exp=NOW + 3600),  # a raw JWT refresh token
+        sealed("r1", name="__Host-gw_access"),  # sealed for another cookie
+        sealed("r1", name="gw_refresh"),  # sealed for the name without the __Host- prefix
+        sealed("r1", sealer=Sealer("another-store-secret")),  # sealed under another secret
+        sealed("r1")[:-2],  # truncated
+        sealed("r1")[:-1] + ("A" if sealed("r1")[-1] != "A" else "B"),  # altered
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "not base64 at all!",
+    ],
+)
+async def test_a_refresh_cookie_the_gateway_did_not_seal_never_reaches_the_refresher(
+    jar: CookieJar, value: str
+) -> None:
+    """Regression (issue 14, item 10): any value in the refresh cookie used to be sent to the IdP."""
+    refresher = CountingRefresher()
+    auth = authenticator(jar, refresher)
+    alone = await auth.authenticate([cookie(refresh=value)])
+    assert alone.claims is None and alone.reason == "no_token"
+    assert alone.set_cookies == [jar.clear_refresh()]  # the browser stops sending it
+    expired = token("alice", exp=NOW - 600)
+    with_expired = await auth.authenticate([cookie(expired, value)])
+    assert with_expired.claims is None and with_expired.reason == "token_expired"
+    assert with_expired.set_cookies == [jar.clear_refresh()]
+    assert refresher.calls == []
+
+
+async def test_a_sealed_refresh_cookie_reaches_the_refresher_unsealed(jar: CookieJar) -> None:
+    refresher = CountingRefresher()
+    expired = token("alice", exp=NOW - 600)
+    await authenticator(jar, refresher).authenticate([cookie(expired, sealed("r.t.k"))])
+    assert refresher.calls == [("r.t.k", expired)]
+
+
+async def test_a_valid_access_token_with_a_junk_refresh_cookie_still_passes(jar: CookieJar) -> None:
+    refresher = CountingRefresher()
+    near_expiry = token("alice", exp=NOW + 10)  # within refresh_before: a refresh would be tried
+    result = await authenticator(jar, refresher).authenticate([cookie(near_expiry, "junk")])
+    assert result.claims is not None and result.token == near_expiry
+    assert result.set_cookies == [jar.clear_refresh()] and refresher.calls == []
+
+
+async def test_raw_refresh_cookies_are_read_as_they_are_when_sealing_is_off() -> None:
+    raw = CookieJar.from_config(CookiesConfig(refresh=RefreshCookieSpec(name="gw_refresh", sealed=False)), SEALER)
+    refresher = CountingRefresher()
+    expired = token("alice", exp=NOW - 600)
+    await authenticator(raw, refresher).authenticate([cookie(expired, "r1")])
+    assert refresher.calls == [("r1", expired)]

@@ -10,15 +10,17 @@ from typing import Any
 import jwt
 import pytest
 
-from gateway.capture import MAX_CAPTURE_BYTES, Captured, Capturer, wants_capture
+from gateway.capture import MAX_CAPTURE_BYTES, Captured, Capturer, capture_plan
 from gateway.config import CaptureConfig, CookiesConfig, TokensConfig
 from gateway.cookies import CookieJar
 from gateway.keys import StaticKey
+from gateway.sealing import Sealer
 from gateway.tokens import Verifier
 
 NOW = 1_700_000_000.0
 SECRET = "capture-tests-secret-0123456789abcdef"
 SPEC = CaptureConfig()
+SEALER = Sealer("capture-tests-store-secret")
 JSON_HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"999"), (b"cache-control", b"private")]
 
 
@@ -34,7 +36,7 @@ def refresh_token(lifetime: int = 3600) -> str:
 
 @pytest.fixture
 def capturer() -> Capturer:
-    jar = CookieJar.from_config(CookiesConfig())
+    jar = CookieJar.from_config(CookiesConfig(), SEALER)
     verifier = Verifier(TokensConfig(algorithms=("HS256",), secret=SECRET), StaticKey(SECRET), lambda: NOW)
     return Capturer(jar, verifier, lambda: NOW)
 
@@ -62,6 +64,10 @@ def cookies(captured: Captured) -> dict[str, Any]:
     return jar
 
 
+def unsealed(value: str) -> str | None:
+    return SEALER.open_cookie(value, "__Host-gw_refresh")
+
+
 async def test_simplejwt_login_becomes_cookies(capturer: Capturer) -> None:
     access, refresh = access_token(), refresh_token()
     body = json.dumps({"access": access, "refresh": refresh, "user": {"name": "Alice"}}).encode()
@@ -69,7 +75,8 @@ async def test_simplejwt_login_becomes_cookies(capturer: Capturer) -> None:
     assert captured.reason is None
     jar = cookies(captured)
     assert jar["__Host-gw_access"].value == access
-    assert jar["__Host-gw_refresh"].value == refresh
+    assert unsealed(jar["__Host-gw_refresh"].value) == refresh  # the browser holds it sealed
+    assert refresh not in jar["__Host-gw_refresh"].value
     for morsel in jar.values():
         assert morsel["httponly"] and morsel["secure"] and morsel["path"] == "/"
     assert jar["__Host-gw_refresh"]["max-age"] == "3600"  # the refresh token's own exp
@@ -94,19 +101,19 @@ async def test_custom_field_names(capturer: Capturer) -> None:
     access, refresh = access_token(), refresh_token()
     body = json.dumps({"access_token": access, "refresh_token": refresh, "expires_in": 300}).encode()
     captured = await take(capturer, body, CaptureConfig(access="access_token", refresh="refresh_token"))
-    assert cookies(captured)["__Host-gw_refresh"].value == refresh
+    assert unsealed(cookies(captured)["__Host-gw_refresh"].value) == refresh
     assert json.loads(captured.body) == {"access_token": access, "expires_in": 300}
 
 
 @pytest.mark.parametrize(
     "body",
     [
-        b"<html>not json</html>",
         b"",
-        b'{"access": "truncated',
+        b"  \r\n",
         b'["a", "list"]',
         json.dumps({"access": access_token()}).encode(),  # no refresh field
         json.dumps({"access": access_token(), "refresh": None}).encode(),
+        json.dumps({"access": access_token(), "refresh": ""}).encode(),  # an app that keeps it in its own cookie
         json.dumps({"detail": "No active account found"}).encode(),
     ],
 )
@@ -142,11 +149,22 @@ async def test_refresh_token_too_large_for_a_cookie(capturer: Capturer) -> None:
     assert captured.body == b"" and header(captured, b"set-cookie") == []
 
 
-async def test_refresh_token_just_under_the_limit_is_kept(capturer: Capturer) -> None:
-    refresh = "r" * (4096 - len("__Host-gw_refresh="))
+async def test_refresh_token_just_under_the_limit_once_sealed_is_kept(capturer: Capturer) -> None:
+    # Sealing adds a 16-byte tag, then base64 (4 characters per 3 bytes): the limit is on the cookie as sent.
+    room = 4096 - len("__Host-gw_refresh=")
+    refresh = "r" * (room * 3 // 4 - 16)
     captured = await take(capturer, json.dumps({"access": access_token(), "refresh": refresh}).encode(), split=1024)
     assert captured.reason is None
-    assert cookies(captured)["__Host-gw_refresh"].value == refresh
+    value = cookies(captured)["__Host-gw_refresh"].value
+    assert unsealed(value) == refresh and len("__Host-gw_refresh=" + value) <= 4096
+
+
+async def test_refresh_token_that_fits_only_unsealed_is_refused(capturer: Capturer) -> None:
+    """Regression (issue 14, item 10): the 4 KB check measures the sealed cookie, not the raw token."""
+    refresh = "r" * (4096 - len("__Host-gw_refresh="))  # fits raw, not once sealed
+    captured = await take(capturer, json.dumps({"access": access_token(), "refresh": refresh}).encode(), split=1024)
+    assert captured.reason == "cookie_too_large"
+    assert captured.body == b"" and header(captured, b"set-cookie") == []
 
 
 async def test_body_over_a_mebibyte_is_refused(capturer: Capturer) -> None:
@@ -158,20 +176,53 @@ async def test_body_over_a_mebibyte_is_refused(capturer: Capturer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "headers", "expected"),
+    "body",
     [
-        (200, [(b"content-type", b"application/json")], True),
-        (201, [(b"content-type", b"application/json; charset=utf-8")], True),
-        (200, [(b"content-type", b"application/vnd.api+json")], True),
-        (200, [(b"content-type", b"application/json"), (b"content-encoding", b"identity")], True),
-        (401, [(b"content-type", b"application/json")], False),
-        (400, [(b"content-type", b"application/json")], False),
-        (302, [(b"content-type", b"application/json")], False),
-        (200, [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")], False),
-        (200, [(b"content-type", b"application/json"), (b"content-encoding", b"br")], False),
-        (200, [(b"content-type", b"text/html; charset=utf-8")], False),
-        (200, [], False),
+        b"<html>not json</html>",
+        b'{"access": "truncated',
+        b"\xff\xfe\x00{}",
+        b"access=a.b.c&refresh=r.t.k",
     ],
 )
-def test_wants_capture(status: int, headers: list[tuple[bytes, bytes]], expected: bool) -> None:
-    assert wants_capture(status, headers) is expected
+async def test_a_2xx_body_that_is_not_json_is_refused_never_passed_on(capturer: Capturer, body: bytes) -> None:
+    """Regression (issue 14, item 17): an unreadable login answer used to reach the page, tokens and all."""
+    captured = await take(capturer, body)
+    assert captured.reason == "capture_failed"
+    assert captured.body == b"" and header(captured, b"set-cookie") == []
+
+
+@pytest.mark.parametrize("refresh", [{"token": "r.t.k"}, ["r.t.k"], 42, True])
+async def test_a_refresh_field_that_is_not_a_string_is_refused(capturer: Capturer, refresh: Any) -> None:
+    body = json.dumps({"access": access_token(), "refresh": refresh}).encode()
+    captured = await take(capturer, body)
+    assert captured.reason == "capture_failed"
+    assert captured.body == b"" and header(captured, b"set-cookie") == []
+
+
+JSON = (b"content-type", b"application/json")
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "headers", "expected"),
+    [
+        ("POST", 200, [JSON], "take"),
+        ("POST", 201, [(b"content-type", b"application/json; charset=utf-8")], "take"),
+        ("POST", 200, [JSON, (b"content-encoding", b"identity")], "take"),
+        ("POST", 200, [(b"content-type", b"text/html; charset=utf-8")], "take"),  # read, then judged by its body
+        ("POST", 200, [], "take"),
+        ("POST", 401, [JSON], "pass"),  # a refused login passes through unchanged
+        ("POST", 400, [JSON, (b"content-encoding", b"gzip")], "pass"),
+        ("POST", 302, [JSON], "pass"),
+        ("POST", 503, [JSON], "pass"),
+        ("POST", 204, [], "pass"),
+        ("POST", 200, [JSON, (b"content-length", b"0")], "pass"),
+        ("HEAD", 200, [JSON, (b"content-length", b"120")], "pass"),
+        ("POST", 200, [JSON, (b"content-encoding", b"gzip")], "capture_failed"),
+        ("POST", 200, [JSON, (b"content-encoding", b"br")], "capture_failed"),
+        ("POST", 201, [JSON, (b"content-encoding", b"GZIP ")], "capture_failed"),
+        ("POST", 200, [JSON, (b"content-encoding", b"identity, gzip")], "capture_failed"),
+    ],
+)
+def test_capture_plan(method: str, status: int, headers: list[tuple[bytes, bytes]], expected: str) -> None:
+    """Regression (issue 14, item 17): a compressed 2xx login answer used to pass through (fail open)."""
+    assert capture_plan(method, status, headers) == expected

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import CookiesConfig, CookieSpec
-from gateway.cookies import CookieJar
+from gateway.config import CookiesConfig, CookieSpec, RefreshCookieSpec
+from gateway.cookies import MAX_COOKIE_BYTES, CookieJar
+from gateway.errors import CookieTooLarge
+from gateway.sealing import Sealer
+
+SEALER = Sealer("cookie-tests-store-secret")
 
 
 @pytest.fixture
 def jar() -> CookieJar:
-    return CookieJar.from_config(CookiesConfig())
+    return CookieJar.from_config(CookiesConfig(), SEALER)
 
 
 @pytest.fixture
 def plain() -> CookieJar:
-    return CookieJar.from_config(CookiesConfig(secure=False, same_site="strict"))
+    return CookieJar.from_config(CookiesConfig(secure=False, same_site="strict"), SEALER)
+
+
+@pytest.fixture
+def raw() -> CookieJar:
+    """cookies.refresh.sealed: false"""
+    return CookieJar.from_config(CookiesConfig(refresh=RefreshCookieSpec(name="gw_refresh", sealed=False)), SEALER)
 
 
 def attrs(cookie: bytes) -> list[str]:
@@ -33,7 +43,7 @@ def test_no_prefix_without_secure(plain: CookieJar) -> None:
 
 def test_set_cookie_attributes(jar: CookieJar) -> None:
     parts = attrs(jar.set_refresh("r.t.k"))
-    assert parts[0] == "__Host-gw_refresh=r.t.k"
+    assert parts[0] == "__Host-gw_refresh=" + SEALER.seal_cookie("r.t.k", "__Host-gw_refresh")
     assert {"Path=/", "HttpOnly", "SameSite=Lax", "Secure", "Max-Age=1209600"} <= set(parts)
     assert not any(p.startswith("Domain") for p in parts)  # __Host- forbids Domain
 
@@ -53,8 +63,10 @@ def test_plain_cookie_attributes(plain: CookieJar) -> None:
 
 
 def test_configured_names_and_max_age() -> None:
-    config = CookiesConfig(access=CookieSpec(name="sess", max_age=300), refresh=CookieSpec(name="rt"), same_site="none")
-    jar = CookieJar.from_config(config)
+    config = CookiesConfig(
+        access=CookieSpec(name="sess", max_age=300), refresh=RefreshCookieSpec(name="rt"), same_site="none"
+    )
+    jar = CookieJar.from_config(config, SEALER)
     access = attrs(jar.set_access("v"))
     assert access[0] == "__Host-sess=v" and "Max-Age=300" in access and "SameSite=None" in access
     assert not any(p.startswith("Max-Age") for p in attrs(jar.set_refresh("v")))
@@ -121,3 +133,50 @@ def test_cookie_round_trip(plain: CookieJar) -> None:
     set_cookie = plain.set_access("eyJ.eyJ.sig")
     pair = set_cookie.split(b";", 1)[0]
     assert plain.read([(b"cookie", pair)]) == ("eyJ.eyJ.sig", None)
+
+
+# --- the sealed refresh cookie (issue 14, item 10) ----------------------------------------------------
+
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2lnbmF0dXJl"
+
+
+def value_of(cookie: bytes) -> str:
+    return cookie.split(b";", 1)[0].split(b"=", 1)[1].decode()
+
+
+def test_the_refresh_cookie_holds_the_token_sealed(jar: CookieJar) -> None:
+    value = value_of(jar.set_refresh(TOKEN))
+    assert TOKEN not in value and "eyJ" not in value
+    assert jar.open_refresh(value) == TOKEN
+    # Read back from a request, as a browser sends it.
+    _, refresh = jar.read([(b"cookie", jar.set_refresh(TOKEN).split(b";", 1)[0])])
+    assert refresh is not None and jar.open_refresh(refresh) == TOKEN
+
+
+def test_one_token_always_seals_to_the_same_cookie(jar: CookieJar) -> None:
+    # Concurrent requests handed the same successor, on any worker, set byte-identical cookies.
+    assert jar.set_refresh(TOKEN) == jar.set_refresh(TOKEN)
+    other = CookieJar.from_config(CookiesConfig(), Sealer("cookie-tests-store-secret"))
+    assert other.set_refresh(TOKEN) == jar.set_refresh(TOKEN)
+    assert value_of(jar.set_refresh(TOKEN)) != value_of(jar.set_refresh(TOKEN + "x"))
+
+
+def test_a_cookie_sealed_for_another_name_or_secret_does_not_open(jar: CookieJar, plain: CookieJar) -> None:
+    assert plain.open_refresh(value_of(jar.set_refresh(TOKEN))) is None  # gw_refresh vs __Host-gw_refresh
+    foreign = CookieJar.from_config(CookiesConfig(), Sealer("another-secret"))
+    assert jar.open_refresh(value_of(foreign.set_refresh(TOKEN))) is None
+    assert jar.open_refresh(TOKEN) is None  # a raw token, as set before sealing
+    assert jar.open_refresh(SEALER.seal_cookie(TOKEN, jar.access_name)) is None
+
+
+def test_the_size_check_measures_the_sealed_cookie(jar: CookieJar, raw: CookieJar) -> None:
+    token = "r" * (MAX_COOKIE_BYTES - len("__Host-gw_refresh="))  # fits exactly when raw
+    assert len(raw.session("a.b.c", token, 60)[1].split(b";", 1)[0]) == MAX_COOKIE_BYTES
+    with pytest.raises(CookieTooLarge, match="gw_refresh"):
+        jar.session("a.b.c", token, 60)
+
+
+def test_raw_refresh_cookies_when_sealing_is_off(raw: CookieJar) -> None:
+    assert not raw.sealed
+    assert value_of(raw.set_refresh(TOKEN)) == TOKEN
+    assert raw.open_refresh("anything") == "anything"

@@ -183,6 +183,26 @@ def test_no_proxy_trusted_by_default() -> None:
     assert values(out, b"x-forwarded-for") == [b"127.0.0.1"]
 
 
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [
+        ("203.0.113.9", [b"1.2.3.4"], "203.0.113.9"),  # an untrusted peer says what it likes: ignored
+        ("10.1.2.3", [b"198.51.100.7"], "198.51.100.7"),
+        ("10.1.2.3", [b"6.6.6.6, 198.51.100.7"], "198.51.100.7"),  # the client's own claim (6.6.6.6) is not believed
+        ("10.1.2.3", [b"6.6.6.6, 198.51.100.7, 10.9.9.9"], "198.51.100.7"),  # through two trusted proxies
+        ("10.1.2.3", [b"6.6.6.6", b"198.51.100.7"], "198.51.100.7"),  # two headers read as one list
+        ("10.1.2.3", [b"10.9.9.9"], "10.9.9.9"),  # only trusted hops: the first of them
+        ("10.1.2.3", [], "10.1.2.3"),
+        (None, [], None),
+    ],
+)
+def test_client_address_after_trusted_proxies(
+    rules: HeaderRules, peer: str | None, forwarded: list[bytes], client: str | None
+) -> None:
+    headers = [(b"x-forwarded-for", value) for value in forwarded]
+    assert rules.client(headers, peer) == client
+
+
 def test_forwarded_headers_without_client_or_host(rules: HeaderRules) -> None:
     out = encoded(rules.inbound([], client=None, scheme="https", host=None))
     assert values(out, b"x-forwarded-proto") == [b"https"]

@@ -20,7 +20,7 @@ from support.waiting import until
 
 from gateway import redemption
 from gateway.authn import AuthResult
-from gateway.config import CookiesConfig, CookieSpec, RefreshConfig, TokensConfig
+from gateway.config import CookiesConfig, RefreshConfig, RefreshCookieSpec, TokensConfig
 from gateway.cookies import CookieJar
 from gateway.demo.idp import IdentityProvider, IdPSettings, TokenPair, create_idp_app
 from gateway.denylist import Denylist
@@ -34,12 +34,14 @@ from gateway.refresh import SessionRefresher
 from gateway.sealing import Sealer
 from gateway.stalls import Stalls
 from gateway.store import MemoryStore, RecordKeys, Store
+from gateway.throttle import ClientThrottle
 from gateway.tokens import Verifier
 
 SECRET = IdPSettings.hs_secret
 IDP = "http://idp.test"
 ACCESS, REFRESH = "__Host-gw_access", "__Host-gw_refresh"
 GRACE = 5.0
+STORE_SECRET = "store-secret-for-tests"  # the same in every "process", as configured
 
 
 class Clock:
@@ -97,6 +99,7 @@ async def build() -> AsyncIterator[Build]:
         clock: Clock | None = None,
         cookies: CookiesConfig | None = None,
         keys: Any = None,
+        throttle: ClientThrottle | None = None,
         **refresh: Any,
     ) -> Harness:
         app = app if app is not None else create_idp_app(IdPSettings())
@@ -117,7 +120,7 @@ async def build() -> AsyncIterator[Build]:
         )
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
         tokens = TokensConfig(algorithms=("HS256",), secret=SECRET, audience="legacy-app", leeway=0)
-        sealer = Sealer("store-secret-for-tests")  # the same in every "process", as configured
+        sealer = Sealer(STORE_SECRET)
         metrics = Metrics()
         denylist = Denylist(store)
         families = Families(store, sealer, denylist, time.time, 3600)
@@ -127,9 +130,10 @@ async def build() -> AsyncIterator[Build]:
             sealer=sealer,
             idp=IdPClient(config, http),
             verifier=Verifier(tokens, keys or StaticKey(SECRET.encode()), denied=denylist),
-            jar=CookieJar.from_config(cookies or CookiesConfig()),
+            jar=CookieJar.from_config(cookies or CookiesConfig(), sealer),
             metrics=metrics,
             families=families,
+            throttle=throttle,
         )
         harness = Harness(app, http, store, clock, sealer, metrics, refresher, denylist)
         made.append(harness)
@@ -142,12 +146,16 @@ async def build() -> AsyncIterator[Build]:
 
 
 def cookies(result: AuthResult) -> dict[str, tuple[str, dict[str, str]]]:
-    """Set-Cookie headers by name: (value, attributes)."""
+    """Set-Cookie headers by name: (value, attributes); the refresh cookie's value unsealed (the token)."""
     found: dict[str, tuple[str, dict[str, str]]] = {}
     for header in result.set_cookies:
         first, *attributes = header.decode("latin-1").split("; ")
         name, _, value = first.partition("=")
         assert name not in found, f"two Set-Cookie headers for {name}"
+        if name == REFRESH and value:
+            token = Sealer(STORE_SECRET).open_cookie(value, REFRESH)
+            assert token is not None, "the refresh cookie must hold a token sealed by the gateway"
+            value = token
         found[name] = (value, dict(a.partition("=")[::2] for a in attributes))
     return found
 
@@ -511,7 +519,7 @@ async def test_a_lease_that_expired_is_taken_back_unless_another_owner_holds_it(
 async def test_refresh_cookie_max_age_is_the_jwt_exp_capped_by_config(
     build: Build, refresh_ttl: int, configured: int | None, expected: int
 ) -> None:
-    config = CookiesConfig(refresh=CookieSpec(name="gw_refresh", max_age=configured))
+    config = CookiesConfig(refresh=RefreshCookieSpec(name="gw_refresh", max_age=configured))
     h = build(app=create_idp_app(IdPSettings(refresh_ttl=refresh_ttl)), cookies=config)
     old = h.session()
     result = await h.refresher.refresh(old.refresh, old.access)
@@ -832,3 +840,58 @@ async def test_a_late_write_out_that_finds_the_session_ended_refuses_what_it_han
     store.failing = 0
     await h.refresher.close()  # the background write-out lands: "ended"
     assert first.claims["jti"] in h.denylist
+
+
+# --- raw refresh cookies: never-seen tokens per client (issue 14, item 10) ------------------------------
+
+
+def footprint(store: Store) -> int:
+    """How many keys, set members, attempts and rotations a MemoryStore holds."""
+    assert isinstance(store, MemoryStore)
+    return len(store._data) + sum(map(len, store._sets.values())) + len(store._attempts) + len(store._used)
+
+
+async def test_never_seen_tokens_are_limited_per_client_and_then_cost_nothing(build: Build) -> None:
+    """Regression (issue 14, item 10): every junk refresh token was one IdP call and 14-day store keys."""
+    h = build(throttle=ClientThrottle(burst=3))
+    for n in range(3):
+        result = await h.refresher.refresh(f"junk-{n}", None, client="198.51.100.7")
+        assert result.reason == "invalid_grant"
+    assert h.idp.counters.refresh_calls == 3
+    before = footprint(h.store)
+    for n in range(3, 20):
+        result = await h.refresher.refresh(f"junk-{n}", None, client="198.51.100.7")
+        assert result.reason == "refresh_rate_limited" and result.set_cookies == []  # cookies kept: 429
+    assert h.idp.counters.refresh_calls == 3 and footprint(h.store) == before
+    assert h.outcomes("refresh_rate_limited") == 17
+    other = await h.refresher.refresh("junk-other", None, client="198.51.100.8")  # another client has its own
+    assert other.reason == "invalid_grant" and h.idp.counters.refresh_calls == 4
+
+
+async def test_tokens_the_gateway_handed_out_are_never_limited(build: Build) -> None:
+    h = build(throttle=ClientThrottle(burst=1))
+    assert (await h.refresher.refresh("junk", None, client="198.51.100.7")).reason == "invalid_grant"
+    old = h.session()
+    families = Families(h.store, h.sealer, h.denylist, time.time, 3600)
+    claims = jwt.decode(old.access, options={"verify_signature": False})
+    await families.started(claims, old.refresh, 3600)  # a login the gateway saw (capture, OIDC)
+    assert await families.lookup(h.hash(old.refresh)) == (h.hash(old.refresh), True)
+    first = await h.refresher.refresh(old.refresh, old.access, client="198.51.100.7")
+    _, successor = assert_refreshed(first, old.refresh)
+    second = await h.refresher.refresh(successor, None, client="198.51.100.7")  # a rotated one: known too
+    assert_refreshed(second, successor)
+    assert h.idp.counters.refresh_calls == 3
+
+
+async def test_a_logout_with_a_never_seen_token_over_the_limit_does_nothing(build: Build) -> None:
+    h = build(throttle=ClientThrottle(burst=1))
+    assert await h.refresher.end_session("junk-1", "198.51.100.7") is None
+    before, revocations = footprint(h.store), h.idp.counters.revocations
+    assert await h.refresher.end_session("junk-2", "198.51.100.7") == "refresh_rate_limited"
+    assert footprint(h.store) == before and h.idp.counters.revocations == revocations
+
+
+async def test_without_a_throttle_nothing_is_limited(build: Build) -> None:
+    h = build()
+    for n in range(15):
+        assert (await h.refresher.refresh(f"junk-{n}", None, client="198.51.100.7")).reason == "invalid_grant"

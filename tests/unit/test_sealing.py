@@ -64,3 +64,39 @@ def test_empty_secret_is_refused_and_repr_hides_it() -> None:
     with pytest.raises(ValueError):
         Sealer("")
     assert "s3cret" not in repr(Sealer("s3cret"))
+
+
+# --- cookies (issue 14, item 10) ----------------------------------------------------------------------
+
+
+def test_cookie_sealing_round_trip_is_deterministic_and_cookie_safe() -> None:
+    sealer = Sealer("s3cret")
+    value = sealer.seal_cookie(TOKEN, "__Host-gw_refresh")
+    assert value == Sealer("s3cret").seal_cookie(TOKEN, "__Host-gw_refresh")
+    assert all(c.isalnum() or c in "-_" for c in value)  # base64url without padding: a valid cookie value
+    assert TOKEN not in value
+    assert sealer.open_cookie(value, "__Host-gw_refresh") == TOKEN
+
+
+def test_a_cookie_opens_only_for_its_name_and_secret() -> None:
+    value = Sealer("s3cret").seal_cookie(TOKEN, "__Host-gw_refresh")
+    assert Sealer("s3cret").open_cookie(value, "__Host-gw_access") is None
+    assert Sealer("other").open_cookie(value, "__Host-gw_refresh") is None
+
+
+def test_store_values_and_cookies_are_sealed_under_different_keys() -> None:
+    """A value sealed for the store never opens as a cookie, nor the other way round."""
+    import base64
+
+    sealer = Sealer("s3cret")
+    stored = sealer.seal(TOKEN.encode(), "__Host-gw_refresh")
+    as_cookie = base64.urlsafe_b64encode(stored).rstrip(b"=").decode()
+    assert sealer.open_cookie(as_cookie, "__Host-gw_refresh") is None
+    cookie = sealer.seal_cookie(TOKEN, "head:{root}")
+    with pytest.raises(StoreError):
+        sealer.unseal(base64.urlsafe_b64decode(cookie + "=" * (-len(cookie) % 4)), "head:{root}")
+
+
+@pytest.mark.parametrize("value", ["", "A", "AAAA", "%%%%", "a b", "A" * 5000, "===="])
+def test_junk_cookies_do_not_open_and_never_raise(value: str) -> None:
+    assert Sealer("s3cret").open_cookie(value, "gw_refresh") is None
