@@ -87,8 +87,9 @@ class Verifier:
         self._algorithms = frozenset(config.algorithms)
         self._warned_lifetime = math.inf  # logged once per shorter lifetime seen, not once per token
         self._cache: BoundedCache[str, tuple[dict[str, Any], float]] = BoundedCache(CACHE_SIZE)
+        self._required = tuple(config.required_claims)
         self._options: Any = {
-            "require": ["exp"],
+            "require": list(self._required),  # PyJWT refuses a required claim that is absent or null
             # Time claims are checked below against our own clock, with leeway.
             "verify_exp": False,
             "verify_nbf": False,
@@ -131,6 +132,8 @@ class Verifier:
             )
         except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
             return Verdict(None, _reason(exc))
+        if any(claims.get(name) == "" for name in self._required):
+            return Verdict(None, Reason.MISSING_CLAIM)  # an empty sub names nobody
         if claims.get("token_type", "access") != "access" or claims.get("typ", "access") in ("refresh", "Refresh"):
             return Verdict(None, Reason.WRONG_TOKEN_TYPE)
         exp, nbf, iat = _number(claims.get("exp")), _number(claims.get("nbf", 0)), _number(claims.get("iat", 0))

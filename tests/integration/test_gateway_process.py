@@ -187,6 +187,16 @@ def test_bad_tokens_get_401(gateway: GatewayProcess, bad: Any, reason: str) -> N
     assert response.json()["reason"] == reason
 
 
+def test_a_token_without_sub_is_refused_401_missing_claim(gateway: GatewayProcess) -> None:
+    """Regression (issue 14, item 12): tokens.required_claims defaults to exp and sub; a token without sub passed."""
+    now = int(time.time())
+    claims = {"iss": "https://idp.test", "aud": "legacy-app", "iat": now, "exp": now + 300, "roles": ["user"]}
+    for sub in ({}, {"sub": ""}):
+        anonymous = jwt.encode(claims | sub, SECRET, algorithm="HS256")
+        response = httpx.get(f"{gateway.url}/hello", headers={"Authorization": f"Bearer {anonymous}"})
+        assert response.status_code == 401 and response.json()["reason"] == "missing_claim"
+
+
 def test_bad_cookie_token_clears_the_access_cookie(gateway: GatewayProcess) -> None:
     response = httpx.get(f"{gateway.url}/hello", headers={"Cookie": f"gw_access={token(key='x' * 40)}"})
     assert response.status_code == 401
