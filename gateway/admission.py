@@ -86,6 +86,7 @@ class Admission:
         self._origin = origin  # this request's own origin, as the browser sees it
         # Authorization header value (bytes) or access cookie (str) -> a token verified before.
         self._known: BoundedCache[bytes | str, Known] = BoundedCache()
+        verifier.on_key_change(self._known.clear)  # a key the IdP removed: its tokens take the full path again
 
     def known(
         self, scope: Scope, route: Route, authorization: bytes | None, count: int, cookies: bool

@@ -41,6 +41,7 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.REFRESH_ERROR: (503, "service_unavailable"),
     Reason.IDP_BAD_RESPONSE: (502, "bad_gateway"),
     Reason.WEBSOCKET_LIMIT: (503, "service_unavailable"),
+    Reason.KEYS_UNAVAILABLE: (503, "service_unavailable"),  # the token may be fine: the JWKS is down
 }
 RETRY_AFTER = b"5"
 NO_STORE = (b"cache-control", b"no-store")

@@ -30,8 +30,14 @@ class TokensConfig(Model):
     public_key_file: str | None = None
     """PEM public key for asymmetric algorithms; a private key is refused. Read by `gateway check` and at start."""
     jwks_url: str | None = None
-    """http(s) JWKS, fetched at start and cached. An unknown `kid` triggers a refetch, at most once per 5 s, and
-    the last good keys are kept when the endpoint is down."""
+    """http(s) JWKS, fetched at start and cached, then fetched again as `jwks_max_age` says. An unknown `kid`
+    triggers a refetch, at most once per 5 s. When the endpoint is down the last good keys are kept, and a token
+    with an unknown `kid` gets 503 `keys_unavailable` (cookies kept). RSA keys under 2048 bits and symmetric keys
+    in the set are ignored, with a warning."""
+    jwks_max_age: float = Field(600, ge=1, le=86400)
+    """Longest time, in seconds, a fetched JWKS is used before it is fetched again. The JWKS answer's
+    `Cache-Control: max-age`, when shorter, wins, but never below 60 s. A key the IdP removed stops being trusted
+    after the next successful fetch; failed fetches keep the last good keys (and are retried within 60 s)."""
     issuer: str | None = None
     """When set, `iss` must match it exactly."""
     audience: str | None = None

@@ -24,7 +24,7 @@ from gateway.config import CookiesConfig, CookieSpec, RefreshConfig, TokensConfi
 from gateway.cookies import CookieJar
 from gateway.demo.idp import IdentityProvider, IdPSettings, TokenPair, create_idp_app
 from gateway.denylist import Denylist
-from gateway.errors import StoreError
+from gateway.errors import KeyFetchError, StoreError
 from gateway.families import Families
 from gateway.idp_client import IdPClient
 from gateway.keys import StaticKey
@@ -648,21 +648,34 @@ async def test_an_owner_that_finished_between_a_waiters_read_and_its_acquire_is_
 
 
 class FlakyKeys:
-    """A key source that cannot produce the key while ``down`` (a new kid during rollover, JWKS unreachable)."""
+    """A key source that cannot produce the key while ``down``: a kid not published yet (``unknown``), or
+    not in the cached keys while the JWKS cannot be fetched (``unreachable``: KeyFetchError)."""
 
-    def __init__(self) -> None:
+    def __init__(self, how: str = "unknown") -> None:
         self.down = False
+        self.how = how
 
     async def key_for(self, kid: str | None, alg: str) -> Any:
+        if self.down and self.how == "unreachable":
+            raise KeyFetchError("jwks down")
         return None if self.down else SECRET.encode()
 
     async def start(self) -> None:
         return None
 
+    async def close(self) -> None:
+        return None
 
-async def test_a_successor_whose_access_token_cannot_be_verified_yet_is_kept_and_verified_later(build: Build) -> None:
+    def on_change(self, listener: Callable[[], None]) -> None:
+        return None
+
+
+@pytest.mark.parametrize("how", ["unknown", "unreachable"])
+async def test_a_successor_whose_access_token_cannot_be_verified_yet_is_kept_and_verified_later(
+    build: Build, how: str
+) -> None:
     """Regression (failure 6): a key rollover with JWKS down threw the valid successor away and ended the session."""
-    keys = FlakyKeys()
+    keys = FlakyKeys(how)
     h = build(keys=keys)
     old = h.session()
     keys.down = True

@@ -105,7 +105,9 @@ class TokenEndpoints:
         self.idp.counters.jwks_requests += 1
         if self.idp.behaviour.jwks == "down":
             return PlainTextResponse("Service Unavailable", status_code=503)
-        return JSONResponse(self.idp.keyring.jwks())
+        max_age = int(self.idp.behaviour.jwks_max_age)
+        cache = f"public, max-age={max_age}" if max_age > 0 else "no-cache"
+        return JSONResponse(self.idp.keyring.jwks(), headers={"Cache-Control": cache})
 
 
 def _failed_answer(outcome: Outcome) -> Response | None:

@@ -38,7 +38,7 @@ LedgerEvent = Literal["redeemed", "reused", "reused_in_window", "rejected", "fai
 # Events in which the IdP accepted the presented token as one of its family's (current or not).
 PRESENTATIONS: tuple[LedgerEvent, ...] = ("redeemed", "reused", "reused_in_window")
 
-_NUMBERS = ("latency", "reuse_window", "clock_skew")
+_NUMBERS = ("latency", "reuse_window", "clock_skew", "jwks_max_age")
 _FLAGS = ("revoke_used", "reuse_revokes_family")
 
 GATEWAY_TIMEOUT_PAGE = (
@@ -61,6 +61,7 @@ class Behaviour:
     # False: a reused token is refused but its family lives on (SimpleJWT with BLACKLIST_AFTER_ROTATION).
     reuse_revokes_family: bool = True
     jwks: Literal["up", "down"] = "up"
+    jwks_max_age: float = 300.0  # the JWKS answer's Cache-Control: max-age (0: no-cache)
     clock_skew: float = 0.0  # seconds added to iat/nbf/exp of the tokens issued (the IdP's clock is ahead)
 
     def update(self, body: dict[str, Any]) -> str | None:
