@@ -294,6 +294,36 @@ async def test_new_access_token_that_never_verifies_is_502_and_the_successor_is_
     assert h.idp.counters.refresh_ok == 1 and h.outcomes("unverified") == 1
 
 
+@pytest.mark.parametrize("fail", ["oversize", "dpop", "expires_zero", "wider_scope"])
+async def test_an_unusable_answer_is_a_redeemed_token_502_once_then_the_session_ends_without_a_resend(
+    build: Build, fail: str
+) -> None:
+    """Regression (issue 14, item 14): an answer over 64 KiB, a DPoP token type, `expires_in: 0` or a scope wider than
+    the expired token's was used; it is unusable, and the IdP redeemed the token: never send it again."""
+    h = build()
+    old = h.idp.start_session("alice", {"scope": "openid profile"}, ttl=-60)
+    h.idp.behaviour.fail = fail
+    first = await h.refresher.refresh(old.refresh, old.access)
+    assert first.reason == "idp_bad_response" and first.claims is None and first.set_cookies == []  # 502, kept
+    h.idp.behaviour.fail = None
+    h.clock.advance(redemption.FAILURE_MEMORY + 1)  # the failure shared with concurrent requests is gone
+    later = await h.refresher.refresh(old.refresh, old.access)
+    assert later.reason == "refresh_lost"
+    assert_cleared(later)
+    assert h.idp.counters.refresh_calls == 1 and h.idp.counters.reuse_detected == 0
+
+
+@pytest.mark.parametrize(("claims", "with_access"), [({}, True), ({"scope": "openid profile"}, False)])
+async def test_the_scope_is_compared_only_with_a_replaced_token_that_names_one(
+    build: Build, claims: dict[str, Any], with_access: bool
+) -> None:
+    """A replaced token without scope, or no replaced token at all (the access cookie is gone): nothing to compare."""
+    h = build()
+    old = h.idp.start_session("alice", claims, ttl=-60)
+    h.idp.behaviour.fail = "wider_scope"  # answers the session's scope (or "openid") plus "admin"
+    assert_refreshed(await h.refresher.refresh(old.refresh, old.access if with_access else None), old.refresh)
+
+
 async def lost_attempt(h: Harness, token: str, *, state: str = "maybe", window: float = 60) -> RecordKeys:
     """What an owner leaves behind when the IdP may have redeemed ``token`` and the answer was lost."""
     keys = RecordKeys(h.hash(token), h.hash(token))
