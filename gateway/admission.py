@@ -88,6 +88,7 @@ class Admission:
         self._client = client or _peer  # the client's address, after trusted proxies (limits per client)
         # Authorization header value (bytes) or access cookie (str) -> a token verified before.
         self._known: BoundedCache[bytes | str, Known] = BoundedCache()
+        verifier.on_key_change(self._known.clear)  # a key the IdP removed: its tokens take the full path again
 
     def known(
         self, scope: Scope, route: Route, authorization: bytes | None, count: int, cookies: bool

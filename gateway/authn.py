@@ -125,7 +125,8 @@ class Authenticator:
             return AuthResult(reason=Reason.NO_TOKEN, set_cookies=dropped)
         if verdict.ok:
             return AuthResult(claims=verdict.claims, token=access, set_cookies=dropped)
-        clear = [] if verdict.reason == Reason.TOKEN_EXPIRED else [self._jar.clear_access()]
+        # An expired token may still be refreshed later; one whose keys are unavailable may be fine.
+        clear = [] if verdict.reason in _KEPT else [self._jar.clear_access()]
         return AuthResult(reason=verdict.reason, set_cookies=clear + dropped)
 
 
@@ -141,6 +142,8 @@ async def _refreshed(
     return result
 
 
+# Refusals that leave the access cookie in place.
+_KEPT = frozenset({Reason.TOKEN_EXPIRED, Reason.KEYS_UNAVAILABLE})
 # Access cookies that hold no token at all (as opposed to a token that fails a check).
 _UNREADABLE = frozenset({Reason.MALFORMED_TOKEN, Reason.TOKEN_TOO_LARGE})
 # Failures that say nothing about the session itself (it may still be fine a moment later).

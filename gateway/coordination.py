@@ -40,10 +40,12 @@ Step = Literal["take", "takeover", "wait", "stale"]
 
 @dataclass(slots=True)
 class Arrival:
-    """When a flight began (monotonic, this process) and first read the store (the store's clock)."""
+    """When a flight began (monotonic, this process) and first read the store (the store's clock), and what
+    the request knew of its session: the scope of the access token being replaced, which no answer may widen."""
 
     began: float
     at: float | None = None
+    granted: frozenset[str] | None = None
 
 
 class Coordinator:
@@ -164,7 +166,7 @@ class Coordinator:
             takeover = record.attempt if step in ("takeover", "stale") else None
             if takeover is not None and not self._may_retry(takeover, record.now):
                 return await self._lost(keys)
-            return await self._redemption.run(keys, token, lease, takeover)
+            return await self._redemption.run(keys, token, lease, takeover, arrived.granted)
         finally:
             if not lease.kept:
                 await lease.release()

@@ -3,7 +3,7 @@
 GatewayError
 ├── ConfigError            bad gateway.yaml; carries every problem with its key path
 ├── StoreError             the store (Redis) is unreachable or answered nonsense
-├── KeyFetchError          JWKS could not be fetched and no last good keys exist
+├── KeyFetchError          JWKS could not be fetched and the cached keys lack the one asked for
 ├── BadPath                the request path is ambiguous or malformed: 400 (also a ValueError)
 ├── BadHeader              a header value that is not UTF-8 cannot go upstream unchanged: 400
 ├── UnsafeClaim            a claim for an identity header holds CR, LF or NUL: 403 (also a ValueError)
@@ -44,7 +44,7 @@ class StoreError(GatewayError):
 
 
 class KeyFetchError(GatewayError):
-    """Verification keys could not be fetched and none were cached."""
+    """Verification keys could not be fetched, and the key asked for is not among the cached ones."""
 
 
 class BadPath(GatewayError, ValueError):

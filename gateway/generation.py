@@ -134,9 +134,10 @@ class Generation:
         await self.keys.start()
 
     async def close(self) -> None:
-        """Let this generation's refreshes finish (they hold locks and redeemed tokens)."""
+        """Let this generation's refreshes finish (they hold locks and redeemed tokens); stop its JWKS timer."""
         if self.refresher is not None:
             await self.refresher.close()
+        await self.keys.close()
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """An HTTP request: one of the gateway's own endpoints, or one to forward."""

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from gateway.config import OIDCConfig
 from gateway.cookies import CookieJar
-from gateway.errors import CookieTooLarge, LoginFailed, StoreError
+from gateway.errors import CookieTooLarge, KeyFetchError, LoginFailed, StoreError
 from gateway.families import Families
 from gateway.keys import KeySource
 from gateway.reasons import Reason
@@ -206,6 +206,9 @@ class OIDCLogin:
             claims = jwt.decode(
                 id_token, key, algorithms=[alg], audience=self._config.client_id, issuer=self._config.issuer, leeway=60
             )
+        except KeyFetchError:
+            log.error("login: the ID token's key is unknown and the JWKS cannot be fetched")
+            raise LoginFailed(503, Reason.KEYS_UNAVAILABLE) from None
         except (jwt.InvalidTokenError, TypeError, ValueError) as exc:
             log.error("login: ID token refused (%s)", exc.__class__.__name__)
             raise LoginFailed(502, Reason.ID_TOKEN_INVALID) from None

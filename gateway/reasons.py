@@ -31,6 +31,7 @@ class Reason(StrEnum):
     INVALID_TOKEN = "invalid_token"
     BAD_SIGNATURE = "bad_signature"
     UNKNOWN_KEY = "unknown_key"
+    KEYS_UNAVAILABLE = "keys_unavailable"  # unknown kid while the JWKS cannot be fetched: 503, cookies kept
     ALG_NOT_ALLOWED = "alg_not_allowed"
     UNSUPPORTED_CRIT = "unsupported_crit"
     WRONG_TOKEN_TYPE = "wrong_token_type"
@@ -88,8 +89,8 @@ LOGIN_FAILURES = frozenset(
 FATAL = frozenset({Reason.INVALID_GRANT, Reason.REUSE, Reason.REFRESH_LOST, Reason.SESSION_ENDED})
 
 # Verification failures of a token the IdP just issued that may pass a moment later: a new kid
-# while the JWKS cannot be fetched, an IdP clock ahead of ours.
-TRANSIENT = frozenset({Reason.UNKNOWN_KEY, Reason.TOKEN_NOT_YET_VALID})
+# (not yet in the JWKS, or while the JWKS cannot be fetched), an IdP clock ahead of ours.
+TRANSIENT = frozenset({Reason.UNKNOWN_KEY, Reason.KEYS_UNAVAILABLE, Reason.TOKEN_NOT_YET_VALID})
 
 # A refresh that produced tokens: new ones, a grace hit on a successor shared by another request,
 # or a successor whose access token verified only on a second look, or not yet.

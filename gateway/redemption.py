@@ -85,8 +85,11 @@ class Redemption:
         self._lifetime = lifetime  # how long a cookie holding this refresh token may live
         self._background = background
 
-    async def run(self, keys: RecordKeys, token: str, lease: Lease, takeover: Attempt | None) -> Outcome | None:
-        """Redeem ``token`` (taking over ``takeover``, an attempt whose answer was lost, for one retry).
+    async def run(
+        self, keys: RecordKeys, token: str, lease: Lease, takeover: Attempt | None, granted: frozenset[str] | None
+    ) -> Outcome | None:
+        """Redeem ``token`` (taking over ``takeover``, an attempt whose answer was lost, for one retry); an
+        answer wider than ``granted`` (the replaced access token's scope, when known) is unusable.
 
         None when the store refused the attempt or the write-out because the state changed under
         us: the caller looks at the store again.
@@ -108,7 +111,7 @@ class Redemption:
 
             first_send = time.monotonic()
             try:
-                issued = await self._idp.redeem(token, before_send=record)
+                issued = await self._idp.redeem(token, before_send=record, granted=granted)
             except _Refused:
                 return None
             except IdPUnavailable as exc:

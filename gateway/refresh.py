@@ -44,7 +44,7 @@ from gateway.coordination import Arrival, Coordinator
 from gateway.denylist import Denylist
 from gateway.errors import StoreError
 from gateway.families import Families
-from gateway.idp_client import IdPClient
+from gateway.idp_client import IdPClient, scopes_of
 from gateway.metrics import Metrics
 from gateway.reasons import FATAL, TRANSIENT, Reason
 from gateway.redemption import Outcome, Redemption
@@ -123,7 +123,7 @@ class SessionRefresher:
         flight = self._inflight.get(h)
         leader = flight is None
         if flight is None:
-            flight = asyncio.ensure_future(self._flight(h, refresh_token, client))
+            flight = asyncio.ensure_future(self._flight(h, refresh_token, old_access, client))
             self._inflight[h] = flight
             flight.add_done_callback(lambda _: self._inflight.pop(h, None))
         # Shielded: a client that goes away must not cancel an IdP call others are waiting for
@@ -163,7 +163,7 @@ class SessionRefresher:
 
     # --- one flight per process ---------------------------------------------------------------
 
-    async def _flight(self, h: str, token: str, client: str | None) -> Outcome:
+    async def _flight(self, h: str, token: str, old_access: str | None, client: str | None) -> Outcome:
         started = time.monotonic()
         self._stalls.start()
         try:
@@ -171,7 +171,8 @@ class SessionRefresher:
             if not seen and self._throttle is not None and not self._throttle.allow(client):
                 outcome = Outcome(Reason.REFRESH_RATE_LIMITED)  # nothing read, locked, sent or written
             else:
-                outcome = await self._coordinator.coordinate(RecordKeys(root, h), token, Arrival(started), 0)
+                arrival = Arrival(started, granted=await self._granted(old_access))
+                outcome = await self._coordinator.coordinate(RecordKeys(root, h), token, arrival, 0)
         except StoreError as exc:
             log.error("refresh token=%s: store unavailable (%s); answering 503", h[:12], exc)
             self._metrics.store_error("refresh")
@@ -222,6 +223,11 @@ class SessionRefresher:
             return (await self._families.lookup(h))[1]
         except StoreError:
             return True  # the store decides later: ending the session is retried in the background
+
+    async def _granted(self, old_access: str | None) -> frozenset[str] | None:
+        """The scope of the access token being replaced, if it is ours and names one (RFC 6749 §6: no widening)."""
+        claims = await self._verifier.signed_claims(old_access) if old_access else None
+        return scopes_of(claims) if claims is not None else None
 
     def _cookie_lifetime(self, token: str) -> int:
         return self._jar.refresh_lifetime(token, self._clock())

@@ -46,6 +46,7 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.COOKIE_TOO_LARGE: (502, "bad_gateway"),
     Reason.REFRESH_RATE_LIMITED: (429, "too_many_requests"),
     Reason.WEBSOCKET_LIMIT: (503, "service_unavailable"),
+    Reason.KEYS_UNAVAILABLE: (503, "service_unavailable"),  # the token may be fine: the JWKS is down
 }
 RETRY_AFTER = b"5"
 NO_STORE = (b"cache-control", b"no-store")

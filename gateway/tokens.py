@@ -20,6 +20,7 @@ import jwt
 
 from gateway.cache import BoundedCache
 from gateway.config import TokensConfig
+from gateway.errors import KeyFetchError
 from gateway.keys import KeySource
 from gateway.reasons import Reason
 
@@ -87,8 +88,10 @@ class Verifier:
         self._algorithms = frozenset(config.algorithms)
         self._warned_lifetime = math.inf  # logged once per shorter lifetime seen, not once per token
         self._cache: BoundedCache[str, tuple[dict[str, Any], float]] = BoundedCache(CACHE_SIZE)
+        keys.on_change(self._cache.clear)  # a key the IdP removed: what it verified is verified again
+        self._required = tuple(config.required_claims)
         self._options: Any = {
-            "require": ["exp"],
+            "require": list(self._required),  # PyJWT refuses a required claim that is absent or null
             # Time claims are checked below against our own clock, with leeway.
             "verify_exp": False,
             "verify_nbf": False,
@@ -117,7 +120,10 @@ class Verifier:
         if typ is not None and (not isinstance(typ, str) or typ.lower() not in ACCESS_TYPES):
             return Verdict(None, Reason.WRONG_TOKEN_TYPE)
         kid = header.get("kid")
-        key = await self._keys.key_for(kid if isinstance(kid, str) else None, alg)
+        try:
+            key = await self._keys.key_for(kid if isinstance(kid, str) else None, alg)
+        except KeyFetchError:
+            return Verdict(None, Reason.KEYS_UNAVAILABLE)  # not the token's fault: 503, cookies kept
         if key is None:
             return Verdict(None, Reason.UNKNOWN_KEY)
         try:
@@ -131,6 +137,8 @@ class Verifier:
             )
         except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
             return Verdict(None, _reason(exc))
+        if any(claims.get(name) == "" for name in self._required):
+            return Verdict(None, Reason.MISSING_CLAIM)  # an empty sub names nobody
         if claims.get("token_type", "access") != "access" or claims.get("typ", "access") in ("refresh", "Refresh"):
             return Verdict(None, Reason.WRONG_TOKEN_TYPE)
         exp, nbf, iat = _number(claims.get("exp")), _number(claims.get("nbf", 0)), _number(claims.get("iat", 0))
@@ -151,6 +159,10 @@ class Verifier:
         return (
             cached[0] if cached is not None and verdict.reason in (Reason.TOKEN_EXPIRED, Reason.TOKEN_REVOKED) else None
         )
+
+    def on_key_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` when a verification key stops being trusted (caches of verified tokens drop out)."""
+        self._keys.on_change(listener)
 
     def _check_time(self, claims: dict[str, Any], exp: float) -> Verdict:
         if claims.get("jti") in self._denied:

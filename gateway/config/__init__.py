@@ -20,7 +20,7 @@ from gateway.config.base import (
     MIN_HS_SECRET_BYTES,
     AuthMode,
 )
-from gateway.config.checks import load_public_key, reload_problems, validate_files, workers_problems
+from gateway.config.checks import key_weakness, load_public_key, reload_problems, validate_files, workers_problems
 from gateway.config.loading import load_config, parse_config
 from gateway.config.root import GatewayConfig
 from gateway.config.routes import (
@@ -71,6 +71,7 @@ __all__ = [
     "TimeoutConfig",
     "TokensConfig",
     "WebSocketConfig",
+    "key_weakness",
     "load_config",
     "load_public_key",
     "parse_config",

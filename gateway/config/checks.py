@@ -11,11 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import get_default_algorithms
 
 from gateway.config.base import HS_ALGORITHMS
 from gateway.config.root import GatewayConfig
 from gateway.errors import ConfigError
+
+# NIST SP 800-57 / RFC 7518 §3.3: RSA keys of at least 2048 bits; EC curves of at least 256 bits (P-256).
+MIN_RSA_BITS = 2048
+MIN_EC_BITS = 256
 
 
 def validate_files(config: GatewayConfig) -> list[str]:
@@ -43,9 +48,22 @@ def load_public_key(path: str, algorithms: tuple[str, ...]) -> Any:
             key = available[alg].prepare_key(pem)
         except (ValueError, TypeError, jwt.InvalidKeyError):
             continue
-        if not hasattr(key, "public_key"):  # private keys have public_key(); they cannot verify
-            return key
+        if hasattr(key, "public_key"):  # private keys have public_key(); they cannot verify
+            continue
+        weak = key_weakness(key)
+        if weak is not None:
+            raise ConfigError([f"tokens.public_key_file: {path} {weak}"])
+        return key
     raise ConfigError([f"tokens.public_key_file: {path} is not a public key for {', '.join(algorithms)}"])
+
+
+def key_weakness(key: Any) -> str | None:
+    """Why a verification key is too weak to trust (an RSA key under 2048 bits, an EC curve under 256), or None."""
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        return f"holds a {key.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits are required"
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < MIN_EC_BITS:
+        return f"holds a key on the {key.curve.name} curve; at least P-256 ({MIN_EC_BITS} bits) is required"
+    return None
 
 
 def reload_problems(running: GatewayConfig, new: GatewayConfig) -> list[str]:

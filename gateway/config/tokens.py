@@ -18,8 +18,9 @@ from gateway.config.base import (
 
 
 class TokensConfig(Model):
-    """How access tokens are verified. Set exactly one of `secret`, `public_key_file` or `jwks_url`. `exp` is
-    required; a refresh token presented as an access token is refused, and so are tokens over 16 KiB."""
+    """How access tokens are verified. Set exactly one of `secret`, `public_key_file` or `jwks_url`. The
+    `required_claims` must be present; a refresh token presented as an access token is refused, and so are tokens
+    over 16 KiB."""
 
     algorithms: tuple[str, ...] = ("RS256",)
     """Allow-list from HS256/384/512, RS256/384/512, PS256/384/512, ES256/384/512 and EdDSA. `none` is never
@@ -29,8 +30,14 @@ class TokensConfig(Model):
     public_key_file: str | None = None
     """PEM public key for asymmetric algorithms; a private key is refused. Read by `gateway check` and at start."""
     jwks_url: str | None = None
-    """http(s) JWKS, fetched at start and cached. An unknown `kid` triggers a refetch, at most once per 5 s, and
-    the last good keys are kept when the endpoint is down."""
+    """http(s) JWKS, fetched at start and cached, then fetched again as `jwks_max_age` says. An unknown `kid`
+    triggers a refetch, at most once per 5 s. When the endpoint is down the last good keys are kept, and a token
+    with an unknown `kid` gets 503 `keys_unavailable` (cookies kept). RSA keys under 2048 bits and symmetric keys
+    in the set are ignored, with a warning."""
+    jwks_max_age: float = Field(600, ge=1, le=86400)
+    """Longest time, in seconds, a fetched JWKS is used before it is fetched again. The JWKS answer's
+    `Cache-Control: max-age`, when shorter, wins, but never below 60 s. A key the IdP removed stops being trusted
+    after the next successful fetch; failed fetches keep the last good keys (and are retried within 60 s)."""
     issuer: str | None = None
     """When set, `iss` must match it exactly."""
     audience: str | None = None
@@ -39,6 +46,10 @@ class TokensConfig(Model):
     """Seconds of clock skew tolerated on `exp`, `nbf` and `iat`; at most 300."""
     refresh_before: float = Field(30, ge=0)
     """Refresh a cookie session when fewer seconds than this remain (at most half the token's own lifetime)."""
+    required_claims: tuple[str, ...] = ("exp", "sub")
+    """Top-level claims every access token must carry; one that is missing, null or empty is refused (401
+    `missing_claim`). `exp` is always required (a token that never expires is never accepted); `sub` names the user
+    in identity headers and logs. Add, e.g., `jti` or `email`."""
     revoke_superseded: bool = False
     """When a refresh replaces an access token, put the old one's `jti` on the denylist until its `exp`, so a copy
     of it is refused (401 `token_revoked`). Needs `refresh.endpoint` and a `jti` claim."""
@@ -57,6 +68,15 @@ class TokensConfig(Model):
             # One key would serve both kinds: the classic algorithm-confusion hole.
             raise ValueError("HS* algorithms cannot be mixed with asymmetric ones")
         return value
+
+    @field_validator("required_claims")
+    @classmethod
+    def _required_claims(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "exp" not in value:
+            raise ValueError("must include exp: a token that never expires is never accepted")
+        if any(not name or name != name.strip() for name in value):
+            raise ValueError("claim names must be non-empty, without surrounding spaces")
+        return tuple(dict.fromkeys(value))
 
     @field_validator("leeway")
     @classmethod

@@ -200,6 +200,16 @@ def test_bad_tokens_get_401(gateway: GatewayProcess, bad: Any, reason: str) -> N
     assert response.json()["reason"] == reason
 
 
+def test_a_token_without_sub_is_refused_401_missing_claim(gateway: GatewayProcess) -> None:
+    """Regression (issue 14, item 12): tokens.required_claims defaults to exp and sub; a token without sub passed."""
+    now = int(time.time())
+    claims = {"iss": "https://idp.test", "aud": "legacy-app", "iat": now, "exp": now + 300, "roles": ["user"]}
+    for sub in ({}, {"sub": ""}):
+        anonymous = jwt.encode(claims | sub, SECRET, algorithm="HS256")
+        response = httpx.get(f"{gateway.url}/hello", headers={"Authorization": f"Bearer {anonymous}"})
+        assert response.status_code == 401 and response.json()["reason"] == "missing_claim"
+
+
 def test_bad_cookie_token_clears_the_access_cookie(gateway: GatewayProcess) -> None:
     response = httpx.get(f"{gateway.url}/hello", headers={"Cookie": f"gw_access={token(key='x' * 40)}"})
     assert response.status_code == 401
@@ -375,6 +385,55 @@ def test_rs256_with_jwks_from_a_real_idp(upstream: ServerProcess) -> None:
             )
             response = httpx.get(f"{gw.url}/x", headers={"Authorization": f"Bearer {forged}"})
             assert response.status_code == 401 and response.json()["reason"] == "alg_not_allowed"
+
+
+def _jwks_gateway(idp: ServerProcess, upstream: ServerProcess) -> GatewayProcess:
+    config = {
+        "tokens": {
+            "algorithms": ["RS256"],
+            "jwks_url": f"{idp.url}/jwks",
+            "issuer": "https://idp.rs",
+            "jwks_max_age": 1,  # the IdP says 300 s; the operator's bound wins
+        },
+        "cookies": {"secure": False},
+        "routes": [{"name": "app", "path": "/", "upstream": upstream.url}],
+    }
+    return start_gateway(config)
+
+
+def test_an_unknown_kid_while_the_jwks_is_down_is_503_and_keeps_the_cookies(upstream: ServerProcess) -> None:
+    """Regression (issue 14, item 13): it was 401 with the access cookie cleared, so an IdP outage during a key
+    rollover logged users out."""
+    with start_idp(algorithm="RS256", issuer="https://idp.rs") as idp, _jwks_gateway(idp, upstream) as gw:
+        idp.rotate_key()  # tokens are signed with a key the gateway has not fetched yet
+        idp.behaviour(jwks="down")
+        wait_until(
+            lambda: metric_value(gw.metrics(), "gateway_jwks_fetches_total", result="error") >= 1,
+            "a failed JWKS fetch (the gateway's timer, every jwks_max_age)",
+        )
+        session = idp.issue("bob")
+        for headers in ({"Cookie": f"gw_access={session['access']}"}, {"Authorization": f"Bearer {session['access']}"}):
+            response = httpx.get(f"{gw.url}/x", headers=headers)
+            assert response.status_code == 503, response.text
+            assert response.json()["reason"] == "keys_unavailable" and response.headers["retry-after"]
+            assert "set-cookie" not in response.headers
+        idp.behaviour(jwks="up")
+        cookie = {"Cookie": f"gw_access={session['access']}"}
+        wait_until(lambda: httpx.get(f"{gw.url}/x", headers=cookie).status_code == 200, "the new key, JWKS back")
+
+
+def test_a_key_the_idp_removed_stops_being_trusted_after_the_next_jwks_fetch(upstream: ServerProcess) -> None:
+    """Regression (issue 14, item 13): the JWKS was never fetched on a timer, so a removed key (and every token
+    verified with it before) stayed trusted until restart."""
+    with start_idp(algorithm="RS256", issuer="https://idp.rs") as idp, _jwks_gateway(idp, upstream) as gw:
+        old = {"Authorization": f"Bearer {idp.issue('bob')['access']}"}
+        for _ in range(2):  # seen twice: cached by the verifier and by admission's fast path
+            assert httpx.get(f"{gw.url}/x", headers=old).status_code == 200
+        idp.rotate_key(drop_old=True)
+        wait_until(lambda: httpx.get(f"{gw.url}/x", headers=old).status_code == 401, "the removed key distrusted")
+        assert httpx.get(f"{gw.url}/x", headers=old).json()["reason"] == "unknown_key"
+        new = {"Authorization": f"Bearer {idp.issue('bob')['access']}"}
+        assert httpx.get(f"{gw.url}/x", headers=new).status_code == 200
 
 
 def _hs256_with_raw_key(claims: dict[str, Any], key: bytes) -> str:

@@ -222,6 +222,26 @@ def test_a_200_without_tokens_is_502_once_then_a_clean_logout_never_a_resend(
     assert refresh_calls(idp) == 1 and max(idp.redemption_counts().values()) == 1
 
 
+@pytest.mark.parametrize("fail", ["oversize", "dpop", "expires_zero", "wider_scope"])
+def test_an_unusable_answer_is_502_once_then_a_clean_logout_never_a_resend(
+    gateway: GatewayProcess, idp: IdPProcess, fail: str
+) -> None:
+    """Regression (issue 14, item 14): an answer over 64 KiB (streamed, no length), `token_type: DPoP`,
+    `expires_in: 0` or a scope wider than the expired token's was used as new tokens. It is a redeemed token whose
+    answer is unusable."""
+    session = idp.issue("alice", access_ttl=-60, claims={"scope": "openid profile"})
+    cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+    idp.behaviour(fail=fail, fail_count=1)
+    response = httpx.get(f"{gateway.url}/x", headers=cookie)
+    assert response.status_code == 502 and response.json()["reason"] == "idp_bad_response"
+    assert "set-cookie" not in response.headers
+    time.sleep(2.2)  # past the 2 s the failure is shared with concurrent requests
+    later = httpx.get(f"{gateway.url}/x", headers=cookie)
+    assert later.status_code == 401 and later.json()["reason"] == "refresh_lost"
+    assert set_cookies(later)[REFRESH]["max-age"] == "0" and set_cookies(later)[ACCESS]["max-age"] == "0"
+    assert refresh_calls(idp) == 1 and max(idp.redemption_counts().values()) == 1
+
+
 def test_a_new_access_token_with_a_bad_signature_is_502_and_the_successor_is_kept(
     gateway: GatewayProcess, idp: IdPProcess
 ) -> None:

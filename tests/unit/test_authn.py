@@ -10,6 +10,7 @@ import pytest
 from gateway.authn import Authenticator, AuthResult, bearer_token, read_authorization
 from gateway.config import CookiesConfig, RefreshCookieSpec, TokensConfig
 from gateway.cookies import CookieJar
+from gateway.errors import KeyFetchError
 from gateway.keys import StaticKey
 from gateway.sealing import Sealer
 from gateway.tokens import Verifier
@@ -191,6 +192,26 @@ async def test_revoked_cookie_token_goes_to_the_refresher(jar: CookieJar) -> Non
     assert alone.claims is None and alone.reason == "token_revoked"
     bearer = await auth.authenticate([(b"authorization", b"Bearer " + revoked.encode())])
     assert bearer.reason == "token_revoked" and len(refresher.calls) == 1
+
+
+class UnreachableKeys(StaticKey):
+    """A JWKS that cannot be fetched while the token's kid is not among the cached keys."""
+
+    async def key_for(self, kid: str | None, alg: str) -> Any:
+        raise KeyFetchError("jwks down")
+
+
+async def test_keys_unavailable_keeps_the_cookies_and_never_refreshes(jar: CookieJar) -> None:
+    """Regression (issue 14, item 13): an unknown kid while the JWKS was down cleared the access cookie (a logout)."""
+    refresher = CountingRefresher()
+    config = TokensConfig(algorithms=("HS256",), secret=SECRET)
+    auth = Authenticator(Verifier(config, UnreachableKeys(b""), lambda: NOW), jar, refresher)
+    for headers in ([cookie(token("alice"))], [cookie(token("alice"), "r1")]):
+        result = await auth.authenticate(headers)
+        assert result.claims is None and result.reason == "keys_unavailable" and result.set_cookies == []
+    bearer = await auth.authenticate([(b"authorization", b"Bearer " + token("bob").encode())])
+    assert bearer.reason == "keys_unavailable"
+    assert refresher.calls == []  # the token may be fine: nothing to refresh, nothing to clear
 
 
 async def test_unreadable_access_cookie_is_absent_so_the_refresh_cookie_resumes_the_session() -> None:

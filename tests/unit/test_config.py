@@ -256,6 +256,17 @@ def test_leeway_over_300_refused() -> None:
     assert parse_config(data, env={}).tokens.leeway == 300
 
 
+def test_required_claims_default_to_exp_and_sub_and_always_include_exp() -> None:
+    assert parse_config(minimal(), env={}).tokens.required_claims == ("exp", "sub")
+    data = minimal()
+    data["tokens"]["required_claims"] = ["sub"]
+    assert has(problems_of(data), "tokens.required_claims", "exp")
+    data["tokens"]["required_claims"] = ["exp", ""]
+    assert has(problems_of(data), "tokens.required_claims", "non-empty")
+    data["tokens"]["required_claims"] = ["exp", "sub", "email"]
+    assert parse_config(data, env={}).tokens.required_claims == ("exp", "sub", "email")
+
+
 def test_route_without_upstream_refused() -> None:
     data = minimal(routes=[{"name": "app", "path": "/"}])
     assert has(problems_of(data), "routes[0].upstream")

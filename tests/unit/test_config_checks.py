@@ -10,10 +10,17 @@ from typing import Any
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.app import create_app
-from gateway.config import GatewayConfig, parse_config, reload_problems, validate_files, workers_problems
+from gateway.config import (
+    GatewayConfig,
+    key_weakness,
+    parse_config,
+    reload_problems,
+    validate_files,
+    workers_problems,
+)
 
 SECRET = "s" * 40
 
@@ -112,3 +119,46 @@ def test_check_reports_a_bad_key_file_without_building_the_app(tmp_path: Path) -
     result = _run(code)
     assert result.returncode == 0, result.stderr
     assert "app not built" in result.stdout and "routes (in match order):" in result.stdout
+
+
+def _weak_pem(curve: ec.EllipticCurve | None = None) -> bytes:
+    key = ec.generate_private_key(curve) if curve else rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_a_weak_key_file_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """Regression (issue 14, item 12): a 1024-bit RSA verification key was accepted at start."""
+    path = tmp_path / "weak.pem"
+    path.write_bytes(_weak_pem())
+    assert validate_files(_with_key_file(path)) == [
+        f"tokens.public_key_file: {path} holds a 1024-bit RSA key; at least 2048 bits are required"
+    ]
+    path.write_bytes(_weak_pem(ec.SECP192R1()))
+    es256 = parse_config(_config(tokens={"algorithms": ["ES256"], "public_key_file": str(path)}), env={})
+    (problem,) = validate_files(es256)  # PyJWT >= 2.10 refuses the curve for ES256 itself; older ones did not
+    assert problem.startswith(f"tokens.public_key_file: {path} ")
+
+
+def test_key_weakness_names_short_rsa_keys_and_small_curves() -> None:
+    assert key_weakness(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()) is None
+    assert key_weakness(ec.generate_private_key(ec.SECP256R1()).public_key()) is None
+    assert "secp192r1" in (key_weakness(ec.generate_private_key(ec.SECP192R1()).public_key()) or "")
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_gateway_refuses_to_start_with_a_1024_bit_rsa_key(tmp_path: Path, command: str) -> None:
+    """Regression (issue 14, item 12): `gateway serve` started with a 1024-bit RSA key; now it exits 1 naming it."""
+    key = tmp_path / "idp-1024.pem"
+    key.write_bytes(_weak_pem())
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(_config(tokens={"algorithms": ["RS256"], "public_key_file": str(key)})))
+    port = ["--port", "1"] if command == "serve" else []  # never bound: the config is refused first
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", command, "--config", str(path), *port],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert f"tokens.public_key_file: {key} holds a 1024-bit RSA key" in result.stderr
+    assert "Traceback" not in result.stderr

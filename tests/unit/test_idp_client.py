@@ -19,7 +19,7 @@ from starlette.routing import Route
 from gateway.config import RefreshConfig, RefreshFields
 from gateway.demo.idp import IdentityProvider, IdPSettings, create_idp_app
 from gateway.errors import BadIdPResponse, IdPAnswerLost, IdPUnavailable, RefreshRejected
-from gateway.idp_client import IdPClient
+from gateway.idp_client import IdPClient, scopes_of
 
 IDP = "http://idp.test"
 CLIENT_ID, CLIENT_SECRET = "legacy-app", "demo-secret"
@@ -290,13 +290,145 @@ async def test_redirects_are_not_followed_even_by_a_client_that_would(
     assert idp.elsewhere_hits == 0
 
 
-@pytest.mark.parametrize(
-    ("expires_in", "parsed"), [(3600, 3600), (59.5, 59.5), ("3599", 3599), (True, None), (None, None), ("soon", None)]
-)
+@pytest.mark.parametrize(("expires_in", "parsed"), [(3600, 3600), (59.5, 59.5), ("3599", 3599), (None, None)])
 async def test_expires_in(expires_in: Any, parsed: float | None, http: Callable[[Any], httpx.AsyncClient]) -> None:
     body: dict[str, Any] = {"access_token": "a"} | ({} if expires_in is None else {"expires_in": expires_in})
     idp = Scripted(lambda: JSONResponse(body))
     assert (await IdPClient(oauth2(), http(idp.app)).redeem("old-refresh")).expires_in == parsed
+
+
+# --- answers the gateway cannot use (issue 14, item 14) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"token_type": "DPoP"},
+        {"token_type": "N_A"},
+        {"token_type": 1},
+        {"expires_in": 0},
+        {"expires_in": -60},
+        {"expires_in": "soon"},
+        {"expires_in": True},
+        {"expires_in": "NaN"},
+        {"expires_in": "inf"},
+        {"expires_in": [300]},
+    ],
+)
+@pytest.mark.parametrize("config", [oauth2(), json_style()])
+async def test_a_200_with_another_token_type_or_a_lifetime_that_is_not_positive_is_a_bad_response(
+    extra: dict[str, Any], config: RefreshConfig, http: Callable[[Any], httpx.AsyncClient]
+) -> None:
+    """Regression (issue 14, item 14): a DPoP-bound token or `expires_in: 0` was taken as a usable answer."""
+    idp = Scripted(lambda: JSONResponse({"access_token": "a", "access": "a"} | extra))
+    with pytest.raises(BadIdPResponse):
+        await IdPClient(config, http(idp.app)).redeem("old-refresh")
+
+
+@pytest.mark.parametrize("token_type", ["Bearer", "bearer", "BEARER", None])
+async def test_bearer_in_any_case_or_no_token_type_is_usable(
+    token_type: str | None, http: Callable[[Any], httpx.AsyncClient]
+) -> None:
+    body = {"access_token": "a", "token_type": token_type, "expires_in": "300"}
+    idp = Scripted(lambda: JSONResponse(body))
+    assert (await IdPClient(oauth2(), http(idp.app)).redeem("old-refresh")).expires_in == 300
+
+
+GRANTED = frozenset({"openid", "profile"})
+
+
+@pytest.mark.parametrize(
+    ("scope", "granted", "usable"),
+    [
+        ("openid profile", GRANTED, True),
+        ("openid", GRANTED, True),  # narrower is fine (RFC 6749 §6)
+        ("", GRANTED, True),
+        (["profile"], GRANTED, True),
+        ("openid profile admin", GRANTED, False),
+        ("openid  Profile", GRANTED, False),  # scopes are case-sensitive (RFC 6749 §3.3)
+        (["openid", "admin"], GRANTED, False),
+        (7, GRANTED, False),  # unreadable: counted as wider
+        ("openid profile admin", None, True),  # the replaced token named no scope: nothing to compare
+    ],
+)
+async def test_a_scope_wider_than_the_replaced_tokens_is_a_bad_response(
+    scope: Any, granted: frozenset[str] | None, usable: bool, http: Callable[[Any], httpx.AsyncClient]
+) -> None:
+    """Regression (issue 14, item 14): an answer granting more scopes than the expired token had was accepted."""
+    idp = Scripted(lambda: JSONResponse({"access_token": "a", "scope": scope}))
+    redeeming = IdPClient(oauth2(), http(idp.app)).redeem("old-refresh", granted=granted)
+    if usable:
+        assert (await redeeming).access == "a"
+    else:
+        with pytest.raises(BadIdPResponse, match="scope"):
+            await redeeming
+
+
+@pytest.mark.parametrize(
+    ("claims", "scopes"),
+    [
+        ({"scope": "openid profile"}, {"openid", "profile"}),
+        ({"scp": ["read", "write"]}, {"read", "write"}),
+        ({"scp": "read write"}, {"read", "write"}),
+        ({"scope": "a", "scp": ["b"]}, {"a"}),
+        ({}, None),
+        ({"scope": ""}, None),
+        ({"scp": [1]}, None),
+    ],
+)
+def test_scopes_of_a_token(claims: dict[str, Any], scopes: set[str] | None) -> None:
+    assert scopes_of(claims) == (frozenset(scopes) if scopes is not None else None)
+
+
+class Endless(httpx.AsyncByteStream):
+    """A body that never ends: 1 KiB chunks, counted."""
+
+    def __init__(self) -> None:
+        self.chunks = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            self.chunks += 1
+            await asyncio.sleep(0)  # a client that buffers it all meets refresh.timeout instead of hanging
+            yield b" " * 1024
+
+
+async def test_an_answer_over_64_kib_is_refused_while_it_is_read() -> None:
+    """Regression (issue 14, item 14): any answer size was accepted (and buffered); reading stops past 64 KiB."""
+    body = Endless()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/json"}, stream=body)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        with pytest.raises(BadIdPResponse, match="65536 bytes"):
+            await IdPClient(oauth2(timeout=5), client).redeem("old-refresh")
+    assert 64 <= body.chunks <= 66  # stopped at the cap, long before the timeout
+
+
+@pytest.mark.parametrize(("status", "error"), [(200, BadIdPResponse), (400, IdPUnavailable), (502, IdPAnswerLost)])
+async def test_a_declared_length_over_64_kib_is_not_read_at_all(
+    status: int, error: type[Exception], http: Callable[[Any], httpx.AsyncClient]
+) -> None:
+    padding = "x" * (64 * 1024)
+    idp = Scripted(lambda: JSONResponse({"access_token": "a", "error": "invalid_grant", "pad": padding}, status))
+    with pytest.raises(error):
+        await IdPClient(oauth2(), http(idp.app)).redeem("old-refresh")
+    [(headers, _)] = idp.seen
+    assert headers["accept-encoding"] == "identity"  # the cap counts what the IdP sent, not what it inflates to
+
+
+@pytest.mark.parametrize("fail", ["oversize", "dpop", "expires_zero", "wider_scope"])
+@pytest.mark.parametrize("config", [oauth2(), json_style()])
+async def test_demo_idp_unusable_answers_redeem_the_token_and_are_bad_responses(
+    fail: str, config: RefreshConfig, http: Callable[[Any], httpx.AsyncClient]
+) -> None:
+    app, idp = demo()
+    pair = idp.start_session("alice", {"scope": "openid profile"})
+    idp.behaviour.fail = fail
+    with pytest.raises(BadIdPResponse):
+        await IdPClient(config, http(app)).redeem(pair.refresh, granted=frozenset({"openid", "profile"}))
+    assert idp.counters.refresh_ok == 1  # the IdP redeemed it: the gateway must never send it again
 
 
 # --- transport failures (real sockets: ASGITransport has no timeouts) --------------------------------

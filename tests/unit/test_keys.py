@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,9 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
+from support.waiting import until
 
 from gateway.config import TokensConfig
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, KeyFetchError
 from gateway.keys import JWKSKeys, StaticKey, build_key_source, load_public_key
 from gateway.tokens import Verifier
 
@@ -40,6 +42,7 @@ class JWKSServer:
     def __init__(self) -> None:
         self.jwks: dict[str, Any] = {"keys": []}
         self.status = 200
+        self.headers: dict[str, str] = {}
         self.hits: dict[str, int] = {}
         server = self
 
@@ -50,6 +53,8 @@ class JWKSServer:
                 self.send_response(server.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in server.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -103,11 +108,12 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def source(server: JWKSServer, client: httpx.AsyncClient, clock: Clock) -> JWKSKeys:
+async def source(server: JWKSServer, client: httpx.AsyncClient, clock: Clock) -> AsyncIterator[JWKSKeys]:
     src = JWKSKeys(server.url, client, min_refetch=5.0, clock=clock)
     await src.start()
     assert server.fetches == 1
-    return src
+    yield src
+    await src.close()
 
 
 def public_numbers(key: Any) -> Any:
@@ -173,7 +179,8 @@ async def test_server_down_keeps_last_good_keys(
 ) -> None:
     server.stop()
     clock.now += 10
-    assert await source.key_for("k-new", "RS256") is None  # refetch fails; no exception
+    with pytest.raises(KeyFetchError):  # refetch fails: the new kid may be genuine (503, not 401)
+        await source.key_for("k-new", "RS256")
     clock.now += 10
     key = await source.key_for("k1", "RS256")
     assert key is not None and public_numbers(key) == keys["k1"].public_key().public_numbers()
@@ -185,7 +192,8 @@ async def test_server_error_keeps_last_good_keys(
     server.status = 503
     server.jwks = {"keys": []}
     clock.now += 10
-    assert await source.key_for("k-new", "RS256") is None
+    with pytest.raises(KeyFetchError):
+        await source.key_for("k-new", "RS256")
     assert server.fetches == 2
     assert await source.key_for("k1", "RS256") is not None
 
@@ -195,7 +203,8 @@ async def test_garbage_jwks_keeps_last_good_keys(
 ) -> None:
     server.jwks = {"not": "a jwks"}
     clock.now += 10
-    assert await source.key_for("k-new", "RS256") is None
+    with pytest.raises(KeyFetchError):
+        await source.key_for("k-new", "RS256")
     assert server.fetches == 2
     assert await source.key_for("k1", "RS256") is not None
 
@@ -205,7 +214,9 @@ async def test_start_with_server_down_does_not_raise(client: httpx.AsyncClient, 
     srv.stop()
     src = JWKSKeys(srv.url, client, clock=clock)
     await src.start()
-    assert await src.key_for("k1", "RS256") is None
+    with pytest.raises(KeyFetchError):
+        await src.key_for("k1", "RS256")
+    await src.close()
 
 
 async def test_encryption_keys_and_alg_mismatch_are_not_used(
@@ -217,6 +228,113 @@ async def test_encryption_keys_and_alg_mismatch_are_not_used(
     assert await src.key_for("enc", "RS256") is None
     assert await src.key_for("rs384", "RS256") is None
     assert await src.key_for("rs384", "RS384") is not None
+    await src.close()
+
+
+async def test_an_unknown_kid_while_the_jwks_is_down_stays_unavailable_until_a_fetch_succeeds(
+    source: JWKSKeys, server: JWKSServer, keys: dict[str, rsa.RSAPrivateKey], clock: Clock
+) -> None:
+    """Regression (issue 14, item 13): an unknown kid with the JWKS down was a 401, which logs the user out."""
+    server.status = 503
+    clock.now += 10
+    with pytest.raises(KeyFetchError):
+        await source.key_for("k2", "RS256")
+    clock.now += 1
+    with pytest.raises(KeyFetchError):  # within min_refetch: not fetched again, still not known to be forged
+        await source.key_for("forged", "RS256")
+    assert server.fetches == 2
+    server.status = 200
+    clock.now += 5
+    assert await source.key_for("forged", "RS256") is None  # the JWKS answered: now a plain unknown kid (401)
+    assert server.fetches == 3
+
+
+async def test_weak_keys_in_a_jwks_are_ignored_with_a_warning(
+    server: JWKSServer,
+    client: httpx.AsyncClient,
+    keys: dict[str, rsa.RSAPrivateKey],
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 14, item 12: a 1024-bit RSA key (or a symmetric key) published in a JWKS is never used."""
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    oct_key = {"kty": "oct", "kid": "shared", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA"}
+    server.jwks = {"keys": [jwk(keys["k1"], "k1"), jwk(weak, "weak", alg="RS256"), oct_key]}
+    src = JWKSKeys(server.url, client, clock=clock)
+    with caplog.at_level("WARNING", logger="gateway.keys"):
+        await src.start()
+    try:
+        assert await src.key_for("weak", "RS256") is None
+        assert await src.key_for("shared", "RS256") is None
+        assert await src.key_for("k1", "RS256") is not None
+        assert "kid=weak" in caplog.text and "1024-bit RSA" in caplog.text and "kid=shared" in caplog.text
+        verifier = Verifier(TokensConfig(algorithms=("RS256",), jwks_url=server.url), src)
+        with warnings.catch_warnings():  # PyJWT warns when signing with a short key (the attacker's problem)
+            warnings.simplefilter("ignore")
+            signed = jwt.encode({"sub": "a", "exp": 4_000_000_000}, weak, algorithm="RS256", headers={"kid": "weak"})
+        assert (await verifier.verify(signed)).reason == "unknown_key"
+    finally:
+        await src.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "refresh_in"),
+    [
+        ({}, 600),  # nothing said: tokens.jwks_max_age
+        ({"Cache-Control": "public, max-age=300"}, 300),
+        ({"Cache-Control": "max-age=300", "Age": "100"}, 200),  # a cache in front already held it 100 s
+        ({"Cache-Control": "max-age=5"}, 60),  # never more often than MIN_MAX_AGE
+        ({"Cache-Control": "no-cache"}, 60),
+        ({"Cache-Control": "max-age=86400"}, 600),  # never longer than tokens.jwks_max_age
+        ({"Cache-Control": "max-age=soon"}, 600),
+    ],
+)
+async def test_the_next_fetch_follows_cache_control_max_age_within_bounds(
+    server: JWKSServer, client: httpx.AsyncClient, clock: Clock, headers: dict[str, str], refresh_in: float
+) -> None:
+    server.headers = headers
+    src = JWKSKeys(server.url, client, max_age=600, clock=clock)
+    await src.start()
+    await src.close()
+    assert src.refresh_in == refresh_in
+
+
+async def test_a_failed_fetch_is_retried_within_a_minute(server: JWKSServer, client: httpx.AsyncClient) -> None:
+    server.status = 503
+    src = JWKSKeys(server.url, client, max_age=600)
+    await src.start()
+    await src.close()
+    assert src.refresh_in == 60
+
+
+async def test_the_jwks_is_fetched_again_on_a_timer_and_a_removed_key_stops_being_trusted(
+    server: JWKSServer, client: httpx.AsyncClient, keys: dict[str, rsa.RSAPrivateKey]
+) -> None:
+    """Regression (issue 14, item 13): the JWKS was fetched only on an unknown kid, so a key the IdP removed
+    stayed trusted until restart, and so did every token the verifier had cached."""
+    src = JWKSKeys(server.url, client, max_age=0.05, min_refetch=3600)
+    verifier = Verifier(TokensConfig(algorithms=("RS256",), jwks_url=server.url), src)
+    changes: list[int] = []
+    src.on_change(lambda: changes.append(server.fetches))
+    await src.start()
+    try:
+        old = jwt.encode({"sub": "a", "exp": 4_000_000_000}, keys["k1"], algorithm="RS256", headers={"kid": "k1"})
+        assert (await verifier.verify(old)).ok
+        server.jwks = {"keys": [jwk(keys["k2"], "k2")]}  # the IdP dropped k1
+        await until(lambda: server.fetches >= 2, "a scheduled fetch")
+        await until(lambda: bool(changes), "the removal noticed")
+        assert (await verifier.verify(old)).reason == "unknown_key"  # the cached verdict went with the key
+        new = jwt.encode({"sub": "a", "exp": 4_000_000_000}, keys["k2"], algorithm="RS256", headers={"kid": "k2"})
+        assert (await verifier.verify(new)).ok
+        server.status = 503  # an outage keeps the last good keys
+        fetched = server.fetches
+        await until(lambda: server.fetches >= fetched + 2, "fetches through the outage")
+        assert (await verifier.verify(new)).ok
+    finally:
+        await src.close()
+    stopped = server.fetches
+    await asyncio.sleep(0.2)
+    assert server.fetches == stopped  # close() stops the timer
 
 
 async def test_single_key_serves_tokens_without_kid(source: JWKSKeys) -> None:

@@ -24,7 +24,7 @@ from gateway.config import CookiesConfig, RefreshConfig, RefreshCookieSpec, Toke
 from gateway.cookies import CookieJar
 from gateway.demo.idp import IdentityProvider, IdPSettings, TokenPair, create_idp_app
 from gateway.denylist import Denylist
-from gateway.errors import StoreError
+from gateway.errors import KeyFetchError, StoreError
 from gateway.families import Families
 from gateway.idp_client import IdPClient
 from gateway.keys import StaticKey
@@ -300,6 +300,36 @@ async def test_new_access_token_that_never_verifies_is_502_and_the_successor_is_
     successor = jwt.decode(cookies(result)[REFRESH][0], options={"verify_signature": False})
     assert successor["jti"] == old.family.current  # the IdP's own successor
     assert h.idp.counters.refresh_ok == 1 and h.outcomes("unverified") == 1
+
+
+@pytest.mark.parametrize("fail", ["oversize", "dpop", "expires_zero", "wider_scope"])
+async def test_an_unusable_answer_is_a_redeemed_token_502_once_then_the_session_ends_without_a_resend(
+    build: Build, fail: str
+) -> None:
+    """Regression (issue 14, item 14): an answer over 64 KiB, a DPoP token type, `expires_in: 0` or a scope wider than
+    the expired token's was used; it is unusable, and the IdP redeemed the token: never send it again."""
+    h = build()
+    old = h.idp.start_session("alice", {"scope": "openid profile"}, ttl=-60)
+    h.idp.behaviour.fail = fail
+    first = await h.refresher.refresh(old.refresh, old.access)
+    assert first.reason == "idp_bad_response" and first.claims is None and first.set_cookies == []  # 502, kept
+    h.idp.behaviour.fail = None
+    h.clock.advance(redemption.FAILURE_MEMORY + 1)  # the failure shared with concurrent requests is gone
+    later = await h.refresher.refresh(old.refresh, old.access)
+    assert later.reason == "refresh_lost"
+    assert_cleared(later)
+    assert h.idp.counters.refresh_calls == 1 and h.idp.counters.reuse_detected == 0
+
+
+@pytest.mark.parametrize(("claims", "with_access"), [({}, True), ({"scope": "openid profile"}, False)])
+async def test_the_scope_is_compared_only_with_a_replaced_token_that_names_one(
+    build: Build, claims: dict[str, Any], with_access: bool
+) -> None:
+    """A replaced token without scope, or no replaced token at all (the access cookie is gone): nothing to compare."""
+    h = build()
+    old = h.idp.start_session("alice", claims, ttl=-60)
+    h.idp.behaviour.fail = "wider_scope"  # answers the session's scope (or "openid") plus "admin"
+    assert_refreshed(await h.refresher.refresh(old.refresh, old.access if with_access else None), old.refresh)
 
 
 async def lost_attempt(h: Harness, token: str, *, state: str = "maybe", window: float = 60) -> RecordKeys:
@@ -656,21 +686,34 @@ async def test_an_owner_that_finished_between_a_waiters_read_and_its_acquire_is_
 
 
 class FlakyKeys:
-    """A key source that cannot produce the key while ``down`` (a new kid during rollover, JWKS unreachable)."""
+    """A key source that cannot produce the key while ``down``: a kid not published yet (``unknown``), or
+    not in the cached keys while the JWKS cannot be fetched (``unreachable``: KeyFetchError)."""
 
-    def __init__(self) -> None:
+    def __init__(self, how: str = "unknown") -> None:
         self.down = False
+        self.how = how
 
     async def key_for(self, kid: str | None, alg: str) -> Any:
+        if self.down and self.how == "unreachable":
+            raise KeyFetchError("jwks down")
         return None if self.down else SECRET.encode()
 
     async def start(self) -> None:
         return None
 
+    async def close(self) -> None:
+        return None
 
-async def test_a_successor_whose_access_token_cannot_be_verified_yet_is_kept_and_verified_later(build: Build) -> None:
+    def on_change(self, listener: Callable[[], None]) -> None:
+        return None
+
+
+@pytest.mark.parametrize("how", ["unknown", "unreachable"])
+async def test_a_successor_whose_access_token_cannot_be_verified_yet_is_kept_and_verified_later(
+    build: Build, how: str
+) -> None:
     """Regression (failure 6): a key rollover with JWKS down threw the valid successor away and ended the session."""
-    keys = FlakyKeys()
+    keys = FlakyKeys(how)
     h = build(keys=keys)
     old = h.session()
     keys.down = True

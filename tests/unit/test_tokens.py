@@ -216,6 +216,25 @@ async def test_missing_exp_refused(hs: Make) -> None:
     assert not verdict.ok and verdict.reason == "missing_claim" and not verdict.refreshable
 
 
+@pytest.mark.parametrize("sub", [None, "", "absent"])
+async def test_token_without_sub_refused_by_default(hs: Make, sub: Any) -> None:
+    """Regression (issue 14, item 12): an access token without `sub` was accepted and named nobody."""
+    payload = claims()
+    if sub == "absent":
+        del payload["sub"]
+    else:
+        payload["sub"] = sub
+    verdict = await hs().verify(hs_token(payload))
+    assert not verdict.ok and verdict.reason == "missing_claim" and not verdict.refreshable
+
+
+async def test_required_claims_are_configurable(hs: Make) -> None:
+    assert (await hs(required_claims=("exp",)).verify(hs_token(claims(sub=None)))).ok
+    strict = hs(required_claims=("exp", "sub", "jti"))
+    assert (await strict.verify(hs_token(claims()))).reason == "missing_claim"
+    assert (await strict.verify(hs_token(claims(jti="j1")))).ok
+
+
 @pytest.mark.parametrize("exp", ["tomorrow", True, None])
 async def test_non_numeric_exp_refused(hs: Make, exp: Any) -> None:
     payload = claims()

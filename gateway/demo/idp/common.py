@@ -45,8 +45,9 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 
 def oauth_tokens(body: dict[str, Any], expires_in: int) -> Response:
-    """A successful token answer (RFC 6749 §5.1): ``body`` plus token_type and expires_in, not cached."""
-    return JSONResponse(body | {"token_type": "Bearer", "expires_in": expires_in}, headers=NO_STORE)
+    """A successful token answer (RFC 6749 §5.1): ``body`` plus token_type and expires_in (unless ``body`` has
+    its own, spoiled ones), not cached."""
+    return JSONResponse({"token_type": "Bearer", "expires_in": expires_in} | body, headers=NO_STORE)
 
 
 def bad_request(message: str) -> Response:

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from gateway.demo.idp.common import NO_STORE, OAuthError, oauth_tokens, read_form, read_json
-from gateway.demo.idp.faults import SPOILED_ANSWER_FAILURES, failure_response
+from gateway.demo.idp.faults import SPOILED_ANSWER_FAILURES, failure_response, oversize_response
 from gateway.demo.idp.provider import IdentityProvider, Outcome
 
 # Answers grant_type=authorization_code from an authenticated client, given the form.
@@ -70,6 +70,8 @@ class TokenEndpoints:
         if outcome.pair is None:
             return JSONResponse({"error": "invalid_grant"}, status_code=400, headers=NO_STORE)
         body = idp.tokens_body(outcome.pair, outcome.fail, "access_token", "refresh_token")
+        if outcome.fail == "oversize":
+            return oversize_response(body)
         return oauth_tokens(body, outcome.pair.expires_in)
 
     async def simplejwt_login(self, request: Request) -> Response:
@@ -87,7 +89,8 @@ class TokenEndpoints:
             return failed
         if outcome.pair is None:
             return JSONResponse({"detail": "Token is invalid or expired", "code": "token_not_valid"}, status_code=401)
-        return JSONResponse(self.idp.tokens_body(outcome.pair, outcome.fail, "access", "refresh"))
+        body = self.idp.tokens_body(outcome.pair, outcome.fail, "access", "refresh")
+        return oversize_response(body) if outcome.fail == "oversize" else JSONResponse(body)
 
     async def revoke(self, request: Request) -> Response:
         try:
@@ -105,7 +108,9 @@ class TokenEndpoints:
         self.idp.counters.jwks_requests += 1
         if self.idp.behaviour.jwks == "down":
             return PlainTextResponse("Service Unavailable", status_code=503)
-        return JSONResponse(self.idp.keyring.jwks())
+        max_age = int(self.idp.behaviour.jwks_max_age)
+        cache = f"public, max-age={max_age}" if max_age > 0 else "no-cache"
+        return JSONResponse(self.idp.keyring.jwks(), headers={"Cache-Control": cache})
 
 
 def _failed_answer(outcome: Outcome) -> Response | None:

@@ -1,36 +1,40 @@
 """How the demo IdP misbehaves on request, and what it records: its run-time ``Behaviour`` (injected
-failures, reuse and revocation policy, JWKS outage, clock skew), the signing ``Keyring`` (key
-rollover), the redemption ``Ledger`` and the failure answers.
+failures, reuse and revocation policy, JWKS outage and max-age, clock skew), the signing
+``Keyring`` (key rollover), the redemption ``Ledger`` and the failure answers.
 
 Failures come in two kinds. Most answer *before* the presented refresh token is redeemed, so the
 client may safely try it again. The ``CONSUMING_FAILURES`` answer *after*: the token has been rotated
-and the answer is spoiled (``no_access``, ``bad_signature``) or lost on its way back
-(``redeem_then_*``: the client times out, sees a reset connection, a proxy's 504 or a page that is
-not JSON), which is how real clients end up holding a token that is no longer current.
+and the answer is spoiled (``no_access``, ``bad_signature``; ``oversize``: over a megabyte, streamed
+without a length; ``dpop``: ``token_type: DPoP``; ``expires_zero``: ``expires_in: 0``;
+``wider_scope``: a ``scope`` beyond the session's) or lost on its way back (``redeem_then_*``: the
+client times out, sees a reset connection, a proxy's 504 or a page that is not JSON), which is how
+real clients end up holding a token that is no longer current.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import stat
 import struct
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 # Rotate the token, then never answer / cut the connection mid-body / a proxy's 504 / 200 with HTML.
 LOST_ANSWER_FAILURES = ("redeem_then_hang", "redeem_then_reset", "redeem_then_504", "redeem_then_garbage")
 # These answer 200 with spoiled tokens, so the IdP has redeemed the presented refresh token by then.
-SPOILED_ANSWER_FAILURES = ("no_access", "bad_signature")
+SPOILED_ANSWER_FAILURES = ("no_access", "bad_signature", "oversize", "dpop", "expires_zero", "wider_scope")
 CONSUMING_FAILURES = SPOILED_ANSWER_FAILURES + LOST_ANSWER_FAILURES
 FAILURES = ("503", "500", "timeout", "html", "invalid_client", "garbage") + CONSUMING_FAILURES
 
@@ -38,7 +42,7 @@ LedgerEvent = Literal["redeemed", "reused", "reused_in_window", "rejected", "fai
 # Events in which the IdP accepted the presented token as one of its family's (current or not).
 PRESENTATIONS: tuple[LedgerEvent, ...] = ("redeemed", "reused", "reused_in_window")
 
-_NUMBERS = ("latency", "reuse_window", "clock_skew")
+_NUMBERS = ("latency", "reuse_window", "clock_skew", "jwks_max_age")
 _FLAGS = ("revoke_used", "reuse_revokes_family")
 
 GATEWAY_TIMEOUT_PAGE = (
@@ -61,6 +65,7 @@ class Behaviour:
     # False: a reused token is refused but its family lives on (SimpleJWT with BLACKLIST_AFTER_ROTATION).
     reuse_revokes_family: bool = True
     jwks: Literal["up", "down"] = "up"
+    jwks_max_age: float = 300.0  # the JWKS answer's Cache-Control: max-age (0: no-cache)
     clock_skew: float = 0.0  # seconds added to iat/nbf/exp of the tokens issued (the IdP's clock is ahead)
 
     def update(self, body: dict[str, Any]) -> str | None:
@@ -159,6 +164,29 @@ def failure_response(fail: str) -> Response:
     if fail == "redeem_then_reset":
         return TruncatedResponse()
     return JSONResponse({"error": "invalid_client"}, status_code=401)
+
+
+def spoil(body: dict[str, Any], fail: str | None, scope: str) -> dict[str, Any]:
+    """A success ``body`` as the injected failure asks: another token type, no lifetime, or more than ``scope``."""
+    if fail == "dpop":
+        return body | {"token_type": "DPoP"}  # RFC 9449: bound to a key the client would have to hold
+    if fail == "expires_zero":
+        return body | {"expires_in": 0}
+    if fail == "wider_scope":
+        return body | {"scope": f"{scope} admin".strip()}
+    return body
+
+
+def oversize_response(body: dict[str, Any], size: int = 1024 * 1024) -> Response:
+    """``body`` padded past ``size`` bytes, streamed in 16 KiB chunks without a Content-Length (chunked)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield json.dumps(body)[:-1].encode() + b', "padding": "'
+        for _ in range(size // 16384 + 1):
+            yield b"x" * 16384
+        yield b'"}'
+
+    return StreamingResponse(chunks(), media_type="application/json")
 
 
 class TruncatedResponse(Response):

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.demo.idp.faults import CONSUMING_FAILURES, Keyring, Ledger, LedgerEvent
+from gateway.demo.idp.faults import CONSUMING_FAILURES, Keyring, Ledger, LedgerEvent, spoil
 from gateway.demo.idp.settings import IdPSettings, SigningKey, new_rsa_key
 
 
@@ -231,8 +231,8 @@ class IdentityProvider:
         return Outcome(pair, fail)
 
     def tokens_body(self, pair: TokenPair, fail: str | None, access_key: str, refresh_key: str) -> dict[str, Any]:
-        """The success body, spoiled as the injected ``no_access`` / ``bad_signature`` failure asks."""
-        body: dict[str, Any] = {access_key: pair.access, refresh_key: pair.refresh}
+        """The success body, spoiled as an injected failure asks (``no_access``, ``bad_signature``, ``spoil``)."""
+        body: dict[str, Any] = spoil({access_key: pair.access, refresh_key: pair.refresh}, fail, self._scope(pair))
         if fail == "no_access":
             del body[access_key]
         elif fail == "bad_signature":
@@ -241,6 +241,12 @@ class IdentityProvider:
                 self._rogue_key = new_rsa_key() if rs256 else "a-different-secret-that-nobody-trusts!"
             body[access_key] = self._access(pair.family, pair.expires_in, self._rogue_key)
         return body
+
+    def _scope(self, pair: TokenPair) -> str:
+        """The scope the family's access tokens carry (``openid`` when they name none)."""
+        user = self.settings.users.get(pair.family.username)
+        scope = ((user["claims"] if user else {}) | pair.family.claims).get("scope")
+        return scope if isinstance(scope, str) else "openid"
 
     def client_ok(self, form: dict[str, str], basic: tuple[str, str] | None) -> bool:
         """Whether the client authenticated as ``settings.client_auth`` allows: by the posted ``form``

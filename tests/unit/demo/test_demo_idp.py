@@ -263,6 +263,12 @@ async def test_rs256_tokens_verify_with_the_published_jwks() -> None:
         assert pem_claims == claims
 
 
+async def test_jwks_says_how_long_it_may_be_cached(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/jwks")).headers["cache-control"] == "public, max-age=300"
+    await behave(client, jwks_max_age=0)
+    assert (await client.get("/.well-known/jwks.json")).headers["cache-control"] == "no-cache"
+
+
 async def test_hs256_publishes_no_keys(client: httpx.AsyncClient) -> None:
     assert (await client.get("/jwks")).json() == {"keys": []}
 
@@ -527,6 +533,7 @@ async def test_behaviour_is_validated_and_reset(client: httpx.AsyncClient) -> No
         "revoke_used": True,
         "reuse_revokes_family": True,
         "jwks": "up",
+        "jwks_max_age": 300.0,
         "clock_skew": 0.0,
     }
 
