@@ -165,7 +165,7 @@ class Admission:
             # UTF-8, as identity.build encodes them and the clients encode them back: "José" stays "José".
             identity = [(n.decode("ascii"), v.decode("utf-8")) for n, v in self._identity.build(claims)]
         except UnsafeClaim as exc:
-            log.warning("route %s: claim %s holds CR, LF or NUL; refusing", route.name, exc)
+            log.warning("route %s: claim %s; refusing", route.name, exc)
             return Admitted(refused=Reason.CLAIM_UNSAFE, set_cookies=auth.set_cookies)
         return Admitted(claims, identity, auth.token, auth.set_cookies, auth.refreshed, bearer=auth.bearer)
 

@@ -35,7 +35,11 @@ def _text(value: Any) -> str:
     if isinstance(value, int | float):
         return str(value)
     if isinstance(value, list | tuple):
-        return ",".join(_text(v) for v in value)
+        items = [_text(v) for v in value]
+        # The upstream splits on ",": ["viewer,admin"] would read as two roles (issue 14, point 5).
+        if any("," in item for item in items):
+            raise UnsafeClaim("a list item holds the separator ','")  # build names the claim
+        return ",".join(items)
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
@@ -55,9 +59,12 @@ class IdentityHeaders:
             value = claim_at(claims, path)
             if value is _MISSING or value is None:
                 continue
-            text = _text(value)
+            try:
+                text = _text(value)
+            except UnsafeClaim as exc:
+                raise UnsafeClaim(f"{path}: {exc}") from None
             if "\r" in text or "\n" in text or "\0" in text:
-                raise UnsafeClaim(path)
+                raise UnsafeClaim(f"{path}: CR, LF or NUL")
             out.append((name, text.encode("utf-8")))
         return out
 

@@ -152,3 +152,15 @@ def test_numeric_rule_does_not_pass_on_true_or_text(value: Any) -> None:
 def test_false_rule_does_not_pass_on_zero() -> None:
     assert not claims_allowed({"locked": 0}, {"locked": False})
     assert claims_allowed({"locked": False}, {"locked": False})
+
+
+@pytest.mark.parametrize("roles", [["viewer,admin"], ["viewer", "a,b"], [["x", "y"]]])
+def test_a_list_item_holding_the_separator_is_unsafe(roles: list[object]) -> None:
+    # Issue 14 (5): ["viewer,admin"] reached the upstream as "viewer,admin", which it splits into two roles.
+    with pytest.raises(UnsafeClaim, match="roles"):
+        IdentityHeaders({"X-Auth-Roles": "roles"}).build({"sub": "a", "roles": roles})
+
+
+def test_list_claims_without_the_separator_are_joined() -> None:
+    built = IdentityHeaders({"X-Auth-Roles": "roles"}).build({"roles": ["viewer", "editor"]})
+    assert built == [(b"x-auth-roles", b"viewer,editor")]
