@@ -20,6 +20,12 @@ class Reason(StrEnum):
     INVALID_REQUEST = "invalid_request"  # two Authorization headers (RFC 6750 §3.1)
     BAD_HOST = "bad_host"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    BODY_TOO_LARGE = "body_too_large"  # over the route's max_body
+    # The connection (gateway.limits: answered by the HTTP server, before the app)
+    HEADERS_TOO_LARGE = "headers_too_large"
+    TOO_MANY_HEADERS = "too_many_headers"
+    HEADER_TIMEOUT = "header_timeout"
+    CONNECTION_LIMIT = "connection_limit"
     # The access token (tokens.Verifier)
     NO_TOKEN = "no_token"
     TOKEN_EXPIRED = "token_expired"

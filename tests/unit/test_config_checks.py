@@ -112,3 +112,12 @@ def test_check_reports_a_bad_key_file_without_building_the_app(tmp_path: Path) -
     result = _run(code)
     assert result.returncode == 0, result.stderr
     assert "app not built" in result.stdout and "routes (in match order):" in result.stdout
+
+
+def test_reload_refuses_new_limits() -> None:
+    """The HTTP server took them at start: a reload that changes them is refused, not half applied."""
+    running = parse_config(_config(), env={})
+    tighter = parse_config(_config(server={"limits": {"header_count": 50}}), env={})
+    assert reload_problems(running, tighter) == [
+        "server.limits: the HTTP server's limits are set at start; changing them needs a restart"
+    ]
