@@ -73,6 +73,7 @@ class Route:
     read_timeout: float
     methods: frozenset[str]
     allow: bytes  # the Allow header of a 405
+    max_body: int | None  # bytes of request body; None: no limit
 
     def matches(self, path: str) -> bool:
         return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
@@ -92,6 +93,7 @@ def compile_route(config: RouteConfig) -> Route:
         read_timeout=config.timeout.read,
         methods=frozenset(config.methods),
         allow=", ".join(config.methods).encode(),
+        max_body=config.max_body,
     )
 
 
