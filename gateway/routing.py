@@ -123,6 +123,7 @@ class RouteTable:
         for r in self.routes:
             where = f"{r.host or '*'}{r.prefix or '/'}"
             rule = f" require={r.require}" if r.require else ""
+            rule += f" max_body={r.max_body}" if r.max_body is not None else ""
             lines.append(f"{r.name:<16} {where:<32} -> {r.upstream.origin}{r.upstream.base_path}  auth={r.auth}{rule}")
         return lines
 
