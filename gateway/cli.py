@@ -58,6 +58,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     import uvicorn
 
+    from gateway.limits import server_options
+
     os.environ["GATEWAY_CONFIG"] = os.path.abspath(path)
     os.environ["GATEWAY_LOG_LEVEL"] = args.log_level  # for the worker processes
     server_config = uvicorn.Config(
@@ -74,6 +76,8 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         log_level=args.log_level,
         timeout_graceful_shutdown=30,
+        # httptools, extended with server.limits (gateway/limits.py), and the keep-alive idle timeout.
+        **server_options(config.server.limits),
         # Client-side WebSocket limits (the upstream side is set per socket from the same keys).
         ws_max_size=config.websocket.max_message_size,
         ws_ping_interval=config.websocket.ping_interval or None,

@@ -10,6 +10,7 @@ GatewayError
 ├── CookieTooLarge         a token does not fit in a cookie (4 KB): 502 (also a ValueError)
 ├── UpstreamFailure        the upstream refused, reset or did not answer in time: 502 / 504
 ├── ClientGone             the client disconnected while its request body was being forwarded
+├── BodyTooLarge           the client's request body grew past its route's max_body: 413
 ├── LoginFailed            the OIDC login cannot go on: its status and reason code
 └── RefreshError           a refresh did not produce usable tokens
     ├── RefreshRejected    the IdP says the grant is dead (invalid_grant, 401): end the session
@@ -73,6 +74,10 @@ class UpstreamFailure(GatewayError):
 
 class ClientGone(GatewayError):
     """The client disconnected while its request body was being forwarded."""
+
+
+class BodyTooLarge(GatewayError):
+    """The client's request body grew past its route's ``max_body`` while being forwarded."""
 
 
 class LoginFailed(GatewayError):

@@ -3,9 +3,10 @@
     identify   X-Request-ID (the client's when sane, else a new one)       accesslog.RequestInfo
     path       canonical form; an ambiguous path is 400                    routing.canonical_path
     route      by host and path prefix; none is 404                        routing.RouteTable
+    size       a Content-Length over the route's max_body is 413           bodies.declared_too_large
     admit      CSRF, credential, refresh, claims, identity headers         admission.Admission
     rewrite    the request's headers as the upstream gets them             headers.HeaderRules.upstream
-    forward    streamed both ways; 502 / 504                               forwarder.Forwarder
+    forward    streamed both ways; 502 / 504; a body cut at max_body: 413  forwarder.Forwarder, bodies.RequestBody
     answer     upstream headers filtered, rotated cookies added, or a      headers.HeaderRules.outbound,
                login route's JSON tokens turned into cookies               capture.Capturer
 
@@ -17,15 +18,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 
 from yarl import URL
 
 from gateway.accesslog import AccessLog, RequestIds, RequestInfo
 from gateway.admission import Admission, Admitted
+from gateway.bodies import RequestBody, declared_too_large
 from gateway.cache import BoundedCache
 from gateway.capture import Capturer, capture_plan
-from gateway.errors import BadHeader, BadPath, ClientGone, UpstreamFailure
+from gateway.errors import BadHeader, BadPath, UpstreamFailure
 from gateway.forwarder import Forwarder, UpstreamResponse, chunks, upstream_url
 from gateway.headers import HeaderRules
 from gateway.metrics import Metrics
@@ -38,17 +39,29 @@ from gateway.types import RawHeaders, Receive, Scope, Send, StrHeaders
 log = logging.getLogger("gateway")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "OTHER" in metrics
+_CLOSE = [(b"connection", b"close")]  # after a 413: the rest of the body is not read
 
 
 class Scanned:
     """What the path needs from the request's headers, found in one pass over them."""
 
-    __slots__ = ("host", "hosts", "authorization", "authorizations", "request_id", "has_body", "cookies", "connection")
+    __slots__ = (
+        "host",
+        "hosts",
+        "authorization",
+        "authorizations",
+        "request_id",
+        "has_body",
+        "length",
+        "cookies",
+        "connection",
+    )
 
     def __init__(self, headers: RawHeaders) -> None:
         self.host: bytes | None = None
         self.authorization: bytes | None = None  # the first one
         self.request_id: bytes | None = None
+        self.length: bytes | None = None  # Content-Length
         self.hosts = self.authorizations = 0
         self.has_body = self.cookies = self.connection = False
         for name, value in headers:
@@ -63,6 +76,7 @@ class Scanned:
                 self.cookies = True
             elif name == b"content-length":
                 self.has_body = value.strip() != b"0"
+                self.length = value
             elif name == b"transfer-encoding":
                 self.has_body = True
             elif name == b"x-request-id" and self.request_id is None:
@@ -133,6 +147,8 @@ class HttpPath:
         if scope["method"] not in route.methods:
             allow = [(b"allow", route.allow)]
             return route.name, await self._deny(send, scope, Reason.METHOD_NOT_ALLOWED, route.name, extra=allow)
+        if route.max_body is not None and declared_too_large(seen.length, route.max_body):
+            return route.name, await self._deny(send, scope, Reason.BODY_TOO_LARGE, route.name, extra=_CLOSE)
         admitted = self._admission.known(scope, route, seen.authorization, seen.authorizations, seen.cookies)
         if admitted is None:
             admitted = await self._admission.http(scope, route)
@@ -143,11 +159,12 @@ class HttpPath:
         except BadHeader as exc:
             log.info("route %s: header %s is not UTF-8; refusing", route.name, exc)
             return route.name, await self._deny(send, scope, Reason.BAD_HEADER, route.name, admitted.set_cookies)
+        body = RequestBody(receive, route.max_body) if seen.has_body else None
         forwarding = self._forwarder.send(
             scope["method"],
             url,
             headers,
-            _request_body(receive) if seen.has_body else None,
+            body,
             connect_timeout=route.connect_timeout,
             read_timeout=route.read_timeout,
         )
@@ -159,6 +176,10 @@ class HttpPath:
             else:
                 response = await forwarding  # no span, not even a no-op one: this is the hot path
         except UpstreamFailure as exc:
+            if body is not None and body.too_large:  # cut by us, not the upstream's failure
+                return route.name, await self._deny(
+                    send, scope, Reason.BODY_TOO_LARGE, route.name, admitted.set_cookies, extra=_CLOSE
+                )
             log.warning("route %s: %s", route.name, exc)
             reason = Reason.UPSTREAM_TIMEOUT if exc.timeout else Reason.UPSTREAM_UNREACHABLE
             return route.name, await self._deny(send, scope, reason, route.name, admitted.set_cookies)
@@ -289,15 +310,3 @@ class HttpPath:
         await send({"type": "http.response.start", "status": response.status, "headers": captured.headers})
         await send({"type": "http.response.body", "body": captured.body})
         return response.status
-
-
-async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return

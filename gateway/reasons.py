@@ -21,6 +21,12 @@ class Reason(StrEnum):
     BAD_HOST = "bad_host"
     BAD_HEADER = "bad_header"  # a header value that is not UTF-8: it cannot be forwarded unchanged
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    BODY_TOO_LARGE = "body_too_large"  # over the route's max_body
+    # The connection (gateway.limits: answered by the HTTP server, before the app)
+    HEADERS_TOO_LARGE = "headers_too_large"
+    TOO_MANY_HEADERS = "too_many_headers"
+    HEADER_TIMEOUT = "header_timeout"
+    CONNECTION_LIMIT = "connection_limit"
     # The access token (tokens.Verifier)
     NO_TOKEN = "no_token"
     TOKEN_EXPIRED = "token_expired"

@@ -89,6 +89,7 @@ class Route:
     methods: frozenset[str]
     allow: bytes  # the Allow header of a 405
     path_style: str  # how its upstream reads paths (RouteConfig.path_style)
+    max_body: int | None  # bytes of request body; None: no limit
 
     def matches(self, path: str) -> bool:
         return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
@@ -109,6 +110,7 @@ def compile_route(config: RouteConfig) -> Route:
         methods=frozenset(config.methods),
         allow=", ".join(config.methods).encode(),
         path_style=config.path_style,
+        max_body=config.max_body,
     )
 
 
@@ -173,6 +175,7 @@ class RouteTable:
         for r in self.routes:
             where = f"{r.host or '*'}{r.prefix or '/'}"
             rule = f" require={r.require}" if r.require else ""
+            rule += f" max_body={r.max_body}" if r.max_body is not None else ""
             lines.append(f"{r.name:<16} {where:<32} -> {r.upstream.origin}{r.upstream.base_path}  auth={r.auth}{rule}")
         return lines
 

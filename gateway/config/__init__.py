@@ -31,7 +31,7 @@ from gateway.config.routes import (
     TimeoutConfig,
     WebSocketConfig,
 )
-from gateway.config.server import SentinelConfig, ServerConfig, StoreConfig
+from gateway.config.server import LimitsConfig, SentinelConfig, ServerConfig, StoreConfig
 from gateway.config.sessions import (
     CookiesConfig,
     CookieSpec,
@@ -57,6 +57,7 @@ __all__ = [
     "CookiesConfig",
     "GatewayConfig",
     "IdentityConfig",
+    "LimitsConfig",
     "LoginConfig",
     "LogoutConfig",
     "OIDCConfig",

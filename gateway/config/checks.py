@@ -67,12 +67,15 @@ def key_weakness(key: Any) -> str | None:
 
 
 def reload_problems(running: GatewayConfig, new: GatewayConfig) -> list[str]:
-    """What a running process cannot take from a reloaded file: its store and its listening address."""
+    """What a running process cannot take from a reloaded file: its store, its listening address, and the limits its
+    HTTP server was started with."""
     problems = []
     if new.store != running.store:
         problems.append("store: changing the store needs a restart")
     if (new.server.host, new.server.port) != (running.server.host, running.server.port):
         problems.append("server.host/server.port: changing the listening address needs a restart")
+    if new.server.limits != running.server.limits:
+        problems.append("server.limits: the HTTP server's limits are set at start; changing them needs a restart")
     return problems
 
 

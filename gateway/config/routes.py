@@ -122,6 +122,10 @@ class RouteConfig(Model):
     methods: tuple[str, ...] = DEFAULT_METHODS
     """HTTP methods this route accepts; any other gets 405 `method_not_allowed` (with `Allow`). TRACE and CONNECT
     are never forwarded unless listed."""
+    max_body: int | None = Field(None, ge=0)
+    """Bytes of request body this route accepts; none: no limit. A bigger `Content-Length` gets 413
+    `body_too_large` before anything is forwarded; a chunked body that grows past it is cut: 413 when the upstream
+    has not answered yet, else the connection is closed. Either way the connection is closed after the 413."""
 
     @field_validator("path")
     @classmethod

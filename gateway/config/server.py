@@ -11,6 +11,30 @@ from pydantic import Field, field_validator, model_validator
 from gateway.config.base import Model, host_port, key_problems
 
 
+class LimitsConfig(Model):
+    """What one client may send and hold, per worker process. Enforced before the gateway's app sees the request,
+    in the HTTP server (uvicorn's httptools protocol, extended by `gateway/limits.py`); a change needs a restart.
+    The body limit is per route (`routes[].max_body`)."""
+
+    header_bytes: int = Field(65_536, ge=1024, le=16_777_216)
+    """Bytes of a request's head: the request line and every header line together. A bigger head gets 431
+    `headers_too_large` and the connection is closed; it is never read whole, nor forwarded."""
+    header_count: int = Field(100, ge=1, le=10_000)
+    """Header lines in one request; more get 431 `too_many_headers` and the connection is closed."""
+    header_timeout: float = Field(10, gt=0, le=3600)
+    """Seconds to receive a request's head, counted from the first byte of the request, or from the connection's
+    accept for its first request (so a connection that sends nothing is closed too). Late: 408 `header_timeout`
+    when part of a request came, else a silent close. Checked by a sweep every quarter of it (at most every
+    second), so it fires up to that much late."""
+    idle_timeout: int = Field(5, ge=1, le=3600)
+    """Seconds a kept-alive connection may wait for its next request before it is closed (uvicorn's
+    `timeout_keep_alive`)."""
+    max_connections: int = Field(1000, ge=1)
+    """HTTP connections open at once per worker. A connection over it gets 503 `connection_limit` (with
+    `Retry-After`) for its first request and is closed; connections already open are not affected. A WebSocket
+    leaves this count once upgraded (`websocket.max_connections` caps those)."""
+
+
 class ServerConfig(Model):
     """Where the gateway listens, where its internal endpoints live, and what it logs and traces."""
 
@@ -31,6 +55,8 @@ class ServerConfig(Model):
     """OpenTelemetry spans (`gateway.request`, `gateway.authenticate`, `gateway.upstream`) when
     `opentelemetry-api` is installed, exported by the process's OpenTelemetry SDK setup. No token, cookie or claim
     value is put on a span."""
+    limits: LimitsConfig = LimitsConfig()
+    """Header size, count and deadline, keep-alive idle time, and connections per worker."""
 
     @field_validator("prefix")
     @classmethod

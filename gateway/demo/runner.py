@@ -20,6 +20,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_config
 from gateway.demo.idp import IdPSettings, create_idp_app
 from gateway.demo.upstream import create_upstream_app
+from gateway.limits import server_options
 
 DEMO_ACCESS_TTL = 20
 
@@ -116,13 +117,20 @@ async def _serve(port: int) -> None:
     idp_port, upstream_port = port + 1, port + 2
     settings = IdPSettings(issuer=f"http://127.0.0.1:{idp_port}", access_ttl=DEMO_ACCESS_TTL)
     idp_url, upstream_url = f"http://127.0.0.1:{idp_port}", f"http://127.0.0.1:{upstream_port}"
-    gateway = create_app(demo_config(port, idp_url, upstream_url, settings.hs_secret))
+    config = demo_config(port, idp_url, upstream_url, settings.hs_secret)
+    gateway = create_app(config)
     servers = [
         _Server(uvicorn.Config(create_idp_app(settings), port=idp_port, log_level="warning")),
         _Server(uvicorn.Config(create_upstream_app(), port=upstream_port, log_level="warning")),
         _Server(
             uvicorn.Config(
-                gateway, port=port, access_log=False, proxy_headers=False, date_header=False, server_header=False
+                gateway,
+                port=port,
+                access_log=False,
+                proxy_headers=False,
+                date_header=False,
+                server_header=False,
+                **server_options(config.server.limits),
             )
         ),
     ]

@@ -448,3 +448,24 @@ def test_a_missing_variable_is_the_only_complaint_about_its_key() -> None:
         "tokens.secret: environment variable JWT_SECRET is not set (use ${JWT_SECRET:-default} for a default)"
     ]
     assert any(p.startswith("routes") for p in info.value.problems)  # other problems are still all reported
+
+
+# --- limits (server.limits, routes[].max_body) ---
+
+
+def test_limits_have_safe_defaults() -> None:
+    config = parse_config(minimal(), env={})
+    limits = config.server.limits
+    assert (limits.header_bytes, limits.header_count, limits.max_connections) == (65_536, 100, 1000)
+    assert (limits.header_timeout, limits.idle_timeout) == (10, 5)
+    assert config.routes[0].max_body is None  # no body limit unless a route sets one
+
+
+def test_limits_out_of_range_are_refused_naming_each_key() -> None:
+    limits = {"header_bytes": 10, "header_count": 0, "header_timeout": 0, "max_connections": 0}
+    data = minimal(server={"limits": limits})
+    data["routes"][0]["max_body"] = -1
+    problems = problems_of(data)
+    for key in ("header_bytes", "header_count", "header_timeout", "max_connections"):
+        assert has(problems, f"server.limits.{key}"), problems
+    assert has(problems, "routes[0].max_body"), problems

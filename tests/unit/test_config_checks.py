@@ -162,3 +162,12 @@ def test_gateway_refuses_to_start_with_a_1024_bit_rsa_key(tmp_path: Path, comman
     assert result.returncode == 1
     assert f"tokens.public_key_file: {key} holds a 1024-bit RSA key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_reload_refuses_new_limits() -> None:
+    """The HTTP server took them at start: a reload that changes them is refused, not half applied."""
+    running = parse_config(_config(), env={})
+    tighter = parse_config(_config(server={"limits": {"header_count": 50}}), env={})
+    assert reload_problems(running, tighter) == [
+        "server.limits: the HTTP server's limits are set at start; changing them needs a restart"
+    ]

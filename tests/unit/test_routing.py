@@ -191,6 +191,13 @@ def test_compiled_route_keeps_upstream_parts() -> None:
     assert any("app" in line and "/app" in line for line in routes.describe())
 
 
+def test_a_routes_max_body_is_compiled_and_shown_by_check() -> None:
+    config = RouteConfig(name="upload", path="/up/", upstream="http://127.0.0.1:9000", max_body=1024)
+    routes = RouteTable.from_config((config, RouteConfig(name="app", path="/", upstream="http://127.0.0.1:9000")))
+    assert [r.max_body for r in routes.routes] == [1024, None]
+    assert routes.describe()[0].endswith("max_body=1024") and "max_body" not in routes.describe()[1]
+
+
 # --- Host, strictly (issue 14, point 2) ---
 
 

@@ -1,0 +1,271 @@
+"""gateway.limits: uvicorn's httptools protocol with header, deadline and connection limits, driven byte by byte.
+
+Each test feeds raw bytes to ``LimitedHttpTools`` over a recording transport, as uvicorn's own protocol
+tests do, and looks at what was written and whether the app was called. The process-level proofs (a real
+`gateway serve`, real sockets) are in tests/integration/test_limits_process.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+from typing import Any
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from gateway.config import LimitsConfig
+from gateway.limits import LimitedHttpTools, refusal, server_options
+from gateway.reasons import Reason
+
+
+class Transport(asyncio.Transport):
+    """Records what the protocol writes, and whether it closed the connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8080), "peername": ("127.0.0.1", 40000)}.get(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class App:
+    """Answers 200 ``ok`` and records every request it was called for."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.paths.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+class Server:
+    """One uvicorn server's worth of state: connections made to it share the connection count."""
+
+    def __init__(self, **limits: Any) -> None:
+        self.app = App()
+        self.config = Config(app=self.app, log_level="warning", lifespan="off")
+        self.config.load()
+        self.state = ServerState()
+        self.limits = LimitsConfig(**limits)
+
+    def connect(self) -> tuple[LimitedHttpTools, Transport]:
+        protocol = LimitedHttpTools(config=self.config, server_state=self.state, app_state={}, limits=self.limits)
+        transport = Transport()
+        protocol.connection_made(transport)
+        return protocol, transport
+
+
+def status(transport: Transport) -> int:
+    return int(bytes(transport.written).split(b" ", 2)[1])
+
+
+def reason(transport: Transport) -> str:
+    return str(json.loads(bytes(transport.written).split(b"\r\n\r\n", 1)[1])["reason"])
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def get(path: str = "/", headers: bytes = b"") -> bytes:
+    return b"GET " + path.encode() + b" HTTP/1.1\r\nHost: gw\r\n" + headers + b"\r\n"
+
+
+# --- header bytes and count ---
+
+
+async def test_a_head_over_header_bytes_gets_431_and_the_app_is_never_called() -> None:
+    server = Server(header_bytes=1024)
+    protocol, transport = server.connect()
+    protocol.data_received(get("/big", b"X-Big: " + b"a" * 2000 + b"\r\n"))
+    await settle()
+    assert (status(transport), reason(transport), transport.closed) == (431, "headers_too_large", True)
+    assert server.app.paths == []
+
+
+async def test_a_long_request_target_counts_as_head() -> None:
+    server = Server(header_bytes=1024)
+    protocol, transport = server.connect()
+    protocol.data_received(get("/" + "a" * 2000))
+    await settle()
+    assert (status(transport), reason(transport)) == (431, "headers_too_large")
+
+
+async def test_an_endless_header_line_is_cut_as_it_arrives_not_when_it_ends() -> None:
+    """llhttp hands a header over only once its line ends; the bytes fed meanwhile are what bounds memory."""
+    server = Server(header_bytes=1024)
+    protocol, transport = server.connect()
+    fed = 0
+    for chunk in [b"GET / HTTP/1.1\r\nHost: gw\r\nX-Endless: "] + [b"a" * 512] * 100:
+        protocol.data_received(chunk)
+        fed += len(chunk)
+        if transport.closed:
+            break
+    assert (status(transport), reason(transport)) == (431, "headers_too_large")
+    assert fed <= 1024 + 512  # one read past the limit at most
+
+
+async def test_too_many_headers_get_431_whether_they_come_at_once_or_one_by_one() -> None:
+    server = Server(header_count=5)
+    at_once, at_once_transport = server.connect()
+    at_once.data_received(get("/many", b"".join(b"X-%d: v\r\n" % i for i in range(5))))  # Host makes 6
+    trickled, trickled_transport = server.connect()
+    trickled.data_received(b"GET /many HTTP/1.1\r\n")
+    for i in range(50):  # the head never ends: refused as the count passes the limit
+        trickled.data_received(b"X-%d: v\r\n" % i)
+        if trickled_transport.closed:
+            break
+    await settle()
+    assert (status(at_once_transport), reason(at_once_transport)) == (431, "too_many_headers")
+    assert (status(trickled_transport), reason(trickled_transport)) == (431, "too_many_headers")
+    assert i < 10 and server.app.paths == []
+
+
+async def test_heads_within_the_limits_are_served_however_they_arrive() -> None:
+    server = Server(header_bytes=1024, header_count=5)
+    protocol, transport = server.connect()
+    head = get("/within", b"".join(b"X-%d: %s\r\n" % (i, b"v" * 100) for i in range(4)))
+    for i in range(0, len(head), 7):  # trickled in 7-byte reads
+        protocol.data_received(head[i : i + 7])
+    await settle()
+    assert server.app.paths == ["/within"] and status(transport) == 200 and not transport.closed
+
+
+async def test_a_big_body_read_with_a_small_head_is_not_a_big_head() -> None:
+    server = Server(header_bytes=1024)
+    protocol, transport = server.connect()
+    body = b"b" * 200_000
+    protocol.data_received(b"POST /upload HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    await settle()
+    assert server.app.paths == ["/upload"] and status(transport) == 200
+
+
+async def test_pipelined_heads_in_one_read_are_measured_each_on_its_own() -> None:
+    """Two 700-byte heads in one 1.4 KB read, under a 1 KiB limit: both are served."""
+    server = Server(header_bytes=1024)
+    protocol, transport = server.connect()
+    one = get("/one", b"X-Pad: " + b"p" * 650 + b"\r\n")
+    two = get("/two", b"X-Pad: " + b"p" * 650 + b"\r\n")
+    protocol.data_received(one + two)
+    await settle()
+    assert server.app.paths == ["/one", "/two"] and not transport.closed
+
+
+# --- the header deadline ---
+
+
+async def test_the_sweep_ends_overdue_heads_only() -> None:
+    server = Server(header_timeout=10)
+    silent, silent_transport = server.connect()
+    partial, partial_transport = server.connect()
+    partial.data_received(b"GET /slow HTTP/1.1\r\nHost: gw\r\n")
+    served, served_transport = server.connect()
+    served.data_received(get("/served"))
+    await settle()
+    connections = silent._connections
+    connections.sweep(silent.head_since + 9)  # not yet
+    assert not (silent_transport.closed or partial_transport.closed)
+    connections.sweep(silent.head_since + 11)
+    assert silent_transport.closed and silent_transport.written == b""  # nothing asked, nothing answered
+    assert partial_transport.closed and (status(partial_transport), reason(partial_transport)) == (
+        408,
+        "header_timeout",
+    )
+    assert not served_transport.closed  # answered, kept alive: uvicorn's idle timer is in charge now
+
+
+async def test_a_kept_alive_connections_next_head_is_due_from_its_first_byte() -> None:
+    server = Server(header_timeout=10)
+    protocol, transport = server.connect()
+    protocol.data_received(get("/first"))
+    await settle()
+    assert protocol.head_since == 0.0  # between requests: the idle timeout applies, not the head deadline
+    protocol.data_received(b"GET /second HTTP/1.1\r\n")
+    began = protocol.head_since
+    assert began > 0.0
+    protocol._connections.sweep(began + 11)
+    assert transport.closed and transport.written.endswith(b'"reason":"header_timeout"}')
+
+
+async def test_the_sweep_runs_by_itself() -> None:
+    server = Server(header_timeout=0.2)
+    _, transport = server.connect()
+    await asyncio.sleep(0.5)
+    assert transport.closed
+
+
+# --- connections ---
+
+
+async def test_a_connection_over_the_cap_gets_503_and_the_others_are_served() -> None:
+    server = Server(max_connections=2)
+    (first, first_t), (second, second_t) = server.connect(), server.connect()
+    over, over_t = server.connect()
+    over.data_received(get("/over"))
+    first.data_received(get("/first"))
+    second.data_received(get("/second"))
+    await settle()
+    assert (status(over_t), reason(over_t), over_t.closed) == (503, "connection_limit", True)
+    assert b"retry-after: " in over_t.written
+    assert server.app.paths == ["/first", "/second"] and status(first_t) == status(second_t) == 200
+    over.connection_lost(None)
+    first.connection_lost(None)
+    later, later_t = server.connect()  # two closed, one slot free
+    later.data_received(get("/later"))
+    await settle()
+    assert server.app.paths[-1] == "/later" and status(later_t) == 200
+
+
+async def test_a_websocket_leaves_the_http_connection_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(HttpToolsProtocol, "handle_websocket_upgrade", lambda self: None)
+    server = Server()
+    protocol, _ = server.connect()
+    assert len(protocol._connections.open) == 1
+    upgrade = b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    protocol.data_received(get("/ws", upgrade + b"Sec-WebSocket-Version: 13\r\n"))
+    assert len(protocol._connections.open) == 0
+
+
+# --- what uvicorn gets ---
+
+
+async def test_the_server_options_pickle_into_spawned_workers() -> None:
+    limits = LimitsConfig(header_bytes=4096, idle_timeout=7)
+    options = pickle.loads(pickle.dumps(server_options(limits)))
+    assert options["timeout_keep_alive"] == 7
+    config = Config(app=App(), log_level="warning", lifespan="off", **options)
+    config.load()
+    protocol = config.http_protocol_class(config=config, server_state=ServerState(), app_state={})
+    assert isinstance(protocol, LimitedHttpTools) and protocol._max_bytes == 4096
+
+
+def test_refusals_are_small_json_that_close_the_connection() -> None:
+    head, body = refusal(Reason.CONNECTION_LIMIT).split(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"connection: close" in head and b"retry-after: 5" in head and b"cache-control: no-store" in head
+    assert json.loads(body) == {"error": "service_unavailable", "reason": "connection_limit"}
+    assert refusal(Reason.HEADERS_TOO_LARGE).startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
