@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -79,6 +80,33 @@ def raw_get(gateway: GatewayProcess, path: str, headers: dict[str, str] | None =
         return response.status, response.read()
     finally:
         conn.close()
+
+
+def raw_request(gateway: GatewayProcess, head: bytes) -> int:
+    """Send a request head as given, byte for byte; the status line's code."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(head)
+        return int(conn.recv(65536).split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        [b"admin.example:80:80"],
+        [b"admin.example,other"],
+        [b"[admin.example]"],
+        [b"admin.example@x"],
+        [b"gw.example", b"other.example"],
+        [],
+    ],
+    ids=["two-ports", "comma", "bracketed-name", "userinfo", "two-hosts", "none"],
+)
+def test_a_host_that_is_not_one_host_is_400_never_the_catch_all(gateway: GatewayProcess, hosts: list[bytes]) -> None:
+    # Issue 14 (2): each of these missed a host-bound route and fell through to the catch-all.
+    head = b"GET /hello HTTP/1.1\r\n" + b"".join(b"Host: " + h + b"\r\n" for h in hosts)
+    head += b"Authorization: Bearer " + token().encode() + b"\r\nConnection: close\r\n\r\n"
+    assert raw_request(gateway, head) == 400
 
 
 def test_identity_headers_reach_upstream(gateway: GatewayProcess) -> None:
