@@ -200,7 +200,7 @@ class LimitedHttpTools(HttpToolsProtocol):
             self._unfinished_head()
         elif self.scope is not None and "method" not in self.scope:  # a head began in this chunk and goes on
             self.head_since = self.loop.time()
-        elif self.cycle.more_body or len(self.headers) > self._max_count:
+        elif self.cycle is not None and (self.cycle.more_body or len(self.headers) > self._max_count):
             self._body_chunk()
 
     def _unfinished_head(self) -> None:
@@ -246,7 +246,7 @@ class LimitedHttpTools(HttpToolsProtocol):
             self.head_since = 0.0
             self.transport.close()
 
-    # --- the one parser callback extended (the hot path: a few comparisons per request) ---
+    # --- parser callbacks (the hot path: a few comparisons per request, one more call per body chunk) ---
 
     def on_body(self, body: bytes) -> None:
         self._bodied = True
