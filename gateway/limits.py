@@ -8,6 +8,8 @@ that protocol (``server.limits``):
 
     head bytes      over ``header_bytes``, 431 ``headers_too_large``
     header count    over ``header_count``, 431 ``too_many_headers``
+    trailers        fields after a chunked body, which llhttp hands over as headers: counted with them,
+                    their bytes held to ``header_bytes``; over, the connection is closed
     head deadline   from a connection's accept (its first request) or a request's first byte (later
                     ones) to the end of its head: over ``header_timeout``, 408 ``header_timeout`` when
                     part of a request came, else a silent close
@@ -145,6 +147,9 @@ class LimitedHttpTools(HttpToolsProtocol):
         self._unfinished = 0  # bytes of chunks that began and ended inside the awaited head
         self._fed = 0  # bytes fed since the last head ended: at least the size of the next head
         self._chunk = 0  # size of the chunk being fed
+        self._framing = 0  # bytes fed during a body without any of it: chunk framing, trailer fields
+        self._bodied = False  # body bytes came in the chunk being fed
+        self._fields = 0  # header fields of the head being served (trailer fields come after them)
         self._refusal: Reason | None = None
         self._over_cap = False
         self._counted = False
@@ -195,6 +200,8 @@ class LimitedHttpTools(HttpToolsProtocol):
             self._unfinished_head()
         elif self.scope is not None and "method" not in self.scope:  # a head began in this chunk and goes on
             self.head_since = self.loop.time()
+        elif self.cycle is not None and (self.cycle.more_body or len(self.headers) > self._max_count):
+            self._body_chunk()
 
     def _unfinished_head(self) -> None:
         """After a chunk that began and ended inside a head: the head so far must be within the limits, so that
@@ -204,6 +211,22 @@ class LimitedHttpTools(HttpToolsProtocol):
             self.refuse(Reason.HEADERS_TOO_LARGE)
         elif self.headers is not None and len(self.headers) > self._max_count:
             self.refuse(Reason.TOO_MANY_HEADERS)
+
+    def _body_chunk(self) -> None:
+        """After a chunk of a request's body. llhttp hands the trailer fields after a chunked body to on_header,
+        and uvicorn appends them to the headers the app holds: header and trailer fields together are held to
+        ``header_count``, trailer bytes to ``header_bytes`` (over either, the connection is closed, and the app
+        keeps the headers it saw)."""
+        if self._bodied:
+            self._bodied = False
+            self._framing = 0
+        elif self.cycle.more_body:
+            self._framing += self._chunk
+        if len(self.headers) > self._max_count:
+            del self.headers[self._fields :]
+            self.refuse(Reason.TOO_MANY_HEADERS)
+        elif self._framing > self._max_bytes:
+            self.refuse(Reason.HEADERS_TOO_LARGE)
 
     def refuse(self, reason: Reason) -> None:
         """Answer ``reason`` (unless a response is being written on this connection already) and close."""
@@ -223,13 +246,18 @@ class LimitedHttpTools(HttpToolsProtocol):
             self.head_since = 0.0
             self.transport.close()
 
-    # --- the one parser callback extended (the hot path: a few comparisons per request) ---
+    # --- parser callbacks (the hot path: a few comparisons per request, one more call per body chunk) ---
+
+    def on_body(self, body: bytes) -> None:
+        self._bodied = True
+        HttpToolsProtocol.on_body(self, body)
 
     def on_headers_complete(self) -> None:
-        self.head_since = self._unfinished = 0
+        self.head_since = self._unfinished = self._framing = 0
         fed, self._fed = self._fed, self._chunk  # the rest of this chunk may hold the next head
-        if fed > self._max_bytes or len(self.headers) > self._max_count or self._over_cap:
+        if (fields := len(self.headers)) > self._max_count or fed > self._max_bytes or self._over_cap:
             self._check_head(fed)
+        self._fields = fields
         HttpToolsProtocol.on_headers_complete(self)
 
     def _check_head(self, fed: int) -> None:

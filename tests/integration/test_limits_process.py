@@ -153,6 +153,18 @@ def test_headers_within_the_defaults_are_forwarded(edge: GatewayProcess, recorde
     assert seen.head_bytes > 32_768
 
 
+def test_a_fifty_megabyte_trailer_costs_the_gateway_no_memory(edge: GatewayProcess) -> None:
+    """Trailer fields after a chunked body are header fields too (llhttp hands them over as headers)."""
+    assert edge.process is not None
+    before = rss_kib(edge.process.pid)
+    with connect(edge) as sock:
+        head = b"POST /trailer HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+        send(sock, head + b"X-Huge: " + b"t" * 50_000_000 + b"\r\n\r\n")
+        took, written = closed_after(sock, 10)
+    assert took < 10 and not written.startswith(b"HTTP/1.1 200")
+    assert rss_kib(edge.process.pid) - before < 16 * 1024
+
+
 # --- deadlines ---
 
 

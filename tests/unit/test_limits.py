@@ -175,6 +175,60 @@ async def test_pipelined_heads_in_one_read_are_measured_each_on_its_own() -> Non
     assert server.app.paths == ["/one", "/two"] and not transport.closed
 
 
+class Holder(App):
+    """Reads the body, holds its scope (as a request waiting for its upstream does), and never answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scopes: list[Any] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.scopes.append(scope)
+        while (await receive())["type"] == "http.request":
+            await asyncio.sleep(0)
+
+
+def chunked_post(path: str) -> bytes:
+    return b"POST " + path.encode() + b" HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+
+
+async def test_trailers_are_header_fields_too_many_cut_the_connection() -> None:
+    """llhttp hands trailer fields to on_header, and uvicorn appends them to the scope's headers the app holds."""
+    server = Server(header_count=10)
+    server.app = server.config.loaded_app = Holder()  # type: ignore[assignment]
+    protocol, transport = server.connect()
+    protocol.data_received(chunked_post("/trailers") + b"".join(b"T-%d: x\r\n" % i for i in range(5000)) + b"\r\n")
+    await settle()
+    assert transport.closed
+    assert [name for name, _ in server.app.scopes[0]["headers"]] == [b"host", b"transfer-encoding"]
+
+
+async def test_an_endless_trailer_line_is_cut_as_it_arrives() -> None:
+    server = Server(header_bytes=1024)
+    server.app = server.config.loaded_app = Holder()  # type: ignore[assignment]
+    protocol, transport = server.connect()
+    protocol.data_received(chunked_post("/trailer") + b"T-Endless: ")
+    fed = 0
+    for _ in range(100):
+        protocol.data_received(b"t" * 512)
+        fed += 512
+        if transport.closed:
+            break
+    assert transport.closed and fed <= 1024 + 512
+
+
+async def test_a_chunked_body_in_small_pieces_is_not_mistaken_for_trailers() -> None:
+    server = Server(header_bytes=1024)
+    server.app = server.config.loaded_app = Holder()  # type: ignore[assignment]
+    protocol, transport = server.connect()
+    protocol.data_received(b"POST /many-chunks HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(2000):  # 2000 one-byte chunks, each in its own read: 12 KB of framing for 2 KB of body
+        protocol.data_received(b"1\r\nx\r\n")
+    protocol.data_received(b"0\r\n\r\n")
+    await settle()
+    assert not transport.closed and len(server.app.scopes) == 1
+
+
 # --- the header deadline ---
 
 
