@@ -82,6 +82,9 @@ class Generation:
             strip_patterns=config.identity.strip_inbound,
             identity_names=identity.names,
             cookie_names=jar.bare_names,
+            # cookies.refresh.sealed off: the app issues the raw refresh cookie (dj-rest-auth), so its
+            # Set-Cookie for it passes; the gateway refreshes from it (rate limited for unknown tokens).
+            app_cookies=() if jar.sealed else jar.bare_names[1:],
             trusted_proxies=config.server.trusted_proxies,
             forward_token=config.identity.forward_token,
         )

@@ -127,11 +127,13 @@ class HeaderRules:
         cookie_names: Iterable[str],
         trusted_proxies: Iterable[str],
         forward_token: bool = False,
+        app_cookies: Iterable[str] = (),
     ) -> None:
         patterns = [fnmatch.translate(p.lower().replace("_", "-").replace(".", "-")) for p in strip_patterns]
         self._strip = re.compile("|".join(patterns).encode()) if patterns else None
         self._identity = frozenset(_canonical(n) for n in identity_names)
         self._cookies = frozenset(c.encode() for c in cookie_names)
+        self._app_sets = frozenset(c.encode() for c in app_cookies)  # gateway cookies an upstream may set
         self._trusted = TrustedProxies(trusted_proxies)
         self._forward_token = forward_token  # identity.forward_token: the verified token goes upstream
         self._plain: BoundedCache[bytes, bool] = BoundedCache(4096)  # name -> passes inbound filter (memo)
@@ -288,7 +290,8 @@ class HeaderRules:
             if lower == b"set-cookie":
                 cookie = value.split(b";", 1)[0].split(b"=", 1)[0].strip(b" \t")
                 # A nameless cookie ("=gw_access=x") comes back from the browser as "gw_access=x".
-                if not cookie or cookie.removeprefix(b"__Host-") in self._cookies:
+                bare = cookie.removeprefix(b"__Host-")
+                if not cookie or (bare in self._cookies and bare not in self._app_sets):
                     log.warning("route %s: dropped an upstream Set-Cookie for a gateway cookie or no name", route)
                     continue
             out.append((lower, value))

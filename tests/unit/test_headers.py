@@ -284,3 +284,21 @@ def test_proxy_headers_never_reach_the_upstream(rules: HeaderRules, name: bytes,
 def test_nameless_upstream_cookies_are_dropped(rules: HeaderRules, value: bytes) -> None:
     out = rules.outbound([(b"Set-Cookie", value), (b"Set-Cookie", b"app=1")], "app")
     assert out == [(b"set-cookie", b"app=1")]
+
+
+def test_an_app_may_set_the_refresh_cookie_only_when_it_is_not_sealed() -> None:
+    # cookies.refresh.sealed: false is for apps that issue the raw refresh cookie themselves (dj-rest-auth).
+    raw = HeaderRules(
+        strip_patterns=[], identity_names=[], cookie_names=("gw_access", "gw_refresh"), trusted_proxies=[],
+        app_cookies=("gw_refresh",),
+    )  # fmt: skip
+    answer = [
+        (b"Set-Cookie", b"gw_refresh=raw; HttpOnly"),
+        (b"Set-Cookie", b"gw_access=x"),
+        (b"Set-Cookie", b"=gw_refresh=x"),
+    ]
+    assert raw.outbound(answer, "app") == [(b"set-cookie", b"gw_refresh=raw; HttpOnly")]
+    sealed = HeaderRules(
+        strip_patterns=[], identity_names=[], cookie_names=("gw_access", "gw_refresh"), trusted_proxies=[]
+    )
+    assert sealed.outbound(answer, "app") == []
