@@ -239,3 +239,21 @@ def test_raw_logout_with_never_seen_tokens_is_limited_too(
     response = httpx.post(f"{gateway.url}/.gateway/logout", headers={"Cookie": cookie, **headers}, timeout=30)
     assert response.status_code == 429 and response.json()["reason"] == "refresh_rate_limited"
     assert idp_calls(idp) == calls and footprint(gateway, redis_url) == store
+
+
+def test_with_raw_cookies_the_app_may_set_the_refresh_cookie_and_only_that_one(
+    raw_gateway: GatewayProcess, gateway: GatewayProcess, idp: IdPProcess
+) -> None:
+    """dj-rest-auth hands the raw refresh token to the browser in its own Set-Cookie: with `sealed: false` that
+    one passes; the access cookie (the gateway's) is still dropped, and with sealing on both are."""
+    session = idp.issue("dora")
+    bearer = {"Authorization": f"Bearer {session['access']}"}
+    raw = httpx.get(f"{raw_gateway.url}/_set-cookie/{REFRESH}", headers=bearer)
+    assert raw.status_code == 200 and [c.split("=")[0] for c in raw.headers.get_list("set-cookie")] == [
+        REFRESH,
+        "other",
+    ]
+    kept = httpx.get(f"{raw_gateway.url}/_set-cookie/{ACCESS}", headers=bearer)
+    assert [c.split("=")[0] for c in kept.headers.get_list("set-cookie")] == ["other"]
+    sealed = httpx.get(f"{gateway.url}/_set-cookie/{REFRESH}", headers=bearer)
+    assert [c.split("=")[0] for c in sealed.headers.get_list("set-cookie")] == ["other"]
