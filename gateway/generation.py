@@ -82,9 +82,7 @@ class Generation:
             strip_patterns=config.identity.strip_inbound,
             identity_names=identity.names,
             cookie_names=jar.bare_names,
-            # cookies.refresh.sealed off: the app issues the raw refresh cookie (dj-rest-auth), so its
-            # Set-Cookie for it passes; the gateway refreshes from it (rate limited for unknown tokens).
-            app_cookies=() if jar.sealed else jar.bare_names[1:],
+            app_cookies=() if jar.sealed else jar.bare_names[1:],  # raw mode: the app sets the refresh cookie
             trusted_proxies=config.server.trusted_proxies,
             forward_token=config.identity.forward_token,
         )
