@@ -1,6 +1,7 @@
 """One generation of gateway.yaml: every part built from the config, wired in request order.
 
-    request ──> under server.prefix?  endpoints.internal_app (health, ready, metrics, logout, login)
+    request ──> {prefix}/auth         forwardauth.ForwardAuth (a front proxy asks; nothing is forwarded)
+            ──> under server.prefix?  endpoints.internal_app (health, ready, metrics, logout, login)
             ──> HTTP                  http.HttpPath
             ──> WebSocket             websocket.WebSocketPath
                 both through          admission.Admission (CSRF, credential, refresh, claims)
@@ -27,8 +28,9 @@ from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
 from gateway.endpoints import internal_app
 from gateway.families import Families
+from gateway.forwardauth import ForwardAuth
 from gateway.forwarder import Forwarder
-from gateway.headers import HeaderRules
+from gateway.headers import HeaderRules, TrustedProxies
 from gateway.http import HttpPath
 from gateway.identity import IdentityHeaders
 from gateway.idp_client import IdPClient
@@ -119,6 +121,7 @@ class Generation:
             request_ids=shared.request_ids,
         )
         self.websocket = self._websocket_path(config, shared, routes, admission, deny, access_log)
+        self.forward_auth = self._forward_auth(config, shared, routes, admission, deny, access_log)
         logout = Logout(
             jar=jar,
             verifier=verifier,
@@ -145,7 +148,11 @@ class Generation:
         path: str = scope["path"]
         prefix = self.prefix
         if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
-            await self.internal(scope, receive, send)
+            auth = self.forward_auth.endpoint
+            if path.startswith(auth) and (len(path) == len(auth) or path[len(auth)] == "/"):
+                await self.forward_auth(scope, receive, send)
+            else:
+                await self.internal(scope, receive, send)
         else:
             await self.http(scope, receive, send)
 
@@ -182,6 +189,29 @@ class Generation:
             metrics=shared.metrics,
             access_log=access_log,
             request_ids=shared.request_ids,
+        )
+
+    def _forward_auth(
+        self,
+        config: GatewayConfig,
+        shared: Shared,
+        routes: RouteTable,
+        admission: Admission,
+        deny: Denials,
+        access_log: AccessLog,
+    ) -> ForwardAuth:
+        return ForwardAuth(
+            endpoint=f"{self.prefix}/auth",
+            routes=routes,
+            admission=admission,
+            header_rules=self.header_rules,
+            trusted=TrustedProxies(config.server.trusted_proxies),
+            deny=deny,
+            metrics=shared.metrics,
+            access_log=access_log,
+            request_ids=shared.request_ids,
+            forward_token=config.identity.forward_token,
+            identity_names=IdentityHeaders(config.identity.headers).names,
         )
 
     @staticmethod

@@ -26,6 +26,7 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.CLAIMS_DENIED: (403, "forbidden"),
     Reason.CLAIM_UNSAFE: (403, "forbidden"),
     Reason.CSRF: (403, "forbidden"),
+    Reason.UNTRUSTED_PROXY: (403, "forbidden"),
     Reason.BAD_PATH: (400, "bad_request"),
     Reason.BAD_HOST: (400, "bad_request"),
     Reason.BAD_HEADER: (400, "bad_request"),
@@ -140,13 +141,23 @@ async def send_denial(
     route: str | None = None,
     headers: RawHeaders | None = None,
     login_url: str | None = None,
+    auth_request: bool = False,
 ) -> None:
-    """The gateway's answer for a refused request (reason codes in ``STATUS``)."""
+    """The gateway's answer for a refused request (reason codes in ``STATUS``).
+
+    ``auth_request``: the answer goes to nginx's ``auth_request``, which takes only 401 and 403 as
+    refusals: a browser's login redirect becomes a 401 with ``Location``, other client errors 403.
+    """
     status, error = status_for(reason)
     extra = list(headers or [])
+    if auth_request and status != 401 and 400 <= status < 500:
+        status = 403
     if status == 401:
         extra.append((b"www-authenticate", b'Bearer error="invalid_token"'))
-        if html and login_url:
+        if auth_request and html and login_url:
+            extra.append((b"location", login_url.encode("latin-1")))
+            html = False
+        elif html and login_url:
             location = (b"location", login_url.encode("latin-1"))
             await send_response(send, 302, b"", [location, (b"content-length", b"0"), NO_STORE, *extra])
             return
@@ -185,8 +196,11 @@ class Denials:
         *,
         method: str | None = None,
         extra: RawHeaders | None = None,
+        auth_request: bool = False,
     ) -> int:
-        """Answer ``reason``; the status sent. ``method`` overrides the scope's (a WebSocket handshake is a GET)."""
+        """Answer ``reason``; the status sent. ``method`` overrides the scope's (a WebSocket handshake is a GET).
+
+        ``auth_request``: for nginx's ``auth_request`` (``send_denial``), from ``{prefix}/auth``."""
         method = method or scope["method"]
         html = wants_html(method, scope["headers"])
         login = self.location(scope)
@@ -198,8 +212,12 @@ class Denials:
             headers.append((b"x-request-id", info.request_id.encode()))
         self._count(reason)
         log.info("denied %s %s route=%s reason=%s", method, scope["path"], route, reason)
-        await send_denial(send, reason, html=html, route=route, headers=headers, login_url=login)
+        await send_denial(
+            send, reason, html=html, route=route, headers=headers, login_url=login, auth_request=auth_request
+        )
         status = status_for(reason)[0]
+        if auth_request:
+            return 403 if status != 401 and 400 <= status < 500 else status
         return 302 if status == 401 and html and login else status
 
     def location(self, scope: Scope) -> str | None:
