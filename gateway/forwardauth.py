@@ -144,9 +144,7 @@ class ForwardAuth:
         if original.method not in route.methods:
             extra = [(b"allow", route.allow)]
             return route.name, await self._refuse(send, asked, original, Reason.METHOD_NOT_ALLOWED, route, extra=extra)
-        admitted = self._admission.known(asked, route, seen.authorization, seen.authorizations, seen.cookies)
-        if admitted is None:
-            admitted = await self._admission.http(asked, route)
+        admitted = await self._admit(asked, route, seen)
         if admitted.refused is not None:
             return route.name, await self._refuse(
                 send, asked, original, admitted.refused, route, cookies=admitted.set_cookies
@@ -156,6 +154,14 @@ class ForwardAuth:
             headers += numbered_cookies(admitted.set_cookies)
         await send_response(send, 200, b"", headers)
         return route.name, 200
+
+    async def _admit(self, asked: Scope, route: Route, seen: Scanned) -> Admitted:
+        if any(name == b"sec-websocket-key" for name, _ in asked["headers"]):
+            # A WebSocket handshake (its key is end to end; Upgrade is not): checked as proxy mode checks
+            # one, cookie sessions only from their own site (cross-site WebSocket hijacking).
+            return await self._admission.websocket(asked, route)
+        known = self._admission.known(asked, route, seen.authorization, seen.authorizations, seen.cookies)
+        return known if known is not None else await self._admission.http(asked, route)
 
     def _granted(self, admitted: Admitted, info: RequestInfo) -> RawHeaders:
         """The 200's headers: identity for the upstream, rotated cookies for the client."""

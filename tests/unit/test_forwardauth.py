@@ -144,6 +144,18 @@ async def test_a_cross_site_unsafe_request_on_the_session_cookie_is_refused(gate
     ).status_code == 200
 
 
+async def test_a_cross_site_websocket_handshake_on_the_session_cookie_is_refused(gateway: Gateway) -> None:
+    handshake = {
+        "Cookie": f"gw_access={token(**ADMIN)}",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    forged = await ask(gateway, nginx("/admin/socket", Origin="https://evil.example", **handshake))
+    assert (forged.status_code, forged.json()["reason"]) == (403, "csrf")
+    own = await ask(gateway, nginx("/admin/socket", Origin="http://app.example", **handshake))
+    assert (own.status_code, own.headers["x-auth-user"]) == (200, "alice")
+
+
 async def test_a_revoked_token_is_refused(gateway: Gateway) -> None:
     bearer = {"Authorization": f"Bearer {token(jti='j-9', **ADMIN)}"}
     assert (await ask(gateway, nginx("/admin/", **bearer))).status_code == 200
