@@ -38,7 +38,7 @@ from gateway.types import RawHeaders, Receive, Scope, Send, StrHeaders
 
 log = logging.getLogger("gateway")
 
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "OTHER" in metrics
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "OTHER" in metrics
 _CLOSE = [(b"connection", b"close")]  # after a 413: the rest of the body is not read
 
 
@@ -127,7 +127,7 @@ class HttpPath:
                 span.set_attribute("http.response.status_code", status)
         else:
             route_name, status = await self._serve(scope, receive, send, info)
-        method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+        method = scope["method"] if scope["method"] in METHODS else "OTHER"
         elapsed = time.perf_counter() - started
         self._metrics.request(route_name, method, status, elapsed)
         if self._access_log.enabled:

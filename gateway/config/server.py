@@ -46,7 +46,9 @@ class ServerConfig(Model):
     """Where the internal endpoints (`health`, `ready`, `metrics`, `logout`, OIDC `login` and `callback`) live.
     A path other than `/`; a trailing `/` is dropped. It takes precedence over every route."""
     trusted_proxies: tuple[str, ...] = ()
-    """IP addresses or CIDRs whose `X-Forwarded-For`, `-Proto` and `-Host` headers are believed; none by default."""
+    """IP addresses or CIDRs whose `X-Forwarded-For`, `-Proto` and `-Host` headers are believed; none by default.
+    Also the front proxies whose forward-auth questions (`{prefix}/auth` with `X-Original-*` or
+    `X-Forwarded-Method`/`-Uri`) are answered; such headers from any other peer get 403 `untrusted_proxy`."""
     watch_config: bool = True
     """Reload when the config file changes on disk (checked every second). SIGHUP always reloads."""
     access_log: bool = True

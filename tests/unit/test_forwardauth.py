@@ -182,6 +182,9 @@ async def test_forward_auth_headers_from_an_untrusted_peer_are_refused_not_belie
 async def test_a_request_that_names_no_original_uri_is_400(gateway: Gateway) -> None:
     answer = await ask(gateway)
     assert (answer.status_code, answer.json()["reason"]) == (400, "invalid_request")
+    # A method alone says nothing of where the request goes: not read as "/".
+    only_method = await ask(gateway, {"X-Forwarded-Method": "GET"})
+    assert (only_method.status_code, only_method.json()["reason"]) == (400, "invalid_request")
 
 
 async def test_envoy_sends_the_original_path_after_the_endpoint(gateway: Gateway) -> None:
