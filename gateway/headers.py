@@ -2,7 +2,7 @@
 
 Inbound (client -> upstream): hop-by-hop headers and every header named in ``Connection`` go;
 every header matching ``identity.strip_inbound`` or naming an identity header goes, however it
-is spelled (case, ``_`` or ``.`` for ``-``, duplicates); the gateway's own cookies are cut out of
+is spelled (case, ``_`` or ``.`` for ``-``, duplicates, an ``HTTP-`` prefix); the gateway's own cookies are cut out of
 ``Cookie``; every proxy header (``PROXY_HEADERS``: X-Forwarded-*, X-Original-URL, True-Client-IP,
 X-HTTP-Method-Override...) goes; ``X-Forwarded-For/-Proto/-Host`` are set from the connection,
 and incoming ones are believed only from ``server.trusted_proxies``. Identity headers are
@@ -144,13 +144,16 @@ class HeaderRules:
         if known is not None:
             return known
         canon = _canonical(name)
-        ok = (
-            canon not in HOP_BY_HOP
-            and canon not in PROXY_HEADERS
-            and canon not in self._identity
-            and not (self._strip is not None and self._strip.fullmatch(canon))
-        )
+        ok = canon not in HOP_BY_HOP and canon not in PROXY_HEADERS and not self._identity_named(canon)
+        while ok and canon.startswith(b"http-"):
+            # Django 5.2 under ASGI reads RemoteUserMiddleware's header = "HTTP_X_AUTH_USER" from
+            # the header HTTP-X-Auth-User (tickets #36300, #37079): such a name is an identity header too.
+            canon = canon[5:]
+            ok = not self._identity_named(canon)
         return self._plain.put(name, ok)
+
+    def _identity_named(self, canon: bytes) -> bool:
+        return canon in self._identity or (self._strip is not None and self._strip.fullmatch(canon) is not None)
 
     def inbound(
         self, headers: RawHeaders, *, client: str | None, scheme: str, host: bytes | None, connection: bool = True

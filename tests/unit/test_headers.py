@@ -60,6 +60,18 @@ def test_duplicate_spoofed_headers_all_removed(rules: HeaderRules) -> None:
     assert not any(n.replace(b"_", b"-") == b"x-auth-user" for n in names(out))
 
 
+@pytest.mark.parametrize(
+    "name",
+    [b"http-x-auth-user", b"HTTP_X_AUTH_USER", b"http.x-auth-roles", b"http-http-x-auth-user", b"http-remote-user"],
+)
+def test_identity_headers_behind_an_http_prefix_removed(rules: HeaderRules, name: bytes) -> None:
+    """Regression: Django 5.2 under ASGI reads RemoteUserMiddleware.header = "HTTP_X_AUTH_USER" as the META key
+    HTTP_HTTP_X_AUTH_USER (tickets #36300, #37079), i.e. a client's "HTTP-X-Auth-User" header."""
+    out = inbound(rules, [(name, b"admin"), (b"http-x-other", b"kept")])
+    assert b"admin" not in [v for _, v in out]
+    assert values(out, b"http-x-other") == [b"kept"]
+
+
 @pytest.mark.parametrize("name", [b"x-user-id", b"x_user_id", b"remote-user", b"remote_user", b"remote.user"])
 def test_identity_header_names_outside_strip_patterns_removed(rules: HeaderRules, name: bytes) -> None:
     out = inbound(rules, [(name, b"admin"), (b"x-user-agent-ish", b"kept")])
