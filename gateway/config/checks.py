@@ -87,8 +87,9 @@ def tls_context(key: str, tls: TLSConfig) -> ssl.SSLContext:
 
 def ssl_reason(exc: ssl.SSLError) -> str:
     """What OpenSSL said, readable: ``certificate verify failed: unable to get local issuer certificate``."""
-    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return f"certificate verify failed: {exc.verify_message}"
+    verify_message = getattr(exc, "verify_message", None)
+    if isinstance(verify_message, str) and verify_message:
+        return f"certificate verify failed: {verify_message}"
     reason = getattr(exc, "reason", None)
     return reason.lower().replace("_", " ") if isinstance(reason, str) else str(exc)
 
