@@ -28,8 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from gateway.accesslog import RequestIds
 from gateway.config import GatewayConfig, load_config, reload_problems, validate_files
 from gateway.cookies import DEFAULT_REFRESH_LIFETIME
@@ -42,6 +40,7 @@ from gateway.logs import configure as configure_logging
 from gateway.metrics import Metrics
 from gateway.sealing import Sealer
 from gateway.store import Store, open_store
+from gateway.tls import control_client
 from gateway.tunnel import Sockets
 from gateway.types import Receive, Scope, Send
 
@@ -69,14 +68,7 @@ class Gateway:
         sealer = Sealer(config.store.secret or secrets.token_bytes(32))
         self.shared = Shared(
             store=store,
-            # No idle connections kept: a refresh sent on a connection the IdP closed while idle
-            # would fail as "sent, answer lost" and end the session (docs/refresh.md). The control
-            # plane is rare traffic (refreshes, JWKS, OIDC), so a fresh connection each time costs little.
-            http=httpx.AsyncClient(
-                follow_redirects=False,
-                timeout=config.refresh.timeout,
-                limits=httpx.Limits(max_keepalive_connections=0),
-            ),
+            http=control_client(config.refresh.timeout),  # sections with a tls key get their own (gateway.tls)
             forwarder=forwarder or AiohttpForwarder(),
             denylist=denylist,
             metrics=metrics,

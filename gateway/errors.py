@@ -65,11 +65,12 @@ class CookieTooLarge(GatewayError, ValueError):
 
 
 class UpstreamFailure(GatewayError):
-    """The upstream could not be reached or did not answer in time; ``timeout`` tells which."""
+    """The upstream could not be reached or did not answer in time; ``timeout`` tells which, ``detail`` (when
+    known) what went wrong, e.g. TLS verification."""
 
-    def __init__(self, timeout: bool) -> None:
+    def __init__(self, timeout: bool, detail: str | None = None) -> None:
         self.timeout = timeout
-        super().__init__("upstream timed out" if timeout else "upstream refused or reset the connection")
+        super().__init__(detail or ("upstream timed out" if timeout else "upstream refused or reset the connection"))
 
 
 class ClientGone(GatewayError):

@@ -17,6 +17,7 @@ from multidict import CIMultiDict, istr
 from yarl import URL
 
 from gateway.errors import UpstreamFailure
+from gateway.tls import UpstreamTLS, tls_failure
 from gateway.types import StrHeaders
 
 CHUNK = 64 * 1024
@@ -61,6 +62,7 @@ class Forwarder(Protocol):
         *,
         connect_timeout: float,
         read_timeout: float,
+        tls: UpstreamTLS | None = None,
     ) -> UpstreamResponse: ...
 
     async def close(self) -> None: ...
@@ -191,6 +193,7 @@ class AiohttpForwarder:
         *,
         connect_timeout: float,
         read_timeout: float,
+        tls: UpstreamTLS | None = None,
     ) -> UpstreamResponse:
         session = self._session or self._open()
         # A request with a body keeps aiohttp's read timeout: it must start once the body is
@@ -213,6 +216,10 @@ class AiohttpForwarder:
                 data=body,
                 allow_redirects=False,
                 timeout=timeout,
+                # The route's context and name, per request: the pool keys connections by both, so one
+                # session serves every route and generation (aiohttp's default: the system's CAs).
+                ssl=tls.context if tls is not None else True,
+                server_hostname=tls.server_name if tls is not None else None,
             )
         except asyncio.CancelledError:
             if expired is not None and expired.fired and expired.task.uncancel() == 0:
@@ -220,8 +227,8 @@ class AiohttpForwarder:
             raise  # cancelled for another reason (shutdown): not ours to swallow
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamFailure(timeout=True) from None
-        except (aiohttp.ClientError, OSError, ValueError):
-            raise UpstreamFailure(timeout=False) from None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise UpstreamFailure(timeout=False, detail=tls_failure(url.origin(), exc)) from None
         finally:
             if expired is not None:
                 self._deadlines.disarm(expired)

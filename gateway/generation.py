@@ -44,6 +44,7 @@ from gateway.routing import RouteTable
 from gateway.sealing import Sealer
 from gateway.store import Store
 from gateway.throttle import ClientThrottle
+from gateway.tls import TLSSettings
 from gateway.tokens import Verifier
 from gateway.tracing import Tracer
 from gateway.tunnel import Sockets
@@ -77,7 +78,8 @@ class Generation:
         self.config = config
         self.shared = shared
         self.prefix = config.server.prefix
-        routes = RouteTable.from_config(config.routes)
+        self.tls = TLSSettings(config, shared.http)  # contexts and control-plane clients of the tls keys
+        routes = RouteTable.from_config(config.routes, self.tls.route)
         jar = CookieJar.from_config(config.cookies, shared.sealer)
         identity = IdentityHeaders(config.identity.headers)
         self.header_rules = HeaderRules(
@@ -88,7 +90,7 @@ class Generation:
             trusted_proxies=config.server.trusted_proxies,
             forward_token=config.identity.forward_token,
         )
-        self.keys = build_key_source(config.tokens, shared.http, on_fetch=shared.metrics.jwks_fetch)
+        self.keys = build_key_source(config.tokens, self.tls.client("tokens"), on_fetch=shared.metrics.jwks_fetch)
         verifier = Verifier(config.tokens, self.keys, shared.clock, denied=shared.denylist)
         self.refresher = self._refresher(config, shared, verifier, jar)
         csrf = CSRFGuard(config.csrf.allowed_origins)
@@ -142,6 +144,7 @@ class Generation:
         if self.refresher is not None:
             await self.refresher.close()
         await self.keys.close()
+        await self.tls.close()
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """An HTTP request: one of the gateway's own endpoints, or one to forward."""
@@ -214,9 +217,8 @@ class Generation:
             identity_names=IdentityHeaders(config.identity.headers).names,
         )
 
-    @staticmethod
     def _refresher(
-        config: GatewayConfig, shared: Shared, verifier: Verifier, jar: CookieJar
+        self, config: GatewayConfig, shared: Shared, verifier: Verifier, jar: CookieJar
     ) -> SessionRefresher | None:
         if config.refresh.endpoint is None:
             return None
@@ -224,7 +226,7 @@ class Generation:
             config=config.refresh,
             store=shared.store,
             sealer=shared.sealer,
-            idp=IdPClient(config.refresh, shared.http),
+            idp=IdPClient(config.refresh, self.tls.client("refresh")),
             verifier=verifier,
             jar=jar,
             metrics=shared.metrics,
@@ -241,7 +243,7 @@ class Generation:
         return OIDCLogin(
             config=config.login.oidc,
             jar=jar,
-            http=shared.http,
+            http=self.tls.client("login.oidc"),
             sealer=shared.sealer,
             store=shared.store,
             verifier=verifier,

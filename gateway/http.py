@@ -167,6 +167,7 @@ class HttpPath:
             body,
             connect_timeout=route.connect_timeout,
             read_timeout=route.read_timeout,
+            tls=route.tls,
         )
         started = time.perf_counter()
         try:

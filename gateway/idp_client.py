@@ -38,6 +38,7 @@ import httpx
 
 from gateway.config import RefreshConfig
 from gateway.errors import BadIdPResponse, IdPAnswerLost, IdPUnavailable, RefreshRejected
+from gateway.tls import tls_failure
 
 log = logging.getLogger("gateway.idp")
 
@@ -119,7 +120,9 @@ class IdPClient:
             async with asyncio.timeout(c.timeout), self._client.stream("POST", self._endpoint, **options) as response:
                 body = await _read_capped(response)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError) as exc:
-            raise IdPUnavailable(f"IdP unreachable ({exc.__class__.__name__})") from None
+            raise IdPUnavailable(
+                f"IdP unreachable ({tls_failure(self._endpoint, exc) or exc.__class__.__name__})"
+            ) from None
         except (TimeoutError, httpx.HTTPError) as exc:
             # A transport that reports no progress (not httpcore) leaves it unknown: assume it was sent.
             if sent or not traced:

@@ -26,6 +26,7 @@ import jwt
 
 from gateway.config import TokensConfig, key_weakness, load_public_key
 from gateway.errors import KeyFetchError
+from gateway.tls import tls_failure
 
 log = logging.getLogger("gateway.keys")
 
@@ -161,7 +162,7 @@ class JWKSKeys:
             self._healthy = False
             self.refresh_in = min(self._max_age, MIN_MAX_AGE)
             self._on_fetch(False)
-            raise KeyFetchError(f"{self._url}: {exc.__class__.__name__}") from None
+            raise KeyFetchError(f"{self._url}: {tls_failure(self._url, exc) or exc.__class__.__name__}") from None
         self._on_fetch(True)
         keys: dict[str | None, jwt.PyJWK] = {}
         for key in jwks.keys:

@@ -17,6 +17,7 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from gateway.config import AuthMode, CaptureConfig, RouteConfig
 from gateway.errors import BadPath
+from gateway.tls import UpstreamTLS
 
 # Characters kept literal when the canonical path is re-encoded (RFC 3986 pchar plus "/").
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
@@ -90,12 +91,13 @@ class Route:
     allow: bytes  # the Allow header of a 405
     path_style: str  # how its upstream reads paths (RouteConfig.path_style)
     max_body: int | None  # bytes of request body; None: no limit
+    tls: UpstreamTLS | None = None  # routes[].tls for an https upstream; None: the defaults
 
     def matches(self, path: str) -> bool:
         return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
 
 
-def compile_route(config: RouteConfig) -> Route:
+def compile_route(config: RouteConfig, tls: UpstreamTLS | None = None) -> Route:
     parts = urlsplit(config.upstream)
     return Route(
         name=config.name,
@@ -111,6 +113,7 @@ def compile_route(config: RouteConfig) -> Route:
         allow=", ".join(config.methods).encode(),
         path_style=config.path_style,
         max_body=config.max_body,
+        tls=tls,
     )
 
 
@@ -128,8 +131,11 @@ class RouteTable:
         }
 
     @classmethod
-    def from_config(cls, routes: tuple[RouteConfig, ...]) -> RouteTable:
-        return cls([compile_route(r) for r in routes])
+    def from_config(
+        cls, routes: tuple[RouteConfig, ...], tls: Callable[[str], UpstreamTLS | None] | None = None
+    ) -> RouteTable:
+        """The table of ``routes``; ``tls`` gives each route's TLS by name (gateway.tls.TLSSettings.route)."""
+        return cls([compile_route(r, tls(r.name) if tls else None) for r in routes])
 
     def match(self, host: str | None, path: str) -> Route | None:
         for route in self.routes:

@@ -28,6 +28,7 @@ from gateway.config import WebSocketConfig
 from gateway.denylist import Denylist
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
+from gateway.tls import UpstreamTLS
 from gateway.types import Message, Receive, Send, StrHeaders
 
 log = logging.getLogger("gateway.websocket")
@@ -103,9 +104,16 @@ class connect_upstream(connect):  # noqa: N801 - used as a function, as websocke
 
 
 async def open_upstream(
-    url: str, headers: StrHeaders, subprotocols: list[str] | None, open_timeout: float, limits: WebSocketConfig
+    url: str,
+    headers: StrHeaders,
+    subprotocols: list[str] | None,
+    open_timeout: float,
+    limits: WebSocketConfig,
+    tls: UpstreamTLS | None = None,
 ) -> ClientConnection:
     """The upstream's socket, opened with the gateway's settings (raises what ``connect`` raises)."""
+    # wss:// with the route's TLS (else websockets' default context); ws:// takes no TLS arguments.
+    secure = {"ssl": tls.context, "server_hostname": tls.server_name} if tls and url.startswith("wss:") else {}
     return await connect_upstream(
         url,
         additional_headers=headers,
@@ -118,6 +126,7 @@ async def open_upstream(
         close_timeout=5,
         user_agent_header=None,
         proxy=None,  # never an HTTP(S)_PROXY from the environment: upstreams are local
+        **secure,
     )
 
 

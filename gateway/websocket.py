@@ -33,6 +33,7 @@ from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.responses import Denials
 from gateway.routing import Route, RouteTable, canonical_path, host_name
+from gateway.tls import tls_failure
 from gateway.tunnel import Slot, Sockets, Tunnel, as_http, open_upstream, relay
 from gateway.types import Message, Receive, Scope, Send
 
@@ -208,7 +209,9 @@ class WebSocketPath:
         limits = self._limits
         cookies = admitted.set_cookies
         try:
-            return await open_upstream(url, headers, scope.get("subprotocols"), route.connect_timeout, limits)
+            return await open_upstream(
+                url, headers, scope.get("subprotocols"), route.connect_timeout, limits, route.tls
+            )
         except InvalidStatus as exc:
             # The upstream refused the handshake: its answer goes back as it was.
             answer = exc.response
@@ -224,7 +227,8 @@ class WebSocketPath:
             log.warning("route %s: upstream WebSocket handshake timed out", route.name)
             return await self._deny(respond, scope, Reason.UPSTREAM_TIMEOUT, route, cookies)
         except (OSError, InvalidHandshake, InvalidURI) as exc:
-            log.warning("route %s: upstream WebSocket refused: %s", route.name, type(exc).__name__)
+            tls = tls_failure(f"{up.scheme}://{up.netloc}", exc)
+            log.warning("route %s: upstream WebSocket refused: %s", route.name, tls or type(exc).__name__)
             return await self._deny(respond, scope, Reason.UPSTREAM_UNREACHABLE, route, cookies)
 
 

@@ -20,7 +20,15 @@ from gateway.config.base import (
     MIN_HS_SECRET_BYTES,
     AuthMode,
 )
-from gateway.config.checks import key_weakness, load_public_key, reload_problems, validate_files, workers_problems
+from gateway.config.checks import (
+    key_weakness,
+    load_public_key,
+    reload_problems,
+    ssl_reason,
+    tls_context,
+    validate_files,
+    workers_problems,
+)
 from gateway.config.loading import load_config, parse_config
 from gateway.config.root import GatewayConfig
 from gateway.config.routes import (
@@ -41,6 +49,7 @@ from gateway.config.sessions import (
     OIDCConfig,
     RefreshCookieSpec,
 )
+from gateway.config.tls import TLSConfig
 from gateway.config.tokens import RefreshConfig, RefreshFields, TokensConfig
 from gateway.errors import ConfigError
 
@@ -69,6 +78,7 @@ __all__ = [
     "SentinelConfig",
     "ServerConfig",
     "StoreConfig",
+    "TLSConfig",
     "TimeoutConfig",
     "TokensConfig",
     "WebSocketConfig",
@@ -77,6 +87,8 @@ __all__ = [
     "load_public_key",
     "parse_config",
     "reload_problems",
+    "ssl_reason",
+    "tls_context",
     "validate_files",
     "workers_problems",
 ]

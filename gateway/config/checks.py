@@ -1,12 +1,14 @@
 """Rules that need more than the file itself: the files it names, the config a reload replaces, the workers.
 
 Loading does no I/O besides reading gateway.yaml, so what a key names on disk is checked here, by
-``validate_files``, which ``gateway check``, ``gateway serve`` and every reload call after loading.
+``validate_files``, which ``gateway check``, ``gateway serve`` and every reload call after loading: the token
+key file, and the PEM files of every ``tls`` key (``tls_context`` builds the SSLContext the gateway then uses).
 Each function returns problems in the loader's ``key.path: message`` form (empty when all is well).
 """
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from jwt.algorithms import get_default_algorithms
 
 from gateway.config.base import HS_ALGORITHMS
 from gateway.config.root import GatewayConfig
+from gateway.config.tls import TLSConfig
 from gateway.errors import ConfigError
 
 # NIST SP 800-57 / RFC 7518 §3.3: RSA keys of at least 2048 bits; EC curves of at least 256 bits (P-256).
@@ -24,14 +27,71 @@ MIN_EC_BITS = 256
 
 
 def validate_files(config: GatewayConfig) -> list[str]:
-    """Problems with the files the config names: ``tokens.public_key_file`` must hold a usable public key."""
-    if config.tokens.public_key_file is None:
-        return []
+    """Problems with the files the config names: ``tokens.public_key_file`` must hold a usable public key, and
+    every ``tls`` key's files readable PEM (a CA certificate, a client certificate with its key)."""
+    problems: list[str] = []
+    if config.tokens.public_key_file is not None:
+        try:
+            load_public_key(config.tokens.public_key_file, config.tokens.algorithms)
+        except ConfigError as exc:
+            problems += exc.problems
+    for key, tls in config.tls_settings():
+        try:
+            tls_context(key, tls)
+        except ConfigError as exc:
+            problems += exc.problems
+    return problems
+
+
+def tls_context(key: str, tls: TLSConfig) -> ssl.SSLContext:
+    """The client SSLContext of the ``tls`` setting at ``key``; ConfigError naming each file it cannot use.
+
+    A ``ca_file`` replaces the system's CAs (a private CA is trusted for this setting, nothing else is). Hostname
+    checking stays on: ``server_name`` changes the name checked, never whether it is.
+    """
+    files = [(name, getattr(tls, name)) for name in ("ca_file", "cert_file", "key_file")]
+    problems = []
+    for name, path in files:
+        if path is None:
+            continue
+        try:
+            Path(path).read_bytes()
+        except OSError as exc:
+            problems.append(f"{key}.{name}: cannot read {path} ({exc.strerror})")
+    if problems:
+        raise ConfigError(problems)
     try:
-        load_public_key(config.tokens.public_key_file, config.tokens.algorithms)
-    except ConfigError as exc:
-        return exc.problems
-    return []
+        context = ssl.create_default_context(cafile=tls.ca_file)  # with a cafile, the system's CAs are not loaded
+    except ssl.SSLError as exc:
+        problems.append(f"{key}.ca_file: {tls.ca_file} holds no PEM CA certificate ({ssl_reason(exc)})")
+        context = ssl.create_default_context()
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file is not None:
+        try:
+            # A password callback, so that an encrypted key is an error here and never a prompt on the terminal.
+            context.load_cert_chain(tls.cert_file, tls.key_file, password=lambda: b"")
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                problems.append(f"{key}.key_file: {tls.key_file} is not the private key of {tls.cert_file}")
+            else:
+                where = f"with the key in {tls.key_file}" if tls.key_file else "holding its private key"
+                problems.append(
+                    f"{key}.cert_file: {tls.cert_file} is not a PEM certificate {where} ({ssl_reason(exc)})"
+                )
+    if problems:
+        raise ConfigError(problems)
+    return context
+
+
+def ssl_reason(exc: ssl.SSLError) -> str:
+    """What OpenSSL said, readable: ``certificate verify failed: unable to get local issuer certificate``."""
+    verify_message = getattr(exc, "verify_message", None)
+    if isinstance(verify_message, str) and verify_message:
+        return f"certificate verify failed: {verify_message}"
+    reason = getattr(exc, "reason", None)
+    return reason.lower().replace("_", " ") if isinstance(reason, str) else str(exc)
 
 
 def load_public_key(path: str, algorithms: tuple[str, ...]) -> Any:

@@ -8,6 +8,7 @@ from gateway.config.base import Model, key_problems
 from gateway.config.routes import IdentityConfig, RouteConfig, WebSocketConfig
 from gateway.config.server import ServerConfig, StoreConfig
 from gateway.config.sessions import CookiesConfig, CSRFConfig, LoginConfig, LogoutConfig
+from gateway.config.tls import TLSConfig, http_only
 from gateway.config.tokens import RefreshConfig, TokensConfig
 
 
@@ -63,3 +64,31 @@ class GatewayConfig(Model):
             # Every process must seal and unseal the same values, so the key cannot be random.
             raise key_problems(("store.secret", "required with a shared store when refresh or login.oidc is set"))
         return self
+
+    @model_validator(mode="after")
+    def _tls(self) -> GatewayConfig:
+        """A ``tls`` key must have an https URL to apply to (it would silently do nothing on http://)."""
+        found = [(f"routes[{i}].", http_only(r.tls, upstream=r.upstream)) for i, r in enumerate(self.routes)]
+        refresh = self.refresh
+        found.append(
+            ("refresh.", http_only(refresh.tls, endpoint=refresh.endpoint, revocation=refresh.revocation_endpoint))
+        )
+        found.append(("tokens.", http_only(self.tokens.tls, jwks_url=self.tokens.jwks_url)))
+        if self.login.oidc is not None:
+            found.append(("login.oidc.", http_only(self.login.oidc.tls, issuer=self.login.oidc.issuer)))
+        problems = [(prefix + key, message) for prefix, items in found for key, message in items]
+        if self.tokens.tls is not None and self.tokens.jwks_url is None:
+            problems.append(("tokens.tls", "applies to jwks_url only; remove it or set jwks_url"))
+        if refresh.tls is not None and refresh.endpoint is None and refresh.revocation_endpoint is None:
+            problems.append(("refresh.tls", "applies to refresh.endpoint and revocation_endpoint; neither is set"))
+        if problems:
+            raise key_problems(*problems)
+        return self
+
+    def tls_settings(self) -> list[tuple[str, TLSConfig]]:
+        """Every ``tls`` key that is set, with its key path (``routes[1].tls``, ``refresh.tls``...)."""
+        found = [(f"routes[{i}].tls", r.tls) for i, r in enumerate(self.routes)]
+        found += [("refresh.tls", self.refresh.tls), ("tokens.tls", self.tokens.tls)]
+        if self.login.oidc is not None:
+            found.append(("login.oidc.tls", self.login.oidc.tls))
+        return [(key, tls) for key, tls in found if tls is not None]

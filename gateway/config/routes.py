@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 
 from gateway.config.base import HEADER_NAME, AuthMode, Model, is_http_url
+from gateway.config.tls import TLSConfig
 
 DEFAULT_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 PathStyle = Literal["unknown", "exact", "servlet", "windows", "case_insensitive"]
@@ -126,6 +127,8 @@ class RouteConfig(Model):
     """Bytes of request body this route accepts; none: no limit. A bigger `Content-Length` gets 413
     `body_too_large` before anything is forwarded; a chunked body that grows past it is cut: 413 when the upstream
     has not answered yet, else the connection is closed. Either way the connection is closed after the 413."""
+    tls: TLSConfig | None = None
+    """TLS to an `https://` upstream, for HTTP and WebSocket alike (private CA, client certificate, SNI name)."""
 
     @field_validator("path")
     @classmethod

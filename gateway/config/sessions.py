@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from gateway.config.base import HEADER_NAME, Model, is_http_url
+from gateway.config.tls import TLSConfig
 
 
 class CookieSpec(Model):
@@ -67,6 +68,8 @@ class OIDCConfig(Model):
     is set."""
     redirect_url: str
     """The callback URL registered at the IdP (http(s)), normally `https://your.host{prefix}/callback`."""
+    tls: TLSConfig | None = None
+    """TLS to the `https://` IdP: its discovery document and token endpoint (its keys come with `tokens.tls`)."""
 
     @field_validator("issuer", "redirect_url")
     @classmethod

@@ -15,6 +15,7 @@ from gateway.config.base import (
     is_http_url,
     key_problems,
 )
+from gateway.config.tls import TLSConfig
 
 
 class TokensConfig(Model):
@@ -53,6 +54,8 @@ class TokensConfig(Model):
     revoke_superseded: bool = False
     """When a refresh replaces an access token, put the old one's `jti` on the denylist until its `exp`, so a copy
     of it is refused (401 `token_revoked`). Needs `refresh.endpoint` and a `jti` claim."""
+    tls: TLSConfig | None = None
+    """TLS to an `https://` `jwks_url` (also used by `login.oidc` for the ID token's keys)."""
 
     @field_validator("algorithms")
     @classmethod
@@ -157,6 +160,8 @@ class RefreshConfig(Model):
     """How long the IdP itself accepts a just-used refresh token again (Auth0 reuse interval, Okta grace period,
     Keycloak max reuse). Above 0, an attempt whose answer was lost is retried once within it; at 0 the session
     ends cleanly (`refresh_lost`)."""
+    tls: TLSConfig | None = None
+    """TLS to the `https://` token and revocation endpoints."""
 
     @field_validator("endpoint", "revocation_endpoint")
     @classmethod

@@ -4,6 +4,7 @@ as subprocesses, each on a port of its own (see support.ports: never a port free
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -19,12 +20,14 @@ from support.ports import free_port as free_port  # re-exported: bench/ picks ca
 from support.ports import launch, stop
 
 
-def wait_for_http(url: str, timeout: float = 15, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_http(
+    url: str, timeout: float = 15, process: subprocess.Popen[bytes] | None = None, verify: ssl.SSLContext | bool = True
+) -> None:
     """Poll ``url`` until it answers with any HTTP status; give up early if ``process`` dies."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            httpx.get(url, timeout=1)
+            httpx.get(url, timeout=1, verify=verify)
             return
         except httpx.TransportError:
             if process is not None and process.poll() is not None:
@@ -40,8 +43,12 @@ class ServerProcess:
     Started on a candidate port, it counts as up once it listens there itself and ``ready_path``
     answers; when the port was taken in between it exits ("address already in use") and is started
     again on another (``support.ports.launch``). So the arguments are a function of the port, and
-    ``port``/``url`` are known once started. ``port=`` pins the port (no retry).
+    ``port``/``url`` are known once started. ``port=`` pins the port (no retry). An https server sets ``scheme``
+    and ``verify`` (the SSLContext that trusts it, with a client certificate when it asks for one).
     """
+
+    scheme = "http"
+    verify: ssl.SSLContext | bool = True
 
     def __init__(
         self, module: str, args: Callable[[int], list[str]], ready_path: str = "/", port: int | None = None
@@ -68,8 +75,8 @@ class ServerProcess:
         if self.process is None:
             try:
                 self.process, self.port = launch(self._spawn, self.log, what=self.module, port=self._pinned)
-                self.url = f"http://127.0.0.1:{self.port}"
-                wait_for_http(self.url + self.ready_path, process=self.process)
+                self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+                wait_for_http(self.url + self.ready_path, process=self.process, verify=self.verify)
             except Exception as exc:
                 log = self.log()
                 self.stop()
