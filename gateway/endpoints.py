@@ -1,10 +1,13 @@
-"""The gateway's own endpoints under ``server.prefix``: health, readiness, metrics, logout, login.
+"""The gateway's own endpoints under ``server.prefix``: health, readiness, metrics, logout, login, and with
+``identity.assertion`` the key that verifies its assertions (``.well-known/jwks.json``).
 
 Starlette serves them: they are rare requests, where its conveniences cost nothing that matters.
 Logout is ``gateway.logout``; login and its callback, with ``login.oidc``, are ``gateway.login``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,8 +22,16 @@ from gateway.metrics import Metrics
 from gateway.store import Store
 
 
-def internal_app(prefix: str, store: Store, metrics: Metrics, logout: Logout, oidc: OIDCLogin | None) -> Starlette:
-    """The Starlette app for every path under ``prefix``."""
+def internal_app(
+    prefix: str,
+    store: Store,
+    metrics: Metrics,
+    logout: Logout,
+    oidc: OIDCLogin | None,
+    *,
+    jwks: dict[str, Any] | None = None,
+) -> Starlette:
+    """The Starlette app for every path under ``prefix``; ``jwks``: the assertion's public key set."""
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -44,6 +55,12 @@ def internal_app(prefix: str, store: Store, metrics: Metrics, logout: Logout, oi
     ]
     if oidc is not None:
         endpoints += [Endpoint("/login", oidc.login), Endpoint("/callback", oidc.callback)]
+    if jwks is not None:
+
+        async def key_set(request: Request) -> Response:
+            return JSONResponse(jwks, headers={"cache-control": "public, max-age=300"})
+
+        endpoints.append(Endpoint("/.well-known/jwks.json", key_set))
     app = Starlette(routes=[Mount(prefix, app=Router(endpoints, redirect_slashes=False))])
     # Starlette answers "/health/" with a redirect to a URL built from the Host header: an open
     # redirect on every host that reaches us (issue 14, point 16). A path that is not ours is 404.

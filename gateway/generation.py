@@ -19,6 +19,7 @@ import httpx
 
 from gateway.accesslog import AccessLog, RequestIds
 from gateway.admission import Admission
+from gateway.assertion import Assertion
 from gateway.authn import Authenticator
 from gateway.capture import Capturer
 from gateway.config import GatewayConfig
@@ -78,14 +79,9 @@ class Generation:
         routes = RouteTable.from_config(config.routes)
         jar = CookieJar.from_config(config.cookies, shared.sealer)
         identity = IdentityHeaders(config.identity.headers)
-        self.header_rules = HeaderRules(
-            strip_patterns=config.identity.strip_inbound,
-            identity_names=identity.names,
-            cookie_names=jar.bare_names,
-            app_cookies=() if jar.sealed else jar.bare_names[1:],  # raw mode: the app sets the refresh cookie
-            trusted_proxies=config.server.trusted_proxies,
-            forward_token=config.identity.forward_token,
-        )
+        signed = config.identity.assertion
+        self.assertion = Assertion(signed, config.identity.headers.values(), shared.clock) if signed else None
+        self.header_rules = self._header_rules(config, jar, identity.names)
         self.keys = build_key_source(config.tokens, shared.http, on_fetch=shared.metrics.jwks_fetch)
         verifier = Verifier(config.tokens, self.keys, shared.clock, denied=shared.denylist)
         self.refresher = self._refresher(config, shared, verifier, jar)
@@ -117,6 +113,7 @@ class Generation:
             tracer=tracer,
             access_log=access_log,
             request_ids=shared.request_ids,
+            assertion=self.assertion,
         )
         self.websocket = self._websocket_path(config, shared, routes, admission, deny, access_log)
         logout = Logout(
@@ -129,7 +126,8 @@ class Generation:
             client=self.client,
             redirect=config.logout.redirect,
         )
-        self.internal = internal_app(self.prefix, shared.store, shared.metrics, logout, oidc)
+        jwks = self.assertion.jwks if self.assertion else None
+        self.internal = internal_app(self.prefix, shared.store, shared.metrics, logout, oidc, jwks=jwks)
 
     async def start(self) -> None:
         await self.keys.start()
@@ -182,6 +180,18 @@ class Generation:
             metrics=shared.metrics,
             access_log=access_log,
             request_ids=shared.request_ids,
+            assertion=self.assertion,
+        )
+
+    def _header_rules(self, config: GatewayConfig, jar: CookieJar, identity: list[bytes]) -> HeaderRules:
+        """What crosses the gateway: identity headers (and the assertion's) are the gateway's alone."""
+        return HeaderRules(
+            strip_patterns=config.identity.strip_inbound,
+            identity_names=identity + ([self.assertion.name.encode()] if self.assertion else []),
+            cookie_names=jar.bare_names,
+            app_cookies=() if jar.sealed else jar.bare_names[1:],  # raw mode: the app sets the refresh cookie
+            trusted_proxies=config.server.trusted_proxies,
+            forward_token=config.identity.forward_token,
         )
 
     @staticmethod

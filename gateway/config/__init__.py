@@ -13,6 +13,7 @@ config a reload replaces, the number of workers). Import everything from ``gatew
 
 from __future__ import annotations
 
+from gateway.config.assertion import AssertionConfig
 from gateway.config.base import (
     ASYMMETRIC_ALGORITHMS,
     HS_ALGORITHMS,
@@ -20,7 +21,14 @@ from gateway.config.base import (
     MIN_HS_SECRET_BYTES,
     AuthMode,
 )
-from gateway.config.checks import key_weakness, load_public_key, reload_problems, validate_files, workers_problems
+from gateway.config.checks import (
+    key_weakness,
+    load_public_key,
+    load_signing_key,
+    reload_problems,
+    validate_files,
+    workers_problems,
+)
 from gateway.config.loading import load_config, parse_config
 from gateway.config.root import GatewayConfig
 from gateway.config.routes import (
@@ -49,6 +57,7 @@ __all__ = [
     "HS_ALGORITHMS",
     "MAX_LEEWAY",
     "MIN_HS_SECRET_BYTES",
+    "AssertionConfig",
     "AuthMode",
     "CSRFConfig",
     "CaptureConfig",
@@ -75,6 +84,7 @@ __all__ = [
     "key_weakness",
     "load_config",
     "load_public_key",
+    "load_signing_key",
     "parse_config",
     "reload_problems",
     "validate_files",

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
+from gateway.config.assertion import AssertionConfig
 from gateway.config.base import HS_ALGORITHMS
 from gateway.config.root import GatewayConfig
 from gateway.errors import ConfigError
@@ -23,15 +26,52 @@ MIN_RSA_BITS = 2048
 MIN_EC_BITS = 256
 
 
+_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1"}
+
+
 def validate_files(config: GatewayConfig) -> list[str]:
-    """Problems with the files the config names: ``tokens.public_key_file`` must hold a usable public key."""
-    if config.tokens.public_key_file is None:
-        return []
+    """Problems with the files the config names: ``tokens.public_key_file`` must hold a usable public key,
+    ``identity.assertion.private_key_file`` a private key for its algorithm."""
+    problems: list[str] = []
+    if config.tokens.public_key_file is not None:
+        try:
+            load_public_key(config.tokens.public_key_file, config.tokens.algorithms)
+        except ConfigError as exc:
+            problems += exc.problems
+    assertion = config.identity.assertion
+    if assertion is not None:
+        if assertion.header.lower() in {name.lower() for name in config.identity.headers}:
+            problems.append(f"identity.assertion.header: {assertion.header} is also an identity header")
+        try:
+            load_signing_key(assertion)
+        except ConfigError as exc:
+            problems += exc.problems
+    return problems
+
+
+def load_signing_key(config: AssertionConfig) -> Any:
+    """The private key of ``identity.assertion``, checked against its algorithm; ConfigError naming the key."""
+    path, alg = config.private_key_file, config.algorithm
+    where = "identity.assertion.private_key_file"
     try:
-        load_public_key(config.tokens.public_key_file, config.tokens.algorithms)
-    except ConfigError as exc:
-        return exc.problems
-    return []
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except OSError as exc:
+        raise ConfigError([f"{where}: cannot read {path} ({exc.strerror})"]) from None
+    except TypeError:
+        raise ConfigError([f"{where}: {path} is encrypted; give it unencrypted"]) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError([f"{where}: {path} is not a PEM private key"]) from None
+    if alg.startswith(("RS", "PS")):
+        fits = isinstance(key, rsa.RSAPrivateKey)
+        if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
+            raise ConfigError([f"{where}: {path} holds a {key.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits"])
+    elif alg in _CURVES:
+        fits = isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == _CURVES[alg]
+    else:  # EdDSA
+        fits = isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
+    if not fits:
+        raise ConfigError([f"{where}: {path} is not a key for identity.assertion.algorithm {alg}"])
+    return key
 
 
 def load_public_key(path: str, algorithms: tuple[str, ...]) -> Any:
