@@ -26,7 +26,7 @@ from gateway.config import GatewayConfig
 from gateway.cookies import CookieJar
 from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
-from gateway.endpoints import internal_app
+from gateway.endpoints import internal_app, private_app
 from gateway.families import Families
 from gateway.forwarder import Forwarder
 from gateway.headers import HeaderRules
@@ -126,8 +126,7 @@ class Generation:
             client=self.client,
             redirect=config.logout.redirect,
         )
-        jwks = self.assertion.jwks if self.assertion else None
-        self.internal = internal_app(self.prefix, shared.store, shared.metrics, logout, oidc, jwks=jwks)
+        self._internal_apps(config, shared, logout, oidc)
 
     async def start(self) -> None:
         await self.keys.start()
@@ -182,6 +181,18 @@ class Generation:
             request_ids=shared.request_ids,
             assertion=self.assertion,
         )
+
+    def _internal_apps(self, config: GatewayConfig, shared: Shared, logout: Logout, oidc: OIDCLogin | None) -> None:
+        """The endpoints under the prefix; with server.metrics, the private listener's app and its port (what
+        arrives there sees that small app, never a route)."""
+        jwks = self.assertion.jwks if self.assertion else None
+        listener = config.server.metrics
+        public = listener is None or listener.public
+        self.internal = internal_app(
+            self.prefix, shared.store, shared.metrics, logout, oidc, jwks=jwks, public_metrics=public
+        )
+        self.private_port = listener.port if listener else None
+        self.private = private_app(self.prefix, shared.store, shared.metrics)
 
     def _header_rules(self, config: GatewayConfig, jar: CookieJar, identity: list[bytes]) -> HeaderRules:
         """What crosses the gateway: identity headers (and the assertion's) are the gateway's alone."""

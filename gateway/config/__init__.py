@@ -39,7 +39,7 @@ from gateway.config.routes import (
     TimeoutConfig,
     WebSocketConfig,
 )
-from gateway.config.server import LimitsConfig, SentinelConfig, ServerConfig, StoreConfig
+from gateway.config.server import LimitsConfig, MetricsListenerConfig, SentinelConfig, ServerConfig, StoreConfig
 from gateway.config.sessions import (
     CookiesConfig,
     CookieSpec,
@@ -69,6 +69,7 @@ __all__ = [
     "LimitsConfig",
     "LoginConfig",
     "LogoutConfig",
+    "MetricsListenerConfig",
     "OIDCConfig",
     "RefreshConfig",
     "RefreshCookieSpec",

@@ -114,9 +114,16 @@ def reload_problems(running: GatewayConfig, new: GatewayConfig) -> list[str]:
         problems.append("store: changing the store needs a restart")
     if (new.server.host, new.server.port) != (running.server.host, running.server.port):
         problems.append("server.host/server.port: changing the listening address needs a restart")
+    if _listener(new) != _listener(running):
+        problems.append("server.metrics: the private metrics listener is bound at start; changing it needs a restart")
     if new.server.limits != running.server.limits:
         problems.append("server.limits: the HTTP server's limits are set at start; changing them needs a restart")
     return problems
+
+
+def _listener(config: GatewayConfig) -> tuple[str, int] | None:
+    metrics = config.server.metrics
+    return None if metrics is None else (metrics.host, metrics.port)
 
 
 def workers_problems(config: GatewayConfig, workers: int) -> list[str]:
