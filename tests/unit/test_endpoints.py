@@ -63,13 +63,6 @@ async def test_public_metrics_off_is_404_while_health_stays() -> None:
     assert (await get(gateway, f"http://127.0.0.1:{PRIVATE}/metrics")).status_code == 200
 
 
-async def test_without_a_listener_every_port_is_the_public_one() -> None:
-    gateway, upstream = app(None)
-    assert (await get(gateway, f"http://127.0.0.1:{PRIVATE}/metrics")).status_code == 200
-    assert len(upstream.seen) == 1  # a route, forwarded
-    assert (await get(gateway, f"http://127.0.0.1:{PRIVATE}/.gateway/metrics")).status_code == 200
-
-
 @pytest.mark.parametrize(
     ("metrics", "problem"),
     [
