@@ -97,7 +97,10 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
+        port = self.serving.private_port  # server.metrics: None unless configured
+        if port is not None and kind != "lifespan" and (scope.get("server") or (None, None))[1] == port:
+            await self.serving.private(scope, receive, send)
+        elif kind == "http":
             await self.serving.handle(scope, receive, send)
         elif kind == "websocket":
             await self.serving.websocket(scope, receive, send)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -82,6 +83,9 @@ def _serve(args: argparse.Namespace) -> int:
         ws_max_size=config.websocket.max_message_size,
         ws_ping_interval=config.websocket.ping_interval or None,
     )
+    private = _private_sockets(config, server_config.port)
+    if private is None:
+        return 1
     if args.workers > 1:
         import tempfile
 
@@ -90,11 +94,34 @@ def _serve(args: argparse.Namespace) -> int:
         # Workers publish metric snapshots here so that any of them answers a scrape for all.
         with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as metrics_dir:
             os.environ["GATEWAY_METRICS_DIR"] = metrics_dir
-            Supervisor(server_config, sockets=[server_config.bind_socket()]).run()
+            Supervisor(server_config, sockets=[server_config.bind_socket(), *private]).run()
         return 0
     server = uvicorn.Server(server_config)
-    server.run()
+    server.run(sockets=[server_config.bind_socket(), *private] if private else None)
     return 0 if server.started else 1
+
+
+def _private_sockets(config: GatewayConfig, public_port: int) -> list[socket.socket] | None:
+    """The private metrics listener's socket (server.metrics), bound here so that every worker answers on it, as on
+    the public one; [] without one; None after saying why it cannot be had."""
+    listener = config.server.metrics
+    if listener is None:
+        return []
+    if listener.port == public_port:
+        print(f"gateway: server.metrics.port: {public_port} is the public port (--port)", file=sys.stderr)
+        return None
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listener.host, listener.port))
+    except OSError as exc:
+        sock.close()
+        where = f"{listener.host}:{listener.port}"
+        print(f"gateway: server.metrics: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return None
+    sock.set_inheritable(True)
+    return [sock]
 
 
 def _demo(args: argparse.Namespace) -> int:

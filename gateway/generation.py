@@ -20,13 +20,14 @@ import httpx
 
 from gateway.accesslog import AccessLog, RequestIds
 from gateway.admission import Admission
+from gateway.assertion import Assertion
 from gateway.authn import Authenticator
 from gateway.capture import Capturer
 from gateway.config import GatewayConfig
 from gateway.cookies import CookieJar
 from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
-from gateway.endpoints import internal_app
+from gateway.endpoints import internal_app, private_app
 from gateway.families import Families
 from gateway.forwardauth import ForwardAuth
 from gateway.forwarder import Forwarder
@@ -82,14 +83,9 @@ class Generation:
         routes = RouteTable.from_config(config.routes, self.tls.route)
         jar = CookieJar.from_config(config.cookies, shared.sealer)
         identity = IdentityHeaders(config.identity.headers)
-        self.header_rules = HeaderRules(
-            strip_patterns=config.identity.strip_inbound,
-            identity_names=identity.names,
-            cookie_names=jar.bare_names,
-            app_cookies=() if jar.sealed else jar.bare_names[1:],  # raw mode: the app sets the refresh cookie
-            trusted_proxies=config.server.trusted_proxies,
-            forward_token=config.identity.forward_token,
-        )
+        signed = config.identity.assertion
+        self.assertion = Assertion(signed, config.identity.headers.values(), shared.clock) if signed else None
+        self.header_rules = self._header_rules(config, jar, identity.names)
         self.keys = build_key_source(config.tokens, self.tls.client("tokens"), on_fetch=shared.metrics.jwks_fetch)
         verifier = Verifier(config.tokens, self.keys, shared.clock, denied=shared.denylist)
         self.refresher = self._refresher(config, shared, verifier, jar)
@@ -121,6 +117,7 @@ class Generation:
             tracer=tracer,
             access_log=access_log,
             request_ids=shared.request_ids,
+            assertion=self.assertion,
         )
         self.websocket = self._websocket_path(config, shared, routes, admission, deny, access_log)
         self.forward_auth = self._forward_auth(config, shared, routes, admission, deny, access_log)
@@ -134,7 +131,7 @@ class Generation:
             client=self.client,
             redirect=config.logout.redirect,
         )
-        self.internal = internal_app(self.prefix, shared.store, shared.metrics, logout, oidc)
+        self._internal_apps(config, shared, logout, oidc)
 
     async def start(self) -> None:
         await self.keys.start()
@@ -192,6 +189,30 @@ class Generation:
             metrics=shared.metrics,
             access_log=access_log,
             request_ids=shared.request_ids,
+            assertion=self.assertion,
+        )
+
+    def _internal_apps(self, config: GatewayConfig, shared: Shared, logout: Logout, oidc: OIDCLogin | None) -> None:
+        """The endpoints under the prefix; with server.metrics, the private listener's app and its port (what
+        arrives there sees that small app, never a route)."""
+        jwks = self.assertion.jwks if self.assertion else None
+        listener = config.server.metrics
+        public = listener is None or listener.public
+        self.internal = internal_app(
+            self.prefix, shared.store, shared.metrics, logout, oidc, jwks=jwks, public_metrics=public
+        )
+        self.private_port = listener.port if listener else None
+        self.private = private_app(self.prefix, shared.store, shared.metrics)
+
+    def _header_rules(self, config: GatewayConfig, jar: CookieJar, identity: list[bytes]) -> HeaderRules:
+        """What crosses the gateway: identity headers (and the assertion's) are the gateway's alone."""
+        return HeaderRules(
+            strip_patterns=config.identity.strip_inbound,
+            identity_names=identity + ([self.assertion.name.encode()] if self.assertion else []),
+            cookie_names=jar.bare_names,
+            app_cookies=() if jar.sealed else jar.bare_names[1:],  # raw mode: the app sets the refresh cookie
+            trusted_proxies=config.server.trusted_proxies,
+            forward_token=config.identity.forward_token,
         )
 
     def _forward_auth(

@@ -23,6 +23,7 @@ from yarl import URL
 
 from gateway.accesslog import AccessLog, RequestIds, RequestInfo
 from gateway.admission import Admission, Admitted
+from gateway.assertion import Assertion
 from gateway.bodies import RequestBody, declared_too_large
 from gateway.cache import BoundedCache
 from gateway.capture import Capturer, capture_plan
@@ -101,7 +102,9 @@ class HttpPath:
         tracer: Tracer,
         access_log: AccessLog,
         request_ids: RequestIds,
+        assertion: Assertion | None = None,
     ) -> None:
+        self._assertion = assertion  # identity.assertion: a signed JWT on authenticated requests
         self._routes = routes
         self._admission = admission
         self._headers = header_rules
@@ -208,6 +211,8 @@ class HttpPath:
         if claims is not None:
             info.subject = claims.get("sub")
             info.refreshed = admitted.refreshed
+            if self._assertion is not None:
+                headers.append(self._assertion.header(admitted.token, claims, route))
         if route.capture is not None:
             # The login response is read and rewritten here, so it must come back unencoded: said
             # explicitly, since a request without Accept-Encoding accepts any coding (RFC 9110 §12.5.3).

@@ -25,6 +25,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
 from gateway.accesslog import AccessLog, RequestIds, RequestInfo
 from gateway.admission import Admission, Admitted
+from gateway.assertion import Assertion
 from gateway.config import WebSocketConfig
 from gateway.errors import BadHeader, BadPath
 from gateway.families import Families
@@ -61,7 +62,9 @@ class WebSocketPath:
         metrics: Metrics,
         access_log: AccessLog,
         request_ids: RequestIds,
+        assertion: Assertion | None = None,
     ) -> None:
+        self._assertion = assertion
         self._prefix = prefix
         self._routes = routes
         self._admission = admission
@@ -201,6 +204,8 @@ class WebSocketPath:
         # The client library makes its own Sec-WebSocket-* headers; Host is the client's, as on
         # the HTTP path (tunnel.connect_upstream puts it in place of the library's).
         headers = [(n, v) for n, v in headers if not n.startswith("sec-websocket-")]
+        if self._assertion is not None and admitted.claims is not None:
+            headers.append(self._assertion.header(admitted.token, admitted.claims, route))
         up = route.upstream
         query: bytes = scope["query_string"]
         url = f"{'wss' if up.scheme == 'https' else 'ws'}://{up.netloc}{up.base_path}{path}"

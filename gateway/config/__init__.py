@@ -13,6 +13,7 @@ config a reload replaces, the number of workers). Import everything from ``gatew
 
 from __future__ import annotations
 
+from gateway.config.assertion import AssertionConfig
 from gateway.config.base import (
     ASYMMETRIC_ALGORITHMS,
     HS_ALGORITHMS,
@@ -23,6 +24,7 @@ from gateway.config.base import (
 from gateway.config.checks import (
     key_weakness,
     load_public_key,
+    load_signing_key,
     reload_problems,
     ssl_reason,
     tls_context,
@@ -39,7 +41,7 @@ from gateway.config.routes import (
     TimeoutConfig,
     WebSocketConfig,
 )
-from gateway.config.server import LimitsConfig, SentinelConfig, ServerConfig, StoreConfig
+from gateway.config.server import LimitsConfig, MetricsListenerConfig, SentinelConfig, ServerConfig, StoreConfig
 from gateway.config.sessions import (
     CookiesConfig,
     CookieSpec,
@@ -58,6 +60,7 @@ __all__ = [
     "HS_ALGORITHMS",
     "MAX_LEEWAY",
     "MIN_HS_SECRET_BYTES",
+    "AssertionConfig",
     "AuthMode",
     "CSRFConfig",
     "CaptureConfig",
@@ -69,6 +72,7 @@ __all__ = [
     "LimitsConfig",
     "LoginConfig",
     "LogoutConfig",
+    "MetricsListenerConfig",
     "OIDCConfig",
     "RefreshConfig",
     "RefreshCookieSpec",
@@ -85,6 +89,7 @@ __all__ = [
     "key_weakness",
     "load_config",
     "load_public_key",
+    "load_signing_key",
     "parse_config",
     "reload_problems",
     "ssl_reason",

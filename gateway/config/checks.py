@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
+from gateway.config.assertion import AssertionConfig
 from gateway.config.base import HS_ALGORITHMS
 from gateway.config.root import GatewayConfig
 from gateway.config.tls import TLSConfig
@@ -26,9 +29,13 @@ MIN_RSA_BITS = 2048
 MIN_EC_BITS = 256
 
 
+_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1"}
+
+
 def validate_files(config: GatewayConfig) -> list[str]:
-    """Problems with the files the config names: ``tokens.public_key_file`` must hold a usable public key, and
-    every ``tls`` key's files readable PEM (a CA certificate, a client certificate with its key)."""
+    """Problems with the files the config names: ``tokens.public_key_file`` must hold a usable public key,
+    every ``tls`` key's files readable PEM (a CA certificate, a client certificate with its key), and
+    ``identity.assertion.private_key_file`` a private key for its algorithm."""
     problems: list[str] = []
     if config.tokens.public_key_file is not None:
         try:
@@ -38,6 +45,14 @@ def validate_files(config: GatewayConfig) -> list[str]:
     for key, tls in config.tls_settings():
         try:
             tls_context(key, tls)
+        except ConfigError as exc:
+            problems += exc.problems
+    assertion = config.identity.assertion
+    if assertion is not None:
+        if assertion.header.lower() in {name.lower() for name in config.identity.headers}:
+            problems.append(f"identity.assertion.header: {assertion.header} is also an identity header")
+        try:
+            load_signing_key(assertion)
         except ConfigError as exc:
             problems += exc.problems
     return problems
@@ -94,6 +109,31 @@ def ssl_reason(exc: ssl.SSLError) -> str:
     return reason.lower().replace("_", " ") if isinstance(reason, str) else str(exc)
 
 
+def load_signing_key(config: AssertionConfig) -> Any:
+    """The private key of ``identity.assertion``, checked against its algorithm; ConfigError naming the key."""
+    path, alg = config.private_key_file, config.algorithm
+    where = "identity.assertion.private_key_file"
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except OSError as exc:
+        raise ConfigError([f"{where}: cannot read {path} ({exc.strerror})"]) from None
+    except TypeError:
+        raise ConfigError([f"{where}: {path} is encrypted; give it unencrypted"]) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError([f"{where}: {path} is not a PEM private key"]) from None
+    if alg.startswith(("RS", "PS")):
+        fits = isinstance(key, rsa.RSAPrivateKey)
+        if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
+            raise ConfigError([f"{where}: {path} holds a {key.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits"])
+    elif alg in _CURVES:
+        fits = isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == _CURVES[alg]
+    else:  # EdDSA
+        fits = isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
+    if not fits:
+        raise ConfigError([f"{where}: {path} is not a key for identity.assertion.algorithm {alg}"])
+    return key
+
+
 def load_public_key(path: str, algorithms: tuple[str, ...]) -> Any:
     """The public key in the PEM file at ``path`` for one of ``algorithms``; ConfigError when there is none."""
     try:
@@ -134,9 +174,16 @@ def reload_problems(running: GatewayConfig, new: GatewayConfig) -> list[str]:
         problems.append("store: changing the store needs a restart")
     if (new.server.host, new.server.port) != (running.server.host, running.server.port):
         problems.append("server.host/server.port: changing the listening address needs a restart")
+    if _listener(new) != _listener(running):
+        problems.append("server.metrics: the private metrics listener is bound at start; changing it needs a restart")
     if new.server.limits != running.server.limits:
         problems.append("server.limits: the HTTP server's limits are set at start; changing them needs a restart")
     return problems
+
+
+def _listener(config: GatewayConfig) -> tuple[str, int] | None:
+    metrics = config.server.metrics
+    return None if metrics is None else (metrics.host, metrics.port)
 
 
 def workers_problems(config: GatewayConfig, workers: int) -> list[str]:

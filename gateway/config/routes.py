@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
+from gateway.config.assertion import AssertionConfig
 from gateway.config.base import HEADER_NAME, AuthMode, Model, is_http_url
 from gateway.config.tls import TLSConfig
 
@@ -30,6 +31,8 @@ class IdentityConfig(Model):
     in `headers` are always removed too."""
     forward_token: bool = False
     """Replace `Authorization` upstream with `Bearer <access token>`."""
+    assertion: AssertionConfig | None = None
+    """A signed identity assertion (JWT) on every authenticated request forwarded; none by default."""
 
     @field_validator("headers")
     @classmethod

@@ -35,6 +35,20 @@ class LimitsConfig(Model):
     leaves this count once upgraded (`websocket.max_connections` caps those)."""
 
 
+class MetricsListenerConfig(Model):
+    """A private listener for `/metrics`, `/health` and `/ready`, off the public port. It serves only those (at the
+    root and under `server.prefix`: `http://127.0.0.1:9100/metrics`), never a route; every worker answers on it,
+    with the numbers of all workers. A change of `host` or `port` needs a restart."""
+
+    host: str = "127.0.0.1"
+    """Bind address of the private listener; keep it off the public network (loopback, or an internal
+    interface)."""
+    port: int = Field(ge=1, le=65535)
+    """Port of the private listener; required, and not the public port. Taken already: `gateway serve` exits 1."""
+    public: bool = True
+    """Also serve `{prefix}/metrics` on the public port; `false` answers 404 there (`health` and `ready` stay)."""
+
+
 class ServerConfig(Model):
     """Where the gateway listens, where its internal endpoints live, and what it logs and traces."""
 
@@ -59,6 +73,14 @@ class ServerConfig(Model):
     value is put on a span."""
     limits: LimitsConfig = LimitsConfig()
     """Header size, count and deadline, keep-alive idle time, and connections per worker."""
+    metrics: MetricsListenerConfig | None = None
+    """A private listener for metrics and health checks; none: `{prefix}/metrics` on the public port only."""
+
+    @model_validator(mode="after")
+    def _metrics_port(self) -> ServerConfig:
+        if self.metrics is not None and self.metrics.port == self.port:
+            raise key_problems(("metrics.port", f"{self.port} is the public port (server.port)"))
+        return self
 
     @field_validator("prefix")
     @classmethod
