@@ -29,6 +29,7 @@ from gateway.capture import Capturer, capture_plan
 from gateway.errors import BadHeader, BadPath, UpstreamFailure
 from gateway.forwarder import Forwarder, UpstreamResponse, chunks, upstream_url
 from gateway.headers import HeaderRules
+from gateway.heads import Scanned
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.responses import NO_STORE, Denials
@@ -40,49 +41,6 @@ log = logging.getLogger("gateway")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "OTHER" in metrics
 _CLOSE = [(b"connection", b"close")]  # after a 413: the rest of the body is not read
-
-
-class Scanned:
-    """What the path needs from the request's headers, found in one pass over them."""
-
-    __slots__ = (
-        "host",
-        "hosts",
-        "authorization",
-        "authorizations",
-        "request_id",
-        "has_body",
-        "length",
-        "cookies",
-        "connection",
-    )
-
-    def __init__(self, headers: RawHeaders) -> None:
-        self.host: bytes | None = None
-        self.authorization: bytes | None = None  # the first one
-        self.request_id: bytes | None = None
-        self.length: bytes | None = None  # Content-Length
-        self.hosts = self.authorizations = 0
-        self.has_body = self.cookies = self.connection = False
-        for name, value in headers:
-            if name == b"host":
-                self.host = value
-                self.hosts += 1
-            elif name == b"authorization":
-                if self.authorization is None:
-                    self.authorization = value
-                self.authorizations += 1
-            elif name == b"cookie":
-                self.cookies = True
-            elif name == b"content-length":
-                self.has_body = value.strip() != b"0"
-                self.length = value
-            elif name == b"transfer-encoding":
-                self.has_body = True
-            elif name == b"x-request-id" and self.request_id is None:
-                self.request_id = value
-            elif name == b"connection":
-                self.connection = True
 
 
 class HttpPath:
