@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from gateway.config import AuthMode, CaptureConfig, RouteConfig
+from gateway.cors import CORSPolicy
 from gateway.errors import BadPath
 
 # Characters kept literal when the canonical path is re-encoded (RFC 3986 pchar plus "/").
@@ -90,6 +91,8 @@ class Route:
     allow: bytes  # the Allow header of a 405
     path_style: str  # how its upstream reads paths (RouteConfig.path_style)
     max_body: int | None  # bytes of request body; None: no limit
+    cors: CORSPolicy | None = None  # the gateway answers preflights and sets the CORS headers (gateway.cors)
+    preflight: bool = False  # preflight: upstream: preflights are forwarded unauthenticated
 
     def matches(self, path: str) -> bool:
         return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
@@ -111,6 +114,8 @@ def compile_route(config: RouteConfig) -> Route:
         allow=", ".join(config.methods).encode(),
         path_style=config.path_style,
         max_body=config.max_body,
+        cors=CORSPolicy(config.cors, config.methods) if config.cors else None,
+        preflight=config.preflight == "upstream",
     )
 
 
@@ -176,6 +181,7 @@ class RouteTable:
             where = f"{r.host or '*'}{r.prefix or '/'}"
             rule = f" require={r.require}" if r.require else ""
             rule += f" max_body={r.max_body}" if r.max_body is not None else ""
+            rule += " cors" if r.cors else " preflight=upstream" if r.preflight else ""
             lines.append(f"{r.name:<16} {where:<32} -> {r.upstream.origin}{r.upstream.base_path}  auth={r.auth}{rule}")
         return lines
 

@@ -6,7 +6,7 @@ keys. Every problem is collected and reported at once as ``key.path: message``
 (``routes[2].upstream: not an http(s) URL``) in a :class:`ConfigError`.
 
 The package holds one module per group of sections (``server``, ``tokens``, ``sessions``,
-``routes``), ``root`` for the whole file and the rules across sections, ``loading`` for
+``routes``, ``cors``), ``root`` for the whole file and the rules across sections, ``loading`` for
 reading it, and ``checks`` for rules that need more than the file (the files it names, the
 config a reload replaces, the number of workers). Import everything from ``gateway.config``.
 """
@@ -21,6 +21,7 @@ from gateway.config.base import (
     AuthMode,
 )
 from gateway.config.checks import key_weakness, load_public_key, reload_problems, validate_files, workers_problems
+from gateway.config.cors import CORSConfig
 from gateway.config.loading import load_config, parse_config
 from gateway.config.root import GatewayConfig
 from gateway.config.routes import (
@@ -50,6 +51,7 @@ __all__ = [
     "MAX_LEEWAY",
     "MIN_HS_SECRET_BYTES",
     "AuthMode",
+    "CORSConfig",
     "CSRFConfig",
     "CaptureConfig",
     "ConfigError",
