@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import jwt
@@ -232,6 +233,21 @@ async def test_a_cors_origin_without_credentials_is_not_trusted_with_the_session
     app, upstream = build({**SPA_API, "cors": {"allowed_origins": [SPA]}})
     refused = await call(app, "POST", "/api/items", CROSS_SITE_POST, cookies={"gw_access": token()})
     assert refused.status_code == 403 and refused.json()["reason"] == "csrf" and upstream.seen == []
+
+
+async def test_a_credentialed_cors_origin_may_open_a_websocket_on_the_session_on_that_route_only() -> None:
+    app, _ = build(SPA_API)
+    admission, routes = app.serving.http._admission, app.serving.http._routes
+
+    def handshake(origin: str) -> dict[str, Any]:
+        headers = [(b"host", b"gw.example"), (b"origin", origin.encode()), (b"cookie", f"gw_access={token()}".encode())]
+        return {"type": "websocket", "scheme": "ws", "client": ("127.0.0.1", 1), "headers": headers}
+
+    api, other = routes.match(None, "/api/live"), routes.match(None, "/live")
+    assert api is not None and other is not None
+    assert (await admission.websocket(handshake(SPA), api)).claims == {"sub": "alice", "exp": ANY}
+    assert (await admission.websocket(handshake(EVIL), api)).refused == "csrf"
+    assert (await admission.websocket(handshake(SPA), other)).refused == "csrf"
 
 
 def test_a_preflight_is_an_options_with_origin_and_access_control_request_method() -> None:
