@@ -48,6 +48,7 @@ class Admitted(NamedTuple):
 
 
 ANONYMOUS = Admitted()
+PREFLIGHT = Admitted()  # a CORS preflight forwarded unauthenticated (preflight: upstream): not even Authorization
 REFUSED_CSRF = Admitted(refused=Reason.CSRF)
 
 
@@ -101,7 +102,7 @@ class Admission:
         if route.auth == "none":
             # A login route's captured tokens become the browser's session: logging a victim into
             # the attacker's account from another site (login CSRF) is refused like any forgery.
-            if route.capture is not None and scope["method"] not in SAFE_METHODS and self._forged(scope):
+            if route.capture is not None and scope["method"] not in SAFE_METHODS and self._forged(scope, route):
                 return REFUSED_CSRF
             return ANONYMOUS
         if authorization is not None:
@@ -148,7 +149,7 @@ class Admission:
         headers: RawHeaders = scope["headers"]
         # Browsers send cookies with cross-site WebSocket handshakes and no CORS applies:
         # a cookie session is only good from its own site (cross-site WebSocket hijacking).
-        if bearer_token(headers) is None and any(self._jar.read(headers)) and self._forged(scope, "POST"):
+        if bearer_token(headers) is None and any(self._jar.read(headers)) and self._forged(scope, route, "POST"):
             return Admitted(refused=Reason.CSRF)
         return self._judge(route, await self._authenticator.authenticate(headers, self._client(scope)))
 
@@ -173,10 +174,11 @@ class Admission:
         """An unsafe request riding on a session cookie (either one) from another site (see gateway.csrf)."""
         if route.capture is None and self._jar.read(scope["headers"]) == (None, None):
             return False
-        return self._forged(scope)
+        return self._forged(scope, route)
 
-    def _forged(self, scope: Scope, method: str | None = None) -> bool:
-        refused: bool = self._csrf.refuses(method or scope["method"], scope["headers"], self._origin(scope))
+    def _forged(self, scope: Scope, route: Route, method: str | None = None) -> bool:
+        trusted = route.cors.trusted if route.cors is not None else frozenset()
+        refused: bool = self._csrf.refuses(method or scope["method"], scope["headers"], self._origin(scope), trusted)
         return refused
 
     def _remember(self, key: bytes | str, auth: AuthResult, admitted: Admitted) -> None:

@@ -26,11 +26,14 @@ import logging
 import time
 
 from gateway.accesslog import AccessLog, RequestIds, RequestInfo
-from gateway.admission import Admission, Admitted
+from gateway.admission import PREFLIGHT, Admission, Admitted
+from gateway.assertion import Assertion
 from gateway.cache import BoundedCache
+from gateway.cors import is_preflight
 from gateway.errors import BadPath
 from gateway.headers import HeaderRules, TrustedProxies
-from gateway.http import METHODS, Scanned
+from gateway.heads import Scanned
+from gateway.http import METHODS
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.responses import NO_STORE, Denials, send_response
@@ -98,6 +101,7 @@ class ForwardAuth:
         request_ids: RequestIds,
         forward_token: bool,
         identity_names: list[bytes],
+        assertion: Assertion | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._routes = routes
@@ -109,7 +113,8 @@ class ForwardAuth:
         self._access_log = access_log
         self._request_ids = request_ids
         self._forward_token = forward_token
-        self._identity_names = identity_names
+        self._assertion = assertion  # identity.assertion: in the 200, for the proxy to copy upstream
+        self._identity_names = identity_names + ([assertion.name.lower().encode()] if assertion else [])
         self._paths: BoundedCache[bytes, tuple[str, str]] = BoundedCache()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -143,6 +148,13 @@ class ForwardAuth:
         if isinstance(found, Reason):
             return "-", await self._refuse(send, asked, original, found, None)
         route = found
+        if (route.cors is not None or route.preflight) and is_preflight(asked):
+            # A CORS preflight carries no credentials: allowed as nobody, for the proxy or the app to answer.
+            origin = next((value for name, value in asked["headers"] if name == b"origin"), None)
+            if route.cors is not None and not route.cors.allowed(origin):
+                return route.name, await self._refuse(send, asked, original, Reason.CORS_ORIGIN, route)
+            await send_response(send, 200, b"", self._granted(PREFLIGHT, asked["gateway"], route))
+            return route.name, 200
         if original.method not in route.methods:
             extra = [(b"allow", route.allow)]
             return route.name, await self._refuse(send, asked, original, Reason.METHOD_NOT_ALLOWED, route, extra=extra)
@@ -151,7 +163,7 @@ class ForwardAuth:
             return route.name, await self._refuse(
                 send, asked, original, admitted.refused, route, cookies=admitted.set_cookies
             )
-        headers = self._granted(admitted, asked["gateway"])
+        headers = self._granted(admitted, asked["gateway"], route)
         if original.nginx:
             headers += numbered_cookies(admitted.set_cookies)
         await send_response(send, 200, b"", headers)
@@ -165,19 +177,22 @@ class ForwardAuth:
         known = self._admission.known(asked, route, seen.authorization, seen.authorizations, seen.cookies)
         return known if known is not None else await self._admission.http(asked, route)
 
-    def _granted(self, admitted: Admitted, info: RequestInfo) -> RawHeaders:
-        """The 200's headers: identity for the upstream, rotated cookies for the client."""
+    def _granted(self, admitted: Admitted, info: RequestInfo, route: Route) -> RawHeaders:
+        """The 200's headers: identity (and the assertion) for the upstream, rotated cookies for the client."""
         out: RawHeaders = [(b"content-length", b"0"), NO_STORE, (b"x-request-id", info.request_id.encode())]
         identity = [(name.encode("ascii"), value.encode("utf-8")) for name, value in admitted.identity]
+        claims = admitted.claims
+        if claims is not None:
+            info.subject, info.refreshed = claims.get("sub"), admitted.refreshed
+            if self._forward_token and admitted.token:
+                out.append((b"authorization", b"Bearer " + admitted.token.encode("ascii")))
+            if self._assertion is not None:
+                name, value = self._assertion.header(admitted.token, claims, route)
+                identity.append((name.lower().encode("ascii"), value.encode("ascii")))
         # Every identity header, empty when there is no such claim (or no user): a proxy that copies
         # a header the answer lacks may leave the client's own in place, or a placeholder (Caddy 2.6).
         given = {name for name, _ in identity}
         out += identity + [(name, b"") for name in self._identity_names if name not in given]
-        if admitted.claims is not None:
-            info.subject = admitted.claims.get("sub")
-            info.refreshed = admitted.refreshed
-            if self._forward_token and admitted.token:
-                out.append((b"authorization", b"Bearer " + admitted.token.encode("ascii")))
         out += [(b"set-cookie", cookie) for cookie in admitted.set_cookies or ()]
         return out
 

@@ -236,6 +236,7 @@ class Generation:
             request_ids=shared.request_ids,
             forward_token=config.identity.forward_token,
             identity_names=IdentityHeaders(config.identity.headers).names,
+            assertion=self.assertion,
         )
 
     def _refresher(

@@ -3,8 +3,10 @@
     identify   X-Request-ID (the client's when sane, else a new one)       accesslog.RequestInfo
     path       canonical form; an ambiguous path is 400                    routing.canonical_path
     route      by host and path prefix; none is 404                        routing.RouteTable
+    CORS       a cors route's preflight answered, its CORS headers set     cors.CORSPolicy
     size       a Content-Length over the route's max_body is 413           bodies.declared_too_large
     admit      CSRF, credential, refresh, claims, identity headers         admission.Admission
+               (a preflight: upstream route's preflight skips it)
     rewrite    the request's headers as the upstream gets them             headers.HeaderRules.upstream
     forward    streamed both ways; 502 / 504; a body cut at max_body: 413  forwarder.Forwarder, bodies.RequestBody
     answer     upstream headers filtered, rotated cookies added, or a      headers.HeaderRules.outbound,
@@ -22,14 +24,16 @@ import time
 from yarl import URL
 
 from gateway.accesslog import AccessLog, RequestIds, RequestInfo
-from gateway.admission import Admission, Admitted
+from gateway.admission import PREFLIGHT, Admission, Admitted
 from gateway.assertion import Assertion
 from gateway.bodies import RequestBody, declared_too_large
 from gateway.cache import BoundedCache
 from gateway.capture import Capturer, capture_plan
+from gateway.cors import is_preflight
 from gateway.errors import BadHeader, BadPath, UpstreamFailure
 from gateway.forwarder import Forwarder, UpstreamResponse, chunks, upstream_url
 from gateway.headers import HeaderRules
+from gateway.heads import Scanned
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.responses import NO_STORE, Denials
@@ -41,49 +45,6 @@ log = logging.getLogger("gateway")
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "OTHER" in metrics
 _CLOSE = [(b"connection", b"close")]  # after a 413: the rest of the body is not read
-
-
-class Scanned:
-    """What the path needs from the request's headers, found in one pass over them."""
-
-    __slots__ = (
-        "host",
-        "hosts",
-        "authorization",
-        "authorizations",
-        "request_id",
-        "has_body",
-        "length",
-        "cookies",
-        "connection",
-    )
-
-    def __init__(self, headers: RawHeaders) -> None:
-        self.host: bytes | None = None
-        self.authorization: bytes | None = None  # the first one
-        self.request_id: bytes | None = None
-        self.length: bytes | None = None  # Content-Length
-        self.hosts = self.authorizations = 0
-        self.has_body = self.cookies = self.connection = False
-        for name, value in headers:
-            if name == b"host":
-                self.host = value
-                self.hosts += 1
-            elif name == b"authorization":
-                if self.authorization is None:
-                    self.authorization = value
-                self.authorizations += 1
-            elif name == b"cookie":
-                self.cookies = True
-            elif name == b"content-length":
-                self.has_body = value.strip() != b"0"
-                self.length = value
-            elif name == b"transfer-encoding":
-                self.has_body = True
-            elif name == b"x-request-id" and self.request_id is None:
-                self.request_id = value
-            elif name == b"connection":
-                self.connection = True
 
 
 class HttpPath:
@@ -147,12 +108,19 @@ class HttpPath:
         if isinstance(found, Reason):
             return "-", await self._deny(send, scope, found, None)
         route, path = found
+        if route.cors is not None:  # gateway.cors: a preflight is answered here, every other answer gets CORS headers
+            if is_preflight(scope):
+                return route.name, await route.cors.preflight(scope, send, self._deny, route.name)
+            send = route.cors.wrap(scope, send)
         if scope["method"] not in route.methods:
             allow = [(b"allow", route.allow)]
             return route.name, await self._deny(send, scope, Reason.METHOD_NOT_ALLOWED, route.name, extra=allow)
         if route.max_body is not None and declared_too_large(seen.length, route.max_body):
             return route.name, await self._deny(send, scope, Reason.BODY_TOO_LARGE, route.name, extra=_CLOSE)
-        admitted = self._admission.known(scope, route, seen.authorization, seen.authorizations, seen.cookies)
+        if route.preflight and is_preflight(scope):  # preflight: upstream: forwarded as nobody (gateway.cors)
+            admitted: Admitted | None = PREFLIGHT
+        else:
+            admitted = self._admission.known(scope, route, seen.authorization, seen.authorizations, seen.cookies)
         if admitted is None:
             admitted = await self._admission.http(scope, route)
         if admitted.refused is not None:
@@ -204,7 +172,8 @@ class HttpPath:
             token=admitted.token if claims is not None else None,
             # A client's own Authorization goes upstream only where nothing is checked, or when
             # it is the very token the gateway verified: an app must not act on one it never saw checked.
-            authorization=route.auth == "none" or (admitted.bearer and claims is not None),
+            authorization=(route.auth == "none" and admitted is not PREFLIGHT)
+            or (admitted.bearer and claims is not None),
             connection=seen.connection,
             client_request_id=seen.request_id is not None,
         )

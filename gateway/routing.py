@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from gateway.config import AuthMode, CaptureConfig, RouteConfig
+from gateway.cors import CORSPolicy
 from gateway.errors import BadPath
 from gateway.tls import UpstreamTLS
 
@@ -92,6 +93,8 @@ class Route:
     path_style: str  # how its upstream reads paths (RouteConfig.path_style)
     max_body: int | None  # bytes of request body; None: no limit
     tls: UpstreamTLS | None = None  # routes[].tls for an https upstream; None: the defaults
+    cors: CORSPolicy | None = None  # the gateway answers preflights and sets the CORS headers (gateway.cors)
+    preflight: bool = False  # preflight: upstream: preflights are forwarded unauthenticated
 
     def matches(self, path: str) -> bool:
         return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
@@ -114,6 +117,8 @@ def compile_route(config: RouteConfig, tls: UpstreamTLS | None = None) -> Route:
         path_style=config.path_style,
         max_body=config.max_body,
         tls=tls,
+        cors=CORSPolicy(config.cors, config.methods) if config.cors else None,
+        preflight=config.preflight == "upstream",
     )
 
 
@@ -182,6 +187,7 @@ class RouteTable:
             where = f"{r.host or '*'}{r.prefix or '/'}"
             rule = f" require={r.require}" if r.require else ""
             rule += f" max_body={r.max_body}" if r.max_body is not None else ""
+            rule += " cors" if r.cors else " preflight=upstream" if r.preflight else ""
             lines.append(f"{r.name:<16} {where:<32} -> {r.upstream.origin}{r.upstream.base_path}  auth={r.auth}{rule}")
         return lines
 

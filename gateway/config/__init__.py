@@ -6,7 +6,7 @@ keys. Every problem is collected and reported at once as ``key.path: message``
 (``routes[2].upstream: not an http(s) URL``) in a :class:`ConfigError`.
 
 The package holds one module per group of sections (``server``, ``tokens``, ``sessions``,
-``routes``), ``root`` for the whole file and the rules across sections, ``loading`` for
+``routes``, ``cors``), ``root`` for the whole file and the rules across sections, ``loading`` for
 reading it, and ``checks`` for rules that need more than the file (the files it names, the
 config a reload replaces, the number of workers). Import everything from ``gateway.config``.
 """
@@ -31,6 +31,7 @@ from gateway.config.checks import (
     validate_files,
     workers_problems,
 )
+from gateway.config.cors import CORSConfig
 from gateway.config.loading import load_config, parse_config
 from gateway.config.root import GatewayConfig
 from gateway.config.routes import (
@@ -62,6 +63,7 @@ __all__ = [
     "MIN_HS_SECRET_BYTES",
     "AssertionConfig",
     "AuthMode",
+    "CORSConfig",
     "CSRFConfig",
     "CaptureConfig",
     "ConfigError",

@@ -6,10 +6,11 @@ import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from gateway.config.assertion import AssertionConfig
-from gateway.config.base import HEADER_NAME, AuthMode, Model, is_http_url
+from gateway.config.base import HEADER_NAME, AuthMode, Model, is_http_url, key_problems
+from gateway.config.cors import CORSConfig
 from gateway.config.tls import TLSConfig
 
 DEFAULT_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -132,6 +133,13 @@ class RouteConfig(Model):
     has not answered yet, else the connection is closed. Either way the connection is closed after the 413."""
     tls: TLSConfig | None = None
     """TLS to an `https://` upstream, for HTTP and WebSocket alike (private CA, client certificate, SNI name)."""
+    preflight: Literal["authenticate", "upstream"] = "authenticate"
+    """CORS preflights (`OPTIONS` with `Origin` and `Access-Control-Request-Method`). `authenticate`: like any
+    request (browsers send preflights without cookies: 401 on an `auth: required` route). `upstream`: forwarded
+    without authentication, with no identity headers, no `Authorization` and no access token (the app answers them;
+    oauth2-proxy's `skip_auth_preflight`); `methods` must include `OPTIONS`. Not with `cors`."""
+    cors: CORSConfig | None = None
+    """The gateway answers this route's preflights and sets its CORS headers itself."""
 
     @field_validator("path")
     @classmethod
@@ -160,3 +168,14 @@ class RouteConfig(Model):
         if not methods or any(not _TOKEN.fullmatch(m) for m in methods):
             raise ValueError("must be a list of HTTP method names")
         return methods
+
+    @model_validator(mode="after")
+    def _cross_origin(self) -> RouteConfig:
+        if self.cors is not None and self.preflight == "upstream":
+            raise key_problems(("preflight", "upstream answers preflights, cors has the gateway answer them: pick one"))
+        if self.preflight == "upstream" and "OPTIONS" not in self.methods:
+            raise key_problems(("preflight", "upstream forwards OPTIONS: list it in methods"))
+        extra = [m for m in (self.cors.allowed_methods or ()) if m not in self.methods] if self.cors else []
+        if extra:
+            raise key_problems(("cors.allowed_methods", f"not in the route's methods: {', '.join(extra)}"))
+        return self

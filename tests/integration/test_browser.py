@@ -91,6 +91,42 @@ class Recorder:
         self.server.server_close()
 
 
+class SinglePage:
+    """A single-page app's own server: another origin (another port) of the gateway's site, serving one page."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = b"<!doctype html><title>spa</title><p>an app on another origin"
+                self.send_response(200)
+                self.send_header("content-type", "text/html")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> SinglePage:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def spa() -> Iterator[SinglePage]:
+    with SinglePage() as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
 def idp() -> Iterator[IdPProcess]:
     with start_idp(algorithm="RS256", access_ttl=ACCESS_TTL) as server:
@@ -104,7 +140,9 @@ def recorder() -> Iterator[Recorder]:
 
 
 @pytest.fixture(scope="module")
-def gateway(idp: IdPProcess, upstream: ServerProcess, recorder: Recorder, redis_url: str) -> Iterator[GatewayProcess]:
+def gateway(
+    idp: IdPProcess, upstream: ServerProcess, recorder: Recorder, spa: SinglePage, redis_url: str
+) -> Iterator[GatewayProcess]:
     prefix = f"gwtest:{os.urandom(4).hex()}:"
 
     def config(port: int) -> dict[str, Any]:  # the gateway's own URL is in it: written for the port it gets
@@ -143,6 +181,16 @@ def gateway(idp: IdPProcess, upstream: ServerProcess, recorder: Recorder, redis_
                     "capture": {"access": "access", "refresh": "refresh"},
                 },
                 {"name": "transfer", "path": "/transfer", "upstream": recorder.url},
+                {
+                    "name": "spa-api",
+                    "path": "/spa-api/",
+                    "upstream": upstream.url,
+                    "cors": {
+                        "allowed_origins": [spa.origin],
+                        "allowed_headers": ["Content-Type", "X-Spa"],
+                        "allow_credentials": True,
+                    },
+                },
                 {"name": "app", "path": "/", "upstream": upstream.url},
             ],
         }
@@ -237,6 +285,18 @@ FETCH = """async ([url, method, body]) => {
     if (body !== null) { init.body = JSON.stringify(body); init.headers = {"content-type": "application/json"}; }
     const r = await fetch(url, init);
     return {status: r.status, text: await r.text()};
+}"""
+
+
+CROSS_ORIGIN_FETCH = """async (url) => {
+    try {
+        const r = await fetch(url, {method: "PUT", credentials: "include", body: JSON.stringify({n: 1}),
+                                    headers: {"content-type": "application/json", "x-spa": "1"}});
+        const body = await r.json();
+        return {status: r.status, user: Object.fromEntries(body.headers)["x-auth-user"] || null};
+    } catch (e) {
+        return {error: String(e)};
+    }
 }"""
 
 
@@ -385,6 +445,26 @@ def test_cross_origin_form_post_is_refused(session: Page, gateway: GatewayProces
         arrived = recorder.requests[-1]
         assert arrived["method"] == "POST" and arrived["body"] == b'{"amount":5}'
         assert {k.lower(): v for k, v in arrived["headers"].items()}["x-auth-user"] == "alice"
+
+
+def test_a_page_on_another_origin_fetches_a_cors_route_as_the_user(
+    session: Page, gateway: GatewayProcess, spa: SinglePage
+) -> None:
+    """A credentialed cross-origin PUT with a custom header: Chromium preflights it, the gateway answers, the PUT
+    goes through as the user; on a route without cors the preflight is refused and the page sees a network error."""
+    seen = len(gateway.log().splitlines())
+    session.goto(f"{spa.origin}/")
+    try:
+        allowed = session.evaluate(CROSS_ORIGIN_FETCH, f"{gateway.url}/spa-api/items")
+        refused = session.evaluate(CROSS_ORIGIN_FETCH, f"{gateway.url}/api/items")
+    finally:
+        session.goto(f"{gateway.url}/home")
+    assert allowed == {"status": 200, "user": "alice"}
+    assert refused == {"error": "TypeError: Failed to fetch"}
+    lines = [json.loads(line) for line in gateway.log().splitlines()[seen:] if line.startswith("{")]
+    requests = [(r["method"], r["path"], r["status"]) for r in lines if r.get("path", "").endswith("/items")]
+    assert ("OPTIONS", "/spa-api/items", 204) in requests and ("PUT", "/spa-api/items", 200) in requests
+    assert ("OPTIONS", "/api/items", 401) in requests and ("PUT", "/api/items", 200) not in requests
 
 
 def test_cross_site_page_cannot_open_a_websocket_on_the_session(session: Page, gateway: GatewayProcess) -> None:

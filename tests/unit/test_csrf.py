@@ -139,3 +139,13 @@ def test_neither_header_is_allowed(guard: CSRFGuard) -> None:
 )
 def test_origin_of(url: str, expected: str | None) -> None:
     assert origin_of(url) == expected
+
+
+def test_origins_trusted_by_a_routes_cors_pass_even_cross_site_and_no_other_does(guard: CSRFGuard) -> None:
+    trusted = frozenset({"https://spa.example"})
+    cross = h(Sec_Fetch_Site="cross-site", Origin="https://spa.example")
+    assert guard.refuses("POST", cross, OWN)  # without the route's trust: a forgery like any other
+    assert not guard.refuses("POST", cross, OWN, trusted)
+    assert guard.refuses("POST", h(Sec_Fetch_Site="cross-site", Origin="https://evil.example"), OWN, trusted)
+    # Only Origin earns the trust: a Referer from the SPA is not enough.
+    assert guard.refuses("POST", h(Sec_Fetch_Site="cross-site", Referer="https://spa.example/app"), OWN, trusted)

@@ -217,3 +217,50 @@ async def test_forward_token_hands_the_verified_token_to_the_proxy(upstream: Rec
 async def test_the_other_internal_endpoints_are_not_shadowed(gateway: Gateway) -> None:
     assert (await ask(gateway, path="/.gateway/health")).status_code == 200
     assert (await ask(gateway, path="/.gateway/authx")).status_code == 404
+
+
+async def test_a_preflight_on_a_cors_or_preflight_upstream_route_passes_as_nobody(upstream: RecordingUpstream) -> None:
+    settings = config()
+    settings["routes"][:0] = [
+        {
+            "name": "spa-api",
+            "path": "/api/",
+            "upstream": "http://127.0.0.1:9",
+            "cors": {"allowed_origins": ["https://spa.example"], "allow_credentials": True},
+        },
+        {"name": "legacy-api", "path": "/legacy/", "upstream": "http://127.0.0.1:9", "preflight": "upstream"},
+    ]
+    app = create_app(parse_config(settings), forwarder=upstream)
+    preflight = {"Origin": "https://spa.example", "Access-Control-Request-Method": "PUT"}
+    for path in ("/api/items", "/legacy/items"):
+        answer = await ask(app, nginx(path, "OPTIONS", **preflight))
+        assert answer.status_code == 200, path
+        assert answer.headers["x-auth-user"] == ""  # never anyone's identity on a preflight
+    other = await ask(
+        app, traefik("/api/items", "OPTIONS", Origin="https://evil.example", **{"Access-Control-Request-Method": "PUT"})
+    )
+    assert (other.status_code, other.json()["reason"]) == (403, "cors_origin")
+    # Without cors or preflight: upstream, a preflight needs a session like any request.
+    assert (await ask(app, nginx("/elsewhere", "OPTIONS", **preflight))).status_code == 401
+
+
+async def test_the_signed_assertion_rides_on_the_200_for_the_proxy_to_copy(
+    upstream: RecordingUpstream, tmp_path: Any
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (tmp_path / "assertion.pem").write_bytes(pem)
+    settings = config()
+    settings["identity"] = {"assertion": {"private_key_file": str(tmp_path / "assertion.pem")}}
+    app = create_app(parse_config(settings), forwarder=upstream)
+    answer = await ask(
+        app, nginx("/admin/", Authorization=f"Bearer {token(**ADMIN)}", **{"X-Gateway-Assertion": "forged"})
+    )
+    signed = answer.headers["x-gateway-assertion"]
+    claims = jwt.decode(signed, key.public_key(), algorithms=["ES256"], audience="http://127.0.0.1:9")
+    assert claims["sub"] == "alice"
+    anonymous = await ask(app, nginx("/public/x"))
+    assert anonymous.headers["x-gateway-assertion"] == ""  # present and empty: the client's own is overwritten
