@@ -121,10 +121,7 @@ class ForwardAuth:
         started = time.perf_counter()
         info = RequestInfo()
         seen = Scanned(scope["headers"])
-        if seen.request_id is None:
-            info.request_id = self._request_ids()
-        else:
-            info.identify(seen.request_id, self._request_ids)
+        info.identify(seen.request_id, self._request_ids)
         peer = scope.get("client")
         original = original_request(scope, self.endpoint, peer is not None and peer[0] in self._trusted)
         asked = dict(scope, method=original.method, gateway=info)  # the request as the client sent it

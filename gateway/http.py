@@ -100,10 +100,7 @@ class HttpPath:
     async def _serve(self, scope: Scope, receive: Receive, send: Send, info: RequestInfo) -> tuple[str, int]:
         """Route, admit, forward, answer: (route name or "-", status sent)."""
         seen = Scanned(scope["headers"])
-        if seen.request_id is None:
-            info.request_id = self._request_ids()
-        else:
-            info.identify(seen.request_id, self._request_ids)
+        info.identify(seen.request_id, self._request_ids)
         found = self._route(scope, seen)
         if isinstance(found, Reason):
             return "-", await self._deny(send, scope, found, None)
