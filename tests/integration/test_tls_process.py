@@ -256,3 +256,42 @@ def test_tokens_tls_fetches_a_jwks_signed_by_a_private_ca(
         response = httpx.get(f"{default.url}/x", headers=auth, timeout=10)
         assert response.status_code == 503 and response.json()["reason"] == "keys_unavailable"
         assert "certificate verify failed: unable to get local issuer certificate" in _log_line(default, "TLS to")
+
+
+def test_refresh_tls_refreshes_at_an_idp_behind_a_private_ca(pki: PKI, named_upstream: ServerProcess) -> None:
+    from support.sealed import STORE_SECRET, refresh_cookie
+    from support.servers import set_cookies, start_idp
+
+    cert, key = pki.by_ip
+    with start_idp(algorithm="RS256", ssl_certfile=cert, ssl_keyfile=key, verify=pki.trust()) as idp:
+
+        def config(refresh_tls: dict[str, Any] | None) -> dict[str, Any]:
+            refresh: dict[str, Any] = {"endpoint": f"{idp.url}/token", "client_id": "legacy-app"}
+            refresh |= {"client_secret": "demo-secret"} | ({"tls": refresh_tls} if refresh_tls else {})
+            tokens = {"algorithms": ["RS256"], "jwks_url": f"{idp.url}/jwks", "tls": {"ca_file": pki.ca_file}}
+            route = _route("app", named_upstream, {"ca_file": pki.ca_file, "server_name": "upstream.test"})
+            return {
+                "store": {"url": "memory://", "secret": STORE_SECRET},
+                "tokens": tokens,
+                "refresh": refresh,
+                "cookies": {"secure": False},
+                "routes": [route | {"path": "/", "auth": "required"}],
+            }
+
+        def expired() -> dict[str, str]:
+            session = idp.issue("alice", access_ttl=-60)
+            return {
+                "Cookie": f"gw_access={session['access']}; gw_refresh={refresh_cookie(session['refresh'], 'gw_refresh')}"
+            }
+
+        with start_gateway(config({"ca_file": pki.ca_file})) as trusting:
+            before = idp.stats()["refresh_calls"]
+            response = httpx.get(f"{trusting.url}/x", headers=expired(), timeout=10)
+            assert response.status_code == 200 and set_cookies(response)["gw_refresh"].value
+            assert idp.stats()["refresh_calls"] == before + 1
+        with start_gateway(config(None)) as default:  # the IdP's CA unknown to the refresh client: never sent
+            before = idp.stats()["refresh_calls"]
+            response = httpx.get(f"{default.url}/x", headers=expired(), timeout=10)
+            assert response.status_code == 503 and "set-cookie" not in response.headers
+            assert idp.stats()["refresh_calls"] == before
+            assert "certificate verify failed" in _log_line(default, "TLS to")

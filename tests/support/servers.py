@@ -119,7 +119,7 @@ class IdPProcess(ServerProcess):
             os.unlink(self.public_key_path)
 
     def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = httpx.request(method, f"{self.url}/_admin/{path}", json=body, timeout=5)
+        response = httpx.request(method, f"{self.url}/_admin/{path}", json=body, timeout=5, verify=self.verify)
         response.raise_for_status()
         return response.json()
 
@@ -189,8 +189,10 @@ def start_idp(**opts: Any) -> IdPProcess:
 
     With RS256 the public key is written to a temporary file, ``.public_key_path``. Unless ``issuer=`` is
     given, the issuer is the IdP's own URL (``.url``), which OIDC discovery needs; ``redirect_uri=`` takes
-    a URI or a list (none: any loopback URI is accepted).
+    a URI or a list (none: any loopback URI is accepted). ``ssl_certfile=``/``ssl_keyfile=`` serve HTTPS;
+    ``verify=`` is then the SSLContext that trusts it (for readiness and the admin calls).
     """
+    verify = opts.pop("verify", True)
     owns_public_key = opts.get("algorithm") == "RS256" and "public_key_out" not in opts
     if owns_public_key:
         fd, opts["public_key_out"] = tempfile.mkstemp(prefix="idp-", suffix=".pem")
@@ -209,6 +211,8 @@ def start_idp(**opts: Any) -> IdPProcess:
 
     # Ready when the admin API answers (polling /jwks would count in jwks_requests).
     idp = IdPProcess("gateway.demo.idp", args, ready_path="/_admin/stats")
+    if opts.get("ssl_certfile"):
+        idp.scheme, idp.verify = "https", verify
     idp.public_key_path, idp._owns_public_key = opts.get("public_key_out"), owns_public_key
     return idp.start()
 

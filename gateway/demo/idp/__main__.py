@@ -32,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--redirect-uri", action="append", default=[], help="register an OIDC redirect URI (repeatable; none: loopback)"
     )
+    parser.add_argument("--ssl-certfile", metavar="PATH", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--ssl-keyfile", metavar="PATH", help="the certificate's private key (PEM)")
     return parser
 
 
@@ -41,7 +43,7 @@ def settings_from(args: argparse.Namespace) -> IdPSettings:
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     host = f"[{host}]" if ":" in host else host
     return IdPSettings(
-        issuer=args.issuer or f"http://{host}:{args.port}",
+        issuer=args.issuer or f"{'https' if args.ssl_certfile else 'http'}://{host}:{args.port}",
         audience=args.audience or None,
         algorithm=args.algorithm,
         hs_secret=args.secret or IdPSettings.hs_secret,
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         log_level="warning",
         timeout_graceful_shutdown=1,
         proxy_headers=False,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
     )
 
 
