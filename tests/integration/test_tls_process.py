@@ -280,9 +280,8 @@ def test_refresh_tls_refreshes_at_an_idp_behind_a_private_ca(pki: PKI, named_ups
 
         def expired() -> dict[str, str]:
             session = idp.issue("alice", access_ttl=-60)
-            return {
-                "Cookie": f"gw_access={session['access']}; gw_refresh={refresh_cookie(session['refresh'], 'gw_refresh')}"
-            }
+            sealed = refresh_cookie(session["refresh"], "gw_refresh")
+            return {"Cookie": f"gw_access={session['access']}; gw_refresh={sealed}"}
 
         with start_gateway(config({"ca_file": pki.ca_file})) as trusting:
             before = idp.stats()["refresh_calls"]
