@@ -90,8 +90,8 @@ class CORSPolicy:
 
     def headers(self, origin: bytes | None) -> RawHeaders:
         """The CORS headers of an answer (not a preflight's) to a request with ``origin``."""
-        if self._any:
-            return self._wildcard if origin is not None else []
+        if self._any:  # on every answer, Origin or not: a shared cache may hand one to any page
+            return self._wildcard
         if origin is None or not self.allowed(origin):
             return [_VARY_ORIGIN]
         return [(_ALLOW_ORIGIN, origin), *self._answer, _VARY_ORIGIN]

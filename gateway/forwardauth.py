@@ -29,6 +29,7 @@ from gateway.accesslog import AccessLog, RequestIds, RequestInfo
 from gateway.admission import PREFLIGHT, Admission, Admitted
 from gateway.assertion import Assertion
 from gateway.cache import BoundedCache
+from gateway.config.assertion import DEFAULT_HEADER
 from gateway.cors import is_preflight
 from gateway.errors import BadPath
 from gateway.headers import HeaderRules, TrustedProxies
@@ -56,21 +57,33 @@ class Original:
 
 
 def original_request(scope: Scope, endpoint: str, trusted: bool) -> Original:
-    """What the front proxy forwards: from its headers when it is trusted, else from the path suffix."""
-    headers: RawHeaders = scope["headers"]
-    found = {name: value for name, value in headers if name in _NGINX or name in _FORWARDED}
+    """The request the front proxy asks about, named one way only.
+
+    From a trusted proxy: nginx's ``X-Original-*`` or the ``X-Forwarded-Method``/``-Uri`` of Caddy and
+    Traefik; else Envoy's path after the endpoint. Caddy and Traefik pass the client's own headers
+    along, nginx and Envoy may too: a question that names the original request twice (both header
+    families, headers and a path, one header twice) is refused, so that a client's header never
+    outvotes the proxy's. Such headers from an untrusted peer are refused too, never ignored.
+    """
+    found: dict[bytes, bytes] = {}
+    twice = False
+    for name, value in scope["headers"]:
+        if name in _NGINX or name in _FORWARDED:
+            twice = twice or name in found
+            found[name] = value
     suffix = _suffix(scope, endpoint)
-    if trusted and found:
-        nginx = b"x-original-uri" in found or b"x-original-method" in found
-        uri = found.get(b"x-original-uri") or found.get(b"x-forwarded-uri") or suffix
-        method = found.get(b"x-original-method") or found.get(b"x-forwarded-method")
-        verb = method.decode("latin-1").upper() if method else scope["method"]
-        return Original(verb, uri, nginx, None if uri else Reason.INVALID_REQUEST)
-    if found and suffix is None:
-        return Original(scope["method"], None, b"x-original-uri" in found, Reason.UNTRUSTED_PROXY)
-    if suffix is None:
-        return Original(scope["method"], None, False, Reason.INVALID_REQUEST)
-    return Original(scope["method"], suffix, False)
+    nginx = any(name in found for name in _NGINX)
+    if not found:
+        return Original(scope["method"], suffix, False, None if suffix else Reason.INVALID_REQUEST)
+    if not trusted:
+        return Original(scope["method"], None, nginx, Reason.UNTRUSTED_PROXY)
+    if twice or suffix is not None or (nginx and any(name in found for name in _FORWARDED)):
+        log.warning("forward-auth: the original request is named more than once; refusing")
+        return Original(scope["method"], None, nginx, Reason.INVALID_REQUEST)
+    uri_name, method_name = _NGINX if nginx else _FORWARDED
+    uri, method = found.get(uri_name), found.get(method_name)
+    verb = method.decode("latin-1").upper() if method else scope["method"]
+    return Original(verb, uri, nginx, None if uri else Reason.INVALID_REQUEST)
 
 
 def _suffix(scope: Scope, endpoint: str) -> bytes | None:
@@ -114,7 +127,10 @@ class ForwardAuth:
         self._request_ids = request_ids
         self._forward_token = forward_token
         self._assertion = assertion  # identity.assertion: in the 200, for the proxy to copy upstream
-        self._identity_names = identity_names + ([assertion.name.lower().encode()] if assertion else [])
+        # The assertion's header is in every 200 too, empty without identity.assertion: the documented
+        # proxy configs copy it unconditionally, overwriting a client's own.
+        signed = assertion.name if assertion else DEFAULT_HEADER
+        self._identity_names = identity_names + [signed.lower().encode()]
         self._paths: BoundedCache[bytes, tuple[str, str]] = BoundedCache()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -145,6 +161,10 @@ class ForwardAuth:
         if isinstance(found, Reason):
             return "-", await self._refuse(send, asked, original, found, None)
         route = found
+        if route.capture is not None:
+            # The login answer would go from the upstream to the page through the proxy, refresh token and all.
+            log.error("forward-auth: route %s has capture, which needs the gateway to forward; refusing", route.name)
+            return route.name, await self._refuse(send, asked, original, Reason.PROXY_MODE_ONLY, route)
         if (route.cors is not None or route.preflight) and is_preflight(asked):
             # A CORS preflight carries no credentials: allowed as nobody, for the proxy or the app to answer.
             origin = next((value for name, value in asked["headers"] if name == b"origin"), None)

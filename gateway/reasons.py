@@ -23,6 +23,7 @@ class Reason(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     BODY_TOO_LARGE = "body_too_large"  # over the route's max_body
     UNTRUSTED_PROXY = "untrusted_proxy"  # forward-auth headers from a peer not in server.trusted_proxies
+    PROXY_MODE_ONLY = "proxy_mode_only"  # forward-auth asked about a capture route: only proxy mode can capture
     CORS_ORIGIN = "cors_origin"  # a preflight from an origin the route's cors does not allow
     # The connection (gateway.limits: answered by the HTTP server, before the app)
     HEADERS_TOO_LARGE = "headers_too_large"

@@ -27,6 +27,7 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.CLAIM_UNSAFE: (403, "forbidden"),
     Reason.CSRF: (403, "forbidden"),
     Reason.UNTRUSTED_PROXY: (403, "forbidden"),
+    Reason.PROXY_MODE_ONLY: (403, "forbidden"),
     Reason.CORS_ORIGIN: (403, "forbidden"),
     Reason.BAD_PATH: (400, "bad_request"),
     Reason.BAD_HOST: (400, "bad_request"),

@@ -14,6 +14,9 @@ MAX_ASSERTION_TTL = 3600
 AssertionAlgorithm = Literal["ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "EdDSA"]
 
 
+DEFAULT_HEADER = "X-Gateway-Assertion"
+
+
 class AssertionConfig(Model):
     """A short-lived JWT, signed by the gateway, on every authenticated request it forwards (HTTP and WebSocket
     handshakes), as Pomerium's `X-Pomerium-Jwt-Assertion`. Its claims are `sub`, the top-level claims the identity
@@ -21,7 +24,7 @@ class AssertionConfig(Model):
     upstream verifies it with the public key served at `{prefix}/.well-known/jwks.json`. Anonymous requests
     (`auth: none`, or `optional` without a token) carry none. Every worker and replica must read the same key file."""
 
-    header: str = "X-Gateway-Assertion"
+    header: str = DEFAULT_HEADER
     """The header that carries it. Always removed from client requests, on every route."""
     private_key_file: str
     """PEM private key that signs it (EC P-256 for ES256, P-384 for ES384, RSA of at least 2048 bits for RS*/PS256,

@@ -51,6 +51,13 @@ def gateway(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> Iterato
                     "upstream": upstream.url,
                     "require": {"claims": {"roles": "admin"}},
                 },
+                {
+                    "name": "admin-host",
+                    "host": "admin.test",
+                    "path": "/",
+                    "upstream": upstream.url,
+                    "require": {"claims": {"roles": "admin"}},
+                },
                 {"name": "app", "path": "/", "upstream": upstream.url},
             ],
         }
@@ -147,13 +154,65 @@ def test_a_session_the_idp_ended_is_cleared_at_the_client(front: FrontProxy, idp
     assert cleared[ACCESS]["max-age"] == "0" and cleared[REFRESH]["max-age"] == "0"
 
 
+IDENTITY = {"x-auth-user", "x-auth-email", "x-auth-roles", "x-gateway-assertion"}
+
+
+def identity_seen(response: httpx.Response) -> dict[str, list[str]]:
+    """Every header the app got that an app may read as an identity header (any case, "_" or "-", HTTP- prefix)."""
+    found: dict[str, list[str]] = {}
+    for name, value in response.json()["headers"]:
+        canonical = name.lower().replace("_", "-")
+        while canonical.startswith("http-"):
+            canonical = canonical[len("http-") :]
+        if canonical in IDENTITY:
+            found.setdefault(canonical, []).append(value)
+    return found
+
+
 def test_a_clients_own_identity_headers_never_reach_the_app(front: FrontProxy, idp: IdPProcess) -> None:
-    bob = idp.issue("bob", claims={"email": None})  # no email claim: the gateway answers no X-Auth-Email
-    forged = {"X-Auth-User": "admin", "X-Auth-Email": "boss@example.com", "X-Auth-Roles": "admin"}
-    page = httpx.get(f"{front.url}/page", headers={"Cookie": cookie_header(bob["access"], bob["refresh"]), **forged})
-    seen = upstream_saw(page)
-    assert seen["x-auth-user"] == "bob" and seen["x-auth-roles"] == "user"
-    assert seen.get("x-auth-email", "") == ""
+    bob = idp.issue("bob", claims={"email": None})  # no email claim: the gateway answers an empty X-Auth-Email
+    forged = [
+        ("X-Auth-User", "admin"),
+        ("X-Auth-Email", "boss@example.com"),
+        ("X-Auth-Roles", "admin"),
+        ("X_Auth_User", "admin"),
+        ("HTTP-X-Auth-User", "admin"),
+        ("X-Gateway-Assertion", "replayed"),
+    ]
+    headers = [("Cookie", cookie_header(bob["access"], bob["refresh"])), *forged]
+    page = httpx.get(f"{front.url}/page", headers=headers)
+    assert page.status_code == 200
+    seen = identity_seen(page)
+    assert seen.pop("x-auth-user") == ["bob"] and seen.pop("x-auth-roles") == ["user"]
+    assert all(value == "" for values in seen.values() for value in values), seen
+
+
+def test_a_clients_own_forward_auth_headers_never_outvote_the_proxy(front: FrontProxy, idp: IdPProcess) -> None:
+    bob = idp.issue("bob")
+    cookie = ("Cookie", cookie_header(bob["access"], bob["refresh"]))
+    for smuggled in (
+        [("X-Original-URI", "/page"), ("X-Original-Method", "GET")],
+        [("X-Forwarded-Uri", "/page"), ("X-Forwarded-Method", "GET")],
+    ):
+        # bob may not see /admin/: a header naming another path or method must not change that.
+        assert httpx.get(f"{front.url}/admin/users", headers=[cookie, *smuggled]).status_code in (400, 403)
+    alice = idp.issue("alice")
+    forged_post = [
+        ("Cookie", cookie_header(alice["access"], alice["refresh"])),
+        ("Origin", "https://evil.example"),
+        ("X-Original-Method", "GET"),
+        ("X-Forwarded-Method", "GET"),
+    ]
+    assert httpx.post(f"{front.url}/transfer", headers=forged_post).status_code in (400, 403)
+
+
+def test_the_host_the_app_gets_is_the_host_that_was_authorised(front: FrontProxy, idp: IdPProcess) -> None:
+    bob = idp.issue("bob")
+    headers = {"Cookie": cookie_header(bob["access"], bob["refresh"]), "Host": "admin.test"}
+    assert httpx.get(f"{front.url}/page", headers=headers).status_code == 403
+    # A client's X-Forwarded-Host must not make the gateway judge another host's route.
+    smuggled = {**headers, "X-Forwarded-Host": "127.0.0.1"}
+    assert httpx.get(f"{front.url}/page", headers=smuggled).status_code == 403
 
 
 def test_a_cross_site_post_on_the_session_cookie_is_refused(front: FrontProxy, idp: IdPProcess) -> None:

@@ -68,7 +68,7 @@ class FrontProxy:
             )
             (self.dir / "nginx.conf").write_text(conf)
             return [binary("nginx"), "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir)]
-        site = text.replace(":80 {", f"http://127.0.0.1:{port} {{", 1)
+        site = text.replace(":80 {", f":{port} {{\n\tbind 127.0.0.1", 1)  # every Host, as ":80" is
         (self.dir / "Caddyfile").write_text("{\n\tadmin off\n\tauto_https off\n}\n" + site)
         return [binary("caddy"), "run", "--config", str(self.dir / "Caddyfile"), "--adapter", "caddyfile"]
 

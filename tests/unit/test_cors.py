@@ -208,6 +208,9 @@ async def test_any_origin_without_credentials_gets_a_wildcard() -> None:
     assert "access-control-allow-credentials" not in preflight.headers
     answer = await call(app, "GET", "/api/x", {"Origin": EVIL, "Authorization": f"Bearer {token()}"})
     assert cors_headers(answer) == {"access-control-allow-origin": "*"}
+    # Without an Origin too: a shared cache may hand this answer to a cross-origin page later.
+    same_origin = await call(app, "GET", "/api/x", {"Authorization": f"Bearer {token()}"})
+    assert cors_headers(same_origin) == {"access-control-allow-origin": "*"}
 
 
 # --- cors and CSRF -------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def token(**claims: Any) -> str:
 
 async def ask(
     app: Gateway,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
     *,
     path: str = "/.gateway/auth",
     method: str = "GET",
@@ -264,3 +264,48 @@ async def test_the_signed_assertion_rides_on_the_200_for_the_proxy_to_copy(
     assert claims["sub"] == "alice"
     anonymous = await ask(app, nginx("/public/x"))
     assert anonymous.headers["x-gateway-assertion"] == ""  # present and empty: the client's own is overwritten
+
+
+@pytest.mark.parametrize(
+    "headers, path",
+    [
+        # Caddy and Traefik pass the client's own X-Original-* along with the X-Forwarded-* they set.
+        ({"X-Forwarded-Uri": "/admin/", "X-Forwarded-Method": "GET", "X-Original-URI": "/x"}, "/.gateway/auth"),
+        (
+            {"X-Forwarded-Uri": "/reports/q", "X-Forwarded-Method": "DELETE", "X-Original-Method": "GET"},
+            "/.gateway/auth",
+        ),
+        # Envoy passes allow-listed headers along with the path it asks about.
+        ({"X-Forwarded-Uri": "/x"}, "/.gateway/auth/admin/"),
+        # One header twice: which one the proxy set is anyone's guess.
+        ([("X-Original-URI", "/admin/"), ("X-Original-URI", "/x")], "/.gateway/auth"),
+    ],
+)
+async def test_a_question_that_names_the_original_request_twice_is_refused(
+    gateway: Gateway, headers: Any, path: str
+) -> None:
+    viewer = ("Authorization", f"Bearer {token(sub='bob', roles=['viewer'])}")
+    pairs = list(headers.items()) if isinstance(headers, dict) else headers
+    answer = await ask(gateway, [*pairs, viewer], path=path)
+    assert answer.status_code in (400, 403)
+    assert "x-auth-user" not in answer.headers
+
+
+async def test_forward_auth_headers_from_an_untrusted_peer_are_refused_even_beside_a_path(gateway: Gateway) -> None:
+    answer = await ask(gateway, {"X-Forwarded-Uri": "/x"}, path="/.gateway/auth/app/", client=("192.0.2.7", 1))
+    assert (answer.status_code, answer.json()["reason"]) == (403, "untrusted_proxy")
+
+
+async def test_a_capture_route_is_refused_it_needs_proxy_mode(upstream: RecordingUpstream) -> None:
+    settings = config()
+    settings["routes"].insert(
+        0, {"name": "login", "path": "/api/token/", "upstream": "http://127.0.0.1:9", "auth": "none", "capture": {}}
+    )
+    app = create_app(parse_config(settings), forwarder=upstream)
+    answer = await ask(app, traefik("/api/token/", "POST"))
+    assert (answer.status_code, answer.json()["reason"]) == (403, "proxy_mode_only")
+
+
+async def test_the_assertion_header_is_in_every_200_even_without_identity_assertion(gateway: Gateway) -> None:
+    answer = await ask(gateway, nginx("/x", Authorization=f"Bearer {token(**ADMIN)}"))
+    assert answer.headers["x-gateway-assertion"] == ""
