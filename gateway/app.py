@@ -44,6 +44,8 @@ from gateway.tls import control_client
 from gateway.tunnel import Sockets
 from gateway.types import Receive, Scope, Send
 
+RETIRED_CLIENTS_LINGER = 60.0  # seconds a retired generation keeps its own control-plane clients open
+
 log = logging.getLogger("gateway")
 
 WATCH_INTERVAL = 1.0
@@ -89,6 +91,7 @@ class Gateway:
         self._watcher: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None
         self._retired: set[asyncio.Future[Any]] = set()
+        self._lingering: set[asyncio.Future[Any]] = set()  # retired generations' own clients, closed later
         self.shared.metrics.config_loaded(self.generation, ok=True)
 
     @property
@@ -151,6 +154,10 @@ class Gateway:
         await self.serving.close()  # waits for refreshes in flight: they hold locks
         if self._retired:
             await asyncio.wait(self._retired, timeout=self.config.refresh.timeout + 1)
+        for lingering in list(self._lingering):  # retired generations' own clients close now
+            lingering.cancel()
+        if self._lingering:
+            await asyncio.wait(self._lingering, timeout=1)
         await self.shared.forwarder.close()
         await self.shared.store.close()
         await self.shared.http.aclose()
@@ -210,9 +217,12 @@ class Gateway:
         self.generation += 1
         self.shared.metrics.config_loaded(self.generation, ok=True)
         log.info("config reload (%s): generation %d serving, %d routes", why, self.generation, len(config.routes))
-        retiring = asyncio.ensure_future(old.close())  # its refreshes in flight finish on their own
+        retiring = asyncio.ensure_future(old.close(clients=False))  # its refreshes in flight finish on their own
         self._retired.add(retiring)
         retiring.add_done_callback(self._retired.discard)
+        lingering = asyncio.ensure_future(old.close_clients(after=RETIRED_CLIENTS_LINGER))
+        self._lingering.add(lingering)  # its requests in flight keep their control-plane clients a while
+        lingering.add_done_callback(self._lingering.discard)
         return True
 
 

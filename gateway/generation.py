@@ -13,6 +13,7 @@ HTTP clients, denylist, metrics, open sockets) is ``Shared``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -136,12 +137,22 @@ class Generation:
     async def start(self) -> None:
         await self.keys.start()
 
-    async def close(self) -> None:
-        """Let this generation's refreshes finish (they hold locks and redeemed tokens); stop its JWKS timer."""
+    async def close(self, clients: bool = True) -> None:
+        """Let this generation's refreshes finish (they hold locks and redeemed tokens); stop its JWKS timer;
+        close its own control-plane clients (``tls``) unless ``clients`` is False (see ``close_clients``)."""
         if self.refresher is not None:
             await self.refresher.close()
         await self.keys.close()
-        await self.tls.close()
+        if clients:
+            await self.tls.close()
+
+    async def close_clients(self, after: float) -> None:
+        """Close its own control-plane clients ``after`` seconds, or when cancelled (shutdown): a retired
+        generation may still serve requests that started under it (an OIDC callback, a JWKS refetch)."""
+        try:
+            await asyncio.sleep(after)
+        finally:
+            await self.tls.close()
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """An HTTP request: one of the gateway's own endpoints, or one to forward."""

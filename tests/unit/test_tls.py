@@ -95,6 +95,28 @@ async def test_control_plane_sections_with_tls_get_their_own_client(ca_file: str
     assert own.is_closed and not shared.is_closed
 
 
+async def test_a_retired_generation_keeps_its_own_clients_until_they_linger_out_or_shutdown(ca_file: str) -> None:
+    """A request that started before a reload may still refresh, or fetch the JWKS, through the old generation."""
+    from gateway.app import create_app
+    from gateway.generation import Generation
+
+    config = _config(
+        [_route("a")],
+        tokens={"algorithms": ["RS256"], "jwks_url": "https://idp.test/jwks", "tls": {"ca_file": ca_file}},
+    )
+    app = create_app(config)
+    old = Generation(config, app.shared)
+    own = old.tls.client("tokens")
+    await old.close(clients=False)  # what a reload does to the retired generation at once
+    assert not own.is_closed
+    lingering = asyncio.ensure_future(old.close_clients(after=30))
+    await asyncio.sleep(0.05)
+    assert not own.is_closed
+    lingering.cancel()  # shutdown
+    await asyncio.wait([lingering])
+    assert own.is_closed
+
+
 async def test_the_forwarder_verifies_with_the_route_ca_and_server_name(https_port: int, ca_file: str) -> None:
     trusted = tls_context("routes[0].tls", TLSConfig(ca_file=ca_file))
     url = upstream_url(f"https://127.0.0.1:{https_port}/")
