@@ -408,8 +408,11 @@ def report(
     lines += ["", *spread]
     if soak_lines:
         lines += ["", *soak_lines]
+    # Sections other benchmarks write into the same file (## headings: forward_auth_bench.py) are kept.
+    previous = out.read_text() if out.exists() else ""
+    kept = previous[previous.find("\n## ") :] if "\n## " in previous else ""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n" + kept)
     print("\n".join(lines))
     print(f"\nwritten to {out}")
 
