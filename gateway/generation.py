@@ -120,8 +120,7 @@ class Generation:
             request_ids=shared.request_ids,
             assertion=self.assertion,
         )
-        self.websocket = self._websocket_path(config, shared, routes, admission, deny, access_log)
-        self.forward_auth = self._forward_auth(config, shared, routes, admission, deny, access_log)
+        self.websocket, self.forward_auth = self._other_paths(config, shared, routes, admission, deny, access_log)
         logout = Logout(
             jar=jar,
             verifier=verifier,
@@ -179,7 +178,7 @@ class Generation:
         peer = scope.get("client")
         return self.header_rules.client(scope["headers"], peer[0] if peer else None)
 
-    def _websocket_path(
+    def _other_paths(
         self,
         config: GatewayConfig,
         shared: Shared,
@@ -187,8 +186,9 @@ class Generation:
         admission: Admission,
         deny: Denials,
         access_log: AccessLog,
-    ) -> WebSocketPath:
-        return WebSocketPath(
+    ) -> tuple[WebSocketPath, ForwardAuth]:
+        """The WebSocket path, and forward-auth's: the same routes, admission and refusals as HTTP."""
+        websocket = WebSocketPath(
             prefix=config.server.prefix,
             routes=routes,
             admission=admission,
@@ -202,6 +202,21 @@ class Generation:
             request_ids=shared.request_ids,
             assertion=self.assertion,
         )
+        forward_auth = ForwardAuth(
+            endpoint=f"{self.prefix}/auth",
+            routes=routes,
+            admission=admission,
+            header_rules=self.header_rules,
+            trusted=TrustedProxies(config.server.trusted_proxies),
+            deny=deny,
+            metrics=shared.metrics,
+            access_log=access_log,
+            request_ids=shared.request_ids,
+            forward_token=config.identity.forward_token,
+            identity_names=IdentityHeaders(config.identity.headers).names,
+            assertion=self.assertion,
+        )
+        return websocket, forward_auth
 
     def _internal_apps(self, config: GatewayConfig, shared: Shared, logout: Logout, oidc: OIDCLogin | None) -> None:
         """The endpoints under the prefix; with server.metrics, the private listener's app and its port (what
@@ -224,30 +239,6 @@ class Generation:
             app_cookies=() if jar.sealed else jar.bare_names[1:],  # raw mode: the app sets the refresh cookie
             trusted_proxies=config.server.trusted_proxies,
             forward_token=config.identity.forward_token,
-        )
-
-    def _forward_auth(
-        self,
-        config: GatewayConfig,
-        shared: Shared,
-        routes: RouteTable,
-        admission: Admission,
-        deny: Denials,
-        access_log: AccessLog,
-    ) -> ForwardAuth:
-        return ForwardAuth(
-            endpoint=f"{self.prefix}/auth",
-            routes=routes,
-            admission=admission,
-            header_rules=self.header_rules,
-            trusted=TrustedProxies(config.server.trusted_proxies),
-            deny=deny,
-            metrics=shared.metrics,
-            access_log=access_log,
-            request_ids=shared.request_ids,
-            forward_token=config.identity.forward_token,
-            identity_names=IdentityHeaders(config.identity.headers).names,
-            assertion=self.assertion,
         )
 
     def _refresher(
