@@ -1,6 +1,7 @@
 """One generation of gateway.yaml: every part built from the config, wired in request order.
 
     request ──> {prefix}/auth         forwardauth.ForwardAuth (a front proxy asks; nothing is forwarded)
+            ──> {prefix}/userinfo     userinfo.UserInfo (who is logged in: the session's claims as JSON)
             ──> under server.prefix?  endpoints.internal_app (health, ready, metrics, logout, login)
             ──> HTTP                  http.HttpPath
             ──> WebSocket             websocket.WebSocketPath
@@ -51,6 +52,7 @@ from gateway.tokens import Verifier
 from gateway.tracing import Tracer
 from gateway.tunnel import Sockets
 from gateway.types import Receive, Scope, Send
+from gateway.userinfo import UserInfo
 from gateway.websocket import WebSocketPath
 
 _PAGE_SCHEME = {"ws": "http", "wss": "https"}
@@ -121,6 +123,7 @@ class Generation:
             assertion=self.assertion,
         )
         self.websocket, self.forward_auth = self._other_paths(config, shared, routes, admission, deny, access_log)
+        self.userinfo = self._userinfo(config, shared, admission, deny)
         logout = Logout(
             jar=jar,
             verifier=verifier,
@@ -161,6 +164,8 @@ class Generation:
             auth = self.forward_auth.endpoint
             if path.startswith(auth) and (len(path) == len(auth) or path[len(auth)] == "/"):
                 await self.forward_auth(scope, receive, send)
+            elif path == self.userinfo.endpoint:
+                await self.userinfo(scope, receive, send)
             else:
                 await self.internal(scope, receive, send)
         else:
@@ -239,6 +244,15 @@ class Generation:
             app_cookies=() if jar.sealed else jar.bare_names[1:],  # raw mode: the app sets the refresh cookie
             trusted_proxies=config.server.trusted_proxies,
             forward_token=config.identity.forward_token,
+        )
+
+    def _userinfo(self, config: GatewayConfig, shared: Shared, admission: Admission, deny: Denials) -> UserInfo:
+        return UserInfo(
+            endpoint=f"{self.prefix}/userinfo",
+            admission=admission,
+            deny=deny,
+            claims=config.identity.userinfo_claims,
+            request_ids=shared.request_ids,
         )
 
     def _refresher(
