@@ -80,11 +80,27 @@ class CookieJar:
 
     def read(self, headers: RawHeaders) -> tuple[str | None, str | None]:
         """(access, refresh) cookie values, chunks joined; None for absent, duplicated, empty or broken ones."""
+        access = refresh = None
+        seen_access = seen_refresh = 0
         access_b, refresh_b = self.access_name.encode(), self.refresh_name.encode()
-        found = _found(headers, (access_b, refresh_b))
-        if not found:
-            return None, None
-        return self._value(found, access_b), self._value(found, refresh_b)
+        chunk_stems = (access_b + b"_", refresh_b + b"_")
+        for name, value in headers:
+            if name != b"cookie":
+                continue
+            for part in value.split(b";"):
+                key, sep, val = part.strip().partition(b"=")
+                if not sep:
+                    continue
+                if key == access_b:
+                    seen_access += 1
+                    access = val
+                elif key == refresh_b:
+                    seen_refresh += 1
+                    refresh = val
+                elif key.startswith(chunk_stems):  # a big cookie's chunks: the slow way, rarely taken
+                    found = _found(headers, (access_b, refresh_b))
+                    return self._value(found, access_b), self._value(found, refresh_b)
+        return _single(access, seen_access), _single(refresh, seen_refresh)
 
     def set_access(self, token: str, max_age: int | None = None) -> bytes:
         age = max_age if max_age is not None else self.access_max_age
@@ -160,9 +176,12 @@ class CookieJar:
 
     def _value(self, found: list[tuple[bytes, bytes]], stem: bytes) -> str | None:
         """The value of the cookie ``stem``: sent once whole, or as chunks 0..n-1 once each (and not both)."""
-        plain = [value for key, value in found if key == stem]
+        plain, count = None, 0
         chunks: dict[int, bytes] = {}
         for key, value in found:
+            if key == stem:
+                plain, count = value, count + 1
+                continue
             index = _chunk_index(key, stem)
             if index is None:
                 continue
@@ -170,8 +189,8 @@ class CookieJar:
                 return None
             chunks[index] = value
         if not chunks:
-            return _single(plain[0] if plain else None, len(plain))
-        if plain or len(chunks) != max(chunks) + 1:
+            return _single(plain, count)
+        if count or len(chunks) != max(chunks) + 1:
             return None
         parts = [_single(chunks[index], 1) for index in range(len(chunks))]
         if any(part is None for part in parts):

@@ -55,8 +55,9 @@ class CookiesConfig(Model):
     sets. A cookie over the browsers' 4096 bytes is split into numbered cookies (`__Host-gw_access_0`, `_1`...);
     tokens past this total are refused at login, capture and refresh (502 `cookie_too_large`, logged with their
     size): use `session: {mode: server}` for them. Every request carries the cookies, so the `Cookie` header must
-    fit the limits of every server on the way: `server.limits.header_bytes` here, nginx's
-    `large_client_header_buffers` (8 KB per header line by default) in front."""
+    fit the limits of every server on the way: `server.limits.header_bytes` here (a total set here must leave 4096
+    bytes of it for the rest of the head), nginx's `large_client_header_buffers` (8 KB per header line by default)
+    in front."""
 
     @model_validator(mode="after")
     def _names(self) -> CookiesConfig:

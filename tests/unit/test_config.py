@@ -479,3 +479,10 @@ def test_cookies_max_total_and_names_that_chunks_could_confuse() -> None:
         data = minimal(cookies={"access": {"name": access}, "refresh": {"name": refresh}})
         assert has(problems_of(data), "cookies", "chunk"), (access, refresh)
     assert parse_config(minimal(cookies={"access": {"name": "s"}, "refresh": {"name": "s_r"}})).cookies.max_total
+    # The cookies must fit in a request's head, with room for the rest of it.
+    small_heads = minimal(server={"limits": {"header_bytes": 12288}})
+    assert parse_config(small_heads).cookies.max_total == 12288  # the default: left alone
+    small_heads["cookies"] = {"max_total": 8192}
+    assert parse_config(small_heads).cookies.max_total == 8192
+    small_heads["cookies"] = {"max_total": 9000}
+    assert has(problems_of(small_heads), "cookies.max_total", "server.limits.header_bytes")
