@@ -87,6 +87,12 @@ class Authenticator:
 
     async def authenticate(self, headers: RawHeaders, client: str | None = None) -> AuthResult:
         """The request's credential, verified (and refreshed); ``client``: its address, for the refresher."""
+        result = await self._authenticate(headers, client)
+        if result.set_cookies:  # big tokens as numbered cookies; stale chunks cleared (CookieJar.expand)
+            result.set_cookies = self._jar.expand(result.set_cookies, headers)
+        return result
+
+    async def _authenticate(self, headers: RawHeaders, client: str | None) -> AuthResult:
         kind, bearer = authorization_of(headers)
         if kind == "several":
             return AuthResult(reason=Reason.INVALID_REQUEST, bearer=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.config import CaptureConfig
-from gateway.cookies import CookieJar
+from gateway.cookies import CookieJar, Headers
 from gateway.errors import CookieTooLarge
 from gateway.families import Families
 from gateway.reasons import Reason
@@ -77,7 +77,11 @@ class Capturer:
         self._clock = clock
         self._families = families
 
-    async def take(self, spec: CaptureConfig, headers: RawHeaders, body: AsyncIterator[bytes], route: str) -> Captured:
+    async def take(
+        self, spec: CaptureConfig, headers: RawHeaders, body: AsyncIterator[bytes], route: str, request: Headers = ()
+    ) -> Captured:
+        """The login answer (``headers``, ``body``) rewritten with the session cookies; ``request``: its request's
+        headers, whose stale cookie chunks are cleared."""
         chunks: list[bytes] = []
         size = 0
         async for chunk in body:
@@ -107,9 +111,9 @@ class Capturer:
             return Captured(reason=Reason.IDP_BAD_RESPONSE)
         lifetime = self._jar.refresh_lifetime(refresh, self._clock())
         try:
-            cookies = self._jar.session(str(access), refresh, lifetime)
+            cookies = self._jar.expand(self._jar.session(str(access), refresh, lifetime), request)
         except CookieTooLarge as exc:
-            log.error("route %s: token too large for the %s cookie (over 4 KB); no session set", route, exc)
+            log.error("route %s: %s; no session set", route, exc)
             return Captured(reason=Reason.COOKIE_TOO_LARGE)
         if self._families is not None:
             await self._families.started(verdict.claims, refresh, lifetime)

@@ -2,14 +2,15 @@
 
 Inbound (client -> upstream): hop-by-hop headers and every header named in ``Connection`` go;
 every header matching ``identity.strip_inbound`` or naming an identity header goes, however it
-is spelled (case, ``_`` or ``.`` for ``-``, duplicates, an ``HTTP-`` prefix); the gateway's own cookies are cut out of
-``Cookie``; every proxy header (``PROXY_HEADERS``: X-Forwarded-*, X-Original-URL, True-Client-IP,
+is spelled (case, ``_`` or ``.`` for ``-``, duplicates, an ``HTTP-`` prefix); the gateway's own
+cookies (and the numbered chunks of a big one, ``gw_access_0``...) are cut out of ``Cookie``;
+every proxy header (``PROXY_HEADERS``: X-Forwarded-*, X-Original-URL, True-Client-IP,
 X-HTTP-Method-Override...) goes; ``X-Forwarded-For/-Proto/-Host`` are set from the connection,
 and incoming ones are believed only from ``server.trusted_proxies``. Identity headers are
 injected after all of that, so nothing a client sends can stand in for them.
 
 Outbound (upstream -> client): hop-by-hop headers go, and an upstream ``Set-Cookie`` for one of
-the gateway's cookie names is dropped (an app must not overwrite the session).
+the gateway's cookie names (or a chunk's) is dropped (an app must not overwrite the session).
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ class HeaderRules:
         kept = []
         for part in value.split(b";"):
             name = part.split(b"=", 1)[0].strip()
-            if name.removeprefix(b"__Host-") not in self._cookies:
+            if _stem(name.removeprefix(b"__Host-")) not in self._cookies:
                 kept.append(part.strip())
         return b"; ".join(kept)
 
@@ -294,7 +295,7 @@ class HeaderRules:
                 cookie = value.split(b";", 1)[0].split(b"=", 1)[0].strip(b" \t")
                 # A nameless cookie ("=gw_access=x") comes back from the browser as "gw_access=x".
                 bare = cookie.removeprefix(b"__Host-")
-                if not cookie or (bare in self._cookies and bare not in self._app_sets):
+                if not cookie or (_stem(bare) in self._cookies and bare not in self._app_sets):
                     log.warning("route %s: dropped an upstream Set-Cookie for a gateway cookie or no name", route)
                     continue
             out.append((lower, value))
@@ -302,3 +303,9 @@ class HeaderRules:
         if listed:
             out = [(n, v) for n, v in out if n not in listed]
         return out
+
+
+def _stem(name: bytes) -> bytes:
+    """The cookie a name belongs to: ``gw_access_1`` (a chunk of a big cookie, gateway.cookies) is ``gw_access``."""
+    stem, sep, number = name.rpartition(b"_")
+    return stem if sep and number.isdigit() else name

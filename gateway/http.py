@@ -272,7 +272,7 @@ class HttpPath:
             log.error("route %s: a compressed login response (Content-Encoding); refusing to pass it on", route.name)
             response.close()
             return await self._deny(send, scope, plan, route.name, set_cookies)
-        captured = await self._capturer.take(route.capture, out, chunks(response), route.name)
+        captured = await self._capturer.take(route.capture, out, chunks(response), route.name, scope["headers"])
         if captured.reason is not None:
             response.close()
             return await self._deny(send, scope, captured.reason, route.name, set_cookies)

@@ -149,9 +149,9 @@ class OIDCLogin:
         refresh = refresh if isinstance(refresh, str) and refresh else None
         try:
             lifetime = self._jar.refresh_lifetime(refresh, self._clock()) if refresh else None
-            cookies = self._jar.session(access, refresh, lifetime)
+            cookies = self._jar.expand(self._jar.session(access, refresh, lifetime), request.headers.raw)
         except CookieTooLarge as exc:
-            log.error("login: token too large for the %s cookie (over 4 KB); no session set", exc)
+            log.error("login: %s; no session set", exc)
             raise LoginFailed(502, Reason.COOKIE_TOO_LARGE) from None
         if self._families is not None:
             await self._families.started(verdict.claims, refresh, lifetime)

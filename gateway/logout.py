@@ -76,7 +76,7 @@ class Logout:
                 )
         if token:
             await self._deny(token)
-        clear = [self._jar.clear_access(), self._jar.clear_refresh()]
+        clear = self._jar.expand([self._jar.clear_access(), self._jar.clear_refresh()], headers)  # and every chunk
         if wants_html("GET", headers) or _is_form(headers):
             response: Response = Response(status_code=303, headers={"location": self._redirect})
         else:

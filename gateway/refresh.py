@@ -42,7 +42,7 @@ from gateway.config import RefreshConfig
 from gateway.cookies import CookieJar
 from gateway.coordination import Arrival, Coordinator
 from gateway.denylist import Denylist
-from gateway.errors import StoreError
+from gateway.errors import CookieTooLarge, StoreError
 from gateway.families import Families
 from gateway.idp_client import IdPClient, scopes_of
 from gateway.metrics import Metrics
@@ -201,10 +201,12 @@ class SessionRefresher:
             return AuthResult(
                 reason=reason, set_cookies=[self._jar.set_refresh(outcome.refresh, outcome.refresh_max_age)]
             )
-        cookies = [
-            self._jar.set_access(outcome.access),
-            self._jar.set_refresh(outcome.refresh, outcome.refresh_max_age),
-        ]
+        try:
+            cookies = self._jar.session(outcome.access, outcome.refresh, outcome.refresh_max_age)
+        except CookieTooLarge as exc:  # the session cannot go on in cookies: ended, and told to the operator
+            log.error("refresh: %s; session ended", exc)
+            cleared = [self._jar.clear_access(), self._jar.clear_refresh()]
+            return AuthResult(reason=Reason.COOKIE_TOO_LARGE, set_cookies=cleared)
         return AuthResult(claims=verdict.claims, token=outcome.access, set_cookies=cookies, refreshed=True)
 
     async def _deny_replaced(self, denylist: Denylist, old_access: str, new_jti: Any) -> None:

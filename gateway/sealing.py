@@ -34,8 +34,9 @@ _NONCE_BYTES = 12  # the size AES-GCM is designed for (NIST SP 800-38D)
 
 
 _SIV_TAG_BYTES = 16
-# A cookie value is at most 4096 bytes (gateway.cookies): anything longer is not one of ours.
-_MAX_COOKIE_CHARS = 4096
+# A cookie value, its chunks joined, is at most cookies.max_total bytes (gateway.cookies, at most 1 MiB):
+# anything longer is not one of ours.
+_MAX_COOKIE_CHARS = 1_048_576
 
 
 def _derive(secret: bytes, info: bytes, length: int = 32) -> bytes:

@@ -11,6 +11,8 @@ from gateway.config.sessions import CookiesConfig, CSRFConfig, LoginConfig, Logo
 from gateway.config.tls import TLSConfig, http_only
 from gateway.config.tokens import RefreshConfig, TokensConfig
 
+HEAD_ROOM = 4096  # a request's head besides the gateway's cookies: request line, other headers and cookies
+
 
 class GatewayConfig(Model):
     """gateway.yaml. Strings may use `${VAR}` and `${VAR:-default}` (as in `sh`, the default also applies when
@@ -63,6 +65,15 @@ class GatewayConfig(Model):
         if (self.refresh.endpoint or self.login.oidc) and shared and not self.store.secret:
             # Every process must seal and unseal the same values, so the key cannot be random.
             raise key_problems(("store.secret", "required with a shared store when refresh or login.oidc is set"))
+        return self
+
+    @model_validator(mode="after")
+    def _cookie_room(self) -> GatewayConfig:
+        """Big tokens ride in every request's Cookie header: they must leave room for the rest of the head."""
+        room = self.server.limits.header_bytes - HEAD_ROOM
+        # Only a total set by hand: the default must not break a config with small heads that never sees big tokens.
+        if "max_total" in self.cookies.model_fields_set and self.cookies.max_total > room:
+            raise key_problems(("cookies.max_total", f"over server.limits.header_bytes less {HEAD_ROOM} ({room})"))
         return self
 
     @model_validator(mode="after")

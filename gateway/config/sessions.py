@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from gateway.config.base import HEADER_NAME, Model, is_http_url
 from gateway.config.tls import TLSConfig
@@ -50,6 +50,26 @@ class CookiesConfig(Model):
     """Adds `Secure` and the `__Host-` prefix to both names. Turn it off only for plain-HTTP development."""
     same_site: Literal["lax", "strict", "none"] = "lax"
     """The cookies' `SameSite` attribute."""
+    max_total: int = Field(12288, ge=1024, le=1_048_576)
+    """Bytes of both cookies' values together (the access token, and the refresh token as sealed) that the gateway
+    sets. A cookie over the browsers' 4096 bytes is split into numbered cookies (`__Host-gw_access_0`, `_1`...);
+    tokens past this total are refused at login, capture and refresh (502 `cookie_too_large`, logged with their
+    size): use `session: {mode: server}` for them. Every request carries the cookies, so the `Cookie` header must
+    fit the limits of every server on the way: `server.limits.header_bytes` here (a total set here must leave 4096
+    bytes of it for the rest of the head), nginx's `large_client_header_buffers` (8 KB per header line by default)
+    in front."""
+
+    @model_validator(mode="after")
+    def _names(self) -> CookiesConfig:
+        access, refresh = self.access.name, self.refresh.name
+        if access == refresh or _chunk_of(access, refresh) or _chunk_of(refresh, access):
+            raise ValueError("access.name and refresh.name must differ, and neither be the other's `<name>_N` chunk")
+        return self
+
+
+def _chunk_of(name: str, stem: str) -> bool:
+    """``name`` is ``<stem>_N``, the name of one of ``stem``'s chunks."""
+    return name.startswith(stem + "_") and name[len(stem) + 1 :].isdigit()
 
 
 class OIDCConfig(Model):

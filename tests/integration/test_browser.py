@@ -3,7 +3,8 @@
 What a user of a legacy app notices: signing in through the gateway's OIDC login, pages and
 parallel fetches that keep working across token expiry with one IdP refresh, reloads that never
 bounce to the login page, no token readable by page JavaScript, a JSON login whose refresh token
-never reaches the page, cross-origin form posts refused, and a logout that really ends the session.
+never reaches the page, cross-origin form posts refused, a logout that really ends the session, and a
+7 KB access token (Entra ID's size) that lives in numbered cookies, each under the browser's 4096 bytes.
 
 The session-sharing scenarios (refresh, reloads, cookies, CSRF) run in file order on one
 logged-in page; login, capture and logout each use a fresh browser context.
@@ -544,3 +545,44 @@ def test_a_pages_websocket_closes_when_the_user_logs_out(
     assert opened["opened"] and dict(opened["hello"]["headers"])["x-auth-user"] == "alice"
     assert page.evaluate(FETCH, ["/.gateway/logout", "POST", None])["status"] == 204
     assert page.evaluate(SOCKET_CLOSED) == {"code": 4401, "reason": "session ended"}
+
+
+def test_a_7_kb_access_token_lives_in_numbered_cookies_and_survives_refreshes(
+    context: BrowserContext, gateway: GatewayProcess, idp: IdPProcess
+) -> None:
+    """Issue 16, item 2: Entra ID / Keycloak tokens of 5-10 KB. A cookie over 4096 bytes is dropped by the browser
+    (a silent logout, or a login loop); the gateway splits it into numbered cookies that Chromium keeps."""
+    set_cookie_lines: list[str] = []
+
+    def record(response: Any) -> None:
+        if response.url.startswith(gateway.url):
+            set_cookie_lines.extend(h["value"] for h in response.headers_array() if h["name"].lower() == "set-cookie")
+
+    idp.behaviour(groups=120)  # RS256 access tokens of about 7 KB
+    try:
+        page = context.new_page()
+        page.on("response", record)
+        log_in(page, gateway, idp)  # through the OIDC callback
+        jar = {c["name"]: c["value"] for c in context.cookies()}
+        assert {f"{ACCESS}_0", f"{ACCESS}_1", REFRESH} <= set(jar) and ACCESS not in jar, sorted(jar)
+        first = jar[f"{ACCESS}_0"] + jar[f"{ACCESS}_1"]
+        assert len(first) > 7000
+        before = idp.stats()
+        for round in (1, 2):  # the access token expires: fetches and a reload refresh it, once
+            wait_for_expiry()
+            results = page.evaluate(FETCH_ALL, 5)
+            assert [(r["status"], r["user"]) for r in results] == [(200, "alice")] * 5
+            page.reload()
+            assert page.url == f"{gateway.url}/home" and shown_user(page) == "alice"
+            assert idp.stats()["refresh_calls"] - before["refresh_calls"] == round
+        after = idp.stats()
+        assert after["reuse_detected"] == before["reuse_detected"] and after["logins"] == before["logins"]
+        jar = {c["name"]: c["value"] for c in context.cookies()}
+        assert jar[f"{ACCESS}_0"] + jar[f"{ACCESS}_1"] != first  # rotated, still in two chunks
+        upstream_cookie = dict(echo_of(page)["headers"]).get("cookie", "")
+        assert "gw_" not in upstream_cookie  # the upstream never sees a chunk
+    finally:
+        idp.behaviour(groups=0)
+    assert set_cookie_lines
+    assert all(len(line.encode()) < 4096 for line in set_cookie_lines), max(map(len, set_cookie_lines))
+    assert all(len(c["name"]) + len(c["value"]) < 4096 for c in context.cookies())

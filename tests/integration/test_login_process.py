@@ -123,3 +123,25 @@ def test_xhr_without_session_gets_401_with_login_url(gateway: GatewayProcess) ->
     response = httpx.get(f"{gateway.url}/api/items", headers={"Accept": "application/json", "Sec-Fetch-Mode": "cors"})
     assert response.status_code == 401
     assert response.json()["login_url"] == "/.gateway/login?next=%2Fapi%2Fitems"
+
+
+def test_a_login_over_a_big_token_session_clears_its_numbered_cookies(gateway: GatewayProcess, idp: IdPProcess) -> None:
+    """Issue 16, item 2: chunks left beside the new plain cookies would make the session read as garbage."""
+    authorize, state_cookie = start_login(gateway)
+    callback = idp.sign_in(authorize, "bob")
+    old = "gw_access_0=old; gw_access_1=old; gw_refresh_0=old"
+    done = httpx.get(callback, headers={"Cookie": f"gw_oidc={state_cookie}; {old}"})
+    assert done.status_code == 302
+    lines = done.headers.get_list("set-cookie")
+    assert {line.split("=", 1)[0] for line in lines if "Max-Age=0" in line} == {
+        "gw_oidc",
+        "gw_access_0",
+        "gw_access_1",
+        "gw_refresh_0",
+    }
+    session = cookies_of(done)
+    page = httpx.get(
+        f"{gateway.url}/reports",
+        headers={"Cookie": f"gw_access={session['gw_access']}; gw_refresh={session['gw_refresh']}"},
+    )
+    assert page.status_code == 200 and ["x-auth-user", "bob"] in page.json()["headers"]

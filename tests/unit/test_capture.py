@@ -142,29 +142,46 @@ async def test_access_token_that_does_not_verify_sets_no_session(capturer: Captu
     assert captured.body == b"" and header(captured, b"set-cookie") == []
 
 
-async def test_refresh_token_too_large_for_a_cookie(capturer: Capturer) -> None:
-    body = json.dumps({"access": access_token(), "refresh": "r" * 4100}).encode()
-    captured = await take(capturer, body)
+async def test_tokens_past_cookies_max_total_are_refused(capturer: Capturer, caplog: pytest.LogCaptureFixture) -> None:
+    body = json.dumps({"access": access_token(), "refresh": "r" * 13000}).encode()
+    captured = await take(capturer, body, split=1024)
     assert captured.reason == "cookie_too_large"
     assert captured.body == b"" and header(captured, b"set-cookie") == []
+    assert "do not fit in cookies (cookies.max_total: 12288); use session: {mode: server}" in caplog.text
 
 
-async def test_refresh_token_just_under_the_limit_once_sealed_is_kept(capturer: Capturer) -> None:
-    # Sealing adds a 16-byte tag, then base64 (4 characters per 3 bytes): the limit is on the cookie as sent.
-    room = 4096 - len("__Host-gw_refresh=")
-    refresh = "r" * (room * 3 // 4 - 16)
-    captured = await take(capturer, json.dumps({"access": access_token(), "refresh": refresh}).encode(), split=1024)
-    assert captured.reason is None
-    value = cookies(captured)["__Host-gw_refresh"].value
-    assert unsealed(value) == refresh and len("__Host-gw_refresh=" + value) <= 4096
-
-
-async def test_refresh_token_that_fits_only_unsealed_is_refused(capturer: Capturer) -> None:
-    """Regression (issue 14, item 10): the 4 KB check measures the sealed cookie, not the raw token."""
+async def test_a_refresh_token_over_4_kb_once_sealed_is_set_as_numbered_cookies(capturer: Capturer) -> None:
+    """Issue 16: a big token is split into cookies under the browser limit (it was refused: cookie_too_large)."""
     refresh = "r" * (4096 - len("__Host-gw_refresh="))  # fits raw, not once sealed
     captured = await take(capturer, json.dumps({"access": access_token(), "refresh": refresh}).encode(), split=1024)
+    assert captured.reason is None
+    lines = header(captured, b"set-cookie")
+    assert all(len(line) < 4096 for line in lines)
+    jar = cookies(captured)
+    assert sorted(jar) == ["__Host-gw_access", "__Host-gw_refresh_0", "__Host-gw_refresh_1"]
+    assert unsealed(jar["__Host-gw_refresh_0"].value + jar["__Host-gw_refresh_1"].value) == refresh
+
+
+async def test_the_max_total_check_measures_the_sealed_cookie(capturer: Capturer) -> None:
+    """Regression (issue 14, item 10): the size check measures the sealed cookie, not the raw token."""
+    access = access_token()
+    refresh = "r" * (12288 - len(access))  # fits raw, not once sealed
+    captured = await take(capturer, json.dumps({"access": access, "refresh": refresh}).encode(), split=1024)
     assert captured.reason == "cookie_too_large"
-    assert captured.body == b"" and header(captured, b"set-cookie") == []
+
+
+async def test_a_login_clears_the_chunks_of_the_session_before(capturer: Capturer) -> None:
+    """A new login over an old big session: the old chunks would read as garbage beside the new plain cookies."""
+    body = json.dumps({"access": access_token(), "refresh": refresh_token()}).encode()
+    old = [(b"cookie", b"__Host-gw_access_0=a; __Host-gw_access_1=b; __Host-gw_refresh_0=c; theme=dark")]
+    captured = await capturer.take(SPEC, list(JSON_HEADERS), chunks(body), "login", old)
+    jar = cookies(captured)
+    assert {name for name, morsel in jar.items() if morsel["max-age"] == "0"} == {
+        "__Host-gw_access_0",
+        "__Host-gw_access_1",
+        "__Host-gw_refresh_0",
+    }
+    assert jar["__Host-gw_access"].value and jar["__Host-gw_refresh"].value
 
 
 async def test_body_over_a_mebibyte_is_refused(capturer: Capturer) -> None:

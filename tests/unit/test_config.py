@@ -469,3 +469,20 @@ def test_limits_out_of_range_are_refused_naming_each_key() -> None:
     for key in ("header_bytes", "header_count", "header_timeout", "max_connections"):
         assert has(problems, f"server.limits.{key}"), problems
     assert has(problems, "routes[0].max_body"), problems
+
+
+def test_cookies_max_total_and_names_that_chunks_could_confuse() -> None:
+    """Issue 16: cookies.max_total bounds big tokens in cookies; a name must not be the other's `<name>_N` chunk."""
+    assert parse_config(minimal()).cookies.max_total == 12288
+    assert has(problems_of(minimal(cookies={"max_total": 100})), "cookies.max_total")
+    for access, refresh in (("s", "s_1"), ("rt_0", "rt"), ("same", "same")):
+        data = minimal(cookies={"access": {"name": access}, "refresh": {"name": refresh}})
+        assert has(problems_of(data), "cookies", "chunk"), (access, refresh)
+    assert parse_config(minimal(cookies={"access": {"name": "s"}, "refresh": {"name": "s_r"}})).cookies.max_total
+    # The cookies must fit in a request's head, with room for the rest of it.
+    small_heads = minimal(server={"limits": {"header_bytes": 12288}})
+    assert parse_config(small_heads).cookies.max_total == 12288  # the default: left alone
+    small_heads["cookies"] = {"max_total": 8192}
+    assert parse_config(small_heads).cookies.max_total == 8192
+    small_heads["cookies"] = {"max_total": 9000}
+    assert has(problems_of(small_heads), "cookies.max_total", "server.limits.header_bytes")

@@ -170,9 +170,9 @@ def test_a_cookie_sealed_for_another_name_or_secret_does_not_open(jar: CookieJar
 
 
 def test_the_size_check_measures_the_sealed_cookie(jar: CookieJar, raw: CookieJar) -> None:
-    token = "r" * (MAX_COOKIE_BYTES - len("__Host-gw_refresh="))  # fits exactly when raw
-    assert len(raw.session("a.b.c", token, 60)[1].split(b";", 1)[0]) == MAX_COOKIE_BYTES
-    with pytest.raises(CookieTooLarge, match="gw_refresh"):
+    token = "r" * (jar.max_total - len("a.b.c"))  # fits exactly when raw
+    assert len(raw.session("a.b.c", token, 60)) == 2
+    with pytest.raises(CookieTooLarge, match="use session: {mode: server}"):
         jar.session("a.b.c", token, 60)
 
 
@@ -180,3 +180,120 @@ def test_raw_refresh_cookies_when_sealing_is_off(raw: CookieJar) -> None:
     assert not raw.sealed
     assert value_of(raw.set_refresh(TOKEN)) == TOKEN
     assert raw.open_refresh("anything") == "anything"
+
+
+# --- big tokens: numbered cookies (issue 16, item 2) ---------------------------------------------------
+
+BIG = "eyJhbGciOiJSUzI1NiJ9." + "x" * 7000 + ".sig"  # an Entra ID access token with many groups
+
+
+def pairs(cookies: list[bytes]) -> bytes:
+    """The Cookie header a browser sends back for these Set-Cookie values (cleared ones dropped)."""
+    return b"; ".join(c.split(b";", 1)[0] for c in cookies if b"Max-Age=0" not in c)
+
+
+def names(cookies: list[bytes]) -> list[str]:
+    return [c.split(b"=", 1)[0].decode() for c in cookies]
+
+
+def cleared(cookies: list[bytes]) -> list[str]:
+    return sorted(c.split(b"=", 1)[0].decode() for c in cookies if b"Max-Age=0" in c)
+
+
+def test_a_cookie_over_the_browser_limit_goes_out_as_numbered_cookies_each_under_it(jar: CookieJar) -> None:
+    cookies = jar.expand(jar.session(BIG, TOKEN, 60), [])
+    assert names(cookies) == ["__Host-gw_access_0", "__Host-gw_access_1", "__Host-gw_refresh"]
+    assert all(len(c) < MAX_COOKIE_BYTES for c in cookies)
+    for cookie in cookies:  # every chunk keeps the cookie's attributes (the __Host- rules hold for each)
+        assert {"Path=/", "HttpOnly", "SameSite=Lax", "Secure"} <= set(attrs(cookie))
+    assert jar.read([(b"cookie", pairs(cookies))]) == (BIG, SEALER.seal_cookie(TOKEN, jar.refresh_name))
+
+
+def test_a_big_sealed_refresh_cookie_is_split_and_opens_once_joined(jar: CookieJar) -> None:
+    token = "r." + "y" * 5000
+    cookies = jar.expand([jar.set_refresh(token, 60)], [])
+    assert names(cookies) == ["__Host-gw_refresh_0", "__Host-gw_refresh_1"]
+    assert all(len(c) < MAX_COOKIE_BYTES and "Max-Age=60" in attrs(c) for c in cookies)
+    _, refresh = jar.read([(b"cookie", pairs(cookies))])
+    assert refresh is not None and jar.open_refresh(refresh) == token
+
+
+def test_a_cookie_that_fits_stays_one_cookie_named_as_ever(jar: CookieJar) -> None:
+    assert jar.expand([jar.set_access("a.b.c")], []) == [jar.set_access("a.b.c")]
+    largest = "t" * (MAX_COOKIE_BYTES - 1 - len(jar.set_access("")))
+    assert jar.expand([jar.set_access(largest)], []) == [jar.set_access(largest)]
+    assert names(jar.expand([jar.set_access(largest + "t")], [])) == ["__Host-gw_access_0", "__Host-gw_access_1"]
+
+
+def test_a_cookie_that_shrinks_back_clears_the_chunks_the_request_carried(jar: CookieJar) -> None:
+    big = jar.expand([jar.set_access("z" * 9000)], [])
+    request = [(b"cookie", b"theme=dark; " + pairs(big))]
+    assert len(big) == 3
+    cookies = jar.expand([jar.set_access("a.b.c")], request)
+    assert names(cookies)[0] == "__Host-gw_access" and value_of(cookies[0]) == "a.b.c"
+    assert cleared(cookies) == ["__Host-gw_access_0", "__Host-gw_access_1", "__Host-gw_access_2"]
+    # Fewer chunks than before: the last one goes, and so does a plain cookie (it would read as garbage beside them).
+    fewer = jar.expand([jar.set_access(BIG)], [(b"cookie", pairs(big) + b"; __Host-gw_access=old")])
+    assert [n for n in names(fewer) if n not in cleared(fewer)] == ["__Host-gw_access_0", "__Host-gw_access_1"]
+    assert cleared(fewer) == ["__Host-gw_access", "__Host-gw_access_2"]
+    assert jar.read([(b"cookie", pairs(fewer))])[0] == BIG
+
+
+def test_clearing_a_cookie_clears_every_chunk_the_request_carried(jar: CookieJar) -> None:
+    request = [(b"cookie", pairs(jar.expand([jar.set_access(BIG), jar.set_refresh("r." + "y" * 5000)], [])))]
+    cookies = jar.expand([jar.clear_access(), jar.clear_refresh()], request)
+    assert cleared(cookies) == sorted(names(cookies))
+    assert cleared(cookies) == [
+        "__Host-gw_access",
+        "__Host-gw_access_0",
+        "__Host-gw_access_1",
+        "__Host-gw_refresh",
+        "__Host-gw_refresh_0",
+        "__Host-gw_refresh_1",
+    ]
+    # Nothing carried: the plain names only, as before.
+    assert jar.expand([jar.clear_access()], []) == [jar.clear_access()]
+
+
+def test_other_set_cookies_pass_through_expand(jar: CookieJar) -> None:
+    assert jar.expand([b"gw_oidc=; Max-Age=0"], [(b"cookie", b"__Host-gw_access_0=x")]) == [b"gw_oidc=; Max-Age=0"]
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        b"__Host-gw_access_1=b",  # chunk 0 missing
+        b"__Host-gw_access_0=a; __Host-gw_access_2=c",  # a gap
+        b"__Host-gw_access_0=a; __Host-gw_access_0=a; __Host-gw_access_1=b",  # a duplicate
+        b"__Host-gw_access_0=a; __Host-gw_access_00=a",  # the same chunk spelled twice
+        b"__Host-gw_access=ab; __Host-gw_access_0=a; __Host-gw_access_1=b",  # both plain and chunks
+        b"__Host-gw_access_0=a; __Host-gw_access_1=",  # an empty chunk
+        b"__Host-gw_access_0=a; __Host-gw_access_1=\xff",  # a chunk that is not ASCII
+        b"__Host-gw_access_0=a; __Host-gw_access_1000=b",  # an index past any the gateway writes
+    ],
+)
+def test_broken_chunks_read_as_absent_and_are_all_cleared(jar: CookieJar, cookie: bytes) -> None:
+    request = [(b"cookie", cookie + b"; __Host-gw_refresh=r")]
+    assert jar.read(request) == (None, "r")
+    sent = {part.split(b"=", 1)[0].decode() for part in cookie.split(b"; ")}
+    assert set(cleared(jar.expand([jar.clear_access()], request))) == sent | {"__Host-gw_access"}
+
+
+def test_chunks_are_joined_in_order_across_headers(jar: CookieJar) -> None:
+    headers = [(b"cookie", b"__Host-gw_access_1=b; x=1"), (b"cookie", b"__Host-gw_access_0=a")]
+    assert jar.read(headers) == ("ab", None)
+    assert jar.read([(b"cookie", b"gw_access_0=a; gw_access_1=b")]) == (None, None)  # no __Host-: not ours
+
+
+def test_joined_values_past_max_total_read_as_absent(jar: CookieJar) -> None:
+    chunk = b"x" * 4000
+    many = b"; ".join(b"__Host-gw_access_%d=%s" % (n, chunk) for n in range(4))  # 16000 bytes > 12288
+    assert jar.read([(b"cookie", many)]) == (None, None)
+
+
+def test_max_total_counts_both_values_together(jar: CookieJar) -> None:
+    small = CookieJar.from_config(CookiesConfig(max_total=9000), SEALER)
+    sealed = len(SEALER.seal_cookie(TOKEN, small.refresh_name))
+    assert len(small.session("a" * (9000 - sealed), TOKEN, 60)) == 2
+    with pytest.raises(CookieTooLarge, match=f"tokens of {9001} bytes do not fit in cookies"):
+        small.session("a" * (9001 - sealed), TOKEN, 60)

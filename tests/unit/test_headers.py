@@ -137,6 +137,9 @@ def test_connection_listed_headers_removed(rules: HeaderRules) -> None:
         (b"__Host-gw_access=tok;sid=1;__Host-gw_refresh=r", b"sid=1"),
         (b"a=1; __Host-gw_access=tok; b=2", b"a=1; b=2"),
         (b"gw_access_other=1", b"gw_access_other=1"),
+        # A big token's numbered cookies (issue 16): the upstream never sees a chunk either.
+        (b"__Host-gw_access_0=t1; a=1; __Host-gw_access_1=t2; __Host-gw_refresh_0=r", b"a=1"),
+        (b"gw_access_12=t; gw_refresh_3=r; gw_refresh_x=1; gw_refresh_=2", b"gw_refresh_x=1; gw_refresh_=2"),
     ],
 )
 def test_gateway_cookies_removed_from_cookie_header(rules: HeaderRules, cookie: bytes, kept: bytes) -> None:
@@ -250,6 +253,8 @@ def test_outbound_gateway_set_cookie_dropped_others_kept(rules: HeaderRules) -> 
         (b"set-cookie", b"__Host-gw_refresh=evil; Path=/; Secure"),
         (b"set-cookie", b"sessionid=abc; HttpOnly"),
         (b"set-cookie", b"gw_access_x=1"),
+        (b"set-cookie", b"__Host-gw_access_0=evil; Path=/; Secure"),  # a chunk of a big cookie (issue 16)
+        (b"set-cookie", b"gw_refresh_1=evil"),
     ]
     out = rules.outbound(headers, "app")
     assert out == [(b"set-cookie", b"sessionid=abc; HttpOnly"), (b"set-cookie", b"gw_access_x=1")]

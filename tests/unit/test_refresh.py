@@ -19,9 +19,9 @@ from starlette.routing import Route
 from support.waiting import until
 
 from gateway import redemption
-from gateway.authn import AuthResult
+from gateway.authn import Authenticator, AuthResult
 from gateway.config import CookiesConfig, RefreshConfig, RefreshCookieSpec, TokensConfig
-from gateway.cookies import CookieJar
+from gateway.cookies import MAX_COOKIE_BYTES, CookieJar
 from gateway.demo.idp import IdentityProvider, IdPSettings, TokenPair, create_idp_app
 from gateway.denylist import Denylist
 from gateway.errors import KeyFetchError, StoreError
@@ -938,3 +938,62 @@ async def test_without_a_throttle_nothing_is_limited(build: Build) -> None:
     h = build()
     for n in range(15):
         assert (await h.refresher.refresh(f"junk-{n}", None, client="198.51.100.7")).reason == "invalid_grant"
+
+
+# --- big tokens in cookies (issue 16, item 2) ----------------------------------------------------------
+
+
+def big_cookie_path(h: Harness) -> tuple[Authenticator, CookieJar]:
+    """The request path's side of a refresh: the Authenticator over the harness's refresher, and its jar."""
+    jar = CookieJar.from_config(CookiesConfig(), h.sealer)
+    verifier = Verifier(TokensConfig(algorithms=("HS256",), secret=SECRET, audience="legacy-app", leeway=0),
+                        StaticKey(SECRET.encode()))  # fmt: skip
+    return Authenticator(verifier, jar, h.refresher), jar
+
+
+def sent_back(set_cookies: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """The Cookie header a browser sends after these Set-Cookie values."""
+    kept = [c.split(b";", 1)[0] for c in set_cookies if b"Max-Age=0" not in c]
+    return [(b"cookie", b"; ".join(kept))]
+
+
+async def test_big_access_tokens_refresh_into_numbered_cookies_under_the_browser_limit(build: Build) -> None:
+    # Access tokens issued 5 s from expiry (refreshed 10 s before): every request refreshes, the tokens grow and shrink.
+    h = build(app=create_idp_app(IdPSettings(access_ttl=20)))
+    auth, jar = big_cookie_path(h)
+    h.idp.behaviour.clock_skew = -15
+    h.idp.behaviour.groups = 128  # about 7 KB of access token
+    pair = h.session()
+    browser = sent_back(jar.expand([jar.set_access(pair.access), jar.set_refresh(pair.refresh)], []))
+    first = await auth.authenticate(browser)
+    assert first.refreshed and first.claims is not None and first.claims["sub"] == "alice"
+    assert [c.split(b"=", 1)[0] for c in first.set_cookies] == [
+        ACCESS.encode() + b"_0",
+        ACCESS.encode() + b"_1",
+        REFRESH.encode(),
+    ]
+    assert all(len(c) < MAX_COOKIE_BYTES for c in first.set_cookies)
+    assert 7000 < len(first.token or "") == len(jar.read(sent_back(first.set_cookies))[0] or "")
+    # The browser's chunks are joined: the next refresh redeems the successor, and the tokens shrink back.
+    h.idp.behaviour.groups = 0
+    second = await auth.authenticate(sent_back(first.set_cookies))
+    assert second.refreshed and h.idp.counters.refresh_calls == 2 and h.idp.counters.reuse_detected == 0
+    set_names = sorted(c.split(b"=", 1)[0].decode() for c in second.set_cookies if b"Max-Age=0" not in c)
+    gone = sorted(c.split(b"=", 1)[0].decode() for c in second.set_cookies if b"Max-Age=0" in c)
+    assert set_names == [ACCESS, REFRESH] and gone == [ACCESS + "_0", ACCESS + "_1"]
+    assert jar.read(sent_back(second.set_cookies))[0] == second.token
+
+
+async def test_tokens_past_cookies_max_total_end_the_session_with_cookie_too_large(
+    build: Build, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = build()
+    auth, jar = big_cookie_path(h)
+    h.idp.behaviour.groups = 300  # about 16 KB: past the default 12288
+    pair = h.session()
+    with caplog.at_level(logging.ERROR, logger="gateway.refresh"):
+        result = await auth.authenticate([(b"cookie", jar.set_refresh(pair.refresh).split(b";", 1)[0])])
+    assert result.reason == "cookie_too_large" and result.claims is None
+    assert sorted(c.split(b"=", 1)[0] for c in result.set_cookies) == [ACCESS.encode(), REFRESH.encode()]
+    assert all(b"Max-Age=0" in c for c in result.set_cookies)
+    assert "do not fit in cookies (cookies.max_total: 12288); use session: {mode: server}" in caplog.text

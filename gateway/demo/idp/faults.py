@@ -67,6 +67,8 @@ class Behaviour:
     jwks: Literal["up", "down"] = "up"
     jwks_max_age: float = 300.0  # the JWKS answer's Cache-Control: max-age (0: no-cache)
     clock_skew: float = 0.0  # seconds added to iat/nbf/exp of the tokens issued (the IdP's clock is ahead)
+    # Access tokens carry a ``groups`` claim of this many GUIDs (Entra ID's habit): 52 bytes of token each.
+    groups: int = 0
 
     def update(self, body: dict[str, Any]) -> str | None:
         """Apply the fields of ``body``, or none of them and say what is wrong.
@@ -76,7 +78,7 @@ class Behaviour:
         for name, value in body.items():
             if (error := _invalid(name, value)) is not None:
                 return error
-        for name in (*_NUMBERS, *_FLAGS, "jwks"):
+        for name in (*_NUMBERS, *_FLAGS, "jwks", "groups"):
             if name in body:
                 setattr(self, name, float(body[name]) if name in _NUMBERS else body[name])
         if "fail" in body or "fail_count" in body:
@@ -89,6 +91,8 @@ def _invalid(name: str, value: Any) -> str | None:
         ok, expected = value is None or value in FAILURES, f"null or one of {', '.join(FAILURES)}"
     elif name == "fail_count":
         ok, expected = value is None or (isinstance(value, int) and not isinstance(value, bool)), "an int or null"
+    elif name == "groups":
+        ok, expected = isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an int >= 0"
     elif name == "jwks":
         ok, expected = value in ("up", "down"), '"up" or "down"'
     elif name in _NUMBERS:

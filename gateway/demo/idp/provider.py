@@ -104,6 +104,8 @@ class IdentityProvider:
         if self.settings.audience is not None:
             claims["aud"] = self.settings.audience
         claims |= {"jti": uuid.uuid4().hex, "token_type": "access"}
+        if self.behaviour.groups:  # big tokens, as Entra ID and Keycloak issue them
+            claims["groups"] = [f"{n:08x}-0000-4000-8000-{n:012x}" for n in range(self.behaviour.groups)]
         return self.sign(claims | (user["claims"] if user else {}) | family.claims, key)
 
     def _issue(self, family: Family, access_ttl: int | None = None) -> TokenPair:

@@ -518,6 +518,8 @@ async def test_behaviour_is_validated_and_reset(client: httpx.AsyncClient) -> No
         {"jwks": "sideways"},
         {"fail": "redeem_then_vanish"},
         {"fail_count": 1.5},
+        {"groups": -1},
+        {"groups": 2.5},
     ):
         response = await client.post("/_admin/behaviour", json=body)
         assert response.status_code == 400, body
@@ -535,7 +537,17 @@ async def test_behaviour_is_validated_and_reset(client: httpx.AsyncClient) -> No
         "jwks": "up",
         "jwks_max_age": 300.0,
         "clock_skew": 0.0,
+        "groups": 0,
     }
+
+
+async def test_big_tokens_carry_a_groups_claim_of_as_many_entries(client: httpx.AsyncClient) -> None:
+    await behave(client, groups=120)
+    issued = (await client.post("/_admin/issue", json={"username": "alice"})).json()
+    groups = jwt.decode(issued["access"], options={"verify_signature": False})["groups"]
+    assert len(groups) == 120 and len(set(groups)) == 120
+    assert len(issued["access"]) > 6500  # HS256; Entra ID's RS256 tokens with as many groups are over 7 KB
+    await client.post("/_admin/reset")
 
 
 async def test_key_rollover_publishes_the_new_key_and_keeps_the_old_one() -> None:
