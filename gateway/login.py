@@ -141,7 +141,7 @@ class OIDCLogin:
         access, refresh, id_token = tokens.get("access_token"), tokens.get("refresh_token"), tokens.get("id_token")
         if not isinstance(access, str) or not isinstance(id_token, str):
             raise LoginFailed(502, Reason.IDP_BAD_RESPONSE)
-        await self._check_id_token(id_token, str(flow["n"]))
+        id_claims = await self._check_id_token(id_token, str(flow["n"]))
         verdict = await self._verifier.verify(access)
         if verdict.claims is None:
             log.error("login: the provider's access token does not verify with tokens.* settings (%s)", verdict.reason)
@@ -154,7 +154,10 @@ class OIDCLogin:
             log.error("login: token too large for the %s cookie (over 4 KB); no session set", exc)
             raise LoginFailed(502, Reason.COOKIE_TOO_LARGE) from None
         if self._families is not None:
-            await self._families.started(verdict.claims, refresh, lifetime)
+            sid = id_claims.get("sid")  # OIDC Back-Channel Logout §2.1: the IdP's login session
+            await self._families.started(
+                verdict.claims, refresh, lifetime, sid=sid if isinstance(sid, str) else None, id_token=id_token
+            )
         log.info("login: session started, subject %s", self._sealer.token_hash(str(verdict.claims.get("sub")))[:12])
         return str(flow["next"]), cookies
 
@@ -196,7 +199,7 @@ class OIDCLogin:
             raise LoginFailed(400 if response.status_code < 500 else 503, Reason.CODE_EXCHANGE_FAILED)
         return body
 
-    async def _check_id_token(self, id_token: str, nonce: str) -> None:
+    async def _check_id_token(self, id_token: str, nonce: str) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(id_token)
             alg = header.get("alg")
@@ -215,6 +218,7 @@ class OIDCLogin:
         if not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode()):
             log.error("login: ID token nonce does not match")
             raise LoginFailed(400, Reason.ID_TOKEN_INVALID)
+        return claims
 
     async def _discover(self) -> dict[str, Any]:
         if self._discovery is not None and self._clock() - self._discovered_at < DISCOVERY_TTL:
