@@ -132,6 +132,7 @@ class Generation:
             origin=self.origin,
             client=self.client,
             redirect=config.logout.redirect,
+            end_session_url=oidc.end_session_url if oidc else None,
         )
         self._internal_apps(config, shared, logout, oidc)
 
@@ -310,4 +311,5 @@ class Generation:
             secure=config.cookies.secure,
             clock=shared.clock,
             families=shared.families,
+            logout_redirect=config.logout.redirect,
         )

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 import jwt
@@ -63,8 +63,14 @@ class OIDCLogin:
         secure: bool,
         clock: Callable[[], float] = time.time,
         families: Families | None = None,
+        logout_redirect: str = "/",
     ) -> None:
         self._families = families
+        parts = urlsplit(config.redirect_url)
+        self._after_logout = config.post_logout_redirect_url or urljoin(
+            f"{parts.scheme}://{parts.netloc}/",
+            safe_target(logout_redirect) if logout_redirect.startswith("/") else logout_redirect,
+        )
         self._config = config
         self._jar = jar
         self._http = http
@@ -160,6 +166,29 @@ class OIDCLogin:
             )
         log.info("login: session started, subject %s", self._sealer.token_hash(str(verdict.claims.get("sub")))[:12])
         return str(flow["next"]), cookies
+
+    async def end_session_url(self, refresh_token: str | None) -> str | None:
+        """RP-initiated logout (OIDC RP-Initiated Logout 1.0 §2): the IdP's end-session URL with the session's ID
+        token as ``id_token_hint`` (when kept), or None when the IdP advertises no ``end_session_endpoint``.
+
+        Call before the session ends (its ID token is found through its refresh token). Never raises.
+        """
+        try:
+            endpoint = (await self._discover()).get("end_session_endpoint")
+        except LoginFailed:
+            return None
+        if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+            return None
+        params = {"client_id": self._config.client_id, "post_logout_redirect_uri": self._after_logout}
+        if refresh_token is not None and self._families is not None:
+            try:
+                root = await self._families.root_of(self._sealer.token_hash(refresh_token))
+            except StoreError:
+                root = None
+            id_token = await self._families.index.id_token(root) if root else None
+            if id_token is not None:
+                params["id_token_hint"] = id_token
+        return f"{endpoint}{'&' if urlsplit(endpoint).query else '?'}{urlencode(params)}"
 
     def _flow(self, cookie: str | None) -> dict[str, Any]:
         if not cookie:
