@@ -9,6 +9,8 @@ Logout through the gateway ends the IdP's session too (RP-initiated logout, a va
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import jwt
 import pytest
+import yaml
 from support.servers import GatewayProcess, IdPProcess, set_cookies, start_gateway, start_idp, start_upstream
 from support.workers import WorkerClients
 from websockets.exceptions import ConnectionClosed
@@ -202,3 +205,45 @@ def test_logout_ends_the_idp_session_too_with_a_valid_id_token_hint(gateway: Gat
     other = log_in(gateway, idp, "bob")
     script = httpx.post(f"{gateway.url}/.gateway/logout", headers={"Cookie": other.cookie, "Origin": gateway.url})
     assert script.status_code == 204
+
+
+def sessions_command(
+    gateway: GatewayProcess, *args: str, config: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "gateway", "sessions", *args, "--config", config or gateway.config_path]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_gateway_sessions_lists_and_ends_a_users_sessions(gateway: GatewayProcess, idp: IdPProcess) -> None:
+    first, second = log_in(gateway, idp, "alice"), log_in(gateway, idp, "alice")
+    listed = sessions_command(gateway, "list", "--sub", "alice")
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split("\t") for line in listed.stdout.splitlines()[1:-1]]
+    assert {first.sid, second.sid} <= {row[2] for row in rows} and {row[1] for row in rows} == {"alice"}
+    assert first.refresh not in listed.stdout and first.access not in listed.stdout
+    by_sid = sessions_command(gateway, "list", "--sub", "alice", f"--sid={second.sid}")
+    assert [line.split("\t")[5] for line in by_sid.stdout.splitlines()[1:-1]] == ["active"]
+    ended = sessions_command(gateway, "end", "--sub", "alice", f"--sid={first.sid}")
+    assert ended.returncode == 0 and ended.stdout.splitlines()[-1] == "1 session(s) ended", ended.stdout
+    eventually(lambda: statuses(gateway, first) == {401})
+    assert statuses(gateway, second) == {200}
+    again = sessions_command(gateway, "list", f"--sid={first.sid}")
+    assert "ended (session_ended)" in again.stdout
+
+
+def test_gateway_sessions_says_why_it_cannot_reach_the_store(gateway: GatewayProcess, tmp_path: Any) -> None:
+    with open(gateway.config_path) as handle:
+        config = yaml.safe_load(handle)
+    config["store"]["url"] = "redis://127.0.0.1:1/0"
+    path = tmp_path / "unreachable.yaml"
+    path.write_text(yaml.safe_dump(config))
+    down = sessions_command(gateway, "list", "--sub", "alice", config=str(path))
+    assert down.returncode == 1 and "unreachable" in down.stderr and "Traceback" not in down.stderr
+    config["store"]["secret"] = None
+    path.write_text(yaml.safe_dump({**config, "store": {"url": config["store"]["url"]}}))
+    no_secret = sessions_command(gateway, "end", "--sub", "alice", config=str(path))
+    assert no_secret.returncode == 1 and "store.secret" in no_secret.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store: {url: 42, nonsense: 1}\n")
+    invalid = sessions_command(gateway, "list", "--sub", "alice", config=str(bad))
+    assert invalid.returncode == 1 and "invalid config" in invalid.stderr

@@ -234,7 +234,7 @@ class OIDCProvider:
         ):
             raise OAuthError("invalid_grant")
         # One IdP login session per code: its sid is in the ID token and every access token of the family.
-        pair = self.idp.start_session(code.username, {"sid": secrets.token_urlsafe(16)})
+        pair = self.idp.start_session(code.username, {"sid": secrets.token_hex(16)})
         code.family = pair.family
         body = {
             "access_token": pair.access,
