@@ -94,22 +94,28 @@ class Families:
         refresh_token: str | None,
         lifetime: float | None,
         *,
+        sub: str | None = None,
         sid: str | None = None,
         id_token: str | None = None,
     ) -> None:
-        """A login: the session is new, its root the refresh token's hash, indexed under its ``sub`` and ``sid``
-        (the ID token's, else the access token's ``sid`` claim). Best effort."""
-        if refresh_token is None:
+        """A login: the session is new, its root the refresh token's hash (without one, the access token's: a
+        family of one token, so that back-channel logout ends it too), indexed under ``sub`` and ``sid`` (the ID
+        token's, else the access token's claims). Best effort."""
+        jti = claims.get("jti")
+        if refresh_token is None and not isinstance(jti, str):
             return
+        sub = sub or (claims["sub"] if isinstance(claims.get("sub"), str) else None)
         sid = sid if sid is not None else claims.get("sid") if isinstance(claims.get("sid"), str) else None
-        root = self._sealer.token_hash(refresh_token)
+        root = self._sealer.token_hash(refresh_token if refresh_token is not None else f"access\0{jti}")
         keys = RecordKeys(root, root)
         try:
             await self.link(root, refresh_token, claims, lifetime or 3600)
             await self.join(root, claims)
-            await self._store.set(keys.head, self._sealer.seal(refresh_token.encode(), keys.head), lifetime or 3600)
-            if isinstance(claims.get("sub"), str):
-                await self.index.record(root, claims["sub"], sid, id_token)
+            if refresh_token is not None:
+                sealed = self._sealer.seal(refresh_token.encode(), keys.head)
+                await self._store.set(keys.head, sealed, lifetime or 3600)
+            if sub is not None:
+                await self.index.record(root, sub, sid, id_token)
         except StoreError as exc:
             log.warning("session record not stored (%s): logout ends this session by its tokens only", exc)
 

@@ -160,9 +160,15 @@ class OIDCLogin:
             log.error("login: token too large for the %s cookie (over 4 KB); no session set", exc)
             raise LoginFailed(502, Reason.COOKIE_TOO_LARGE) from None
         if self._families is not None:
-            sid = id_claims.get("sid")  # OIDC Back-Channel Logout §2.1: the IdP's login session
+            # Logout tokens name the ID token's sub and sid (OIDC Back-Channel Logout §2.4).
+            sub, sid = id_claims.get("sub"), id_claims.get("sid")
             await self._families.started(
-                verdict.claims, refresh, lifetime, sid=sid if isinstance(sid, str) else None, id_token=id_token
+                verdict.claims,
+                refresh,
+                lifetime,
+                sub=sub if isinstance(sub, str) else None,
+                sid=sid if isinstance(sid, str) else None,
+                id_token=id_token,
             )
         log.info("login: session started, subject %s", self._sealer.token_hash(str(verdict.claims.get("sub")))[:12])
         return str(flow["next"]), cookies

@@ -91,6 +91,22 @@ async def test_a_valid_logout_token_by_sid_ends_exactly_that_session(h: Harness)
     assert "jti-2" not in h.denylist and "jti-3" not in h.denylist
 
 
+async def test_a_session_without_a_refresh_token_ends_too(h: Harness) -> None:
+    """Regression: a login without offline_access (no refresh token) was in no family, so nothing could end it."""
+    await h.families.started({"sub": "alice", "jti": "jti-only", "exp": time.time() + 300, "sid": "sid-9"}, None, None)
+    assert (await h.post(logout_token(sub=None, sid="sid-9"))).status_code == 200
+    assert "jti-only" in h.denylist
+    assert [s.ended for s in await h.index.sessions(sid="sid-9")] == ["session_ended"]
+
+
+async def test_the_id_tokens_sub_indexes_the_session(h: Harness) -> None:
+    """Logout tokens carry the ID token's sub, which may differ from the access token's (pairwise subjects)."""
+    claims = {"sub": "access-sub", "jti": "jti-1", "exp": time.time() + 300}
+    await h.families.started(claims, "refresh-x", 3600, sub="id-sub", sid=None)
+    assert (await h.post(logout_token(sub="id-sub"))).status_code == 200
+    assert "jti-1" in h.denylist
+
+
 async def test_a_logout_token_by_sub_ends_every_session_of_the_subject(h: Harness) -> None:
     roots = [await h.login("alice", "sid-1", "jti-1"), await h.login("alice", None, "jti-2")]
     bob = await h.login("bob", "sid-3", "jti-3")
