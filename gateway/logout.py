@@ -70,7 +70,8 @@ class Logout:
         token = bearer or access
         session = self._jar.open_refresh(refresh) if refresh and self._refresher is not None else None
         # Found before the session ends: its ID token is the hint (RP-initiated logout, login.oidc).
-        at_idp = await self._end_session_url(session) if self._end_session_url is not None else None
+        browser = wants_html("GET", headers) or _is_form(headers)
+        at_idp = await self._end_session_url(session) if browser and self._end_session_url is not None else None
         if session is not None and self._refresher is not None:
             client = self._client(scope) if self._client is not None else None
             # Its WebSockets close everywhere too.
@@ -83,7 +84,7 @@ class Logout:
         if token:
             await self._deny(token)
         clear = [self._jar.clear_access(), self._jar.clear_refresh()]
-        if wants_html("GET", headers) or _is_form(headers):
+        if browser:
             response: Response = Response(status_code=303, headers={"location": at_idp or self._redirect})
         else:
             response = Response(status_code=204)
