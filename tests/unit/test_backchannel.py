@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from gateway.backchannel import EVENT, BackchannelLogout, LogoutTokens
 from gateway.denylist import Denylist
+from gateway.errors import KeyFetchError, StoreError
 from gateway.families import SESSION, Families, FamilyIndex
 from gateway.keys import StaticKey
 from gateway.sealing import Sealer
@@ -44,13 +45,13 @@ def logout_token(**changes: Any) -> str:
 
 
 class Harness:
-    def __init__(self) -> None:
-        self.store = MemoryStore("t:", clock=time.time)
+    def __init__(self, store: MemoryStore | None = None) -> None:
+        self.store = store or MemoryStore("t:", clock=time.time)
         self.sealer = Sealer("unit-secret")
         self.denylist = Denylist(self.store)
         self.families = Families(self.store, self.sealer, self.denylist, time.time, 3600)
         self.index = FamilyIndex(self.families)
-        tokens = LogoutTokens(
+        self.tokens = tokens = LogoutTokens(
             keys=StaticKey(SECRET.encode()),
             algorithms=["HS256"],
             issuer=ISSUER,
@@ -182,3 +183,37 @@ async def test_index_records_are_bound_to_their_keys(h: Harness) -> None:
     await h.store.set(f"owner:{{{two}}}", stolen, 60)
     assert await h.families.index.owner(two) is None
     assert [s.sub for s in await h.index.sessions(sub="alice")] == ["alice"]
+
+
+class FailingStore(MemoryStore):
+    """Fails ``end_family`` ``failures`` times with StoreError (Redis down mid-logout)."""
+
+    failures = 1
+
+    async def end_family(self, keys: Any, reason: str, ttl: float, now: float) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("store down")
+        return await super().end_family(keys, reason, ttl, now)
+
+
+async def test_a_store_outage_is_503_and_the_idps_retry_of_the_same_token_works() -> None:
+    h = Harness(FailingStore("t:", clock=time.time))
+    root = await h.login("alice", "sid-1", "jti-1")
+    token = logout_token(sid="sid-1")
+    down = await h.post(token)
+    assert down.status_code == 503 and down.headers["retry-after"] == "5"
+    assert down.json() == {"error": "temporarily_unavailable"}
+    assert (await h.post(token)).status_code == 200  # not taken for a replay
+    assert await h.families.ended(root) == "session_ended"
+
+
+class NoKeys:
+    async def key_for(self, kid: str | None, alg: str) -> Any:
+        raise KeyFetchError("jwks down")
+
+
+async def test_keys_unavailable_is_503_never_a_500(h: Harness) -> None:
+    h.tokens._keys = NoKeys()  # type: ignore[assignment]
+    answer = await h.post(logout_token())
+    assert answer.status_code == 503 and answer.headers["cache-control"] == "no-store"
