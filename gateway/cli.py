@@ -1,4 +1,4 @@
-"""Command line: ``gateway serve``, ``gateway check``, ``gateway demo``.
+"""Command line: ``gateway serve``, ``gateway check``, ``gateway demo``, ``gateway sessions list|end``.
 
 Bad configuration ends the process with exit code 1 and a message naming each bad key; it is
 never a traceback.
@@ -124,6 +124,63 @@ def _private_sockets(config: GatewayConfig, public_port: int) -> list[socket.soc
     return [sock]
 
 
+def _sessions(args: argparse.Namespace) -> int:
+    """``gateway sessions list|end --sub S [--sid X]``: the sessions of a user (never a token), or ended everywhere."""
+    if not args.sub and not args.sid:
+        print("gateway sessions: give --sub, --sid or both", file=sys.stderr)
+        return 2
+    path = _config_path(args.config)
+    config = _load(path)
+    if config is None:
+        return 1
+    if not config.store.secret:
+        print(f"gateway sessions: {path}: store.secret is not set (the index is keyed by it)", file=sys.stderr)
+        return 1
+    import asyncio
+
+    from gateway.errors import StoreError
+
+    try:
+        return asyncio.run(_sessions_in_store(config, args.action, args.sub, args.sid))
+    except StoreError as exc:
+        print(f"gateway sessions: store {config.store.url.split('@')[-1]} unreachable: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _sessions_in_store(config: GatewayConfig, action: str, sub: str | None, sid: str | None) -> int:
+    import time
+
+    from gateway.cookies import DEFAULT_REFRESH_LIFETIME
+    from gateway.denylist import Denylist
+    from gateway.families import Families, FamilyIndex
+    from gateway.sealing import Sealer
+    from gateway.store import open_store
+
+    store = open_store(config.store)
+    try:
+        await store.ping()
+        lifetime = config.cookies.refresh.max_age or DEFAULT_REFRESH_LIFETIME
+        families = Families(store, Sealer(config.store.secret or ""), Denylist(store), time.time, lifetime)
+        index = FamilyIndex(families)
+        found = await (index.end(sub=sub, sid=sid) if action == "end" else index.sessions(sub=sub, sid=sid))
+    finally:
+        await store.close()
+    print("id\tsub\tsid\tcreated\tlast_refresh\tstate")  # tab-separated, for people and for cut/awk
+    for s in found:
+        state = "ended now" if action == "end" else (f"ended ({s.ended})" if s.ended else "active")
+        print(f"{s.id}\t{s.sub}\t{s.sid or '-'}\t{_when(s.created)}\t{_when(s.refreshed)}\t{state}")
+    print(f"{len(found)} session(s) {'ended' if action == 'end' else 'found'}")
+    return 0
+
+
+def _when(epoch: float | None) -> str:
+    import datetime
+
+    if not epoch:
+        return "-"
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo.runner import run_demo
 
@@ -146,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate the config and print the route table")
     check.add_argument("--config", help="path to gateway.yaml (default: $GATEWAY_CONFIG, else ./gateway.yaml)")
     check.set_defaults(func=_check)
+
+    sessions = commands.add_parser("sessions", help="list or end a user's sessions (in the config's store)")
+    sessions.add_argument("action", choices=["list", "end"])
+    sessions.add_argument("--sub", help="the user (the tokens' sub claim)")
+    sessions.add_argument("--sid", help="the IdP's login session (the sid claim)")
+    sessions.add_argument("--config", help="path to gateway.yaml (default: $GATEWAY_CONFIG, else ./gateway.yaml)")
+    sessions.set_defaults(func=_sessions)
 
     demo = commands.add_parser("demo", help="run a demo IdP, an echo upstream and the gateway together")
     demo.add_argument("--port", type=int, default=8080, help="gateway port (default: 8080)")

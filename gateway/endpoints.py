@@ -1,4 +1,5 @@
-"""The gateway's own endpoints under ``server.prefix``: health, readiness, metrics, logout, login, and with
+"""The gateway's own endpoints under ``server.prefix``: health, readiness, metrics, logout, login, back-channel
+logout (``gateway.backchannel``), and with
 ``identity.assertion`` the key that verifies its assertions (``.well-known/jwks.json``). With ``server.metrics``,
 ``private_app`` answers on the private listener.
 
@@ -16,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Router
 from starlette.routing import Route as Endpoint
 
+from gateway.backchannel import BackchannelLogout
 from gateway.errors import StoreError
 from gateway.login import OIDCLogin
 from gateway.logout import Logout
@@ -53,6 +55,7 @@ def internal_app(
     *,
     jwks: dict[str, Any] | None = None,
     public_metrics: bool = True,
+    backchannel: BackchannelLogout | None = None,
 ) -> Starlette:
     """The Starlette app for every path under ``prefix``; ``jwks``: the assertion's public key set;
     ``public_metrics`` False: no ``metrics`` here (``server.metrics.public``)."""
@@ -60,6 +63,8 @@ def internal_app(
     endpoints.append(Endpoint("/logout", logout.handle, methods=["POST"]))
     if oidc is not None:
         endpoints += [Endpoint("/login", oidc.login), Endpoint("/callback", oidc.callback)]
+    if backchannel is not None:
+        endpoints.append(Endpoint("/backchannel-logout", backchannel.handle, methods=["POST"]))
     if jwks is not None:
 
         async def key_set(request: Request) -> Response:

@@ -11,7 +11,11 @@ root). The store remembers, for as long as the cookies may live:
     members:{root}       the family's access tokens (jti until exp), written atomically with each
                          rotation (see ``Store.finish``) and at login
     head:{root}          sealed: the family's newest refresh token
-    ended:{root}         why the family ended: session_ended (logout), reuse, invalid_grant, refresh_lost
+    ended:{root}         why the family ended: session_ended (logout, back-channel logout), reuse, invalid_grant,
+                         refresh_lost
+    owner:{root}, id_token:{root}, by-sub:{h(sub)}, by-sid:{h(sid)}
+                         the session index (gateway.session_index): ``FamilyIndex`` finds and ends the
+                         families of a subject or an IdP login session
 
 Ending a family (``end``) is one atomic step in the store; afterwards no token of the family gets
 a 200 on any worker, whatever the IdP does with revocation (invariant I3, docs/refresh.md):
@@ -35,6 +39,7 @@ from gateway.denylist import Denylist
 from gateway.errors import StoreError
 from gateway.reasons import Reason
 from gateway.sealing import Sealer
+from gateway.session_index import IndexRecords, SessionInfo
 from gateway.store import BACKGROUND_RETRY, RETRY_PAUSE, FamilyEnd, RecordKeys, Store
 
 log = logging.getLogger("gateway.families")
@@ -52,6 +57,7 @@ class Families:
         self._denylist = denylist
         self._clock = clock
         self._lifetime = lifetime  # how long an ended family is remembered: the longest a refresh cookie lives
+        self.index = IndexRecords(store, sealer, clock, lifetime)
 
     async def root_of(self, h: str) -> str:
         """The session of the refresh token with hash ``h`` (``h`` itself when never rotated). Raises StoreError."""
@@ -70,6 +76,8 @@ class Families:
         if refresh_token is not None:
             h = self._sealer.token_hash(refresh_token)
             await self._store.set(f"family:{{{h}}}", root.encode(), lifetime)
+            if h != root:
+                await self.index.touch(root)  # a rotation: the session index keeps the family
         jti = (claims or {}).get("jti")
         if isinstance(jti, str):
             await self._store.set(f"member:{{{self._sealer.token_hash(jti)}}}", root.encode(), lifetime)
@@ -80,16 +88,34 @@ class Families:
         if isinstance(jti, str) and isinstance(exp, int | float):
             await self._store.add_member(RecordKeys(root, root).members, jti, float(exp))
 
-    async def started(self, claims: dict[str, Any], refresh_token: str | None, lifetime: float | None) -> None:
-        """A login: the session is new, its root the refresh token's hash. Best effort."""
-        if refresh_token is None:
+    async def started(
+        self,
+        claims: dict[str, Any],
+        refresh_token: str | None,
+        lifetime: float | None,
+        *,
+        sub: str | None = None,
+        sid: str | None = None,
+        id_token: str | None = None,
+    ) -> None:
+        """A login: the session is new, its root the refresh token's hash (without one, the access token's: a
+        family of one token, so that back-channel logout ends it too), indexed under ``sub`` and ``sid`` (the ID
+        token's, else the access token's claims). Best effort."""
+        jti = claims.get("jti")
+        if refresh_token is None and not isinstance(jti, str):
             return
-        root = self._sealer.token_hash(refresh_token)
+        sub = sub or (claims["sub"] if isinstance(claims.get("sub"), str) else None)
+        sid = sid if sid is not None else claims.get("sid") if isinstance(claims.get("sid"), str) else None
+        root = self._sealer.token_hash(refresh_token if refresh_token is not None else f"access\0{jti}")
         keys = RecordKeys(root, root)
         try:
             await self.link(root, refresh_token, claims, lifetime or 3600)
             await self.join(root, claims)
-            await self._store.set(keys.head, self._sealer.seal(refresh_token.encode(), keys.head), lifetime or 3600)
+            if refresh_token is not None:
+                sealed = self._sealer.seal(refresh_token.encode(), keys.head)
+                await self._store.set(keys.head, sealed, lifetime or 3600)
+            if sub is not None:
+                await self.index.record(root, sub, sid, id_token)
         except StoreError as exc:
             log.warning("session record not stored (%s): logout ends this session by its tokens only", exc)
 
@@ -156,6 +182,10 @@ class Families:
             # Refused here already; other workers learn it when this worker's copy is shared again.
             log.error("family end not shared with other workers yet (%s)", exc)
 
+    async def ended(self, root: str) -> str | None:
+        """Why the family ``root`` ended, or None while it lives. Raises StoreError."""
+        return (await self._store.read_record(RecordKeys(root, root))).ended
+
     async def watch_keys(self, claims: dict[str, Any]) -> tuple[str, ...]:
         """The denylist entries that end a socket opened with this (verified) access token."""
         jti = claims.get("jti")
@@ -169,3 +199,39 @@ class Families:
 
     async def end_token(self, jti: str, expires_at: float) -> None:
         await self._denylist.deny(ENDED + jti, expires_at)
+
+
+class FamilyIndex:
+    """``SessionIndex`` for cookie sessions: the refresh-token families of a sub or sid, ended as a whole."""
+
+    def __init__(self, families: Families) -> None:
+        self._families = families
+
+    async def sessions(self, *, sub: str | None = None, sid: str | None = None) -> list[SessionInfo]:
+        return [info for _, info in await self._found(sub, sid)]
+
+    async def end(self, *, sub: str | None = None, sid: str | None = None) -> list[SessionInfo]:
+        ended = []
+        for root, info in await self._found(sub, sid):
+            if info.ended is None:
+                await self._families.end(RecordKeys(root, root), Reason.SESSION_ENDED)
+                ended.append(info)
+        return ended
+
+    async def _found(self, sub: str | None, sid: str | None) -> list[tuple[str, SessionInfo]]:
+        index = self._families.index
+        found = []
+        for root in await index.roots(sub, sid):
+            owner = await index.owner(root)
+            if owner is not None:
+                refreshed = owner.get("refreshed")
+                info = SessionInfo(
+                    id=root[:16],
+                    sub=owner["sub"],
+                    sid=owner.get("sid"),
+                    created=float(owner.get("created") or 0),
+                    refreshed=float(refreshed) if refreshed else None,
+                    ended=await self._families.ended(root),
+                )
+                found.append((root, info))
+        return found

@@ -24,13 +24,14 @@ from gateway.accesslog import AccessLog, RequestIds
 from gateway.admission import Admission
 from gateway.assertion import Assertion
 from gateway.authn import Authenticator
+from gateway.backchannel import BackchannelLogout, LogoutTokens
 from gateway.capture import Capturer
 from gateway.config import GatewayConfig
 from gateway.cookies import CookieJar
 from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist
 from gateway.endpoints import internal_app, private_app
-from gateway.families import Families
+from gateway.families import Families, FamilyIndex
 from gateway.forwardauth import ForwardAuth
 from gateway.forwarder import Forwarder
 from gateway.headers import HeaderRules, TrustedProxies
@@ -133,6 +134,7 @@ class Generation:
             origin=self.origin,
             client=self.client,
             redirect=config.logout.redirect,
+            end_session_url=oidc.end_session_url if oidc else None,
         )
         self._internal_apps(config, shared, logout, oidc)
 
@@ -230,10 +232,34 @@ class Generation:
         listener = config.server.metrics
         public = listener is None or listener.public
         self.internal = internal_app(
-            self.prefix, shared.store, shared.metrics, logout, oidc, jwks=jwks, public_metrics=public
+            self.prefix,
+            shared.store,
+            shared.metrics,
+            logout,
+            oidc,
+            jwks=jwks,
+            public_metrics=public,
+            backchannel=self._backchannel(config, shared),
         )
         self.private_port = listener.port if listener else None
         self.private = private_app(self.prefix, shared.store, shared.metrics)
+
+    def _backchannel(self, config: GatewayConfig, shared: Shared) -> BackchannelLogout | None:
+        """``{prefix}/backchannel-logout``, with ``login.oidc`` (its issuer and client id name the logout tokens)."""
+        oidc = config.login.oidc
+        if oidc is None:
+            return None
+        tokens = LogoutTokens(
+            keys=self.keys,
+            algorithms=config.tokens.algorithms,
+            issuer=oidc.issuer,
+            audience=oidc.client_id,
+            store=shared.store,
+            sealer=shared.sealer,
+            leeway=config.tokens.leeway,
+            clock=shared.clock,
+        )
+        return BackchannelLogout(tokens, FamilyIndex(shared.families), shared.sealer)
 
     def _header_rules(self, config: GatewayConfig, jar: CookieJar, identity: list[bytes]) -> HeaderRules:
         """What crosses the gateway: identity headers (and the assertion's) are the gateway's alone."""
@@ -290,4 +316,5 @@ class Generation:
             secure=config.cookies.secure,
             clock=shared.clock,
             families=shared.families,
+            logout_redirect=config.logout.redirect,
         )

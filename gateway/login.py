@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 import jwt
@@ -63,8 +63,14 @@ class OIDCLogin:
         secure: bool,
         clock: Callable[[], float] = time.time,
         families: Families | None = None,
+        logout_redirect: str = "/",
     ) -> None:
         self._families = families
+        parts = urlsplit(config.redirect_url)
+        self._after_logout = config.post_logout_redirect_url or urljoin(
+            f"{parts.scheme}://{parts.netloc}/",
+            safe_target(logout_redirect) if logout_redirect.startswith("/") else logout_redirect,
+        )
         self._config = config
         self._jar = jar
         self._http = http
@@ -141,7 +147,7 @@ class OIDCLogin:
         access, refresh, id_token = tokens.get("access_token"), tokens.get("refresh_token"), tokens.get("id_token")
         if not isinstance(access, str) or not isinstance(id_token, str):
             raise LoginFailed(502, Reason.IDP_BAD_RESPONSE)
-        await self._check_id_token(id_token, str(flow["n"]))
+        id_claims = await self._check_id_token(id_token, str(flow["n"]))
         verdict = await self._verifier.verify(access)
         if verdict.claims is None:
             log.error("login: the provider's access token does not verify with tokens.* settings (%s)", verdict.reason)
@@ -154,9 +160,41 @@ class OIDCLogin:
             log.error("login: %s; no session set", exc)
             raise LoginFailed(502, Reason.COOKIE_TOO_LARGE) from None
         if self._families is not None:
-            await self._families.started(verdict.claims, refresh, lifetime)
+            # Logout tokens name the ID token's sub and sid (OIDC Back-Channel Logout §2.4).
+            sub, sid = id_claims.get("sub"), id_claims.get("sid")
+            await self._families.started(
+                verdict.claims,
+                refresh,
+                lifetime,
+                sub=sub if isinstance(sub, str) else None,
+                sid=sid if isinstance(sid, str) else None,
+                id_token=id_token,
+            )
         log.info("login: session started, subject %s", self._sealer.token_hash(str(verdict.claims.get("sub")))[:12])
         return str(flow["next"]), cookies
+
+    async def end_session_url(self, refresh_token: str | None) -> str | None:
+        """RP-initiated logout (OIDC RP-Initiated Logout 1.0 §2): the IdP's end-session URL with the session's ID
+        token as ``id_token_hint`` (when kept), or None when the IdP advertises no ``end_session_endpoint``.
+
+        Call before the session ends (its ID token is found through its refresh token). Never raises.
+        """
+        try:
+            endpoint = (await self._discover()).get("end_session_endpoint")
+        except LoginFailed:
+            return None
+        if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+            return None
+        params = {"client_id": self._config.client_id, "post_logout_redirect_uri": self._after_logout}
+        if refresh_token is not None and self._families is not None:
+            try:
+                root = await self._families.root_of(self._sealer.token_hash(refresh_token))
+            except StoreError:
+                root = None
+            id_token = await self._families.index.id_token(root) if root else None
+            if id_token is not None:
+                params["id_token_hint"] = id_token
+        return f"{endpoint}{'&' if urlsplit(endpoint).query else '?'}{urlencode(params)}"
 
     def _flow(self, cookie: str | None) -> dict[str, Any]:
         if not cookie:
@@ -196,7 +234,7 @@ class OIDCLogin:
             raise LoginFailed(400 if response.status_code < 500 else 503, Reason.CODE_EXCHANGE_FAILED)
         return body
 
-    async def _check_id_token(self, id_token: str, nonce: str) -> None:
+    async def _check_id_token(self, id_token: str, nonce: str) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(id_token)
             alg = header.get("alg")
@@ -215,6 +253,7 @@ class OIDCLogin:
         if not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode()):
             log.error("login: ID token nonce does not match")
             raise LoginFailed(400, Reason.ID_TOKEN_INVALID)
+        return claims
 
     async def _discover(self) -> dict[str, Any]:
         if self._discovery is not None and self._clock() - self._discovered_at < DISCOVERY_TTL:

@@ -4,7 +4,9 @@ The access token's ``jti`` goes on the denylist until its ``exp`` (so a replayed
 by every process); the refresh token is refused by the gateway from now on and revoked at the
 IdP's RFC 7009 endpoint when one is configured; both cookies are cleared. A revocation endpoint
 that fails does not keep the session alive. Browsers are sent to ``logout.redirect`` (303),
-other clients get 204.
+other clients get 204. With ``login.oidc`` and an IdP that advertises an ``end_session_endpoint``,
+browsers are sent there instead (OIDC RP-Initiated Logout: ``id_token_hint``, ``client_id``,
+``post_logout_redirect_uri``), so the IdP's own session ends too and the next login asks again.
 
 A refresh cookie the gateway did not seal ends nothing: no store write, no IdP call (the cookies
 are cleared all the same). With raw refresh cookies, a never-seen token over its client's limit
@@ -14,7 +16,7 @@ gets 429 and nothing is done (gateway.throttle).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.requests import Request
@@ -46,7 +48,9 @@ class Logout:
         origin: Callable[[MutableMapping[str, Any]], str],
         redirect: str,
         client: Callable[[MutableMapping[str, Any]], str | None] | None = None,
+        end_session_url: Callable[[str | None], Awaitable[str | None]] | None = None,
     ) -> None:
+        self._end_session_url = end_session_url
         self._jar = jar
         self._verifier = verifier
         self._denylist = denylist
@@ -65,6 +69,9 @@ class Logout:
             return JSONResponse({"error": "forbidden", "reason": Reason.CSRF}, status_code=403)
         token = bearer or access
         session = self._jar.open_refresh(refresh) if refresh and self._refresher is not None else None
+        # Found before the session ends: its ID token is the hint (RP-initiated logout, login.oidc).
+        browser = wants_html("GET", headers) or _is_form(headers)
+        at_idp = await self._end_session_url(session) if browser and self._end_session_url is not None else None
         if session is not None and self._refresher is not None:
             client = self._client(scope) if self._client is not None else None
             # Its WebSockets close everywhere too.
@@ -77,8 +84,8 @@ class Logout:
         if token:
             await self._deny(token)
         clear = self._jar.expand([self._jar.clear_access(), self._jar.clear_refresh()], headers)  # and every chunk
-        if wants_html("GET", headers) or _is_form(headers):
-            response: Response = Response(status_code=303, headers={"location": self._redirect})
+        if browser:
+            response: Response = Response(status_code=303, headers={"location": at_idp or self._redirect})
         else:
             response = Response(status_code=204)
         response.headers["cache-control"] = "no-store"

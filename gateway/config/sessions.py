@@ -88,13 +88,17 @@ class OIDCConfig(Model):
     is set."""
     redirect_url: str
     """The callback URL registered at the IdP (http(s)), normally `https://your.host{prefix}/callback`."""
+    post_logout_redirect_url: str | None = None
+    """Where the IdP sends the browser after RP-initiated logout (`post_logout_redirect_uri`, registered at the
+    IdP). Default: `logout.redirect`, made absolute against the origin of `redirect_url`. Used only when the
+    discovery document advertises an `end_session_endpoint`."""
     tls: TLSConfig | None = None
     """TLS to the `https://` IdP: its discovery document and token endpoint (its keys come with `tokens.tls`)."""
 
-    @field_validator("issuer", "redirect_url")
+    @field_validator("issuer", "redirect_url", "post_logout_redirect_url")
     @classmethod
-    def _url(cls, value: str) -> str:
-        if not is_http_url(value):
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not is_http_url(value):
             raise ValueError("not an http(s) URL")
         return value
 
@@ -121,7 +125,9 @@ class LogoutConfig(Model):
 
     redirect: str = "/"
     """Where browsers land (303) after logout. A relative value must pass the safe-`next` check (else `/`); an
-    absolute URL (e.g. the IdP's end-session page) is used as written."""
+    absolute URL is used as written. With `login.oidc` and an IdP that advertises an `end_session_endpoint`,
+    browsers go there first (RP-initiated logout) and the IdP sends them on to
+    `login.oidc.post_logout_redirect_url` (by default this, made absolute)."""
 
 
 class CSRFConfig(Model):

@@ -6,6 +6,7 @@ from starlette.applications import Starlette
 
 from gateway.demo.idp.admin import AdminEndpoints
 from gateway.demo.idp.endpoints import TokenEndpoints
+from gateway.demo.idp.logout import LogoutEndpoints
 from gateway.demo.idp.oidc import OIDCProvider
 from gateway.demo.idp.provider import IdentityProvider
 from gateway.demo.idp.settings import IdPSettings
@@ -17,6 +18,7 @@ def create_idp_app(settings: IdPSettings) -> Starlette:
     idp = IdentityProvider(settings)
     oidc = OIDCProvider(idp)
     tokens = TokenEndpoints(idp, code_grant=oidc.exchange)
-    app = Starlette(routes=[*tokens.routes(), *AdminEndpoints(idp).routes(), *oidc.routes()])
+    logout = LogoutEndpoints(idp, oidc.redirect_allowed)
+    app = Starlette(routes=[*tokens.routes(), *AdminEndpoints(idp).routes(), *oidc.routes(), *logout.routes()])
     app.state.idp, app.state.oidc = idp, oidc
     return app

@@ -124,6 +124,9 @@ class OIDCProvider:
                 "token_endpoint": f"{base}/token",
                 "jwks_uri": f"{base}/jwks",
                 "revocation_endpoint": f"{base}/revoke",
+                "end_session_endpoint": f"{base}/end_session",
+                "backchannel_logout_supported": True,
+                "backchannel_logout_session_supported": True,
                 "response_types_supported": ["code"],
                 "response_modes_supported": ["query"],
                 "grant_types_supported": ["authorization_code", "refresh_token", "password"],
@@ -133,7 +136,7 @@ class OIDCProvider:
                 "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
                 "revocation_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
                 "subject_types_supported": ["public"],
-                "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "email", "name"],
+                "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "sid", "email", "name"],
             }
         )
 
@@ -230,7 +233,8 @@ class OIDCProvider:
             or not _pkce_matches(verifier, auth.code_challenge)
         ):
             raise OAuthError("invalid_grant")
-        pair = self.idp.start_session(code.username)
+        # One IdP login session per code: its sid is in the ID token and every access token of the family.
+        pair = self.idp.start_session(code.username, {"sid": secrets.token_hex(16)})
         code.family = pair.family
         body = {
             "access_token": pair.access,
@@ -253,7 +257,10 @@ class OIDCProvider:
             "exp": now + s.access_ttl,
             "auth_time": code.auth_time,
             "at_hash": _at_hash(access_token),
+            "jti": secrets.token_hex(16),
         }
+        if code.family is not None and "sid" in code.family.claims:
+            claims["sid"] = code.family.claims["sid"]
         if code.request.nonce is not None:
             claims["nonce"] = code.request.nonce
         user = s.users.get(code.username)

@@ -52,7 +52,7 @@ class Family:
 
     def summary(self) -> dict[str, Any]:
         keys = ("id", "username", "current", "previous", "revoked", "revoked_reason", "issued")
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in keys} | {"sid": self.claims.get("sid")}
 
 
 @dataclass
@@ -88,10 +88,10 @@ class IdentityProvider:
         """The IdP's clock: the time plus ``clock_skew``; what issued tokens' iat/exp are based on."""
         return time.time() + self.behaviour.clock_skew
 
-    def sign(self, claims: dict[str, Any], key: SigningKey | None = None) -> str:
+    def sign(self, claims: dict[str, Any], key: SigningKey | None = None, typ: str = "JWT") -> str:
         """A JWT over ``claims`` with the IdP's current key (or ``key``), alg and kid."""
         rs256 = self.settings.algorithm == "RS256"
-        headers = {"typ": "JWT"} | ({"kid": self.keyring.kid} if rs256 else {})
+        headers = {"typ": typ} | ({"kid": self.keyring.kid} if rs256 else {})
         signing_key = key or (self.keyring.keys[self.keyring.kid] if rs256 else self.settings.hs_secret)
         return jwt.encode(claims, signing_key, algorithm=self.settings.algorithm, headers=headers)
 
@@ -132,6 +132,10 @@ class IdentityProvider:
         family = Family(uuid.uuid4().hex, username, dict(claims or {}))
         self.families[family.id] = family
         return self._issue(family, ttl)
+
+    def decode(self, token: str) -> dict[str, Any] | None:
+        """The claims of a token this IdP signed (with any of its keys), expired or not."""
+        return self._decode(token)
 
     def _decode(self, token: str) -> dict[str, Any] | None:
         """The claims of a token this IdP signed (with any of its keys), expired or not."""
