@@ -36,6 +36,7 @@ from gateway.headers import HeaderRules, TrustedProxies
 from gateway.http import HttpPath
 from gateway.identity import IdentityHeaders
 from gateway.idp_client import IdPClient
+from gateway.introspection import build_verifier
 from gateway.keys import build_key_source
 from gateway.login import OIDCLogin
 from gateway.logout import Logout
@@ -87,8 +88,7 @@ class Generation:
         signed = config.identity.assertion
         self.assertion = Assertion(signed, config.identity.headers.values(), shared.clock) if signed else None
         self.header_rules = self._header_rules(config, jar, identity.names)
-        self.keys = build_key_source(config.tokens, self.tls.client("tokens"), on_fetch=shared.metrics.jwks_fetch)
-        verifier = Verifier(config.tokens, self.keys, shared.clock, denied=shared.denylist)
+        verifier = self._verifier(config, shared)  # sets self.keys
         self.refresher = self._refresher(config, shared, verifier, jar)
         csrf = CSRFGuard(config.csrf.allowed_origins)
         tracer = Tracer(config.server.tracing)
@@ -250,6 +250,18 @@ class Generation:
             assertion=self.assertion,
         )
 
+    def _verifier(self, config: GatewayConfig, shared: Shared) -> Verifier:
+        """The access-token verifier: JWTs with the configured keys, or opaque tokens asked about at the IdP."""
+        self.keys = build_key_source(config.tokens, self.tls.client("tokens"), on_fetch=shared.metrics.jwks_fetch)
+        return build_verifier(
+            config.tokens,
+            self.keys,
+            self.tls.client,
+            token_hash=shared.sealer.token_hash,
+            clock=shared.clock,
+            denied=shared.denylist,
+        )
+
     def _refresher(
         self, config: GatewayConfig, shared: Shared, verifier: Verifier, jar: CookieJar
     ) -> SessionRefresher | None:
@@ -280,7 +292,7 @@ class Generation:
             sealer=shared.sealer,
             store=shared.store,
             verifier=verifier,
-            keys=self.keys,
+            keys=self.keys if config.tokens.has_keys else None,  # None: the JWKS the discovery document names
             algorithms=config.tokens.algorithms,
             secure=config.cookies.secure,
             clock=shared.clock,

@@ -53,7 +53,7 @@ from gateway.config.sessions import (
     RefreshCookieSpec,
 )
 from gateway.config.tls import TLSConfig
-from gateway.config.tokens import RefreshConfig, RefreshFields, TokensConfig
+from gateway.config.tokens import IntrospectionConfig, RefreshConfig, RefreshFields, TokensConfig, UserinfoConfig
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -71,6 +71,7 @@ __all__ = [
     "CookiesConfig",
     "GatewayConfig",
     "IdentityConfig",
+    "IntrospectionConfig",
     "LimitsConfig",
     "LoginConfig",
     "LogoutConfig",
@@ -87,6 +88,7 @@ __all__ = [
     "TLSConfig",
     "TimeoutConfig",
     "TokensConfig",
+    "UserinfoConfig",
     "WebSocketConfig",
     "key_weakness",
     "load_config",

@@ -74,6 +74,9 @@ class GatewayConfig(Model):
             ("refresh.", http_only(refresh.tls, endpoint=refresh.endpoint, revocation=refresh.revocation_endpoint))
         )
         found.append(("tokens.", http_only(self.tokens.tls, jwks_url=self.tokens.jwks_url)))
+        for name, opaque in (("introspection", self.tokens.introspection), ("userinfo", self.tokens.userinfo)):
+            if opaque is not None:
+                found.append((f"tokens.{name}.", http_only(opaque.tls, endpoint=opaque.endpoint)))
         if self.login.oidc is not None:
             found.append(("login.oidc.", http_only(self.login.oidc.tls, issuer=self.login.oidc.issuer)))
         problems = [(prefix + key, message) for prefix, items in found for key, message in items]
@@ -89,6 +92,10 @@ class GatewayConfig(Model):
         """Every ``tls`` key that is set, with its key path (``routes[1].tls``, ``refresh.tls``...)."""
         found = [(f"routes[{i}].tls", r.tls) for i, r in enumerate(self.routes)]
         found += [("refresh.tls", self.refresh.tls), ("tokens.tls", self.tokens.tls)]
+        if self.tokens.opaque is not None:
+            found.append(
+                (f"tokens.{'introspection' if self.tokens.introspection else 'userinfo'}.tls", self.tokens.opaque.tls)
+            )
         if self.login.oidc is not None:
             found.append(("login.oidc.tls", self.login.oidc.tls))
         return [(key, tls) for key, tls in found if tls is not None]
