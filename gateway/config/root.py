@@ -92,10 +92,9 @@ class GatewayConfig(Model):
         """Every ``tls`` key that is set, with its key path (``routes[1].tls``, ``refresh.tls``...)."""
         found = [(f"routes[{i}].tls", r.tls) for i, r in enumerate(self.routes)]
         found += [("refresh.tls", self.refresh.tls), ("tokens.tls", self.tokens.tls)]
-        if self.tokens.opaque is not None:
-            found.append(
-                (f"tokens.{'introspection' if self.tokens.introspection else 'userinfo'}.tls", self.tokens.opaque.tls)
-            )
+        for name in ("introspection", "userinfo"):
+            opaque = getattr(self.tokens, name)
+            found.append((f"tokens.{name}.tls", opaque.tls if opaque is not None else None))
         if self.login.oidc is not None:
             found.append(("login.oidc.tls", self.login.oidc.tls))
         return [(key, tls) for key, tls in found if tls is not None]
