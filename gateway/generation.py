@@ -260,6 +260,7 @@ class Generation:
             token_hash=shared.sealer.token_hash,
             clock=shared.clock,
             denied=shared.denylist,
+            on_call=shared.metrics.introspection,
         )
 
     def _refresher(

@@ -124,8 +124,10 @@ class OpaqueVerifier(Verifier):
         token_hash: Callable[[str], str],
         clock: Callable[[], float] = time.time,
         denied: Container[object] = frozenset(),
+        on_call: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(config, _NO_KEYS, clock, denied)
+        self._on_call = on_call or (lambda result: None)  # metrics: every call that was made, by result
         self._lookup = lookup
         self._bound = cache
         self._hash = token_hash
@@ -189,8 +191,12 @@ class OpaqueVerifier(Verifier):
 
     async def _fetch(self, h: str, token: str) -> Answer:
         asked = self._clock()
-        said = await self._lookup.ask(token)
-        answer = self._answer(h, said, asked)
+        try:
+            answer = self._answer(h, await self._lookup.ask(token), asked)
+        except IntrospectionFailed:
+            self._on_call("error")
+            raise
+        self._on_call("active" if answer.claims is not None else "inactive")
         return self._answers.put(h, answer)
 
     def _answer(self, h: str, said: dict[str, Any] | Reason, asked: float) -> Answer:
@@ -230,10 +236,12 @@ def build_verifier(
     token_hash: Callable[[str], str],
     clock: Callable[[], float] = time.time,
     denied: Container[object] = frozenset(),
+    on_call: Callable[[str], None] | None = None,
 ) -> Verifier:
     """The verifier ``tokens`` configures: JWTs with ``keys``, or opaque tokens asked about at the IdP.
 
-    ``client(section)`` is the control-plane client for ``tokens.introspection`` or ``tokens.userinfo``.
+    ``client(section)`` is the control-plane client for ``tokens.introspection`` or ``tokens.userinfo``;
+    ``on_call(result)`` counts the calls made.
     """
     lookup: Lookup
     if config.introspection is not None:
@@ -242,7 +250,9 @@ def build_verifier(
         lookup, cache = Userinfo(config.userinfo, client("tokens.userinfo")), config.userinfo.cache
     else:
         return Verifier(config, keys, clock, denied)
-    return OpaqueVerifier(config, lookup, cache=cache, token_hash=token_hash, clock=clock, denied=denied)
+    return OpaqueVerifier(
+        config, lookup, cache=cache, token_hash=token_hash, clock=clock, denied=denied, on_call=on_call
+    )
 
 
 _NO_KEYS = StaticKey(None)  # an OpaqueVerifier verifies no signature

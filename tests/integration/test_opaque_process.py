@@ -65,8 +65,14 @@ def gateway_config(provider: ServerProcess, upstream: ServerProcess, redis_url: 
 @pytest.fixture(scope="module")
 def gateway(provider: ServerProcess, upstream: ServerProcess, redis_url: str) -> Iterator[GatewayProcess]:
     introspection = {"endpoint": f"{provider.url}/o/introspect/", **CLIENT, "cache": CACHE}
-    config = gateway_config(provider, upstream, redis_url, introspection=introspection,
-                            required_claims=["exp", "username"], refresh_before=5)  # fmt: skip
+    config = gateway_config(
+        provider,
+        upstream,
+        redis_url,
+        introspection=introspection,
+        required_claims=["exp", "username"],
+        refresh_before=5,
+    )
     with start_gateway(config, workers=2) as server:
         yield server
 

@@ -328,8 +328,9 @@ def opaque_auth(jar: CookieJar, answer: Any, refresher: RecordingRefresher | Non
         required_claims=("exp", "username"),
     )
     client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
-    verifier = build_verifier(config, StaticKey(None), lambda section: client, token_hash=SEALER.token_hash,
-                              clock=lambda: NOW)  # fmt: skip
+    verifier = build_verifier(
+        config, StaticKey(None), lambda section: client, token_hash=SEALER.token_hash, clock=lambda: NOW
+    )
     return Authenticator(verifier, jar, refresher)
 
 

@@ -75,8 +75,9 @@ def make(
         )
         config = TokensConfig(introspection=introspection, **tokens)
     client = httpx.AsyncClient(transport=httpx.MockTransport(idp))
-    return build_verifier(config, StaticKey(None), lambda section: client, token_hash=token_hash, clock=clock,
-                          denied=denied)  # fmt: skip
+    return build_verifier(
+        config, StaticKey(None), lambda section: client, token_hash=token_hash, clock=clock, denied=denied
+    )
 
 
 def required(**tokens: Any) -> dict[str, Any]:
@@ -191,8 +192,9 @@ async def test_concurrent_requests_with_one_token_make_one_call() -> None:
     introspection = IntrospectionConfig(endpoint=ENDPOINT, client_id="gateway")
     config = TokensConfig(introspection=introspection, required_claims=("exp", "username"))
     client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
-    verifier = OpaqueVerifier(config, Introspection(introspection, client), cache=60, token_hash=token_hash,
-                              clock=Clock())  # fmt: skip
+    verifier = OpaqueVerifier(
+        config, Introspection(introspection, client), cache=60, token_hash=token_hash, clock=Clock()
+    )
     verdicts = await asyncio.gather(*(verifier.verify(TOKEN) for _ in range(20)))
     assert all(v.ok for v in verdicts) and calls == 1
 
@@ -300,3 +302,26 @@ def test_build_verifier_checks_jwts_with_keys_and_opaque_tokens_at_the_idp() -> 
         token_hash=token_hash,
     )
     assert isinstance(opaque, OpaqueVerifier) and sections == ["tokens.userinfo"]
+
+
+async def test_each_call_made_is_counted_by_result_and_cached_answers_are_not() -> None:
+    results: list[str] = []
+    idp, clock = IdP(active()), Clock()
+    introspection = IntrospectionConfig(endpoint=ENDPOINT, client_id="gateway", cache=10)
+    config = TokensConfig(introspection=introspection, required_claims=("exp", "username"))
+    client = httpx.AsyncClient(transport=httpx.MockTransport(idp))
+    verifier = OpaqueVerifier(
+        config,
+        Introspection(introspection, client),
+        cache=10,
+        token_hash=token_hash,
+        clock=clock,
+        on_call=results.append,
+    )
+    for _ in range(3):
+        await verifier.verify(TOKEN)
+    idp.answer = lambda request: httpx.Response(200, json={"active": False})
+    await verifier.verify("another-token")
+    idp.answer = lambda request: httpx.Response(502)
+    await verifier.verify("a-third-token")
+    assert results == ["active", "inactive", "error"]
