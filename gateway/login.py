@@ -5,8 +5,10 @@
 S256 code challenge; those, with ``next``, travel in a short-lived sealed cookie (AES-GCM, so
 neither readable nor forgeable). ``GET {prefix}/callback`` checks the state (once: a replayed
 state is refused through the store), exchanges the code, verifies the ID token (signature,
-issuer, audience = client_id, nonce) and the access token, sets the session cookies and
-redirects to ``next``. Tokens never appear in a URL, a body or a log.
+issuer, audience = client_id, nonce) and the access token (an opaque one at the introspection or
+userinfo endpoint, gateway.introspection; the ID token then with the discovery's ``jwks_uri`` unless
+``tokens`` names keys), sets the session cookies and redirects to ``next``. Tokens never appear in
+a URL, a body or a log.
 """
 
 from __future__ import annotations

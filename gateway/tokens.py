@@ -4,7 +4,8 @@
 reason code (``bad_signature``, ``alg_not_allowed``, ``token_expired``, ...). A token that is
 otherwise valid but expired (or about to expire) says so with ``refreshable``, which is the
 only case where the refresh stage may step in. Verified tokens are cached until their ``exp``
-so a repeated token costs no signature check.
+so a repeated token costs no signature check. Opaque access tokens are verified by a subclass,
+``introspection.OpaqueVerifier``, that asks the IdP instead.
 """
 
 from __future__ import annotations
