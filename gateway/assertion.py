@@ -24,7 +24,7 @@ import jwt
 from jwt.algorithms import get_default_algorithms
 
 from gateway.cache import BoundedCache
-from gateway.config import AssertionConfig, load_signing_key
+from gateway.config import AssertionConfig, load_published_key, load_signing_key
 from gateway.routing import Route
 
 # RFC 7638 §3.2: the members of the thumbprint, by key type.
@@ -55,7 +55,14 @@ class Assertion:
         self._clock = clock
         public = get_default_algorithms()[config.algorithm].to_jwk(self._key.public_key(), as_dict=True)
         self.kid = config.key_id or thumbprint(public)
-        self.jwks: dict[str, Any] = {"keys": [{**public, "kid": self.kid, "alg": config.algorithm, "use": "sig"}]}
+        keys = [{**public, "kid": self.kid, "alg": config.algorithm, "use": "sig"}]
+        for index, path in enumerate(config.publish_key_files):  # a rollover's next or previous key
+            where = f"identity.assertion.publish_key_files[{index}]"
+            other = get_default_algorithms()[config.algorithm].to_jwk(
+                load_published_key(path, config.algorithm, where), as_dict=True
+            )
+            keys.append({**other, "kid": thumbprint(other), "alg": config.algorithm, "use": "sig"})
+        self.jwks: dict[str, Any] = {"keys": keys}
         # A dotted path (realm_access.roles) sends its top-level claim; an exact key with dots is itself.
         self._paths = tuple(dict.fromkeys(["sub", *claim_paths]))
         # (access token, route name) -> (assertion, when to sign a new one)

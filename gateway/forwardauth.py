@@ -28,7 +28,6 @@ import time
 from gateway.accesslog import AccessLog, RequestIds, RequestInfo
 from gateway.admission import PREFLIGHT, Admission, Admitted
 from gateway.assertion import Assertion
-from gateway.cache import BoundedCache
 from gateway.config.assertion import DEFAULT_HEADER
 from gateway.cors import is_preflight
 from gateway.errors import BadPath
@@ -38,7 +37,7 @@ from gateway.http import METHODS
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.responses import NO_STORE, Denials, send_response
-from gateway.routing import Route, RouteTable, canonical_path, host_name
+from gateway.routing import CanonicalPaths, Route, RouteTable, host_name
 from gateway.types import RawHeaders, Receive, Scope, Send
 
 log = logging.getLogger("gateway")
@@ -131,7 +130,7 @@ class ForwardAuth:
         # proxy configs copy it unconditionally, overwriting a client's own.
         signed = assertion.name if assertion else DEFAULT_HEADER
         self._identity_names = identity_names + [signed.lower().encode()]
-        self._paths: BoundedCache[bytes, tuple[str, str]] = BoundedCache()
+        self._paths = CanonicalPaths()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -216,12 +215,9 @@ class ForwardAuth:
     def _route(self, asked: Scope, uri: bytes, seen: Scanned) -> Route | Reason:
         """The route of the original request (its path, query and host written into ``asked``)."""
         raw_path, _, query = uri.partition(b"?")
-        canonical = self._paths.get(raw_path)
+        canonical = self._paths(raw_path)
         if canonical is None:
-            try:
-                canonical = self._paths.put(raw_path, canonical_path(raw_path))
-            except BadPath:
-                return Reason.BAD_PATH
+            return Reason.BAD_PATH
         asked["path"], asked["raw_path"], asked["query_string"] = canonical[0], raw_path, query
         if seen.hosts > 1:
             return Reason.BAD_HOST

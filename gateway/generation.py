@@ -1,6 +1,7 @@
 """One generation of gateway.yaml: every part built from the config, wired in request order.
 
     request ──> {prefix}/auth         forwardauth.ForwardAuth (a front proxy asks; nothing is forwarded)
+            ──> {prefix}/userinfo     userinfo.UserInfo (who is logged in: the session's claims as JSON)
             ──> under server.prefix?  endpoints.internal_app (health, ready, metrics, logout, login)
             ──> HTTP                  http.HttpPath
             ──> WebSocket             websocket.WebSocketPath
@@ -52,6 +53,7 @@ from gateway.tokens import Verifier
 from gateway.tracing import Tracer
 from gateway.tunnel import Sockets
 from gateway.types import Receive, Scope, Send
+from gateway.userinfo import UserInfo
 from gateway.websocket import WebSocketPath
 
 _PAGE_SCHEME = {"ws": "http", "wss": "https"}
@@ -120,8 +122,8 @@ class Generation:
             request_ids=shared.request_ids,
             assertion=self.assertion,
         )
-        self.websocket = self._websocket_path(config, shared, routes, admission, deny, access_log)
-        self.forward_auth = self._forward_auth(config, shared, routes, admission, deny, access_log)
+        self.websocket, self.forward_auth = self._other_paths(config, shared, routes, admission, deny, access_log)
+        self.userinfo = self._userinfo(config, shared, admission, deny)
         logout = Logout(
             jar=jar,
             verifier=verifier,
@@ -162,6 +164,8 @@ class Generation:
             auth = self.forward_auth.endpoint
             if path.startswith(auth) and (len(path) == len(auth) or path[len(auth)] == "/"):
                 await self.forward_auth(scope, receive, send)
+            elif path == self.userinfo.endpoint:
+                await self.userinfo(scope, receive, send)
             else:
                 await self.internal(scope, receive, send)
         else:
@@ -179,7 +183,7 @@ class Generation:
         peer = scope.get("client")
         return self.header_rules.client(scope["headers"], peer[0] if peer else None)
 
-    def _websocket_path(
+    def _other_paths(
         self,
         config: GatewayConfig,
         shared: Shared,
@@ -187,8 +191,9 @@ class Generation:
         admission: Admission,
         deny: Denials,
         access_log: AccessLog,
-    ) -> WebSocketPath:
-        return WebSocketPath(
+    ) -> tuple[WebSocketPath, ForwardAuth]:
+        """The WebSocket path, and forward-auth's: the same routes, admission and refusals as HTTP."""
+        websocket = WebSocketPath(
             prefix=config.server.prefix,
             routes=routes,
             admission=admission,
@@ -202,6 +207,21 @@ class Generation:
             request_ids=shared.request_ids,
             assertion=self.assertion,
         )
+        forward_auth = ForwardAuth(
+            endpoint=f"{self.prefix}/auth",
+            routes=routes,
+            admission=admission,
+            header_rules=self.header_rules,
+            trusted=TrustedProxies(config.server.trusted_proxies),
+            deny=deny,
+            metrics=shared.metrics,
+            access_log=access_log,
+            request_ids=shared.request_ids,
+            forward_token=config.identity.forward_token,
+            identity_names=IdentityHeaders(config.identity.headers).names,
+            assertion=self.assertion,
+        )
+        return websocket, forward_auth
 
     def _internal_apps(self, config: GatewayConfig, shared: Shared, logout: Logout, oidc: OIDCLogin | None) -> None:
         """The endpoints under the prefix; with server.metrics, the private listener's app and its port (what
@@ -226,28 +246,13 @@ class Generation:
             forward_token=config.identity.forward_token,
         )
 
-    def _forward_auth(
-        self,
-        config: GatewayConfig,
-        shared: Shared,
-        routes: RouteTable,
-        admission: Admission,
-        deny: Denials,
-        access_log: AccessLog,
-    ) -> ForwardAuth:
-        return ForwardAuth(
-            endpoint=f"{self.prefix}/auth",
-            routes=routes,
+    def _userinfo(self, config: GatewayConfig, shared: Shared, admission: Admission, deny: Denials) -> UserInfo:
+        return UserInfo(
+            endpoint=f"{self.prefix}/userinfo",
             admission=admission,
-            header_rules=self.header_rules,
-            trusted=TrustedProxies(config.server.trusted_proxies),
             deny=deny,
-            metrics=shared.metrics,
-            access_log=access_log,
+            claims=config.identity.userinfo_claims,
             request_ids=shared.request_ids,
-            forward_token=config.identity.forward_token,
-            identity_names=IdentityHeaders(config.identity.headers).names,
-            assertion=self.assertion,
         )
 
     def _verifier(self, config: GatewayConfig, shared: Shared) -> Verifier:

@@ -37,7 +37,7 @@ from gateway.heads import Scanned
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.responses import NO_STORE, Denials
-from gateway.routing import Route, RouteTable, canonical_path, host_name
+from gateway.routing import CanonicalPaths, Route, RouteTable, host_name
 from gateway.tracing import Tracer
 from gateway.types import RawHeaders, Receive, Scope, Send, StrHeaders
 
@@ -76,7 +76,7 @@ class HttpPath:
         self._tracer = tracer
         self._access_log = access_log
         self._request_ids = request_ids
-        self._paths: BoundedCache[bytes, tuple[str, str]] = BoundedCache()  # raw path -> canonical forms
+        self._paths = CanonicalPaths()
         self._hosts: BoundedCache[bytes, str] = BoundedCache(1024)  # Host header -> host name (valid ones)
         self._resolved: BoundedCache[tuple[str | None, str], Route | Reason] = BoundedCache()  # (host, path) -> route
         self._urls: BoundedCache[tuple[str, str], URL] = BoundedCache()  # (route, canonical path) -> URL, no query
@@ -200,12 +200,9 @@ class HttpPath:
                     return Reason.BAD_HOST
                 self._hosts.put(host, name)
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        canonical = self._paths.get(raw_path)
+        canonical = self._paths(raw_path)
         if canonical is None:
-            try:
-                canonical = self._paths.put(raw_path, canonical_path(raw_path))
-            except BadPath:
-                return Reason.BAD_PATH
+            return Reason.BAD_PATH
         decoded, path = canonical
         key = (name if self._routes.by_host else None, decoded)
         route = self._resolved.get(key)

@@ -200,13 +200,15 @@ class Denials:
         method: str | None = None,
         extra: RawHeaders | None = None,
         auth_request: bool = False,
+        api: bool = False,
     ) -> int:
         """Answer ``reason``; the status sent. ``method`` overrides the scope's (a WebSocket handshake is a GET).
 
-        ``auth_request``: for nginx's ``auth_request`` (``send_denial``), from ``{prefix}/auth``."""
+        ``auth_request``: for nginx's ``auth_request`` (``send_denial``), from ``{prefix}/auth``. ``api``: JSON
+        whoever asks, never HTML nor a login redirect (``{prefix}/userinfo``)."""
         method = method or scope["method"]
-        html = wants_html(method, scope["headers"])
-        login = self.location(scope)
+        html = not api and wants_html(method, scope["headers"])
+        login = None if api else self.location(scope)
         headers = [(b"set-cookie", c) for c in cookies or []]
         headers += extra or []
         info = scope.get("gateway")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
+from gateway.cache import BoundedCache
 from gateway.config import AuthMode, CaptureConfig, RouteConfig
 from gateway.cors import CORSPolicy
 from gateway.errors import BadPath
@@ -120,6 +121,22 @@ def compile_route(config: RouteConfig, tls: UpstreamTLS | None = None) -> Route:
         cors=CORSPolicy(config.cors, config.methods) if config.cors else None,
         preflight=config.preflight == "upstream",
     )
+
+
+class CanonicalPaths:
+    """``canonical_path`` remembered per raw path (most requests repeat a few paths); None for a refused one."""
+
+    def __init__(self) -> None:
+        self._known: BoundedCache[bytes, tuple[str, str]] = BoundedCache()
+
+    def __call__(self, raw_path: bytes) -> tuple[str, str] | None:
+        canonical = self._known.get(raw_path)
+        if canonical is None:
+            try:
+                canonical = self._known.put(raw_path, canonical_path(raw_path))
+            except BadPath:
+                return None
+        return canonical
 
 
 class RouteTable:

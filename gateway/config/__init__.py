@@ -24,6 +24,7 @@ from gateway.config.base import (
 from gateway.config.checks import (
     key_weakness,
     load_public_key,
+    load_published_key,
     load_signing_key,
     reload_problems,
     ssl_reason,
@@ -93,6 +94,7 @@ __all__ = [
     "key_weakness",
     "load_config",
     "load_public_key",
+    "load_published_key",
     "load_signing_key",
     "parse_config",
     "reload_problems",

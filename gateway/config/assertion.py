@@ -38,6 +38,11 @@ class AssertionConfig(Model):
     """The `iss` claim; none: no `iss`."""
     key_id: str | None = None
     """The `kid` in the assertion's header and in the JWKS; none: the key's RFC 7638 thumbprint."""
+    publish_key_files: tuple[str, ...] = ()
+    """PEM keys (public, or private ones of which only the public half is used) served in the JWKS beside the
+    signing key, never signed with, each with its RFC 7638 thumbprint as `kid`: for a key rollover. Publish the
+    next key here first; once every replica has it and upstreams' JWKS caches (5 minutes) have refreshed, sign
+    with it (`private_key_file`) and publish the previous one here until its last assertions expire (`ttl`)."""
 
     @field_validator("header")
     @classmethod

@@ -55,6 +55,11 @@ def validate_files(config: GatewayConfig) -> list[str]:
             load_signing_key(assertion)
         except ConfigError as exc:
             problems += exc.problems
+        for index, path in enumerate(assertion.publish_key_files):
+            try:
+                load_published_key(path, assertion.algorithm, f"identity.assertion.publish_key_files[{index}]")
+            except ConfigError as exc:
+                problems += exc.problems
     return problems
 
 
@@ -121,17 +126,39 @@ def load_signing_key(config: AssertionConfig) -> Any:
         raise ConfigError([f"{where}: {path} is encrypted; give it unencrypted"]) from None
     except (ValueError, UnsupportedAlgorithm):
         raise ConfigError([f"{where}: {path} is not a PEM private key"]) from None
+    _check_assertion_key(key.public_key(), alg, where, path)
+    return key
+
+
+def load_published_key(path: str, alg: str, where: str) -> Any:
+    """A public key served in the assertion's JWKS without signing (``publish_key_files``): from a public or a
+    private PEM key, checked against the algorithm; ConfigError naming ``where``."""
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{where}: cannot read {path} ({exc.strerror})"]) from None
+    try:
+        public = serialization.load_pem_public_key(pem)
+    except (ValueError, UnsupportedAlgorithm):
+        try:
+            public = serialization.load_pem_private_key(pem, password=None).public_key()
+        except (TypeError, ValueError, UnsupportedAlgorithm):
+            raise ConfigError([f"{where}: {path} is not a PEM public key (or an unencrypted private one)"]) from None
+    _check_assertion_key(public, alg, where, path)
+    return public
+
+
+def _check_assertion_key(public: Any, alg: str, where: str, path: str) -> None:
+    if isinstance(public, rsa.RSAPublicKey) and public.key_size < MIN_RSA_BITS:
+        raise ConfigError([f"{where}: {path} holds a {public.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits"])
     if alg.startswith(("RS", "PS")):
-        fits = isinstance(key, rsa.RSAPrivateKey)
-        if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
-            raise ConfigError([f"{where}: {path} holds a {key.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits"])
+        fits = isinstance(public, rsa.RSAPublicKey)
     elif alg in _CURVES:
-        fits = isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == _CURVES[alg]
+        fits = isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == _CURVES[alg]
     else:  # EdDSA
-        fits = isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
+        fits = isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
     if not fits:
         raise ConfigError([f"{where}: {path} is not a key for identity.assertion.algorithm {alg}"])
-    return key
 
 
 def load_public_key(path: str, algorithms: tuple[str, ...]) -> Any:

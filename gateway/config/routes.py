@@ -34,6 +34,19 @@ class IdentityConfig(Model):
     """Replace `Authorization` upstream with `Bearer <access token>`."""
     assertion: AssertionConfig | None = None
     """A signed identity assertion (JWT) on every authenticated request forwarded; none by default."""
+    userinfo_claims: tuple[str, ...] = ("sub", "name", "email", "preferred_username", "roles")
+    """The claims `GET {prefix}/userinfo` returns to the page (those the access token has), with its `exp`: an
+    allow-list of top-level claim names, taken as written (`https://app.example/roles` is one name, not a path).
+    `[]` returns `exp` only. Tokens never appear there."""
+
+    @field_validator("userinfo_claims")
+    @classmethod
+    def _userinfo_claims(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not name.strip() for name in value):
+            raise ValueError("a claim name cannot be empty")
+        if len(set(value)) != len(value):
+            raise ValueError("a claim is listed twice")
+        return value
 
     @field_validator("headers")
     @classmethod

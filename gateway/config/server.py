@@ -57,8 +57,8 @@ class ServerConfig(Model):
     port: int = Field(8080, ge=1, le=65535)
     """Port (`gateway serve --port` overrides it)."""
     prefix: str = "/.gateway"
-    """Where the internal endpoints (`health`, `ready`, `metrics`, `logout`, OIDC `login` and `callback`) live.
-    A path other than `/`; a trailing `/` is dropped. It takes precedence over every route."""
+    """Where the internal endpoints (`health`, `ready`, `metrics`, `userinfo`, `logout`, OIDC `login` and
+    `callback`) live. A path other than `/`; a trailing `/` is dropped. It takes precedence over every route."""
     trusted_proxies: tuple[str, ...] = ()
     """IP addresses or CIDRs whose `X-Forwarded-For`, `-Proto` and `-Host` headers are believed; none by default.
     Also the front proxies whose forward-auth questions (`{prefix}/auth` with `X-Original-*` or

@@ -243,3 +243,14 @@ def test_200_concurrent_requests_after_expiry_through_the_front_proxy_make_one_i
     assert refresh_calls(idp) == before + 1
     assert len({set_cookies(r)[REFRESH].value for r in responses}) == 1
     assert all(upstream_saw(r)["x-auth-user"] == "alice" for r in responses)
+
+
+def test_the_front_proxy_passes_the_gateways_pages_and_only_those(front: FrontProxy, idp: IdPProcess) -> None:
+    alice = idp.issue("alice")
+    cookie = {"Cookie": cookie_header(alice["access"], alice["refresh"])}
+    who = httpx.get(f"{front.url}/.gateway/userinfo", headers=cookie)
+    assert who.status_code == 200 and who.json()["sub"] == "alice"
+    # The rest of the prefix (metrics, auth/...) is not published: such a path is the app's, behind auth.
+    metrics = httpx.get(f"{front.url}/.gateway/metrics", headers=cookie)
+    assert "gateway_requests_total" not in metrics.text
+    assert httpx.get(f"{front.url}/.gateway/metrics").status_code == 401

@@ -143,6 +143,33 @@ def test_one_assertion_serves_until_half_its_ttl_then_a_new_one_is_signed(ec_key
     assert verify(renewed[1], signer.jwks, options={"verify_exp": False, "verify_iat": False})["iat"] == int(clock.now)
 
 
+def test_a_key_rollover_publishes_the_next_key_before_signing_with_it(tmp_path: Path, ec_key: str) -> None:
+    """Upstreams cache the JWKS: a new key must be in it before the first assertion signed with it arrives."""
+    next_key = ec.generate_private_key(ec.SECP256R1())
+    next_private = write_key(tmp_path / "next.pem", next_key)
+    next_public = tmp_path / "next.pub"
+    next_public.write_bytes(
+        next_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    before = Assertion(AssertionConfig(private_key_file=ec_key, publish_key_files=(str(next_public),)), PATHS, Clock())
+    assert len(before.jwks["keys"]) == 2 and all("d" not in k for k in before.jwks["keys"])
+    # The switch: the new key signs, the old one stays published; both JWKS verify what the new key signs.
+    after = Assertion(AssertionConfig(private_key_file=next_private, publish_key_files=(ec_key,)), PATHS, Clock())
+    signed = after.header("token", CLAIMS, route())[1]
+    assert verify(signed, before.jwks)["sub"] == "alice"
+    assert verify(before.header("token", CLAIMS, route())[1], after.jwks)["sub"] == "alice"
+    assert {k["kid"] for k in before.jwks["keys"]} == {k["kid"] for k in after.jwks["keys"]}
+
+
+def test_published_keys_are_checked_and_named(tmp_path: Path, ec_key: str) -> None:
+    rsa_key = write_key(tmp_path / "rsa.pem", rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    data = _config({"private_key_file": ec_key, "publish_key_files": [ec_key, rsa_key, str(tmp_path / "gone.pem")]})
+    problems = validate_files(parse_config(data, env={}))
+    assert problems[0].startswith("identity.assertion.publish_key_files[1]: ") and "ES256" in problems[0]
+    assert problems[1].startswith("identity.assertion.publish_key_files[2]: ") and "cannot read" in problems[1]
+    assert len(problems) == 2
+
+
 def test_the_cache_is_per_token_and_per_route(ec_key: str) -> None:
     signer = Assertion(AssertionConfig(private_key_file=ec_key), PATHS, Clock())
     first = signer.header("token-1", CLAIMS, route())[1]
