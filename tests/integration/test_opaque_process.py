@@ -45,7 +45,11 @@ def gateway_config(provider: ServerProcess, upstream: ServerProcess, redis_url: 
         return {
             "store": {"url": redis_url, "key_prefix": prefix, "secret": "opaque-tests-secret"},
             "tokens": tokens,
-            "refresh": {"endpoint": f"{provider.url}/o/token/", **CLIENT},
+            "refresh": {
+                "endpoint": f"{provider.url}/o/token/",
+                "revocation_endpoint": f"{provider.url}/o/revoke_token/",
+                **CLIENT,
+            },
             "cookies": {"secure": False},
             "identity": {"headers": {"X-Auth-User": "username", "X-Auth-Scope": "scope"}},
             "login": {
@@ -178,6 +182,28 @@ def test_introspection_down_is_503_with_the_session_kept(gateway: GatewayProcess
     assert "gw_access" not in set_cookies(down) and "gw_refresh" not in set_cookies(down)  # not a logout
     back = httpx.get(f"{gateway.url}/whoami", headers=cookie_header(session))
     assert back.status_code == 200 and identity(back)["x-auth-user"] == "alice"
+
+
+def test_logout_refuses_the_opaque_token_at_once_on_every_worker(
+    provider: ServerProcess, upstream: ServerProcess, redis_url: str
+) -> None:
+    """With answers cached for a minute, only the shared denylist (jti opaque:<hash>) can refuse the token at once."""
+    introspection = {"endpoint": f"{provider.url}/o/introspect/", **CLIENT, "cache": 60}
+    config = gateway_config(
+        provider, upstream, redis_url, introspection=introspection, required_claims=["exp", "username"]
+    )
+    with start_gateway(config, workers=2) as gateway:
+        session = log_in(gateway, provider, "bob")
+        bearer = {"Authorization": f"Bearer {session['gw_access']}"}
+        for _ in range(4):  # both workers have the answer cached
+            assert httpx.get(f"{gateway.url}/api", headers=bearer).status_code == 200
+        out = httpx.post(f"{gateway.url}/.gateway/logout", headers=cookie_header(session))
+        assert out.status_code == 204
+        for _ in range(4):
+            refused = httpx.get(f"{gateway.url}/api", headers=bearer)
+            assert refused.status_code == 401 and refused.json()["reason"] == "token_revoked"
+        again = httpx.get(f"{gateway.url}/whoami", headers=cookie_header(session))
+        assert again.status_code == 401  # the session's refresh token is dead too
 
 
 def test_userinfo_instead_of_introspection_gives_the_identity(
