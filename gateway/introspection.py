@@ -284,7 +284,7 @@ def _object(body: bytes | None, url: str) -> dict[str, Any]:
     """The answer as a JSON object; IntrospectionFailed for anything else."""
     try:
         data = json.loads(body) if body is not None else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's depth
         data = None
     if not isinstance(data, dict):
         raise IntrospectionFailed(f"{url} answered something other than a JSON object")

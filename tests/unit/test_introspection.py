@@ -151,8 +151,10 @@ async def test_active_false_is_an_expired_token_a_refresh_trigger_and_is_cached(
         lambda request: httpx.Response(200, json={"active": "yes"}),
         lambda request: httpx.Response(200, json={"active": True, "username": "a", "exp": "tomorrow"}),
         lambda request: httpx.Response(200, content=b"{" + b" " * 70_000 + b"}"),
+        lambda request: httpx.Response(200, content=b"[" * 60_000, headers={"content-type": "application/json"}),
+        lambda request: httpx.Response(200, content=b'{"active": true, "username": "\xff"}'),
     ],
-    ids=["500", "503", "401", "html", "list", "active-string", "exp-string", "huge"],
+    ids=["500", "503", "401", "html", "list", "active-string", "exp-string", "huge", "deep", "not-utf8"],
 )
 async def test_a_failing_or_garbled_endpoint_is_503_not_a_logout_and_is_not_cached(
     answer: Callable[[httpx.Request], httpx.Response], caplog: pytest.LogCaptureFixture
