@@ -35,10 +35,11 @@ from gateway.denylist import Denylist
 from gateway.errors import ConfigError, StoreError
 from gateway.families import Families
 from gateway.forwarder import AiohttpForwarder, Forwarder
-from gateway.generation import Generation, Shared
+from gateway.generation import Generation
 from gateway.logs import configure as configure_logging
 from gateway.metrics import Metrics
 from gateway.sealing import Sealer
+from gateway.shared import Shared
 from gateway.store import Store, open_store
 from gateway.tls import control_client
 from gateway.tunnel import Sockets

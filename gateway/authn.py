@@ -149,7 +149,7 @@ async def _refreshed(
 
 
 # Refusals that leave the access cookie in place.
-_KEPT = frozenset({Reason.TOKEN_EXPIRED, Reason.KEYS_UNAVAILABLE})
+_KEPT = frozenset({Reason.TOKEN_EXPIRED, Reason.KEYS_UNAVAILABLE, Reason.INTROSPECTION_UNAVAILABLE})
 # Access cookies that hold no token at all (as opposed to a token that fails a check).
 _UNREADABLE = frozenset({Reason.MALFORMED_TOKEN, Reason.TOKEN_TOO_LARGE})
 # Failures that say nothing about the session itself (it may still be fine a moment later).

@@ -45,7 +45,11 @@ def _check(args: argparse.Namespace) -> int:
     from gateway.routing import RouteTable
 
     print(f"{path}: ok")
-    print(f"store: {config.store.url.split('@')[-1]}  algorithms: {', '.join(config.tokens.algorithms)}")
+    tokens = config.tokens
+    checked = f"algorithms: {', '.join(tokens.algorithms)}"
+    if tokens.opaque is not None:
+        checked = f"{'introspection' if tokens.introspection else 'userinfo'}: {tokens.opaque.endpoint}"
+    print(f"store: {config.store.url.split('@')[-1]}  {checked}")
     print("routes (in match order):")
     for line in RouteTable.from_config(config.routes).describe():
         print(f"  {line}")

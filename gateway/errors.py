@@ -4,6 +4,7 @@ GatewayError
 ├── ConfigError            bad gateway.yaml; carries every problem with its key path
 ├── StoreError             the store (Redis) is unreachable or answered nonsense
 ├── KeyFetchError          JWKS could not be fetched and the cached keys lack the one asked for
+├── IntrospectionFailed    an opaque token's introspection or userinfo endpoint cannot tell: 503
 ├── BadPath                the request path is ambiguous or malformed: 400 (also a ValueError)
 ├── BadHeader              a header value that is not UTF-8 cannot go upstream unchanged: 400
 ├── UnsafeClaim            a claim for an identity header holds CR, LF or NUL: 403 (also a ValueError)
@@ -20,7 +21,7 @@ GatewayError
         └── BadIdPResponse a 200 without usable tokens: 502
 
 Library errors (httpx, redis, PyJWT, aiohttp) are translated where they enter: store.connections,
-idp_client, keys, tokens (to a ``Verdict``, never raised) and forwarder.
+idp_client, keys, tokens and introspection (to a ``Verdict``, never raised) and forwarder.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class StoreError(GatewayError):
 
 class KeyFetchError(GatewayError):
     """Verification keys could not be fetched, and the key asked for is not among the cached ones."""
+
+
+class IntrospectionFailed(GatewayError):
+    """The introspection or userinfo endpoint is down, slow, refused the gateway or answered garbage."""
 
 
 class BadPath(GatewayError, ValueError):

@@ -6,74 +6,43 @@
             ──> HTTP                  http.HttpPath
             ──> WebSocket             websocket.WebSocketPath
                 both through          admission.Admission (CSRF, credential, refresh, claims)
+    the IdP's side            controlplane.ControlPlane (keys, verifier, refresher, OIDC login, back-channel)
 
 A ``Generation`` is immutable once built; a config reload builds a new one and swaps it in
 (gateway.app), so a request runs start to finish under one config. What outlives reloads (store,
-HTTP clients, denylist, metrics, open sockets) is ``Shared``.
+HTTP clients, denylist, metrics, open sockets) is ``shared.Shared``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import httpx
-
-from gateway.accesslog import AccessLog, RequestIds
+from gateway.accesslog import AccessLog
 from gateway.admission import Admission
 from gateway.assertion import Assertion
 from gateway.authn import Authenticator
-from gateway.backchannel import BackchannelLogout, LogoutTokens
 from gateway.capture import Capturer
 from gateway.config import GatewayConfig
+from gateway.controlplane import ControlPlane
 from gateway.cookies import CookieJar
 from gateway.csrf import CSRFGuard
-from gateway.denylist import Denylist
 from gateway.endpoints import internal_app, private_app
-from gateway.families import Families, FamilyIndex
 from gateway.forwardauth import ForwardAuth
-from gateway.forwarder import Forwarder
 from gateway.headers import HeaderRules, TrustedProxies
 from gateway.http import HttpPath
 from gateway.identity import IdentityHeaders
-from gateway.idp_client import IdPClient
-from gateway.keys import build_key_source
 from gateway.login import OIDCLogin
 from gateway.logout import Logout
-from gateway.metrics import Metrics
-from gateway.refresh import SessionRefresher
 from gateway.responses import Denials
 from gateway.routing import RouteTable
-from gateway.sealing import Sealer
-from gateway.store import Store
-from gateway.throttle import ClientThrottle
+from gateway.shared import Shared
 from gateway.tls import TLSSettings
-from gateway.tokens import Verifier
 from gateway.tracing import Tracer
-from gateway.tunnel import Sockets
 from gateway.types import Receive, Scope, Send
 from gateway.userinfo import UserInfo
 from gateway.websocket import WebSocketPath
 
 _PAGE_SCHEME = {"ws": "http", "wss": "https"}
-
-
-@dataclass(frozen=True)
-class Shared:
-    """What every config generation uses and a reload keeps: connections, shared state, counters."""
-
-    store: Store
-    http: httpx.AsyncClient  # control plane (JWKS, IdP, OIDC); never follows redirects
-    forwarder: Forwarder
-    denylist: Denylist
-    metrics: Metrics
-    sealer: Sealer
-    clock: Callable[[], float]
-    request_ids: RequestIds
-    sockets: Sockets
-    families: Families
-    throttle: ClientThrottle = field(default_factory=ClientThrottle)  # used with raw refresh cookies only
 
 
 class Generation:
@@ -90,13 +59,12 @@ class Generation:
         signed = config.identity.assertion
         self.assertion = Assertion(signed, config.identity.headers.values(), shared.clock) if signed else None
         self.header_rules = self._header_rules(config, jar, identity.names)
-        self.keys = build_key_source(config.tokens, self.tls.client("tokens"), on_fetch=shared.metrics.jwks_fetch)
-        verifier = Verifier(config.tokens, self.keys, shared.clock, denied=shared.denylist)
-        self.refresher = self._refresher(config, shared, verifier, jar)
+        self.control = control = ControlPlane(config, shared, self.tls, jar)  # keys, verifier, refresh, OIDC
+        verifier, oidc = control.verifier, control.oidc
         csrf = CSRFGuard(config.csrf.allowed_origins)
         tracer = Tracer(config.server.tracing)
         admission = Admission(
-            authenticator=Authenticator(verifier, jar, self.refresher),
+            authenticator=Authenticator(verifier, jar, control.refresher),
             verifier=verifier,
             jar=jar,
             csrf=csrf,
@@ -107,7 +75,6 @@ class Generation:
             origin=self.origin,
             client=self.client,
         )
-        oidc = self._oidc(config, shared, verifier, jar)
         deny = Denials(shared.metrics.denial, f"{self.prefix}/login?next={{next}}" if oidc else config.login.url)
         access_log = AccessLog(config.server.access_log, shared.sealer)
         self.http = HttpPath(
@@ -129,7 +96,7 @@ class Generation:
             jar=jar,
             verifier=verifier,
             denylist=shared.denylist,
-            refresher=self.refresher,
+            refresher=control.refresher,
             csrf=csrf,
             origin=self.origin,
             client=self.client,
@@ -139,14 +106,12 @@ class Generation:
         self._internal_apps(config, shared, logout, oidc)
 
     async def start(self) -> None:
-        await self.keys.start()
+        await self.control.start()
 
     async def close(self, clients: bool = True) -> None:
         """Let this generation's refreshes finish (they hold locks and redeemed tokens); stop its JWKS timer;
         close its own control-plane clients (``tls``) unless ``clients`` is False (see ``close_clients``)."""
-        if self.refresher is not None:
-            await self.refresher.close()
-        await self.keys.close()
+        await self.control.close()
         if clients:
             await self.tls.close()
 
@@ -239,27 +204,10 @@ class Generation:
             oidc,
             jwks=jwks,
             public_metrics=public,
-            backchannel=self._backchannel(config, shared),
+            backchannel=self.control.backchannel,
         )
         self.private_port = listener.port if listener else None
         self.private = private_app(self.prefix, shared.store, shared.metrics)
-
-    def _backchannel(self, config: GatewayConfig, shared: Shared) -> BackchannelLogout | None:
-        """``{prefix}/backchannel-logout``, with ``login.oidc`` (its issuer and client id name the logout tokens)."""
-        oidc = config.login.oidc
-        if oidc is None:
-            return None
-        tokens = LogoutTokens(
-            keys=self.keys,
-            algorithms=config.tokens.algorithms,
-            issuer=oidc.issuer,
-            audience=oidc.client_id,
-            store=shared.store,
-            sealer=shared.sealer,
-            leeway=config.tokens.leeway,
-            clock=shared.clock,
-        )
-        return BackchannelLogout(tokens, FamilyIndex(shared.families), shared.sealer)
 
     def _header_rules(self, config: GatewayConfig, jar: CookieJar, identity: list[bytes]) -> HeaderRules:
         """What crosses the gateway: identity headers (and the assertion's) are the gateway's alone."""
@@ -279,42 +227,4 @@ class Generation:
             deny=deny,
             claims=config.identity.userinfo_claims,
             request_ids=shared.request_ids,
-        )
-
-    def _refresher(
-        self, config: GatewayConfig, shared: Shared, verifier: Verifier, jar: CookieJar
-    ) -> SessionRefresher | None:
-        if config.refresh.endpoint is None:
-            return None
-        return SessionRefresher(
-            config=config.refresh,
-            store=shared.store,
-            sealer=shared.sealer,
-            idp=IdPClient(config.refresh, self.tls.client("refresh")),
-            verifier=verifier,
-            jar=jar,
-            metrics=shared.metrics,
-            clock=shared.clock,
-            denylist=shared.denylist if config.tokens.revoke_superseded else None,
-            families=shared.families,
-            # A sealed cookie the gateway did not issue never gets this far; raw ones are limited per client.
-            throttle=None if config.cookies.refresh.sealed else shared.throttle,
-        )
-
-    def _oidc(self, config: GatewayConfig, shared: Shared, verifier: Verifier, jar: CookieJar) -> OIDCLogin | None:
-        if config.login.oidc is None:
-            return None
-        return OIDCLogin(
-            config=config.login.oidc,
-            jar=jar,
-            http=self.tls.client("login.oidc"),
-            sealer=shared.sealer,
-            store=shared.store,
-            verifier=verifier,
-            keys=self.keys,
-            algorithms=config.tokens.algorithms,
-            secure=config.cookies.secure,
-            clock=shared.clock,
-            families=shared.families,
-            logout_redirect=config.logout.redirect,
         )

@@ -5,8 +5,10 @@
 S256 code challenge; those, with ``next``, travel in a short-lived sealed cookie (AES-GCM, so
 neither readable nor forgeable). ``GET {prefix}/callback`` checks the state (once: a replayed
 state is refused through the store), exchanges the code, verifies the ID token (signature,
-issuer, audience = client_id, nonce) and the access token, sets the session cookies and
-redirects to ``next``. Tokens never appear in a URL, a body or a log.
+issuer, audience = client_id, nonce) and the access token (an opaque one at the introspection or
+userinfo endpoint, gateway.introspection; the ID token then with the discovery's ``jwks_uri`` unless
+``tokens`` names keys), sets the session cookies and redirects to ``next``. Tokens never appear in
+a URL, a body or a log.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from gateway.config import OIDCConfig
 from gateway.cookies import CookieJar
 from gateway.errors import CookieTooLarge, KeyFetchError, LoginFailed, StoreError
 from gateway.families import Families
-from gateway.keys import KeySource
+from gateway.keys import JWKSKeys, KeySource
 from gateway.reasons import Reason
 from gateway.responses import safe_target
 from gateway.sealing import Sealer
@@ -58,7 +60,7 @@ class OIDCLogin:
         sealer: Sealer,
         store: Store,
         verifier: Verifier,
-        keys: KeySource,
+        keys: KeySource | None,
         algorithms: tuple[str, ...],
         secure: bool,
         clock: Callable[[], float] = time.time,
@@ -240,7 +242,7 @@ class OIDCLogin:
             alg = header.get("alg")
             if alg not in self._algorithms:
                 raise jwt.InvalidAlgorithmError(str(alg))
-            key = await self._keys.key_for(header.get("kid"), alg)
+            key = await (await self._id_token_keys()).key_for(header.get("kid"), alg)
             claims = jwt.decode(
                 id_token, key, algorithms=[alg], audience=self._config.client_id, issuer=self._config.issuer, leeway=60
             )
@@ -254,6 +256,16 @@ class OIDCLogin:
             log.error("login: ID token nonce does not match")
             raise LoginFailed(400, Reason.ID_TOKEN_INVALID)
         return claims
+
+    async def _id_token_keys(self) -> KeySource:
+        """The keys of ``tokens``; with opaque access tokens and no key there, the discovery's ``jwks_uri``."""
+        if self._keys is None:
+            jwks_uri = (await self._discover()).get("jwks_uri")
+            if not isinstance(jwks_uri, str):
+                log.error("login: the discovery document names no jwks_uri for the ID token's keys")
+                raise LoginFailed(503, Reason.IDP_ERROR)
+            self._keys = JWKSKeys(jwks_uri, self._http)  # fetched on first use, refetched on an unknown kid
+        return self._keys
 
     async def _discover(self) -> dict[str, Any]:
         if self._discovery is not None and self._clock() - self._discovered_at < DISCOVERY_TTL:

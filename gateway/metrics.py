@@ -101,6 +101,12 @@ class Metrics:
         self._reloads = Counter("gateway_config_reloads", "Config loads, by result", ["result"], registry=r)
         self._last_reload_ok = Gauge("gateway_config_last_reload_ok", "1 if the last config load worked", registry=r)
         self._jwks = Counter("gateway_jwks_fetches", "JWKS fetches, by result", ["result"], registry=r)
+        self._introspection = Counter(
+            "gateway_introspection_calls",
+            "Opaque tokens asked about at the IdP (introspection or userinfo; cached answers not counted), by result",
+            ["result"],
+            registry=r,
+        )
         self._store_errors = Counter(
             "gateway_store_errors", "Store (Redis) failures seen, by where they hit", ["where"], registry=r
         )
@@ -127,6 +133,10 @@ class Metrics:
 
     def jwks_fetch(self, ok: bool) -> None:
         self._jwks.labels("ok" if ok else "error").inc()
+
+    def introspection(self, result: str) -> None:
+        """An opaque token asked about: ``active``, ``inactive`` (or refused by the rules) or ``error``."""
+        self._introspection.labels(result).inc()
 
     def store_error(self, where: str) -> None:
         self._store_errors.labels(where).inc()

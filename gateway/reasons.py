@@ -41,6 +41,8 @@ class Reason(StrEnum):
     BAD_SIGNATURE = "bad_signature"
     UNKNOWN_KEY = "unknown_key"
     KEYS_UNAVAILABLE = "keys_unavailable"  # unknown kid while the JWKS cannot be fetched: 503, cookies kept
+    # opaque tokens: the introspection or userinfo endpoint is down, refuses the gateway or answers garbage
+    INTROSPECTION_UNAVAILABLE = "introspection_unavailable"
     ALG_NOT_ALLOWED = "alg_not_allowed"
     UNSUPPORTED_CRIT = "unsupported_crit"
     WRONG_TOKEN_TYPE = "wrong_token_type"
@@ -99,7 +101,9 @@ FATAL = frozenset({Reason.INVALID_GRANT, Reason.REUSE, Reason.REFRESH_LOST, Reas
 
 # Verification failures of a token the IdP just issued that may pass a moment later: a new kid
 # (not yet in the JWKS, or while the JWKS cannot be fetched), an IdP clock ahead of ours.
-TRANSIENT = frozenset({Reason.UNKNOWN_KEY, Reason.KEYS_UNAVAILABLE, Reason.TOKEN_NOT_YET_VALID})
+TRANSIENT = frozenset(
+    {Reason.UNKNOWN_KEY, Reason.KEYS_UNAVAILABLE, Reason.TOKEN_NOT_YET_VALID, Reason.INTROSPECTION_UNAVAILABLE}
+)
 
 # A refresh that produced tokens: new ones, a grace hit on a successor shared by another request,
 # or a successor whose access token verified only on a second look, or not yet.

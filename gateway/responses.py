@@ -55,6 +55,7 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.REFRESH_RATE_LIMITED: (429, "too_many_requests"),
     Reason.WEBSOCKET_LIMIT: (503, "service_unavailable"),
     Reason.KEYS_UNAVAILABLE: (503, "service_unavailable"),  # the token may be fine: the JWKS is down
+    Reason.INTROSPECTION_UNAVAILABLE: (503, "service_unavailable"),  # the token may be fine: its endpoint is not
 }
 RETRY_AFTER = b"5"
 NO_STORE = (b"cache-control", b"no-store")

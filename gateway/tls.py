@@ -6,7 +6,7 @@ one ``ssl.SSLContext``, built once per generation (``config.tls_context``; setti
     routes[].tls       -> UpstreamTLS, on the compiled route: the forwarder (aiohttp, per request) and the
                           WebSocket client use its context and ``server_name``
     refresh / tokens / -> an httpx client of its own (closed with the generation); without ``tls`` the shared
-    login.oidc .tls       control-plane client
+    login.oidc .tls       control-plane client (tokens.introspection.tls and tokens.userinfo.tls likewise)
 
 A TLS failure is described by ``tls_failure`` in one line that says it was TLS, never a traceback.
 """
@@ -24,7 +24,7 @@ from gateway.config import GatewayConfig, TLSConfig, ssl_reason, tls_context
 
 log = logging.getLogger("gateway")
 
-CONTROL_PLANE = ("refresh", "tokens", "login.oidc")
+CONTROL_PLANE = ("refresh", "tokens", "tokens.introspection", "tokens.userinfo", "login.oidc")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +95,7 @@ class TLSSettings:
         return self._routes.get(name)
 
     def client(self, section: str) -> httpx.AsyncClient:
-        """The control-plane client for ``refresh``, ``tokens`` or ``login.oidc``: its own with ``tls``, else shared."""
+        """The control-plane client for a section of ``CONTROL_PLANE``: its own with ``tls``, else shared."""
         return self._clients.get(section, self._shared)
 
     async def close(self) -> None:

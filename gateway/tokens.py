@@ -4,7 +4,8 @@
 reason code (``bad_signature``, ``alg_not_allowed``, ``token_expired``, ...). A token that is
 otherwise valid but expired (or about to expire) says so with ``refreshable``, which is the
 only case where the refresh stage may step in. Verified tokens are cached until their ``exp``
-so a repeated token costs no signature check.
+so a repeated token costs no signature check. Opaque access tokens are verified by a subclass,
+``introspection.OpaqueVerifier``, that asks the IdP instead.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ _ERRORS: list[tuple[type[Exception], Reason]] = [
 ]
 
 
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
     """A numeric claim as float; None for anything else (booleans included)."""
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
@@ -141,7 +142,7 @@ class Verifier:
             return Verdict(None, Reason.MISSING_CLAIM)  # an empty sub names nobody
         if claims.get("token_type", "access") != "access" or claims.get("typ", "access") in ("refresh", "Refresh"):
             return Verdict(None, Reason.WRONG_TOKEN_TYPE)
-        exp, nbf, iat = _number(claims.get("exp")), _number(claims.get("nbf", 0)), _number(claims.get("iat", 0))
+        exp, nbf, iat = number(claims.get("exp")), number(claims.get("nbf", 0)), number(claims.get("iat", 0))
         if exp is None or nbf is None or iat is None:
             return Verdict(None, Reason.MALFORMED_TOKEN)
         now, leeway = self._clock(), self._config.leeway
@@ -180,7 +181,7 @@ class Verifier:
         it is issued, and every request would call the IdP (issue 12, failure 11).
         """
         configured = self._config.refresh_before
-        iat = _number(claims.get("iat"))
+        iat = number(claims.get("iat"))
         if iat is None or exp <= iat or exp - iat >= 2 * configured:
             return configured
         lifetime = exp - iat

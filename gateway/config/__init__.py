@@ -54,7 +54,7 @@ from gateway.config.sessions import (
     RefreshCookieSpec,
 )
 from gateway.config.tls import TLSConfig
-from gateway.config.tokens import RefreshConfig, RefreshFields, TokensConfig
+from gateway.config.tokens import IntrospectionConfig, RefreshConfig, RefreshFields, TokensConfig, UserinfoConfig
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "CookiesConfig",
     "GatewayConfig",
     "IdentityConfig",
+    "IntrospectionConfig",
     "LimitsConfig",
     "LoginConfig",
     "LogoutConfig",
@@ -88,6 +89,7 @@ __all__ = [
     "TLSConfig",
     "TimeoutConfig",
     "TokensConfig",
+    "UserinfoConfig",
     "WebSocketConfig",
     "key_weakness",
     "load_config",

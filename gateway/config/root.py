@@ -85,6 +85,9 @@ class GatewayConfig(Model):
             ("refresh.", http_only(refresh.tls, endpoint=refresh.endpoint, revocation=refresh.revocation_endpoint))
         )
         found.append(("tokens.", http_only(self.tokens.tls, jwks_url=self.tokens.jwks_url)))
+        for name, opaque in (("introspection", self.tokens.introspection), ("userinfo", self.tokens.userinfo)):
+            if opaque is not None:
+                found.append((f"tokens.{name}.", http_only(opaque.tls, endpoint=opaque.endpoint)))
         if self.login.oidc is not None:
             found.append(("login.oidc.", http_only(self.login.oidc.tls, issuer=self.login.oidc.issuer)))
         problems = [(prefix + key, message) for prefix, items in found for key, message in items]
@@ -100,6 +103,9 @@ class GatewayConfig(Model):
         """Every ``tls`` key that is set, with its key path (``routes[1].tls``, ``refresh.tls``...)."""
         found = [(f"routes[{i}].tls", r.tls) for i, r in enumerate(self.routes)]
         found += [("refresh.tls", self.refresh.tls), ("tokens.tls", self.tokens.tls)]
+        for name in ("introspection", "userinfo"):
+            opaque = getattr(self.tokens, name)
+            found.append((f"tokens.{name}.tls", opaque.tls if opaque is not None else None))
         if self.login.oidc is not None:
             found.append(("login.oidc.tls", self.login.oidc.tls))
         return [(key, tls) for key, tls in found if tls is not None]

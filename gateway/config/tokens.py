@@ -18,10 +18,68 @@ from gateway.config.base import (
 from gateway.config.tls import TLSConfig
 
 
+class IntrospectionConfig(Model):
+    """Opaque access tokens checked at an RFC 7662 introspection endpoint: `POST token=...,
+    token_type_hint=access_token` with the gateway's client credentials. The answer's fields (`sub`, `username`,
+    `scope`, `exp`, `client_id` and any others) are the token's claims for `required_claims`, `require` and the
+    identity headers. `active: false` is an expired token (a cookie session refreshes; otherwise 401); an endpoint
+    that is down, slow, refuses the gateway or answers something unreadable is 503 `introspection_unavailable`
+    (cookies kept, never a logout)."""
+
+    endpoint: str
+    """The introspection endpoint (http(s))."""
+    client_id: str
+    """The gateway's client id at the endpoint."""
+    client_secret: str | None = None
+    """Its secret (use `${VAR}`)."""
+    client_auth: Literal["basic", "post"] = "basic"
+    """How the gateway authenticates: `basic` (RFC 6749 §2.3.1) or `post` (form fields)."""
+    cache: float = Field(60, ge=0, le=3600)
+    """Seconds an answer is reused, kept by a keyed hash of the token (never the token), and never past the
+    token's `exp`. A token revoked at the IdP keeps working up to this long; 0 asks on every request that the
+    fast path does not serve (see docs/configuration-guide.md)."""
+    timeout: float = Field(5, gt=0, le=60)
+    """Seconds one call may take (then 503)."""
+    tls: TLSConfig | None = None
+    """TLS to an `https://` endpoint."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not is_http_url(value):
+            raise ValueError("not an http(s) URL")
+        return value
+
+
+class UserinfoConfig(Model):
+    """Opaque access tokens checked at the OIDC userinfo endpoint: `GET` with `Authorization: Bearer`. Its claims
+    (`sub`, `email`, ...) are the token's; it tells no expiry, so an answer is reused for `cache` seconds. A 401 is
+    an expired token (a cookie session refreshes; otherwise 401); an endpoint that is down or answers something
+    unreadable is 503 `introspection_unavailable` (cookies kept)."""
+
+    endpoint: str
+    """The userinfo endpoint (http(s)); the `userinfo_endpoint` of the provider's discovery document."""
+    cache: float = Field(60, ge=0, le=3600)
+    """Seconds an answer is reused, kept by a keyed hash of the token. A token revoked at the IdP keeps working up
+    to this long."""
+    timeout: float = Field(5, gt=0, le=60)
+    """Seconds one call may take (then 503)."""
+    tls: TLSConfig | None = None
+    """TLS to an `https://` endpoint."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not is_http_url(value):
+            raise ValueError("not an http(s) URL")
+        return value
+
+
 class TokensConfig(Model):
-    """How access tokens are verified. Set exactly one of `secret`, `public_key_file` or `jwks_url`. The
-    `required_claims` must be present; a refresh token presented as an access token is refused, and so are tokens
-    over 16 KiB."""
+    """How access tokens are verified. Set exactly one of `secret`, `public_key_file` or `jwks_url`, or, for opaque
+    access tokens, one of `introspection` or `userinfo` (then every access token is checked there, and a key
+    source, if set, only verifies `login.oidc`'s ID token). The `required_claims` must be present; a refresh token
+    presented as an access token is refused, and so are tokens over 16 KiB."""
 
     algorithms: tuple[str, ...] = ("RS256",)
     """Allow-list from HS256/384/512, RS256/384/512, PS256/384/512, ES256/384/512 and EdDSA. `none` is never
@@ -56,6 +114,20 @@ class TokensConfig(Model):
     of it is refused (401 `token_revoked`). Needs `refresh.endpoint` and a `jti` claim."""
     tls: TLSConfig | None = None
     """TLS to an `https://` `jwks_url` (also used by `login.oidc` for the ID token's keys)."""
+    introspection: IntrospectionConfig | None = None
+    """Opaque access tokens, checked at an RFC 7662 introspection endpoint (cached)."""
+    userinfo: UserinfoConfig | None = None
+    """Opaque access tokens, checked at the OIDC userinfo endpoint (cached); an alternative to `introspection`."""
+
+    @property
+    def opaque(self) -> IntrospectionConfig | UserinfoConfig | None:
+        """Where opaque access tokens are checked, if they are."""
+        return self.introspection or self.userinfo
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether a key source (secret, key file, JWKS URL) is configured."""
+        return bool(self.secret or self.public_key_file or self.jwks_url)
 
     @field_validator("algorithms")
     @classmethod
@@ -100,8 +172,12 @@ class TokensConfig(Model):
         problems: list[tuple[str, str]] = []
         sources = [k for k in ("secret", "public_key_file", "jwks_url") if getattr(self, k)]
         symmetric = bool(set(self.algorithms) & HS_ALGORITHMS)
-        if len(sources) != 1:
-            problems.append(("secret", "set exactly one of secret, public_key_file, jwks_url"))
+        if self.introspection is not None and self.userinfo is not None:
+            problems.append(("userinfo", "set one of introspection and userinfo, not both"))
+        # Opaque tokens need no key: login.oidc then finds the ID token's keys through discovery.
+        if len(sources) > 1 or (not sources and self.opaque is None):
+            what = "secret, public_key_file, jwks_url" + ("" if sources else " (or introspection or userinfo)")
+            problems.append(("secret", f"set exactly one of {what}"))
         elif symmetric and sources != ["secret"]:
             problems.append((sources[0], "HS* algorithms need tokens.secret"))
         elif not symmetric and sources == ["secret"]:

@@ -27,9 +27,6 @@ ENV = {
 # example -> {key it needs: the branch that adds it}
 PENDING: dict[str, dict[str, str]] = {
     "entra.yaml": {"session": "sessions"},
-    "google.yaml": {"tokens.userinfo": "opaque"},
-    "okta-org.yaml": {"tokens.introspection": "opaque"},
-    "django-oauth-toolkit.yaml": {"tokens.introspection": "opaque"},
 }
 
 LOADABLE = [path for path in EXAMPLES if path.name not in PENDING]

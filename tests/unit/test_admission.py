@@ -15,6 +15,7 @@ import jwt
 import pytest
 from support.fakes import RecordingUpstream
 
+from gateway import app as app_module
 from gateway.app import Gateway, create_app
 from gateway.config import parse_config
 
@@ -137,3 +138,43 @@ async def test_request_ids_are_unique_and_a_sane_client_id_is_kept(
     assert kept.headers["x-request-id"] == "trace-1" and upstream.seen[-1]["x-request-id"] == "trace-1"
     replaced = await get(gateway, headers={**bearer, "X-Request-ID": "not sane!"})
     assert replaced.headers["x-request-id"] == upstream.seen[-1]["x-request-id"] != "not sane!"
+
+
+# --- opaque access tokens: the fast path stops where the introspection answer's cache ends ---
+
+
+async def test_an_introspected_token_takes_the_fast_path_until_the_cache_bound(
+    clock: Clock, upstream: RecordingUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers: list[dict[str, Any]] = []
+
+    def introspect(request: httpx.Request) -> httpx.Response:
+        answers.append({})
+        return httpx.Response(200, json=answer)
+
+    mock = httpx.MockTransport(introspect)
+    monkeypatch.setattr(app_module, "control_client", lambda timeout: httpx.AsyncClient(transport=mock))
+    answer: dict[str, Any] = {"active": True, "username": "dora", "exp": int(clock.now + 3600)}
+    config = parse_config(
+        {
+            "server": {"access_log": False},
+            "tokens": {
+                "introspection": {"endpoint": "https://idp.test/introspect", "client_id": "gw", "cache": 60},
+                "required_claims": ["exp", "username"],
+            },
+            "identity": {"headers": {"X-Auth-User": "username"}},
+            "routes": [{"name": "app", "path": "/", "upstream": "http://127.0.0.1:9"}],
+        }
+    )
+    app = create_app(config, forwarder=upstream, clock=clock)
+    bearer = {"Authorization": "Bearer opaque-1"}
+    for _ in range(3):
+        assert (await get(app, headers=bearer)).status_code == 200
+    assert len(answers) == 1 and upstream.seen[-1]["x-auth-user"] == "dora"
+    clock.now += 60  # the answer's cache bound: asked again
+    assert (await get(app, headers=bearer)).status_code == 200 and len(answers) == 2
+    answer = {"active": False}  # revoked at the IdP
+    assert (await get(app, headers=bearer)).status_code == 200 and len(answers) == 2  # still cached
+    clock.now += 60
+    refused = await get(app, headers=bearer)
+    assert refused.status_code == 401 and refused.json()["reason"] == "token_expired" and len(answers) == 3

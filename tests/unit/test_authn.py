@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 
 from gateway.authn import Authenticator, AuthResult, bearer_token, read_authorization
-from gateway.config import CookiesConfig, RefreshCookieSpec, TokensConfig
+from gateway.config import CookiesConfig, IntrospectionConfig, RefreshCookieSpec, TokensConfig
 from gateway.cookies import CookieJar
 from gateway.errors import KeyFetchError
+from gateway.introspection import build_verifier
 from gateway.keys import StaticKey
 from gateway.sealing import Sealer
 from gateway.tokens import Verifier
@@ -306,3 +308,43 @@ async def test_raw_refresh_cookies_are_read_as_they_are_when_sealing_is_off() ->
     expired = token("alice", exp=NOW - 600)
     await authenticator(raw, refresher).authenticate([cookie(expired, "r1")])
     assert refresher.calls == [("r1", expired)]
+
+
+# --- opaque access tokens (gateway.introspection) ---
+
+
+class RecordingRefresher:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None]] = []
+
+    async def refresh(self, refresh_token: str, old_access: str | None, *, client: str | None = None) -> AuthResult:
+        self.calls.append((refresh_token, old_access))
+        return AuthResult(claims={"username": "alice"}, token="new-opaque", refreshed=True)
+
+
+def opaque_auth(jar: CookieJar, answer: Any, refresher: RecordingRefresher | None = None) -> Authenticator:
+    config = TokensConfig(
+        introspection=IntrospectionConfig(endpoint="https://idp.test/introspect", client_id="gw"),
+        required_claims=("exp", "username"),
+    )
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    verifier = build_verifier(
+        config, StaticKey(None), lambda section: client, token_hash=SEALER.token_hash, clock=lambda: NOW
+    )
+    return Authenticator(verifier, jar, refresher)
+
+
+async def test_an_inactive_opaque_token_with_a_refresh_cookie_is_refreshed(jar: CookieJar) -> None:
+    refresher = RecordingRefresher()
+    auth = opaque_auth(jar, lambda request: httpx.Response(200, json={"active": False}), refresher)
+    result = await auth.authenticate([cookie("old-opaque", sealed("rt-1"))])
+    assert result.refreshed and refresher.calls == [("rt-1", "old-opaque")]
+    bearer = await auth.authenticate([(b"authorization", b"Bearer old-opaque")])
+    assert bearer.claims is None and bearer.reason == "token_expired"
+
+
+async def test_an_opaque_token_while_introspection_is_down_keeps_both_cookies(jar: CookieJar) -> None:
+    refresher = RecordingRefresher()
+    auth = opaque_auth(jar, lambda request: httpx.Response(503), refresher)
+    result = await auth.authenticate([cookie("opaque", sealed("rt-1"))])
+    assert result.reason == "introspection_unavailable" and result.set_cookies == [] and refresher.calls == []

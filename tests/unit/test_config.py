@@ -486,3 +486,55 @@ def test_cookies_max_total_and_names_that_chunks_could_confuse() -> None:
     assert parse_config(small_heads).cookies.max_total == 8192
     small_heads["cookies"] = {"max_total": 9000}
     assert has(problems_of(small_heads), "cookies.max_total", "server.limits.header_bytes")
+
+
+# --- opaque access tokens (tokens.introspection / tokens.userinfo) ---
+
+
+def _opaque(**tokens: Any) -> dict[str, Any]:
+    return minimal(tokens=tokens)
+
+
+INTROSPECTION = {"endpoint": "https://idp.example/o/introspect/", "client_id": "gw", "client_secret": "s"}
+
+
+def test_introspection_needs_no_key_source_and_fills_its_defaults() -> None:
+    config = parse_config(_opaque(introspection=INTROSPECTION), env={})
+    introspection = config.tokens.introspection
+    assert introspection is not None and config.tokens.opaque is introspection and not config.tokens.has_keys
+    assert (introspection.client_auth, introspection.cache, introspection.timeout) == ("basic", 60, 5)
+    userinfo = parse_config(_opaque(userinfo={"endpoint": "https://idp.example/o/userinfo/", "cache": 10}), env={})
+    assert userinfo.tokens.userinfo is not None and userinfo.tokens.userinfo.cache == 10
+
+
+def test_introspection_and_userinfo_together_are_refused() -> None:
+    userinfo = {"endpoint": "https://idp.example/o/userinfo/"}
+    assert has(problems_of(_opaque(introspection=INTROSPECTION, userinfo=userinfo)), "tokens.userinfo", "not both")
+
+
+def test_without_opaque_tokens_a_key_source_is_still_required() -> None:
+    assert has(problems_of(_opaque()), "tokens.secret", "or introspection or userinfo")
+
+
+@pytest.mark.parametrize(
+    ("patch", "key"),
+    [
+        ({"endpoint": "ftp://idp/introspect"}, "tokens.introspection.endpoint"),
+        ({"client_auth": "none"}, "tokens.introspection.client_auth"),
+        ({"cache": -1}, "tokens.introspection.cache"),
+        ({"cache": 7200}, "tokens.introspection.cache"),
+        ({"secret": "x"}, "tokens.introspection.secret"),
+        ({"endpoint": "http://idp/introspect", "tls": {"verify": False}}, "tokens.introspection.tls"),
+    ],
+)
+def test_bad_introspection_settings_name_their_key(patch: dict[str, Any], key: str) -> None:
+    assert has(problems_of(_opaque(introspection={**INTROSPECTION, **patch})), key)
+
+
+def test_gateway_check_names_a_bad_introspection_key(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(_opaque(introspection={**INTROSPECTION, "cache": "soon"})))
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "tokens.introspection.cache" in result.stdout + result.stderr

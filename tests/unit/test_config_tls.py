@@ -162,3 +162,15 @@ def test_gateway_check_exits_1_naming_the_unreadable_ca_file(tmp_path: Path) -> 
     )
     assert result.returncode == 1
     assert f"routes[1].tls.ca_file: cannot read {tmp_path / 'missing-ca.pem'}" in result.stderr
+
+
+def test_opaque_token_endpoints_take_tls_and_check_its_files() -> None:
+    data = _config()
+    data["tokens"] = {"userinfo": {"endpoint": "http://idp.test/userinfo", "tls": {"verify": False}}}
+    assert _problems(data) == [
+        "tokens.userinfo.tls: endpoint is http://, where TLS settings do not apply; use https:// or remove tls"
+    ]
+    data["tokens"] = {"introspection": {"endpoint": "https://idp.test/i", "client_id": "gw", "tls": {"ca_file": "/no"}}}
+    assert validate_files(parse_config(data, env={})) == [
+        "tokens.introspection.tls.ca_file: cannot read /no (No such file or directory)"
+    ]

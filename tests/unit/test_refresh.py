@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 import jwt
@@ -20,13 +21,14 @@ from support.waiting import until
 
 from gateway import redemption
 from gateway.authn import Authenticator, AuthResult
-from gateway.config import CookiesConfig, RefreshConfig, RefreshCookieSpec, TokensConfig
+from gateway.config import CookiesConfig, IntrospectionConfig, RefreshConfig, RefreshCookieSpec, TokensConfig
 from gateway.cookies import MAX_COOKIE_BYTES, CookieJar
 from gateway.demo.idp import IdentityProvider, IdPSettings, TokenPair, create_idp_app
 from gateway.denylist import Denylist
 from gateway.errors import KeyFetchError, StoreError
 from gateway.families import Families
 from gateway.idp_client import IdPClient
+from gateway.introspection import build_verifier
 from gateway.keys import StaticKey
 from gateway.lease import Lease
 from gateway.metrics import Metrics
@@ -100,6 +102,7 @@ async def build() -> AsyncIterator[Build]:
         cookies: CookiesConfig | None = None,
         keys: Any = None,
         throttle: ClientThrottle | None = None,
+        verifier: Callable[[Denylist], Verifier] | None = None,
         **refresh: Any,
     ) -> Harness:
         app = app if app is not None else create_idp_app(IdPSettings())
@@ -129,7 +132,9 @@ async def build() -> AsyncIterator[Build]:
             store=store,
             sealer=sealer,
             idp=IdPClient(config, http),
-            verifier=Verifier(tokens, keys or StaticKey(SECRET.encode()), denied=denylist),
+            verifier=verifier(denylist)
+            if verifier
+            else Verifier(tokens, keys or StaticKey(SECRET.encode()), denied=denylist),
             jar=CookieJar.from_config(cookies or CookiesConfig(), sealer),
             metrics=metrics,
             families=families,
@@ -997,3 +1002,52 @@ async def test_tokens_past_cookies_max_total_end_the_session_with_cookie_too_lar
     assert sorted(c.split(b"=", 1)[0] for c in result.set_cookies) == [ACCESS.encode(), REFRESH.encode()]
     assert all(b"Max-Age=0" in c for c in result.set_cookies)
     assert "do not fit in cookies (cookies.max_total: 12288); use session: {mode: server}" in caplog.text
+
+
+# --- opaque access tokens: the successor's access token is checked at the introspection endpoint ---
+
+
+class Introspection:
+    """An RFC 7662 endpoint on httpx.MockTransport: every token active (or the endpoint down), calls counted."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.asked: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.asked.append(parse_qs(request.content.decode())["token"][0])
+        if self.down:
+            return httpx.Response(503)
+        return httpx.Response(200, json={"active": True, "username": "alice", "exp": time.time() + 300})
+
+    def verifier(self, denylist: Denylist) -> Verifier:
+        config = TokensConfig(
+            introspection=IntrospectionConfig(endpoint="https://idp.test/introspect", client_id="gw"),
+            required_claims=("exp", "username"),
+        )
+        client = httpx.AsyncClient(transport=httpx.MockTransport(self))
+        hashed = Sealer(STORE_SECRET).token_hash
+        return build_verifier(config, StaticKey(None), lambda section: client, token_hash=hashed, denied=denylist)
+
+
+async def test_a_refresh_checks_the_new_access_token_at_the_introspection_endpoint(build: Build) -> None:
+    introspection = Introspection()
+    h = build(verifier=introspection.verifier)
+    old = h.session()
+    result = await h.refresher.refresh(old.refresh, old.access)
+    access, _ = assert_refreshed(result, old.refresh)
+    assert result.claims is not None and result.claims["username"] == "alice"
+    assert access in introspection.asked and introspection.asked.count(access) == 1  # then from the cache
+
+
+async def test_introspection_down_after_a_refresh_keeps_the_successor_and_answers_503(build: Build) -> None:
+    introspection = Introspection()
+    h = build(verifier=introspection.verifier)
+    old = h.session()
+    introspection.down = True
+    result = await h.refresher.refresh(old.refresh, old.access)
+    assert result.reason == "idp_token_unverified" and set(cookies(result)) == {REFRESH}  # 503, successor kept
+    successor = cookies(result)[REFRESH][0]
+    introspection.down = False
+    later = await h.refresher.refresh(successor, None)
+    assert later.claims is not None and h.idp.counters.refresh_ok == 1  # verified again, no second redemption

@@ -133,3 +133,10 @@ def test_readme_points_to_the_generated_config_reference() -> None:
     # Key by key, the reference is docs/configuration.md (generated from the models: tests/test_reference.py).
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "(docs/configuration.md)" in readme
+
+
+def test_django_oauth_toolkit_example_uses_introspection() -> None:
+    config = _parse(ROOT / "config" / "examples" / "django-oauth-toolkit.yaml")
+    assert config.tokens.introspection is not None and config.tokens.jwks_url  # the ID token's keys
+    assert config.identity.headers["X-Auth-User"] == "username" and "username" in config.tokens.required_claims
+    assert config.login.oidc is not None and "offline_access" not in config.login.oidc.scopes

@@ -159,3 +159,13 @@ def test_tls_failure_is_none_for_failures_that_are_not_tls(tmp_path: Path) -> No
     wrapped = OSError("wrapped")
     wrapped.__cause__ = ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required")
     assert tls_failure("https://x", wrapped) is not None
+
+
+async def test_an_introspection_endpoint_with_tls_gets_its_own_client(ca_file: str) -> None:
+    shared = httpx.AsyncClient()
+    introspection = {"endpoint": "https://idp.test/introspect", "client_id": "gw", "tls": {"ca_file": ca_file}}
+    settings = TLSSettings(_config([_route("a")], tokens={"introspection": introspection}), shared)
+    own = settings.client("tokens.introspection")
+    assert own is not shared and settings.client("tokens") is shared and settings.client("tokens.userinfo") is shared
+    await settings.close()
+    assert own.is_closed

@@ -1,0 +1,109 @@
+"""The control plane of one config generation: every part that talks to the identity provider.
+
+    keys         keys.KeySource                  the access tokens' keys (file, secret, JWKS)
+    verifier     tokens.Verifier                 JWTs with those keys, or opaque tokens at the IdP
+                 (introspection.build_verifier)  (introspection or userinfo)
+    refresher    refresh.SessionRefresher        transparent refresh at refresh.endpoint
+    oidc         login.OIDCLogin                 the gateway's own login (login.oidc)
+    backchannel  backchannel.BackchannelLogout   logout tokens from the IdP (with login.oidc)
+
+Each uses the generation's control-plane client for its section (``tls.TLSSettings.client``).
+"""
+
+from __future__ import annotations
+
+from gateway.backchannel import BackchannelLogout, LogoutTokens
+from gateway.config import GatewayConfig
+from gateway.cookies import CookieJar
+from gateway.families import FamilyIndex
+from gateway.idp_client import IdPClient
+from gateway.introspection import build_verifier
+from gateway.keys import build_key_source
+from gateway.login import OIDCLogin
+from gateway.refresh import SessionRefresher
+from gateway.shared import Shared
+from gateway.tls import TLSSettings
+
+
+class ControlPlane:
+    """The IdP-facing parts of one generation, built from its config; ``None`` where the config has none."""
+
+    def __init__(self, config: GatewayConfig, shared: Shared, tls: TLSSettings, jar: CookieJar) -> None:
+        self.keys = build_key_source(config.tokens, tls.client("tokens"), on_fetch=shared.metrics.jwks_fetch)
+        # JWTs with the configured keys, or opaque tokens asked about at the IdP.
+        self.verifier = build_verifier(
+            config.tokens,
+            self.keys,
+            tls.client,
+            token_hash=shared.sealer.token_hash,
+            clock=shared.clock,
+            denied=shared.denylist,
+            on_call=shared.metrics.introspection,
+        )
+        self.refresher = self._refresher(config, shared, tls, jar)
+        self.oidc = self._oidc(config, shared, tls, jar)
+        self.backchannel = self._backchannel(config, shared)
+
+    async def start(self) -> None:
+        await self.keys.start()
+
+    async def close(self) -> None:
+        """Let the refreshes in flight finish (they hold locks and redeemed tokens); stop the JWKS timer."""
+        if self.refresher is not None:
+            await self.refresher.close()
+        await self.keys.close()
+
+    def _refresher(
+        self, config: GatewayConfig, shared: Shared, tls: TLSSettings, jar: CookieJar
+    ) -> SessionRefresher | None:
+        if config.refresh.endpoint is None:
+            return None
+        return SessionRefresher(
+            config=config.refresh,
+            store=shared.store,
+            sealer=shared.sealer,
+            idp=IdPClient(config.refresh, tls.client("refresh")),
+            verifier=self.verifier,
+            jar=jar,
+            metrics=shared.metrics,
+            clock=shared.clock,
+            denylist=shared.denylist if config.tokens.revoke_superseded else None,
+            families=shared.families,
+            # A sealed cookie the gateway did not issue never gets this far; raw ones are limited per client.
+            throttle=None if config.cookies.refresh.sealed else shared.throttle,
+        )
+
+    def _oidc(self, config: GatewayConfig, shared: Shared, tls: TLSSettings, jar: CookieJar) -> OIDCLogin | None:
+        if config.login.oidc is None:
+            return None
+        return OIDCLogin(
+            config=config.login.oidc,
+            jar=jar,
+            http=tls.client("login.oidc"),
+            sealer=shared.sealer,
+            store=shared.store,
+            verifier=self.verifier,
+            keys=self.keys if config.tokens.has_keys else None,  # None: the JWKS the discovery document names
+            algorithms=config.tokens.algorithms,
+            secure=config.cookies.secure,
+            clock=shared.clock,
+            families=shared.families,
+            logout_redirect=config.logout.redirect,
+        )
+
+    def _backchannel(self, config: GatewayConfig, shared: Shared) -> BackchannelLogout | None:
+        """``{prefix}/backchannel-logout``, with ``login.oidc`` (its issuer and client id name the logout tokens)."""
+        oidc = config.login.oidc
+        if oidc is None:
+            return None
+        tokens = LogoutTokens(
+            keys=self.keys,
+            algorithms=config.tokens.algorithms,
+            issuer=oidc.issuer,
+            audience=oidc.client_id,
+            store=shared.store,
+            sealer=shared.sealer,
+            leeway=config.tokens.leeway,
+            clock=shared.clock,
+        )
+        return BackchannelLogout(tokens, FamilyIndex(shared.families), shared.sealer)
