@@ -44,6 +44,8 @@ from gateway.refresh import SessionRefresher
 from gateway.responses import Denials
 from gateway.routing import RouteTable
 from gateway.sealing import Sealer
+from gateway.sessionauth import SessionAuth
+from gateway.sessions import ServerSessions
 from gateway.store import Store
 from gateway.throttle import ClientThrottle
 from gateway.tls import TLSSettings
@@ -90,10 +92,11 @@ class Generation:
         self.keys = build_key_source(config.tokens, self.tls.client("tokens"), on_fetch=shared.metrics.jwks_fetch)
         verifier = Verifier(config.tokens, self.keys, shared.clock, denied=shared.denylist)
         self.refresher = self._refresher(config, shared, verifier, jar)
+        self.sessions = self._server_sessions(config, shared, verifier)
         csrf = CSRFGuard(config.csrf.allowed_origins)
         tracer = Tracer(config.server.tracing)
         admission = Admission(
-            authenticator=Authenticator(verifier, jar, self.refresher),
+            authenticator=Authenticator(verifier, jar, self.refresher, self.sessions),
             verifier=verifier,
             jar=jar,
             csrf=csrf,
@@ -103,6 +106,7 @@ class Generation:
             clock=shared.clock,
             origin=self.origin,
             client=self.client,
+            sessions=self.sessions.sessions if self.sessions else None,
         )
         oidc = self._oidc(config, shared, verifier, jar)
         deny = Denials(shared.metrics.denial, f"{self.prefix}/login?next={{next}}" if oidc else config.login.url)
@@ -112,7 +116,7 @@ class Generation:
             admission=admission,
             header_rules=self.header_rules,
             forwarder=shared.forwarder,
-            capturer=Capturer(jar, verifier, shared.clock, shared.families),
+            capturer=Capturer(jar, verifier, shared.clock, shared.families, self.sessions),
             deny=deny,
             metrics=shared.metrics,
             tracer=tracer,
@@ -131,6 +135,7 @@ class Generation:
             origin=self.origin,
             client=self.client,
             redirect=config.logout.redirect,
+            sessions=self.sessions,
         )
         self._internal_apps(config, shared, logout, oidc)
 
@@ -142,6 +147,8 @@ class Generation:
         close its own control-plane clients (``tls``) unless ``clients`` is False (see ``close_clients``)."""
         if self.refresher is not None:
             await self.refresher.close()
+        if self.sessions is not None:
+            await self.sessions.close()
         await self.keys.close()
         if clients:
             await self.tls.close()
@@ -220,7 +227,8 @@ class Generation:
         return HeaderRules(
             strip_patterns=config.identity.strip_inbound,
             identity_names=identity + ([self.assertion.name.encode()] if self.assertion else []),
-            cookie_names=jar.bare_names,
+            # The session cookie (session.mode: server) never reaches an upstream, nor is set by one.
+            cookie_names=jar.bare_names + ((config.session.cookie.name,) if config.session.mode == "server" else ()),
             app_cookies=() if jar.sealed else jar.bare_names[1:],  # raw mode: the app sets the refresh cookie
             trusted_proxies=config.server.trusted_proxies,
             forward_token=config.identity.forward_token,
@@ -285,4 +293,19 @@ class Generation:
             secure=config.cookies.secure,
             clock=shared.clock,
             families=shared.families,
+            sessions=self.sessions,
+        )
+
+    def _server_sessions(self, config: GatewayConfig, shared: Shared, verifier: Verifier) -> SessionAuth | None:
+        """session.mode server: the records in the store, and their requests, logins and logouts."""
+        if config.session.mode != "server":
+            return None
+        store, sealer, denylist = shared.store, shared.sealer, shared.denylist
+        return SessionAuth(
+            sessions=ServerSessions(config.session, config.cookies, store, sealer, denylist, shared.clock),
+            verifier=verifier,
+            refresher=self.refresher,
+            families=shared.families,
+            sealer=shared.sealer,
+            absolute_timeout=config.session.absolute_timeout,
         )

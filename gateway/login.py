@@ -35,6 +35,7 @@ from gateway.keys import KeySource
 from gateway.reasons import Reason
 from gateway.responses import safe_target
 from gateway.sealing import Sealer
+from gateway.sessionauth import SessionAuth
 from gateway.store import Store
 from gateway.tokens import Verifier
 
@@ -63,8 +64,10 @@ class OIDCLogin:
         secure: bool,
         clock: Callable[[], float] = time.time,
         families: Families | None = None,
+        sessions: SessionAuth | None = None,
     ) -> None:
         self._families = families
+        self._sessions = sessions  # session.mode: server: one session cookie, the tokens in the store
         self._config = config
         self._jar = jar
         self._http = http
@@ -147,6 +150,9 @@ class OIDCLogin:
             log.error("login: the provider's access token does not verify with tokens.* settings (%s)", verdict.reason)
             raise LoginFailed(502, Reason.IDP_BAD_RESPONSE)
         refresh = refresh if isinstance(refresh, str) and refresh else None
+        if self._sessions is not None:
+            cookie = await self._server_session(self._sessions, access, refresh, id_token, verdict.claims)
+            return str(flow["next"]), [cookie]
         try:
             lifetime = self._jar.refresh_lifetime(refresh, self._clock()) if refresh else None
             cookies = self._jar.session(access, refresh, lifetime)
@@ -157,6 +163,18 @@ class OIDCLogin:
             await self._families.started(verdict.claims, refresh, lifetime)
         log.info("login: session started, subject %s", self._sealer.token_hash(str(verdict.claims.get("sub")))[:12])
         return str(flow["next"]), cookies
+
+    async def _server_session(
+        self, sessions: SessionAuth, access: str, refresh: str | None, id_token: str, claims: dict[str, Any]
+    ) -> bytes:
+        """session.mode server: the tokens go to the store; the browser gets the session cookie only."""
+        try:
+            cookie = await sessions.start(access, refresh, id_token, claims)
+        except StoreError as exc:
+            log.error("login: store unavailable, no session started (%s)", exc)
+            raise LoginFailed(503, Reason.STORE_UNAVAILABLE) from None
+        log.info("login: server-side session started, subject %s", self._sealer.token_hash(str(claims.get("sub")))[:12])
+        return cookie
 
     def _flow(self, cookie: str | None) -> dict[str, Any]:
         if not cookie:

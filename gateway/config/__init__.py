@@ -51,6 +51,8 @@ from gateway.config.sessions import (
     LogoutConfig,
     OIDCConfig,
     RefreshCookieSpec,
+    SessionConfig,
+    SessionCookieSpec,
 )
 from gateway.config.tls import TLSConfig
 from gateway.config.tokens import RefreshConfig, RefreshFields, TokensConfig
@@ -74,6 +76,8 @@ __all__ = [
     "LimitsConfig",
     "LoginConfig",
     "LogoutConfig",
+    "SessionConfig",
+    "SessionCookieSpec",
     "MetricsListenerConfig",
     "OIDCConfig",
     "RefreshConfig",
