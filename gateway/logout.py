@@ -84,9 +84,10 @@ class Logout:
             await self._sessions.logout(held, self._client(scope) if self._client is not None else None)
         if token:
             await self._deny(token)
-        clear = [self._jar.clear_access(), self._jar.clear_refresh()]
-        if self._sessions is not None:
-            clear.append(self._sessions.sessions.clear_cookie())
+        if self._sessions is not None:  # session mode names no token cookie, not even to clear it
+            clear = [self._sessions.sessions.clear_cookie()]
+        else:
+            clear = [self._jar.clear_access(), self._jar.clear_refresh()]
         if wants_html("GET", headers) or _is_form(headers):
             response: Response = Response(status_code=303, headers={"location": self._redirect})
         else:

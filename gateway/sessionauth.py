@@ -59,6 +59,7 @@ class SessionAuth:
         self._sealer = sealer
         self._lifetime = absolute_timeout
         self._background: set[asyncio.Future[Any]] = set()
+        self._inflight: dict[str, asyncio.Future[AuthResult]] = {}
 
     async def authenticate(self, headers: RawHeaders, client: str | None = None) -> AuthResult:
         """The request's session: its claims, or a reason (with the session cookie cleared when it is over)."""
@@ -75,10 +76,21 @@ class SessionAuth:
             verdict = await self._verifier.verify(loaded.record.access)
             if verdict.ok and not verdict.refreshable:
                 return _valid(loaded, verdict)
-            return await self._refreshed(h, client)
+            return await self._refresh_once(h, client)
         except StoreError as exc:
             log.error("session %s: store unavailable (%s); answering 503", h[:12], exc)
             return AuthResult(reason=Reason.STORE_UNAVAILABLE)
+
+    async def _refresh_once(self, h: str, client: str | None) -> AuthResult:
+        """Concurrent requests of one session in this worker share one refresh (one store read, one write-back)."""
+        flight = self._inflight.get(h)
+        if flight is None:
+            flight = asyncio.ensure_future(self._refreshed(h, client))
+            self._inflight[h] = flight
+            flight.add_done_callback(lambda _: self._inflight.pop(h, None))
+        # Shielded: a client that goes away must not cancel a refresh the others wait for.
+        result = await asyncio.shield(flight)
+        return replace(result, set_cookies=list(result.set_cookies))  # each answer its own list
 
     async def _refreshed(self, h: str, client: str | None) -> AuthResult:
         """The access token is due: read the record afresh, refresh it (single flight), write the successor back."""

@@ -19,6 +19,7 @@ one store write a minute, not one per request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -99,6 +100,7 @@ class ServerSessions:
         self._attrs = f"; Path=/; HttpOnly; SameSite={same_site.capitalize()}" + ("; Secure" if secure else "")
         self.touch_every = min(MAX_TOUCH_EVERY, config.idle_timeout / 8)
         self._cache: BoundedCache[str, Loaded] = BoundedCache()
+        self._loading: dict[str, asyncio.Future[Loaded | None]] = {}
 
     @property
     def bare_name(self) -> str:
@@ -162,13 +164,22 @@ class ServerSessions:
                 await self._store.add_member(index_key(kind, value, self._sealer), h, record.expires)
         return h, self.set_cookie(session_id)
 
-    async def load(self, h: str, *, fresh: bool = False, _depth: int = 0) -> Loaded | None:
+    async def load(self, h: str, *, fresh: bool = False) -> Loaded | None:
         """The live session ``h`` (from this worker's cache unless ``fresh``), its use recorded when due;
-        None when it ended or expired. Raises StoreError."""
+        None when it ended or expired. Concurrent reads of one session in this worker share one store read
+        (a page's burst must not take a connection each). Raises StoreError."""
         if not fresh:
             cached = self._cache.get(h)
             if cached is not None and self._clock() < cached.until and not self._ended(cached.record):
                 return cached
+        flight = self._loading.get(h)
+        if flight is None:
+            flight = asyncio.ensure_future(self._read(h))
+            self._loading[h] = flight
+            flight.add_done_callback(lambda _: self._loading.pop(h, None))
+        return await asyncio.shield(flight)
+
+    async def _read(self, h: str, _depth: int = 0) -> Loaded | None:
         raw = await self._store.get(session_key(h))
         record = self._unseal(h, raw) if raw is not None else None
         now = self._clock()
@@ -183,7 +194,7 @@ class ServerSessions:
             value = self._seal(h, touched)
             if not await self._store.replace(session_key(h), raw, value, self._ttl(touched, now)):
                 # Another worker wrote meanwhile (a use, a refresh): read its version.
-                return await self.load(h, fresh=True, _depth=_depth + 1) if _depth < 3 else None
+                return await self._read(h, _depth + 1) if _depth < 3 else None
             raw, record = value, touched
         return self._cache.put(h, Loaded(h, raw, record, min(record.seen + self.touch_every, record.expires)))
 

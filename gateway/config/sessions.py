@@ -139,9 +139,9 @@ class SessionConfig(Model):
     several workers. Changing it logs every browser session out."""
     cookie: SessionCookieSpec = SessionCookieSpec()
     """The session cookie of `mode: server`."""
-    idle_timeout: int = Field(28_800, ge=60)
+    idle_timeout: int = Field(28_800, ge=1)
     """`mode: server`: a session not used for this many seconds ends (8 hours). Use is recorded at most once a
     minute (an eighth of the timeout when that is shorter), so a session may end up to that much earlier."""
-    absolute_timeout: int = Field(1_209_600, ge=60)
+    absolute_timeout: int = Field(1_209_600, ge=1)
     """`mode: server`: a session ends this many seconds after its login, however much it is used (14 days). The
     session cookie gets it as `Max-Age`."""

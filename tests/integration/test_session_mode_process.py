@@ -1,0 +1,255 @@
+"""Server-side sessions against real processes: `gateway serve --workers 4` with `session.mode: server`,
+redis-server, the rotating IdP. The refresh suite's key scenarios (tests/integration/test_refresh_process.py),
+in session mode: the browser holds one session cookie, and no response ever sets a token in a cookie.
+
+Sessions start through the capture route (a SimpleJWT-style login at the IdP), or, for tokens taken straight from
+the IdP, written into the store with the gateway's own code (support.sessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import redis
+from support.faultproxy import FaultProxy
+from support.servers import GatewayProcess, IdPProcess, ServerProcess, set_cookies, start_gateway, start_idp
+from support.sessions import record_key, start_session
+
+IDP_SECRET = "session-tests-hs256-secret-0123456789abcdef"
+SESSION = "__Host-gw_session"
+TOKEN_COOKIES = ("__Host-gw_access", "__Host-gw_refresh")
+ORIGIN = "https://app.test"
+
+
+def gateway_config(
+    idp: IdPProcess, upstream: ServerProcess, store_url: str, prefix: str, session: dict[str, Any], **refresh: Any
+) -> dict[str, Any]:
+    return {
+        "server": {"trusted_proxies": []},
+        "store": {"url": store_url, "key_prefix": prefix, "secret": "store-secret-for-tests"},
+        "tokens": {"algorithms": ["HS256"], "secret": IDP_SECRET, "audience": "legacy-app", "leeway": 0},
+        "refresh": {
+            "endpoint": f"{idp.url}/token",
+            "style": "oauth2",
+            "client_id": "legacy-app",
+            "client_secret": "demo-secret",
+            "client_auth": "basic",
+            "revocation_endpoint": f"{idp.url}/revoke",
+            **refresh,
+        },
+        "cookies": {"secure": True},
+        "session": {"mode": "server", **session},
+        "login": {"url": "https://login.test/?next={next}"},
+        "routes": [
+            {"name": "login", "path": "/api/token/", "upstream": idp.url, "auth": "none", "capture": {}},
+            {"name": "app", "path": "/", "upstream": upstream.url},
+        ],
+    }
+
+
+# idle_timeout 16: a use is recorded (and the workers' cached copies refreshed) every 2 s.
+SESSION_SETTINGS = {"idle_timeout": 16}
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[IdPProcess]:
+    with start_idp(secret=IDP_SECRET) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def prefix() -> str:
+    return f"gwtest:{os.urandom(4).hex()}:"
+
+
+@pytest.fixture(scope="module")
+def gateway(idp: IdPProcess, upstream: ServerProcess, redis_url: str, prefix: str) -> Iterator[GatewayProcess]:
+    config = gateway_config(idp, upstream, redis_url, prefix, SESSION_SETTINGS, grace_period=3, lock_lease=2)
+    with start_gateway(config, workers=4) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def healthy_idp(idp: IdPProcess) -> Iterator[None]:
+    idp.reset()
+    yield
+    idp.reset()
+
+
+def no_token_cookie(response: httpx.Response) -> httpx.Response:
+    """The promise of session mode: whatever the answer, the only cookie the gateway sets is the session's."""
+    names = set(set_cookies(response))
+    assert names <= {SESSION}, f"a token cookie was set: {names}"
+    return response
+
+
+def session_of(redis_url: str, prefix: str, tokens: dict[str, str], **settings: Any) -> dict[str, str]:
+    cookie = start_session(redis_url, prefix, tokens, {"sub": "alice"}, session=settings or SESSION_SETTINGS)
+    return {"Cookie": cookie}
+
+
+def refresh_calls(idp: IdPProcess) -> int:
+    return idp.stats()["refresh_calls"]
+
+
+async def storm(url: str, headers: dict[str, str], count: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        return await asyncio.gather(*(client.get(url, headers=headers) for _ in range(count)))
+
+
+def identity(response: httpx.Response) -> dict[str, str]:
+    return {name: value for name, value in response.json()["headers"]}
+
+
+def test_a_captured_login_gives_the_browser_one_session_cookie_and_no_token(gateway: GatewayProcess) -> None:
+    login = no_token_cookie(httpx.post(f"{gateway.url}/api/token/", json={"username": "alice", "password": "alice"}))
+    assert login.status_code == 200
+    morsel = set_cookies(login)[SESSION]
+    assert morsel["httponly"] and morsel["secure"] and morsel["path"] == "/" and morsel["samesite"] == "Lax"
+    assert "refresh" not in login.json()
+    page = no_token_cookie(httpx.get(f"{gateway.url}/page", headers={"Cookie": f"{SESSION}={morsel.value}"}))
+    assert page.status_code == 200 and identity(page)["x-auth-user"] == "alice"
+    assert "set-cookie" not in page.headers
+    assert all(SESSION not in value for name, value in page.json()["headers"] if name == "cookie")  # never upstream
+
+
+def test_500_concurrent_requests_on_one_expired_session_make_one_idp_call(
+    gateway: GatewayProcess, idp: IdPProcess, redis_url: str, prefix: str
+) -> None:
+    headers = session_of(redis_url, prefix, idp.issue("alice", access_ttl=-60))
+    before = refresh_calls(idp)
+    responses = asyncio.run(storm(f"{gateway.url}/storm", headers, 500))
+    assert [r.status_code for r in responses] == [200] * 500
+    assert refresh_calls(idp) - before == 1
+    assert all("set-cookie" not in r.headers for r in responses)  # nothing for the browser to change
+    assert {identity(r)["x-auth-user"] for r in responses} == {"alice"}
+    # The successor lives in the record: the next requests need no IdP call, on any worker.
+    later = asyncio.run(storm(f"{gateway.url}/next", headers, 40))
+    assert [r.status_code for r in later] == [200] * 40 and refresh_calls(idp) - before == 1
+
+
+def test_an_old_record_within_grace_gets_the_successor_and_after_grace_is_reuse(
+    gateway: GatewayProcess, idp: IdPProcess, redis_url: str, prefix: str
+) -> None:
+    headers = session_of(redis_url, prefix, idp.issue("alice", access_ttl=-60))
+    key = record_key(prefix, headers["Cookie"])
+    client = redis.Redis.from_url(redis_url)
+    old = client.get(key)
+    assert old is not None
+    assert no_token_cookie(httpx.get(f"{gateway.url}/a", headers=headers)).status_code == 200
+    before = refresh_calls(idp)
+    client.set(key, old, px=60_000)  # the state before the rotation comes back (a restored copy, a stale write)
+    for _ in range(8):
+        assert no_token_cookie(httpx.get(f"{gateway.url}/b", headers=headers)).status_code == 200
+    assert refresh_calls(idp) == before  # within grace: the successor, no IdP call
+    time.sleep(3.5)  # grace_period is 3 s here; the workers' cached copies are older than 2 s
+    client.set(key, old, px=60_000)
+    revocations = idp.stats()["revocations"]
+    late = no_token_cookie(httpx.get(f"{gateway.url}/c", headers={**headers, "Accept": "text/html"}))
+    assert late.status_code == 302 and late.headers["location"].startswith("https://login.test/")
+    assert set_cookies(late)[SESSION]["max-age"] == "0"
+    assert refresh_calls(idp) == before  # the reused token never reached the IdP
+    deadline = time.monotonic() + 5
+    while idp.stats()["revocations"] == revocations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert idp.stats()["revocations"] == revocations + 1  # the family's newest token revoked (RFC 7009)
+    after = [httpx.get(f"{gateway.url}/d", headers=headers) for _ in range(8)]
+    assert [r.status_code for r in after] == [401] * 8
+    client.close()
+
+
+def test_idp_503_keeps_the_session(gateway: GatewayProcess, idp: IdPProcess, redis_url: str, prefix: str) -> None:
+    headers = session_of(redis_url, prefix, idp.issue("alice", access_ttl=-60))
+    idp.behaviour(fail="503", fail_count=1)
+    down = no_token_cookie(httpx.get(f"{gateway.url}/x", headers=headers))
+    assert down.status_code == 503 and down.headers["retry-after"] and "set-cookie" not in down.headers
+    time.sleep(2.2)  # the failure is shared with concurrent requests for 2 s, then retried
+    up = no_token_cookie(httpx.get(f"{gateway.url}/x", headers=headers))
+    assert up.status_code == 200 and "set-cookie" not in up.headers
+    assert max(idp.redemption_counts().values()) == 1
+
+
+def test_a_10_kb_access_token_works(gateway: GatewayProcess, idp: IdPProcess, redis_url: str, prefix: str) -> None:
+    """Far over the 4 KB a cookie may hold: in session mode the token never goes to the browser."""
+    tokens = idp.issue("alice", access_ttl=-60, claims={"pad": "x" * 10_000})
+    assert len(tokens["access"]) > 10_000
+    headers = session_of(redis_url, prefix, tokens)
+    first = no_token_cookie(httpx.get(f"{gateway.url}/big", headers=headers))
+    assert first.status_code == 200 and identity(first)["x-auth-user"] == "alice"
+    assert refresh_calls(idp) == 1  # refreshed to another 10 KB token, kept in the store
+    again = no_token_cookie(httpx.get(f"{gateway.url}/big", headers=headers))
+    assert again.status_code == 200 and refresh_calls(idp) == 1
+
+
+def test_logout_ends_the_session_on_every_worker(
+    gateway: GatewayProcess, idp: IdPProcess, redis_url: str, prefix: str
+) -> None:
+    headers = session_of(redis_url, prefix, idp.issue("alice"))
+    warm = asyncio.run(storm(f"{gateway.url}/warm", headers, 40))  # every worker has the session cached
+    assert [r.status_code for r in warm] == [200] * 40
+    out = no_token_cookie(httpx.post(f"{gateway.url}/.gateway/logout", headers={**headers, "Origin": gateway.url}))
+    assert out.status_code == 204 and set_cookies(out)[SESSION]["max-age"] == "0"
+    assert idp.stats()["revocations"] == 1
+    time.sleep(1.0)  # other workers learn it through the denylist within a second
+    after = asyncio.run(storm(f"{gateway.url}/after", headers, 40))
+    assert [r.status_code for r in after] == [401] * 40
+    assert all(no_token_cookie(r) and set_cookies(r)[SESSION]["max-age"] == "0" for r in after)
+
+
+def test_a_cross_site_logout_is_refused(gateway: GatewayProcess, idp: IdPProcess, redis_url: str, prefix: str) -> None:
+    headers = session_of(redis_url, prefix, idp.issue("alice"))
+    forged = httpx.post(f"{gateway.url}/.gateway/logout", headers={**headers, "Origin": "https://evil.test"})
+    assert forged.status_code == 403
+    unsafe = httpx.post(f"{gateway.url}/x", headers={**headers, "Origin": "https://evil.test"})
+    assert unsafe.status_code == 403  # the session cookie is a credential: CSRF applies
+    assert httpx.get(f"{gateway.url}/x", headers=headers).status_code == 200
+
+
+def test_idle_and_absolute_expiry(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> None:
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    settings = {"idle_timeout": 2, "absolute_timeout": 5}
+    with start_gateway(gateway_config(idp, upstream, redis_url, prefix, settings), workers=2) as gw:
+        idle = session_of(redis_url, prefix, idp.issue("alice"), **settings)
+        assert httpx.get(f"{gw.url}/x", headers=idle).status_code == 200
+        time.sleep(2.5)  # unused longer than idle_timeout
+        ended = no_token_cookie(httpx.get(f"{gw.url}/x", headers=idle))
+        assert ended.status_code == 401 and ended.json()["reason"] == "session_ended"
+        assert set_cookies(ended)[SESSION]["max-age"] == "0"
+
+        used = session_of(redis_url, prefix, idp.issue("alice"), **settings)
+        started = time.monotonic()
+        while time.monotonic() - started < 4.5:  # used all along: the idle timeout never strikes
+            assert httpx.get(f"{gw.url}/x", headers=used).status_code == 200
+            time.sleep(0.2)
+        time.sleep(max(0.0, 5.3 - (time.monotonic() - started)))
+        late = no_token_cookie(httpx.get(f"{gw.url}/x", headers=used))
+        assert late.status_code == 401 and late.json()["reason"] == "session_ended"
+
+
+def test_redis_down_is_503_not_logout(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> None:
+    parts = urlsplit(redis_url)
+    with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
+        url = proxy.redis_url(int(parts.path.strip("/") or 0))
+        prefix = f"gwtest:{os.urandom(4).hex()}:"
+        with start_gateway(gateway_config(idp, upstream, url, prefix, SESSION_SETTINGS), workers=2) as gw:
+            headers = session_of(redis_url, prefix, idp.issue("alice", access_ttl=-60))
+            proxy.down()
+            started = time.monotonic()
+            refused = no_token_cookie(httpx.get(f"{gw.url}/x", headers=headers, timeout=30))
+            assert refused.status_code == 503 and "set-cookie" not in refused.headers
+            assert time.monotonic() - started < 10
+            assert refresh_calls(idp) == 0  # never refresh without the lock
+            proxy.heal()
+            deadline = time.monotonic() + 10
+            while (back := httpx.get(f"{gw.url}/x", headers=headers, timeout=30)).status_code == 503:
+                assert time.monotonic() < deadline, "the session did not come back with the store"
+                time.sleep(0.3)
+            assert no_token_cookie(back).status_code == 200 and refresh_calls(idp) == 1
