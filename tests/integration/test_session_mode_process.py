@@ -253,3 +253,45 @@ def test_redis_down_is_503_not_logout(idp: IdPProcess, upstream: ServerProcess, 
                 assert time.monotonic() < deadline, "the session did not come back with the store"
                 time.sleep(0.3)
             assert no_token_cookie(back).status_code == 200 and refresh_calls(idp) == 1
+
+
+def test_an_oidc_login_starts_a_server_side_session(upstream: ServerProcess, redis_url: str) -> None:
+    """The gateway's own OIDC login (code + PKCE) in session mode: the callback sets the session cookie alone."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with start_idp(algorithm="RS256") as oidc_idp:
+
+        def config(port: int) -> dict[str, Any]:
+            return {
+                "store": {"url": redis_url, "key_prefix": prefix, "secret": "store-secret-for-tests"},
+                "tokens": {"algorithms": ["RS256"], "jwks_url": f"{oidc_idp.url}/jwks", "audience": "legacy-app"},
+                "refresh": {
+                    "endpoint": f"{oidc_idp.url}/token",
+                    "client_id": "legacy-app",
+                    "client_secret": "demo-secret",
+                },
+                "cookies": {"secure": False},
+                "session": {"mode": "server"},
+                "login": {
+                    "oidc": {
+                        "issuer": oidc_idp.url,
+                        "client_id": "legacy-app",
+                        "client_secret": "demo-secret",
+                        "redirect_url": f"http://127.0.0.1:{port}/.gateway/callback",
+                    }
+                },
+                "routes": [{"name": "app", "path": "/", "upstream": upstream.url}],
+            }
+
+        with start_gateway(config, workers=2) as gw:
+            first = httpx.get(f"{gw.url}/reports", headers={"Accept": "text/html"})
+            to_idp = httpx.get(f"{gw.url}{first.headers['location']}")
+            state = set_cookies(to_idp)["gw_oidc"].value
+            done = httpx.get(
+                oidc_idp.sign_in(to_idp.headers["location"], "bob"), headers={"Cookie": f"gw_oidc={state}"}
+            )
+            assert done.status_code == 302 and done.headers["location"] == "/reports"
+            assert set(set_cookies(done)) == {"gw_session", "gw_oidc"}  # the login state cleared, and the session
+            session = set_cookies(done)["gw_session"].value
+            page = httpx.get(f"{gw.url}/reports", headers={"Cookie": f"gw_session={session}"})
+            assert page.status_code == 200 and identity(page)["x-auth-user"] == "bob"
+            assert "set-cookie" not in page.headers
