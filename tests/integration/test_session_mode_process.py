@@ -9,6 +9,8 @@ the IdP, written into the store with the gateway's own code (support.sessions).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -21,6 +23,8 @@ import redis
 from support.faultproxy import FaultProxy
 from support.servers import GatewayProcess, IdPProcess, ServerProcess, set_cookies, start_gateway, start_idp
 from support.sessions import record_key, start_session
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
 
 IDP_SECRET = "session-tests-hs256-secret-0123456789abcdef"
 SESSION = "__Host-gw_session"
@@ -295,3 +299,25 @@ def test_an_oidc_login_starts_a_server_side_session(upstream: ServerProcess, red
             page = httpx.get(f"{gw.url}/reports", headers={"Cookie": f"gw_session={session}"})
             assert page.status_code == 200 and identity(page)["x-auth-user"] == "bob"
             assert "set-cookie" not in page.headers
+
+
+def test_logout_closes_the_sessions_websockets(
+    gateway: GatewayProcess, idp: IdPProcess, redis_url: str, prefix: str
+) -> None:
+    headers = session_of(redis_url, prefix, idp.issue("alice"))
+    url = gateway.url.replace("http://", "ws://") + "/live"
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(connect(url, additional_headers={**headers, "Origin": gateway.url}, open_timeout=10))
+            for _ in range(6)  # spread over the workers
+        ]
+        for ws in sockets:
+            assert json.loads(ws.recv(timeout=5))["hello"]
+        with pytest.raises(InvalidStatus):  # a cross-site handshake riding on the session cookie
+            connect(url, additional_headers={**headers, "Origin": "https://evil.test"}, open_timeout=10)
+        out = httpx.post(f"{gateway.url}/.gateway/logout", headers={**headers, "Origin": gateway.url})
+        assert out.status_code == 204
+        for ws in sockets:
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
