@@ -321,3 +321,94 @@ def test_logout_closes_the_sessions_websockets(
             with pytest.raises(ConnectionClosed) as closed:
                 ws.recv(timeout=5)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+
+
+# --- the fault tests (tests/integration/test_continuity_process.py) in session mode ---------------------------
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[FaultProxy]:
+    parts = urlsplit(redis_url)
+    with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
+        yield proxy
+
+
+def serve(idp: IdPProcess, upstream: ServerProcess, store_url: str, prefix: str, **refresh: Any) -> GatewayProcess:
+    config = gateway_config(
+        idp, upstream, store_url, prefix, SESSION_SETTINGS, **({"lock_lease": 1, "grace_period": 3} | refresh)
+    )
+    return start_gateway(config, workers=2)
+
+
+async def at_the_idp(idp: IdPProcess) -> None:
+    deadline = time.monotonic() + 10
+    while (await asyncio.to_thread(idp.stats))["refresh_calls"] < 1:
+        assert time.monotonic() < deadline, "no refresh reached the IdP"
+        await asyncio.sleep(0.02)
+
+
+def test_a_logout_during_a_refresh_is_not_undone(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> None:
+    """Failure 4 in session mode: the refresh's write-back must not bring a logged-out session back."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with serve(idp, upstream, redis_url, prefix, revocation_endpoint=None) as gw:
+        headers = session_of(redis_url, prefix, idp.issue("alice", access_ttl=-60))
+        idp.behaviour(latency=1.0)
+
+        async def race() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                refreshing = asyncio.ensure_future(client.get(f"{gw.url}/x", headers=headers))
+                await at_the_idp(idp)  # the refresh is under way (the IdP answers after 1 s)
+                logout = await client.post(f"{gw.url}/.gateway/logout", headers={**headers, "Origin": gw.url})
+                return await refreshing, logout
+
+        refreshed, logout = asyncio.run(race())
+        assert no_token_cookie(logout).status_code == 204
+        assert no_token_cookie(refreshed).status_code == 401
+        assert refreshed.json()["reason"] == "session_ended" and set_cookies(refreshed)[SESSION]["max-age"] == "0"
+        assert redis.Redis.from_url(redis_url).get(record_key(prefix, headers["Cookie"])) is None
+        again = no_token_cookie(httpx.get(f"{gw.url}/x", headers=headers))
+        assert again.status_code == 401 and again.json()["reason"] == "session_ended"
+        assert [e["event"] for e in idp.ledger()] == ["redeemed"]
+
+
+@pytest.mark.parametrize("fail", ["redeem_then_reset", "redeem_then_garbage"])
+def test_an_answer_lost_after_redemption_is_never_resent(
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str, fail: str
+) -> None:
+    """Failure 5 in session mode: 503 with the session kept, then a clean end; the token is never sent again."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with serve(idp, upstream, redis_url, prefix, timeout=1.5) as gw:
+        headers = session_of(redis_url, prefix, idp.issue("alice", access_ttl=-60))
+        idp.behaviour(fail=fail, fail_count=1)
+        first = no_token_cookie(httpx.get(f"{gw.url}/x", headers=headers, timeout=30))
+        assert first.status_code == 503 and "set-cookie" not in first.headers
+        time.sleep(2.2)  # the failure is shared for 2 s, then the session ends cleanly
+        later = no_token_cookie(httpx.get(f"{gw.url}/x", headers={**headers, "Accept": "text/html"}, timeout=30))
+        assert later.status_code == 302 and set_cookies(later)[SESSION]["max-age"] == "0"
+        assert [e["event"] for e in idp.ledger()] == ["redeemed"]  # exactly one presentation, no reuse
+        assert "event=refresh_lost" in gw.log()
+
+
+def test_redis_down_during_the_idp_call_the_successor_is_written_back_when_it_is_back(
+    idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str
+) -> None:
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with serve(idp, upstream, proxy.redis_url(int(urlsplit(redis_url).path.strip("/") or 0)), prefix) as gw:
+        headers = session_of(redis_url, prefix, idp.issue("alice", access_ttl=-60))
+        idp.behaviour(latency=1.0)
+
+        async def scenario() -> httpx.Response:
+            async with httpx.AsyncClient(timeout=30) as client:
+                owner = asyncio.ensure_future(client.get(f"{gw.url}/a", headers=headers))
+                await at_the_idp(idp)  # the owner's call is in flight (the IdP answers after 1 s)
+                await asyncio.to_thread(proxy.down)
+                await asyncio.sleep(2.0)  # Redis is down for 2 s: longer than the IdP call
+                await asyncio.to_thread(proxy.heal)
+                return await owner
+
+        first = no_token_cookie(asyncio.run(scenario()))
+        assert first.status_code == 200
+        later = [no_token_cookie(httpx.get(f"{gw.url}/b", headers=headers, timeout=30)) for _ in range(6)]
+        assert [r.status_code for r in later] == [200] * 6
+        assert idp.stats()["refresh_calls"] == 1
+        assert max(idp.redemption_counts().values()) == 1
