@@ -17,7 +17,8 @@ passes one on (``capture_plan``, then ``Capturer.take``):
     2xx JSON with a refresh token                           captured (or 502 if the access token fails)
 
 The HTTP path asks the upstream for ``Accept-Encoding: identity`` on capture routes, so a
-compressed answer is an upstream that ignored it.
+compressed answer is an upstream that ignored it. With ``session.mode: server`` the captured tokens
+start a server-side session (gateway.sessionauth): the answer sets the session cookie alone.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ S256 code challenge; those, with ``next``, travel in a short-lived sealed cookie
 neither readable nor forgeable). ``GET {prefix}/callback`` checks the state (once: a replayed
 state is refused through the store), exchanges the code, verifies the ID token (signature,
 issuer, audience = client_id, nonce) and the access token, sets the session cookies and
-redirects to ``next``. Tokens never appear in a URL, a body or a log.
+redirects to ``next``. Tokens never appear in a URL, a body or a log. With ``session.mode: server``
+the tokens (the ID token too) go into a server-side session (gateway.sessionauth) and the callback
+sets the session cookie alone.
 """
 
 from __future__ import annotations
