@@ -259,3 +259,30 @@ async def test_a_captured_login_sets_only_the_session_cookie(world: Callable[[],
     assert pair.refresh.encode() not in captured.body
     result = await w.workers[1].authenticate(headers(set_cookies[0].split(";")[0]))
     assert result.claims is not None and result.token == pair.access
+
+
+async def test_a_successor_whose_access_token_does_not_verify_is_kept_in_the_record(
+    world: Callable[[], World],
+) -> None:
+    """The IdP redeemed the token: its successor is the session now, even though this answer is 502."""
+    w = world()
+    pair = w.idp.start_session("alice", ttl=-60)
+    _, cookie = await w.login(pair)
+    w.idp.behaviour.update({"fail": "bad_signature", "fail_count": 1})
+    first = await w.workers[0].authenticate(headers(cookie))
+    assert first.reason == Reason.IDP_BAD_RESPONSE and first.set_cookies == []
+    after = await w.workers[1].authenticate(headers(cookie))  # the successor refreshes, and works
+    assert after.claims is not None and w.idp.counters.refresh_calls == 2
+    redeemed = [e["jti"] for e in w.idp.ledger.entries if e["event"] == "redeemed"]
+    assert len(redeemed) == 2 and len(set(redeemed)) == 2  # no token presented twice
+
+
+async def test_a_failed_early_refresh_goes_on_with_the_still_valid_token(world: Callable[[], World]) -> None:
+    w = world()
+    now = int(time.time())
+    pair = w.idp.start_session("alice", ttl=10, claims={"iat": now - 3000})  # 10 s left: due, still valid
+    _, cookie = await w.login(pair)
+    w.idp.behaviour.update({"fail": "503", "fail_count": 1})
+    result = await w.workers[0].authenticate(headers(cookie))
+    assert result.claims is not None and result.token == pair.access and result.set_cookies == []
+    assert w.idp.counters.refresh_calls == 1
