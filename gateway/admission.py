@@ -28,6 +28,7 @@ from gateway.errors import UnsafeClaim
 from gateway.identity import IdentityHeaders, claims_allowed
 from gateway.reasons import Reason
 from gateway.routing import Route
+from gateway.sessions import ServerSessions
 from gateway.tokens import Verifier
 from gateway.tracing import Tracer
 from gateway.types import RawHeaders, Scope, StrHeaders
@@ -76,6 +77,7 @@ class Admission:
         clock: Callable[[], float],
         origin: Callable[[Scope], str],
         client: Callable[[Scope], str | None] | None = None,
+        sessions: ServerSessions | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._verifier = verifier
@@ -87,6 +89,7 @@ class Admission:
         self._clock = clock
         self._origin = origin  # this request's own origin, as the browser sees it
         self._client = client or _peer  # the client's address, after trusted proxies (limits per client)
+        self._sessions = sessions  # session.mode: server: the session cookie is the credential
         # Authorization header value (bytes) or access cookie (str) -> a token verified before.
         self._known: BoundedCache[bytes | str, Known] = BoundedCache()
         verifier.on_key_change(self._known.clear)  # a key the IdP removed: its tokens take the full path again
@@ -121,7 +124,11 @@ class Admission:
             if scope["method"] not in SAFE_METHODS and (cookies or route.capture is not None):
                 if self._cross_site(scope, route):
                     return REFUSED_CSRF
-            known = self._known.get(self._jar.read(scope["headers"])[0] or "") if cookies else None
+            if cookies:  # inlined ``_cookie``: the hot path
+                headers = scope["headers"]
+                sessions = self._sessions
+                cookie = self._jar.read(headers)[0] if sessions is None else sessions.read_cookie(headers)
+                known = self._known.get(cookie or "")
         if known is None or self._clock() >= known.fresh_until or known.jti in self._denylist:
             return None
         # Its identity headers are ready; the route's rules still apply.
@@ -137,7 +144,7 @@ class Admission:
         admitted = self._judge(route, auth)
         if admitted.refused is None and admitted.claims is not None and not auth.set_cookies and not auth.refreshed:
             # The key is the credential the authenticator used: a Bearer header wins over cookies.
-            key = _header(headers, b"authorization") if auth.bearer else self._jar.read(headers)[0]
+            key = _header(headers, b"authorization") if auth.bearer else self._cookie(headers)
             if key:
                 self._remember(key, auth, admitted)
         return admitted
@@ -149,7 +156,7 @@ class Admission:
         headers: RawHeaders = scope["headers"]
         # Browsers send cookies with cross-site WebSocket handshakes and no CORS applies:
         # a cookie session is only good from its own site (cross-site WebSocket hijacking).
-        if bearer_token(headers) is None and any(self._jar.read(headers)) and self._forged(scope, route, "POST"):
+        if bearer_token(headers) is None and self._session_cookies(headers) and self._forged(scope, route, "POST"):
             return Admitted(refused=Reason.CSRF)
         return self._judge(route, await self._authenticator.authenticate(headers, self._client(scope)))
 
@@ -172,9 +179,21 @@ class Admission:
 
     def _cross_site(self, scope: Scope, route: Route) -> bool:
         """An unsafe request riding on a session cookie (either one) from another site (see gateway.csrf)."""
-        if route.capture is None and self._jar.read(scope["headers"]) == (None, None):
+        if route.capture is None and not self._session_cookies(scope["headers"]):
             return False
         return self._forged(scope, route)
+
+    def _cookie(self, headers: RawHeaders) -> str | None:
+        """The cookie that is the credential: the access cookie, or in session.mode server the session cookie."""
+        if self._sessions is None:
+            return self._jar.read(headers)[0]
+        return self._sessions.read_cookie(headers)
+
+    def _session_cookies(self, headers: RawHeaders) -> bool:
+        """Whether the request rides on one of the gateway's session cookies (either token cookie, or the session's)."""
+        if self._sessions is not None and self._sessions.read_cookie(headers) is not None:
+            return True
+        return self._jar.read(headers) != (None, None)
 
     def _forged(self, scope: Scope, route: Route, method: str | None = None) -> bool:
         trusted = route.cors.trusted if route.cors is not None else frozenset()
@@ -187,7 +206,9 @@ class Admission:
         if auth.exp is None or auth.token is None or claims is None:
             return
         fresh_until = auth.exp - self._verifier.refresh_margin(claims, auth.exp)
-        self._known.put(key, Known(admitted, fresh_until, claims.get("jti")))
+        if auth.until is not None:  # a server-side session: until its next use is due to be recorded
+            fresh_until = min(fresh_until, auth.until)
+        self._known.put(key, Known(admitted, fresh_until, auth.watch or claims.get("jti")))
 
 
 def _peer(scope: Scope) -> str | None:

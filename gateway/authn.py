@@ -7,6 +7,8 @@ happens for cookie sessions whose access token is absent, expired or nearly so (
 and otherwise fully valid: a forged token never reaches the IdP, and API clients (Bearer) get a plain 401.
 A refresh cookie the gateway did not seal (``CookieJar.open_refresh``) counts as absent and is
 cleared: it never reaches the refresher, so neither the IdP nor the store.
+With ``session.mode: server`` the cookie part is a ``SessionCredential`` (gateway.sessionauth): token
+cookies are not read at all.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class AuthResult:
     set_cookies: list[bytes] = field(default_factory=list)
     refreshed: bool = False
     exp: float | None = None  # set when the token was simply valid (no refresh, no cookie to set)
+    until: float | None = None  # server-side sessions: the fast path keeps the answer at most until then
+    watch: str | None = None  # server-side sessions: the denylist entry that ends the session (else the jti)
 
 
 class Refresher(Protocol):
@@ -38,6 +42,11 @@ class Refresher(Protocol):
 
         ``client`` is the client's address (after trusted proxies), for limits per client.
         """
+
+
+class SessionCredential(Protocol):
+    async def authenticate(self, headers: RawHeaders, client: str | None = None) -> AuthResult:
+        """A server-side session's credential (``session.mode: server``, gateway.sessionauth)."""
 
 
 # RFC 6750 §2.1: "Bearer" 1*SP b64token. Tabs are accepted as separators too, as Django's
@@ -80,10 +89,17 @@ def bearer_token(headers: RawHeaders) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, verifier: Verifier, jar: CookieJar, refresher: Refresher | None = None) -> None:
+    def __init__(
+        self,
+        verifier: Verifier,
+        jar: CookieJar,
+        refresher: Refresher | None = None,
+        sessions: SessionCredential | None = None,
+    ) -> None:
         self._verifier = verifier
         self._jar = jar
         self._refresher = refresher
+        self._sessions = sessions  # session.mode: server: no token cookies, one session cookie
 
     async def authenticate(self, headers: RawHeaders, client: str | None = None) -> AuthResult:
         """The request's credential, verified (and refreshed); ``client``: its address, for the refresher."""
@@ -101,6 +117,8 @@ class Authenticator:
         if bearer is not None:
             checked = await self._verifier.verify(bearer)
             return AuthResult(claims=checked.claims, token=bearer, reason=checked.reason, bearer=True, exp=checked.exp)
+        if self._sessions is not None:
+            return await self._sessions.authenticate(headers, client)
 
         access, refresh = self._jar.read(headers)
         if access is None and refresh is None:

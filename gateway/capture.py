@@ -17,7 +17,8 @@ passes one on (``capture_plan``, then ``Capturer.take``):
     2xx JSON with a refresh token                           captured (or 502 if the access token fails)
 
 The HTTP path asks the upstream for ``Accept-Encoding: identity`` on capture routes, so a
-compressed answer is an upstream that ignored it.
+compressed answer is an upstream that ignored it. With ``session.mode: server`` the captured tokens
+start a server-side session (gateway.sessionauth): the answer sets the session cookie alone.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from typing import Any, Literal
 
 from gateway.config import CaptureConfig
 from gateway.cookies import CookieJar, Headers
-from gateway.errors import CookieTooLarge
+from gateway.errors import CookieTooLarge, StoreError
 from gateway.families import Families
 from gateway.reasons import Reason
+from gateway.sessionauth import SessionAuth
 from gateway.tokens import Verifier
 from gateway.types import RawHeaders
 
@@ -71,7 +73,9 @@ class Capturer:
         verifier: Verifier,
         clock: Callable[[], float] = time.time,
         families: Families | None = None,
+        sessions: SessionAuth | None = None,
     ) -> None:
+        self._sessions = sessions  # session.mode: server: the tokens go to the store, one session cookie
         self._jar = jar
         self._verifier = verifier
         self._clock = clock
@@ -109,14 +113,9 @@ class Capturer:
         if verdict is None or verdict.claims is None:
             log.error("route %s: the captured access token does not verify; no session set", route)
             return Captured(reason=Reason.IDP_BAD_RESPONSE)
-        lifetime = self._jar.refresh_lifetime(refresh, self._clock())
-        try:
-            cookies = self._jar.expand(self._jar.session(str(access), refresh, lifetime), request)
-        except CookieTooLarge as exc:
-            log.error("route %s: %s; no session set", route, exc)
-            return Captured(reason=Reason.COOKIE_TOO_LARGE)
-        if self._families is not None:
-            await self._families.started(verdict.claims, refresh, lifetime)
+        cookies = await self._cookies(str(access), refresh, verdict.claims, route, request)
+        if isinstance(cookies, Reason):
+            return Captured(reason=cookies)
         del data[spec.refresh]
         if not spec.keep_access:
             data.pop(spec.access, None)
@@ -125,6 +124,26 @@ class Capturer:
         new_headers += [(b"cache-control", b"no-store"), *((b"set-cookie", c) for c in cookies)]
         log.info("route %s: login captured into cookies", route)
         return Captured(out, new_headers)
+
+    async def _cookies(
+        self, access: str, refresh: str, claims: dict[str, Any], route: str, request: Headers
+    ) -> list[bytes] | Reason:
+        """The session's cookies: both token cookies, or with session.mode server the session cookie alone."""
+        if self._sessions is not None:
+            try:
+                return [await self._sessions.start(access, refresh, None, claims)]
+            except StoreError as exc:
+                log.error("route %s: store unavailable, no session started (%s)", route, exc)
+                return Reason.STORE_UNAVAILABLE
+        lifetime = self._jar.refresh_lifetime(refresh, self._clock())
+        try:  # the request's stale cookie chunks are cleared too
+            cookies = self._jar.expand(self._jar.session(access, refresh, lifetime), request)
+        except CookieTooLarge as exc:
+            log.error("route %s: %s; no session set", route, exc)
+            return Reason.COOKIE_TOO_LARGE
+        if self._families is not None:
+            await self._families.started(claims, refresh, lifetime)
+        return cookies
 
 
 def _with_length(headers: RawHeaders, length: int) -> RawHeaders:

@@ -4,6 +4,7 @@
     verifier     tokens.Verifier                 JWTs with those keys, or opaque tokens at the IdP
                  (introspection.build_verifier)  (introspection or userinfo)
     refresher    refresh.SessionRefresher        transparent refresh at refresh.endpoint
+    sessions     sessionauth.SessionAuth         server-side sessions (session.mode: server)
     oidc         login.OIDCLogin                 the gateway's own login (login.oidc)
     backchannel  backchannel.BackchannelLogout   logout tokens from the IdP (with login.oidc)
 
@@ -21,6 +22,8 @@ from gateway.introspection import build_verifier
 from gateway.keys import build_key_source
 from gateway.login import OIDCLogin
 from gateway.refresh import SessionRefresher
+from gateway.sessionauth import ServerSessionIndex, SessionAuth
+from gateway.sessions import ServerSessions
 from gateway.shared import Shared
 from gateway.tls import TLSSettings
 
@@ -41,6 +44,7 @@ class ControlPlane:
             on_call=shared.metrics.introspection,
         )
         self.refresher = self._refresher(config, shared, tls, jar)
+        self.sessions = self._server_sessions(config, shared)
         self.oidc = self._oidc(config, shared, tls, jar)
         self.backchannel = self._backchannel(config, shared)
 
@@ -51,6 +55,8 @@ class ControlPlane:
         """Let the refreshes in flight finish (they hold locks and redeemed tokens); stop the JWKS timer."""
         if self.refresher is not None:
             await self.refresher.close()
+        if self.sessions is not None:
+            await self.sessions.close()
         await self.keys.close()
 
     def _refresher(
@@ -89,6 +95,21 @@ class ControlPlane:
             clock=shared.clock,
             families=shared.families,
             logout_redirect=config.logout.redirect,
+            sessions=self.sessions,
+        )
+
+    def _server_sessions(self, config: GatewayConfig, shared: Shared) -> SessionAuth | None:
+        """session.mode server: the records in the store, and their requests, logins and logouts."""
+        if config.session.mode != "server":
+            return None
+        store, sealer, denylist = shared.store, shared.sealer, shared.denylist
+        return SessionAuth(
+            sessions=ServerSessions(config.session, config.cookies, store, sealer, denylist, shared.clock),
+            verifier=self.verifier,
+            refresher=self.refresher,
+            families=shared.families,
+            sealer=shared.sealer,
+            absolute_timeout=config.session.absolute_timeout,
         )
 
     def _backchannel(self, config: GatewayConfig, shared: Shared) -> BackchannelLogout | None:
@@ -106,4 +127,5 @@ class ControlPlane:
             leeway=config.tokens.leeway,
             clock=shared.clock,
         )
-        return BackchannelLogout(tokens, FamilyIndex(shared.families), shared.sealer)
+        index = ServerSessionIndex(self.sessions) if self.sessions is not None else FamilyIndex(shared.families)
+        return BackchannelLogout(tokens, index, shared.sealer)

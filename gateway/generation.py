@@ -59,12 +59,13 @@ class Generation:
         signed = config.identity.assertion
         self.assertion = Assertion(signed, config.identity.headers.values(), shared.clock) if signed else None
         self.header_rules = self._header_rules(config, jar, identity.names)
-        self.control = control = ControlPlane(config, shared, self.tls, jar)  # keys, verifier, refresh, OIDC
-        verifier, oidc = control.verifier, control.oidc
+        # Keys, verifier, refresher, server-side sessions, OIDC login, back-channel logout.
+        self.control = control = ControlPlane(config, shared, self.tls, jar)
+        verifier, oidc, sessions = control.verifier, control.oidc, control.sessions
         csrf = CSRFGuard(config.csrf.allowed_origins)
         tracer = Tracer(config.server.tracing)
         admission = Admission(
-            authenticator=Authenticator(verifier, jar, control.refresher),
+            authenticator=Authenticator(verifier, jar, control.refresher, sessions),
             verifier=verifier,
             jar=jar,
             csrf=csrf,
@@ -74,6 +75,7 @@ class Generation:
             clock=shared.clock,
             origin=self.origin,
             client=self.client,
+            sessions=sessions.sessions if sessions else None,
         )
         deny = Denials(shared.metrics.denial, f"{self.prefix}/login?next={{next}}" if oidc else config.login.url)
         access_log = AccessLog(config.server.access_log, shared.sealer)
@@ -82,7 +84,7 @@ class Generation:
             admission=admission,
             header_rules=self.header_rules,
             forwarder=shared.forwarder,
-            capturer=Capturer(jar, verifier, shared.clock, shared.families),
+            capturer=Capturer(jar, verifier, shared.clock, shared.families, sessions),
             deny=deny,
             metrics=shared.metrics,
             tracer=tracer,
@@ -102,6 +104,7 @@ class Generation:
             client=self.client,
             redirect=config.logout.redirect,
             end_session_url=oidc.end_session_url if oidc else None,
+            sessions=sessions,
         )
         self._internal_apps(config, shared, logout, oidc)
 
@@ -214,7 +217,8 @@ class Generation:
         return HeaderRules(
             strip_patterns=config.identity.strip_inbound,
             identity_names=identity + ([self.assertion.name.encode()] if self.assertion else []),
-            cookie_names=jar.bare_names,
+            # The session cookie (session.mode: server) never reaches an upstream, nor is set by one.
+            cookie_names=jar.bare_names + ((config.session.cookie.name,) if config.session.mode == "server" else ()),
             app_cookies=() if jar.sealed else jar.bare_names[1:],  # raw mode: the app sets the refresh cookie
             trusted_proxies=config.server.trusted_proxies,
             forward_token=config.identity.forward_token,

@@ -8,7 +8,8 @@ state is refused through the store), exchanges the code, verifies the ID token (
 issuer, audience = client_id, nonce) and the access token (an opaque one at the introspection or
 userinfo endpoint, gateway.introspection; the ID token then with the discovery's ``jwks_uri`` unless
 ``tokens`` names keys), sets the session cookies and redirects to ``next``. Tokens never appear in
-a URL, a body or a log.
+a URL, a body or a log. With ``session.mode: server`` the tokens (the ID token too) go into a
+server-side session (gateway.sessionauth) and the callback sets the session cookie alone.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from gateway.keys import JWKSKeys, KeySource
 from gateway.reasons import Reason
 from gateway.responses import safe_target
 from gateway.sealing import Sealer
+from gateway.sessionauth import SessionAuth
 from gateway.store import Store
 from gateway.tokens import Verifier
 
@@ -66,8 +68,10 @@ class OIDCLogin:
         clock: Callable[[], float] = time.time,
         families: Families | None = None,
         logout_redirect: str = "/",
+        sessions: SessionAuth | None = None,
     ) -> None:
         self._families = families
+        self._sessions = sessions  # session.mode: server: one session cookie, the tokens in the store
         parts = urlsplit(config.redirect_url)
         self._after_logout = config.post_logout_redirect_url or urljoin(
             f"{parts.scheme}://{parts.netloc}/",
@@ -155,6 +159,9 @@ class OIDCLogin:
             log.error("login: the provider's access token does not verify with tokens.* settings (%s)", verdict.reason)
             raise LoginFailed(502, Reason.IDP_BAD_RESPONSE)
         refresh = refresh if isinstance(refresh, str) and refresh else None
+        if self._sessions is not None:
+            cookie = await self._server_session(self._sessions, access, refresh, id_token, verdict.claims)
+            return str(flow["next"]), [cookie]
         try:
             lifetime = self._jar.refresh_lifetime(refresh, self._clock()) if refresh else None
             cookies = self._jar.expand(self._jar.session(access, refresh, lifetime), request.headers.raw)
@@ -197,6 +204,18 @@ class OIDCLogin:
             if id_token is not None:
                 params["id_token_hint"] = id_token
         return f"{endpoint}{'&' if urlsplit(endpoint).query else '?'}{urlencode(params)}"
+
+    async def _server_session(
+        self, sessions: SessionAuth, access: str, refresh: str | None, id_token: str, claims: dict[str, Any]
+    ) -> bytes:
+        """session.mode server: the tokens go to the store; the browser gets the session cookie only."""
+        try:
+            cookie = await sessions.start(access, refresh, id_token, claims)
+        except StoreError as exc:
+            log.error("login: store unavailable, no session started (%s)", exc)
+            raise LoginFailed(503, Reason.STORE_UNAVAILABLE) from None
+        log.info("login: server-side session started, subject %s", self._sealer.token_hash(str(claims.get("sub")))[:12])
+        return cookie
 
     def _flow(self, cookie: str | None) -> dict[str, Any]:
         if not cookie:

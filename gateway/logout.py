@@ -10,7 +10,8 @@ browsers are sent there instead (OIDC RP-Initiated Logout: ``id_token_hint``, ``
 
 A refresh cookie the gateway did not seal ends nothing: no store write, no IdP call (the cookies
 are cleared all the same). With raw refresh cookies, a never-seen token over its client's limit
-gets 429 and nothing is done (gateway.throttle).
+gets 429 and nothing is done (gateway.throttle). With ``session.mode: server`` the session cookie
+names the session: its record ends on every worker (gateway.sessionauth), and its cookie is cleared.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from gateway.families import ENDED
 from gateway.reasons import Reason
 from gateway.refresh import SessionRefresher
 from gateway.responses import safe_target, wants_html
+from gateway.sessionauth import SessionAuth
 from gateway.tokens import Verifier
 
 log = logging.getLogger("gateway.logout")
@@ -49,6 +51,7 @@ class Logout:
         redirect: str,
         client: Callable[[MutableMapping[str, Any]], str | None] | None = None,
         end_session_url: Callable[[str | None], Awaitable[str | None]] | None = None,
+        sessions: SessionAuth | None = None,
     ) -> None:
         self._end_session_url = end_session_url
         self._jar = jar
@@ -58,6 +61,7 @@ class Logout:
         self._csrf = csrf
         self._origin = origin
         self._client = client
+        self._sessions = sessions  # session.mode: server: the session cookie names what ends
         self._redirect = safe_target(redirect) if redirect.startswith("/") else redirect
 
     async def handle(self, request: Request) -> Response:
@@ -65,7 +69,8 @@ class Logout:
         headers = scope["headers"]
         bearer = bearer_token(headers)
         access, refresh = self._jar.read(headers)
-        if not bearer and (access or refresh) and self._csrf.refuses("POST", headers, self._origin(scope)):
+        held = self._sessions.sessions.read_cookie(headers) if self._sessions is not None else None
+        if not bearer and (access or refresh or held) and self._csrf.refuses("POST", headers, self._origin(scope)):
             return JSONResponse({"error": "forbidden", "reason": Reason.CSRF}, status_code=403)
         token = bearer or access
         session = self._jar.open_refresh(refresh) if refresh and self._refresher is not None else None
@@ -81,9 +86,15 @@ class Logout:
                     status_code=429,
                     headers={"retry-after": "5", "cache-control": "no-store"},
                 )
+        if held is not None and self._sessions is not None:
+            # Record deleted, family ended and revoked at the IdP, caches and sockets ended on every worker.
+            await self._sessions.logout(held, self._client(scope) if self._client is not None else None)
         if token:
             await self._deny(token)
-        clear = self._jar.expand([self._jar.clear_access(), self._jar.clear_refresh()], headers)  # and every chunk
+        if self._sessions is not None:  # session mode names no token cookie, not even to clear it
+            clear = [self._sessions.sessions.clear_cookie()]
+        else:  # both token cookies, and every chunk the request carried
+            clear = self._jar.expand([self._jar.clear_access(), self._jar.clear_refresh()], headers)
         if browser:
             response: Response = Response(status_code=303, headers={"location": at_idp or self._redirect})
         else:

@@ -119,6 +119,23 @@ class SessionRefresher:
     async def refresh(
         self, refresh_token: str, old_access: str | None, *, client: str | None = None, _depth: int = 0
     ) -> AuthResult:
+        outcome, leader = await self._join(refresh_token, old_access, client)
+        result = await self._answer(outcome)
+        if leader and result.claims is not None and old_access and self._denylist is not None:
+            await self._deny_replaced(self._denylist, old_access, result.claims.get("jti"))
+        if outcome.label == "grace_hit" and result.reason == Reason.TOKEN_EXPIRED and outcome.refresh and _depth < 2:
+            # The successor's access token expired within the grace period (access lifetime
+            # shorter than grace_period): carry on with the successor refresh token.
+            return await self.refresh(outcome.refresh, outcome.access, client=client, _depth=_depth + 1)
+        return result
+
+    async def outcome(self, refresh_token: str, old_access: str | None, *, client: str | None = None) -> Outcome:
+        """The flight's outcome for ``refresh_token``, for callers that keep the tokens themselves
+        (gateway.sessionauth): the same single flight, lock, result sharing, grace and reuse detection."""
+        return (await self._join(refresh_token, old_access, client))[0]
+
+    async def _join(self, refresh_token: str, old_access: str | None, client: str | None) -> tuple[Outcome, bool]:
+        """Join this process's flight for the token, or start it: (its outcome, whether we started it)."""
         h = self._sealer.token_hash(refresh_token)
         flight = self._inflight.get(h)
         leader = flight is None
@@ -128,15 +145,7 @@ class SessionRefresher:
             flight.add_done_callback(lambda _: self._inflight.pop(h, None))
         # Shielded: a client that goes away must not cancel an IdP call others are waiting for
         # (the IdP would have redeemed the token and nobody would learn its successor).
-        outcome = await asyncio.shield(flight)
-        result = await self._answer(outcome)
-        if leader and result.claims is not None and old_access and self._denylist is not None:
-            await self._deny_replaced(self._denylist, old_access, result.claims.get("jti"))
-        if outcome.label == "grace_hit" and result.reason == Reason.TOKEN_EXPIRED and outcome.refresh and _depth < 2:
-            # The successor's access token expired within the grace period (access lifetime
-            # shorter than grace_period): carry on with the successor refresh token.
-            return await self.refresh(outcome.refresh, outcome.access, client=client, _depth=_depth + 1)
-        return result
+        return await asyncio.shield(flight), leader
 
     async def end_session(self, refresh_token: str, client: str | None = None) -> Reason | None:
         """Logout: the whole family is refused from now on, and the IdP is asked to revoke its newest token.

@@ -52,6 +52,8 @@ from gateway.config.sessions import (
     LogoutConfig,
     OIDCConfig,
     RefreshCookieSpec,
+    SessionConfig,
+    SessionCookieSpec,
 )
 from gateway.config.tls import TLSConfig
 from gateway.config.tokens import IntrospectionConfig, RefreshConfig, RefreshFields, TokensConfig, UserinfoConfig
@@ -76,6 +78,8 @@ __all__ = [
     "LimitsConfig",
     "LoginConfig",
     "LogoutConfig",
+    "SessionConfig",
+    "SessionCookieSpec",
     "MetricsListenerConfig",
     "OIDCConfig",
     "RefreshConfig",

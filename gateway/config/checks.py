@@ -218,4 +218,8 @@ def workers_problems(config: GatewayConfig, workers: int) -> list[str]:
     if workers > 1 and config.store.url.startswith("memory:") and config.refresh.endpoint:
         # Each worker would hold its own memory: refreshes would no longer be single-flight.
         return [f"store.url: memory:// serves one process; use redis:// to run --workers {workers} with refresh"]
+    if workers > 1 and config.store.url.startswith("memory:") and config.session.mode == "server":
+        # Each worker would hold its own sessions: a login on one would be unknown to the others.
+        use = f"use redis:// to run --workers {workers} with session.mode: server"
+        return [f"store.url: memory:// serves one process; {use}"]
     return []

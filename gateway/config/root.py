@@ -7,7 +7,7 @@ from pydantic import field_validator, model_validator
 from gateway.config.base import Model, key_problems
 from gateway.config.routes import IdentityConfig, RouteConfig, WebSocketConfig
 from gateway.config.server import ServerConfig, StoreConfig
-from gateway.config.sessions import CookiesConfig, CSRFConfig, LoginConfig, LogoutConfig
+from gateway.config.sessions import CookiesConfig, CSRFConfig, LoginConfig, LogoutConfig, SessionConfig
 from gateway.config.tls import TLSConfig, http_only
 from gateway.config.tokens import RefreshConfig, TokensConfig
 
@@ -29,6 +29,8 @@ class GatewayConfig(Model):
     """Transparent refresh at the IdP's token endpoint."""
     cookies: CookiesConfig = CookiesConfig()
     """The session cookies."""
+    session: SessionConfig = SessionConfig()
+    """Where browser sessions keep their tokens: in cookies, or server-side in the store."""
     identity: IdentityConfig = IdentityConfig()
     """Identity headers sent upstream, and the headers stripped from clients."""
     login: LoginConfig = LoginConfig()
@@ -62,9 +64,14 @@ class GatewayConfig(Model):
     @model_validator(mode="after")
     def _store_secret(self) -> GatewayConfig:
         shared = not self.store.url.startswith("memory:")
-        if (self.refresh.endpoint or self.login.oidc) and shared and not self.store.secret:
+        server = self.session.mode == "server"
+        if (self.refresh.endpoint or self.login.oidc or server) and shared and not self.store.secret:
             # Every process must seal and unseal the same values, so the key cannot be random.
-            raise key_problems(("store.secret", "required with a shared store when refresh or login.oidc is set"))
+            raise key_problems(
+                ("store.secret", "required with a shared store when refresh, login.oidc or session.mode: server is set")
+            )
+        if server and self.session.idle_timeout > self.session.absolute_timeout:
+            raise key_problems(("session.idle_timeout", "longer than session.absolute_timeout"))
         return self
 
     @model_validator(mode="after")

@@ -136,3 +136,38 @@ class CSRFConfig(Model):
     allowed_origins: tuple[str, ...] = ()
     """Origins (`scheme://host[:port]`, compared after normalisation) accepted for cookie-authenticated unsafe
     requests besides the request's own."""
+
+
+class SessionCookieSpec(Model):
+    """The one cookie a browser holds in `session.mode: server`: `HttpOnly; Path=/`, `Secure` and `SameSite` as
+    `cookies.secure` and `cookies.same_site` say."""
+
+    name: str = "gw_session"
+    """Cookie name; with `cookies.secure` it gets the `__Host-` prefix (`__Host-gw_session`). It holds a random
+    32-byte session id sealed by the gateway (AES-SIV, bound to the name), never a token."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not HEADER_NAME.match(value):
+            raise ValueError("not a valid cookie name")
+        return value
+
+
+class SessionConfig(Model):
+    """Where a browser's tokens live: in its cookies (`cookie`), or in the store behind one session cookie
+    (`server`, the backend-for-frontend shape; docs/browser-sessions.md)."""
+
+    mode: Literal["cookie", "server"] = "cookie"
+    """`cookie`: the access and refresh tokens ride in the gateway's cookies (`cookies`). `server`: after a login
+    (OIDC or a capture route) the tokens are kept sealed in the store and the browser holds only `session.cookie`;
+    no token is ever set in a cookie. Needs `store.secret` with a shared store, and a shared store (redis) to run
+    several workers. Changing it logs every browser session out."""
+    cookie: SessionCookieSpec = SessionCookieSpec()
+    """The session cookie of `mode: server`."""
+    idle_timeout: int = Field(28_800, ge=1)
+    """`mode: server`: a session not used for this many seconds ends (8 hours). Use is recorded at most once a
+    minute (an eighth of the timeout when that is shorter), so a session may end up to that much earlier."""
+    absolute_timeout: int = Field(1_209_600, ge=1)
+    """`mode: server`: a session ends this many seconds after its login, however much it is used (14 days). The
+    session cookie gets it as `Max-Age`."""

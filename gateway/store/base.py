@@ -129,6 +129,10 @@ class Store(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    async def replace(self, key: str, expected: bytes, value: bytes, ttl: float) -> bool:
+        """Set ``key`` to ``value`` for ``ttl`` seconds only if it holds ``expected`` now (compare-and-set)."""
+        ...
+
     async def acquire(self, key: str, owner: str, lease: float) -> bool:
         """Take the lock ``key`` for ``lease`` seconds unless someone holds it."""
         ...

@@ -65,6 +65,12 @@ class MemoryStore:
     async def delete(self, key: str) -> None:
         self._data.pop(self._prefix + key, None)
 
+    async def replace(self, key: str, expected: bytes, value: bytes, ttl: float) -> bool:
+        if self._live(key) != expected:
+            return False
+        self._put(key, value, ttl)
+        return True
+
     async def acquire(self, key: str, owner: str, lease: float) -> bool:
         # Idempotent for the holder: a retry after a lost reply finds the lock its own.
         if self._live(key) == owner.encode():

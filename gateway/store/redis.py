@@ -96,6 +96,7 @@ class RedisStore:
         self._set_notify = client.register_script(lua.SET_NOTIFY)
         self._renew = client.register_script(lua.RENEW)
         self._release = client.register_script(lua.RELEASE)
+        self._replace = client.register_script(lua.REPLACE)
         self._add_member = client.register_script(lua.ADD_MEMBER)
         self._acquire = client.register_script(lua.ACQUIRE)
         self._read_record = client.register_script(lua.READ_RECORD)
@@ -148,6 +149,11 @@ class RedisStore:
         with translated("delete"):
             await self._ready()
             await self._redis.delete(self._key(key))
+
+    async def replace(self, key: str, expected: bytes, value: bytes, ttl: float) -> bool:
+        with translated("replace"):
+            await self._ready()
+            return bool(await self._replace(keys=[self._key(key)], args=[expected, value, _ms(ttl)]))
 
     async def acquire(self, key: str, owner: str, lease: float) -> bool:
         with translated("acquire"):

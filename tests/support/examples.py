@@ -25,8 +25,6 @@ ENV = {
 }
 
 # example -> {key it needs: the branch that adds it}
-PENDING: dict[str, dict[str, str]] = {
-    "entra.yaml": {"session": "sessions"},
-}
+PENDING: dict[str, dict[str, str]] = {}
 
 LOADABLE = [path for path in EXAMPLES if path.name not in PENDING]

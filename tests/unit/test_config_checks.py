@@ -21,6 +21,7 @@ from gateway.config import (
     validate_files,
     workers_problems,
 )
+from gateway.errors import ConfigError
 
 SECRET = "s" * 40
 
@@ -69,6 +70,20 @@ def test_workers_rule_needs_several_workers_memory_and_refresh() -> None:
     ]
     assert workers_problems(refresh, 1) == []
     assert workers_problems(parse_config(_config(), env={}), 3) == []
+
+
+def test_server_side_sessions_need_a_shared_store_for_several_workers_and_a_secret_for_redis() -> None:
+    server = parse_config(_config(session={"mode": "server"}), env={})
+    assert workers_problems(server, 2) == [
+        "store.url: memory:// serves one process; use redis:// to run --workers 2 with session.mode: server"
+    ]
+    assert workers_problems(server, 1) == []
+    with pytest.raises(ConfigError, match="store.secret"):
+        parse_config(_config(session={"mode": "server"}, store={"url": "redis://127.0.0.1:6379/0"}), env={})
+    with pytest.raises(ConfigError, match="session.idle_timeout"):
+        parse_config(_config(session={"mode": "server", "idle_timeout": 100, "absolute_timeout": 50}), env={})
+    with pytest.raises(ConfigError, match="session.mode"):
+        parse_config(_config(session={"mode": "servers"}), env={})
 
 
 def test_reload_refuses_a_new_store_or_address_and_nothing_else() -> None:

@@ -74,6 +74,18 @@ async def test_binary_values_round_trip(store: Store) -> None:
     assert await store.get("k") == value
 
 
+async def test_replace_writes_only_over_the_value_read(store: Store) -> None:
+    """Compare-and-set, for session records (gateway.sessions): a stale writer loses and the value stays."""
+    await store.set("sess:{a}", b"v1", 5)
+    assert await store.replace("sess:{a}", b"v1", b"v2", TTL)
+    assert not await store.replace("sess:{a}", b"v1", b"stale", 5)  # read before v2: loses
+    assert await store.get("sess:{a}") == b"v2"
+    assert not await store.replace("sess:{missing}", b"v1", b"v2", 5)  # never creates
+    assert await store.get("sess:{missing}") is None
+    await asyncio.sleep(TTL + 0.1)  # the new ttl applies
+    assert await store.get("sess:{a}") is None
+
+
 # --- locks ---
 
 
