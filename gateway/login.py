@@ -182,11 +182,12 @@ class OIDCLogin:
         log.info("login: session started, subject %s", self._sealer.token_hash(str(verdict.claims.get("sub")))[:12])
         return str(flow["next"]), cookies
 
-    async def end_session_url(self, refresh_token: str | None) -> str | None:
+    async def end_session_url(self, refresh_token: str | None, id_token: str | None = None) -> str | None:
         """RP-initiated logout (OIDC RP-Initiated Logout 1.0 §2): the IdP's end-session URL with the session's ID
         token as ``id_token_hint`` (when kept), or None when the IdP advertises no ``end_session_endpoint``.
 
-        Call before the session ends (its ID token is found through its refresh token). Never raises.
+        Call before the session ends: its ID token is ``id_token`` (a server-side session's), or found through
+        its refresh token (a cookie session's). Never raises.
         """
         try:
             endpoint = (await self._discover()).get("end_session_endpoint")
@@ -195,7 +196,9 @@ class OIDCLogin:
         if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
             return None
         params = {"client_id": self._config.client_id, "post_logout_redirect_uri": self._after_logout}
-        if refresh_token is not None and self._families is not None:
+        if id_token is not None:
+            params["id_token_hint"] = id_token
+        elif refresh_token is not None and self._families is not None:
             try:
                 root = await self._families.root_of(self._sealer.token_hash(refresh_token))
             except StoreError:

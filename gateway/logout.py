@@ -50,7 +50,7 @@ class Logout:
         origin: Callable[[MutableMapping[str, Any]], str],
         redirect: str,
         client: Callable[[MutableMapping[str, Any]], str | None] | None = None,
-        end_session_url: Callable[[str | None], Awaitable[str | None]] | None = None,
+        end_session_url: Callable[[str | None, str | None], Awaitable[str | None]] | None = None,
         sessions: SessionAuth | None = None,
     ) -> None:
         self._end_session_url = end_session_url
@@ -76,7 +76,10 @@ class Logout:
         session = self._jar.open_refresh(refresh) if refresh and self._refresher is not None else None
         # Found before the session ends: its ID token is the hint (RP-initiated logout, login.oidc).
         browser = wants_html("GET", headers) or _is_form(headers)
-        at_idp = await self._end_session_url(session) if browser and self._end_session_url is not None else None
+        at_idp = None
+        if browser and self._end_session_url is not None:
+            hint = await self._sessions.id_token(held) if held is not None and self._sessions is not None else None
+            at_idp = await self._end_session_url(session, hint)
         if session is not None and self._refresher is not None:
             client = self._client(scope) if self._client is not None else None
             # Its WebSockets close everywhere too.

@@ -174,6 +174,18 @@ class SessionAuth:
             log.error("logout session %s: not recorded yet (%s); retrying in the background", h[:12], exc)
             self._spawn(self._end_later(h, client))
 
+    async def id_token(self, value: str) -> str | None:
+        """The ID token of the session a cookie value names (``id_token_hint`` at RP-initiated logout), or None.
+        Never raises."""
+        h = self.sessions.open_cookie(value)
+        if h is None:
+            return None
+        try:
+            loaded = await self.sessions.load(h)
+        except StoreError:
+            return None
+        return loaded.record.id_token if loaded is not None else None
+
     async def end_sessions_of(self, *, sub: str | None = None, sid: str | None = None) -> int:
         """End every session of a subject (``sub``) or of one IdP session (``sid``): back-channel logout
         (OIDC Back-Channel Logout 1.0 §2.5). Each as a logout would; how many there were. Raises StoreError."""
