@@ -99,7 +99,7 @@ class Capturer:
             return Captured(raw, _with_length(headers, len(raw)))  # nothing at all
         try:
             data: Any = json.loads(raw)
-        except ValueError:  # UnicodeDecodeError too
+        except (ValueError, RecursionError):  # UnicodeDecodeError too; nested past the parser's depth
             log.error("route %s: a 2xx login response that is not JSON; refusing to pass it on", route)
             return Captured(reason=Reason.CAPTURE_FAILED)
         refresh = data.get(spec.refresh) if isinstance(data, dict) else None

@@ -104,6 +104,7 @@ class Generation:
             client=self.client,
             redirect=config.logout.redirect,
             end_session_url=oidc.end_session_url if oidc else None,
+            id_token_of=oidc.id_token_of if oidc else None,
             sessions=sessions,
         )
         self._internal_apps(config, shared, logout, oidc)

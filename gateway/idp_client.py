@@ -258,6 +258,6 @@ def _json(response: httpx.Response, body: bytes | None) -> dict[str, Any] | None
         return None
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's depth
         return None
     return data if isinstance(data, dict) else None

@@ -158,7 +158,7 @@ class JWKSKeys:
             response = await self._client.get(self._url, timeout=5.0, follow_redirects=False)
             response.raise_for_status()
             jwks = jwt.PyJWKSet.from_dict(response.json())
-        except (httpx.HTTPError, ValueError, jwt.PyJWKSetError, jwt.InvalidKeyError) as exc:
+        except (httpx.HTTPError, ValueError, RecursionError, jwt.PyJWKSetError, jwt.InvalidKeyError) as exc:
             self._healthy = False
             self.refresh_in = min(self._max_age, MIN_MAX_AGE)
             self._on_fetch(False)

@@ -184,29 +184,32 @@ class OIDCLogin:
 
     async def end_session_url(self, refresh_token: str | None, id_token: str | None = None) -> str | None:
         """RP-initiated logout (OIDC RP-Initiated Logout 1.0 §2): the IdP's end-session URL with the session's ID
-        token as ``id_token_hint`` (when kept), or None when the IdP advertises no ``end_session_endpoint``.
-
-        Call before the session ends: its ID token is ``id_token`` (a server-side session's), or found through
-        its refresh token (a cookie session's). Never raises.
-        """
+        token as ``id_token_hint`` (``id_token``, else the one kept for the session of ``refresh_token``), or None
+        when the IdP advertises no ``end_session_endpoint``. The hint is in a URL by the spec's design. Never
+        raises: a logout must not fail on the IdP's discovery."""
         try:
             endpoint = (await self._discover()).get("end_session_endpoint")
-        except LoginFailed:
+            if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+                return None
+            params = {"client_id": self._config.client_id, "post_logout_redirect_uri": self._after_logout}
+            hint = id_token if id_token is not None else await self.id_token_of(refresh_token)
+            if hint is not None:
+                params["id_token_hint"] = hint
+        except Exception:  # noqa: BLE001 - LoginFailed, and anything else the discovery may throw
+            log.warning("logout: no RP-initiated logout (the IdP's discovery failed); the local logout stands")
             return None
-        if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
-            return None
-        params = {"client_id": self._config.client_id, "post_logout_redirect_uri": self._after_logout}
-        if id_token is not None:
-            params["id_token_hint"] = id_token
-        elif refresh_token is not None and self._families is not None:
-            try:
-                root = await self._families.root_of(self._sealer.token_hash(refresh_token))
-            except StoreError:
-                root = None
-            id_token = await self._families.index.id_token(root) if root else None
-            if id_token is not None:
-                params["id_token_hint"] = id_token
         return f"{endpoint}{'&' if urlsplit(endpoint).query else '?'}{urlencode(params)}"
+
+    async def id_token_of(self, refresh_token: str | None) -> str | None:
+        """The ID token kept for the cookie session of ``refresh_token`` (read before the session ends), or None.
+        Never raises."""
+        if refresh_token is None or self._families is None:
+            return None
+        try:
+            root = await self._families.root_of(self._sealer.token_hash(refresh_token))
+            return await self._families.index.id_token(root) if root else None
+        except StoreError:
+            return None
 
     async def _server_session(
         self, sessions: SessionAuth, access: str, refresh: str | None, id_token: str, claims: dict[str, Any]
@@ -226,7 +229,7 @@ class OIDCLogin:
         try:
             raw = base64.urlsafe_b64decode(cookie + "=" * (-len(cookie) % 4))
             flow = json.loads(self._sealer.unseal(raw, self._cookie))
-        except (StoreError, ValueError):
+        except (StoreError, ValueError, RecursionError):
             raise LoginFailed(400, Reason.LOGIN_STATE_INVALID) from None
         if not isinstance(flow, dict) or self._clock() - float(flow.get("t", 0)) > STATE_LIFETIME:
             raise LoginFailed(400, Reason.LOGIN_STATE_EXPIRED)
@@ -250,7 +253,7 @@ class OIDCLogin:
             raise LoginFailed(503, Reason.IDP_ERROR) from None
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past the parser's depth is no answer either
             body = None
         if response.status_code != 200 or not isinstance(body, dict):
             error = body.get("error") if isinstance(body, dict) else None
@@ -296,7 +299,7 @@ class OIDCLogin:
         try:
             response = await self._http.get(url, follow_redirects=False)
             meta = response.json()
-        except (httpx.HTTPError, ValueError):
+        except (httpx.HTTPError, ValueError, RecursionError):
             log.error("login: discovery failed at %s", url)
             raise LoginFailed(503, Reason.IDP_ERROR) from None
         if not isinstance(meta, dict) or meta.get("issuer") != self._config.issuer:

@@ -51,9 +51,11 @@ class Logout:
         redirect: str,
         client: Callable[[MutableMapping[str, Any]], str | None] | None = None,
         end_session_url: Callable[[str | None, str | None], Awaitable[str | None]] | None = None,
+        id_token_of: Callable[[str | None], Awaitable[str | None]] | None = None,
         sessions: SessionAuth | None = None,
     ) -> None:
-        self._end_session_url = end_session_url
+        self._end_session_url = end_session_url  # login.oidc: RP-initiated logout
+        self._id_token_of = id_token_of
         self._jar = jar
         self._verifier = verifier
         self._denylist = denylist
@@ -74,12 +76,8 @@ class Logout:
             return JSONResponse({"error": "forbidden", "reason": Reason.CSRF}, status_code=403)
         token = bearer or access
         session = self._jar.open_refresh(refresh) if refresh and self._refresher is not None else None
-        # Found before the session ends: its ID token is the hint (RP-initiated logout, login.oidc).
         browser = wants_html("GET", headers) or _is_form(headers)
-        at_idp = None
-        if browser and self._end_session_url is not None:
-            hint = await self._sessions.id_token(held) if held is not None and self._sessions is not None else None
-            at_idp = await self._end_session_url(session, hint)
+        hint = await self._hint(held, session) if browser and self._end_session_url is not None else None
         if session is not None and self._refresher is not None:
             client = self._client(scope) if self._client is not None else None
             # Its WebSockets close everywhere too.
@@ -99,6 +97,8 @@ class Logout:
         else:  # both token cookies, and every chunk the request carried
             clear = self._jar.expand([self._jar.clear_access(), self._jar.clear_refresh()], headers)
         if browser:
+            # The session is over here first; then the IdP's too (RP-initiated logout), when it offers one.
+            at_idp = await self._end_session_url(None, hint) if self._end_session_url is not None else None
             response: Response = Response(status_code=303, headers={"location": at_idp or self._redirect})
         else:
             response = Response(status_code=204)
@@ -106,6 +106,12 @@ class Logout:
         for cookie in clear:
             response.headers.append("set-cookie", cookie.decode("latin-1"))
         return response
+
+    async def _hint(self, held: str | None, refresh: str | None) -> str | None:
+        """The session's ID token, found before the session ends (the hint of RP-initiated logout)."""
+        if held is not None and self._sessions is not None:
+            return await self._sessions.id_token(held)
+        return await self._id_token_of(refresh) if self._id_token_of is not None else None
 
     async def _deny(self, token: str) -> None:
         claims = await self._verifier.signed_claims(token)

@@ -568,3 +568,16 @@ async def test_an_https_proxy_refusing_the_connect_is_not_a_sent_request() -> No
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_an_answer_nested_past_the_json_parsers_depth_is_a_200_without_json_not_a_crash() -> None:
+    """Regression: json.loads raises RecursionError (not ValueError) on deep nesting; it became a 500. It is a 200
+    the gateway cannot read, which may have redeemed the token: never resent (docs/responses.md)."""
+    nested = b"[" * 50_000 + b"]" * 50_000
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/json"}, content=nested[:60_000])
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        with pytest.raises(IdPAnswerLost):
+            await IdPClient(oauth2(timeout=5), client).redeem("old-refresh")

@@ -406,3 +406,16 @@ async def test_build_key_source_picks_the_configured_source(tmp_path: Path, clie
     with pytest.raises(ConfigError) as info:
         build_key_source(TokensConfig(algorithms=("RS256",), public_key_file=str(tmp_path / "nope.pem")), client)
     assert "tokens.public_key_file" in str(info.value)
+
+
+async def test_a_jwks_nested_past_the_json_parsers_depth_is_a_failed_fetch_not_a_crash(clock: Clock) -> None:
+    """Regression: a deeply nested JWKS raised RecursionError out of key_for: a 500 on every unknown kid."""
+    nested = b'{"keys": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/json"}, content=nested)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+        src = JWKSKeys("https://idp.test/jwks", http, clock=clock)
+        with pytest.raises(KeyFetchError):
+            await src._fetch()
