@@ -286,10 +286,10 @@ def report(
     print(f"\nwritten to {out}")
 
 
-def write_section(out: Path, lines: list[str]) -> None:
-    """Replace this benchmark's section of ``out`` (from its heading to the next ``## `` or the end), or add it."""
+def write_section(out: Path, lines: list[str], heading: str = HEADING) -> None:
+    """Replace a benchmark's section of ``out`` (from ``heading`` to the next ``## `` or the end), or add it."""
     text = out.read_text() if out.exists() else ""
-    start = text.find(f"\n{HEADING}")
+    start = 0 if text.startswith(heading) else text.find(f"\n{heading}")
     if start < 0:
         head, tail = text.rstrip("\n"), ""
     else:
