@@ -16,6 +16,7 @@ from __future__ import annotations
 from gateway.backchannel import BackchannelLogout, LogoutTokens
 from gateway.config import GatewayConfig
 from gateway.cookies import CookieJar
+from gateway.endsession import EndSession, IdTokenKeys
 from gateway.families import FamilyIndex
 from gateway.idp_client import IdPClient
 from gateway.introspection import build_verifier
@@ -46,6 +47,10 @@ class ControlPlane:
         self.refresher = self._refresher(config, shared, tls, jar)
         self.sessions = self._server_sessions(config, shared)
         self.oidc = self._oidc(config, shared, tls, jar)
+        oidc = config.login.oidc
+        self.end_session = (
+            EndSession(self.oidc, oidc.client_id, shared.families, shared.sealer) if self.oidc and oidc else None
+        )
         self.backchannel = self._backchannel(config, shared)
 
     async def start(self) -> None:
@@ -118,7 +123,8 @@ class ControlPlane:
         if oidc is None:
             return None
         tokens = LogoutTokens(
-            keys=self.keys,
+            # Logout tokens are signed like ID tokens: with opaque access tokens, by the discovery's jwks_uri.
+            keys=IdTokenKeys(self.oidc) if self.oidc is not None and not config.tokens.has_keys else self.keys,
             algorithms=config.tokens.algorithms,
             issuer=oidc.issuer,
             audience=oidc.client_id,

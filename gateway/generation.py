@@ -103,8 +103,8 @@ class Generation:
             origin=self.origin,
             client=self.client,
             redirect=config.logout.redirect,
-            end_session_url=oidc.end_session_url if oidc else None,
-            id_token_of=oidc.id_token_of if oidc else None,
+            end_session_url=control.end_session.url if control.end_session else None,
+            id_token_of=control.end_session.id_token_of if control.end_session else None,
             sessions=sessions,
         )
         self._internal_apps(config, shared, logout, oidc)

@@ -90,3 +90,11 @@ def claims_allowed(claims: dict[str, Any], rules: dict[str, Any]) -> bool:
         if value is _MISSING or not _accepts(value, wanted):
             return False
     return True
+
+
+def index_claims(access: dict[str, Any], id_token: dict[str, Any]) -> dict[str, Any]:
+    """The access token's claims with the ID token's ``sub`` and ``sid``, which a session is indexed under: logout
+    tokens name those (OIDC Back-Channel Logout §2.4), and with pairwise subjects or opaque access tokens the access
+    token's differ."""
+    named = {key: id_token[key] for key in ("sub", "sid") if isinstance(id_token.get(key), str)}
+    return access | named

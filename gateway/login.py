@@ -34,6 +34,7 @@ from gateway.config import OIDCConfig
 from gateway.cookies import CookieJar
 from gateway.errors import CookieTooLarge, KeyFetchError, LoginFailed, StoreError
 from gateway.families import Families
+from gateway.identity import index_claims
 from gateway.keys import JWKSKeys, KeySource
 from gateway.reasons import Reason
 from gateway.responses import safe_target
@@ -73,7 +74,7 @@ class OIDCLogin:
         self._families = families
         self._sessions = sessions  # session.mode: server: one session cookie, the tokens in the store
         parts = urlsplit(config.redirect_url)
-        self._after_logout = config.post_logout_redirect_url or urljoin(
+        self.after_logout = config.post_logout_redirect_url or urljoin(
             f"{parts.scheme}://{parts.netloc}/",
             safe_target(logout_redirect) if logout_redirect.startswith("/") else logout_redirect,
         )
@@ -93,7 +94,7 @@ class OIDCLogin:
 
     async def login(self, request: Request) -> Response:
         try:
-            meta = await self._discover()
+            meta = await self.discover()
         except LoginFailed as exc:
             return _failure(exc)
         state, nonce, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(32), secrets.token_urlsafe(64)
@@ -160,7 +161,8 @@ class OIDCLogin:
             raise LoginFailed(502, Reason.IDP_BAD_RESPONSE)
         refresh = refresh if isinstance(refresh, str) and refresh else None
         if self._sessions is not None:
-            cookie = await self._server_session(self._sessions, access, refresh, id_token, verdict.claims)
+            claims = index_claims(verdict.claims, id_claims)
+            cookie = await self._server_session(self._sessions, access, refresh, id_token, claims)
             return str(flow["next"]), [cookie]
         try:
             lifetime = self._jar.refresh_lifetime(refresh, self._clock()) if refresh else None
@@ -181,35 +183,6 @@ class OIDCLogin:
             )
         log.info("login: session started, subject %s", self._sealer.token_hash(str(verdict.claims.get("sub")))[:12])
         return str(flow["next"]), cookies
-
-    async def end_session_url(self, refresh_token: str | None, id_token: str | None = None) -> str | None:
-        """RP-initiated logout (OIDC RP-Initiated Logout 1.0 §2): the IdP's end-session URL with the session's ID
-        token as ``id_token_hint`` (``id_token``, else the one kept for the session of ``refresh_token``), or None
-        when the IdP advertises no ``end_session_endpoint``. The hint is in a URL by the spec's design. Never
-        raises: a logout must not fail on the IdP's discovery."""
-        try:
-            endpoint = (await self._discover()).get("end_session_endpoint")
-            if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
-                return None
-            params = {"client_id": self._config.client_id, "post_logout_redirect_uri": self._after_logout}
-            hint = id_token if id_token is not None else await self.id_token_of(refresh_token)
-            if hint is not None:
-                params["id_token_hint"] = hint
-        except Exception:  # noqa: BLE001 - LoginFailed, and anything else the discovery may throw
-            log.warning("logout: no RP-initiated logout (the IdP's discovery failed); the local logout stands")
-            return None
-        return f"{endpoint}{'&' if urlsplit(endpoint).query else '?'}{urlencode(params)}"
-
-    async def id_token_of(self, refresh_token: str | None) -> str | None:
-        """The ID token kept for the cookie session of ``refresh_token`` (read before the session ends), or None.
-        Never raises."""
-        if refresh_token is None or self._families is None:
-            return None
-        try:
-            root = await self._families.root_of(self._sealer.token_hash(refresh_token))
-            return await self._families.index.id_token(root) if root else None
-        except StoreError:
-            return None
 
     async def _server_session(
         self, sessions: SessionAuth, access: str, refresh: str | None, id_token: str, claims: dict[str, Any]
@@ -236,7 +209,7 @@ class OIDCLogin:
         return flow
 
     async def _exchange(self, code: str, code_verifier: str) -> dict[str, Any]:
-        meta = await self._discover()
+        meta = await self.discover()
         form = {
             "grant_type": "authorization_code",
             "code": code,
@@ -267,7 +240,7 @@ class OIDCLogin:
             alg = header.get("alg")
             if alg not in self._algorithms:
                 raise jwt.InvalidAlgorithmError(str(alg))
-            key = await (await self._id_token_keys()).key_for(header.get("kid"), alg)
+            key = await (await self.id_token_keys()).key_for(header.get("kid"), alg)
             claims = jwt.decode(
                 id_token, key, algorithms=[alg], audience=self._config.client_id, issuer=self._config.issuer, leeway=60
             )
@@ -282,17 +255,17 @@ class OIDCLogin:
             raise LoginFailed(400, Reason.ID_TOKEN_INVALID)
         return claims
 
-    async def _id_token_keys(self) -> KeySource:
+    async def id_token_keys(self) -> KeySource:
         """The keys of ``tokens``; with opaque access tokens and no key there, the discovery's ``jwks_uri``."""
         if self._keys is None:
-            jwks_uri = (await self._discover()).get("jwks_uri")
+            jwks_uri = (await self.discover()).get("jwks_uri")
             if not isinstance(jwks_uri, str):
                 log.error("login: the discovery document names no jwks_uri for the ID token's keys")
                 raise LoginFailed(503, Reason.IDP_ERROR)
             self._keys = JWKSKeys(jwks_uri, self._http)  # fetched on first use, refetched on an unknown kid
         return self._keys
 
-    async def _discover(self) -> dict[str, Any]:
+    async def discover(self) -> dict[str, Any]:
         if self._discovery is not None and self._clock() - self._discovered_at < DISCOVERY_TTL:
             return self._discovery
         url = self._config.issuer.rstrip("/") + "/.well-known/openid-configuration"

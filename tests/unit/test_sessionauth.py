@@ -225,6 +225,26 @@ async def test_every_session_of_a_subject_or_an_idp_session_can_be_ended(world: 
     assert (await w.workers[0].authenticate(headers(bob))).claims is not None
 
 
+async def test_a_login_is_indexed_by_the_id_tokens_sub_and_sid_which_logout_tokens_name(
+    world: Callable[[], World],
+) -> None:
+    """Regression: server sessions were indexed by the access token's sub and sid. With pairwise subjects (Okta,
+    Entra) or an access token without sid, a valid logout token ended nothing."""
+    from gateway.identity import index_claims
+    from gateway.sessionauth import ServerSessionIndex
+
+    w = world()
+    access_claims = {"sub": "alice@example.com", "jti": "j-1"}  # no sid; another sub than the ID token's
+    claims = index_claims(access_claims, {"sub": "00u-alice", "sid": "idp-sid-1", "nonce": "n"})
+    _, cookie = await w.login(w.idp.start_session("alice"), claims)
+    index = ServerSessionIndex(w.workers[1])
+    assert [info.sid for info in await index.end(sid="idp-sid-1")] == ["idp-sid-1"]
+    assert (await w.workers[0].authenticate(headers(cookie))).reason == Reason.SESSION_ENDED
+    _, again = await w.login(w.idp.start_session("alice"), index_claims(access_claims, {"sub": "00u-alice"}))
+    assert len(await index.end(sub="00u-alice", sid=None)) == 1
+    assert (await w.workers[0].authenticate(headers(again))).reason == Reason.SESSION_ENDED
+
+
 async def test_the_authenticator_reads_the_session_cookie_and_ignores_token_cookies(world: Callable[[], World]) -> None:
     w = world()
     pair = w.idp.start_session("alice")

@@ -1,4 +1,4 @@
-"""gateway/login.py: RP-initiated logout's end-session URL (OIDC RP-Initiated Logout 1.0 §2)."""
+"""gateway/endsession.py: RP-initiated logout's end-session URL (OIDC RP-Initiated Logout 1.0 §2)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import httpx
 
 from gateway.config.sessions import OIDCConfig
 from gateway.denylist import Denylist
+from gateway.endsession import EndSession
 from gateway.families import Families
 from gateway.login import OIDCLogin
 from gateway.sealing import Sealer
@@ -18,7 +19,7 @@ from gateway.store import MemoryStore
 ISSUER = "https://idp.example"
 
 
-def login(meta: dict[str, Any], *, logout_redirect: str = "/bye?x=1", **oidc: Any) -> tuple[OIDCLogin, Families]:
+def login(meta: dict[str, Any], *, logout_redirect: str = "/bye?x=1", **oidc: Any) -> tuple[EndSession, Families]:
     def discovery(request: httpx.Request) -> httpx.Response:
         assert request.url == f"{ISSUER}/.well-known/openid-configuration"
         return httpx.Response(
@@ -47,13 +48,13 @@ def login(meta: dict[str, Any], *, logout_redirect: str = "/bye?x=1", **oidc: An
         families=families,
         logout_redirect=logout_redirect,
     )
-    return flow, families
+    return EndSession(flow, "app", families, sealer), families
 
 
 async def test_the_end_session_url_carries_the_sessions_id_token_and_the_way_back() -> None:
     flow, families = login({"end_session_endpoint": f"{ISSUER}/logout?realm=main"})
     await families.started({"sub": "alice", "jti": "j1", "exp": time.time() + 60}, "refresh-1", 3600, id_token="idt-1")
-    url = await flow.end_session_url("refresh-1")
+    url = await flow.url("refresh-1")
     assert url is not None and url.startswith(f"{ISSUER}/logout?realm=main&")
     query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
     assert query == {
@@ -62,21 +63,33 @@ async def test_the_end_session_url_carries_the_sessions_id_token_and_the_way_bac
         "post_logout_redirect_uri": "https://app.example/bye?x=1",
         "id_token_hint": "idt-1",
     }
-    without = await flow.end_session_url("a-refresh-token-never-seen")  # no session: no hint, still the IdP
+    without = await flow.url("a-refresh-token-never-seen")  # no session: no hint, still the IdP
     assert without is not None and "id_token_hint" not in without
 
 
 async def test_no_end_session_endpoint_keeps_todays_redirect() -> None:
     flow, _ = login({})
-    assert await flow.end_session_url("refresh-1") is None
+    assert await flow.url("refresh-1") is None
     flow, _ = login({"end_session_endpoint": "javascript:alert(1)"})
-    assert await flow.end_session_url("refresh-1") is None
+    assert await flow.url("refresh-1") is None
 
 
 async def test_post_logout_redirect_url_and_unsafe_logout_redirects() -> None:
     flow, _ = login({"end_session_endpoint": f"{ISSUER}/logout"}, post_logout_redirect_url="https://app.example/out")
-    url = await flow.end_session_url(None)
+    url = await flow.url(None)
     assert url is not None and parse_qs(urlsplit(url).query)["post_logout_redirect_uri"] == ["https://app.example/out"]
     flow, _ = login({"end_session_endpoint": f"{ISSUER}/logout"}, logout_redirect="//evil.example/")
-    url = await flow.end_session_url(None)
+    url = await flow.url(None)
     assert url is not None and parse_qs(urlsplit(url).query)["post_logout_redirect_uri"] == ["https://app.example/"]
+
+
+async def test_a_discovery_that_fails_in_any_way_costs_rp_initiated_logout_never_the_logout() -> None:
+    """Regression: a discovery answer nested past the JSON parser's depth raised out of logout (a 500, and the
+    session was not ended)."""
+    ends, _ = login({})
+
+    async def broken() -> dict[str, Any]:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    ends._login.discover = broken  # type: ignore[method-assign]
+    assert await ends.url("refresh-1") is None
