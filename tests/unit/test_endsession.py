@@ -7,6 +7,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import pytest
 
 from gateway.config.sessions import OIDCConfig
 from gateway.denylist import Denylist
@@ -93,3 +94,27 @@ async def test_a_discovery_that_fails_in_any_way_costs_rp_initiated_logout_never
 
     ends._login.discover = broken  # type: ignore[method-assign]
     assert await ends.url("refresh-1") is None
+
+
+async def test_logout_tokens_verify_with_the_id_tokens_keys_even_without_a_tokens_key() -> None:
+    """Regression: with opaque access tokens and no key in tokens, every logout token was refused (unknown key)."""
+    from gateway.endsession import IdTokenKeys
+    from gateway.errors import KeyFetchError, LoginFailed
+    from gateway.keys import StaticKey
+    from gateway.reasons import Reason
+
+    ends, _ = login({})
+    keys = IdTokenKeys(ends._login)
+
+    async def discovered() -> Any:
+        return StaticKey("the provider's key")
+
+    ends._login.id_token_keys = discovered  # type: ignore[method-assign]
+    assert await keys.key_for("kid-1", "RS256") == "the provider's key"
+
+    async def no_jwks_uri() -> Any:
+        raise LoginFailed(503, Reason.IDP_ERROR)
+
+    ends._login.id_token_keys = no_jwks_uri  # type: ignore[method-assign]
+    with pytest.raises(KeyFetchError):  # a 503 at the endpoint: the IdP retries, nothing ends by mistake
+        await keys.key_for("kid-1", "RS256")
