@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from gateway.errors import StoreError
 from gateway.store import Store
@@ -21,6 +22,16 @@ from gateway.store import Store
 log = logging.getLogger("gateway.denylist")
 
 KEY = "denylist"
+# How long an access token without an `exp` (an opaque one whose introspection or userinfo answer named none)
+# stays refused after its session ends: longer than any IdP's access tokens live by default (Google and Okta 1 h,
+# django-oauth-toolkit 10 h), so that a logged-out token never comes back (I3).
+UNDATED_DENY = 86_400.0
+
+
+def refuse_until(claims: dict[str, Any], now: float) -> float:
+    """Until when a refused access token must stay refused: its ``exp``, or ``UNDATED_DENY`` from now without one."""
+    exp = claims.get("exp")
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else now + UNDATED_DENY
 
 
 class Denylist:

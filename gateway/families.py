@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gateway.denylist import Denylist
+from gateway.denylist import Denylist, refuse_until
 from gateway.errors import StoreError
 from gateway.reasons import Reason
 from gateway.sealing import Sealer
@@ -84,9 +84,9 @@ class Families:
 
     async def join(self, root: str, claims: dict[str, Any]) -> None:
         """Count an access token among the family's, so that ending the family refuses it. Raises StoreError."""
-        jti, exp = claims.get("jti"), claims.get("exp")
-        if isinstance(jti, str) and isinstance(exp, int | float):
-            await self._store.add_member(RecordKeys(root, root).members, jti, float(exp))
+        jti = claims.get("jti")
+        if isinstance(jti, str):  # an opaque token without exp is counted (and refused when it ends) for a day
+            await self._store.add_member(RecordKeys(root, root).members, jti, refuse_until(claims, self._clock()))
 
     async def started(
         self,

@@ -17,6 +17,7 @@ names the session: its record ends on every worker (gateway.sessionauth), and it
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -26,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from gateway.authn import bearer_token
 from gateway.cookies import CookieJar
 from gateway.csrf import CSRFGuard
-from gateway.denylist import Denylist
+from gateway.denylist import Denylist, refuse_until
 from gateway.errors import StoreError
 from gateway.families import ENDED
 from gateway.reasons import Reason
@@ -117,13 +118,14 @@ class Logout:
         claims = await self._verifier.signed_claims(token)
         if claims is None:
             return  # not our token (or forged): nothing to revoke
-        jti, exp = claims.get("jti"), claims.get("exp")
-        if not isinstance(jti, str) or not isinstance(exp, int | float):
+        jti = claims.get("jti")
+        if not isinstance(jti, str):
             log.warning("logout: the access token has no jti; it stays valid until it expires")
             return
+        until = refuse_until(claims, time.time())  # an opaque token without exp: refused for a day
         try:
-            await self._denylist.deny(jti, float(exp))
-            await self._denylist.deny(ENDED + jti, float(exp))  # and the sockets opened with it
+            await self._denylist.deny(jti, until)
+            await self._denylist.deny(ENDED + jti, until)  # and the sockets opened with it
         except StoreError as exc:
             log.error("logout: denylist not shared with other processes (%s); refused here only", exc)
 

@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.authn import AuthResult
+from gateway.denylist import refuse_until
 from gateway.errors import StoreError
 from gateway.families import ENDED, SESSION, Families
 from gateway.reasons import FATAL, TRANSIENT, Reason
@@ -205,8 +206,9 @@ class SessionAuth:
             await self._refresher.end_session(record.refresh, client)  # the family ends; the IdP revokes
         await self.sessions.end(h, record)
         claims = await self._verifier.signed_claims(record.access)
-        jti, exp = (claims or {}).get("jti"), (claims or {}).get("exp")
-        if isinstance(jti, str) and isinstance(exp, int | float):
+        jti = (claims or {}).get("jti")
+        if isinstance(jti, str):
+            exp = refuse_until(claims or {}, time.time())
             for entry in (jti, ENDED + jti):  # the access token, and the sockets opened with it
                 await self._families.refuse(entry, float(exp))
         log.info("session %s ended", h[:12])

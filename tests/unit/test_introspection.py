@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs
 
 import httpx
@@ -327,3 +328,22 @@ async def test_each_call_made_is_counted_by_result_and_cached_answers_are_not() 
     idp.answer = lambda request: httpx.Response(502)
     await verifier.verify("a-third-token")
     assert results == ["active", "inactive", "error"]
+
+
+async def test_a_logged_out_userinfo_token_without_exp_is_refused_at_once() -> None:
+    """Regression: logout denied a token only with a numeric exp; a userinfo answer names none, so a logged-out
+    token kept its 200s for as long as the IdP (and each worker's cache) said so."""
+    from gateway.denylist import Denylist
+    from gateway.logout import Logout
+    from gateway.store import MemoryStore
+
+    idp = IdP(lambda request: httpx.Response(200, json={"sub": "42"}))
+    denylist = Denylist(MemoryStore("t:", clock=time.time))
+    verifier = make(idp, Clock(time.time()), userinfo=True, cache=300, denied=denylist)
+    assert (await verifier.verify(TOKEN)).ok
+    logout = Logout(
+        jar=cast(Any, None), verifier=verifier, denylist=denylist, refresher=None, csrf=cast(Any, None),
+        origin=lambda scope: "", redirect="/",
+    )  # fmt: skip
+    await logout._deny(TOKEN)
+    assert (await verifier.verify(TOKEN)).reason == Reason.TOKEN_REVOKED
