@@ -41,6 +41,7 @@ log = logging.getLogger("gateway.sessions")
 
 ID_BYTES = 32
 MAX_TOUCH_EVERY = 60.0
+MIN_TOUCH_EVERY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +99,8 @@ class ServerSessions:
         self.cookie_name = ("__Host-" if secure else "") + config.cookie.name
         self._cookie_b = self.cookie_name.encode()
         self._attrs = f"; Path=/; HttpOnly; SameSite={same_site.capitalize()}" + ("; Secure" if secure else "")
-        self.touch_every = min(MAX_TOUCH_EVERY, config.idle_timeout / 8)
+        # At most once a second however short the idle timeout: a busy session never costs a write per request.
+        self.touch_every = max(MIN_TOUCH_EVERY, min(MAX_TOUCH_EVERY, config.idle_timeout / 8))
         self._cache: BoundedCache[str, Loaded] = BoundedCache()
         self._loading: dict[str, asyncio.Future[Loaded | None]] = {}
 
@@ -192,10 +194,11 @@ class ServerSessions:
         if now - record.seen >= self.touch_every:
             touched = replace(record, seen=now)
             value = self._seal(h, touched)
-            if not await self._store.replace(session_key(h), raw, value, self._ttl(touched, now)):
-                # Another worker wrote meanwhile (a use, a refresh): read its version.
-                return await self._read(h, _depth + 1) if _depth < 3 else None
-            raw, record = value, touched
+            if await self._store.replace(session_key(h), raw, value, self._ttl(touched, now)):
+                raw, record = value, touched
+            elif _depth < 3:  # another worker wrote meanwhile (a use, a refresh): read its version
+                return await self._read(h, _depth + 1)
+            # Still contended: the session as read serves (never a logout for it); the use is recorded next time.
         return self._cache.put(h, Loaded(h, raw, record, min(record.seen + self.touch_every, record.expires)))
 
     async def save(self, loaded: Loaded, record: SessionRecord) -> Loaded | None:

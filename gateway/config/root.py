@@ -72,6 +72,10 @@ class GatewayConfig(Model):
             )
         if server and self.session.idle_timeout > self.session.absolute_timeout:
             raise key_problems(("session.idle_timeout", "longer than session.absolute_timeout"))
+        if server and _names_clash(self.session.cookie.name, self.cookies.access.name, self.cookies.refresh.name):
+            raise key_problems(
+                ("session.cookie.name", "must differ from the token cookies' names and their `<name>_N` chunks")
+            )
         return self
 
     @model_validator(mode="after")
@@ -116,3 +120,12 @@ class GatewayConfig(Model):
         if self.login.oidc is not None:
             found.append(("login.oidc.tls", self.login.oidc.tls))
         return [(key, tls) for key, tls in found if tls is not None]
+
+
+def _names_clash(session: str, *tokens: str) -> bool:
+    """The session cookie's name is a token cookie's, or one of their chunks' (``<name>_N``), or the reverse."""
+
+    def chunk(name: str, stem: str) -> bool:
+        return name.startswith(stem + "_") and name[len(stem) + 1 :].isdigit()
+
+    return any(session == t or chunk(session, t) or chunk(t, session) for t in tokens)

@@ -538,3 +538,10 @@ def test_gateway_check_names_a_bad_introspection_key(tmp_path: Path) -> None:
         [sys.executable, "-m", "gateway", "check", "--config", str(path)], capture_output=True, text=True
     )
     assert result.returncode == 1 and "tokens.introspection.cache" in result.stdout + result.stderr
+
+
+def test_the_session_cookie_may_not_share_a_token_cookies_name_or_chunk() -> None:
+    for name in ("gw_access", "gw_refresh", "gw_access_0", "gw_refresh_12"):
+        data = minimal(session={"mode": "server", "cookie": {"name": name}})
+        assert has(problems_of(data), "session.cookie.name"), name
+    assert parse_config(minimal(session={"mode": "server", "cookie": {"name": "gw_access_x"}}))

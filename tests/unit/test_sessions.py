@@ -180,3 +180,23 @@ async def test_the_cache_serves_until_a_use_is_due_then_reads_the_store() -> Non
     assert await sessions.load(h) is first  # cached
     clock.now += 51
     assert await sessions.load(h) is None  # a use was due: read the store
+
+
+async def test_a_session_whose_use_cannot_be_recorded_under_contention_still_serves() -> None:
+    """Regression: after three lost compare-and-set writes the session read as gone: a logout for contention."""
+    clock = Clock()
+    store = MemoryStore("gw:", clock=clock)
+    sessions = sessions_on(store, clock, idle_timeout=400)
+    h, _ = await sessions.create("a", "r", None, CLAIMS, None)
+    clock.now += 100  # past touch_every: the read records a use, by compare-and-set
+
+    async def always_lost(*args: object, **kwargs: object) -> bool:
+        return False
+
+    store.replace = always_lost  # type: ignore[method-assign]
+    loaded = await sessions.load(h, fresh=True)
+    assert loaded is not None and loaded.record.access == "a"
+
+
+def test_the_touch_interval_never_falls_under_a_second() -> None:
+    assert sessions_on(MemoryStore("gw:", clock=time.time), idle_timeout=1, absolute_timeout=10).touch_every == 1
