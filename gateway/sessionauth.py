@@ -173,7 +173,21 @@ class SessionAuth:
             await self._end(h, client)
         except StoreError as exc:
             log.error("logout session %s: not recorded yet (%s); retrying in the background", h[:12], exc)
+            await self._refuse_here(h)
             self._spawn(self._end_later(h, client))
+
+    async def _refuse_here(self, h: str) -> None:
+        """Through a store outage: this worker refuses the session at once (its cached copy, and its access token
+        for the fast path); the denylist shares that when the store answers again."""
+        cached = self.sessions.forget(h)
+        if cached is None:
+            return  # not cached here: any read goes to the store, which answers 503 until it is back
+        record = cached.record
+        await self._families.refuse(SESSION + record.root, record.expires)
+        claims = await self._verifier.signed_claims(record.access)
+        jti = (claims or {}).get("jti")
+        if isinstance(jti, str):
+            await self._families.refuse(jti, refuse_until(claims or {}, time.time()))
 
     async def id_token(self, value: str) -> str | None:
         """The ID token of the session a cookie value names (``id_token_hint`` at RP-initiated logout), or None.

@@ -201,6 +201,10 @@ class ServerSessions:
             # Still contended: the session as read serves (never a logout for it); the use is recorded next time.
         return self._cache.put(h, Loaded(h, raw, record, min(record.seen + self.touch_every, record.expires)))
 
+    def forget(self, h: str) -> Loaded | None:
+        """Drop this worker's cached copy of session ``h``; the copy it had, if any."""
+        return self._cache.pop(h, None)
+
     async def save(self, loaded: Loaded, record: SessionRecord) -> Loaded | None:
         """Write ``record`` over ``loaded`` (compare-and-set); None when someone else wrote first. Raises StoreError."""
         h, now = loaded.h, self._clock()

@@ -212,6 +212,26 @@ async def test_logout_ends_the_session_on_every_worker_and_revokes_at_the_idp(wo
     assert (await w.verifier.verify(pair.access)).reason == Reason.TOKEN_REVOKED  # its access token too
 
 
+async def test_a_logout_during_a_store_outage_is_refused_at_once_by_the_worker_that_took_it(
+    world: Callable[[], World],
+) -> None:
+    """Regression: the logout answered 303 with the cookie cleared while this worker's cached copy kept serving."""
+    w = world()
+    pair = w.idp.start_session("alice")
+    _, cookie = await w.login(pair)
+    assert (await w.workers[0].authenticate(headers(cookie))).claims is not None  # cached here
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise StoreError("down")
+
+    w.store.get = broken  # type: ignore[method-assign,assignment]
+    w.store.delete = broken  # type: ignore[method-assign,assignment]
+    await w.workers[0].logout(cookie.split("=", 1)[1])
+    result = await w.workers[0].authenticate(headers(cookie))
+    assert result.claims is None  # refused here at once: ended, or 503 while the store is down; never a 200
+    assert (await w.verifier.verify(pair.access)).reason == Reason.TOKEN_REVOKED  # the fast path's token too
+
+
 async def test_every_session_of_a_subject_or_an_idp_session_can_be_ended(world: Callable[[], World]) -> None:
     w = world()
     _, one = await w.login(w.idp.start_session("alice"), {"sub": "alice", "sid": "s1"})
