@@ -126,3 +126,17 @@ def test_a_browsers_logout_ends_the_idp_session_with_the_sessions_own_id_token(
     hint = jwt.decode(query["id_token_hint"], key, algorithms=["RS256"], audience="legacy-app", issuer=idp.url)
     assert hint["sub"] == "alice" and hint["sid"] == session.sid
     eventually(lambda: statuses(gateway, session) == {401})
+
+
+def test_gateway_sessions_lists_and_ends_server_side_sessions(gateway: GatewayProcess, idp: IdPProcess) -> None:
+    from test_backchannel_process import sessions_command
+
+    first, second = log_in(gateway, idp, "bob"), log_in(gateway, idp, "bob")
+    listed = sessions_command(gateway, "list", "--sub", "bob")
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split("\t") for line in listed.stdout.splitlines()[1:-1]]
+    assert {first.sid, second.sid} <= {row[2] for row in rows}
+    ended = sessions_command(gateway, "end", "--sub", "bob", f"--sid={first.sid}")
+    assert ended.returncode == 0 and ended.stdout.splitlines()[-1] == "1 session(s) ended", ended.stdout
+    eventually(lambda: statuses(gateway, first) == {401})
+    assert statuses(gateway, second) == {200}
