@@ -8,8 +8,9 @@ state is refused through the store), exchanges the code, verifies the ID token (
 issuer, audience = client_id, nonce) and the access token (an opaque one at the introspection or
 userinfo endpoint, gateway.introspection; the ID token then with the discovery's ``jwks_uri`` unless
 ``tokens`` names keys), sets the session cookies and redirects to ``next``. Tokens never appear in
-a URL (but the ID token of RP-initiated logout's ``id_token_hint``, as that spec has it), a body or a log. With ``session.mode: server`` the tokens (the ID token too) go into a
-server-side session (gateway.sessionauth) and the callback sets the session cookie alone.
+a URL (but the ID token as RP-initiated logout's ``id_token_hint``, as that spec has it), a body or
+a log. With ``session.mode: server`` the tokens (the ID token too) go into a server-side session
+(gateway.sessionauth) and the callback sets the session cookie alone.
 """
 
 from __future__ import annotations
