@@ -21,6 +21,7 @@ import httpx
 import jwt
 import pytest
 import yaml
+from support.configs import demo_refresh, oidc_login
 from support.servers import GatewayProcess, IdPProcess, set_cookies, start_gateway, start_idp, start_upstream
 from support.workers import WorkerClients
 from websockets.exceptions import ConnectionClosed
@@ -48,16 +49,9 @@ def gateway(idp: IdPProcess, redis_url: str, store: dict[str, str]) -> Iterator[
             return {
                 "store": {"url": redis_url, **store},
                 "tokens": {"algorithms": ["RS256"], "jwks_url": f"{idp.url}/jwks", "issuer": idp.url},
-                "refresh": {"endpoint": f"{idp.url}/token", "client_id": "legacy-app", "client_secret": "demo-secret"},
+                "refresh": demo_refresh(idp),
                 "cookies": {"secure": False},
-                "login": {
-                    "oidc": {
-                        "issuer": idp.url,
-                        "client_id": "legacy-app",
-                        "client_secret": "demo-secret",
-                        "redirect_url": f"http://127.0.0.1:{port}/.gateway/callback",
-                    }
-                },
+                "login": oidc_login(idp, port),
                 "logout": {"redirect": "/goodbye"},
                 "routes": [{"name": "app", "path": "/", "upstream": upstream.url}],
             }

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import jwt
 import pytest
+from support.configs import demo_refresh, oidc_login
 from support.servers import GatewayProcess, IdPProcess, set_cookies, start_gateway, start_idp, start_upstream
 from support.workers import WorkerClients
 from test_backchannel_process import back_channel, eventually, logout_token
@@ -37,17 +38,10 @@ def gateway(idp: IdPProcess, redis_url: str) -> Iterator[GatewayProcess]:
             return {
                 "store": {"url": redis_url, "key_prefix": f"gwtest:{os.urandom(4).hex()}:", "secret": SECRET},
                 "tokens": {"algorithms": ["RS256"], "jwks_url": f"{idp.url}/jwks", "issuer": idp.url},
-                "refresh": {"endpoint": f"{idp.url}/token", "client_id": "legacy-app", "client_secret": "demo-secret"},
+                "refresh": demo_refresh(idp),
                 "session": {"mode": "server"},
                 "cookies": {"secure": False},
-                "login": {
-                    "oidc": {
-                        "issuer": idp.url,
-                        "client_id": "legacy-app",
-                        "client_secret": "demo-secret",
-                        "redirect_url": f"http://127.0.0.1:{port}/.gateway/callback",
-                    }
-                },
+                "login": oidc_login(idp, port),
                 "logout": {"redirect": "/goodbye"},
                 "routes": [{"name": "app", "path": "/", "upstream": upstream.url}],
             }

@@ -11,6 +11,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pytest
+from support.configs import demo_refresh, oidc_login
 from support.frontproxies import FrontProxy
 from support.sealed import refresh_cookie
 from support.servers import GatewayProcess, IdPProcess, ServerProcess, set_cookies, start_gateway, start_idp
@@ -34,16 +35,9 @@ def gateway(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> Iterato
             "server": {"trusted_proxies": ["127.0.0.1"]},
             "store": {"url": redis_url, "key_prefix": prefix, "secret": SECRET},
             "tokens": {"algorithms": ["RS256"], "jwks_url": f"{idp.url}/jwks", "issuer": idp.url, "leeway": 0},
-            "refresh": {"endpoint": f"{idp.url}/token", "client_id": "legacy-app", "client_secret": "demo-secret"},
+            "refresh": demo_refresh(idp),
             "cookies": {"secure": False},
-            "login": {
-                "oidc": {
-                    "issuer": idp.url,
-                    "client_id": "legacy-app",
-                    "client_secret": "demo-secret",
-                    "redirect_url": f"http://127.0.0.1:{port}/.gateway/callback",
-                }
-            },
+            "login": oidc_login(idp, port),
             "routes": [
                 {
                     "name": "admin",

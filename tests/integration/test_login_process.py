@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from support.configs import demo_refresh, oidc_login
 from support.servers import (
     GatewayProcess,
     IdPProcess,
@@ -39,16 +40,9 @@ def gateway(idp: IdPProcess, redis_url: str) -> Iterator[GatewayProcess]:
                     "issuer": idp.url,
                     "audience": "legacy-app",
                 },
-                "refresh": {"endpoint": f"{idp.url}/token", "client_id": "legacy-app", "client_secret": "demo-secret"},
+                "refresh": demo_refresh(idp),
                 "cookies": {"secure": False},
-                "login": {
-                    "oidc": {
-                        "issuer": idp.url,
-                        "client_id": "legacy-app",
-                        "client_secret": "demo-secret",
-                        "redirect_url": f"http://127.0.0.1:{port}/.gateway/callback",
-                    }
-                },
+                "login": oidc_login(idp, port),
                 "routes": [{"name": "app", "path": "/", "upstream": upstream.url}],
             }
 
