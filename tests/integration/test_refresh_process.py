@@ -28,6 +28,7 @@ from support.servers import (
     start_gateway,
     start_idp,
 )
+from support.sessionmodes import MODES, Browser, cleared, kept, rotated, with_mode
 
 IDP_SECRET = "refresh-tests-hs256-secret-0123456789abcdef"
 ACCESS, REFRESH = "__Host-gw_access", "__Host-gw_refresh"
@@ -152,107 +153,128 @@ def test_reloads_with_old_cookies_get_the_successor_then_reuse_ends_the_session(
     assert stolen.status_code == 401
 
 
-def test_idp_503_keeps_cookies_and_later_succeeds(gateway: GatewayProcess, idp: IdPProcess) -> None:
-    session = expired_session(idp)
-    cookie = cookie_header(session["access"], session["refresh"])
+@pytest.fixture(scope="module", params=MODES)
+def moded(
+    request: pytest.FixtureRequest, idp: IdPProcess, upstream: ServerProcess, redis_url: str
+) -> Iterator[tuple[GatewayProcess, str]]:
+    """The module's gateway in each session mode (support.sessionmodes): the same tests, the same promises."""
+    if request.param == "cookie":
+        yield request.getfixturevalue("gateway"), "cookie"
+        return
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    config = with_mode(gateway_config(idp, upstream, redis_url, prefix, grace_period=3, lock_lease=2), "server")
+    with start_gateway(config, workers=4) as server:
+        yield server, "server"
+
+
+def browser(moded: tuple[GatewayProcess, str], redis_url: str, tokens: dict[str, str]) -> Browser:
+    gw, mode = moded
+    return Browser(gw, mode, redis_url).start(tokens)
+
+
+def test_idp_503_keeps_cookies_and_later_succeeds(
+    moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str
+) -> None:
+    tab = browser(moded, redis_url, expired_session(idp))
     idp.behaviour(fail="503", fail_count=1)
-    down = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie})
+    down = tab.get()
     assert down.status_code == 503 and down.headers["retry-after"]
-    assert "set-cookie" not in down.headers
+    assert kept(down)
     time.sleep(2.2)  # the failure is shared with concurrent requests for 2 s, then retried
-    up = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie})
-    assert up.status_code == 200 and REFRESH in set_cookies(up)
+    up = tab.get()
+    assert up.status_code == 200 and rotated(up, tab.mode)
+    assert tab.refresh_token() not in (None, tab.first_refresh)
 
 
 @pytest.mark.parametrize("fail", ["500", "503", "invalid_client"])
 def test_idp_failures_that_did_not_redeem_are_503_not_logout(
-    gateway: GatewayProcess, idp: IdPProcess, fail: str
+    moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str, fail: str
 ) -> None:
-    session = expired_session(idp)
-    cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+    tab = browser(moded, redis_url, expired_session(idp))
     idp.behaviour(fail=fail, fail_count=1)
-    response = httpx.get(f"{gateway.url}/x", headers=cookie)
-    assert response.status_code == 503 and "set-cookie" not in response.headers
+    response = tab.get()
+    assert response.status_code == 503 and kept(response)
     time.sleep(2.2)  # the failure is shared for 2 s; then the same cookies work again (I2)
-    again = httpx.get(f"{gateway.url}/x", headers=cookie)
-    assert again.status_code == 200 and REFRESH in set_cookies(again)
+    again = tab.get()
+    assert again.status_code == 200 and rotated(again, tab.mode)
     assert max(idp.redemption_counts().values()) == 1
 
 
 @pytest.mark.parametrize("fail", ["html", "garbage"])
 def test_a_200_that_is_not_json_is_503_once_and_the_token_is_never_resent(
-    gateway: GatewayProcess, idp: IdPProcess, fail: str
+    moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str, fail: str
 ) -> None:
     """Issue 12, failure 5: a 200 the gateway cannot read may mean the IdP redeemed the token."""
-    session = expired_session(idp)
-    cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+    tab = browser(moded, redis_url, expired_session(idp))
     idp.behaviour(fail=fail, fail_count=1)
-    first = httpx.get(f"{gateway.url}/x", headers=cookie)
-    assert first.status_code == 503 and "set-cookie" not in first.headers
+    first = tab.get()
+    assert first.status_code == 503 and kept(first)
     time.sleep(2.2)  # past the 2 s the failure is shared with concurrent requests: this one asks again
-    later = httpx.get(f"{gateway.url}/x", headers={**cookie, "Accept": "text/html"})
-    assert later.status_code == 302 and set_cookies(later)[REFRESH]["max-age"] == "0"
+    later = tab.get(Accept="text/html")
+    assert later.status_code == 302 and cleared(later, tab.mode)
     assert refresh_calls(idp) == 1
 
 
-def test_invalid_grant_ends_the_session(gateway: GatewayProcess, idp: IdPProcess) -> None:
+def test_invalid_grant_ends_the_session(moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str) -> None:
     session = expired_session(idp)
     httpx.post(f"{idp.url}/revoke", data={"token": session["refresh"]}, auth=("legacy-app", "demo-secret"))
-    cookie = cookie_header(session["access"], session["refresh"])
-    api = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie})
+    tab = browser(moded, redis_url, session)
+    other_tab = tab.copy()
+    api = tab.get()
     assert api.status_code == 401 and api.json()["reason"] == "invalid_grant"
-    assert set_cookies(api)[REFRESH]["max-age"] == "0"
-    page = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie, "Accept": "text/html"})
-    assert page.status_code == 302 and set_cookies(page)[ACCESS]["max-age"] == "0"
+    assert cleared(api, tab.mode)
+    page = other_tab.get(Accept="text/html")
+    assert page.status_code == 302 and cleared(page, tab.mode)
+    assert refresh_calls(idp) == 1  # the refused token is not sent again
 
 
 def test_a_200_without_tokens_is_502_once_then_a_clean_logout_never_a_resend(
-    gateway: GatewayProcess, idp: IdPProcess
+    moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str
 ) -> None:
     """The IdP redeemed the token and its answer is unusable: the token is never sent again (I1)."""
-    session = expired_session(idp)
-    cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+    tab = browser(moded, redis_url, expired_session(idp))
     idp.behaviour(fail="no_access", fail_count=1)
-    response = httpx.get(f"{gateway.url}/x", headers=cookie)
-    assert response.status_code == 502 and "set-cookie" not in response.headers
+    response = tab.get()
+    assert response.status_code == 502 and kept(response)
     time.sleep(2.2)  # past the 2 s the failure is shared with concurrent requests
-    later = httpx.get(f"{gateway.url}/x", headers=cookie)
+    later = tab.get()
     assert later.status_code == 401 and later.json()["reason"] == "refresh_lost"
-    assert set_cookies(later)[REFRESH]["max-age"] == "0" and set_cookies(later)[ACCESS]["max-age"] == "0"
+    assert cleared(later, tab.mode)
     assert refresh_calls(idp) == 1 and max(idp.redemption_counts().values()) == 1
 
 
 @pytest.mark.parametrize("fail", ["oversize", "dpop", "expires_zero", "wider_scope"])
 def test_an_unusable_answer_is_502_once_then_a_clean_logout_never_a_resend(
-    gateway: GatewayProcess, idp: IdPProcess, fail: str
+    moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str, fail: str
 ) -> None:
     """Regression (issue 14, item 14): an answer over 64 KiB (streamed, no length), `token_type: DPoP`,
     `expires_in: 0` or a scope wider than the expired token's was used as new tokens. It is a redeemed token whose
     answer is unusable."""
-    session = idp.issue("alice", access_ttl=-60, claims={"scope": "openid profile"})
-    cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+    tab = browser(moded, redis_url, idp.issue("alice", access_ttl=-60, claims={"scope": "openid profile"}))
     idp.behaviour(fail=fail, fail_count=1)
-    response = httpx.get(f"{gateway.url}/x", headers=cookie)
+    response = tab.get()
     assert response.status_code == 502 and response.json()["reason"] == "idp_bad_response"
-    assert "set-cookie" not in response.headers
+    assert kept(response)
     time.sleep(2.2)  # past the 2 s the failure is shared with concurrent requests
-    later = httpx.get(f"{gateway.url}/x", headers=cookie)
+    later = tab.get()
     assert later.status_code == 401 and later.json()["reason"] == "refresh_lost"
-    assert set_cookies(later)[REFRESH]["max-age"] == "0" and set_cookies(later)[ACCESS]["max-age"] == "0"
+    assert cleared(later, tab.mode)
     assert refresh_calls(idp) == 1 and max(idp.redemption_counts().values()) == 1
 
 
 def test_a_new_access_token_with_a_bad_signature_is_502_and_the_successor_is_kept(
-    gateway: GatewayProcess, idp: IdPProcess
+    moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str
 ) -> None:
     session = expired_session(idp)
+    tab = browser(moded, redis_url, session)
     idp.behaviour(fail="bad_signature", fail_count=1)
-    response = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie_header(session["access"], session["refresh"])})
+    response = tab.get()
     assert response.status_code == 502
-    successor = set_cookies(response)[REFRESH].value
-    assert ACCESS not in set_cookies(response) and successor != session["refresh"]
+    assert ACCESS not in set_cookies(response)
+    successor = tab.refresh_token()  # cookie mode: the rotated refresh cookie; server mode: the record
+    assert successor not in (None, session["refresh"])
     # The session carries on with the successor: the next request refreshes it, and works.
-    after = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie_header(None, successor)})
+    after = tab.drop_access().get()
     assert after.status_code == 200 and refresh_calls(idp) == 2
     assert max(idp.redemption_counts().values()) == 1
 
