@@ -105,7 +105,7 @@ class SessionAuth:
             if verdict.ok and not verdict.refreshable:
                 return _valid(current, verdict, refreshed)
             if verdict.reason in TRANSIENT or record.refresh is None or self._refresher is None:
-                return _valid(current, verdict, refreshed) if verdict.ok else AuthResult(reason=verdict.reason)
+                return _valid(current, verdict, refreshed) if verdict.ok else AuthResult(reason=_kept(verdict))
             outcome = await self._refresher.outcome(record.refresh, record.access, client=client)
             if isinstance(outcome.label, Reason) and outcome.label in FATAL:
                 await self.sessions.end(h, record)  # the family is over: so is the session
@@ -245,6 +245,14 @@ def _valid(loaded: Loaded, verdict: Verdict, refreshed: bool = False) -> AuthRes
         until=loaded.until,
         watch=SESSION + loaded.record.root,
     )
+
+
+def _kept(verdict: Verdict) -> Reason:
+    """Why the record's access token cannot be used now. It came from the IdP (a login, a refresh), never from
+    the browser: one that does not verify *yet* (a new kid the JWKS cannot give us yet, an IdP clock ahead of
+    ours) is the cookie-mode successor kept unverified: 503 with the session kept, not 401 (a login redirect)."""
+    reason = verdict.reason or Reason.REFRESH_ERROR
+    return Reason.IDP_TOKEN_UNVERIFIED if reason in (Reason.UNKNOWN_KEY, Reason.TOKEN_NOT_YET_VALID) else reason
 
 
 class ServerSessionIndex:
