@@ -371,24 +371,6 @@ def test_a_logout_during_a_refresh_is_not_undone(idp: IdPProcess, upstream: Serv
         assert [e["event"] for e in idp.ledger()] == ["redeemed"]
 
 
-@pytest.mark.parametrize("fail", ["redeem_then_reset", "redeem_then_garbage"])
-def test_an_answer_lost_after_redemption_is_never_resent(
-    idp: IdPProcess, upstream: ServerProcess, redis_url: str, fail: str
-) -> None:
-    """Failure 5 in session mode: 503 with the session kept, then a clean end; the token is never sent again."""
-    prefix = f"gwtest:{os.urandom(4).hex()}:"
-    with serve(idp, upstream, redis_url, prefix, timeout=1.5) as gw:
-        headers = session_of(redis_url, prefix, idp.issue("alice", access_ttl=-60))
-        idp.behaviour(fail=fail, fail_count=1)
-        first = no_token_cookie(httpx.get(f"{gw.url}/x", headers=headers, timeout=30))
-        assert first.status_code == 503 and "set-cookie" not in first.headers
-        time.sleep(2.2)  # the failure is shared for 2 s, then the session ends cleanly
-        later = no_token_cookie(httpx.get(f"{gw.url}/x", headers={**headers, "Accept": "text/html"}, timeout=30))
-        assert later.status_code == 302 and set_cookies(later)[SESSION]["max-age"] == "0"
-        assert [e["event"] for e in idp.ledger()] == ["redeemed"]  # exactly one presentation, no reuse
-        assert "event=refresh_lost" in gw.log()
-
-
 def test_redis_down_during_the_idp_call_the_successor_is_written_back_when_it_is_back(
     idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str
 ) -> None:
