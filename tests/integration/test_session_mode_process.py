@@ -22,7 +22,9 @@ import pytest
 import redis
 from support.faultproxy import FaultProxy
 from support.servers import GatewayProcess, IdPProcess, ServerProcess, set_cookies, start_gateway, start_idp
+from support.sessionmodes import Browser, cleared
 from support.sessions import record_key, start_session
+from support.workers import WorkerClients
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -394,3 +396,79 @@ def test_redis_down_during_the_idp_call_the_successor_is_written_back_when_it_is
         assert [r.status_code for r in later] == [200] * 6
         assert idp.stats()["refresh_calls"] == 1
         assert max(idp.redemption_counts().values()) == 1
+
+
+def test_reuse_of_an_old_record_ends_the_newest_tokens_too_with_an_idp_that_ignores_revocation(
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+) -> None:
+    """Failure 3 in session mode: R0 -> R1, then a stale copy of the record (a restored backup, a lost write)
+    presents R0 past grace. The whole session ends, its live access token too, on every worker, though the IdP
+    (SimpleJWT: no revocation) would still honour R1 and the gateway does not even tell it."""
+    idp.behaviour(revoke_used=False, reuse_revokes_family=False)
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with serve(idp, upstream, redis_url, prefix, grace_period=1, revocation_endpoint=None) as gw:
+        tab = Browser(gw, "server", redis_url).start(idp.issue("alice", access_ttl=-60))
+        key = record_key(prefix, tab.cookie)
+        client = redis.Redis.from_url(redis_url)
+        r0 = client.get(key)
+        assert tab.get().status_code == 200
+        newest = tab.record()
+        assert newest is not None and newest.refresh != tab.first_refresh
+        time.sleep(2.2)  # past the 1 s grace period, and past the workers' cached copies (2 s)
+        client.set(key, r0 or b"", px=60_000)
+        thief = tab.copy().get()
+        assert thief.status_code == 401 and thief.json()["reason"] == "reuse" and cleared(thief, "server")
+        owner = tab.get()  # the browser itself: over too
+        assert owner.status_code == 401 and cleared(owner, "server")
+        with WorkerClients(gw) as workers:  # the newest access token: refused on every worker within a second
+            deadline = time.monotonic() + 3
+            while True:
+                served = workers.batch([("GET", f"{gw.url}/x", {"Authorization": f"Bearer {newest.access}"})] * 8)
+                if {s.worker for s in served} == set(workers.pids) and all(
+                    s.response.status_code != 200 for s in served
+                ):
+                    break
+                assert time.monotonic() < deadline, "the session's live access token still works on some worker"
+                time.sleep(0.1)
+        assert all(s.response.json()["reason"] == "token_revoked" for s in served)
+        assert refresh_calls(idp) == 1  # the replay never reached the IdP
+        assert max(idp.redemption_counts().values()) == 1
+        at_idp = httpx.post(f"{idp.url}/token", data={"grant_type": "refresh_token", "refresh_token": newest.refresh},
+                            auth=("legacy-app", "demo-secret"))  # fmt: skip
+        assert at_idp.status_code == 200  # only the gateway stands between the replayed session and the app
+        client.close()
+
+
+def test_a_superseded_record_after_a_logout_is_401_with_the_session_cookie_cleared(
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+) -> None:
+    """Failure 10 in session mode: the record as it was before a refresh comes back after the logout, within
+    grace: its grace hit must not hand back the denylisted successor."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with serve(idp, upstream, redis_url, prefix, grace_period=30) as gw:
+        tab = Browser(gw, "server", redis_url).start(idp.issue("alice", access_ttl=-60))
+        key = record_key(prefix, tab.cookie)
+        client = redis.Redis.from_url(redis_url)
+        old = client.get(key)
+        assert tab.get().status_code == 200
+        out = httpx.post(f"{gw.url}/.gateway/logout", headers=tab.headers(Origin=gw.url))
+        assert out.status_code == 204
+        client.set(key, old or b"", px=60_000)
+        other_tab = no_token_cookie(httpx.get(f"{gw.url}/x", headers=tab.headers()))
+        assert other_tab.status_code == 401 and other_tab.json()["reason"] == "session_ended"
+        assert cleared(other_tab, "server") and refresh_calls(idp) == 1
+        client.close()
+
+
+def test_a_session_record_copied_to_another_sessions_key_does_not_unseal(
+    gateway: GatewayProcess, idp: IdPProcess, redis_url: str, prefix: str
+) -> None:
+    """Failure 8 (I4) for session records: someone with write access to Redis, not the secret, gives Bob
+    Alice's record."""
+    alice = Browser(gateway, "server", redis_url).start(idp.issue("alice"), {"sub": "alice"})
+    bob = Browser(gateway, "server", redis_url).start(idp.issue("bob"), {"sub": "bob"})
+    with redis.Redis.from_url(redis_url) as client:
+        client.set(record_key(prefix, bob.cookie), client.get(record_key(prefix, alice.cookie)) or b"", px=60_000)
+    response = bob.get()
+    assert response.status_code == 401 and "alice" not in response.text and cleared(response, "server")
+    assert alice.get().status_code == 200 and identity(alice.get())["x-auth-user"] == "alice"
