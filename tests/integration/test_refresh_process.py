@@ -28,7 +28,7 @@ from support.servers import (
     start_gateway,
     start_idp,
 )
-from support.sessionmodes import MODES, Browser, cleared, kept, rotated, with_mode
+from support.sessionmodes import MODES, Browser, cleared, handed_out, kept, rotated, with_mode
 
 IDP_SECRET = "refresh-tests-hs256-secret-0123456789abcdef"
 ACCESS, REFRESH = "__Host-gw_access", "__Host-gw_refresh"
@@ -329,20 +329,20 @@ def test_valid_tokens_work_and_refresh_fails_closed_without_redis(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
 def test_slow_idp_longer_than_the_lease_is_called_once(
-    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str, mode: str
 ) -> None:
     """Regression for oauth2-proxy PR #3456: a lock lease shorter than the IdP call must be renewed."""
     prefix = f"gwtest:{os.urandom(4).hex()}:"
     config = gateway_config(idp, upstream, redis_url, prefix, timeout=20, lock_lease=5, wait_timeout=30)
-    with start_gateway(config, workers=4) as gw:
-        session = expired_session(idp)
+    with start_gateway(with_mode(config, mode), workers=4) as gw:
+        tab = Browser(gw, mode, redis_url).start(expired_session(idp))
         idp.behaviour(latency=12)
-        cookie = cookie_header(session["access"], session["refresh"])
-        responses = asyncio.run(storm(f"{gw.url}/slow", cookie, 40))
+        responses = asyncio.run(storm(f"{gw.url}/slow", tab.cookie, 40))
         assert [r.status_code for r in responses] == [200] * 40
         assert idp.stats()["refresh_calls"] == 1
-        assert len({set_cookies(r)[REFRESH].value for r in responses}) == 1
+        assert len(handed_out(responses, tab)) == 1
 
 
 def _kill_the_owner_mid_call(
@@ -370,23 +370,21 @@ def _kill_the_owner_mid_call(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
 def test_worker_killed_mid_call_ends_the_session_cleanly_and_never_resends_the_token(
-    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str, mode: str
 ) -> None:
     """The IdP redeemed the token and the only worker that could know the successor died: refresh_lost, not reuse."""
     prefix = f"gwtest:{os.urandom(4).hex()}:"
     config = gateway_config(idp, upstream, redis_url, prefix, timeout=4, lock_lease=1, wait_timeout=20)
-    with start_gateway(config, workers=2) as gw:
-        session = expired_session(idp)
+    with start_gateway(with_mode(config, mode), workers=2) as gw:
+        tab = Browser(gw, mode, redis_url).start(expired_session(idp))
         idp.behaviour(latency=2)
-        others = _kill_the_owner_mid_call(
-            gw, idp, redis_url, prefix, cookie_header(session["access"], session["refresh"])
-        )
+        others = _kill_the_owner_mid_call(gw, idp, redis_url, prefix, tab.cookie)
         assert all(isinstance(r, httpx.Response) for r in others), others
         for response in others:
             assert response.status_code == 401 and response.json()["reason"] == "refresh_lost"
-            cleared = set_cookies(response)
-            assert cleared[ACCESS]["max-age"] == "0" and cleared[REFRESH]["max-age"] == "0"
+            assert cleared(response, mode)
         # A negative check: time for a resend to reach the IdP, were there one; cannot fail a right gateway.
         time.sleep(0.5)
         assert refresh_calls(idp) == 1  # never sent again
@@ -395,8 +393,9 @@ def test_worker_killed_mid_call_ends_the_session_cleanly_and_never_resends_the_t
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
 def test_worker_killed_mid_call_is_retried_once_within_the_idps_reuse_window(
-    upstream: ServerProcess, redis_url: str
+    upstream: ServerProcess, redis_url: str, mode: str
 ) -> None:
     """Design point 7: with refresh.idp_reuse_window, the lost answer is asked for again and the session lives."""
     with start_idp(secret=IDP_SECRET, reuse_window=30) as idp:
@@ -404,13 +403,12 @@ def test_worker_killed_mid_call_is_retried_once_within_the_idps_reuse_window(
         config = gateway_config(
             idp, upstream, redis_url, prefix, timeout=4, lock_lease=1, wait_timeout=20, idp_reuse_window=30
         )
-        with start_gateway(config, workers=2) as gw:
-            session = expired_session(idp)
+        with start_gateway(with_mode(config, mode), workers=2) as gw:
+            tab = Browser(gw, mode, redis_url).start(expired_session(idp))
             idp.behaviour(latency=2)
-            cookie = cookie_header(session["access"], session["refresh"])
-            others = _kill_the_owner_mid_call(gw, idp, redis_url, prefix, cookie)
+            others = _kill_the_owner_mid_call(gw, idp, redis_url, prefix, tab.cookie)
             assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in others), others
-            assert len({set_cookies(r)[REFRESH].value for r in others if isinstance(r, httpx.Response)}) == 1
+            assert len(handed_out([r for r in others if isinstance(r, httpx.Response)], tab)) == 1
             assert [e["event"] for e in idp.ledger()] == ["redeemed", "reused_in_window"]
             assert refresh_calls(idp) == 2 and not any(f["revoked"] for f in idp.families())
 
