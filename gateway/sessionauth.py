@@ -23,6 +23,8 @@ from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
 
+import jwt
+
 from gateway.authn import AuthResult
 from gateway.errors import StoreError
 from gateway.families import ENDED, SESSION, Families
@@ -104,7 +106,8 @@ class SessionAuth:
             verdict = await self._verifier.verify(record.access)
             if verdict.ok and not verdict.refreshable:
                 return _valid(current, verdict, refreshed)
-            if verdict.reason in TRANSIENT or record.refresh is None or self._refresher is None:
+            stranded = verdict.reason in NOT_YET and _past_exp(record.access)  # its key dropped meanwhile
+            if (verdict.reason in TRANSIENT and not stranded) or record.refresh is None or self._refresher is None:
                 return _valid(current, verdict, refreshed) if verdict.ok else AuthResult(reason=_kept(verdict))
             outcome = await self._refresher.outcome(record.refresh, record.access, client=client)
             if isinstance(outcome.label, Reason) and outcome.label in FATAL:
@@ -247,12 +250,30 @@ def _valid(loaded: Loaded, verdict: Verdict, refreshed: bool = False) -> AuthRes
     )
 
 
+# Verdicts on the record's access token that may pass a moment later (a new kid the JWKS cannot give us yet,
+# an IdP clock ahead of ours).
+NOT_YET = frozenset({Reason.UNKNOWN_KEY, Reason.TOKEN_NOT_YET_VALID})
+
+
 def _kept(verdict: Verdict) -> Reason:
     """Why the record's access token cannot be used now. It came from the IdP (a login, a refresh), never from
-    the browser: one that does not verify *yet* (a new kid the JWKS cannot give us yet, an IdP clock ahead of
-    ours) is the cookie-mode successor kept unverified: 503 with the session kept, not 401 (a login redirect)."""
+    the browser: one that does not verify *yet* is the cookie-mode successor kept unverified: 503 with the
+    session kept, not 401 (a login redirect)."""
     reason = verdict.reason or Reason.REFRESH_ERROR
-    return Reason.IDP_TOKEN_UNVERIFIED if reason in (Reason.UNKNOWN_KEY, Reason.TOKEN_NOT_YET_VALID) else reason
+    return Reason.IDP_TOKEN_UNVERIFIED if reason in NOT_YET else reason
+
+
+def _past_exp(token: str) -> bool:
+    """The ``exp`` the token claims has passed. Read without its signature, for one decision only: a record's
+    token that cannot be verified *and* says it expired is refreshed (its key dropped from the JWKS while the
+    session sat idle), as cookie mode refreshes once the unverifiable access cookie is cleared. The record is
+    the gateway's own sealed value, and the refresh goes through the flight, whose ``issued`` check verifies
+    a just-issued successor again instead of calling the IdP."""
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.InvalidTokenError:
+        return False
+    return isinstance(exp, int | float) and exp <= time.time()
 
 
 class ServerSessionIndex:

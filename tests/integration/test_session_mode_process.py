@@ -472,3 +472,22 @@ def test_a_session_record_copied_to_another_sessions_key_does_not_unseal(
     response = bob.get()
     assert response.status_code == 401 and "alice" not in response.text and cleared(response, "server")
     assert alice.get().status_code == 200 and identity(alice.get())["x-auth-user"] == "alice"
+
+
+def test_a_key_dropped_by_the_idp_does_not_strand_an_idle_session(upstream: ServerProcess, redis_url: str) -> None:
+    """The IdP rolled its keys over and dropped the old one from its JWKS while the session sat idle: the record's
+    expired access token names a kid nobody knows any more. It is refreshed (the new token verifies), not refused
+    until the idle timeout (cookie mode clears such an access cookie and refreshes)."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with start_idp(algorithm="RS256") as rs_idp:
+        config = gateway_config(rs_idp, upstream, redis_url, prefix, SESSION_SETTINGS)
+        config["tokens"] = {"algorithms": ["RS256"], "jwks_url": f"{rs_idp.url}/jwks", "audience": "legacy-app"}
+        with start_gateway(config, workers=1) as gw:
+            tab = Browser(gw, "server", redis_url).start(rs_idp.issue("alice", access_ttl=-60))
+            rs_idp.rotate_key(drop_old=True)
+            time.sleep(5.2)  # the gateway refetches a JWKS at most every 5 s
+            newcomer = rs_idp.issue("bob")["access"]  # its new kid makes the gateway refetch: the old kid is gone
+            assert httpx.get(f"{gw.url}/x", headers={"Authorization": f"Bearer {newcomer}"}).status_code == 200
+            back = tab.get()
+            assert back.status_code == 200, back.text
+            assert rs_idp.stats()["refresh_calls"] == 1 and max(rs_idp.redemption_counts().values()) == 1
