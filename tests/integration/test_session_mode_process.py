@@ -491,3 +491,45 @@ def test_a_key_dropped_by_the_idp_does_not_strand_an_idle_session(upstream: Serv
             back = tab.get()
             assert back.status_code == 200, back.text
             assert rs_idp.stats()["refresh_calls"] == 1 and max(rs_idp.redemption_counts().values()) == 1
+
+
+def test_only_the_session_cookie_refreshes_and_an_expired_bearer_never_does(
+    gateway: GatewayProcess, idp: IdPProcess, redis_url: str, prefix: str
+) -> None:
+    """test_refresh_process's test_only_valid_expired_cookie_sessions_refresh in session mode: an API client's
+    expired Bearer token is 401 even with a session cookie alongside, a session cookie the gateway did not seal
+    is never looked up, and the session cookie alone resumes the session."""
+    session = idp.issue("alice", access_ttl=-60)
+    tab = Browser(gateway, "server", redis_url).start(session)
+    before = refresh_calls(idp)
+    api = tab.headers(Authorization=f"Bearer {session['access']}")
+    bearer = no_token_cookie(httpx.get(f"{gateway.url}/x", headers=api))
+    assert bearer.status_code == 401 and bearer.json()["reason"] == "token_expired"
+    forged = no_token_cookie(httpx.get(f"{gateway.url}/x", headers={"Cookie": f"{SESSION}=not-sealed-here"}))
+    assert forged.status_code == 401 and set_cookies(forged)[SESSION]["max-age"] == "0"
+    assert refresh_calls(idp) == before
+    resumed = tab.get()
+    assert resumed.status_code == 200 and refresh_calls(idp) == before + 1
+
+
+def test_simplejwt_style_rotation_with_blacklisting(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> None:
+    """test_refresh_process's SimpleJWT test in session mode: JSON refresh, one call for a storm, reuse after grace."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    config = gateway_config(idp, upstream, redis_url, prefix, SESSION_SETTINGS)
+    endpoint = f"{idp.url}/api/token/refresh/"
+    config["refresh"] = {"endpoint": endpoint, "style": "json", "grace_period": 2, "lock_lease": 2}
+    with start_gateway(config, workers=2) as gw:
+        tab = Browser(gw, "server", redis_url).start(idp.issue("bob", access_ttl=-60), {"sub": "bob"})
+        key = record_key(prefix, tab.cookie)
+        client = redis.Redis.from_url(redis_url)
+        old = client.get(key)
+        responses = asyncio.run(storm(f"{gw.url}/x", tab.headers(), 100))
+        assert [no_token_cookie(r).status_code for r in responses] == [200] * 100
+        assert refresh_calls(idp) == 1 and {identity(r)["x-auth-user"] for r in responses} == {"bob"}
+        assert tab.refresh_token() not in (None, tab.first_refresh)
+        time.sleep(2.5)  # past the 2 s grace period (and the workers' cached copies): the old record is a replay
+        client.set(key, old or b"", px=60_000)
+        late = tab.get()
+        assert late.status_code == 401 and late.json()["reason"] == "reuse" and cleared(late, "server")
+        assert refresh_calls(idp) == 1
+        client.close()
