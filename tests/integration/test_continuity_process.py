@@ -4,7 +4,9 @@
 (tests/support/faultproxy.py), which delays, drops or resets the reply to chosen commands; the
 test IdP loses answers after redeeming, ignores revocations, rolls its keys over. What is
 asserted is what a user or the IdP notices: statuses, cookies, and the IdP's per-token
-redemption ledger (invariant I1: no refresh token is presented twice).
+redemption ledger (invariant I1: no refresh token is presented twice). Most tests run in both session
+modes (``mode``: the refresh token in a sealed cookie, or in a server-side session record; see
+support.sessionmodes); session-mode twins of the others are in test_session_mode_process.py.
 """
 
 from __future__ import annotations

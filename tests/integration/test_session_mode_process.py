@@ -3,7 +3,12 @@ redis-server, the rotating IdP. The refresh suite's key scenarios (tests/integra
 in session mode: the browser holds one session cookie, and no response ever sets a token in a cookie.
 
 Sessions start through the capture route (a SimpleJWT-style login at the IdP), or, for tokens taken straight from
-the IdP, written into the store with the gateway's own code (support.sessions).
+the IdP, written into the store with the gateway's own code (support.sessions, support.sessionmodes).
+
+The fault tests whose body is the same in both modes run in both, parametrized over ``mode``
+(tests/integration/test_continuity_process.py, test_refresh_process.py, test_failover_process.py); this module
+has the rest, and the twins of those whose cookie-mode body does not carry over (a stale record standing for an
+old cookie).
 """
 
 from __future__ import annotations
