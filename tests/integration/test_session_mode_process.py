@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -32,6 +33,8 @@ from support.sessions import record_key, start_session
 from support.workers import WorkerClients
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
+
+from gateway.store import lua
 
 IDP_SECRET = "session-tests-hs256-secret-0123456789abcdef"
 SESSION = "__Host-gw_session"
@@ -538,3 +541,25 @@ def test_simplejwt_style_rotation_with_blacklisting(idp: IdPProcess, upstream: S
         assert late.status_code == 401 and late.json()["reason"] == "reuse" and cleared(late, "server")
         assert refresh_calls(idp) == 1
         client.close()
+
+
+@pytest.mark.parametrize("fault", ["drop_reply", "reset_before"])
+def test_a_write_back_whose_reply_is_lost_or_that_never_landed_costs_nothing(
+    idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str, fault: str
+) -> None:
+    """Session mode's own step, under failure 1's faults: the compare-and-set that writes the successor into the
+    record loses its reply (it happened) or fails before Redis saw it (retried in the background). The request
+    gets its page either way, and the next ones find the successor: no second IdP call, no token sent twice."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with serve(idp, upstream, proxy.redis_url(int(urlsplit(redis_url).path.strip("/") or 0)), prefix) as gw:
+        tab = Browser(gw, "server", redis_url).start(idp.issue("alice", access_ttl=-60))
+        rule = proxy.add_rule(f"^EVALSHA {hashlib.sha1(lua.REPLACE.encode()).hexdigest()}", fault, times=2)
+        first = tab.get()
+        assert first.status_code == 200 and proxy.matched(rule) >= 1
+        deadline = time.monotonic() + 5  # the background write-back lands within a retry pause or two
+        while tab.refresh_token() == tab.first_refresh:
+            assert time.monotonic() < deadline, "the successor never reached the record"
+            time.sleep(0.1)
+        later = [tab.get() for _ in range(8)]
+        assert [r.status_code for r in later] == [200] * 8 and all("set-cookie" not in r.headers for r in later)
+        assert refresh_calls(idp) == 1 and max(idp.redemption_counts().values()) == 1
