@@ -23,6 +23,8 @@ from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Any
 
+import jwt
+
 from gateway.authn import AuthResult
 from gateway.denylist import refuse_until
 from gateway.errors import StoreError
@@ -105,8 +107,9 @@ class SessionAuth:
             verdict = await self._verifier.verify(record.access)
             if verdict.ok and not verdict.refreshable:
                 return _valid(current, verdict, refreshed)
-            if verdict.reason in TRANSIENT or record.refresh is None or self._refresher is None:
-                return _valid(current, verdict, refreshed) if verdict.ok else AuthResult(reason=verdict.reason)
+            stranded = verdict.reason in NOT_YET and _past_exp(record.access)  # its key dropped meanwhile
+            if (verdict.reason in TRANSIENT and not stranded) or record.refresh is None or self._refresher is None:
+                return _valid(current, verdict, refreshed) if verdict.ok else AuthResult(reason=_kept(verdict))
             outcome = await self._refresher.outcome(record.refresh, record.access, client=client)
             if isinstance(outcome.label, Reason) and outcome.label in FATAL:
                 await self.sessions.end(h, record)  # the family is over: so is the session
@@ -177,8 +180,7 @@ class SessionAuth:
             self._spawn(self._end_later(h, client))
 
     async def _refuse_here(self, h: str) -> None:
-        """Through a store outage: this worker refuses the session at once (its cached copy, and its access token
-        for the fast path); the denylist shares that when the store answers again."""
+        """Through a store outage: this worker refuses the session (and its token) at once; shared later."""
         cached = self.sessions.forget(h)
         if cached is None:
             return  # not cached here: any read goes to the store, which answers 503 until it is back
@@ -190,8 +192,7 @@ class SessionAuth:
             await self._families.refuse(jti, refuse_until(claims or {}, time.time()))
 
     async def id_token(self, value: str) -> str | None:
-        """The ID token of the session a cookie value names (``id_token_hint`` at RP-initiated logout), or None.
-        Never raises."""
+        """The ID token of the session a cookie value names (RP-initiated logout's hint), or None. Never raises."""
         h = self.sessions.open_cookie(value)
         if h is None:
             return None
@@ -261,6 +262,32 @@ def _valid(loaded: Loaded, verdict: Verdict, refreshed: bool = False) -> AuthRes
         until=loaded.until,
         watch=SESSION + loaded.record.root,
     )
+
+
+# Verdicts on the record's access token that may pass a moment later (a new kid the JWKS cannot give us yet,
+# an IdP clock ahead of ours).
+NOT_YET = frozenset({Reason.UNKNOWN_KEY, Reason.TOKEN_NOT_YET_VALID})
+
+
+def _kept(verdict: Verdict) -> Reason:
+    """Why the record's access token cannot be used now. It came from the IdP (a login, a refresh), never from
+    the browser: one that does not verify *yet* is the cookie-mode successor kept unverified: 503 with the
+    session kept, not 401 (a login redirect)."""
+    reason = verdict.reason or Reason.REFRESH_ERROR
+    return Reason.IDP_TOKEN_UNVERIFIED if reason in NOT_YET else reason
+
+
+def _past_exp(token: str) -> bool:
+    """The ``exp`` the token claims has passed. Read without its signature, for one decision only: a record's
+    token that cannot be verified *and* says it expired is refreshed (its key dropped from the JWKS while the
+    session sat idle), as cookie mode refreshes once the unverifiable access cookie is cleared. The record is
+    the gateway's own sealed value, and the refresh goes through the flight, whose ``issued`` check verifies
+    a just-issued successor again instead of calling the IdP."""
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.InvalidTokenError:
+        return False
+    return isinstance(exp, int | float) and exp <= time.time()
 
 
 class ServerSessionIndex:

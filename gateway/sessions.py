@@ -194,7 +194,15 @@ class ServerSessions:
         if now - record.seen >= self.touch_every:
             touched = replace(record, seen=now)
             value = self._seal(h, touched)
-            if await self._store.replace(session_key(h), raw, value, self._ttl(touched, now)):
+            try:
+                written = await self._store.replace(session_key(h), raw, value, self._ttl(touched, now))
+            except StoreError as exc:
+                # Recording the use is bookkeeping: the record was read. Served as read, not cached (the next
+                # read tries again); a write-back over it that lost to a use that did land reads again.
+                log.warning("session %s: use not recorded (%s)", h[:12], exc)
+                self._cache.pop(h, None)
+                return Loaded(h, raw, record, now)
+            if written:
                 raw, record = value, touched
             elif _depth < 3:  # another worker wrote meanwhile (a use, a refresh): read its version
                 return await self._read(h, _depth + 1)

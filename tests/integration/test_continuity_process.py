@@ -4,7 +4,9 @@
 (tests/support/faultproxy.py), which delays, drops or resets the reply to chosen commands; the
 test IdP loses answers after redeeming, ignores revocations, rolls its keys over. What is
 asserted is what a user or the IdP notices: statuses, cookies, and the IdP's per-token
-redemption ledger (invariant I1: no refresh token is presented twice).
+redemption ledger (invariant I1: no refresh token is presented twice). Most tests run in both session
+modes (``mode``: the refresh token in a sealed cookie, or in a server-side session record; see
+support.sessionmodes); session-mode twins of the others are in test_session_mode_process.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import yaml
 from support.faultproxy import FaultProxy
 from support.sealed import refresh_token_in
 from support.servers import GatewayProcess, IdPProcess, ServerProcess, set_cookies, start_gateway, start_idp
+from support.sessionmodes import MODES, Browser, cleared, handed_out, kept, rotated, with_mode
 from support.waiting import until, wait_until
 from support.workers import WorkerClients
 from test_refresh_process import ACCESS, IDP_SECRET, REFRESH, cookie_header, gateway_config
@@ -68,12 +71,16 @@ def via(proxy: FaultProxy, redis_url: str) -> str:
 
 def serve(
     idp: IdPProcess, upstream: ServerProcess, store_url: str, *, workers: int = 2, tokens: dict[str, Any] | None = None,
-    **refresh: Any,
+    mode: str = "cookie", **refresh: Any,
 ) -> GatewayProcess:  # fmt: skip
+    """A gateway in session ``mode`` (support.sessionmodes: "cookie" or "server")."""
     prefix = f"gwtest:{os.urandom(4).hex()}:"
     config = gateway_config(idp, upstream, store_url, prefix, **({"lock_lease": 1, "grace_period": 3} | refresh))
     config["tokens"] |= tokens or {}
-    return start_gateway(config, workers=workers)
+    return start_gateway(with_mode(config, mode), workers=workers)
+
+
+mode_param = pytest.mark.parametrize("mode", MODES)
 
 
 def expired(idp: IdPProcess, user: str = "alice") -> dict[str, str]:
@@ -123,37 +130,39 @@ def assert_cleared(response: httpx.Response) -> None:
 # --- 1. Redis fails during an IdP outage -------------------------------------------------------------
 
 
+@mode_param
 def test_attempt_marker_whose_delete_failed_is_cleared_and_the_session_goes_on(
-    idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str
+    idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str, mode: str
 ) -> None:
     """Failure 1a: IdP down (not redeemed), and the delete of the attempt marker fails on Redis."""
-    with serve(idp, upstream, via(proxy, redis_url)) as gw:
-        session = expired(idp)
+    with serve(idp, upstream, via(proxy, redis_url), mode=mode) as gw:
+        tab = Browser(gw, mode, redis_url).start(expired(idp))
         idp.behaviour(fail="503", fail_count=1)
         rule = proxy.add_rule(f"^EVALSHA {sha(lua.SETTLE_ATTEMPT)}", "reset_before", times=2)
-        down = get(gw, session["access"], session["refresh"])
-        assert down.status_code == 503 and "set-cookie" not in down.headers
+        down = tab.get()
+        assert down.status_code == 503 and kept(down)
         assert proxy.matched(rule) >= 1
         time.sleep(2.5)  # both are back; the shared failure (2 s) is over
-        up = get(gw, session["access"], session["refresh"])
+        up = tab.get()
         assert up.status_code == 200, up.text
-        assert REFRESH in set_cookies(up)
+        assert rotated(up, mode)
         assert_one_redemption_each(idp)
 
 
+@mode_param
 def test_attempt_marker_whose_reply_was_lost_never_becomes_a_logout(
-    idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str
+    idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str, mode: str
 ) -> None:
     """Failure 1b: the marker reached Redis but its reply was lost; the IdP was never called."""
-    with serve(idp, upstream, via(proxy, redis_url)) as gw:
-        session = expired(idp)
+    with serve(idp, upstream, via(proxy, redis_url), mode=mode) as gw:
+        tab = Browser(gw, mode, redis_url).start(expired(idp))
         rule = proxy.add_rule(f"^EVALSHA {sha(lua.BEGIN_ATTEMPT)}", "drop_reply")
-        lost = get(gw, session["access"], session["refresh"])
-        assert lost.status_code == 503 and "set-cookie" not in lost.headers
+        lost = tab.get()
+        assert lost.status_code == 503 and kept(lost)
         assert proxy.matched(rule) == 1 and idp.stats()["refresh_calls"] == 0
         wait_until(lambda: let_go(gw, redis_url), "the failed refresh cleared its attempt and released its lock")
-        up = get(gw, session["access"], session["refresh"])
-        assert up.status_code == 200, up.text
+        up = tab.get()
+        assert up.status_code == 200 and rotated(up, mode), up.text
         assert idp.stats()["refresh_calls"] == 1
         assert_one_redemption_each(idp)
 
@@ -161,23 +170,26 @@ def test_attempt_marker_whose_reply_was_lost_never_becomes_a_logout(
 # --- 2. the lease ------------------------------------------------------------------------------------
 
 
+@mode_param
 @pytest.mark.parametrize("fault", ["one_renewal_stalls", "every_renewal_fails"])
 def test_a_lease_renewal_that_stalls_or_fails_leaves_responses_in_agreement(
-    idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str, fault: str
+    idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str, fault: str, mode: str
 ) -> None:
     """Failure 2: some responses rotated the cookies, others cleared them. Now one successor, shared by all."""
-    with serve(idp, upstream, via(proxy, redis_url)) as gw:
-        session = expired(idp)
+    with serve(idp, upstream, via(proxy, redis_url), mode=mode) as gw:
+        tab = Browser(gw, mode, redis_url).start(expired(idp))
         idp.behaviour(latency=2.5)  # longer than the 1 s lease
         renew = f"^EVALSHA {sha(lua.RENEW)}"
         if fault == "one_renewal_stalls":
             rule = proxy.add_rule(renew, "delay_reply", delay=2.0)  # twice the lease
         else:
             rule = proxy.add_rule(renew, "reset_before", times=None)
-        responses = asyncio.run(storm(f"{gw.url}/s", cookie_header(session["access"], session["refresh"]), 40))
+        responses = asyncio.run(storm(f"{gw.url}/s", tab.cookie, 40))
         assert proxy.matched(rule) >= 1
         assert [r.status_code for r in responses] == [200] * 40
-        assert len({set_cookies(r)[REFRESH].value for r in responses}) == 1
+        assert len(handed_out(responses, tab)) == 1
+        proxy.clear_rules()
+        assert tab.keep(responses[0]) and tab.get().status_code == 200  # what the browser kept works
         assert idp.stats()["refresh_calls"] == 1
         assert_one_redemption_each(idp)
 
@@ -274,37 +286,40 @@ def test_the_superseded_cookie_after_a_logout_is_401_with_cookies_cleared(
 # --- 5. the IdP redeems, then its answer is lost ----------------------------------------------------------
 
 
+@mode_param
 @pytest.mark.parametrize(
     ("fail", "first_status"),
     [("redeem_then_hang", 503), ("redeem_then_reset", 503), ("redeem_then_504", 503), ("redeem_then_garbage", 503)],
 )
 def test_an_answer_lost_after_redemption_is_never_resent(
-    idp: IdPProcess, upstream: ServerProcess, redis_url: str, fail: str, first_status: int
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str, fail: str, first_status: int, mode: str
 ) -> None:
     """Failure 5: each of these counted as "not redeemed", the token was sent again, the IdP revoked the family."""
-    with serve(idp, upstream, redis_url, timeout=1.5) as gw:
-        session = expired(idp)
+    with serve(idp, upstream, redis_url, timeout=1.5, mode=mode) as gw:
+        tab = Browser(gw, mode, redis_url).start(expired(idp))
         idp.behaviour(fail=fail, fail_count=1)
-        first = get(gw, session["access"], session["refresh"])
-        assert first.status_code == first_status and "set-cookie" not in first.headers
+        first = tab.get()
+        assert first.status_code == first_status and kept(first)
         time.sleep(2.2)  # the failure is shared for 2 s, then the session ends cleanly
-        later = get(gw, session["access"], session["refresh"], Accept="text/html")
+        later = tab.get(Accept="text/html")
         assert later.status_code == 302 and later.headers["location"].startswith("https://login.test/")
-        assert_cleared(later)
+        assert cleared(later, mode)
         assert [e["event"] for e in idp.ledger()] == ["redeemed"]  # exactly one presentation, no reuse
         assert "event=refresh_lost" in gw.log() and "event=refresh_answer_lost" in gw.log()
 
 
+@mode_param
 def test_an_answer_lost_within_the_idps_reuse_window_is_asked_for_again(
-    upstream: ServerProcess, redis_url: str
+    upstream: ServerProcess, redis_url: str, mode: str
 ) -> None:
     """Design point 7: Auth0, Okta and Keycloak accept a just-used token again for a while."""
     with start_idp(secret=IDP_SECRET, reuse_window=10) as idp:
-        with serve(idp, upstream, redis_url, timeout=1.5, idp_reuse_window=10) as gw:
-            session = expired(idp)
+        with serve(idp, upstream, redis_url, timeout=1.5, idp_reuse_window=10, mode=mode) as gw:
+            tab = Browser(gw, mode, redis_url).start(expired(idp))
             idp.behaviour(fail="redeem_then_reset", fail_count=1)
-            response = get(gw, session["access"], session["refresh"])
-            assert response.status_code == 200 and REFRESH in set_cookies(response)
+            response = tab.get()
+            assert response.status_code == 200 and rotated(response, mode)
+            assert tab.get().status_code == 200  # the successor the retry brought is the session's now
             assert [e["event"] for e in idp.ledger()] == ["redeemed", "reused_in_window"]
             assert not any(f["revoked"] for f in idp.families())
 
@@ -312,43 +327,49 @@ def test_an_answer_lost_within_the_idps_reuse_window_is_asked_for_again(
 # --- 6. the new access token cannot be verified yet ---------------------------------------------------------
 
 
+@mode_param
 def test_key_rollover_with_jwks_down_keeps_the_successor_and_recovers_without_another_idp_call(
-    upstream: ServerProcess, redis_url: str
+    upstream: ServerProcess, redis_url: str, mode: str
 ) -> None:
     """Failure 6: a new kid while the JWKS is unreachable threw the valid successor away and ended the session."""
     with start_idp(algorithm="RS256") as idp:
         tokens = {"algorithms": ["RS256"], "secret": None, "jwks_url": f"{idp.url}/jwks"}
-        with serve(idp, upstream, redis_url, tokens=tokens) as gw:
+        with serve(idp, upstream, redis_url, tokens=tokens, mode=mode) as gw:
             session = expired(idp)
+            tab = Browser(gw, mode, redis_url).start(session)
             idp.rotate_key()
             idp.behaviour(jwks="down")
-            first = get(gw, session["access"], session["refresh"])
+            first = tab.get()
             assert first.status_code == 503 and first.headers["retry-after"]
-            assert set(set_cookies(first)) == {REFRESH}  # the successor is kept in the rotated refresh cookie
-            successor = set_cookies(first)[REFRESH].value
-            still = get(gw, None, successor)
+            assert ACCESS not in set_cookies(first) and rotated(first, mode)
+            successor = tab.refresh_token()  # kept: in the rotated refresh cookie, or in the record
+            assert successor not in (None, session["refresh"])
+            still = tab.drop_access().get()
             assert still.status_code == 503
             idp.behaviour(jwks="up")
             time.sleep(5.2)  # the gateway refetches a JWKS at most every 5 s
-            back = get(gw, None, successor)
+            back = tab.get()
             assert back.status_code == 200, back.text
-            assert ACCESS in set_cookies(back)
+            assert ACCESS in set_cookies(back) if mode == "cookie" else kept(back)
+            assert tab.refresh_token() == successor
             assert idp.stats()["refresh_calls"] == 1
             assert_one_redemption_each(idp)
 
 
+@mode_param
 def test_an_idp_clock_ahead_of_ours_is_a_503_then_the_same_cookies_work(
-    upstream: ServerProcess, redis_url: str
+    upstream: ServerProcess, redis_url: str, mode: str
 ) -> None:
     """Failure 6: tokens issued by a clock ahead of ours are not valid yet: keep them, try again."""
     with start_idp(secret=IDP_SECRET, clock_skew=3) as idp:
-        with serve(idp, upstream, redis_url) as gw:
+        with serve(idp, upstream, redis_url, mode=mode) as gw:
             session = idp.issue("alice", access_ttl=-60)
-            first = get(gw, None, session["refresh"])  # a browser back after a while: the access cookie is gone
-            assert first.status_code == 503 and set(set_cookies(first)) == {REFRESH}
-            successor = set_cookies(first)[REFRESH].value
+            tab = Browser(gw, mode, redis_url).start(session)
+            first = tab.drop_access().get()  # a browser back after a while: the access cookie is gone
+            assert first.status_code == 503 and ACCESS not in set_cookies(first) and rotated(first, mode)
+            assert tab.refresh_token() not in (None, session["refresh"])
             time.sleep(3.2)  # the IdP's clock is 3 s ahead of ours: its tokens are valid here now
-            back = get(gw, None, successor)
+            back = tab.drop_access().get()
             assert back.status_code == 200, back.text
             assert idp.stats()["refresh_calls"] == 1
 
@@ -373,14 +394,15 @@ def test_grace_shorter_than_the_lease_is_refused_by_gateway_check(tmp_path: Any)
     assert "refresh.grace_period: 3 s is shorter than refresh.lock_lease (5 s)" in checked.stderr + checked.stdout
 
 
+@mode_param
 def test_waiters_without_notifications_find_the_result_within_a_short_grace_and_at_once(
-    idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str
+    idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str, mode: str
 ) -> None:
     """Failures 7 and 9: a waiter whose wake-up is lost slept a lease (and 2 s more per wait), found the
     result expired and declared reuse. Now it looks every 0.25 s."""
     proxy.add_rule("SUBSCRIBE", "blackhole_conn", times=None)  # no worker ever hears an announcement
-    with serve(idp, upstream, via(proxy, redis_url), grace_period=1, lock_lease=1) as gw:
-        session = expired(idp)
+    with serve(idp, upstream, via(proxy, redis_url), grace_period=1, lock_lease=1, mode=mode) as gw:
+        tab = Browser(gw, mode, redis_url).start(expired(idp))
         idp.behaviour(latency=1.0)
 
         async def timed() -> list[tuple[float, httpx.Response]]:
@@ -389,14 +411,14 @@ def test_waiters_without_notifications_find_the_result_within_a_short_grace_and_
                 response = await client.get(f"{gw.url}/w", headers={"Cookie": cookie})
                 return time.monotonic() - started, response
 
-            cookie = cookie_header(session["access"], session["refresh"])
+            cookie = tab.cookie
             limits = httpx.Limits(max_connections=30, max_keepalive_connections=0)
             async with httpx.AsyncClient(limits=limits, timeout=30) as client:
                 return await asyncio.gather(*(one(client) for _ in range(30)))
 
         results = asyncio.run(timed())
         assert [r.status_code for _, r in results] == [200] * 30
-        assert len({set_cookies(r)[REFRESH].value for _, r in results}) == 1
+        assert len(handed_out([r for _, r in results], tab)) == 1
         assert max(elapsed for elapsed, _ in results) < 1.9  # IdP 1.0 s + one poll, not + 2 s + a lease
         assert idp.stats()["refresh_calls"] == 1
 
@@ -404,42 +426,41 @@ def test_waiters_without_notifications_find_the_result_within_a_short_grace_and_
 # --- 8. sealed values are bound to their keys ---------------------------------------------------------------
 
 
+@mode_param
 def test_a_sealed_value_copied_to_another_users_key_does_not_unseal(
-    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str, mode: str
 ) -> None:
     """Failure 8: someone with write access to Redis, but not the secret, hands Alice's tokens to Bob."""
-    with serve(idp, upstream, redis_url, grace_period=30) as gw:
+    with serve(idp, upstream, redis_url, grace_period=30, mode=mode) as gw:
         prefix = store_key(gw, "")
         alice, bob = expired(idp, "alice"), expired(idp, "bob")
-        assert get(gw, alice["access"], alice["refresh"]).status_code == 200
+        alice_tab = Browser(gw, mode, redis_url).start(alice, {"sub": "alice"})
+        bob_tab = Browser(gw, mode, redis_url).start(bob, {"sub": "bob"})
+        assert alice_tab.get().status_code == 200
         sealer = Sealer(STORE_SECRET)
         a, b = sealer.token_hash(alice["refresh"]), sealer.token_hash(bob["refresh"])
         with redis.Redis.from_url(redis_url) as client:
             stolen = client.get(prefix + RecordKeys(a, a).result)
             assert stolen is not None
             client.set(prefix + RecordKeys(b, b).result, stolen, px=30_000)
-        response = get(gw, bob["access"], bob["refresh"])
+        response = bob_tab.get()
         assert response.status_code == 503 and "alice" not in response.text
-        assert "set-cookie" not in response.headers
+        assert kept(response)
 
 
 # --- 11. short-lived access tokens ------------------------------------------------------------------------
 
 
+@mode_param
 def test_short_lived_tokens_with_default_settings_refresh_when_due_not_on_every_request(
-    upstream: ServerProcess, redis_url: str
+    upstream: ServerProcess, redis_url: str, mode: str
 ) -> None:
     """Failure 11: 4 s tokens with leeway 30 and refresh_before 30 made every request call the IdP."""
     with start_idp(secret=IDP_SECRET, access_ttl=4) as idp:
-        with serve(idp, upstream, redis_url, tokens={"leeway": 30, "refresh_before": 30}) as gw:
-            session = idp.issue("alice")
-            access, refresh = session["access"], session["refresh"]
+        with serve(idp, upstream, redis_url, tokens={"leeway": 30, "refresh_before": 30}, mode=mode) as gw:
+            tab = Browser(gw, mode, redis_url).start(idp.issue("alice"))
             for _ in range(32):  # 8 s of a page polling every 0.25 s, keeping its cookies as a browser does
-                response = get(gw, access, refresh)
-                assert response.status_code == 200
-                jar = set_cookies(response)
-                access = jar[ACCESS].value if ACCESS in jar else access
-                refresh = jar[REFRESH].value if REFRESH in jar else refresh
+                assert tab.get().status_code == 200
                 time.sleep(0.25)
             assert 2 <= idp.stats()["refresh_calls"] <= 6  # due at half the 4 s life: every ~2 s, not 32 times
             assert gw.log().count("access tokens live 4 s, less than tokens.refresh_before (30 s)") >= 1

@@ -16,8 +16,9 @@ import httpx
 import pytest
 from support.redis_servers import SentinelSetup, start_sentinel_setup
 from support.servers import IdPProcess, ServerProcess, start_gateway, start_idp, start_upstream
+from support.sessionmodes import MODES, Browser, handed_out, with_mode
 from support.waiting import wait_until
-from test_refresh_process import ACCESS, IDP_SECRET, REFRESH, cookie_header, gateway_config, refresh_calls, set_cookies
+from test_refresh_process import IDP_SECRET, gateway_config, refresh_calls
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +56,9 @@ async def _storm(url: str, cookie: str, count: int) -> list[tuple[float, httpx.R
         return await asyncio.gather(*(one() for _ in range(count)))
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_master_killed_during_refresh_storm(
-    sentinel_setup: SentinelSetup, idp: IdPProcess, upstream: ServerProcess
+    sentinel_setup: SentinelSetup, idp: IdPProcess, upstream: ServerProcess, mode: str
 ) -> None:
     config = gateway_config(idp, upstream, "redis://", "gwtest:failover:")
     config["store"] = {
@@ -64,12 +66,13 @@ def test_master_killed_during_refresh_storm(
         "key_prefix": "gwtest:failover:",
         "secret": "store-secret-for-tests",
     }
-    with start_gateway(config, workers=4) as gateway:
+    with start_gateway(with_mode(config, mode), workers=4) as gateway:
         deadline = time.monotonic() + 10
         while httpx.get(f"{gateway.url}/.gateway/ready").status_code != 200:
             assert time.monotonic() < deadline, "gateway never became ready"
             time.sleep(0.1)
-        session = idp.issue("alice", access_ttl=-60)
+        master = f"redis://127.0.0.1:{sentinel_setup.current_master_port()}/0"
+        tab = Browser(gateway, mode, master).start(idp.issue("alice", access_ttl=-60))
         before = refresh_calls(idp)
         idp.behaviour(latency=1.5)  # the lock holder is still at the IdP when the master dies
 
@@ -79,9 +82,7 @@ def test_master_killed_during_refresh_storm(
 
         with ThreadPoolExecutor(1) as pool:
             killed = pool.submit(kill_while_at_the_idp)
-            results = asyncio.run(
-                _storm(f"{gateway.url}/storm", cookie_header(session["access"], session["refresh"]), 100)
-            )
+            results = asyncio.run(_storm(f"{gateway.url}/storm", tab.cookie, 100))
             killed.result()
         idp.behaviour(latency=0)
 
@@ -92,15 +93,15 @@ def test_master_killed_during_refresh_storm(
         # The owner was at the IdP when the master died: its answer is not lost with the master.
         assert refresh_calls(idp) - before == 1
         assert max(idp.redemption_counts().values()) == 1
-        fresh = [set_cookies(r) for _, r in results if r is not None and r.status_code == 200]
+        fresh = [r for _, r in results if r is not None and r.status_code == 200]
         assert fresh, "the IdP rotated the token but no response carried the successor"
-        assert len({jar[REFRESH].value for jar in fresh}) == 1  # one successor, whoever answered
+        tab.redis_url = f"redis://127.0.0.1:{sentinel_setup.current_master_port()}/0"  # the new master
+        assert len(handed_out(fresh, tab)) == 1  # one successor, whoever answered
 
-        # The browser keeps the cookies the successful response set.
-        cookie = cookie_header(fresh[0][ACCESS].value, fresh[0][REFRESH].value)
+        tab.keep(fresh[0])  # the browser keeps the cookies the successful response set
         deadline = time.monotonic() + 20
         while True:  # after the failover (a few seconds), the session works again
-            follow = httpx.get(f"{gateway.url}/after", headers={"Cookie": cookie}, timeout=10)
+            follow = httpx.get(f"{gateway.url}/after", headers=tab.headers(), timeout=10)
             if follow.status_code == 200 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)

@@ -28,6 +28,7 @@ from support.servers import (
     start_gateway,
     start_idp,
 )
+from support.sessionmodes import MODES, Browser, cleared, handed_out, kept, rotated, with_mode
 
 IDP_SECRET = "refresh-tests-hs256-secret-0123456789abcdef"
 ACCESS, REFRESH = "__Host-gw_access", "__Host-gw_refresh"
@@ -152,107 +153,128 @@ def test_reloads_with_old_cookies_get_the_successor_then_reuse_ends_the_session(
     assert stolen.status_code == 401
 
 
-def test_idp_503_keeps_cookies_and_later_succeeds(gateway: GatewayProcess, idp: IdPProcess) -> None:
-    session = expired_session(idp)
-    cookie = cookie_header(session["access"], session["refresh"])
+@pytest.fixture(scope="module", params=MODES)
+def moded(
+    request: pytest.FixtureRequest, idp: IdPProcess, upstream: ServerProcess, redis_url: str
+) -> Iterator[tuple[GatewayProcess, str]]:
+    """The module's gateway in each session mode (support.sessionmodes): the same tests, the same promises."""
+    if request.param == "cookie":
+        yield request.getfixturevalue("gateway"), "cookie"
+        return
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    config = with_mode(gateway_config(idp, upstream, redis_url, prefix, grace_period=3, lock_lease=2), "server")
+    with start_gateway(config, workers=4) as server:
+        yield server, "server"
+
+
+def browser(moded: tuple[GatewayProcess, str], redis_url: str, tokens: dict[str, str]) -> Browser:
+    gw, mode = moded
+    return Browser(gw, mode, redis_url).start(tokens)
+
+
+def test_idp_503_keeps_cookies_and_later_succeeds(
+    moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str
+) -> None:
+    tab = browser(moded, redis_url, expired_session(idp))
     idp.behaviour(fail="503", fail_count=1)
-    down = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie})
+    down = tab.get()
     assert down.status_code == 503 and down.headers["retry-after"]
-    assert "set-cookie" not in down.headers
+    assert kept(down)
     time.sleep(2.2)  # the failure is shared with concurrent requests for 2 s, then retried
-    up = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie})
-    assert up.status_code == 200 and REFRESH in set_cookies(up)
+    up = tab.get()
+    assert up.status_code == 200 and rotated(up, tab.mode)
+    assert tab.refresh_token() not in (None, tab.first_refresh)
 
 
 @pytest.mark.parametrize("fail", ["500", "503", "invalid_client"])
 def test_idp_failures_that_did_not_redeem_are_503_not_logout(
-    gateway: GatewayProcess, idp: IdPProcess, fail: str
+    moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str, fail: str
 ) -> None:
-    session = expired_session(idp)
-    cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+    tab = browser(moded, redis_url, expired_session(idp))
     idp.behaviour(fail=fail, fail_count=1)
-    response = httpx.get(f"{gateway.url}/x", headers=cookie)
-    assert response.status_code == 503 and "set-cookie" not in response.headers
+    response = tab.get()
+    assert response.status_code == 503 and kept(response)
     time.sleep(2.2)  # the failure is shared for 2 s; then the same cookies work again (I2)
-    again = httpx.get(f"{gateway.url}/x", headers=cookie)
-    assert again.status_code == 200 and REFRESH in set_cookies(again)
+    again = tab.get()
+    assert again.status_code == 200 and rotated(again, tab.mode)
     assert max(idp.redemption_counts().values()) == 1
 
 
 @pytest.mark.parametrize("fail", ["html", "garbage"])
 def test_a_200_that_is_not_json_is_503_once_and_the_token_is_never_resent(
-    gateway: GatewayProcess, idp: IdPProcess, fail: str
+    moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str, fail: str
 ) -> None:
     """Issue 12, failure 5: a 200 the gateway cannot read may mean the IdP redeemed the token."""
-    session = expired_session(idp)
-    cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+    tab = browser(moded, redis_url, expired_session(idp))
     idp.behaviour(fail=fail, fail_count=1)
-    first = httpx.get(f"{gateway.url}/x", headers=cookie)
-    assert first.status_code == 503 and "set-cookie" not in first.headers
+    first = tab.get()
+    assert first.status_code == 503 and kept(first)
     time.sleep(2.2)  # past the 2 s the failure is shared with concurrent requests: this one asks again
-    later = httpx.get(f"{gateway.url}/x", headers={**cookie, "Accept": "text/html"})
-    assert later.status_code == 302 and set_cookies(later)[REFRESH]["max-age"] == "0"
+    later = tab.get(Accept="text/html")
+    assert later.status_code == 302 and cleared(later, tab.mode)
     assert refresh_calls(idp) == 1
 
 
-def test_invalid_grant_ends_the_session(gateway: GatewayProcess, idp: IdPProcess) -> None:
+def test_invalid_grant_ends_the_session(moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str) -> None:
     session = expired_session(idp)
     httpx.post(f"{idp.url}/revoke", data={"token": session["refresh"]}, auth=("legacy-app", "demo-secret"))
-    cookie = cookie_header(session["access"], session["refresh"])
-    api = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie})
+    tab = browser(moded, redis_url, session)
+    other_tab = tab.copy()
+    api = tab.get()
     assert api.status_code == 401 and api.json()["reason"] == "invalid_grant"
-    assert set_cookies(api)[REFRESH]["max-age"] == "0"
-    page = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie, "Accept": "text/html"})
-    assert page.status_code == 302 and set_cookies(page)[ACCESS]["max-age"] == "0"
+    assert cleared(api, tab.mode)
+    page = other_tab.get(Accept="text/html")
+    assert page.status_code == 302 and cleared(page, tab.mode)
+    assert refresh_calls(idp) == 1  # the refused token is not sent again
 
 
 def test_a_200_without_tokens_is_502_once_then_a_clean_logout_never_a_resend(
-    gateway: GatewayProcess, idp: IdPProcess
+    moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str
 ) -> None:
     """The IdP redeemed the token and its answer is unusable: the token is never sent again (I1)."""
-    session = expired_session(idp)
-    cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+    tab = browser(moded, redis_url, expired_session(idp))
     idp.behaviour(fail="no_access", fail_count=1)
-    response = httpx.get(f"{gateway.url}/x", headers=cookie)
-    assert response.status_code == 502 and "set-cookie" not in response.headers
+    response = tab.get()
+    assert response.status_code == 502 and kept(response)
     time.sleep(2.2)  # past the 2 s the failure is shared with concurrent requests
-    later = httpx.get(f"{gateway.url}/x", headers=cookie)
+    later = tab.get()
     assert later.status_code == 401 and later.json()["reason"] == "refresh_lost"
-    assert set_cookies(later)[REFRESH]["max-age"] == "0" and set_cookies(later)[ACCESS]["max-age"] == "0"
+    assert cleared(later, tab.mode)
     assert refresh_calls(idp) == 1 and max(idp.redemption_counts().values()) == 1
 
 
 @pytest.mark.parametrize("fail", ["oversize", "dpop", "expires_zero", "wider_scope"])
 def test_an_unusable_answer_is_502_once_then_a_clean_logout_never_a_resend(
-    gateway: GatewayProcess, idp: IdPProcess, fail: str
+    moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str, fail: str
 ) -> None:
     """Regression (issue 14, item 14): an answer over 64 KiB (streamed, no length), `token_type: DPoP`,
     `expires_in: 0` or a scope wider than the expired token's was used as new tokens. It is a redeemed token whose
     answer is unusable."""
-    session = idp.issue("alice", access_ttl=-60, claims={"scope": "openid profile"})
-    cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+    tab = browser(moded, redis_url, idp.issue("alice", access_ttl=-60, claims={"scope": "openid profile"}))
     idp.behaviour(fail=fail, fail_count=1)
-    response = httpx.get(f"{gateway.url}/x", headers=cookie)
+    response = tab.get()
     assert response.status_code == 502 and response.json()["reason"] == "idp_bad_response"
-    assert "set-cookie" not in response.headers
+    assert kept(response)
     time.sleep(2.2)  # past the 2 s the failure is shared with concurrent requests
-    later = httpx.get(f"{gateway.url}/x", headers=cookie)
+    later = tab.get()
     assert later.status_code == 401 and later.json()["reason"] == "refresh_lost"
-    assert set_cookies(later)[REFRESH]["max-age"] == "0" and set_cookies(later)[ACCESS]["max-age"] == "0"
+    assert cleared(later, tab.mode)
     assert refresh_calls(idp) == 1 and max(idp.redemption_counts().values()) == 1
 
 
 def test_a_new_access_token_with_a_bad_signature_is_502_and_the_successor_is_kept(
-    gateway: GatewayProcess, idp: IdPProcess
+    moded: tuple[GatewayProcess, str], idp: IdPProcess, redis_url: str
 ) -> None:
     session = expired_session(idp)
+    tab = browser(moded, redis_url, session)
     idp.behaviour(fail="bad_signature", fail_count=1)
-    response = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie_header(session["access"], session["refresh"])})
+    response = tab.get()
     assert response.status_code == 502
-    successor = set_cookies(response)[REFRESH].value
-    assert ACCESS not in set_cookies(response) and successor != session["refresh"]
+    assert ACCESS not in set_cookies(response)
+    successor = tab.refresh_token()  # cookie mode: the rotated refresh cookie; server mode: the record
+    assert successor not in (None, session["refresh"])
     # The session carries on with the successor: the next request refreshes it, and works.
-    after = httpx.get(f"{gateway.url}/x", headers={"Cookie": cookie_header(None, successor)})
+    after = tab.drop_access().get()
     assert after.status_code == 200 and refresh_calls(idp) == 2
     assert max(idp.redemption_counts().values()) == 1
 
@@ -307,20 +329,20 @@ def test_valid_tokens_work_and_refresh_fails_closed_without_redis(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
 def test_slow_idp_longer_than_the_lease_is_called_once(
-    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str, mode: str
 ) -> None:
     """Regression for oauth2-proxy PR #3456: a lock lease shorter than the IdP call must be renewed."""
     prefix = f"gwtest:{os.urandom(4).hex()}:"
     config = gateway_config(idp, upstream, redis_url, prefix, timeout=20, lock_lease=5, wait_timeout=30)
-    with start_gateway(config, workers=4) as gw:
-        session = expired_session(idp)
+    with start_gateway(with_mode(config, mode), workers=4) as gw:
+        tab = Browser(gw, mode, redis_url).start(expired_session(idp))
         idp.behaviour(latency=12)
-        cookie = cookie_header(session["access"], session["refresh"])
-        responses = asyncio.run(storm(f"{gw.url}/slow", cookie, 40))
+        responses = asyncio.run(storm(f"{gw.url}/slow", tab.cookie, 40))
         assert [r.status_code for r in responses] == [200] * 40
         assert idp.stats()["refresh_calls"] == 1
-        assert len({set_cookies(r)[REFRESH].value for r in responses}) == 1
+        assert len(handed_out(responses, tab)) == 1
 
 
 def _kill_the_owner_mid_call(
@@ -348,23 +370,21 @@ def _kill_the_owner_mid_call(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
 def test_worker_killed_mid_call_ends_the_session_cleanly_and_never_resends_the_token(
-    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str, mode: str
 ) -> None:
     """The IdP redeemed the token and the only worker that could know the successor died: refresh_lost, not reuse."""
     prefix = f"gwtest:{os.urandom(4).hex()}:"
     config = gateway_config(idp, upstream, redis_url, prefix, timeout=4, lock_lease=1, wait_timeout=20)
-    with start_gateway(config, workers=2) as gw:
-        session = expired_session(idp)
+    with start_gateway(with_mode(config, mode), workers=2) as gw:
+        tab = Browser(gw, mode, redis_url).start(expired_session(idp))
         idp.behaviour(latency=2)
-        others = _kill_the_owner_mid_call(
-            gw, idp, redis_url, prefix, cookie_header(session["access"], session["refresh"])
-        )
+        others = _kill_the_owner_mid_call(gw, idp, redis_url, prefix, tab.cookie)
         assert all(isinstance(r, httpx.Response) for r in others), others
         for response in others:
             assert response.status_code == 401 and response.json()["reason"] == "refresh_lost"
-            cleared = set_cookies(response)
-            assert cleared[ACCESS]["max-age"] == "0" and cleared[REFRESH]["max-age"] == "0"
+            assert cleared(response, mode)
         # A negative check: time for a resend to reach the IdP, were there one; cannot fail a right gateway.
         time.sleep(0.5)
         assert refresh_calls(idp) == 1  # never sent again
@@ -373,8 +393,9 @@ def test_worker_killed_mid_call_ends_the_session_cleanly_and_never_resends_the_t
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
 def test_worker_killed_mid_call_is_retried_once_within_the_idps_reuse_window(
-    upstream: ServerProcess, redis_url: str
+    upstream: ServerProcess, redis_url: str, mode: str
 ) -> None:
     """Design point 7: with refresh.idp_reuse_window, the lost answer is asked for again and the session lives."""
     with start_idp(secret=IDP_SECRET, reuse_window=30) as idp:
@@ -382,13 +403,12 @@ def test_worker_killed_mid_call_is_retried_once_within_the_idps_reuse_window(
         config = gateway_config(
             idp, upstream, redis_url, prefix, timeout=4, lock_lease=1, wait_timeout=20, idp_reuse_window=30
         )
-        with start_gateway(config, workers=2) as gw:
-            session = expired_session(idp)
+        with start_gateway(with_mode(config, mode), workers=2) as gw:
+            tab = Browser(gw, mode, redis_url).start(expired_session(idp))
             idp.behaviour(latency=2)
-            cookie = cookie_header(session["access"], session["refresh"])
-            others = _kill_the_owner_mid_call(gw, idp, redis_url, prefix, cookie)
+            others = _kill_the_owner_mid_call(gw, idp, redis_url, prefix, tab.cookie)
             assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in others), others
-            assert len({set_cookies(r)[REFRESH].value for r in others if isinstance(r, httpx.Response)}) == 1
+            assert len(handed_out([r for r in others if isinstance(r, httpx.Response)], tab)) == 1
             assert [e["event"] for e in idp.ledger()] == ["redeemed", "reused_in_window"]
             assert refresh_calls(idp) == 2 and not any(f["revoked"] for f in idp.families())
 

@@ -3,13 +3,19 @@ redis-server, the rotating IdP. The refresh suite's key scenarios (tests/integra
 in session mode: the browser holds one session cookie, and no response ever sets a token in a cookie.
 
 Sessions start through the capture route (a SimpleJWT-style login at the IdP), or, for tokens taken straight from
-the IdP, written into the store with the gateway's own code (support.sessions).
+the IdP, written into the store with the gateway's own code (support.sessions, support.sessionmodes).
+
+The fault tests whose body is the same in both modes run in both, parametrized over ``mode``
+(tests/integration/test_continuity_process.py, test_refresh_process.py, test_failover_process.py); this module
+has the rest, and the twins of those whose cookie-mode body does not carry over (a stale record standing for an
+old cookie).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -22,9 +28,13 @@ import pytest
 import redis
 from support.faultproxy import FaultProxy
 from support.servers import GatewayProcess, IdPProcess, ServerProcess, set_cookies, start_gateway, start_idp
+from support.sessionmodes import Browser, cleared
 from support.sessions import record_key, start_session
+from support.workers import WorkerClients
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
+
+from gateway.store import lua
 
 IDP_SECRET = "session-tests-hs256-secret-0123456789abcdef"
 SESSION = "__Host-gw_session"
@@ -371,24 +381,6 @@ def test_a_logout_during_a_refresh_is_not_undone(idp: IdPProcess, upstream: Serv
         assert [e["event"] for e in idp.ledger()] == ["redeemed"]
 
 
-@pytest.mark.parametrize("fail", ["redeem_then_reset", "redeem_then_garbage"])
-def test_an_answer_lost_after_redemption_is_never_resent(
-    idp: IdPProcess, upstream: ServerProcess, redis_url: str, fail: str
-) -> None:
-    """Failure 5 in session mode: 503 with the session kept, then a clean end; the token is never sent again."""
-    prefix = f"gwtest:{os.urandom(4).hex()}:"
-    with serve(idp, upstream, redis_url, prefix, timeout=1.5) as gw:
-        headers = session_of(redis_url, prefix, idp.issue("alice", access_ttl=-60))
-        idp.behaviour(fail=fail, fail_count=1)
-        first = no_token_cookie(httpx.get(f"{gw.url}/x", headers=headers, timeout=30))
-        assert first.status_code == 503 and "set-cookie" not in first.headers
-        time.sleep(2.2)  # the failure is shared for 2 s, then the session ends cleanly
-        later = no_token_cookie(httpx.get(f"{gw.url}/x", headers={**headers, "Accept": "text/html"}, timeout=30))
-        assert later.status_code == 302 and set_cookies(later)[SESSION]["max-age"] == "0"
-        assert [e["event"] for e in idp.ledger()] == ["redeemed"]  # exactly one presentation, no reuse
-        assert "event=refresh_lost" in gw.log()
-
-
 def test_redis_down_during_the_idp_call_the_successor_is_written_back_when_it_is_back(
     idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str
 ) -> None:
@@ -412,3 +404,164 @@ def test_redis_down_during_the_idp_call_the_successor_is_written_back_when_it_is
         assert [r.status_code for r in later] == [200] * 6
         assert idp.stats()["refresh_calls"] == 1
         assert max(idp.redemption_counts().values()) == 1
+
+
+def test_reuse_of_an_old_record_ends_the_newest_tokens_too_with_an_idp_that_ignores_revocation(
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+) -> None:
+    """Failure 3 in session mode: R0 -> R1, then a stale copy of the record (a restored backup, a lost write)
+    presents R0 past grace. The whole session ends, its live access token too, on every worker, though the IdP
+    (SimpleJWT: no revocation) would still honour R1 and the gateway does not even tell it."""
+    idp.behaviour(revoke_used=False, reuse_revokes_family=False)
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with serve(idp, upstream, redis_url, prefix, grace_period=1, revocation_endpoint=None) as gw:
+        tab = Browser(gw, "server", redis_url).start(idp.issue("alice", access_ttl=-60))
+        key = record_key(prefix, tab.cookie)
+        client = redis.Redis.from_url(redis_url)
+        r0 = client.get(key)
+        assert tab.get().status_code == 200
+        newest = tab.record()
+        assert newest is not None and newest.refresh != tab.first_refresh
+        time.sleep(2.2)  # past the 1 s grace period, and past the workers' cached copies (2 s)
+        client.set(key, r0 or b"", px=60_000)
+        thief = tab.copy().get()
+        assert thief.status_code == 401 and thief.json()["reason"] == "reuse" and cleared(thief, "server")
+        owner = tab.get()  # the browser itself: over too
+        assert owner.status_code == 401 and cleared(owner, "server")
+        with WorkerClients(gw) as workers:  # the newest access token: refused on every worker within a second
+            deadline = time.monotonic() + 3
+            while True:
+                served = workers.batch([("GET", f"{gw.url}/x", {"Authorization": f"Bearer {newest.access}"})] * 8)
+                if {s.worker for s in served} == set(workers.pids) and all(
+                    s.response.status_code != 200 for s in served
+                ):
+                    break
+                assert time.monotonic() < deadline, "the session's live access token still works on some worker"
+                time.sleep(0.1)
+        assert all(s.response.json()["reason"] == "token_revoked" for s in served)
+        assert refresh_calls(idp) == 1  # the replay never reached the IdP
+        assert max(idp.redemption_counts().values()) == 1
+        at_idp = httpx.post(f"{idp.url}/token", data={"grant_type": "refresh_token", "refresh_token": newest.refresh},
+                            auth=("legacy-app", "demo-secret"))  # fmt: skip
+        assert at_idp.status_code == 200  # only the gateway stands between the replayed session and the app
+        client.close()
+
+
+def test_a_superseded_record_after_a_logout_is_401_with_the_session_cookie_cleared(
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+) -> None:
+    """Failure 10 in session mode: the record as it was before a refresh comes back after the logout, within
+    grace: its grace hit must not hand back the denylisted successor."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with serve(idp, upstream, redis_url, prefix, grace_period=30) as gw:
+        tab = Browser(gw, "server", redis_url).start(idp.issue("alice", access_ttl=-60))
+        key = record_key(prefix, tab.cookie)
+        client = redis.Redis.from_url(redis_url)
+        old = client.get(key)
+        assert tab.get().status_code == 200
+        out = httpx.post(f"{gw.url}/.gateway/logout", headers=tab.headers(Origin=gw.url))
+        assert out.status_code == 204
+        client.set(key, old or b"", px=60_000)
+        other_tab = no_token_cookie(httpx.get(f"{gw.url}/x", headers=tab.headers()))
+        assert other_tab.status_code == 401 and other_tab.json()["reason"] == "session_ended"
+        assert cleared(other_tab, "server") and refresh_calls(idp) == 1
+        client.close()
+
+
+def test_a_session_record_copied_to_another_sessions_key_does_not_unseal(
+    gateway: GatewayProcess, idp: IdPProcess, redis_url: str, prefix: str
+) -> None:
+    """Failure 8 (I4) for session records: someone with write access to Redis, not the secret, gives Bob
+    Alice's record."""
+    alice = Browser(gateway, "server", redis_url).start(idp.issue("alice"), {"sub": "alice"})
+    bob = Browser(gateway, "server", redis_url).start(idp.issue("bob"), {"sub": "bob"})
+    with redis.Redis.from_url(redis_url) as client:
+        client.set(record_key(prefix, bob.cookie), client.get(record_key(prefix, alice.cookie)) or b"", px=60_000)
+    response = bob.get()
+    assert response.status_code == 401 and "alice" not in response.text and cleared(response, "server")
+    assert alice.get().status_code == 200 and identity(alice.get())["x-auth-user"] == "alice"
+
+
+def test_a_key_dropped_by_the_idp_does_not_strand_an_idle_session(upstream: ServerProcess, redis_url: str) -> None:
+    """The IdP rolled its keys over and dropped the old one from its JWKS while the session sat idle: the record's
+    expired access token names a kid nobody knows any more. It is refreshed (the new token verifies), not refused
+    until the idle timeout (cookie mode clears such an access cookie and refreshes)."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with start_idp(algorithm="RS256") as rs_idp:
+        config = gateway_config(rs_idp, upstream, redis_url, prefix, SESSION_SETTINGS)
+        config["tokens"] = {"algorithms": ["RS256"], "jwks_url": f"{rs_idp.url}/jwks", "audience": "legacy-app"}
+        with start_gateway(config, workers=1) as gw:
+            tab = Browser(gw, "server", redis_url).start(rs_idp.issue("alice", access_ttl=-60))
+            rs_idp.rotate_key(drop_old=True)
+            time.sleep(5.2)  # the gateway refetches a JWKS at most every 5 s
+            newcomer = rs_idp.issue("bob")["access"]  # its new kid makes the gateway refetch: the old kid is gone
+            assert httpx.get(f"{gw.url}/x", headers={"Authorization": f"Bearer {newcomer}"}).status_code == 200
+            back = tab.get()
+            assert back.status_code == 200, back.text
+            assert rs_idp.stats()["refresh_calls"] == 1 and max(rs_idp.redemption_counts().values()) == 1
+
+
+def test_only_the_session_cookie_refreshes_and_an_expired_bearer_never_does(
+    gateway: GatewayProcess, idp: IdPProcess, redis_url: str, prefix: str
+) -> None:
+    """test_refresh_process's test_only_valid_expired_cookie_sessions_refresh in session mode: an API client's
+    expired Bearer token is 401 even with a session cookie alongside, a session cookie the gateway did not seal
+    is never looked up, and the session cookie alone resumes the session."""
+    session = idp.issue("alice", access_ttl=-60)
+    tab = Browser(gateway, "server", redis_url).start(session)
+    before = refresh_calls(idp)
+    api = tab.headers(Authorization=f"Bearer {session['access']}")
+    bearer = no_token_cookie(httpx.get(f"{gateway.url}/x", headers=api))
+    assert bearer.status_code == 401 and bearer.json()["reason"] == "token_expired"
+    forged = no_token_cookie(httpx.get(f"{gateway.url}/x", headers={"Cookie": f"{SESSION}=not-sealed-here"}))
+    assert forged.status_code == 401 and set_cookies(forged)[SESSION]["max-age"] == "0"
+    assert refresh_calls(idp) == before
+    resumed = tab.get()
+    assert resumed.status_code == 200 and refresh_calls(idp) == before + 1
+
+
+def test_simplejwt_style_rotation_with_blacklisting(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> None:
+    """test_refresh_process's SimpleJWT test in session mode: JSON refresh, one call for a storm, reuse after grace."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    config = gateway_config(idp, upstream, redis_url, prefix, SESSION_SETTINGS)
+    endpoint = f"{idp.url}/api/token/refresh/"
+    config["refresh"] = {"endpoint": endpoint, "style": "json", "grace_period": 2, "lock_lease": 2}
+    with start_gateway(config, workers=2) as gw:
+        tab = Browser(gw, "server", redis_url).start(idp.issue("bob", access_ttl=-60), {"sub": "bob"})
+        key = record_key(prefix, tab.cookie)
+        client = redis.Redis.from_url(redis_url)
+        old = client.get(key)
+        responses = asyncio.run(storm(f"{gw.url}/x", tab.headers(), 100))
+        assert [no_token_cookie(r).status_code for r in responses] == [200] * 100
+        assert refresh_calls(idp) == 1 and {identity(r)["x-auth-user"] for r in responses} == {"bob"}
+        assert tab.refresh_token() not in (None, tab.first_refresh)
+        time.sleep(2.5)  # past the 2 s grace period (and the workers' cached copies): the old record is a replay
+        client.set(key, old or b"", px=60_000)
+        late = tab.get()
+        assert late.status_code == 401 and late.json()["reason"] == "reuse" and cleared(late, "server")
+        assert refresh_calls(idp) == 1
+        client.close()
+
+
+@pytest.mark.parametrize("fault", ["drop_reply", "reset_before"])
+def test_a_write_back_whose_reply_is_lost_or_that_never_landed_costs_nothing(
+    idp: IdPProcess, upstream: ServerProcess, proxy: FaultProxy, redis_url: str, fault: str
+) -> None:
+    """Session mode's own step, under failure 1's faults: the compare-and-set that writes the successor into the
+    record loses its reply (it happened) or fails before Redis saw it (retried in the background). The request
+    gets its page either way, and the next ones find the successor: no second IdP call, no token sent twice."""
+    prefix = f"gwtest:{os.urandom(4).hex()}:"
+    with serve(idp, upstream, proxy.redis_url(int(urlsplit(redis_url).path.strip("/") or 0)), prefix) as gw:
+        tab = Browser(gw, "server", redis_url).start(idp.issue("alice", access_ttl=-60))
+        # A reset is retried once by redis-py: two make the write fail. A lost reply is a 2 s timeout, not retried.
+        times = 2 if fault == "reset_before" else 1
+        rule = proxy.add_rule(f"^EVALSHA {hashlib.sha1(lua.REPLACE.encode()).hexdigest()}", fault, times=times)
+        first = tab.get()
+        assert first.status_code == 200 and proxy.matched(rule) >= 1
+        deadline = time.monotonic() + 5  # the background write-back lands within a retry pause or two
+        while tab.refresh_token() == tab.first_refresh:
+            assert time.monotonic() < deadline, "the successor never reached the record"
+            time.sleep(0.1)
+        later = [tab.get() for _ in range(8)]
+        assert [r.status_code for r in later] == [200] * 8 and all("set-cookie" not in r.headers for r in later)
+        assert refresh_calls(idp) == 1 and max(idp.redemption_counts().values()) == 1

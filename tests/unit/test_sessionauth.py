@@ -326,3 +326,22 @@ async def test_a_failed_early_refresh_goes_on_with_the_still_valid_token(world: 
     result = await w.workers[0].authenticate(headers(cookie))
     assert result.claims is not None and result.token == pair.access and result.set_cookies == []
     assert w.idp.counters.refresh_calls == 1
+
+
+async def test_a_successor_not_valid_yet_is_503_on_every_request_until_it_is(world: Callable[[], World]) -> None:
+    """An IdP clock ahead of ours (or a new kid with the JWKS down): the record's successor does not verify yet.
+    Every request meanwhile is a 503 with the session kept, never a 401 (a login redirect for a page), and no
+    second IdP call; once the token is valid here, the same session works."""
+    w = world()
+    pair = w.idp.start_session("alice", ttl=-60)
+    _, cookie = await w.login(pair)
+    w.idp.behaviour.update({"clock_skew": 3})
+    first = await w.workers[0].authenticate(headers(cookie))
+    assert first.reason == Reason.IDP_TOKEN_UNVERIFIED and first.set_cookies == []
+    for worker in w.workers:  # the record holds the successor now: verified again, still not valid
+        again = await worker.authenticate(headers(cookie))
+        assert again.reason == Reason.IDP_TOKEN_UNVERIFIED and again.set_cookies == []
+    assert w.idp.counters.refresh_calls == 1
+    w.verifier._clock = lambda: time.time() + 3.5  # type: ignore[method-assign]  # our clock caught up
+    later = await w.workers[1].authenticate(headers(cookie))
+    assert later.claims is not None and w.idp.counters.refresh_calls == 1

@@ -12,6 +12,7 @@ import pytest
 
 from gateway.config import CookiesConfig, SessionConfig
 from gateway.denylist import Denylist
+from gateway.errors import StoreError
 from gateway.families import SESSION
 from gateway.sealing import Sealer
 from gateway.sessions import ServerSessions, session_key
@@ -200,3 +201,29 @@ async def test_a_session_whose_use_cannot_be_recorded_under_contention_still_ser
 
 def test_the_touch_interval_never_falls_under_a_second() -> None:
     assert sessions_on(MemoryStore("gw:", clock=time.time), idle_timeout=1, absolute_timeout=10).touch_every == 1
+
+
+async def test_a_use_that_cannot_be_recorded_still_serves_the_session_read() -> None:
+    """Recording a use is bookkeeping: a store error on it (a lost reply, a reset) must not turn a session that
+    was just read into a 503. The record is served as read, not cached, and the next read records the use."""
+
+    class FailingReplace(MemoryStore):
+        failures = 1
+
+        async def replace(self, key: str, expected: bytes, value: bytes, ttl: float) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise StoreError("replace failed: reply lost")
+            return await super().replace(key, expected, value, ttl)
+
+    clock = Clock()
+    store = FailingReplace("gw:", clock=clock)
+    sessions = sessions_on(store, clock, idle_timeout=400)
+    h, _ = await sessions.create("a", "r", None, CLAIMS, None)
+    raw = await store.get(session_key(h))
+    clock.now += 60  # a use is due
+    loaded = await sessions.load(h)
+    assert loaded is not None and loaded.record.access == "a"
+    assert await store.get(session_key(h)) == raw  # not recorded
+    again = await sessions.load(h)  # not served from the cache: read again, and the use recorded now
+    assert again is not None and await store.get(session_key(h)) != raw
