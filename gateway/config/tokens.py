@@ -18,7 +18,24 @@ from gateway.config.base import (
 from gateway.config.tls import TLSConfig
 
 
-class IntrospectionConfig(Model):
+class _OpaqueEndpoint(Model):
+    """What the two ways of checking an opaque token share: the endpoint is http(s), one call's time, its TLS."""
+
+    endpoint: str
+    timeout: float = Field(5, gt=0, le=60)
+    """Seconds one call may take (then 503)."""
+    tls: TLSConfig | None = None
+    """TLS to an `https://` endpoint."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not is_http_url(value):
+            raise ValueError("not an http(s) URL")
+        return value
+
+
+class IntrospectionConfig(_OpaqueEndpoint):
     """Opaque access tokens checked at an RFC 7662 introspection endpoint: `POST token=...,
     token_type_hint=access_token` with the gateway's client credentials. The answer's fields (`sub`, `username`,
     `scope`, `exp`, `client_id` and any others) are the token's claims for `required_claims`, `require` and the
@@ -38,20 +55,9 @@ class IntrospectionConfig(Model):
     """Seconds an answer is reused, kept by a keyed hash of the token (never the token), and never past the
     token's `exp`. A token revoked at the IdP keeps working up to this long; 0 asks on every request that the
     fast path does not serve (see docs/configuration-guide.md)."""
-    timeout: float = Field(5, gt=0, le=60)
-    """Seconds one call may take (then 503)."""
-    tls: TLSConfig | None = None
-    """TLS to an `https://` endpoint."""
-
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint(cls, value: str) -> str:
-        if not is_http_url(value):
-            raise ValueError("not an http(s) URL")
-        return value
 
 
-class UserinfoConfig(Model):
+class UserinfoConfig(_OpaqueEndpoint):
     """Opaque access tokens checked at the OIDC userinfo endpoint: `GET` with `Authorization: Bearer`. Its claims
     (`sub`, `email`, ...) are the token's; it tells no expiry, so an answer is reused for `cache` seconds. A 401 is
     an expired token (a cookie session refreshes; otherwise 401); an endpoint that is down or answers something
@@ -62,17 +68,6 @@ class UserinfoConfig(Model):
     cache: float = Field(60, ge=0, le=3600)
     """Seconds an answer is reused, kept by a keyed hash of the token. A token revoked at the IdP keeps working up
     to this long."""
-    timeout: float = Field(5, gt=0, le=60)
-    """Seconds one call may take (then 503)."""
-    tls: TLSConfig | None = None
-    """TLS to an `https://` endpoint."""
-
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint(cls, value: str) -> str:
-        if not is_http_url(value):
-            raise ValueError("not an http(s) URL")
-        return value
 
 
 class TokensConfig(Model):
