@@ -1,0 +1,270 @@
+"""One HTTP/1.1 connection to an upstream (an asyncio ``Protocol`` parsed by httptools) and the answer on it.
+
+``Connection`` carries one exchange at a time: the request head goes out in one write, a body (if any) is
+written by ``write_body`` as the socket drains, and the answer is parsed into a ``Response`` (the
+``forwarder.UpstreamResponse`` the HTTP path reads). Once the answer is complete the connection leaves the
+response: back to its owner's pool when it can carry another (keep-alive, body fully sent, nothing out of
+turn), closed otherwise; what the response buffered stays with it. Flow control both ways: reading stops while
+the response holds more than ``HIGH_WATER`` bytes, and the body waits for the socket to drain (issue 17).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Protocol as Interface
+
+import httptools
+
+from gateway.errors import UpstreamFailure
+from gateway.h1_response import Response
+
+HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read
+LOW_WATER = 64 * 1024  # ... and read again once the reader took it below this
+
+
+class Owner(Interface):
+    """The pool a connection goes back to (``upstream_h1.LeanForwarder``)."""
+
+    def release(self, conn: Connection, reusable: bool) -> None: ...
+
+    def lost(self, conn: Connection) -> None: ...
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection; ``response`` is the exchange it carries now (None while idle)."""
+
+    def __init__(self, owner: Owner, key: object) -> None:
+        self.owner = owner
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: Response | None = None
+        self.used = 0  # answers completed on it
+        self.idle = False
+        self.idle_since = 0.0
+        self.dead = False
+        self.read_paused = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._interim = False
+        self._keep = False
+        self._junk = False  # bytes the upstream sent out of turn: the connection cannot be trusted again
+
+    # --- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:  # a request head must not wait for Nagle's timer
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None:  # idle, and the upstream speaks: close it
+            self.drop()
+            return
+        response.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # 101 or CONNECT: not HTTP any more
+            response.complete, self._keep = True, False
+        except httptools.HttpParserError:
+            if not response.complete:
+                response.fail(UpstreamFailure(timeout=False, detail="the upstream's answer is not valid HTTP/1.1"))
+                return
+            self._junk = True
+        if response.complete and self.response is response:
+            self.finish(response)
+        response.wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.dead = True
+        self._wake_drain()
+        response = self.response
+        if response is None:
+            self.owner.lost(self)
+            return
+        if response.status and exc is None and _until_close(response):  # the body ends where the connection does
+            response.complete, self._keep = True, False
+            self.finish(response)
+            response.wake()
+        else:
+            response.fail(UpstreamFailure(timeout=False), retryable=not response.received and self.used > 0)
+        self.owner.lost(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain()
+
+    def eof_received(self) -> bool | None:
+        return None  # close: connection_lost decides whether the answer was complete
+
+    # --- httptools callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.response is None or self.response.complete:
+            self._junk = True  # a second answer to one request
+        self._headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        status = self.parser.get_status_code()
+        if response is None or response.complete:
+            return
+        if status < 200 and status != 101:  # 100 Continue, 103 Early Hints: skipped, the final answer follows
+            self._interim = response.continued = True
+            response.wake()
+            return
+        response.status, response.headers = status, self._headers
+        if response.head_only:  # llhttp cannot be told it was HEAD: the answer ends here, a new parser follows
+            response.complete = True
+            self._keep = _keeps_alive(self.parser.get_http_version(), self._headers)
+            self.parser = httptools.HttpResponseParser(self)
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        if response is None or response.complete:
+            self._junk = True
+            return
+        response.chunks.append(body)
+        response.buffered += len(body)
+        if response.buffered > HIGH_WATER and not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        response = self.response
+        if response is not None and not response.complete:
+            response.complete = True
+            self._keep = self.parser.should_keep_alive()
+
+    # --- the exchange ---------------------------------------------------------------------------
+
+    def start(self, response: Response, head: bytes) -> None:
+        self.response = response
+        self._junk = False
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def finish(self, response: Response) -> None:
+        """The answer is complete: the connection leaves it, to the pool or closed."""
+        reusable = self._keep and response.body_sent and not self._junk and not self.dead
+        self.response = None
+        response.conn = None
+        if not response.body_sent:
+            response.stop_writer()
+        if reusable:
+            self.used += 1
+            self.resume_reading()
+        self.owner.release(self, reusable)
+
+    def drop(self) -> None:
+        """Close at once; the exchange on it (if any) is given up."""
+        self.dead = True
+        if self.transport is not None:
+            self.transport.abort()
+        response = self.response
+        if response is not None:
+            self.response = None
+            response.conn = None
+            self.owner.release(self, False)
+
+    def resume_reading(self) -> None:
+        if self.read_paused and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    async def write_body(
+        self, response: Response, body: AsyncIterator[bytes], chunked: bool, expect: bool, armed: bool
+    ) -> None:
+        """Send the body as the socket drains (chunked when the headers give no length), then start the read timeout.
+
+        With ``Expect: 100-continue`` the body waits for the interim answer; a final answer first means it is
+        never sent (and the connection not reused). A body that fails (too large, the client gone) drops the
+        connection: the request fails as ``UpstreamFailure``.
+        """
+        transport = self.transport
+        assert transport is not None
+        try:
+            if expect:
+                await self._continue(response, armed)
+                if response.status or response.failure is not None:
+                    return
+            async for chunk in body:
+                if self.response is not response:
+                    return
+                if chunk:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    if self._write_paused:
+                        await self._drained()
+            if self.response is not response:
+                return
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+            response.body_sent = True
+            response.writer = None
+            if not response.status and response.failure is None and armed:
+                response.arm()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            response.fail(UpstreamFailure(timeout=False))
+
+    async def _continue(self, response: Response, armed: bool) -> None:
+        """Until ``100 Continue`` (or any interim answer), a final answer, or a failure (the read timeout applies)."""
+        if armed:
+            response.arm()
+        try:
+            while not (response.continued or response.status or response.failure is not None):
+                response.waiter = asyncio.get_running_loop().create_future()
+                await response.waiter
+        finally:
+            response.waiter = None
+            response.disarm()
+
+    async def _drained(self) -> None:
+        while self._write_paused and not self.dead:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+        if self.dead:
+            raise ConnectionResetError("the upstream closed the connection")
+
+    def _wake_drain(self) -> None:
+        drain = self._drain
+        if drain is not None:
+            self._drain = None
+            if not drain.done():
+                drain.set_result(None)
+
+
+def _keeps_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:
+    tokens = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")}
+    return b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
+
+
+def _until_close(response: Response) -> bool:
+    """The body has no length: it ends when the upstream closes (RFC 9112 §6.3, item 8)."""
+    if response.head_only or response.status in (204, 304):
+        return False
+    length = False
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            return not value.strip().lower().endswith(b"chunked")
+        length = length or lower == b"content-length"
+    return not length

@@ -1,0 +1,138 @@
+"""An upstream's answer on a lean HTTP/1.1 connection (``h1_connection``): the ``forwarder.UpstreamResponse``.
+
+The connection parses into it (status, raw headers, body chunks, completion or failure) and leaves it once the
+answer is complete; what it buffered stays here for the HTTP path to read. Reads wait with the read timeout of
+``forwarder.Deadlines`` (no timer per chunk), and a half-read answer given up (``close``, a cancelled wait, or
+dropped unread) closes its connection: it is never reused (issue 17).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Protocol
+
+from gateway.errors import UpstreamFailure
+from gateway.forwarder import Deadlines
+
+
+class Carrier(Protocol):
+    """What the answer needs of its connection (``h1_connection.Connection``)."""
+
+    read_paused: bool
+
+    def resume_reading(self) -> None: ...
+
+    def drop(self) -> None: ...
+
+
+class Response:
+    """An upstream's answer (``forwarder.UpstreamResponse``): status and headers once the head is in, then the body."""
+
+    __slots__ = (
+        "status", "headers", "conn", "chunks", "buffered", "complete", "failure", "retryable", "waiter",
+        "received", "body_sent", "continued", "head_only", "writer", "_deadlines", "_timeout",
+    )  # fmt: skip
+
+    def __init__(self, conn: Carrier, head_only: bool, deadlines: Deadlines, timeout: float) -> None:
+        self.status = 0
+        self.headers: Sequence[tuple[bytes, bytes]] = ()
+        self.conn: Carrier | None = conn  # None once the answer is complete, failed or closed
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.complete = False
+        self.failure: UpstreamFailure | None = None
+        self.retryable = False  # lost on a reused connection before a byte of the answer came
+        self.waiter: asyncio.Future[None] | None = None
+        self.received = False
+        self.body_sent = False
+        self.continued = False  # an interim answer (100 Continue) came: an Expect body may go
+        self.head_only = head_only  # HEAD: no body, whatever the headers say
+        self.writer: asyncio.Task[None] | None = None
+        self._deadlines = deadlines
+        self._timeout = timeout
+
+    async def wait(self, head: bool, armed: bool) -> None:
+        """Until the head (``head``) or body data is in, the answer complete or failed; ``armed``: read timeout on."""
+        if armed:
+            self.arm()
+        try:
+            while not (self.status if head else self.chunks or self.complete) and self.failure is None:
+                self.waiter = asyncio.get_running_loop().create_future()
+                await self.waiter
+        except BaseException:  # cancelled (the client went away): this connection is half used
+            self.close()
+            raise
+        finally:
+            self.disarm()
+
+    def arm(self) -> None:
+        """The read timeout starts (one dict entry in ``Deadlines``, no timer)."""
+        self._deadlines.arm(self, self._timeout, self.expire)
+
+    def disarm(self) -> None:
+        self._deadlines.disarm(self)
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def expire(self) -> None:
+        if self.waiter is not None:  # someone is waiting: the read timeout passed
+            self.fail(UpstreamFailure(timeout=True))
+
+    def fail(self, failure: UpstreamFailure, retryable: bool = False) -> None:
+        if self.complete:
+            return
+        if self.failure is None:
+            self.failure, self.retryable = failure, retryable
+        self.close()
+
+    async def read(self) -> bytes:
+        chunks = self.chunks
+        if not chunks:
+            if self.failure is not None:
+                raise self.failure
+            if self.complete:
+                return b""
+            await self.wait(False, True)
+            if not chunks:
+                if self.failure is not None:
+                    raise self.failure
+                return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        conn = self.conn
+        if conn is not None and conn.read_paused:
+            conn.resume_reading()
+        return data
+
+    def at_eof(self) -> bool:
+        return self.complete and not self.chunks
+
+    def close(self) -> None:
+        """Give up on the rest: the connection is dropped, never reused."""
+        conn = self.conn
+        if conn is not None:
+            conn.drop()
+        self.stop_writer()
+        self.wake()
+
+    def stop_writer(self) -> None:
+        writer = self.writer
+        if writer is not None:
+            self.writer = None
+            if writer is not asyncio.current_task():
+                writer.cancel()
+
+    def __del__(self) -> None:
+        # Abandoned half-read (an exception between send and the last read): never leave the slot taken.
+        if self.conn is not None:
+            try:
+                self.conn.drop()
+            except Exception:  # noqa: S110 - a closed loop at exit: nothing left to free
+                pass
