@@ -44,6 +44,7 @@ from gateway.store import Store, open_store
 from gateway.tls import control_client
 from gateway.tunnel import Sockets
 from gateway.types import Receive, Scope, Send
+from gateway.upstream_h1 import LeanForwarder
 
 RETIRED_CLIENTS_LINGER = 60.0  # seconds a retired generation keeps its own control-plane clients open
 
@@ -72,7 +73,7 @@ class Gateway:
         self.shared = Shared(
             store=store,
             http=control_client(config.refresh.timeout),  # sections with a tls key get their own (gateway.tls)
-            forwarder=forwarder or AiohttpForwarder(),
+            forwarder=forwarder or (LeanForwarder() if config.server.forwarder == "lean" else AiohttpForwarder()),
             denylist=denylist,
             metrics=metrics,
             sealer=sealer,

@@ -194,8 +194,8 @@ def key_weakness(key: Any) -> str | None:
 
 
 def reload_problems(running: GatewayConfig, new: GatewayConfig) -> list[str]:
-    """What a running process cannot take from a reloaded file: its store, its listening address, and the limits its
-    HTTP server was started with."""
+    """What a running process cannot take from a reloaded file: its store, its listening address, the limits its
+    HTTP server was started with, and its forwarding client."""
     problems = []
     if new.store != running.store:
         problems.append("store: changing the store needs a restart")
@@ -205,6 +205,8 @@ def reload_problems(running: GatewayConfig, new: GatewayConfig) -> list[str]:
         problems.append("server.metrics: the private metrics listener is bound at start; changing it needs a restart")
     if new.server.limits != running.server.limits:
         problems.append("server.limits: the HTTP server's limits are set at start; changing them needs a restart")
+    if new.server.forwarder != running.server.forwarder:
+        problems.append("server.forwarder: the forwarding client is chosen at start; changing it needs a restart")
     return problems
 
 

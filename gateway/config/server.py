@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -71,6 +71,11 @@ class ServerConfig(Model):
     """OpenTelemetry spans (`gateway.request`, `gateway.authenticate`, `gateway.upstream`) when
     `opentelemetry-api` is installed, exported by the process's OpenTelemetry SDK setup. No token, cookie or claim
     value is put on a span."""
+    forwarder: Literal["lean", "aiohttp"] = "lean"
+    """The HTTP client that forwards requests upstream: `lean`, the gateway's own HTTP/1.1 client
+    (`gateway/upstream_h1.py`: pooled keep-alive connections, a fraction of aiohttp's CPU per request), or
+    `aiohttp`, aiohttp's client (the reference; what reaches the upstream is the same byte for byte). WebSockets
+    use their own client either way. A change needs a restart."""
     limits: LimitsConfig = LimitsConfig()
     """Header size, count and deadline, keep-alive idle time, and connections per worker."""
     metrics: MetricsListenerConfig | None = None
