@@ -1,4 +1,4 @@
-"""AiohttpForwarder against a raw TCP server that records the request bytes it receives.
+"""Both forwarders (AiohttpForwarder, LeanForwarder) against a raw TCP server that records the request bytes it receives.
 
 The forwarding client must send exactly the headers it is given (nothing of its own), one Host
 header whatever the client sent, and stream the body back chunk by chunk.
@@ -13,7 +13,8 @@ import pytest
 from support.waiting import until
 
 from gateway.errors import UpstreamFailure
-from gateway.forwarder import AiohttpForwarder, chunks, upstream_url
+from gateway.forwarder import AiohttpForwarder, Forwarder, chunks, upstream_url
+from gateway.upstream_h1 import LeanForwarder
 
 
 class Recorder:
@@ -45,20 +46,20 @@ class Recorder:
         return self.heads[-1].decode("latin-1").split("\r\n")[1:-2]
 
 
-@pytest.fixture
-async def forwarder() -> AsyncIterator[AiohttpForwarder]:
-    forwarder = AiohttpForwarder()
+@pytest.fixture(params=["aiohttp", "lean"])
+async def forwarder(request: pytest.FixtureRequest) -> AsyncIterator[Forwarder]:
+    forwarder: Forwarder = AiohttpForwarder() if request.param == "aiohttp" else LeanForwarder()
     yield forwarder
     await forwarder.close()
 
 
-async def fetch(forwarder: AiohttpForwarder, url: str, headers: list[tuple[str, str]]) -> bytes:
+async def fetch(forwarder: Forwarder, url: str, headers: list[tuple[str, str]]) -> bytes:
     response = await forwarder.send("GET", upstream_url(url), headers, None, connect_timeout=5, read_timeout=5)
     assert response.status == 200 and (b"X-Up", b"1") in response.headers
     return b"".join([chunk async for chunk in chunks(response)])
 
 
-async def test_sends_exactly_the_given_headers(forwarder: AiohttpForwarder) -> None:
+async def test_sends_exactly_the_given_headers(forwarder: Forwarder) -> None:
     recorder = Recorder()
     async with recorder as url:
         body = await fetch(forwarder, url + "/a?b=1", [("host", "app.example"), ("x-auth-user", "alice")])
@@ -67,7 +68,7 @@ async def test_sends_exactly_the_given_headers(forwarder: AiohttpForwarder) -> N
     assert recorder.header_lines() == ["host: app.example", "x-auth-user: alice"]
 
 
-async def test_one_host_header_whatever_the_client_sent(forwarder: AiohttpForwarder) -> None:
+async def test_one_host_header_whatever_the_client_sent(forwarder: Forwarder) -> None:
     recorder = Recorder()
     async with recorder as url:
         await fetch(forwarder, url, [("host", "first.example"), ("accept", "*/*"), ("host", "second.example")])
@@ -78,7 +79,7 @@ async def test_one_host_header_whatever_the_client_sent(forwarder: AiohttpForwar
     assert [h.lower() for h in hostless] == [f"host: {url.removeprefix('http://')}"]
 
 
-async def test_unreachable_upstream_is_an_upstream_failure(forwarder: AiohttpForwarder, closed_port: int) -> None:
+async def test_unreachable_upstream_is_an_upstream_failure(forwarder: Forwarder, closed_port: int) -> None:
     with pytest.raises(UpstreamFailure) as failure:
         await forwarder.send(
             "GET", upstream_url(f"http://127.0.0.1:{closed_port}/"), [], None, connect_timeout=2, read_timeout=2
@@ -113,7 +114,7 @@ class Silent:
         self.server.close()
 
 
-async def test_no_answer_within_the_read_timeout_is_a_timeout(forwarder: AiohttpForwarder) -> None:
+async def test_no_answer_within_the_read_timeout_is_a_timeout(forwarder: Forwarder) -> None:
     async with Silent() as url:
         started = asyncio.get_running_loop().time()
         with pytest.raises(UpstreamFailure) as failure:
@@ -126,7 +127,7 @@ async def test_no_answer_within_the_read_timeout_is_a_timeout(forwarder: Aiohttp
         await asyncio.sleep(0.01)  # a cancellation still pending for this task would be raised here
 
 
-async def test_a_body_that_stops_coming_is_a_timeout(forwarder: AiohttpForwarder) -> None:
+async def test_a_body_that_stops_coming_is_a_timeout(forwarder: Forwarder) -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"
     async with Silent(head) as url:
         response = await forwarder.send("GET", upstream_url(url), [], None, connect_timeout=2, read_timeout=0.2)
@@ -136,7 +137,7 @@ async def test_a_body_that_stops_coming_is_a_timeout(forwarder: AiohttpForwarder
         assert failure.value.timeout is True
 
 
-async def test_a_cancelled_request_stays_cancelled(forwarder: AiohttpForwarder) -> None:
+async def test_a_cancelled_request_stays_cancelled(forwarder: Forwarder) -> None:
     # Cancellation from outside (a server shutting down) is not a timeout, even when the read
     # timeout fires while it is under way.
     silent = Silent()
@@ -154,17 +155,17 @@ async def test_a_cancelled_request_stays_cancelled(forwarder: AiohttpForwarder) 
             forwarder.send("GET", upstream_url(url), [], None, connect_timeout=2, read_timeout=30)
         )
         await until(
-            lambda: silent.requests == 2 and bool(forwarder._deadlines._due),
+            lambda: silent.requests == 2 and bool(forwarder._deadlines._due),  # type: ignore[attr-defined]
             "the request is waiting for its answer, its read deadline set",
         )
-        for _, expire in list(forwarder._deadlines._due.values()):
+        for _, expire in list(forwarder._deadlines._due.values()):  # type: ignore[attr-defined]
             expire()
         both.cancel()
         with pytest.raises(asyncio.CancelledError):
             await both
 
 
-async def test_timeouts_still_fire_after_the_forwarder_was_closed_and_reused(forwarder: AiohttpForwarder) -> None:
+async def test_timeouts_still_fire_after_the_forwarder_was_closed_and_reused(forwarder: Forwarder) -> None:
     async with Silent() as url:
         with pytest.raises(UpstreamFailure):
             await forwarder.send("GET", upstream_url(url), [], None, connect_timeout=2, read_timeout=0.1)

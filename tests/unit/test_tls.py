@@ -18,6 +18,7 @@ from gateway.config import TLSConfig, parse_config, tls_context
 from gateway.errors import UpstreamFailure
 from gateway.forwarder import AiohttpForwarder, upstream_url
 from gateway.tls import TLSSettings, UpstreamTLS, control_client, tls_failure
+from gateway.upstream_h1 import LeanForwarder
 
 SECRET = "s" * 40
 
@@ -117,10 +118,13 @@ async def test_a_retired_generation_keeps_its_own_clients_until_they_linger_out_
     assert own.is_closed
 
 
-async def test_the_forwarder_verifies_with_the_route_ca_and_server_name(https_port: int, ca_file: str) -> None:
+@pytest.mark.parametrize("kind", ["aiohttp", "lean"])
+async def test_the_forwarder_verifies_with_the_route_ca_and_server_name(
+    https_port: int, ca_file: str, kind: str
+) -> None:
     trusted = tls_context("routes[0].tls", TLSConfig(ca_file=ca_file))
     url = upstream_url(f"https://127.0.0.1:{https_port}/")
-    forwarder = AiohttpForwarder()
+    forwarder = AiohttpForwarder() if kind == "aiohttp" else LeanForwarder()
     try:
         tls = UpstreamTLS(trusted, "upstream.test")
         response = await forwarder.send("GET", url, [], None, connect_timeout=5, read_timeout=5, tls=tls)
