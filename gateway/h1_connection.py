@@ -123,9 +123,9 @@ class Connection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if response is None or response.complete:
             return
+        self._wake_drain()  # a body waiting for 100 Continue goes on, or learns it is not wanted
         if status < 200 and status != 101:  # 100 Continue, 103 Early Hints: skipped, the final answer follows
             self._interim = response.continued = True
-            response.wake()
             return
         response.status, response.headers = status, self._headers
         if response.head_only:  # llhttp cannot be told it was HEAD: the answer ends here, a new parser follows
@@ -176,6 +176,7 @@ class Connection(asyncio.Protocol):
     def drop(self) -> None:
         """Close at once; the exchange on it (if any) is given up."""
         self.dead = True
+        self._wake_drain()
         if self.transport is not None:
             self.transport.abort()
         response = self.response
@@ -229,12 +230,11 @@ class Connection(asyncio.Protocol):
         """Until ``100 Continue`` (or any interim answer), a final answer, or a failure (the read timeout applies)."""
         if armed:
             response.arm()
-        try:
-            while not (response.continued or response.status or response.failure is not None):
-                response.waiter = asyncio.get_running_loop().create_future()
-                await response.waiter
+        try:  # the drain waiter's slot: the request's own task waits for the head meanwhile
+            while not (response.continued or response.status or response.failure is not None or self.dead):
+                self._drain = asyncio.get_running_loop().create_future()
+                await self._drain
         finally:
-            response.waiter = None
             response.disarm()
 
     async def _drained(self) -> None:

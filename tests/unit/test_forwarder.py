@@ -1,4 +1,4 @@
-"""Both forwarders (AiohttpForwarder, LeanForwarder) against a raw TCP server that records the request bytes it receives.
+"""Both forwarders (aiohttp and lean) against a raw TCP server that records the request bytes it receives.
 
 The forwarding client must send exactly the headers it is given (nothing of its own), one Host
 header whatever the client sent, and stream the body back chunk by chunk.

@@ -1,0 +1,281 @@
+"""gateway/upstream_h1.py (LeanForwarder) against raw asyncio upstreams that misbehave on purpose: framing of
+answers, keep-alive and when a connection must not be reused, retries, timeouts, request bodies, cancellation and
+flow control. Real sockets on 127.0.0.1; nothing of the transport is mocked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from support.rawhttp import RawRequest, RawUpstream, read_body
+from support.waiting import until
+
+from gateway.errors import BodyTooLarge, UpstreamFailure
+from gateway.forwarder import UpstreamResponse, chunks, upstream_url
+from gateway.h1_connection import HIGH_WATER
+from gateway.h1_response import Response
+from gateway.upstream_h1 import LeanForwarder
+
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
+
+
+@pytest.fixture
+async def lean() -> AsyncIterator[LeanForwarder]:
+    forwarder = LeanForwarder()
+    yield forwarder
+    await forwarder.close()
+
+
+async def send(
+    forwarder: LeanForwarder,
+    url: str,
+    method: str = "GET",
+    headers: list[tuple[str, str]] | None = None,
+    body: AsyncIterator[bytes] | None = None,
+    read_timeout: float = 5,
+) -> UpstreamResponse:
+    return await forwarder.send(
+        method, upstream_url(url + "/"), headers or [], body, connect_timeout=2, read_timeout=read_timeout
+    )
+
+
+async def whole(response: UpstreamResponse) -> bytes:
+    return b"".join([chunk async for chunk in chunks(response)])
+
+
+async def body_of(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+def answering(answer: bytes, keep: bool = True):  # type: ignore[no-untyped-def]
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        await read_body(reader, request)
+        writer.write(answer)
+        return keep
+
+    return handler
+
+
+async def test_a_chunked_answer_is_read_whole_and_the_connection_reused(lean: LeanForwarder) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    upstream = RawUpstream(answering(chunked))
+    async with upstream as url:
+        for _ in range(2):
+            response = await send(lean, url)
+            assert response.status == 200 and await whole(response) == b"hello world"
+    assert upstream.connections == 1
+
+
+async def test_a_body_without_length_ends_with_the_connection_and_it_is_not_reused(lean: LeanForwarder) -> None:
+    upstream = RawUpstream(answering(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", keep=False))
+    async with upstream as url:
+        for _ in range(2):
+            response = await send(lean, url)
+            assert await whole(response) == b"until the end" and response.at_eof()
+    assert upstream.connections == 2
+
+
+async def test_head_has_no_body_whatever_its_content_length_says(lean: LeanForwarder) -> None:
+    answers = [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(answers[0] if request.method == "HEAD" else answers[1])
+        return True
+
+    upstream = RawUpstream(handler)
+    async with upstream as url:
+        head = await send(lean, url, "HEAD")
+        assert head.status == 200 and (b"Content-Length", b"100") in head.headers
+        assert await head.read() == b"" and head.at_eof()
+        assert await whole(await send(lean, url)) == b"ok"  # the same connection: the HEAD answer took no bytes
+    assert upstream.connections == 1
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_204_and_304_have_no_body(lean: LeanForwarder, status: int) -> None:
+    upstream = RawUpstream(answering(b"HTTP/1.1 %d X\r\nETag: x\r\n\r\n" % status))
+    async with upstream as url:
+        for _ in range(2):
+            response = await send(lean, url)
+            assert response.status == status and await response.read() == b"" and response.at_eof()
+    assert upstream.connections == 1
+
+
+async def test_100_continue_then_the_body_then_the_answer(lean: LeanForwarder) -> None:
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n")
+        await read_body(reader, request)
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(request.body), request.body))
+        return True
+
+    upstream = RawUpstream(handler)
+    async with upstream as url:
+        headers = [("expect", "100-continue"), ("content-length", "5")]
+        response = await send(lean, url, "PUT", headers, body_of(b"he", b"llo"))
+        assert response.status == 201 and (b"X-Interim", b"1") not in response.headers
+        assert await whole(response) == b"hello"
+    assert upstream.requests[0].header("expect") == "100-continue"
+
+
+async def test_an_upstream_that_closes_mid_body_fails_the_read(lean: LeanForwarder) -> None:
+    upstream = RawUpstream(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", keep=False))
+    async with upstream as url:
+        response = await send(lean, url)
+        assert await response.read() == b"hello"
+        with pytest.raises(UpstreamFailure) as failure:
+            await response.read()
+        assert failure.value.timeout is False
+
+
+async def test_connection_close_is_not_reused_and_keep_alive_is(lean: LeanForwarder) -> None:
+    closing = RawUpstream(answering(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"))
+    kept = RawUpstream(answering(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok"))
+    for upstream, connections in ((closing, 2), (kept, 1)):
+        async with upstream as url:
+            for _ in range(2):
+                assert await whole(await send(lean, url)) == b"ok"
+        assert upstream.connections == connections
+
+
+def hanging_up_on(second: int):  # type: ignore[no-untyped-def]
+    """Answers every request but the ``second``-th (counted from 1): that one it reads, then hangs up without a word."""
+
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        await read_body(reader, request)
+        if handler.seen == second - 1:  # type: ignore[attr-defined]
+            handler.seen += 1  # type: ignore[attr-defined]
+            return False
+        handler.seen += 1  # type: ignore[attr-defined]
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    handler.seen = 0  # type: ignore[attr-defined]
+    return handler
+
+
+async def test_a_connection_closed_while_idle_is_retried_once_on_a_new_one(lean: LeanForwarder) -> None:
+    upstream = RawUpstream(hanging_up_on(2))
+    async with upstream as url:
+        assert await whole(await send(lean, url)) == b"ok"
+        assert await whole(await send(lean, url)) == b"ok"
+    assert [r.connection for r in upstream.requests] == [0, 0, 1]
+
+
+async def test_a_request_with_a_body_or_not_idempotent_is_not_retried(lean: LeanForwarder) -> None:
+    # It may have been acted on (and a body cannot be sent again).
+    for method, body in (("PUT", body_of(b"x")), ("POST", None)):
+        upstream = RawUpstream(hanging_up_on(2))
+        async with upstream as url:
+            assert await whole(await send(lean, url)) == b"ok"
+            with pytest.raises(UpstreamFailure) as failure:
+                await send(lean, url, method, [("content-length", "1")] if body else [], body)
+            assert failure.value.timeout is False
+        assert len(upstream.requests) == 2
+
+
+async def test_an_idle_connection_the_upstream_closed_is_not_used(lean: LeanForwarder) -> None:
+    upstream = RawUpstream(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", keep=False))
+    async with upstream as url:
+        assert await whole(await send(lean, url)) == b"ok"
+        await until(lambda: not lean._all, "the closed connection left the pool")
+        assert await whole(await send(lean, url)) == b"ok"
+    assert upstream.connections == 2
+
+
+async def test_the_read_timeout_fires_between_chunks_too(lean: LeanForwarder) -> None:
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        await reader.read()
+        return False
+
+    async with RawUpstream(handler) as url:
+        response = await send(lean, url, read_timeout=0.2)
+        assert await response.read() == b"hello"
+        with pytest.raises(UpstreamFailure) as failure:
+            await response.read()
+        assert failure.value.timeout is True
+
+
+async def test_a_refused_connection_is_an_upstream_failure(lean: LeanForwarder, closed_port: int) -> None:
+    with pytest.raises(UpstreamFailure) as failure:
+        await send(lean, f"http://127.0.0.1:{closed_port}")
+    assert failure.value.timeout is False and lean._active == 0
+
+
+async def test_request_bodies_go_as_is_with_a_length_and_chunked_without(lean: LeanForwarder) -> None:
+    upstream = RawUpstream()
+    async with upstream as url:
+        await whole(await send(lean, url, "POST", [("content-length", "5")], body_of(b"he", b"llo")))
+        await whole(await send(lean, url, "POST", [], body_of(b"he", b"", b"llo")))
+        await whole(await send(lean, url, "POST"))
+    with_length, chunked, empty = upstream.requests
+    assert with_length.raw_body == b"hello" and with_length.header("transfer-encoding") is None
+    assert chunked.header("transfer-encoding") == "chunked" and chunked.raw_body == b"2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n"
+    assert empty.header("content-length") == "0"  # as aiohttp: a POST without a body says so
+    assert upstream.connections == 1
+
+
+async def test_a_body_that_raises_fails_the_request_and_drops_the_connection(lean: LeanForwarder) -> None:
+    async def too_large() -> AsyncIterator[bytes]:
+        yield b"part"
+        raise BodyTooLarge()
+
+    upstream = RawUpstream()
+    async with upstream as url:
+        with pytest.raises(UpstreamFailure) as failure:
+            await send(lean, url, "POST", [("content-length", "100")], too_large())
+        assert failure.value.timeout is False
+        await until(lambda: upstream.closed == 1, "the upstream saw the connection go")
+        assert await whole(await send(lean, url)) == b"ok"
+    assert upstream.connections == 2 and lean._active == 0
+
+
+async def test_a_cancelled_read_drops_the_connection(lean: LeanForwarder) -> None:
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        if request.connection == 0:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+            await writer.drain()
+            await reader.read()
+            return False
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    upstream = RawUpstream(handler)
+    async with upstream as url:
+        response = await send(lean, url)
+        assert await response.read() == b"hello"
+        reading = asyncio.ensure_future(response.read())
+        await asyncio.sleep(0.05)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        assert await whole(await send(lean, url)) == b"ok"
+    assert upstream.connections == 2 and lean._active == 0
+
+
+async def test_a_big_answer_read_slowly_is_not_buffered_whole(lean: LeanForwarder) -> None:
+    size = 5 * 1024 * 1024
+
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // 65536):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+        return True
+
+    async with RawUpstream(handler) as url:
+        response = await send(lean, url)
+        assert isinstance(response, Response)
+        got = most = 0
+        paused = False
+        while chunk := await response.read():
+            got += len(chunk)
+            await asyncio.sleep(0.002)  # a slow client
+            conn = response.conn
+            paused = paused or (conn is not None and conn.read_paused)
+            most = max(most, response.buffered)
+        assert got == size and paused
+        assert most <= HIGH_WATER + 256 * 1024  # one socket read past the mark at most
