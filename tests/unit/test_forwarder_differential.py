@@ -2,9 +2,9 @@
 
 A recording upstream (tests/support/rawhttp.py: a raw asyncio server) keeps the exact bytes of every request it
 gets and answers what the generated case says: a status, a header list, and a body framed by Content-Length,
-chunked, or by closing the connection (none for HEAD, 204 and 304). Every case goes through both forwarders,
-twice each (the second time on a pooled connection unless the first answer ended with the connection), and must
-come out the same:
+chunked, or by closing the connection (none for HEAD, 204 and 304), sometimes after a 100 or 103 interim
+answer. Every case goes through both forwarders, twice each (the second time on a pooled connection unless the
+first answer ended with the connection), and must come out the same:
 
 - what the upstream got: the request head byte for byte (request line, header names in their case, values,
   order, the Host the forwarder adds or keeps), the body's bytes as framed on the wire (Content-Length or the
@@ -46,6 +46,7 @@ class Answer:
     body: bytes
     framing: str  # length | chunked | close
     sizes: list[int]
+    interim: bytes  # 1xx answers sent before this one (skipped by both)
 
     def wire(self, method: str) -> tuple[bytes, bool]:
         """The answer's bytes, and whether the connection stays open after it."""
@@ -60,7 +61,7 @@ class Answer:
             body = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in _split(self.body, self.sizes) if p) + b"0\r\n\r\n"
         elif self.framing == "close":
             body, keep = self.body, bodiless
-        return "".join([*head, "\r\n"]).encode() + (b"" if bodiless else body), keep
+        return self.interim + "".join([*head, "\r\n"]).encode() + (b"" if bodiless else body), keep
 
 
 @dataclass
@@ -105,6 +106,9 @@ def cases(draw: st.DrawFn) -> Case:
         draw(st.binary(max_size=5000)),
         draw(st.sampled_from(["length", "chunked", "close"])),
         draw(st.lists(st.integers(0, 2000), max_size=4)),
+        draw(
+            st.sampled_from([b"", b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"])
+        ),
     )
     sizes = draw(st.lists(st.integers(0, 1500), max_size=4))
     return Case(method, path + (f"?{query}" if query is not None else ""), headers, body, with_length, sizes, answer)
