@@ -186,3 +186,29 @@ def test_reload_refuses_new_limits() -> None:
     assert reload_problems(running, tighter) == [
         "server.limits: the HTTP server's limits are set at start; changing them needs a restart"
     ]
+
+
+@pytest.mark.parametrize("choice", ["lean", "aiohttp", "httpx"])
+def test_gateway_check_takes_either_forwarder_and_names_the_key_otherwise(tmp_path: Path, choice: str) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(_config(server={"forwarder": choice})))
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(path)], capture_output=True, text=True, timeout=30
+    )
+    if choice == "httpx":
+        assert result.returncode == 1 and "server.forwarder" in result.stderr and "Traceback" not in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+
+
+def test_the_forwarder_is_lean_unless_aiohttp_is_chosen_and_a_reload_cannot_change_it() -> None:
+    from gateway.forwarder import AiohttpForwarder
+    from gateway.upstream_h1 import LeanForwarder
+
+    lean = parse_config(_config(), env={})
+    reference = parse_config(_config(server={"forwarder": "aiohttp"}), env={})
+    assert isinstance(create_app(lean).shared.forwarder, LeanForwarder)
+    assert isinstance(create_app(reference).shared.forwarder, AiohttpForwarder)
+    assert reload_problems(lean, reference) == [
+        "server.forwarder: the forwarding client is chosen at start; changing it needs a restart"
+    ]
