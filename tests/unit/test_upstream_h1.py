@@ -120,6 +120,35 @@ async def test_100_continue_then_the_body_then_the_answer(lean: LeanForwarder) -
     assert upstream.requests[0].header("expect") == "100-continue"
 
 
+async def test_a_final_answer_instead_of_100_continue_means_the_body_is_never_sent(lean: LeanForwarder) -> None:
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 2\r\n\r\nno")
+        return True
+
+    upstream = RawUpstream(handler)
+    async with upstream as url:
+        headers = [("expect", "100-continue"), ("content-length", "5")]
+        response = await send(lean, url, "PUT", headers, body_of(b"hello"))
+        assert response.status == 417 and await whole(response) == b"no"
+        assert await whole(await send(lean, url)) == b"no"  # on a new connection: the old one owes a body
+    assert upstream.connections == 2
+
+
+async def test_an_upstream_that_ignores_expect_times_out(lean: LeanForwarder) -> None:
+    """Regression guard: aiohttp waits for 100 Continue without any deadline (the request hangs); lean gives up
+    after the read timeout (504)."""
+
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        await reader.read()  # waits for a body that waits for 100 Continue
+        return False
+
+    async with RawUpstream(handler) as url:
+        headers = [("expect", "100-continue"), ("content-length", "5")]
+        with pytest.raises(UpstreamFailure) as failure:
+            await asyncio.wait_for(send(lean, url, "PUT", headers, body_of(b"hello"), read_timeout=0.2), 5)
+        assert failure.value.timeout is True and lean._active == 0
+
+
 async def test_an_upstream_that_closes_mid_body_fails_the_read(lean: LeanForwarder) -> None:
     upstream = RawUpstream(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", keep=False))
     async with upstream as url:
