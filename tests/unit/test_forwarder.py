@@ -7,6 +7,8 @@ header whatever the client sent, and stream the body back chunk by chunk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -175,3 +177,27 @@ async def test_timeouts_still_fire_after_the_forwarder_was_closed_and_reused(for
                 forwarder.send("GET", upstream_url(url), [], None, connect_timeout=2, read_timeout=0.1), 3
             )
         assert failure.value.timeout is True
+
+
+async def test_a_connect_that_does_not_complete_in_time_is_a_timeout(forwarder: Forwarder) -> None:
+    # A listener whose accept queue is full: Linux drops further SYNs, so the connect hangs.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamFailure) as failure:
+            await forwarder.send(
+                "GET", upstream_url(f"http://127.0.0.1:{port}/"), [], None, connect_timeout=0.3, read_timeout=5
+            )
+        assert failure.value.timeout is True
+        assert asyncio.get_running_loop().time() - started < 3
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
