@@ -193,7 +193,7 @@ class LeanForwarder:
             idle = self._idle.get(conn.key)
             if idle is None:
                 idle = self._idle[conn.key] = []
-            if len(idle) < self._max_idle:
+            if len(idle) < self._max_idle or self._waiters:  # over the cap only for a request waiting
                 loop = asyncio.get_running_loop()
                 conn.idle, conn.idle_since = True, loop.time()
                 idle.append(conn)

@@ -308,3 +308,33 @@ async def test_a_big_answer_read_slowly_is_not_buffered_whole(lean: LeanForwarde
             most = max(most, response.buffered)
         assert got == size and paused
         assert most <= HIGH_WATER + 256 * 1024  # one socket read past the mark at most
+
+
+async def test_the_pool_limit_holds_and_idle_connections_are_capped_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.upstream_h1.KEEPALIVE", 0.2)
+    open_now = most = 0
+
+    async def slow(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        nonlocal open_now, most
+        open_now += 1
+        most = max(most, open_now)
+        await asyncio.sleep(0.05)
+        open_now -= 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    upstream = RawUpstream(slow)
+    lean = LeanForwarder(pool_size=3, max_idle=2)
+    try:
+        async with upstream as url:
+            answers = await asyncio.gather(*(send(lean, url) for _ in range(9)))
+            assert [await whole(a) for a in answers] == [b"ok"] * 9
+            assert most == 3 and upstream.connections == 3  # three at a time, each reused
+            assert sum(len(idle) for idle in lean._idle.values()) == 2  # the third was closed
+            await until(lambda: upstream.closed == 3, "idle connections expired")
+            assert not lean._idle and not lean._all
+            assert await whole(await send(lean, url)) == b"ok"
+            assert upstream.connections == 4
+    finally:
+        await lean.close()
+    assert not lean._all
