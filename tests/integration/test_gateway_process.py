@@ -22,14 +22,16 @@ from support.waiting import wait_until
 SECRET = "integration-secret-0123456789abcdef"
 
 
-@pytest.fixture(scope="module")
-def gateway(upstream: ServerProcess) -> Iterator[GatewayProcess]:
+@pytest.fixture(scope="module", params=["lean", "aiohttp"])
+def gateway(upstream: ServerProcess, request: pytest.FixtureRequest) -> Iterator[GatewayProcess]:
+    """The gateway with each forwarder (server.forwarder): the request path must not tell them apart."""
     with refused_port() as port:  # held for the module: connections to it are refused, nobody else takes it
-        yield from _gateway(upstream, dead=f"http://127.0.0.1:{port}")
+        yield from _gateway(upstream, dead=f"http://127.0.0.1:{port}", forwarder=request.param)
 
 
-def _gateway(upstream: ServerProcess, dead: str) -> Iterator[GatewayProcess]:
+def _gateway(upstream: ServerProcess, dead: str, forwarder: str) -> Iterator[GatewayProcess]:
     config: dict[str, Any] = {
+        "server": {"forwarder": forwarder},
         "tokens": {"algorithms": ["HS256"], "secret": SECRET, "issuer": "https://idp.test", "audience": "legacy-app"},
         "cookies": {"secure": False},
         "login": {"url": "https://idp.test/login?next={next}"},
