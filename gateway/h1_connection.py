@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import weakref
 from collections.abc import AsyncIterator
 from typing import Protocol as Interface
 
@@ -40,7 +41,10 @@ class Connection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.response: Response | None = None
+        # The exchange it carries now: weak, so an answer dropped unread is collected and frees the connection
+        # (Response.__del__); held strongly only while the parser feeds it (_cur).
+        self._ref: weakref.ref[Response] | None = None
+        self._cur: Response | None = None
         self.used = 0  # answers completed on it
         self.idle = False
         self.idle_since = 0.0
@@ -64,12 +68,17 @@ class Connection(asyncio.Protocol):
             except (OSError, AttributeError):
                 pass
 
+    def current(self) -> Response | None:
+        ref = self._ref
+        return None if ref is None else ref()
+
     def data_received(self, data: bytes) -> None:
-        response = self.response
+        response = self.current()
         if response is None:  # idle, and the upstream speaks: close it
             self.drop()
             return
         response.received = True
+        self._cur = response
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # 101 or CONNECT: not HTTP any more
@@ -79,15 +88,18 @@ class Connection(asyncio.Protocol):
                 response.fail(UpstreamFailure(timeout=False, detail="the upstream's answer is not valid HTTP/1.1"))
                 return
             self._junk = True
-        if response.complete and self.response is response:
+        finally:
+            self._cur = None
+        if response.complete and self._ref is not None:
             self.finish(response)
         response.wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.dead = True
         self._wake_drain()
-        response = self.response
+        response = self.current()
         if response is None:
+            self.drop()  # idle, or its answer was dropped unread
             self.owner.lost(self)
             return
         if response.status and exc is None and _until_close(response):  # the body ends where the connection does
@@ -111,7 +123,7 @@ class Connection(asyncio.Protocol):
     # --- httptools callbacks --------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.response is None or self.response.complete:
+        if self._cur is None or self._cur.complete:
             self._junk = True  # a second answer to one request
         self._headers = []
 
@@ -119,7 +131,7 @@ class Connection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        response = self.response
+        response = self._cur
         status = self.parser.get_status_code()
         if response is None or response.complete:
             return
@@ -134,7 +146,7 @@ class Connection(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
 
     def on_body(self, body: bytes) -> None:
-        response = self.response
+        response = self._cur
         if response is None or response.complete:
             self._junk = True
             return
@@ -148,7 +160,7 @@ class Connection(asyncio.Protocol):
         if self._interim:
             self._interim = False
             return
-        response = self.response
+        response = self._cur
         if response is not None and not response.complete:
             response.complete = True
             self._keep = self.parser.should_keep_alive()
@@ -156,7 +168,7 @@ class Connection(asyncio.Protocol):
     # --- the exchange ---------------------------------------------------------------------------
 
     def start(self, response: Response, head: bytes) -> None:
-        self.response = response
+        self._ref = weakref.ref(response)
         self._junk = False
         assert self.transport is not None
         self.transport.write(head)
@@ -164,7 +176,7 @@ class Connection(asyncio.Protocol):
     def finish(self, response: Response) -> None:
         """The answer is complete: the connection leaves it, to the pool or closed."""
         reusable = self._keep and response.body_sent and not self._junk and not self.dead
-        self.response = None
+        self._ref = None
         response.conn = None
         if not response.body_sent:
             response.stop_writer()
@@ -179,10 +191,11 @@ class Connection(asyncio.Protocol):
         self._wake_drain()
         if self.transport is not None:
             self.transport.abort()
-        response = self.response
-        if response is not None:
-            self.response = None
-            response.conn = None
+        if self._ref is not None:  # an exchange in progress: given up
+            response = self._ref()
+            self._ref = None
+            if response is not None:
+                response.conn = None
             self.owner.release(self, False)
 
     def resume_reading(self) -> None:
@@ -207,13 +220,13 @@ class Connection(asyncio.Protocol):
                 if response.status or response.failure is not None:
                     return
             async for chunk in body:
-                if self.response is not response:
+                if self.current() is not response:
                     return
                 if chunk:
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                     if self._write_paused:
                         await self._drained()
-            if self.response is not response:
+            if self.current() is not response:
                 return
             if chunked:
                 transport.write(b"0\r\n\r\n")

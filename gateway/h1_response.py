@@ -9,6 +9,7 @@ dropped unread) closes its connection: it is never reused (issue 17).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -31,7 +32,7 @@ class Response:
 
     __slots__ = (
         "status", "headers", "conn", "chunks", "buffered", "complete", "failure", "retryable", "waiter",
-        "received", "body_sent", "continued", "head_only", "writer", "_deadlines", "_timeout",
+        "received", "body_sent", "continued", "head_only", "writer", "_deadlines", "_timeout", "__weakref__",
     )  # fmt: skip
 
     def __init__(self, conn: Carrier, head_only: bool, deadlines: Deadlines, timeout: float) -> None:
@@ -57,7 +58,8 @@ class Response:
         if armed:
             self.arm()
         try:
-            while not (self.status if head else self.chunks or self.complete) and self.failure is None:
+            # Once the connection left (closed, given up), nothing more can come.
+            while not (self.status if head else self.chunks or self.complete) and self.failure is None and self.conn:
                 self.waiter = asyncio.get_running_loop().create_future()
                 await self.waiter
         except BaseException:  # cancelled (the client went away): this connection is half used
@@ -132,7 +134,5 @@ class Response:
     def __del__(self) -> None:
         # Abandoned half-read (an exception between send and the last read): never leave the slot taken.
         if self.conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # a closed loop at exit: nothing left to free
                 self.conn.drop()
-            except Exception:  # noqa: S110 - a closed loop at exit: nothing left to free
-                pass

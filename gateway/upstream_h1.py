@@ -248,8 +248,8 @@ class LeanForwarder:
         self._idle.clear()
         for conn in list(self._all):
             conn.idle = False
-            if conn.response is not None:
-                conn.response.fail(UpstreamFailure(timeout=False, detail="the forwarder was closed"))
+            if (response := conn.current()) is not None:
+                response.fail(UpstreamFailure(timeout=False, detail="the forwarder was closed"))
             conn.drop()
         self._all.clear()
         await asyncio.sleep(0)  # let the transports close

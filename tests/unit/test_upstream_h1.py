@@ -5,6 +5,7 @@ flow control. Real sockets on 127.0.0.1; nothing of the transport is mocked."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -338,3 +339,23 @@ async def test_the_pool_limit_holds_and_idle_connections_are_capped_and_expire(m
     finally:
         await lean.close()
     assert not lean._all
+
+
+async def test_an_answer_dropped_unread_frees_its_connection_and_close_fails_one_in_flight(
+    lean: LeanForwarder,
+) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"
+    upstream = RawUpstream(answering(answer))
+    async with upstream as url:
+        response: UpstreamResponse | None = await send(lean, url)
+        assert lean._active == 1
+        response = None  # an exception between send and the last read: nobody closes it
+        gc.collect()
+        assert lean._active == 0
+        await until(lambda: upstream.closed == 1, "the half-read connection was closed")
+        reading = await send(lean, url)
+        assert await reading.read() == b"hello"
+        await lean.close()
+        with pytest.raises(UpstreamFailure):
+            await reading.read()
+    assert response is None and upstream.connections == 2
