@@ -22,6 +22,8 @@ from gateway.errors import UpstreamFailure
 from gateway.h1_response import Response
 
 HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read
+MAX_HEADERS = 128  # header lines in one answer, and bytes in one name and its value: aiohttp's limits
+MAX_FIELD = 8190
 LOW_WATER = 64 * 1024  # ... and read again once the reader took it below this
 
 
@@ -40,7 +42,7 @@ class Connection(asyncio.Protocol):
         self.owner = owner
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = _parser(self)
         # The exchange it carries now: weak, so an answer dropped unread is collected and frees the connection
         # (Response.__del__); held strongly only while the parser feeds it (_cur).
         self._ref: weakref.ref[Response] | None = None
@@ -128,7 +130,10 @@ class Connection(asyncio.Protocol):
         self._headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if len(self._headers) >= MAX_HEADERS or len(name) + len(value) > MAX_FIELD or b"\0" in value:
+            raise ValueError("an answer's headers too many, too long, or holding NUL")  # fails the parse
+        # llhttp strips the whitespace before a value, not after it (RFC 9110 §5.5: neither is part of it).
+        self._headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         response = self._cur
@@ -140,10 +145,11 @@ class Connection(asyncio.Protocol):
             self._interim = response.continued = True
             return
         response.status, response.headers = status, self._headers
+        self._headers = []  # trailers (after a chunked body) land here and are dropped, as aiohttp does
         if response.head_only:  # llhttp cannot be told it was HEAD: the answer ends here, a new parser follows
             response.complete = True
             self._keep = _keeps_alive(self.parser.get_http_version(), self._headers)
-            self.parser = httptools.HttpResponseParser(self)
+            self.parser = _parser(self)
 
     def on_body(self, body: bytes) -> None:
         response = self._cur
@@ -263,6 +269,16 @@ class Connection(asyncio.Protocol):
             self._drain = None
             if not drain.done():
                 drain.set_result(None)
+
+
+def _parser(conn: Connection) -> httptools.HttpResponseParser:
+    """httptools' parser, as lenient as aiohttp's with answers (CTLs in values, LF without CR, spaces after a
+    chunk size): legacy apps send such things, and the reference forwarder takes them."""
+    parser = httptools.HttpResponseParser(conn)
+    parser.set_dangerous_leniencies(
+        lenient_headers=True, lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
+    )
+    return parser
 
 
 def _keeps_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:

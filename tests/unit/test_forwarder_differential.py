@@ -24,10 +24,12 @@ import string
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.rawhttp import RawRequest, RawUpstream, read_body
 
+from gateway.errors import UpstreamFailure
 from gateway.forwarder import AiohttpForwarder, Forwarder, upstream_url
 from gateway.upstream_h1 import LeanForwarder
 
@@ -159,3 +161,53 @@ async def _run(case: Case) -> None:
 @given(cases())
 def test_lean_sends_and_answers_as_aiohttp_does(case: Case) -> None:
     asyncio.run(_run(case))
+
+
+MALFORMED = {
+    "a control character in a value": b"HTTP/1.1 200 OK\r\nX-A: v\x01w\r\nContent-Length: 2\r\n\r\nok",
+    "NUL in a value": b"HTTP/1.1 200 OK\r\nX-A: v\x00w\r\nContent-Length: 2\r\n\r\nok",
+    "LF without CR": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+    "obs-fold": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
+    "whitespace after a value": b"HTTP/1.1 200 OK\r\nX-A: v \t\r\nContent-Length: 2\r\n\r\nok",
+    "trailers": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: 1\r\n\r\n",
+    "a chunk extension": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;a=b\r\nok\r\n0\r\n\r\n",
+    "no reason phrase": b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok",
+    "HTTP/1.0 without a length": b"HTTP/1.0 200 OK\r\n\r\nok",
+    "space before the colon": b"HTTP/1.1 200 OK\r\nX-A : v\r\nContent-Length: 2\r\n\r\nok",
+    "Content-Length and chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"2\r\nok\r\n0\r\n\r\n",
+    "Content-Length twice": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+    "129 headers": b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 129 + b"Content-Length: 2\r\n\r\nok",
+    "a name and value of 8190 bytes": b"HTTP/1.1 200 OK\r\nX-A: " + b"v" * 8187 + b"\r\nContent-Length: 2\r\n\r\nok",
+    "a name and value of 8191 bytes": b"HTTP/1.1 200 OK\r\nX-A: " + b"v" * 8188 + b"\r\nContent-Length: 2\r\n\r\nok",
+    "128 headers": b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 127 + b"Content-Length: 2\r\n\r\nok",
+}
+
+
+async def _malformed(forwarder: Forwarder, answer: bytes) -> object:
+    async def handler(request: RawRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(answer)
+        return False
+
+    try:
+        async with RawUpstream(handler) as url:
+            try:
+                response = await forwarder.send(
+                    "GET", upstream_url(url + "/"), [], None, connect_timeout=5, read_timeout=5
+                )
+                data = b""
+                while chunk := await response.read():
+                    data += chunk
+                return response.status, list(response.headers), data
+            except UpstreamFailure as exc:
+                return "502/504", exc.timeout  # the message may differ; the answer the client gets does not
+    finally:
+        await forwarder.close()
+
+
+@pytest.mark.parametrize("answer", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_a_malformed_answer_is_taken_or_refused_as_aiohttp_does(answer: bytes) -> None:
+    """aiohttp parses answers leniently (llhttp's lenient headers, LF without CR, spaces after a chunk size), strips
+    the whitespace after values, drops trailers, and caps headers at 128 of 8190 bytes (name and value): the lean
+    forwarder does the same. Where both refuse, only the failure's wording differs (502 either way)."""
+    assert await _malformed(LeanForwarder(), answer) == await _malformed(AiohttpForwarder(), answer)
