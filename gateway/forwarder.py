@@ -1,8 +1,10 @@
-"""Forwarding to upstreams: a small ``Forwarder`` interface and its aiohttp implementation.
+"""Forwarding to upstreams: a small ``Forwarder`` interface, its aiohttp implementation, and the read deadlines.
 
 This module knows nothing of tokens; identity reaches it as plain headers. Bodies stream both
-ways in chunks, so a 1 GB upload or download never sits in memory. aiohttp's client is the hot
-path because it measured ~5x faster here than httpx as a proxy client (see bench/).
+ways in chunks, so a 1 GB upload or download never sits in memory. aiohttp's client measured
+~5x faster here than httpx as a proxy client (see bench/); it is now the reference
+(``server.forwarder: aiohttp``), and the default is the gateway's own, leaner HTTP/1.1 client
+(``upstream_h1.LeanForwarder``), which sends the same bytes.
 """
 
 from __future__ import annotations

@@ -96,6 +96,7 @@ class LeanForwarder:
         read_timeout: float,
         tls: UpstreamTLS | None = None,
     ) -> UpstreamResponse:
+        method = method.upper()  # as aiohttp sends it
         try:
             head, chunked, expect = request_head(method, url, headers, body is not None)
         except ValueError as exc:
