@@ -9,8 +9,8 @@ Reload: on SIGHUP, and when the config file changes on disk, every worker re-rea
 validates the file and swaps in a new generation atomically: requests in flight finish under the
 generation they started with, new ones get the new one. An invalid file is refused with the same
 messages as ``gateway check``, logged, counted, and the old config keeps serving. Settings a
-running process cannot change (``store.*``, ``server.host``/``port``, ``server.limits``) need a
-restart; a file that changes them is refused and says so.
+running process cannot change (``store.*``, ``server.host``/``port``, ``server.limits``,
+``server.forwarder``) need a restart; a file that changes them is refused and says so.
 """
 
 from __future__ import annotations
