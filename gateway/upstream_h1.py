@@ -39,6 +39,7 @@ _BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # aiohttp adds Conte
 def request_head(method: str, url: URL, headers: StrHeaders, body: bool) -> tuple[bytes, bool, bool]:
     """The request line and headers as one buffer; whether the body goes chunked; whether it waits for 100."""
     lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\n"]
+    ends = 2  # line ends written: the request line's and the blank line's, then one per header line
     host_at = -1  # where the first Host header's name is in lines
     host = ""
     hosts = 0
@@ -55,18 +56,22 @@ def request_head(method: str, url: URL, headers: StrHeaders, body: bool) -> tupl
         elif lower == "expect" and not expect:
             expect = value.lower() == "100-continue"
         lines += (name, ": ", value, "\r\n")
+        ends += 1
     if not hosts:
         lines.append(f"Host: {url.host_port_subcomponent or ''}\r\n")
+        ends += 1
     elif hosts > 1:  # the last one, where the first was, named as aiohttp's multidict names it
         lines[host_at], lines[host_at + 2] = "Host", host
     chunked = body and not length
     if chunked:
         lines.append("Transfer-Encoding: chunked\r\n")
+        ends += 1
     elif not body and not length and method not in _BODILESS:
         lines.append("Content-Length: 0\r\n")
+        ends += 1
     lines.append("\r\n")
     text = "".join(lines)
-    if text.count("\n") != text.count("\r\n") or text.count("\r") != text.count("\r\n"):
+    if text.count("\n") != ends or text.count("\r") != ends:  # a CR or LF of a name or value's own: refused
         raise ValueError("Newline or carriage return character detected in HTTP status line or headers")
     return text.encode("utf-8"), chunked, expect and body
 

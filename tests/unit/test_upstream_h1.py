@@ -16,7 +16,7 @@ from gateway.errors import BodyTooLarge, UpstreamFailure
 from gateway.forwarder import UpstreamResponse, chunks, upstream_url
 from gateway.h1_connection import HIGH_WATER
 from gateway.h1_response import Response
-from gateway.upstream_h1 import LeanForwarder
+from gateway.upstream_h1 import LeanForwarder, request_head
 
 Reader = asyncio.StreamReader
 Writer = asyncio.StreamWriter
@@ -383,3 +383,14 @@ async def test_an_answer_before_the_body_is_sent_comes_at_once_and_its_connectio
         assert response.status == 413 and await whole(response) == b"no"
         assert await whole(await send(lean, url)) == b"ok"
     assert upstream.connections == 2 and lean._active == 0
+
+
+@pytest.mark.parametrize("bad", ["a\r\nX-Evil: 1", "a\nb", "a\rb", "\r\n"])
+def test_a_cr_or_lf_in_a_header_is_refused_not_sent(bad: str) -> None:
+    """Regression: a CRLF pair inside a value once slipped past a check that only compared CR, LF and CRLF counts."""
+    url = upstream_url("http://127.0.0.1:9/")
+    head, _, _ = request_head("GET", url, [("x-a", "ok"), ("host", "h")], False)
+    assert head == b"GET / HTTP/1.1\r\nx-a: ok\r\nhost: h\r\n\r\n"
+    for headers in ([("x-a", bad)], [(bad, "v")], [("host", bad)], [("host", "a"), ("host", bad)]):
+        with pytest.raises(ValueError, match="Newline or carriage return"):
+            request_head("GET", url, headers, False)
