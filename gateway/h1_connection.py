@@ -21,10 +21,9 @@ import httptools
 from gateway.errors import UpstreamFailure
 from gateway.h1_response import Response
 
-HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read
+HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read (again once a read takes them)
 MAX_HEADERS = 128  # header lines in one answer, and bytes in one name and its value: aiohttp's limits
 MAX_FIELD = 8190
-LOW_WATER = 64 * 1024  # ... and read again once the reader took it below this
 
 
 class Owner(Interface):
