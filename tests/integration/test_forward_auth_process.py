@@ -15,8 +15,8 @@ import pytest
 from support.configs import demo_refresh, oidc_login
 from support.frontproxies import FrontProxy
 from support.sealed import refresh_cookie
-from support.waiting import wait_until
 from support.servers import GatewayProcess, IdPProcess, ServerProcess, set_cookies, start_gateway, start_idp
+from support.waiting import wait_until
 
 ACCESS, REFRESH = "gw_access", "gw_refresh"
 SECRET = "store-secret-for-tests"
