@@ -21,7 +21,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, PayloadTooBig
 from websockets.http11 import Request
 
 from gateway.config import WebSocketConfig
@@ -39,6 +39,10 @@ WATCH_INTERVAL = 1.0
 CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take on either side
 # Codes that may not be sent in a close frame (RFC 6455 §7.4.1): 1005/1006/1015 only describe one.
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
+
+
+def utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def sendable(code: int | None, fallback: int) -> int:
@@ -198,7 +202,12 @@ class Sockets:
 async def relay(
     tunnel: Tunnel, receive: Receive, send: Send, upstream: ClientConnection, metrics: Metrics, max_size: int
 ) -> str:
-    """Relay messages until one side closes or the watchdog ends the socket; say who ended it."""
+    """Relay messages until one side closes or the watchdog ends the socket; say who ended it.
+
+    A message is held to ``max_size`` as sent, decompressed (uvicorn reads the client's up to
+    ``limits.frame_allowance``; the upstream hop negotiates no compression and reads up to ``max_size``).
+    """
+    text_chars = max_size // 4  # a text of no more characters cannot be over the limit in UTF-8
 
     async def from_client() -> tuple[str, int, str]:
         while True:
@@ -207,7 +216,9 @@ async def relay(
                 data = message.get("text")
                 if data is None:
                     data = message.get("bytes") or b""
-                if len(data) > max_size:
+                    if len(data) > max_size:
+                        return "too_big", 1009, "message too big"
+                elif len(data) > text_chars and utf8_size(data) > max_size:
                     return "too_big", 1009, "message too big"
                 tunnel.last_active = time.monotonic()
                 try:
@@ -228,7 +239,8 @@ async def relay(
                     await send({"type": "websocket.send", "bytes": data})
                 metrics.ws_to_client.inc()
         except ConnectionClosed:
-            pass
+            if isinstance(upstream.protocol.parser_exc, PayloadTooBig):
+                return "too_big", 1009, "message too big"
         except (OSError, RuntimeError):  # the client went away (or was closed by the server) mid-send
             return "client", 1006, ""
         return "upstream", upstream.close_code or 1006, upstream.close_reason or ""
@@ -269,7 +281,7 @@ async def _close_both(
     if by == "client":
         # The client's close code goes upstream; a vanished client (1006) is "going away".
         await _close_upstream(upstream, sendable(code, 1001), reason)
-    elif by == "too_big":
+    elif by == "too_big":  # either way: the upstream's hop is closed already when it sent the message
         await _close_client(send, code, reason)
         await _close_upstream(upstream, 1001, "client sent a message too big")
     else:
