@@ -67,7 +67,7 @@ def websocket_options(websocket: WebSocketConfig) -> dict[str, Any]:
     ``websocket.max_message_size`` counts a message as sent, decompressed (issue 17). uvicorn's ``websockets``
     protocol checks each frame's length on the wire against ``ws_max_size`` before it inflates it, so that a
     compressed frame of a message of exactly the limit, a few bytes longer when it barely compresses, was refused:
-    uvicorn is given ``frame_allowance`` instead, and ``tunnel.relay`` holds the message itself to the limit.
+    uvicorn is given ``frame_allowance`` instead, and ``relay.relay`` holds the message itself to the limit.
     Inflating stops at ``ws_max_size`` (a deflate bomb is never inflated whole). Always the sans-I/O ``websockets``
     protocol, the one these semantics are known for.
     """
