@@ -118,14 +118,18 @@ class Metrics:
         messages = Counter(
             "gateway_websocket_messages", "WebSocket messages relayed, by direction", ["direction"], registry=r
         )
-        self.ws_to_upstream = messages.labels("to_upstream")  # bound once: inc() per message
-        self.ws_to_client = messages.labels("to_client")
+        self._ws_to_upstream = messages.labels("to_upstream")  # bound once: added to once a second per socket
+        self._ws_to_client = messages.labels("to_client")
         self._ws_closed = Counter(
             "gateway_websocket_closed", "WebSockets closed, by who or what closed them", ["by"], registry=r
         )
 
     def websocket_opened(self) -> None:
         self._ws_open.inc()
+
+    def websocket_messages(self, to_upstream: int, to_client: int) -> None:
+        self._ws_to_upstream.inc(to_upstream)
+        self._ws_to_client.inc(to_client)
 
     def websocket_closed(self, by: str) -> None:
         self._ws_open.dec()
