@@ -272,7 +272,7 @@ def report(
     lines = [
         f"{HEADING}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
-        f"`.venv/bin/python {command}`{' (`--forwarder ' + args.forwarder + '`)' if args.forwarder else ''}. "
+        f"`.venv/bin/python {command}`{'' if args.forwarder else ' (server.forwarder not set: the default)'}. "
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}; load average {load_before[0]:.2f} before the run, "
         f"{load_after[0]:.2f} after (1 min; other jobs share the machine). Upstream: {upstream_kind}. "
@@ -325,6 +325,12 @@ def report(
             f"\n{label}: nginx at {nginx_r:.2f}× direct, the gateway at {ours:.2f}×: nginx's ratio is "
             f"**{nginx_r / ours:.2f}×** the gateway's (goal ≤ 1.5×, {verdict})."
         )
+    direct = medians["direct"]
+    lines += [
+        "",
+        f"For scale: nginx serving the 1 KB itself (wrk straight to the upstream, both on core 1): {direct.rate:,.0f} "
+        f"req/s, {direct.cpu_us:.0f} µs of nginx CPU per request.",
+    ]
     two, one = medians["two"], medians["quiet"]
     store, grace = medians["store"], medians["grace"]
     lines += [
