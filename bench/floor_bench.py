@@ -277,7 +277,8 @@ def report(
         f"{platform.system()} {platform.release()}; load average {load_before[0]:.2f} before the run, "
         f"{load_after[0]:.2f} after (1 min; other jobs share the machine). Upstream: {upstream_kind}. "
         f"Each proxy pinned to core 0, one process, one worker; wrk (1 thread, {CONNECTIONS} connections) and the "
-        f"upstream on core 1. {secs:g} s per measurement after a warm-up, {rounds} interleaved rounds (each round "
+        f"upstream on core 1. {secs:g} s per measurement{' after a warm-up' if not args.quick else ''}, {rounds} "
+        "interleaved rounds (each round "
         "measures every target once), medians. **CPU µs / request**: utime + stime of the proxy's process over a "
         "wrk run, divided by the requests wrk counted. HS256 Bearer token; proxies that authenticate send "
         "X-Auth-User.",
