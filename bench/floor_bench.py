@@ -25,6 +25,7 @@ import argparse
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -247,6 +248,7 @@ def main() -> None:
             server.stop()
         if grace is not None:
             grace.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     medians = {key: median(group) for key, group in samples.items()}
     lines = report(cases, medians, samples, upstream_kind, secs, rounds, load_before, notes, args)
     write_top(out, lines)

@@ -164,6 +164,8 @@ def main() -> None:
         if gateway is not None:
             gateway.stop()
         upstream.stop()
+    stacks = raw.read_text()
+    shutil.rmtree(workdir, ignore_errors=True)
     options = " ".join(sys.argv[1:])
     lines = [
         f"# Profile of the gateway's hot path, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
@@ -175,12 +177,12 @@ def main() -> None:
         f"on core 1; py-spy {args.rate} Hz for {args.seconds} s, non-blocking"
         f"{', native frames' if args.native else ''}; load average {os.getloadavg()[0]:.2f}.",
         "",
-        *summarise(parse(raw.read_text())),
+        *summarise(parse(stacks)),
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    (out.with_suffix(".raw.txt")).write_text(raw.read_text())
+    (out.with_suffix(".raw.txt")).write_text(stacks)
     print("\n".join(lines))
     print(f"\nwritten to {out} (raw stacks: {out.with_suffix('.raw.txt')})")
 
