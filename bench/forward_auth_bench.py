@@ -51,6 +51,7 @@ from proxy_bench import (
     pinned,
     start,
     start_upstream,
+    write_section,
 )
 from proxy_bench import wrk as run_wrk
 from support.frontproxies import FrontProxy, snippet  # proxy_bench puts tests/ on sys.path
@@ -347,21 +348,6 @@ def report(
     write_section(out, lines)
     print("\n".join(lines))
     print(f"\nwritten to {out}")
-
-
-def write_section(out: Path, lines: list[str], heading: str = HEADING) -> None:
-    """Replace a benchmark's section of ``out`` (from ``heading`` to the next ``## `` or the end), or add it."""
-    text = out.read_text() if out.exists() else ""
-    start = 0 if text.startswith(heading) else text.find(f"\n{heading}")
-    if start < 0:
-        head, tail = text.rstrip("\n"), ""
-    else:
-        head = text[:start].rstrip("\n")
-        following = text.find("\n## ", start + 1)
-        tail = text[following:] if following >= 0 else ""
-    section = "\n".join(lines)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text((head + "\n\n" if head else "") + section + "\n" + tail)
 
 
 if __name__ == "__main__":
