@@ -96,6 +96,7 @@ class Metrics:
         self._fast = _RequestCollector()
         r.register(self._fast)
         self._refresh = Counter("gateway_refresh", "Refresh outcomes", ["outcome"], registry=r)
+        self._refresh_by_outcome: dict[str, Any] = {}
         self._idp = Histogram("gateway_idp_duration_seconds", "IdP refresh call latency", buckets=BUCKETS, registry=r)
         self._generation = Gauge("gateway_config_generation", "Config generation serving (1 at start)", registry=r)
         self._reloads = Counter("gateway_config_reloads", "Config loads, by result", ["result"], registry=r)
@@ -170,7 +171,10 @@ class Metrics:
         self._fast.denials[reason] = self._fast.denials.get(reason, 0) + 1
 
     def refresh(self, outcome: str) -> None:
-        self._refresh.labels(outcome).inc()
+        child = self._refresh_by_outcome.get(outcome)
+        if child is None:  # labels() takes a lock and builds a key: once per outcome, not per refresh
+            child = self._refresh_by_outcome[outcome] = self._refresh.labels(outcome)
+        child.inc()
 
     def idp_latency(self, seconds: float) -> None:
         self._idp.observe(seconds)
