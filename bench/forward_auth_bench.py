@@ -1,11 +1,15 @@
 """Forward-auth benchmark: nginx asking the gateway (auth_request) against nginx proxying through it, in one run.
 
-Three targets behind one nginx, the same upstream (proxy_bench's nginx 1 KB) and the same HS256 Bearer token:
+Five targets behind nginx, the same upstream (proxy_bench's nginx 1 KB) and the same HS256 Bearer token:
 
     A  forward-auth   nginx auth_request to `gateway serve` at /.gateway/auth, then nginx proxy_pass to the
                       upstream: the server block of docs/forward-auth.md, read from the page as the tests do
+    D  kept answers   A with the page's "answer kept for a second" lines (a second nginx, asking A's gateway)
     B  proxy mode     nginx proxy_pass to `gateway serve`, which verifies and forwards to the upstream
     C  no auth        nginx proxy_pass to the upstream (the reference: what auth costs at all)
+    F  Python floor   nginx proxy_pass to Starlette on uvicorn (uvloop, httptools, no access log) answering
+                      1 KB itself: what any Python ASGI process costs per request; A's gateway CPU is set
+                      against it
 
 B and C are servers added next to the documented one, with the same upstream keepalive and proxy headers.
 A and B ask gateways of their own (same config, one worker each), so that the paired measure can run both at
@@ -47,22 +51,55 @@ from proxy_bench import (
     pinned,
     start,
     start_upstream,
+    write_section,
 )
 from proxy_bench import wrk as run_wrk
 from support.frontproxies import FrontProxy, snippet  # proxy_bench puts tests/ on sys.path
 
 HEADING = "## Forward-auth"
 PATH = "/app"
-NAMES = {"A": "A forward-auth", "B": "B proxy mode", "C": "C no auth"}
+NAMES = {
+    "A": "A forward-auth",
+    "D": "D kept answers",
+    "B": "B proxy mode",
+    "C": "C no auth",
+    "F": "F Python floor",
+}
+FLOOR_APP = """
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+
+BODY = b"x" * 1024
+
+
+async def answer(request):
+    return Response(BODY, media_type="text/plain")
+
+
+app = Starlette(routes=[Route("/{path:path}", answer)])
+uvicorn.run(app, host="127.0.0.1", port=PORT, loop="uvloop", http="httptools", log_level="warning", access_log=False)
+"""
+
+
+def start_floor(workdir: Path) -> Server:
+    """The Python ASGI floor: Starlette on uvicorn with the gateway's server options, one process, core 0."""
+    port = free_port()
+    script = workdir / "floor.py"
+    script.write_text(FLOOR_APP.replace("PORT", str(port)))
+    return start("floor", pinned(0, [PYTHON, str(script)]), f"http://127.0.0.1:{port}", "/", workdir)
 
 
 class Front(FrontProxy):
     """nginx with the documented forward-auth server (A), plus a plain proxy_pass to a second gateway (B) and to
     the app (C); pinned to core 0 with the gateways."""
 
-    def __init__(self, gateway: str, proxied: str, app: str, keepalive: int | None = None) -> None:
-        super().__init__("nginx", gateway, app)
-        self.proxied, self.keepalive = proxied, keepalive
+    def __init__(
+        self, gateway: str, proxied: str, app: str, floor: str, keepalive: int | None = None, kind: str = "nginx"
+    ) -> None:
+        super().__init__(kind, gateway, app)
+        self.proxied, self.floor, self.keepalive = proxied, floor, keepalive
         self.pool = "-"  # the upstream blocks' keepalive, as run
         self.ports: dict[str, int] = {}
 
@@ -72,7 +109,7 @@ class Front(FrontProxy):
         keepalive = self.keepalive or (documented.group(1) if documented else None)
         pool = f"keepalive {keepalive};" if keepalive else ""
         self.pool = f"{keepalive or 'none'}{'' if self.keepalive else ' (as documented)'}"
-        self.ports = {"B": free_port(), "C": free_port()}
+        self.ports = {"B": free_port(), "C": free_port(), "F": free_port()}
         forward = (
             "proxy_set_header Host $http_host; proxy_set_header X-Forwarded-Proto $scheme;"
             " proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"
@@ -82,6 +119,8 @@ class Front(FrontProxy):
             f"upstream proxied {{ server {self.proxied}; {pool} }}\n"
             f"server {{ listen 127.0.0.1:{self.ports['B']}; location / {{ proxy_pass http://proxied; {forward} }} }}\n"
             f"server {{ listen 127.0.0.1:{self.ports['C']}; location / {{ proxy_pass http://app; {forward} }} }}\n"
+            f"upstream floor {{ server {self.floor}; {pool} }}\n"
+            f"server {{ listen 127.0.0.1:{self.ports['F']}; location / {{ proxy_pass http://floor; {forward} }} }}\n"
         )
         conf = self.dir / "nginx.conf"
         text = conf.read_text()
@@ -124,7 +163,7 @@ def check(urls: dict[str, str], gateway: Server, token: str) -> None:
     for target, url in urls.items():
         anonymous, allowed = httpx.get(url + PATH), httpx.get(url + PATH, headers=bearer)
         assert allowed.status_code == 200 and len(allowed.content) == 1024, (target, allowed.status_code)
-        assert anonymous.status_code == (200 if target == "C" else 401), (target, anonymous.status_code)
+        assert anonymous.status_code == (200 if target in "CF" else 401), (target, anonymous.status_code)
     asked = httpx.get(gateway.url + "/.gateway/auth", headers={**bearer, "X-Original-URI": PATH})
     assert asked.status_code == 200 and asked.headers["x-auth-user"] == "bench-user", asked.headers
 
@@ -134,7 +173,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 s per measurement, 32 connections; for CI smoke")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (default 5)")
     parser.add_argument("--connections", default="32,128")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of A, B, C; medians reported")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every target; medians reported")
     parser.add_argument(
         "--paired-rounds", type=int, help="rounds of the paired A/B measure (default 5, 1 with --quick)"
     )
@@ -157,7 +196,7 @@ def main() -> None:
     claims = {"sub": "bench-user", "aud": "bench", "roles": ["user"], "email": "b@example.com"}
     token = jwt.encode({**claims, "exp": int(time.time()) + 3600}, HS_SECRET, algorithm="HS256")
     servers: list[Server] = []
-    front: Front | None = None
+    fronts: list[Front] = []
     try:
         upstream, upstream_kind = start_upstream(workdir)
         servers.append(upstream)
@@ -171,17 +210,28 @@ def main() -> None:
             command = pinned(0, [*serve, "--config", str(workdir / "gateway.yaml"), "--port", str(port)])
             gateways[target] = start(f"gateway-{target}", command, f"http://127.0.0.1:{port}", HEALTH, workdir)
             servers.append(gateways[target])
-        netloc = {name: server.url.removeprefix("http://") for name, server in {**gateways, "up": upstream}.items()}
-        front = Front(netloc["A"], netloc["B"], netloc["up"], args.keepalive).start()
-        assert front.process is not None
-        nginx = Server("nginx-front", front.process, front.url)
+        floor = start_floor(workdir)
+        servers.append(floor)
+        netloc = {
+            name: server.url.removeprefix("http://")
+            for name, server in {**gateways, "up": upstream, "floor": floor}.items()
+        }
+        for kind in ("nginx", "nginx-cached"):
+            fronts.append(Front(netloc["A"], netloc["B"], netloc["up"], netloc["floor"], args.keepalive, kind).start())
+        front, kept = fronts
+        nginx = {
+            name: Server(f"{kind.kind}-front", kind.process, kind.url) for name, kind in zip("AD", fronts, strict=True)
+        }  # type: ignore[arg-type]
         urls = {
             "A": front.url,
+            "D": kept.url,
             "B": f"http://127.0.0.1:{front.ports['B']}",
             "C": f"http://127.0.0.1:{front.ports['C']}",
+            "F": f"http://127.0.0.1:{front.ports['F']}",
         }
-        print(f"upstream: {upstream_kind}; A {urls['A']}, B {urls['B']}, C {urls['C']}")
+        print(f"upstream: {upstream_kind}; " + ", ".join(f"{name} {url}" for name, url in urls.items()))
         check(urls, gateways["A"], token)
+        asked = {**gateways, "D": gateways["A"], "F": floor}
         for url in urls.values():  # warm-up: pools, caches, lazy imports
             run_wrk(url + PATH, conns[0], min(2.0, secs), {"Authorization": f"Bearer {token}"})
         samples: dict[tuple[str, int], list[Sample]] = {}
@@ -189,15 +239,18 @@ def main() -> None:
             print(f"round {number + 1} of {rounds}")
             for target, url in urls.items():
                 for c in conns:
-                    sample = measure(target, url, gateways.get(target), nginx, c, secs, token)
+                    server = nginx["D" if target == "D" else "A"]
+                    sample = measure(target, url, asked.get(target), server, c, secs, token)
                     samples.setdefault((target, c), []).append(sample)
         paired_lines = paired(urls, conns, min(secs, 5.0), paired_rounds, token) if paired_rounds else []
     finally:
-        if front is not None:
-            front.stop()
+        for each in fronts:
+            each.stop()
         for server in servers:
             server.stop()
-    report(samples, conns, paired_lines, out, f"{upstream_kind}; nginx upstream keepalive {front.pool}", secs, rounds)
+    report(
+        samples, conns, paired_lines, out, f"{upstream_kind}; nginx upstream keepalive {fronts[0].pool}", secs, rounds
+    )
 
 
 def paired(urls: dict[str, str], conns: list[int], secs: float, rounds: int, token: str) -> list[str]:
@@ -249,17 +302,20 @@ def report(
         "",
         f"`.venv/bin/python {command}`. Upstream: {upstream_kind}; HS256 Bearer token, identity headers "
         "X-Auth-User, -Email, -Roles. **A**: nginx `auth_request` to the gateway's `/.gateway/auth`, then nginx "
-        "`proxy_pass` to the upstream (the nginx block of docs/forward-auth.md, as the tests run it). **B**: nginx "
-        "`proxy_pass` to the gateway in proxy mode, which forwards to the upstream. **C**: nginx `proxy_pass` to "
-        "the upstream, no auth. One gateway worker each for A and B; the gateways and the front nginx pinned to "
-        f"core 0, wrk and the upstream on core 1. {secs:g} s per measurement after a warm-up, {rounds} interleaved "
-        f"round{'s' if rounds != 1 else ''} (each measures A, B and C once), medians. CPU µs/req: utime + stime "
-        "of the gateway and of the front nginx per request.",
+        "`proxy_pass` to the upstream (the nginx block of docs/forward-auth.md, as the tests run it). **D**: A with "
+        "the page's lines that keep the gateway's 200s for a second (a second nginx asking A's gateway). **B**: "
+        "nginx `proxy_pass` to the gateway in proxy mode, which forwards to the upstream. **C**: nginx `proxy_pass` "
+        "to the upstream, no auth. **F**: nginx `proxy_pass` to Starlette on uvicorn (uvloop, httptools, no access "
+        "log) answering 1 KB itself, the Python ASGI floor. One process each for the gateways and F; they and the "
+        f"front nginx pinned to core 0, wrk and the upstream on core 1. {secs:g} s per measurement after a warm-up, "
+        f"{rounds} interleaved round{'s' if rounds != 1 else ''} (each measures every target once), medians. CPU "
+        "µs/req: utime + stime per request of the Python process asked (the gateway, or F's app) and of the front "
+        "nginx.",
         "",
-        "| target | conns | req/s | p50 ms | p99 ms | gateway CPU µs/req | nginx CPU µs/req | non-2xx | × B | × C |",
+        "| target | conns | req/s | p50 ms | p99 ms | Python CPU µs/req | nginx CPU µs/req | non-2xx | × B | × C |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for target in ("A", "B", "C"):
+    for target in NAMES:
         for c in conns:
             row, b, base = med(target, c), med("B", c), med("C", c)
             gateway_us = f"{row.gateway_us:.0f}" if row.gateway_us is not None else "-"
@@ -267,6 +323,14 @@ def report(
                 f"| {NAMES[target]} | {c} | {row.rate:,.0f} | {row.p50:.2f} | {row.p99:.2f} | {gateway_us} | "
                 f"{row.nginx_us:.0f} | {row.non2xx} | {row.rate / b.rate:.2f} | {row.rate / base.rate:.2f} |"
             )
+    lines.append("")
+    for c in conns:
+        a, d, b, f = med("A", c), med("D", c), med("B", c), med("F", c)
+        assert a.gateway_us is not None and f.gateway_us is not None
+        lines.append(
+            f"At {c} connections: A's gateway CPU per request is **{a.gateway_us / f.gateway_us:.2f}×** the floor's "
+            f"(goal ≤ 1.3); D's throughput is **{d.rate / b.rate:.2f}×** proxy mode's (goal ≥ 3)."
+        )
     lines.append("")
     for c in conns:
         per_round = zip(samples[("A", c)], samples[("B", c)], strict=True)
@@ -284,21 +348,6 @@ def report(
     write_section(out, lines)
     print("\n".join(lines))
     print(f"\nwritten to {out}")
-
-
-def write_section(out: Path, lines: list[str], heading: str = HEADING) -> None:
-    """Replace a benchmark's section of ``out`` (from ``heading`` to the next ``## `` or the end), or add it."""
-    text = out.read_text() if out.exists() else ""
-    start = 0 if text.startswith(heading) else text.find(f"\n{heading}")
-    if start < 0:
-        head, tail = text.rstrip("\n"), ""
-    else:
-        head = text[:start].rstrip("\n")
-        following = text.find("\n## ", start + 1)
-        tail = text[following:] if following >= 0 else ""
-    section = "\n".join(lines)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text((head + "\n\n" if head else "") + section + "\n" + tail)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ PYTHON = sys.executable
 HEALTH = "/.gateway/health"
 HS_SECRET = "bench-hs256-secret-0123456789abcdef-xyz"
 BODY_1K = "x" * 1024
+HEADING = "## Proxy benchmark"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -96,6 +97,8 @@ def start_upstream(workdir: Path) -> tuple[Server, str]:
     port = free_port()
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx:
+        # /1m: a 1 MB file for the download case of floor_bench.py (sendfile, as nginx serves files).
+        (workdir / "1m.bin").write_bytes(b"x" * 1_048_576)
         conf = workdir / "nginx.conf"
         conf.write_text(
             f"""worker_processes 1; daemon off; pid {workdir}/nginx.pid; error_log {workdir}/nginx-error.log;
@@ -104,7 +107,8 @@ http {{
   access_log off; keepalive_requests 1000000;
   client_body_temp_path {workdir}; proxy_temp_path {workdir}; fastcgi_temp_path {workdir};
   uwsgi_temp_path {workdir}; scgi_temp_path {workdir};
-  server {{ listen 127.0.0.1:{port}; default_type text/plain; location / {{ return 200 "{BODY_1K}"; }} }}
+  server {{ listen 127.0.0.1:{port}; default_type text/plain; location / {{ return 200 "{BODY_1K}"; }}
+    location = /1m {{ alias {workdir}/1m.bin; sendfile on; }} }}
 }}
 """
         )
@@ -142,11 +146,16 @@ def gateway_config(upstream: str, algorithm: str, key_file: Path | None) -> dict
     }
 
 
-def wrk(url: str, connections: int, seconds: float, headers: dict[str, str]) -> tuple[float, float, float, int, int]:
-    """(req/s, p50 ms, p99 ms, requests, non-2xx responses) from one wrk run on core 1."""
+def wrk(
+    url: str, connections: int, seconds: float, headers: dict[str, str], script: Path | None = None
+) -> tuple[float, float, float, int, int]:
+    """(req/s, p50 ms, p99 ms, requests, non-2xx responses) from one wrk run on core 1; ``script``: a wrk Lua
+    script (a request body, another method)."""
     command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "5s"]
     for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
+    if script is not None:
+        command += ["-s", str(script)]
     out = subprocess.run(pinned(1, [*command, url]), capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -380,7 +389,7 @@ def report(
         return next((r for r in rows if (r.target, r.case, r.connections) == (target, case, connections)), None)
 
     lines = [
-        f"# Proxy benchmark, {date.today()}",
+        f"{HEADING}, {date.today()}",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}. Upstream: {upstream_kind}. Proxy pinned to core 0; wrk and the "
@@ -409,12 +418,24 @@ def report(
     if soak_lines:
         lines += ["", *soak_lines]
     # Sections other benchmarks write into the same file (## headings: forward_auth_bench.py) are kept.
-    previous = out.read_text() if out.exists() else ""
-    kept = previous[previous.find("\n## ") :] if "\n## " in previous else ""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n" + kept)
+    write_section(out, lines)
     print("\n".join(lines))
     print(f"\nwritten to {out}")
+
+
+def write_section(out: Path, lines: list[str], heading: str = HEADING) -> None:
+    """Replace a benchmark's section of ``out`` (from ``heading`` to the next ``## `` or the end), or add it."""
+    text = out.read_text() if out.exists() else ""
+    start = 0 if text.startswith(heading) else text.find(f"\n{heading}")
+    if start < 0:
+        head, tail = text.rstrip("\n"), ""
+    else:
+        head = text[:start].rstrip("\n")
+        following = text.find("\n## ", start + 1)
+        tail = text[following:] if following >= 0 else ""
+    section = "\n".join(lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text((head + "\n\n" if head else "") + section + "\n" + tail)
 
 
 if __name__ == "__main__":

@@ -50,10 +50,12 @@ async def drive(
         assert await conn.recv() == payload
         samples.append(time.perf_counter() - started)
 
+    cpu = server.cpu_seconds() if server else 0.0
     started = time.perf_counter()
     for _ in range(rounds):
         await asyncio.gather(*(round_trip(c) for c in conns))
     busy = time.perf_counter() - started
+    cpu = (server.cpu_seconds() - cpu) if server else 0.0
     rss_after = server.rss_mb() if server else 0.0
     held: list[float] = []
     until = time.monotonic() + hold
@@ -67,6 +69,7 @@ async def drive(
     return {
         "open_s": open_s,
         "messages_per_s": len(samples) / busy,
+        "cpu_us_per_message": cpu * 1e6 / len(samples),  # of the server, per round trip (two messages relayed)
         "p50_ms": statistics.median(samples) * 1000,
         "p99_ms": samples[int(len(samples) * 0.99) - 1] * 1000,
         "rss_open": rss_open,
@@ -129,7 +132,10 @@ def main() -> None:
                 args.hold,
             )
         )
-        print(f"gateway: {proxied['messages_per_s']:.0f} msg/s p50 {proxied['p50_ms']:.1f} ms")
+        print(
+            f"gateway: {proxied['messages_per_s']:.0f} msg/s p50 {proxied['p50_ms']:.1f} ms, "
+            f"{proxied['cpu_us_per_message']:.0f} us CPU per round trip"
+        )
     finally:
         gateway.stop()
         upstream.stop()
@@ -149,7 +155,8 @@ def main() -> None:
             for name, r in (("direct", direct), ("gateway", proxied))
         ),
         "",
-        f"Gateway / direct message rate: {proxied['messages_per_s'] / direct['messages_per_s']:.2f}x.",
+        f"Gateway / direct message rate: {proxied['messages_per_s'] / direct['messages_per_s']:.2f}x. "
+        f"Gateway CPU per round trip (one message each way): {proxied['cpu_us_per_message']:.0f} us.",
         "",
         f"Gateway RSS: {idle:.0f} MB idle -> {proxied['rss_open']:.0f} MB with {args.sockets} sockets open "
         f"(~{per_socket:.0f} KB per socket) -> {proxied['rss_after']:.0f} MB after the rounds; held {args.hold:g} s: "

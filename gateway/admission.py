@@ -51,6 +51,7 @@ class Admitted(NamedTuple):
 ANONYMOUS = Admitted()
 PREFLIGHT = Admitted()  # a CORS preflight forwarded unauthenticated (preflight: upstream): not even Authorization
 REFUSED_CSRF = Admitted(refused=Reason.CSRF)
+NO_CREDENTIAL = Admitted(refused=Reason.NO_TOKEN)
 
 
 class Known(NamedTuple):
@@ -124,6 +125,8 @@ class Admission:
             if scope["method"] not in SAFE_METHODS and (cookies or route.capture is not None):
                 if self._cross_site(scope, route):
                     return REFUSED_CSRF
+            if authorization is None and not cookies:  # no credential at all: nothing to verify or refresh
+                return NO_CREDENTIAL if route.auth == "required" else ANONYMOUS
             if cookies:  # inlined ``_cookie``: the hot path
                 headers = scope["headers"]
                 sessions = self._sessions

@@ -63,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     import uvicorn
 
-    from gateway.limits import server_options
+    from gateway.limits import server_options, websocket_options
 
     os.environ["GATEWAY_CONFIG"] = os.path.abspath(path)
     os.environ["GATEWAY_LOG_LEVEL"] = args.log_level  # for the worker processes
@@ -84,8 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
         # httptools, extended with server.limits (gateway/limits.py), and the keep-alive idle timeout.
         **server_options(config.server.limits),
         # Client-side WebSocket limits (the upstream side is set per socket from the same keys).
-        ws_max_size=config.websocket.max_message_size,
-        ws_ping_interval=config.websocket.ping_interval or None,
+        **websocket_options(config.websocket),
     )
     private = _private_sockets(config, server_config.port)
     if private is None:

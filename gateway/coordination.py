@@ -124,7 +124,8 @@ class Coordinator:
         if record.result is not None:
             outcome = self._redemption.unseal(record.result, keys.result)
             if outcome.ok:
-                return Outcome("grace_hit", outcome.access, outcome.refresh, outcome.refresh_max_age)
+                left = None if record.rotated_at is None else record.rotated_at + self._config.grace_period - record.now
+                return Outcome("grace_hit", outcome.access, outcome.refresh, outcome.refresh_max_age, left)
             return outcome  # a failure shared for a moment
         if record.used is not None:
             successor: str = json.loads(self._sealer.unseal(record.used, keys.used))["successor"]

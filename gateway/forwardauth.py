@@ -30,14 +30,13 @@ from gateway.admission import PREFLIGHT, Admission, Admitted
 from gateway.assertion import Assertion
 from gateway.config.assertion import DEFAULT_HEADER
 from gateway.cors import is_preflight
-from gateway.errors import BadPath
 from gateway.headers import HeaderRules, TrustedProxies
 from gateway.heads import Scanned
 from gateway.http import METHODS
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.responses import NO_STORE, Denials, send_response
-from gateway.routing import CanonicalPaths, Route, RouteTable, host_name
+from gateway.routing import CanonicalPaths, Route, RouteLookup, RouteTable
 from gateway.types import RawHeaders, Receive, Scope, Send
 
 log = logging.getLogger("gateway")
@@ -131,6 +130,7 @@ class ForwardAuth:
         signed = assertion.name if assertion else DEFAULT_HEADER
         self._identity_names = identity_names + [signed.lower().encode()]
         self._paths = CanonicalPaths()
+        self._lookup = RouteLookup(routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -224,15 +224,10 @@ class ForwardAuth:
         client = asked.get("client")
         origin = self._headers.origin(asked["headers"], client[0] if client else None, asked.get("scheme", "http"))
         authority = origin.partition("://")[2].encode("latin-1")
-        name = host_name(authority) if authority else None
+        name = self._lookup.host(authority) if authority else None
         if authority and name is None:
             return Reason.BAD_HOST
-        try:
-            route = self._routes.resolve(name if self._routes.by_host else None, canonical[0])
-        except BadPath as exc:
-            log.info("forward-auth: ambiguous path refused: %s", exc)
-            return Reason.BAD_PATH
-        return route or Reason.NO_ROUTE
+        return self._lookup.route(name, canonical[0])
 
     async def _refuse(
         self,

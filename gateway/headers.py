@@ -104,12 +104,21 @@ def _connection_listed(headers: RawHeaders) -> set[bytes]:
 
 
 class TrustedProxies:
+    """``address in trusted``: the answer remembered per address (a few peers ask again and again)."""
+
     def __init__(self, networks: Iterable[str]) -> None:
         self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self._known: BoundedCache[str, bool] = BoundedCache(4096)
 
     def __contains__(self, address: str | None) -> bool:
         if not self._networks or not address:
             return False
+        known = self._known.get(address)
+        if known is None:
+            known = self._known.put(address, self._check(address))
+        return known
+
+    def _check(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:

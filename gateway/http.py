@@ -30,14 +30,14 @@ from gateway.bodies import RequestBody, declared_too_large
 from gateway.cache import BoundedCache
 from gateway.capture import Capturer, capture_plan
 from gateway.cors import is_preflight
-from gateway.errors import BadHeader, BadPath, UpstreamFailure
+from gateway.errors import BadHeader, UpstreamFailure
 from gateway.forwarder import Forwarder, UpstreamResponse, chunks, upstream_url
 from gateway.headers import HeaderRules
 from gateway.heads import Scanned
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.responses import NO_STORE, Denials
-from gateway.routing import CanonicalPaths, Route, RouteTable, host_name
+from gateway.routing import CanonicalPaths, Route, RouteLookup, RouteTable
 from gateway.tracing import Tracer
 from gateway.types import RawHeaders, Receive, Scope, Send, StrHeaders
 
@@ -77,8 +77,7 @@ class HttpPath:
         self._access_log = access_log
         self._request_ids = request_ids
         self._paths = CanonicalPaths()
-        self._hosts: BoundedCache[bytes, str] = BoundedCache(1024)  # Host header -> host name (valid ones)
-        self._resolved: BoundedCache[tuple[str | None, str], Route | Reason] = BoundedCache()  # (host, path) -> route
+        self._lookup = RouteLookup(routes)
         self._urls: BoundedCache[tuple[str, str], URL] = BoundedCache()  # (route, canonical path) -> URL, no query
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -192,27 +191,14 @@ class HttpPath:
         name: str | None = None
         if seen.hosts > 1 or (host is None and scope.get("http_version") == "1.1"):
             return Reason.BAD_HOST  # RFC 9112 §3.2: exactly one Host in HTTP/1.1
-        if host is not None:
-            name = self._hosts.get(host)
-            if name is None:
-                name = host_name(host)
-                if name is None:
-                    return Reason.BAD_HOST
-                self._hosts.put(host, name)
+        if host is not None and (name := self._lookup.host(host)) is None:
+            return Reason.BAD_HOST
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         canonical = self._paths(raw_path)
         if canonical is None:
             return Reason.BAD_PATH
-        decoded, path = canonical
-        key = (name if self._routes.by_host else None, decoded)
-        route = self._resolved.get(key)
-        if route is None:
-            try:
-                route = self._resolved.put(key, self._routes.resolve(*key) or Reason.NO_ROUTE)
-            except BadPath as exc:
-                log.info("ambiguous path refused: %s", exc)
-                route = self._resolved.put(key, Reason.BAD_PATH)
-        return route if isinstance(route, Reason) else (route, path)
+        route = self._lookup.route(name, canonical[0])
+        return route if isinstance(route, Reason) else (route, canonical[1])
 
     def _url(self, route: Route, path: str, query: bytes) -> URL:
         up = route.upstream

@@ -42,7 +42,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from gateway.config import LimitsConfig
+from gateway.config import LimitsConfig, WebSocketConfig
 from gateway.reasons import Reason
 from gateway.responses import NO_STORE, RETRY_AFTER, http_date, status_for
 
@@ -59,6 +59,29 @@ def server_options(limits: LimitsConfig) -> dict[str, Any]:
     """
     protocol = cast(type[asyncio.Protocol], functools.partial(LimitedHttpTools, limits=limits))
     return {"http": protocol, "timeout_keep_alive": limits.idle_timeout}
+
+
+def websocket_options(websocket: WebSocketConfig) -> dict[str, Any]:
+    """The ``uvicorn.Config`` options of the client hop's WebSockets (the upstream hop's: ``tunnel.open_upstream``).
+
+    ``websocket.max_message_size`` counts a message as sent, decompressed (issue 17). uvicorn's ``websockets``
+    protocol checks each frame's length on the wire against ``ws_max_size`` before it inflates it, so that a
+    compressed frame of a message of exactly the limit, a few bytes longer when it barely compresses, was refused:
+    uvicorn is given ``frame_allowance`` instead, and ``relay.relay`` holds the message itself to the limit.
+    Inflating stops at ``ws_max_size`` (a deflate bomb is never inflated whole). Always the sans-I/O ``websockets``
+    protocol, the one these semantics are known for.
+    """
+    return {
+        "ws": "websockets-sansio",
+        "ws_max_size": frame_allowance(websocket.max_message_size),
+        "ws_ping_interval": websocket.ping_interval or None,
+    }
+
+
+def frame_allowance(max_size: int) -> int:
+    """The most bytes a message of ``max_size`` bytes takes once deflated: zlib's ``deflateBound`` for any settings
+    (stored and fixed-Huffman blocks included), plus room for the empty blocks of a flush per frame."""
+    return max_size + (max_size + 7) // 8 + (max_size + 63) // 64 + 64
 
 
 def refusal(reason: Reason) -> bytes:

@@ -58,6 +58,7 @@ def configure(level: str | None = None) -> None:
         # Access lines are JSON documents, one per line, on stdout (diagnostics go to stderr).
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.gateway_stdout = True  # type: ignore[attr-defined]  # accesslog writes past it (see there)
         access.addHandler(handler)
         access.propagate = False
         access.setLevel(logging.INFO)

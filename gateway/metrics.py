@@ -96,6 +96,7 @@ class Metrics:
         self._fast = _RequestCollector()
         r.register(self._fast)
         self._refresh = Counter("gateway_refresh", "Refresh outcomes", ["outcome"], registry=r)
+        self._refresh_by_outcome: dict[str, Any] = {}
         self._idp = Histogram("gateway_idp_duration_seconds", "IdP refresh call latency", buckets=BUCKETS, registry=r)
         self._generation = Gauge("gateway_config_generation", "Config generation serving (1 at start)", registry=r)
         self._reloads = Counter("gateway_config_reloads", "Config loads, by result", ["result"], registry=r)
@@ -118,14 +119,18 @@ class Metrics:
         messages = Counter(
             "gateway_websocket_messages", "WebSocket messages relayed, by direction", ["direction"], registry=r
         )
-        self.ws_to_upstream = messages.labels("to_upstream")  # bound once: inc() per message
-        self.ws_to_client = messages.labels("to_client")
+        self._ws_to_upstream = messages.labels("to_upstream")  # bound once: added to once a second per socket
+        self._ws_to_client = messages.labels("to_client")
         self._ws_closed = Counter(
             "gateway_websocket_closed", "WebSockets closed, by who or what closed them", ["by"], registry=r
         )
 
     def websocket_opened(self) -> None:
         self._ws_open.inc()
+
+    def websocket_messages(self, to_upstream: int, to_client: int) -> None:
+        self._ws_to_upstream.inc(to_upstream)
+        self._ws_to_client.inc(to_client)
 
     def websocket_closed(self, by: str) -> None:
         self._ws_open.dec()
@@ -166,7 +171,10 @@ class Metrics:
         self._fast.denials[reason] = self._fast.denials.get(reason, 0) + 1
 
     def refresh(self, outcome: str) -> None:
-        self._refresh.labels(outcome).inc()
+        child = self._refresh_by_outcome.get(outcome)
+        if child is None:  # labels() takes a lock and builds a key: once per outcome, not per refresh
+            child = self._refresh_by_outcome[outcome] = self._refresh.labels(outcome)
+        child.inc()
 
     def idp_latency(self, seconds: float) -> None:
         self._idp.observe(seconds)

@@ -46,6 +46,7 @@ class Outcome:
     access: str | None = None
     refresh: str | None = None
     refresh_max_age: int | None = None
+    grace_left: float | None = None  # a grace hit: how much of the grace period was left when the record was read
 
     @property
     def ok(self) -> bool:

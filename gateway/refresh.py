@@ -34,10 +34,11 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import uuid4
 
 from gateway.authn import AuthResult
+from gateway.cache import BoundedCache
 from gateway.config import RefreshConfig
 from gateway.cookies import CookieJar
 from gateway.coordination import Arrival, Coordinator
@@ -57,6 +58,14 @@ from gateway.tokens import Verifier
 log = logging.getLogger("gateway.refresh")
 
 
+class _Grace(NamedTuple):
+    """A grace hit remembered by this worker: the successor, and its cookies, until the grace period ends."""
+
+    until: float  # on the refresher's grace clock
+    access: str
+    cookies: tuple[bytes, ...]
+
+
 class SessionRefresher:
     """Implements ``authn.Refresher`` on top of a ``Store`` and an ``IdPClient``."""
 
@@ -74,8 +83,10 @@ class SessionRefresher:
         clock: Callable[[], float] = time.time,
         denylist: Denylist | None = None,
         throttle: ClientThrottle | None = None,
+        grace_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
+        self._grace_clock = grace_clock  # measures, here, what the store said was left of a grace period
         self._store = store
         self._sealer = sealer
         self._idp = idp
@@ -87,6 +98,9 @@ class SessionRefresher:
         # The pid lets an operator (and the crash test) tell which worker holds a lock.
         self._owner = f"{os.getpid()}:{uuid4().hex}"
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        # Refresh-token hash -> a grace hit answered here: the same old cookie again (a page's parallel
+        # requests, a client slow to take the new cookies) is answered without the store.
+        self._graces: BoundedCache[str, _Grace] = BoundedCache()
         self._background: set[asyncio.Future[Any]] = set()
         self._denylist = denylist  # set when tokens.revoke_superseded: the replaced access token is refused
         self._stalls = Stalls()  # a request held up in a stalled worker is not a late replay
@@ -119,8 +133,15 @@ class SessionRefresher:
     async def refresh(
         self, refresh_token: str, old_access: str | None, *, client: str | None = None, _depth: int = 0
     ) -> AuthResult:
-        outcome, leader = await self._join(refresh_token, old_access, client)
+        h = self._sealer.token_hash(refresh_token)
+        remembered = self._graces.get(h)
+        if remembered is not None and (result := await self._remembered(h, remembered)) is not None:
+            return result
+        outcome, leader = await self._join(h, refresh_token, old_access, client)
         result = await self._answer(outcome)
+        if outcome.label == "grace_hit" and outcome.grace_left and result.claims is not None and result.set_cookies:
+            until = self._grace_clock() + outcome.grace_left
+            self._graces.put(h, _Grace(until, outcome.access or "", tuple(result.set_cookies)))
         if leader and result.claims is not None and old_access and self._denylist is not None:
             await self._deny_replaced(self._denylist, old_access, result.claims.get("jti"))
         if outcome.label == "grace_hit" and result.reason == Reason.TOKEN_EXPIRED and outcome.refresh and _depth < 2:
@@ -132,11 +153,26 @@ class SessionRefresher:
     async def outcome(self, refresh_token: str, old_access: str | None, *, client: str | None = None) -> Outcome:
         """The flight's outcome for ``refresh_token``, for callers that keep the tokens themselves
         (gateway.sessionauth): the same single flight, lock, result sharing, grace and reuse detection."""
-        return (await self._join(refresh_token, old_access, client))[0]
+        return (await self._join(self._sealer.token_hash(refresh_token), refresh_token, old_access, client))[0]
 
-    async def _join(self, refresh_token: str, old_access: str | None, client: str | None) -> tuple[Outcome, bool]:
+    async def _remembered(self, h: str, grace: _Grace) -> AuthResult | None:
+        """A grace hit this worker answered before, while the grace period lasts and its successor verifies
+        (the denylist included: a session ended meanwhile is refused here within a second, as on the fast
+        path); None sends the request to the store."""
+        if self._grace_clock() < grace.until:
+            verdict = await self._verifier.verify(grace.access)
+            if verdict.claims is not None:
+                self._metrics.refresh("grace_hit")
+                return AuthResult(
+                    claims=verdict.claims, token=grace.access, set_cookies=list(grace.cookies), refreshed=True
+                )
+        self._graces.pop(h, None)
+        return None
+
+    async def _join(
+        self, h: str, refresh_token: str, old_access: str | None, client: str | None
+    ) -> tuple[Outcome, bool]:
         """Join this process's flight for the token, or start it: (its outcome, whether we started it)."""
-        h = self._sealer.token_hash(refresh_token)
         flight = self._inflight.get(h)
         leader = flight is None
         if flight is None:

@@ -16,6 +16,7 @@ from html import escape
 from typing import Any
 from urllib.parse import quote, unquote
 
+from gateway.cache import BoundedCache
 from gateway.reasons import Reason
 from gateway.types import RawHeaders, Scope, Send
 
@@ -174,12 +175,21 @@ async def send_denial(
         base = [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body)).encode())]
         await send_response(send, status, body, base + extra)
         return
-    payload: dict[str, Any] = {"error": error, "reason": reason}
-    if route:
-        payload["route"] = route
-    if status == 401 and login_url:
-        payload["login_url"] = login_url
-    await send_json(send, status, payload, extra)
+    login = login_url if status == 401 else None
+    document = _json_bodies.get((error, reason, route, login))
+    if document is None:
+        payload: dict[str, Any] = {"error": error, "reason": reason}
+        if route:
+            payload["route"] = route
+        if login:
+            payload["login_url"] = login
+        document = _json_bodies.put((error, reason, route, login), json.dumps(payload, separators=(",", ":")).encode())
+    base = [(b"content-type", b"application/json"), (b"content-length", str(len(document)).encode())]
+    await send_response(send, status, document, base + extra)
+
+
+# A refusal's JSON body, by (error, reason, route, login URL): most refusals repeat one of a few.
+_json_bodies: BoundedCache[tuple[str, str, str | None, str | None], bytes] = BoundedCache(1024)
 
 
 class Denials:

@@ -9,6 +9,7 @@ instead of being guessed at.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,10 @@ from gateway.cache import BoundedCache
 from gateway.config import AuthMode, CaptureConfig, RouteConfig
 from gateway.cors import CORSPolicy
 from gateway.errors import BadPath
+from gateway.reasons import Reason
 from gateway.tls import UpstreamTLS
+
+log = logging.getLogger("gateway")
 
 # Characters kept literal when the canonical path is re-encoded (RFC 3986 pchar plus "/").
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
@@ -137,6 +141,34 @@ class CanonicalPaths:
             except BadPath:
                 return None
         return canonical
+
+
+class RouteLookup:
+    """A ``RouteTable``'s answers remembered, for the HTTP path and forward-auth alike: a Host value's
+    name (valid ones only), and the route of (host, canonical path), a refusal included."""
+
+    def __init__(self, routes: RouteTable) -> None:
+        self.routes = routes
+        self._hosts: BoundedCache[bytes, str] = BoundedCache(1024)
+        self._resolved: BoundedCache[tuple[str | None, str], Route | Reason] = BoundedCache()
+
+    def host(self, value: bytes) -> str | None:
+        """The host name of a Host header's value, None when it is not a valid one."""
+        name = self._hosts.get(value)
+        if name is None and (name := host_name(value)) is not None:
+            self._hosts.put(value, name)
+        return name
+
+    def route(self, host: str | None, decoded: str) -> Route | Reason:
+        key = (host if self.routes.by_host else None, decoded)
+        route = self._resolved.get(key)
+        if route is None:
+            try:
+                route = self._resolved.put(key, self.routes.resolve(*key) or Reason.NO_ROUTE)
+            except BadPath as exc:
+                log.info("ambiguous path refused: %s", exc)
+                route = self._resolved.put(key, Reason.BAD_PATH)
+        return route
 
 
 class RouteTable:

@@ -1,10 +1,11 @@
-"""A WebSocket once admitted (gateway.websocket): relayed both ways, and watched.
+"""A WebSocket once admitted (gateway.websocket): its upstream socket, and the watchdog.
 
-    relay      -> text and binary messages both ways, each ``send`` awaited (backpressure: a slow
-                  reader slows its writer instead of filling memory); close codes pass through
+    connect    -> the upstream's socket (``open_upstream``): no redirects followed, the client's Host,
+                  no compression on this hop
     watchdog   -> once a second per worker: a socket whose session ended (logout, denylist) is
                   closed with 4401, one whose token expired with 4401 when
-                  ``websocket.close_on_expiry``, an idle one with 1001
+                  ``websocket.close_on_expiry``, an idle one with 1001; the messages the relay
+                  (gateway.relay) counted on each socket are added to the metrics
 
 Ping/pong is per hop: ASGI hands an application messages, not control frames, so uvicorn
 answers (and sends) the client's pings and the ``websockets`` client the upstream's.
@@ -21,7 +22,6 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request
 
 from gateway.config import WebSocketConfig
@@ -29,33 +29,27 @@ from gateway.denylist import Denylist
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.tls import UpstreamTLS
-from gateway.types import Message, Receive, Send, StrHeaders
+from gateway.types import Message, Send, StrHeaders
 
 log = logging.getLogger("gateway.websocket")
 
 
 SESSION_ENDED = 4401  # the session behind the socket ended (logout, denylist) or its token expired
 WATCH_INTERVAL = 1.0
-CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take on either side
-# Codes that may not be sent in a close frame (RFC 6455 §7.4.1): 1005/1006/1015 only describe one.
-_UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
-
-
-def sendable(code: int | None, fallback: int) -> int:
-    if code is None or code in _UNSENDABLE or not (1000 <= code <= 4999) or 1016 <= code < 3000:
-        return fallback
-    return code
 
 
 class Tunnel:
     """One proxied socket as the watchdog sees it."""
 
-    __slots__ = ("watch", "expires", "last_active", "stop")
+    __slots__ = ("watch", "expires", "last_active", "to_upstream", "to_client", "stop")
 
     def __init__(self, watch: tuple[str, ...], expires: float | None) -> None:
         self.watch = watch  # denylist entries that end this socket (see gateway.families)
         self.expires = expires  # set when websocket.close_on_expiry: the token's exp
         self.last_active = time.monotonic()
+        # Messages relayed each way since the metrics last took them: a counter's lock per message
+        # was measurable in the relay (bench/websocket_bench.py), an int is not.
+        self.to_upstream = self.to_client = 0
         self.stop: asyncio.Future[tuple[int, str, str]] = asyncio.get_running_loop().create_future()
 
     def end(self, code: int, reason: str, by: str) -> None:
@@ -167,12 +161,19 @@ class Sockets:
     def discard(self, tunnel: Tunnel, by: str) -> None:
         if tunnel in self._open:
             self._open.discard(tunnel)
+            self._count(tunnel)
             self._metrics.websocket_closed(by)
 
+    def _count(self, tunnel: Tunnel) -> None:
+        if tunnel.to_upstream or tunnel.to_client:
+            self._metrics.websocket_messages(tunnel.to_upstream, tunnel.to_client)
+            tunnel.to_upstream = tunnel.to_client = 0
+
     def sweep(self) -> None:
-        """End the sockets whose session ended, whose token expired (when asked to) or that idled."""
+        """End the sockets whose session ended, whose token expired (when asked to) or that idled; count messages."""
         now, idle_since = self._clock(), time.monotonic() - self.config.idle_timeout
         for tunnel in list(self._open):
+            self._count(tunnel)
             if any(key in self._denylist for key in tunnel.watch):
                 tunnel.end(SESSION_ENDED, "session ended", Reason.SESSION_ENDED)
             elif tunnel.expires is not None and now >= tunnel.expires:
@@ -193,103 +194,6 @@ class Sockets:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
-
-
-async def relay(
-    tunnel: Tunnel, receive: Receive, send: Send, upstream: ClientConnection, metrics: Metrics, max_size: int
-) -> str:
-    """Relay messages until one side closes or the watchdog ends the socket; say who ended it."""
-
-    async def from_client() -> tuple[str, int, str]:
-        while True:
-            message = await receive()
-            if message["type"] == "websocket.receive":
-                data = message.get("text")
-                if data is None:
-                    data = message.get("bytes") or b""
-                if len(data) > max_size:
-                    return "too_big", 1009, "message too big"
-                tunnel.last_active = time.monotonic()
-                try:
-                    await upstream.send(data)
-                except ConnectionClosed:
-                    return "upstream", upstream.close_code or 1006, upstream.close_reason or ""
-                metrics.ws_to_upstream.inc()
-            elif message["type"] == "websocket.disconnect":
-                return "client", message.get("code", 1005), message.get("reason") or ""
-
-    async def from_upstream() -> tuple[str, int, str]:
-        try:
-            async for data in upstream:
-                tunnel.last_active = time.monotonic()
-                if isinstance(data, str):
-                    await send({"type": "websocket.send", "text": data})
-                else:
-                    await send({"type": "websocket.send", "bytes": data})
-                metrics.ws_to_client.inc()
-        except ConnectionClosed:
-            pass
-        except (OSError, RuntimeError):  # the client went away (or was closed by the server) mid-send
-            return "client", 1006, ""
-        return "upstream", upstream.close_code or 1006, upstream.close_reason or ""
-
-    client = asyncio.ensure_future(from_client())
-    server = asyncio.ensure_future(from_upstream())
-    try:
-        waiting: set[asyncio.Future[Any]] = {client, server, tunnel.stop}
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (client, server):
-            task.cancel()
-        # Collected, so that nothing is left running or unretrieved, but never waited on for
-        # long: a client that stopped reading must not hold its slot (and its upstream) forever.
-        await asyncio.wait([client, server], timeout=CLOSE_TIMEOUT)
-    return await _close_both(tunnel, send, upstream, client, server)
-
-
-async def _close_both(
-    tunnel: Tunnel,
-    send: Send,
-    upstream: ClientConnection,
-    client: asyncio.Future[tuple[str, int, str]],
-    server: asyncio.Future[tuple[str, int, str]],
-) -> str:
-    """Close each side as the end requires; who ended it."""
-    if tunnel.stop.done():
-        code, reason, by = tunnel.stop.result()
-        await _close_client(send, code, reason)
-        await _close_upstream(upstream, 1001, reason)
-        return by
-    done = client if client.done() and not client.cancelled() and client.exception() is None else server
-    if done.cancelled() or done.exception() is not None:
-        await _close_client(send, 1011, "gateway error")
-        await _close_upstream(upstream, 1011, "gateway error")
-        return "error"
-    by, code, reason = done.result()
-    if by == "client":
-        # The client's close code goes upstream; a vanished client (1006) is "going away".
-        await _close_upstream(upstream, sendable(code, 1001), reason)
-    elif by == "too_big":
-        await _close_client(send, code, reason)
-        await _close_upstream(upstream, 1001, "client sent a message too big")
-    else:
-        # The upstream's close code comes back to the client; a vanished upstream is 1014 (bad gateway).
-        await _close_client(send, sendable(code, 1014 if code == 1006 else 1000), reason)
-    return by
-
-
-async def _close_client(send: Send, code: int, reason: str) -> None:
-    # Bounded: the close frame waits for a writable socket, which a client that stopped
-    # reading never gives; the server drops the connection when the application returns.
-    with contextlib.suppress(OSError, RuntimeError, TimeoutError):  # the client may be gone already
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
-
-
-async def _close_upstream(upstream: ClientConnection, code: int, reason: str) -> None:
-    with contextlib.suppress(OSError, TimeoutError):
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            await upstream.close(code, reason[:120])
 
 
 def as_http(send: Send) -> Send:

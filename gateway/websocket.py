@@ -7,7 +7,7 @@
                claims, identity headers
     connect    the upstream handshake with the identity headers;        tunnel.connect_upstream
                its refusal goes back as it was
-    relay      messages both ways until either side closes, or the      tunnel.relay, tunnel.Sockets
+    relay      messages both ways until either side closes, or the      relay.relay, tunnel.Sockets
                watchdog ends the socket (logout, expiry, idle)
 
 A refusal is an HTTP answer sent with the ASGI ``websocket.http.response`` extension (never an
@@ -32,10 +32,11 @@ from gateway.families import Families
 from gateway.headers import HeaderRules
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
+from gateway.relay import relay
 from gateway.responses import Denials
 from gateway.routing import Route, RouteTable, canonical_path, host_name
 from gateway.tls import tls_failure
-from gateway.tunnel import Slot, Sockets, Tunnel, as_http, open_upstream, relay
+from gateway.tunnel import Slot, Sockets, Tunnel, as_http, open_upstream
 from gateway.types import Message, Receive, Scope, Send
 
 log = logging.getLogger("gateway")
@@ -172,7 +173,7 @@ class WebSocketPath:
         by = "error"
         try:
             await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": accept})
-            by = await relay(tunnel, receive, send, upstream, self._metrics, self._limits.max_message_size)
+            by = await relay(tunnel, receive, send, upstream, self._limits.max_message_size)
         finally:
             self._sockets.discard(tunnel, by)
             await upstream.close()

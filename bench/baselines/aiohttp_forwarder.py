@@ -1,9 +1,12 @@
-"""Baseline: the fastest honest Python forwarder we know, raw ASGI + aiohttp's client, and no auth at all.
+"""Baseline: the fastest honest Python forwarder we know, raw ASGI + aiohttp's client; no auth unless asked.
 
 The gateway's target is to stay within 10 % of this while verifying tokens, injecting identity
-headers and counting metrics.
+headers and counting metrics. With ``--hs256-secret`` it is the plain aiohttp forwarder of issue 17:
+PyJWT verifies the Bearer token on every request (401 without a valid one) and ``X-Auth-User``
+carries its ``sub`` upstream, written plainly, with no cache.
 
     python bench/baselines/aiohttp_forwarder.py --port 9102 --upstream http://127.0.0.1:9100
+    python bench/baselines/aiohttp_forwarder.py --port 9102 --upstream http://127.0.0.1:9100 --hs256-secret S
 """
 
 from __future__ import annotations
@@ -13,14 +16,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import aiohttp
+import jwt
 import uvicorn
 from yarl import URL
 
 Scope = MutableMapping[str, Any]
 HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-connection"})
+DENIED = [(b"content-type", b"text/plain"), (b"content-length", b"12"), (b"www-authenticate", b"Bearer")]
 
 
-def create_app(upstream: str) -> Callable[..., Awaitable[None]]:
+def identity(scope: Scope, secret: str, audience: str | None) -> str | None:
+    """The ``sub`` of a valid HS256 Bearer token in the request, or None."""
+    for name, value in scope["headers"]:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            try:
+                claims = jwt.decode(value[7:], secret, algorithms=["HS256"], audience=audience)
+            except jwt.InvalidTokenError:
+                return None
+            return str(claims.get("sub", ""))
+    return None
+
+
+def create_app(upstream: str, secret: str | None = None, audience: str | None = None) -> Callable[..., Awaitable[None]]:
     session: aiohttp.ClientSession | None = None
 
     async def body(receive: Callable[[], Awaitable[Scope]]) -> AsyncIterator[bytes]:
@@ -50,6 +67,13 @@ def create_app(upstream: str) -> Callable[..., Awaitable[None]]:
                 connector=aiohttp.TCPConnector(limit=512), auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
             )
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in HOP]
+        if secret is not None:
+            user = identity(scope, secret, audience)
+            if user is None:
+                await send({"type": "http.response.start", "status": 401, "headers": DENIED})
+                await send({"type": "http.response.body", "body": b"unauthorized"})
+                return
+            headers = [(k, v) for k, v in headers if k != "x-auth-user"] + [("X-Auth-User", user)]
         has_body = any(k == b"content-length" and v != b"0" or k == b"transfer-encoding" for k, v in scope["headers"])
         query = scope["query_string"].decode("latin-1")
         url = URL(upstream + scope["raw_path"].decode("latin-1") + (f"?{query}" if query else ""), encoded=True)
@@ -69,9 +93,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
+    parser.add_argument("--hs256-secret", help="verify an HS256 Bearer token with PyJWT and send X-Auth-User")
+    parser.add_argument("--audience", help="the token's required aud (with --hs256-secret)")
     args = parser.parse_args()
     uvicorn.run(
-        create_app(args.upstream),
+        create_app(args.upstream, args.hs256_secret, args.audience),
         host="127.0.0.1",
         port=args.port,
         log_level="warning",

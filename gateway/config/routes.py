@@ -77,8 +77,8 @@ class WebSocketConfig(Model):
     """Close a socket (code 4401, reason `token expired`) when the access token it was opened with expires. Off: a
     socket lives until either side closes it or its session ends."""
     max_message_size: int = Field(1_048_576, ge=1024)
-    """Bytes; a bigger message from either side closes the socket with 1009. Also uvicorn's `ws_max_size` (a
-    change needs a restart)."""
+    """Bytes of a message as sent (decompressed, text in UTF-8); a bigger message from either side closes the socket
+    with 1009, whether or not a hop compresses it. Sets uvicorn's `ws_max_size` (a change needs a restart)."""
     idle_timeout: float = Field(300, ge=0)
     """Seconds without a message either way before the socket is closed with 1001 (`idle timeout`); 0 never.
     Checked once a second."""

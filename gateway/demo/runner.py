@@ -20,7 +20,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig, parse_config
 from gateway.demo.idp import IdPSettings, create_idp_app
 from gateway.demo.upstream import create_upstream_app
-from gateway.limits import server_options
+from gateway.limits import server_options, websocket_options
 
 DEMO_ACCESS_TTL = 20
 
@@ -131,6 +131,7 @@ async def _serve(port: int) -> None:
                 date_header=False,
                 server_header=False,
                 **server_options(config.server.limits),
+                **websocket_options(config.websocket),
             )
         ),
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -15,6 +16,7 @@ from support.configs import demo_refresh, oidc_login
 from support.frontproxies import FrontProxy
 from support.sealed import refresh_cookie
 from support.servers import GatewayProcess, IdPProcess, ServerProcess, set_cookies, start_gateway, start_idp
+from support.waiting import wait_until
 
 ACCESS, REFRESH = "gw_access", "gw_refresh"
 SECRET = "store-secret-for-tests"
@@ -60,7 +62,7 @@ def gateway(idp: IdPProcess, upstream: ServerProcess, redis_url: str) -> Iterato
         yield server
 
 
-@pytest.fixture(scope="module", params=["nginx", "caddy"])
+@pytest.fixture(scope="module", params=["nginx", "nginx-cached", "caddy"])
 def front(request: pytest.FixtureRequest, gateway: GatewayProcess, upstream: ServerProcess) -> Iterator[FrontProxy]:
     with FrontProxy(request.param, urlsplit(gateway.url).netloc, urlsplit(upstream.url).netloc) as proxy:
         yield proxy
@@ -248,3 +250,88 @@ def test_the_front_proxy_passes_the_gateways_pages_and_only_those(front: FrontPr
     metrics = httpx.get(f"{front.url}/.gateway/metrics", headers=cookie)
     assert "gateway_requests_total" not in metrics.text
     assert httpx.get(f"{front.url}/.gateway/metrics").status_code == 401
+
+
+# nginx keeping the gateway's answers for a second (docs/forward-auth.md, "with the answer kept for a second").
+
+
+@pytest.fixture(scope="module")
+def cached(gateway: GatewayProcess, upstream: ServerProcess) -> Iterator[FrontProxy]:
+    with FrontProxy("nginx-cached", urlsplit(gateway.url).netloc, urlsplit(upstream.url).netloc) as proxy:
+        yield proxy
+
+
+def asked(gateway: GatewayProcess, path: str) -> int:
+    """How many times the gateway was asked about ``path`` (its access log lines for it)."""
+    return gateway.log().count(f'"{path}"')
+
+
+def settled_asks(gateway: GatewayProcess, path: str, expected: int) -> int:
+    """The number of asks about ``path`` once the log holds ``expected`` of them and a moment has passed."""
+    wait_until(lambda: asked(gateway, path) >= expected, f"{expected} asks about {path} in the gateway's log")
+    time.sleep(0.3)  # a worker's late line would show up here
+    return asked(gateway, path)
+
+
+def test_a_sessions_answer_is_kept_for_a_second_then_asked_again(
+    cached: FrontProxy, gateway: GatewayProcess, idp: IdPProcess
+) -> None:
+    alice = idp.issue("alice")
+    headers = {"Cookie": cookie_header(alice["access"], alice["refresh"])}
+    path = f"/kept-{os.urandom(4).hex()}"
+    for _ in range(5):
+        assert upstream_saw(httpx.get(cached.url + path, headers=headers))["x-auth-user"] == "alice"
+    assert settled_asks(gateway, path, 1) == 1
+    time.sleep(2.2)  # `proxy_cache_valid 200 1s` keeps it one to two seconds: nginx counts whole seconds
+    assert upstream_saw(httpx.get(cached.url + path, headers=headers))["x-auth-user"] == "alice"
+    assert settled_asks(gateway, path, 2) == 2
+
+
+def test_two_sessions_never_share_a_kept_answer(cached: FrontProxy, gateway: GatewayProcess, idp: IdPProcess) -> None:
+    path = f"/shared-{os.urandom(4).hex()}"
+    for user in ("alice", "bob", "alice", "bob"):
+        session = idp.issue(user)
+        seen = upstream_saw(httpx.get(cached.url + path, headers={"Cookie": cookie_header(session["access"], None)}))
+        assert seen["x-auth-user"] == user
+    assert settled_asks(gateway, path, 4) == 4
+    # The same token as Bearer is another question than as a cookie.
+    carol = idp.issue("carol")
+    bearer = httpx.get(cached.url + path, headers={"Authorization": f"Bearer {carol['access']}"})
+    assert upstream_saw(bearer)["x-auth-user"] == "carol"
+
+
+def test_refusals_and_rotations_are_never_kept(cached: FrontProxy, gateway: GatewayProcess, idp: IdPProcess) -> None:
+    path = f"/refused-{os.urandom(4).hex()}"
+    assert [httpx.get(cached.url + path).status_code for _ in range(3)] == [401] * 3
+    assert settled_asks(gateway, path, 3) == 3
+    # An expired session: the answer that rotates its cookies is asked again each time (the gateway's
+    # grace cache gives the same successor), so every response carries the rotated cookies.
+    session = idp.issue("alice", access_ttl=-60)
+    headers = {"Cookie": cookie_header(session["access"], session["refresh"])}
+    before = refresh_calls(idp)
+    path = f"/rotated-{os.urandom(4).hex()}"
+    answers = [httpx.get(cached.url + path, headers=headers) for _ in range(3)]
+    assert all(upstream_saw(a)["x-auth-user"] == "alice" for a in answers)
+    assert len({set_cookies(a)[REFRESH].value for a in answers}) == 1
+    assert settled_asks(gateway, path, 3) == 3
+    assert refresh_calls(idp) == before + 1
+
+
+def test_unsafe_methods_and_websocket_handshakes_are_asked_every_time(
+    cached: FrontProxy, gateway: GatewayProcess, idp: IdPProcess
+) -> None:
+    alice = idp.issue("alice")
+    cookie = cookie_header(alice["access"], alice["refresh"])
+    path = f"/unsafe-{os.urandom(4).hex()}"
+    same_site = {"Cookie": cookie, "Origin": cached.url}
+    assert [httpx.post(cached.url + path, headers=same_site, content=b"x").status_code for _ in range(2)] == [200] * 2
+    assert settled_asks(gateway, path, 2) == 2
+    # A kept same-site answer would let this through: the CSRF check must see it.
+    cross_site = httpx.post(cached.url + path, headers={"Cookie": cookie, "Origin": "https://evil.test"}, content=b"x")
+    assert cross_site.status_code == 403
+    path = f"/handshake-{os.urandom(4).hex()}"
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13"}
+    key = {"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    for origin in (cached.url, "https://evil.test"):
+        httpx.get(cached.url + path, headers={"Cookie": cookie, "Origin": origin, **upgrade, **key})
+    assert settled_asks(gateway, path, 2) == 2

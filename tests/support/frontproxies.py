@@ -22,12 +22,23 @@ from support.servers import wait_for_http
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "forward-auth.md"
 
 
-def snippet(language: str) -> str:
-    """The first fenced block of ``language`` in docs/forward-auth.md."""
-    found = re.search(rf"```{language}\n(.*?)```", DOCS.read_text(), re.DOTALL)
-    if found is None:
-        raise AssertionError(f"docs/forward-auth.md has no {language} block")
-    return found.group(1)
+def snippet(language: str, index: int = 0) -> str:
+    """The fenced block of ``language`` number ``index`` (from 0) in docs/forward-auth.md."""
+    found = re.findall(rf"```{language}\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    if len(found) <= index:
+        raise AssertionError(f"docs/forward-auth.md has no {language} block number {index}")
+    return str(found[index])
+
+
+def cached_nginx(block: str, cache_dir: Path) -> tuple[str, str]:
+    """The nginx block with the page's "answer kept for a second" lines added: (http-level lines, server block)."""
+    http_part, location_part = snippet("nginx", 1).split("# In location = /.gateway/auth", 1)
+    http_part = http_part.replace("/run/nginx-gateway-auth", str(cache_dir))
+    location_part = location_part.split("\n", 1)[1]  # the rest of that comment line
+    marker = "location = /.gateway/auth {\n"
+    if marker not in block:
+        raise AssertionError("the nginx block has no location = /.gateway/auth")
+    return http_part, block.replace(marker, marker + location_part, 1)
 
 
 def binary(name: str) -> str:
@@ -38,7 +49,10 @@ def binary(name: str) -> str:
 
 
 class FrontProxy:
-    """nginx or Caddy on a loopback port of its own, in front of ``gateway`` and ``app`` (host:port each)."""
+    """nginx or Caddy on a loopback port of its own, in front of ``gateway`` and ``app`` (host:port each).
+
+    ``nginx-cached`` is nginx with the page's lines that keep the gateway's answers for a second.
+    """
 
     def __init__(self, kind: str, gateway: str, app: str) -> None:
         self.kind, self.gateway, self.app = kind, gateway, app
@@ -53,18 +67,21 @@ class FrontProxy:
 
     def _config(self, port: int) -> list[str]:
         text = (
-            snippet("caddyfile" if self.kind == "caddy" else self.kind)
+            snippet("caddyfile" if self.kind == "caddy" else "nginx")
             .replace("127.0.0.1:8080", self.gateway)
             .replace("127.0.0.1:9000", self.app)
         )
-        if self.kind == "nginx":
+        if self.kind.startswith("nginx"):
             body = text.replace("listen 80;", f"listen 127.0.0.1:{port};")
+            http = ""
+            if self.kind == "nginx-cached":
+                http, body = cached_nginx(body, self.dir / "auth-cache")
             temp = " ".join(
                 f"{kind}_temp_path {self.dir};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
             )
             conf = (
                 f"worker_processes 1; daemon off; pid {self.dir}/nginx.pid; error_log {self.dir}/error.log info;\n"
-                f"events {{ worker_connections 1024; }}\nhttp {{ access_log off; {temp}\n{body}\n}}\n"
+                f"events {{ worker_connections 1024; }}\nhttp {{ access_log off; {temp}\n{http}\n{body}\n}}\n"
             )
             (self.dir / "nginx.conf").write_text(conf)
             return [binary("nginx"), "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir)]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import random
+import zlib
 from typing import Any
 
 import pytest
@@ -17,8 +19,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from gateway.config import LimitsConfig
-from gateway.limits import LimitedHttpTools, refusal, server_options
+from gateway.config import LimitsConfig, WebSocketConfig
+from gateway.limits import LimitedHttpTools, frame_allowance, refusal, server_options, websocket_options
 from gateway.reasons import Reason
 
 
@@ -323,3 +325,21 @@ def test_refusals_are_small_json_that_close_the_connection() -> None:
     assert b"connection: close" in head and b"retry-after: 5" in head and b"cache-control: no-store" in head
     assert json.loads(body) == {"error": "service_unavailable", "reason": "connection_limit"}
     assert refusal(Reason.HEADERS_TOO_LARGE).startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+
+
+@pytest.mark.parametrize("size", [1024, 65_536, 1_048_576])
+@pytest.mark.parametrize(("level", "wbits", "strategy"), [(6, 15, zlib.Z_DEFAULT_STRATEGY), (1, 9, zlib.Z_FIXED)])
+def test_a_deflated_message_of_the_limit_fits_the_frame_allowance(
+    size: int, level: int, wbits: int, strategy: int
+) -> None:
+    """Random bytes, the worst case, with a sync flush per frame as permessage-deflate sends it (issue 17)."""
+    data = random.Random(size).randbytes(size)
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -wbits, 8, strategy)
+    deflated = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert size < len(deflated) <= frame_allowance(size)
+
+
+def test_uvicorn_reads_client_frames_up_to_the_allowance_with_the_sansio_protocol() -> None:
+    options = websocket_options(WebSocketConfig(max_message_size=65_536, ping_interval=0))
+    assert options == {"ws": "websockets-sansio", "ws_max_size": frame_allowance(65_536), "ws_ping_interval": None}
+    Config(app=lambda *a: None, **options).load()  # a protocol uvicorn knows

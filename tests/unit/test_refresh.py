@@ -139,6 +139,7 @@ async def build() -> AsyncIterator[Build]:
             metrics=metrics,
             families=families,
             throttle=throttle,
+            grace_clock=clock,  # a grace hit remembered here lasts as long as the store's clock says
         )
         harness = Harness(app, http, store, clock, sealer, metrics, refresher, denylist)
         made.append(harness)
@@ -789,6 +790,40 @@ async def test_the_superseded_cookie_after_logout_is_401_not_a_grace_hit(build: 
     _, successor = assert_refreshed(await h.refresher.refresh(old.refresh, old.access), old.refresh)
     await h.refresher.end_session(successor)  # logout with the new cookies
     late_tab = await h.refresher.refresh(old.refresh, old.access)  # another tab, old cookies, within grace
+    assert late_tab.reason == "session_ended"
+    assert_cleared(late_tab)
+
+
+async def test_a_grace_hit_is_answered_by_the_worker_itself_until_the_grace_period_ends(build: Build) -> None:
+    """The old cookie again (a page's parallel requests, a client slow to take the new cookies): after one
+    grace hit from the store, the worker answers it alone, the store gone or not, until grace runs out."""
+    clock = Clock()
+    store = BrokenStore(MemoryStore("gw:", clock=clock))
+    h = build(store=store, clock=clock)
+    old = h.session()
+    first = await h.refresher.refresh(old.refresh, old.access)
+    clock.advance(1)
+    assert (await h.refresher.refresh(old.refresh, old.access)).set_cookies == first.set_cookies  # from the store
+    store._fail_get = True  # every read now fails: what follows is the worker's own
+    for _ in range(3):
+        again = await h.refresher.refresh(old.refresh, old.access)
+        assert again.set_cookies == first.set_cookies and again.claims == first.claims and again.refreshed
+    assert (h.outcomes("ok"), h.outcomes("grace_hit")) == (1, 4)
+    store._fail_get = False
+    clock.advance(GRACE)  # the grace period is over: the store decides, and it is reuse
+    late = await h.refresher.refresh(old.refresh, old.access)
+    assert late.reason == "reuse"
+    assert_cleared(late)
+    assert h.idp.counters.refresh_calls == 1
+
+
+async def test_a_remembered_grace_hit_is_not_served_once_the_session_is_ended(build: Build) -> None:
+    h = build()
+    old = h.session()
+    _, successor = assert_refreshed(await h.refresher.refresh(old.refresh, old.access), old.refresh)
+    assert (await h.refresher.refresh(old.refresh, old.access)).claims is not None  # remembered
+    await h.refresher.end_session(successor)  # logout with the new cookies: the successor is denylisted
+    late_tab = await h.refresher.refresh(old.refresh, old.access)
     assert late_tab.reason == "session_ended"
     assert_cleared(late_tab)
 

@@ -1,4 +1,4 @@
-"""gateway/tunnel.py in-process: which close codes may be sent, and what the watchdog ends."""
+"""gateway/tunnel.py in-process: what the watchdog ends, and the message counts it turns into metrics."""
 
 from __future__ import annotations
 
@@ -11,20 +11,7 @@ from gateway.denylist import Denylist
 from gateway.families import ENDED, SESSION
 from gateway.metrics import Metrics
 from gateway.store import MemoryStore
-from gateway.tunnel import SESSION_ENDED, Sockets, Tunnel, sendable
-
-
-@pytest.mark.parametrize(
-    ("code", "sent"),
-    [(1000, 1000), (1001, 1001), (1011, 1011), (1014, 1014), (4000, 4000), (4999, 4999), (3000, 3000)],
-)
-def test_sendable_codes_pass_through(code: int, sent: int) -> None:
-    assert sendable(code, fallback=1000) == sent
-
-
-@pytest.mark.parametrize("code", [None, 1004, 1005, 1006, 1015, 1016, 2999, 999, 5000])
-def test_codes_that_cannot_be_sent_become_the_fallback(code: int | None) -> None:
-    assert sendable(code, fallback=1001) == 1001
+from gateway.tunnel import SESSION_ENDED, Sockets, Tunnel
 
 
 class Clock:
@@ -67,4 +54,24 @@ async def test_watchdog_ends_sessions_expired_tokens_and_idle_sockets() -> None:
         sockets.discard(tunnel, "test")
     assert len(sockets) == 0
     assert sockets.reserve(limit=1) is not None  # every slot was given back
+    await sockets.close()
+
+
+async def test_the_messages_each_socket_counted_reach_the_metrics_at_each_sweep_and_at_close() -> None:
+    clock = Clock()
+    metrics = Metrics()
+    sockets = Sockets(Denylist(MemoryStore("t:", clock=clock), clock=clock), metrics, clock)
+
+    def relayed(direction: str) -> float | None:
+        return metrics.registry.get_sample_value("gateway_websocket_messages_total", {"direction": direction})
+
+    tunnel = Tunnel((), None)
+    sockets.add(tunnel, sockets.reserve(limit=1) or pytest.fail("a slot"))
+    tunnel.to_upstream, tunnel.to_client = 3, 2
+    sockets.sweep()
+    assert (relayed("to_upstream"), relayed("to_client")) == (3, 2)
+    assert (tunnel.to_upstream, tunnel.to_client) == (0, 0)  # counted once
+    tunnel.to_client = 4
+    sockets.discard(tunnel, "client")
+    assert (relayed("to_upstream"), relayed("to_client")) == (3, 6)
     await sockets.close()

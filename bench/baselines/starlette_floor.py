@@ -1,0 +1,44 @@
+"""Baseline: the Python ASGI floor of issue 17, a Starlette app on uvicorn answering 1 KB itself.
+
+No upstream, no auth: what one request costs in uvicorn's httptools protocol, the uvloop event loop and
+Starlette's routing. Served with the gateway's own server options (`gateway serve`, gateway/cli.py): uvloop,
+httptools, one worker, no access log, no Server or Date header.
+
+    python bench/baselines/starlette_floor.py --port 9103
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+BODY_1K = b"x" * 1024
+
+
+async def one_kilobyte(request: Request) -> Response:
+    return Response(BODY_1K, media_type="text/plain")
+
+
+app = Starlette(routes=[Route("/{path:path}", one_kilobyte, methods=["GET", "POST"])])
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        workers=1,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        date_header=False,
+    )
