@@ -124,7 +124,10 @@ class Coordinator:
         if record.result is not None:
             outcome = self._redemption.unseal(record.result, keys.result)
             if outcome.ok:
-                left = None if record.rotated_at is None else record.rotated_at + self._config.grace_period - record.now
+                # Only the token's own record tells what is left of its grace: a successor followed to
+                # (depth > 0) has a grace of its own, which may outlast the token's by far.
+                rotated = record.rotated_at if depth == 0 else None
+                left = None if rotated is None else rotated + self._config.grace_period - record.now
                 return Outcome("grace_hit", outcome.access, outcome.refresh, outcome.refresh_max_age, left)
             return outcome  # a failure shared for a moment
         if record.used is not None:
