@@ -47,6 +47,7 @@ class Outcome:
     refresh: str | None = None
     refresh_max_age: int | None = None
     grace_left: float | None = None  # a grace hit: how much of the grace period was left when the record was read
+    grace_until: float | None = None  # the same as a deadline on the worker's grace clock, from before that read
 
     @property
     def ok(self) -> bool:
@@ -286,7 +287,9 @@ class Redemption:
                 await asyncio.sleep(RETRY_PAUSE)
 
     def seal(self, outcome: Outcome, key: str) -> bytes:
-        return self._sealer.seal(json.dumps(asdict(outcome)).encode(), key)
+        fields = asdict(outcome)
+        del fields["grace_left"], fields["grace_until"]  # one worker's view of one read: never shared
+        return self._sealer.seal(json.dumps(fields).encode(), key)
 
     def unseal(self, raw: bytes, key: str) -> Outcome:
         fields = json.loads(self._sealer.unseal(raw, key))

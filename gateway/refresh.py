@@ -34,6 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, NamedTuple
 from uuid import uuid4
 
@@ -139,8 +140,8 @@ class SessionRefresher:
             return result
         outcome, leader = await self._join(h, refresh_token, old_access, client)
         result = await self._answer(outcome)
-        if outcome.label == "grace_hit" and outcome.grace_left and result.claims is not None and result.set_cookies:
-            until = self._grace_clock() + outcome.grace_left
+        until = outcome.grace_until
+        if outcome.label == "grace_hit" and until is not None and result.claims is not None and result.set_cookies:
             self._graces.put(h, _Grace(until, outcome.access or "", tuple(result.set_cookies)))
         if leader and result.claims is not None and old_access and self._denylist is not None:
             await self._deny_replaced(self._denylist, old_access, result.claims.get("jti"))
@@ -210,6 +211,9 @@ class SessionRefresher:
 
     async def _flight(self, h: str, token: str, old_access: str | None, client: str | None) -> Outcome:
         started = time.monotonic()
+        # A grace hit's remaining grace counts from before the store's read: whatever this worker spends
+        # afterwards (verifying the successor, a stall, waiting to run) is not added on top.
+        began = self._grace_clock()
         self._stalls.start()
         try:
             root, seen = await self._families.lookup(h)
@@ -225,6 +229,8 @@ class SessionRefresher:
         except Exception:  # noqa: BLE001 - shared by every waiter: fail closed with 503, keep cookies
             log.exception("refresh token=%s: unexpected failure; answering 503", h[:12])
             outcome = Outcome(Reason.REFRESH_ERROR)
+        if outcome.grace_left is not None:
+            outcome = replace(outcome, grace_until=began + outcome.grace_left)
         self._metrics.refresh(outcome.label)
         log.info("refresh token=%s outcome=%s duration=%.3fs", h[:12], outcome.label, time.monotonic() - started)
         return outcome

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from test_refresh import GRACE, Build, Clock, assert_cleared, assert_refreshed, build
+from test_refresh import GRACE, SECRET, Build, Clock, assert_cleared, assert_refreshed, build
 
+from gateway.config import TokensConfig
+from gateway.denylist import Denylist
+from gateway.keys import StaticKey
 from gateway.store import MemoryStore, RecordKeys
+from gateway.tokens import Verdict, Verifier
 
 __all__ = ["build"]  # the fixture
 
@@ -28,6 +32,39 @@ async def test_a_grace_hit_followed_to_the_successor_is_not_remembered_for_the_s
     followed = await h.refresher.refresh(old.refresh, old.access)  # within the old token's grace: carries on
     assert followed.claims is not None
     clock.advance(1)  # the old token's grace is over; the successor's is not
+    late = await h.refresher.refresh(old.refresh, old.access)
+    assert late.reason == "reuse"
+    assert_cleared(late)
+
+
+class _SlowOnce(Verifier):
+    """Verifies as usual; one chosen call takes ``seconds`` (a JWKS fetch, an introspection call, a stalled worker)."""
+
+    def __init__(self, clock: Clock, denylist: Denylist) -> None:
+        tokens = TokensConfig(algorithms=("HS256",), secret=SECRET, audience="legacy-app", leeway=0)
+        super().__init__(tokens, StaticKey(SECRET.encode()), denied=denylist)
+        self.clock, self.slow_token, self.seconds = clock, "", 0.0
+
+    async def verify(self, token: str) -> Verdict:
+        verdict = await super().verify(token)
+        if token == self.slow_token:
+            self.clock.advance(self.seconds)
+            self.slow_token = ""
+        return verdict
+
+
+async def test_a_remembered_grace_hit_counts_from_the_stores_read_not_from_after_the_answer(build: Build) -> None:
+    """What the store said was left of the grace period is left as of its read: time spent afterwards (verifying
+    the successor, a stall) is not added on top, or the old cookie outlives its grace on this worker."""
+    clock = Clock()
+    verifiers: list[_SlowOnce] = []
+    h = build(clock=clock, verifier=lambda denylist: verifiers.append(_SlowOnce(clock, denylist)) or verifiers[-1])
+    old = h.session()
+    successor, _ = assert_refreshed(await h.refresher.refresh(old.refresh, old.access), old.refresh)
+    clock.advance(1)
+    verifiers[0].slow_token, verifiers[0].seconds = successor, 3  # the grace hit's successor takes 3 s to verify
+    assert (await h.refresher.refresh(old.refresh, old.access)).claims is not None  # a grace hit, 4 s left
+    clock.advance(1.5)  # 5.5 s after the rotation: the old token's grace is over
     late = await h.refresher.refresh(old.refresh, old.access)
     assert late.reason == "reuse"
     assert_cleared(late)
