@@ -21,6 +21,7 @@ from uuid import uuid4
 import jwt
 
 from gateway.config import RefreshConfig
+from gateway.denylist import refuse_until
 from gateway.errors import BadIdPResponse, IdPAnswerLost, IdPUnavailable, RefreshRejected, StoreError
 from gateway.families import Families
 from gateway.idp_client import IdPClient, IssuedTokens
@@ -189,8 +190,9 @@ class Redemption:
         if rotated:
             record = json.dumps({"successor": successor}).encode()
             used = (self._sealer.seal(record, keys.used), float(self._lifetime(token)))
-        jti, exp = (claims or {}).get("jti"), (claims or {}).get("exp")
-        member = (jti, float(exp)) if isinstance(jti, str) and isinstance(exp, int | float) else None
+        # Counted with or without exp (an opaque token's answer may not tell it), as a login's token is.
+        jti = (claims or {}).get("jti")
+        member = (jti, refuse_until(claims or {}, time.time())) if isinstance(jti, str) else None
 
         async def finish() -> Finish:
             # The successor joins the family before anyone can present it.

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from test_refresh import GRACE, SECRET, Build, Clock, assert_cleared, assert_refreshed, build
+from urllib.parse import parse_qs
 
-from gateway.config import TokensConfig
+import httpx
+from test_refresh import (
+    GRACE,
+    SECRET,
+    STORE_SECRET,
+    Build,
+    Clock,
+    Introspection,
+    assert_cleared,
+    assert_refreshed,
+    build,
+)
+
+from gateway.config import IntrospectionConfig, TokensConfig
 from gateway.denylist import Denylist
+from gateway.introspection import build_verifier
 from gateway.keys import StaticKey
+from gateway.sealing import Sealer
 from gateway.store import MemoryStore, RecordKeys
 from gateway.tokens import Verdict, Verifier
 
@@ -68,3 +83,34 @@ async def test_a_remembered_grace_hit_counts_from_the_stores_read_not_from_after
     late = await h.refresher.refresh(old.refresh, old.access)
     assert late.reason == "reuse"
     assert_cleared(late)
+
+
+class _Undated(Introspection):
+    """An introspection endpoint whose answers carry no ``exp`` (optional in RFC 7662, never told by userinfo)."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.asked.append(parse_qs(request.content.decode())["token"][0])
+        return httpx.Response(200, json={"active": True, "username": "alice"})
+
+    def verifier(self, denylist: Denylist) -> Verifier:
+        config = TokensConfig(
+            introspection=IntrospectionConfig(endpoint="https://idp.test/introspect", client_id="gw"),
+            required_claims=("exp", "username"),  # exp: never asked of opaque tokens
+        )
+        client = httpx.AsyncClient(transport=httpx.MockTransport(self))
+        hashed = Sealer(STORE_SECRET).token_hash
+        return build_verifier(config, StaticKey(None), lambda section: client, token_hash=hashed, denied=denylist)
+
+
+async def test_an_undated_successor_access_token_is_refused_once_its_family_ends(build: Build) -> None:
+    """I3: a rotation's access token joins ``members:{root}`` with or without ``exp`` (as a login's does), so that
+    the end of the family denylists it; else it, and the old cookie remembered as a grace hit, go on with 200."""
+    h = build(verifier=_Undated().verifier)
+    old = h.session()
+    access, successor = assert_refreshed(await h.refresher.refresh(old.refresh, old.access), old.refresh)
+    assert (await h.refresher.refresh(old.refresh, old.access)).claims is not None  # a grace hit, remembered
+    await h.refresher.end_session(successor)  # logout with the new cookies
+    assert (await h.refresher._verifier.verify(access)).reason == "token_revoked"
+    late_tab = await h.refresher.refresh(old.refresh, old.access)
+    assert late_tab.reason == "session_ended"
+    assert_cleared(late_tab)
