@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from gateway.cache import BoundedCache
@@ -136,14 +137,35 @@ class _Lines:
 
     def flush(self) -> None:
         if self._pending:
-            text = "\n".join(self._pending) + "\n"
-            self._pending.clear()
+            lines, self._pending = self._pending, []
             stream = getattr(access_log.handlers[0], "stream", sys.stdout) if access_log.handlers else sys.stdout
             try:
-                stream.write(text)
-                stream.flush()
+                stream.flush()  # whatever else was written to it goes out on its own
+                for text in _chunks(lines):
+                    stream.write(text)
+                    stream.flush()
             except (OSError, ValueError):  # stdout closed or gone: as logging would, drop the lines
                 pass
+
+
+# POSIX: a write of at most PIPE_BUF bytes to a pipe is atomic (Linux: 4096; POSIX guarantees 512 at least,
+# and every system the gateway runs on has 4096 or more). Workers share stdout: a longer write may be torn
+# by another worker's, mid-line. Lines are ASCII (json.dumps escapes the rest): one character, one byte.
+PIPE_BUF = 4096
+
+
+def _chunks(lines: list[str]) -> Iterator[str]:
+    """The lines, joined into line-aligned writes of at most ``PIPE_BUF`` bytes (a longer line alone)."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        if chunk and size + len(line) + 1 > PIPE_BUF:
+            yield "\n".join(chunk) + "\n"
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line) + 1
+    if chunk:
+        yield "\n".join(chunk) + "\n"
 
 
 _lines = _Lines()

@@ -94,3 +94,38 @@ def test_the_timestamp_is_isoformat_with_milliseconds_in_utc() -> None:
     stamp = datetime.fromisoformat(_timestamp())
     assert ISO_MS.fullmatch(_timestamp())
     assert abs((stamp - before).total_seconds()) < 1.0
+
+
+class _Writes:
+    """A stream that keeps each write (what reaches the pipe in one write(2) once flushed)."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_busy_turns_lines_are_written_in_whole_lines_of_at_most_pipe_buf_bytes() -> None:
+    """Workers share stdout: a write of up to PIPE_BUF (4096) bytes to a pipe is atomic, a longer one may be
+    interleaved with another worker's mid-line. A turn's lines go out in line-aligned writes of at most that."""
+    log = AccessLog(True, Sealer("s" * 32))
+
+    async def serve() -> None:
+        for number in range(200):  # ~50 KB of lines in one turn
+            log.write("GET", f"/p{number}/" + "x" * 40, a_request(), "app", 200, 0.0023)
+        await asyncio.sleep(0)
+
+    with configured() as stream:
+        writes = _Writes()
+        logging.getLogger("gateway.access").handlers[0].stream = writes  # type: ignore[attr-defined]
+        asyncio.run(serve())
+    assert len(writes.writes) > 1
+    assert all(len(text.encode()) <= 4096 and text.endswith("\n") for text in writes.writes)
+    lines = "".join(writes.writes).splitlines()
+    assert [json.loads(line)["path"] for line in lines] == [f"/p{n}/" + "x" * 40 for n in range(200)]
+    assert stream.getvalue() == ""
