@@ -162,7 +162,8 @@ class SessionRefresher:
         path); None sends the request to the store."""
         if self._grace_clock() < grace.until:
             verdict = await self._verifier.verify(grace.access)
-            if verdict.claims is not None:
+            # Verifying may have taken a while (an opaque token asked about again): grace must last still.
+            if verdict.claims is not None and self._grace_clock() < grace.until:
                 self._metrics.refresh("grace_hit")
                 return AuthResult(
                     claims=verdict.claims, token=grace.access, set_cookies=list(grace.cookies), refreshed=True

@@ -114,3 +114,20 @@ async def test_an_undated_successor_access_token_is_refused_once_its_family_ends
     late_tab = await h.refresher.refresh(old.refresh, old.access)
     assert late_tab.reason == "session_ended"
     assert_cleared(late_tab)
+
+
+async def test_a_remembered_grace_hit_is_not_served_when_verifying_it_outlasted_the_grace(build: Build) -> None:
+    """Verifying the successor again may take a while (an opaque token's cached answer lapsed: a call to the
+    IdP). The grace period must still last when the answer goes out, or the old cookie outlives it."""
+    clock = Clock()
+    verifiers: list[_SlowOnce] = []
+    h = build(clock=clock, verifier=lambda denylist: verifiers.append(_SlowOnce(clock, denylist)) or verifiers[-1])
+    old = h.session()
+    successor, _ = assert_refreshed(await h.refresher.refresh(old.refresh, old.access), old.refresh)
+    clock.advance(1)
+    assert (await h.refresher.refresh(old.refresh, old.access)).claims is not None  # remembered, 4 s left
+    clock.advance(2)
+    verifiers[0].slow_token, verifiers[0].seconds = successor, 3  # verifying from memory ends past the grace
+    late = await h.refresher.refresh(old.refresh, old.access)
+    assert late.reason == "reuse"
+    assert_cleared(late)
