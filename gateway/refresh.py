@@ -101,7 +101,7 @@ class SessionRefresher:
         self._inflight: dict[str, asyncio.Future[Outcome]] = {}
         # Refresh-token hash -> a grace hit answered here: the same old cookie again (a page's parallel
         # requests, a client slow to take the new cookies) is answered without the store.
-        self._graces: BoundedCache[str, _Grace] = BoundedCache()
+        self._graces: BoundedCache[str, _Grace] = BoundedCache(2048)  # an evicted one is asked of the store again
         self._background: set[asyncio.Future[Any]] = set()
         self._denylist = denylist  # set when tokens.revoke_superseded: the replaced access token is refused
         self._stalls = Stalls()  # a request held up in a stalled worker is not a late replay
