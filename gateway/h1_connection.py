@@ -147,7 +147,7 @@ class Connection(asyncio.Protocol):
         self._headers = []  # trailers (after a chunked body) land here and are dropped, as aiohttp does
         if response.head_only:  # llhttp cannot be told it was HEAD: the answer ends here, a new parser follows
             response.complete = True
-            self._keep = _keeps_alive(self.parser.get_http_version(), self._headers)
+            self._keep = _keeps_alive(self.parser.get_http_version(), response.headers)
             self.parser = _parser(self)
 
     def on_body(self, body: bytes) -> None:

@@ -1,0 +1,49 @@
+"""gateway/upstream_h1.py (LeanForwarder), review findings: each test failed before its fix. Real sockets on
+127.0.0.1 (tests/support/rawhttp.py), nothing of the transport mocked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from support.rawhttp import RawRequest, RawUpstream
+from test_upstream_h1 import answering, send, whole
+
+from gateway.upstream_h1 import LeanForwarder
+
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
+
+
+@pytest.fixture
+async def lean() -> AsyncIterator[LeanForwarder]:
+    forwarder = LeanForwarder()
+    yield forwarder
+    await forwarder.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "connections"),
+    [(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\n", 2),
+     (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\n", 1)],
+)  # fmt: skip
+async def test_a_head_answers_connection_header_is_heeded(lean: LeanForwarder, answer: bytes, connections: int) -> None:
+    """Regression: a HEAD answer's keep-alive was judged on an emptied header list, so ``Connection: close`` was
+    ignored and the connection pooled: the next request (a POST, not retried) went to a socket being closed, 502."""
+
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        if request.method == "HEAD":
+            writer.write(answer)
+            await writer.drain()
+            if b"close" in answer:
+                await asyncio.sleep(0.2)  # closes a little later, as it said it would
+                return False
+            return True
+        return await answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")(request, reader, writer)  # type: ignore[no-any-return]
+
+    upstream = RawUpstream(handler)
+    async with upstream as url:
+        assert await whole(await send(lean, url, "HEAD")) == b""
+        assert await whole(await send(lean, url, "POST")) == b"ok"
+    assert upstream.connections == connections
