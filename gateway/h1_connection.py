@@ -209,15 +209,18 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     async def write_body(
-        self, response: Response, body: AsyncIterator[bytes], chunked: bool, expect: bool, armed: bool
+        self, response: Response, body: AsyncIterator[bytes], length: int | None, expect: bool, armed: bool
     ) -> None:
-        """Send the body as the socket drains (chunked when the headers give no length), then start the read timeout.
+        """Send the body as the socket drains (chunked without a ``length``), then start the read timeout.
 
         With ``Expect: 100-continue`` the body waits for the interim answer; a final answer first means it is
-        never sent (and the connection not reused). A body that fails (too large, the client gone) drops the
-        connection: the request fails as ``UpstreamFailure``.
+        never sent (and the connection not reused). A body that fails (too large, the client gone) or that does not
+        fill its ``Content-Length`` exactly (what came past it would be the next request) drops the connection:
+        the request fails as ``UpstreamFailure``.
         """
         transport = self.transport
+        chunked = length is None
+        left = length or 0
         assert transport is not None
         try:
             if expect:
@@ -228,6 +231,9 @@ class Connection(asyncio.Protocol):
                 if self.current() is not response:
                     return
                 if chunk:
+                    left -= len(chunk)
+                    if left < 0 and not chunked:
+                        raise ValueError("the request body is longer than its Content-Length")
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                     if self._write_paused:
                         await self._drained()
@@ -235,6 +241,8 @@ class Connection(asyncio.Protocol):
                 return
             if chunked:
                 transport.write(b"0\r\n\r\n")
+            elif left:
+                raise ValueError("the request body is shorter than its Content-Length")
             response.body_sent = True
             response.writer = None
             if not response.status and response.failure is None and armed:

@@ -76,6 +76,15 @@ def request_head(method: str, url: URL, headers: StrHeaders, body: bool) -> tupl
     return text.encode("utf-8"), chunked, expect and body
 
 
+def declared_length(headers: StrHeaders) -> int:
+    """A body's ``Content-Length``: one number (several differing, or not a number, is refused, never sent)."""
+    values = {value.strip() for name, value in headers if name.lower() == "content-length"}
+    value = values.pop() if len(values) == 1 else ""
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError("invalid Content-Length")
+    return int(value)
+
+
 class LeanForwarder:
     """Keep-alive connections to every upstream: at most ``pool_size`` in use, ``max_idle`` idle per upstream."""
 
@@ -104,6 +113,7 @@ class LeanForwarder:
         method = method.upper()  # as aiohttp sends it
         try:
             head, chunked, expect = request_head(method, url, headers, body is not None)
+            length = None if chunked or body is None else declared_length(headers)
         except ValueError as exc:
             raise UpstreamFailure(timeout=False, detail=str(exc)) from None
         https = url.scheme == "https"
@@ -116,7 +126,7 @@ class LeanForwarder:
             response.body_sent = body is None
             conn.start(response, head)
             if body is not None:
-                writing = conn.write_body(response, body, chunked, expect, True)
+                writing = conn.write_body(response, body, length, expect, True)
                 response.writer = asyncio.get_running_loop().create_task(writing)
             await response.wait(True, body is None)  # with a body, the read timeout starts once it is sent
             if response.failure is None:

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 from support.rawhttp import RawRequest, RawUpstream
-from test_upstream_h1 import answering, send, whole
+from test_upstream_h1 import answering, body_of, send, whole
 
+from gateway.errors import UpstreamFailure
 from gateway.upstream_h1 import LeanForwarder
 
 Reader = asyncio.StreamReader
@@ -47,3 +48,34 @@ async def test_a_head_answers_connection_header_is_heeded(lean: LeanForwarder, a
         assert await whole(await send(lean, url, "HEAD")) == b""
         assert await whole(await send(lean, url, "POST")) == b"ok"
     assert upstream.connections == connections
+
+
+async def test_a_body_longer_than_its_content_length_is_not_sent_past_it(lean: LeanForwarder) -> None:
+    """Regression: what a body gave past its Content-Length went out as is, and the upstream took it for the next
+    request on the connection (smuggled; its answer would be the next client's). aiohttp cuts there; lean fails."""
+    upstream = RawUpstream()
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    async with upstream as url:
+        with pytest.raises(UpstreamFailure) as failure:
+            await whole(await send(lean, url, "POST", [("content-length", "2")], body_of(b"hi", smuggled)))
+        assert failure.value.timeout is False
+        assert await whole(await send(lean, url)) == b"ok"
+    assert [r.target for r in upstream.requests] == ["/", "/"] and b"smuggled" not in upstream.requests[0].raw_body
+
+
+async def test_a_body_shorter_than_its_content_length_never_leaves_its_connection_pooled(lean: LeanForwarder) -> None:
+    """Regression: a body that ended short of its Content-Length counted as sent; an upstream that answered
+    without reading it left the connection pooled, and the next request's head was read as the rest of the body."""
+
+    async def unread(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        if request.method == "POST":
+            await asyncio.sleep(0.1)  # the body (short) is written meanwhile; never read
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    upstream = RawUpstream(unread)
+    async with upstream as url:
+        with pytest.raises(UpstreamFailure):
+            await whole(await send(lean, url, "POST", [("content-length", "10")], body_of(b"hi")))
+        assert await whole(await send(lean, url)) == b"ok"
+    assert [r.method for r in upstream.requests] == ["POST", "GET"] and upstream.connections == 2
