@@ -24,6 +24,7 @@ from gateway.h1_response import Response
 HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read (again once a read takes them)
 MAX_HEADERS = 128  # header lines in one answer, and bytes in one name and its value: aiohttp's limits
 MAX_FIELD = 8190
+MAX_HEAD = (MAX_HEADERS + 1) * (MAX_FIELD + 4) + HIGH_WATER  # bytes before an answer's head is complete (see above)
 
 
 class Owner(Interface):
@@ -57,6 +58,7 @@ class Connection(asyncio.Protocol):
         self._interim = False
         self._keep = False
         self._junk = False  # bytes the upstream sent out of turn: the connection cannot be trusted again
+        self._head = 0  # bytes received while the answer's head is incomplete (httptools buffers a field whole)
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -79,6 +81,11 @@ class Connection(asyncio.Protocol):
             self.drop()
             return
         response.received = True
+        if not response.status:
+            self._head += len(data)
+            if self._head > MAX_HEAD:
+                response.fail(UpstreamFailure(timeout=False, detail="the upstream's answer head is too large"))
+                return
         self._cur = response
         try:
             self.parser.feed_data(data)
@@ -174,7 +181,7 @@ class Connection(asyncio.Protocol):
 
     def start(self, response: Response, head: bytes) -> None:
         self._ref = weakref.ref(response)
-        self._junk = False
+        self._junk, self._head = False, 0
         assert self.transport is not None
         self.transport.write(head)
 

@@ -79,3 +79,26 @@ async def test_a_body_shorter_than_its_content_length_never_leaves_its_connectio
             await whole(await send(lean, url, "POST", [("content-length", "10")], body_of(b"hi")))
         assert await whole(await send(lean, url)) == b"ok"
     assert [r.method for r in upstream.requests] == ["POST", "GET"] and upstream.connections == 2
+
+
+async def test_an_endless_header_is_refused_before_it_is_buffered_whole(lean: LeanForwarder) -> None:
+    """Regression: httptools buffers a header's name and value until its line ends, and the 8190-byte cap was
+    checked only then: an upstream sending a header without end was buffered (and re-copied) until the read
+    timeout. aiohttp refuses a field as it passes the cap; lean now refuses a head past what the caps allow."""
+    sent = 0
+
+    async def endless(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        nonlocal sent
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        for _ in range(128):  # 8 MiB, the line never ends
+            writer.write(b"a" * 65536)
+            await writer.drain()
+            sent += 65536
+        await asyncio.sleep(10)
+        return False
+
+    async with RawUpstream(endless) as url:
+        with pytest.raises(UpstreamFailure) as failure:
+            await send(lean, url, read_timeout=5)
+        assert failure.value.timeout is False
+    assert sent < 4 * 1024 * 1024
