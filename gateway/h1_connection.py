@@ -190,8 +190,10 @@ class Connection(asyncio.Protocol):
         reusable = self._keep and response.body_sent and not self._junk and not self.dead
         self._ref = None
         response.conn = None
-        if not response.body_sent:
+        if not response.body_sent:  # given up: aborted, a graceful close would wait for it to drain (issue 17)
             response.stop_writer()
+            if self.transport is not None:
+                self.transport.abort()
         if reusable:
             self.used += 1
             self.resume_reading()

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from support.rawhttp import RawRequest, RawUpstream
+from support.waiting import until
 from test_upstream_h1 import answering, body_of, send, whole
 
 from gateway.errors import UpstreamFailure
@@ -102,3 +103,26 @@ async def test_an_endless_header_is_refused_before_it_is_buffered_whole(lean: Le
             await send(lean, url, read_timeout=5)
         assert failure.value.timeout is False  # refused as it came, not timed out with it all buffered
         assert sent < 128 * 65536  # before the upstream was done sending it
+
+
+async def test_a_connection_whose_body_is_given_up_is_closed_at_once_not_left_flushing(lean: LeanForwarder) -> None:
+    """Regression: an answer that came before the body was sent left its connection to a graceful close, which
+    waits for the unsent body to drain: to an upstream that no longer reads (nor closes), the socket stayed open
+    for good. The rest of the body is given up, so the connection is aborted."""
+
+    async def early(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
+        await writer.drain()
+        await asyncio.sleep(5)  # reads no more, closes nothing
+        return False
+
+    async def big() -> AsyncIterator[bytes]:
+        for _ in range(256):  # 16 MiB: more than the socket buffers hold
+            yield b"x" * 65536
+
+    async with RawUpstream(early) as url:
+        headers = [("content-length", str(256 * 65536))]
+        response = await asyncio.wait_for(send(lean, url, "POST", headers, big()), 5)
+        assert response.status == 413 and await whole(response) == b"no"
+        await until(lambda: not lean._all, "the connection was closed", timeout=2)
+    assert lean._active == 0
