@@ -24,7 +24,7 @@ from gateway.h1_response import Response
 HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read (again once a read takes them)
 MAX_HEADERS = 128  # header lines in one answer, and bytes in one name and its value: aiohttp's limits
 MAX_FIELD = 8190
-MAX_HEAD = (MAX_HEADERS + 1) * (MAX_FIELD + 4) + HIGH_WATER  # bytes before an answer's head is complete (see above)
+MAX_HEAD = (MAX_HEADERS + 1) * (MAX_FIELD + 4) + HIGH_WATER  # bytes of a head or trailers (no body in them) at most
 
 
 class Owner(Interface):
@@ -58,7 +58,7 @@ class Connection(asyncio.Protocol):
         self._interim = False
         self._keep = False
         self._junk = False  # bytes the upstream sent out of turn: the connection cannot be trusted again
-        self._head = 0  # bytes received while the answer's head is incomplete (httptools buffers a field whole)
+        self._head = 0  # bytes received since the head's start or the last body data (httptools buffers a field whole)
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -81,11 +81,10 @@ class Connection(asyncio.Protocol):
             self.drop()
             return
         response.received = True
-        if not response.status:
-            self._head += len(data)
-            if self._head > MAX_HEAD:
-                response.fail(UpstreamFailure(timeout=False, detail="the upstream's answer head is too large"))
-                return
+        self._head += len(data)
+        if self._head > MAX_HEAD:
+            response.fail(UpstreamFailure(timeout=False, detail="the upstream's answer head or trailers too large"))
+            return
         self._cur = response
         try:
             self.parser.feed_data(data)
@@ -151,7 +150,7 @@ class Connection(asyncio.Protocol):
             self._interim = response.continued = True
             return
         response.status, response.headers = status, self._headers
-        self._headers = []  # trailers (after a chunked body) land here and are dropped, as aiohttp does
+        self._headers, self._head = [], 0  # trailers (after a chunked body) land here and are dropped, as aiohttp does
         if response.head_only:  # llhttp cannot be told it was HEAD: the answer ends here, a new parser follows
             response.complete = True
             self._keep = _keeps_alive(self.parser.get_http_version(), response.headers)
@@ -163,6 +162,7 @@ class Connection(asyncio.Protocol):
             self._junk = True
             return
         response.chunks.append(body)
+        self._head = 0
         response.buffered += len(body)
         if response.buffered > HIGH_WATER and not self.read_paused and self.transport is not None:
             self.read_paused = True

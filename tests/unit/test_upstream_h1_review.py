@@ -126,3 +126,22 @@ async def test_a_connection_whose_body_is_given_up_is_closed_at_once_not_left_fl
         assert response.status == 413 and await whole(response) == b"no"
         await until(lambda: not lean._all, "the connection was closed", timeout=2)
     assert lean._active == 0
+
+
+async def test_an_endless_trailer_is_refused_before_it_is_buffered_whole(lean: LeanForwarder) -> None:
+    """Regression: the same for a trailer after a chunked body (httptools buffers it as it does a header), which
+    the head's cap did not cover: it was buffered until the read timeout."""
+
+    async def endless(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Endless: ")
+        for _ in range(128):  # 8 MiB, the line never ends
+            writer.write(b"a" * 65536)
+            await writer.drain()
+        await asyncio.sleep(10)
+        return False
+
+    async with RawUpstream(endless) as url:
+        response = await send(lean, url, read_timeout=5)
+        with pytest.raises(UpstreamFailure) as failure:
+            await whole(response)
+        assert failure.value.timeout is False
