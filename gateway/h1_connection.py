@@ -182,7 +182,9 @@ class Connection(asyncio.Protocol):
     def start(self, response: Response, head: bytes) -> None:
         self._ref = weakref.ref(response)
         self._junk, self._head = False, 0
-        assert self.transport is not None
+        if self.dead or self.transport is None or self.transport.is_closing():  # hung up before it (a new one)
+            response.fail(UpstreamFailure(timeout=False))  # and uvloop's write would raise
+            return
         self.transport.write(head)
 
     def finish(self, response: Response) -> None:

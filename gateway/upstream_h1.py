@@ -125,7 +125,7 @@ class LeanForwarder:
             response = Response(conn, method == "HEAD", self._deadlines, read_timeout)
             response.body_sent = body is None
             conn.start(response, head)
-            if body is not None:
+            if body is not None and response.failure is None:
                 writing = conn.write_body(response, body, length, expect, True)
                 response.writer = asyncio.get_running_loop().create_task(writing)
             await response.wait(True, body is None)  # with a body, the read timeout starts once it is sent
@@ -167,7 +167,8 @@ class LeanForwarder:
             self._active -= 1
             self._wake_one()
             raise
-        self._all.add(conn)
+        if not conn.dead:  # else it is lost already: nothing will take it out of _all
+            self._all.add(conn)
         return conn
 
     async def _connect(self, key: object, url: URL, tls: UpstreamTLS | None, timeout: float) -> Connection:

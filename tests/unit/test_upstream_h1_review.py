@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+import uvloop
 from support.rawhttp import RawRequest, RawUpstream
 from support.waiting import until
 from test_upstream_h1 import answering, body_of, send, whole
 
 from gateway.errors import UpstreamFailure
+from gateway.forwarder import upstream_url
+from gateway.h1_connection import Connection
 from gateway.upstream_h1 import LeanForwarder
 
 Reader = asyncio.StreamReader
@@ -145,3 +150,41 @@ async def test_an_endless_trailer_is_refused_before_it_is_buffered_whole(lean: L
         with pytest.raises(UpstreamFailure) as failure:
             await whole(response)
         assert failure.value.timeout is False
+
+
+class _BusyLoop(LeanForwarder):
+    """The loop does other work between a connection's opening and its first request (a loaded gateway)."""
+
+    async def _connect(self, *args: Any) -> Connection:
+        conn = await super()._connect(*args)
+        await asyncio.sleep(0.1)  # the upstream hangs up meanwhile
+        return conn
+
+
+async def _hung_up_before_the_request() -> tuple[UpstreamFailure | BaseException, float, LeanForwarder]:
+    async def hang_up(reader: Reader, writer: Writer) -> None:
+        writer.transport.abort()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    url = upstream_url(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
+    lean = _BusyLoop()
+    started = time.monotonic()
+    try:
+        await lean.send("POST", url, [], None, connect_timeout=2, read_timeout=3)
+    except BaseException as exc:  # noqa: BLE001 - whatever comes out is the finding
+        return exc, time.monotonic() - started, lean
+    finally:
+        await lean.close()
+        server.close()
+    raise AssertionError("an answer from an upstream that hung up")
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_new_connection_the_upstream_closed_before_the_request_fails_at_once(run: Any) -> None:
+    """Regression: a new connection was used without a look at whether it was still open. The upstream had hung up
+    (an overloaded server, a TLS 1.3 client certificate refused after the handshake): on uvloop (production) the
+    write raised RuntimeError out of the forwarder (a 500) and the pool slot was never given back, so enough of
+    them starved the pool; on asyncio the request waited out the read timeout (504)."""
+    failure, took, lean = run(_hung_up_before_the_request())
+    assert isinstance(failure, UpstreamFailure) and failure.timeout is False and took < 1
+    assert lean._active == 0 and not lean._all
