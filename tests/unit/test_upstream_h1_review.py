@@ -184,3 +184,17 @@ def test_a_new_connection_the_upstream_closed_before_the_request_fails_at_once(r
     failure, took, lean = run(_hung_up_before_the_request())
     assert isinstance(failure, UpstreamFailure) and failure.timeout is False and took < 1
     assert lean._active == 0 and not lean._all
+
+
+@pytest.mark.parametrize("lengths", [["2", "5"], ["x"], ["-2"], ["²"]])
+async def test_a_content_length_that_is_not_one_number_is_refused_not_sent(
+    lean: LeanForwarder, lengths: list[str]
+) -> None:
+    """Two differing Content-Length headers (or one that is no number) are two framings of one body: which one the
+    upstream takes is its guess. Refused before a byte goes (the front's parser refuses them from clients too)."""
+    upstream = RawUpstream()
+    async with upstream as url:
+        headers = [("content-length", n) for n in lengths]
+        with pytest.raises(UpstreamFailure, match="invalid Content-Length"):
+            await send(lean, url, "POST", headers, body_of(b"hi"))
+    assert upstream.connections == 0
