@@ -24,6 +24,7 @@ from gateway.h1_response import Response
 HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read (again once a read takes them)
 MAX_HEADERS = 128  # header lines in one answer, and bytes in one name and its value: aiohttp's limits
 MAX_FIELD = 8190
+MAX_HEAD = (MAX_HEADERS + 1) * (MAX_FIELD + 4) + HIGH_WATER  # bytes of a head or trailers (no body in them) at most
 
 
 class Owner(Interface):
@@ -57,6 +58,7 @@ class Connection(asyncio.Protocol):
         self._interim = False
         self._keep = False
         self._junk = False  # bytes the upstream sent out of turn: the connection cannot be trusted again
+        self._head = 0  # bytes received since the head's start or the last body data (httptools buffers a field whole)
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -79,6 +81,10 @@ class Connection(asyncio.Protocol):
             self.drop()
             return
         response.received = True
+        self._head += len(data)
+        if self._head > MAX_HEAD:
+            response.fail(UpstreamFailure(timeout=False, detail="the upstream's answer head or trailers too large"))
+            return
         self._cur = response
         try:
             self.parser.feed_data(data)
@@ -144,10 +150,10 @@ class Connection(asyncio.Protocol):
             self._interim = response.continued = True
             return
         response.status, response.headers = status, self._headers
-        self._headers = []  # trailers (after a chunked body) land here and are dropped, as aiohttp does
+        self._headers, self._head = [], 0  # trailers (after a chunked body) land here and are dropped, as aiohttp does
         if response.head_only:  # llhttp cannot be told it was HEAD: the answer ends here, a new parser follows
             response.complete = True
-            self._keep = _keeps_alive(self.parser.get_http_version(), self._headers)
+            self._keep = _keeps_alive(self.parser.get_http_version(), response.headers)
             self.parser = _parser(self)
 
     def on_body(self, body: bytes) -> None:
@@ -156,6 +162,7 @@ class Connection(asyncio.Protocol):
             self._junk = True
             return
         response.chunks.append(body)
+        self._head = 0
         response.buffered += len(body)
         if response.buffered > HIGH_WATER and not self.read_paused and self.transport is not None:
             self.read_paused = True
@@ -174,8 +181,10 @@ class Connection(asyncio.Protocol):
 
     def start(self, response: Response, head: bytes) -> None:
         self._ref = weakref.ref(response)
-        self._junk = False
-        assert self.transport is not None
+        self._junk, self._head = False, 0
+        if self.dead or self.transport is None or self.transport.is_closing():  # hung up before it (a new one)
+            response.fail(UpstreamFailure(timeout=False))  # and uvloop's write would raise
+            return
         self.transport.write(head)
 
     def finish(self, response: Response) -> None:
@@ -183,8 +192,10 @@ class Connection(asyncio.Protocol):
         reusable = self._keep and response.body_sent and not self._junk and not self.dead
         self._ref = None
         response.conn = None
-        if not response.body_sent:
+        if not response.body_sent:  # given up: aborted, a graceful close would wait for it to drain (issue 17)
             response.stop_writer()
+            if self.transport is not None:
+                self.transport.abort()
         if reusable:
             self.used += 1
             self.resume_reading()
@@ -209,15 +220,18 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     async def write_body(
-        self, response: Response, body: AsyncIterator[bytes], chunked: bool, expect: bool, armed: bool
+        self, response: Response, body: AsyncIterator[bytes], length: int | None, expect: bool, armed: bool
     ) -> None:
-        """Send the body as the socket drains (chunked when the headers give no length), then start the read timeout.
+        """Send the body as the socket drains (chunked without a ``length``), then start the read timeout.
 
         With ``Expect: 100-continue`` the body waits for the interim answer; a final answer first means it is
-        never sent (and the connection not reused). A body that fails (too large, the client gone) drops the
-        connection: the request fails as ``UpstreamFailure``.
+        never sent (and the connection not reused). A body that fails (too large, the client gone) or that does not
+        fill its ``Content-Length`` exactly (what came past it would be the next request) drops the connection:
+        the request fails as ``UpstreamFailure``.
         """
         transport = self.transport
+        chunked = length is None
+        left = length or 0
         assert transport is not None
         try:
             if expect:
@@ -228,6 +242,9 @@ class Connection(asyncio.Protocol):
                 if self.current() is not response:
                     return
                 if chunk:
+                    left -= len(chunk)
+                    if left < 0 and not chunked:
+                        raise ValueError("the request body is longer than its Content-Length")
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                     if self._write_paused:
                         await self._drained()
@@ -235,6 +252,8 @@ class Connection(asyncio.Protocol):
                 return
             if chunked:
                 transport.write(b"0\r\n\r\n")
+            elif left:
+                raise ValueError("the request body is shorter than its Content-Length")
             response.body_sent = True
             response.writer = None
             if not response.status and response.failure is None and armed:

@@ -76,6 +76,15 @@ def request_head(method: str, url: URL, headers: StrHeaders, body: bool) -> tupl
     return text.encode("utf-8"), chunked, expect and body
 
 
+def declared_length(headers: StrHeaders) -> int:
+    """A body's ``Content-Length``: one number (several differing, or not a number, is refused, never sent)."""
+    values = {value.strip() for name, value in headers if name.lower() == "content-length"}
+    value = values.pop() if len(values) == 1 else ""
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError("invalid Content-Length")
+    return int(value)
+
+
 class LeanForwarder:
     """Keep-alive connections to every upstream: at most ``pool_size`` in use, ``max_idle`` idle per upstream."""
 
@@ -104,6 +113,7 @@ class LeanForwarder:
         method = method.upper()  # as aiohttp sends it
         try:
             head, chunked, expect = request_head(method, url, headers, body is not None)
+            length = None if chunked or body is None else declared_length(headers)
         except ValueError as exc:
             raise UpstreamFailure(timeout=False, detail=str(exc)) from None
         https = url.scheme == "https"
@@ -115,8 +125,8 @@ class LeanForwarder:
             response = Response(conn, method == "HEAD", self._deadlines, read_timeout)
             response.body_sent = body is None
             conn.start(response, head)
-            if body is not None:
-                writing = conn.write_body(response, body, chunked, expect, True)
+            if body is not None and response.failure is None:
+                writing = conn.write_body(response, body, length, expect, True)
                 response.writer = asyncio.get_running_loop().create_task(writing)
             await response.wait(True, body is None)  # with a body, the read timeout starts once it is sent
             if response.failure is None:
@@ -157,7 +167,8 @@ class LeanForwarder:
             self._active -= 1
             self._wake_one()
             raise
-        self._all.add(conn)
+        if not conn.dead:  # else it is lost already: nothing will take it out of _all
+            self._all.add(conn)
         return conn
 
     async def _connect(self, key: object, url: URL, tls: UpstreamTLS | None, timeout: float) -> Connection:
