@@ -11,6 +11,7 @@ modules are not packages, so their file names must be unique across the tree.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Iterator
@@ -18,11 +19,24 @@ from uuid import uuid4
 
 import pytest
 import redis
+import uvloop
 from support.ports import refused_port
 from support.redis_servers import SentinelSetup, start_cluster, start_redis, start_sentinel_setup
 from support.servers import ServerProcess, start_upstream
 
 # --- ports ---
+
+
+# The forwarding transport's own tests run on both event loops: the gateway serves on uvloop, whose
+# transports raise what asyncio's do not (a write to a connection the upstream closed, for one).
+BOTH_LOOPS = ("test_upstream_h1", "test_upstream_h1_review", "test_forwarder_differential")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object] | None:
+    module = getattr(item, "module", None)
+    if module is not None and module.__name__.rpartition(".")[2] in BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return None
 
 
 @pytest.fixture
