@@ -32,11 +32,11 @@ from support.servers import ServerProcess, start_upstream
 BOTH_LOOPS = ("test_upstream_h1", "test_upstream_h1_review", "test_forwarder_differential")
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object] | None:
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
     module = getattr(item, "module", None)
     if module is not None and module.__name__.rpartition(".")[2] in BOTH_LOOPS:
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-    return None
+    return {"asyncio": asyncio.new_event_loop}  # every other test: the default loop, test names unchanged
 
 
 @pytest.fixture
