@@ -7,9 +7,9 @@ Five targets behind nginx, the same upstream (proxy_bench's nginx 1 KB) and the 
     D  kept answers   A with the page's "answer kept for a second" lines (a second nginx, asking A's gateway)
     B  proxy mode     nginx proxy_pass to `gateway serve`, which verifies and forwards to the upstream
     C  no auth        nginx proxy_pass to the upstream (the reference: what auth costs at all)
-    F  Python floor   nginx proxy_pass to Starlette on uvicorn (uvloop, httptools, no access log) answering
-                      1 KB itself: what any Python ASGI process costs per request; A's gateway CPU is set
-                      against it
+    F  Python floor   nginx proxy_pass to bench/baselines/starlette_floor.py (Starlette on uvicorn with the
+                      gateway's server options) answering 1 KB itself: what any Python ASGI process costs per
+                      request; A's gateway CPU is set against it
 
 B and C are servers added next to the documented one, with the same upstream keepalive and proxy headers.
 A and B ask gateways of their own (same config, one worker each), so that the paired measure can run both at
@@ -65,30 +65,13 @@ NAMES = {
     "C": "C no auth",
     "F": "F Python floor",
 }
-FLOOR_APP = """
-import uvicorn
-from starlette.applications import Starlette
-from starlette.responses import Response
-from starlette.routing import Route
-
-BODY = b"x" * 1024
-
-
-async def answer(request):
-    return Response(BODY, media_type="text/plain")
-
-
-app = Starlette(routes=[Route("/{path:path}", answer)])
-uvicorn.run(app, host="127.0.0.1", port=PORT, loop="uvloop", http="httptools", log_level="warning", access_log=False)
-"""
 
 
 def start_floor(workdir: Path) -> Server:
-    """The Python ASGI floor: Starlette on uvicorn with the gateway's server options, one process, core 0."""
+    """The Python ASGI floor (bench/baselines/starlette_floor.py, as floor_bench runs it), one process, core 0."""
     port = free_port()
-    script = workdir / "floor.py"
-    script.write_text(FLOOR_APP.replace("PORT", str(port)))
-    return start("floor", pinned(0, [PYTHON, str(script)]), f"http://127.0.0.1:{port}", "/", workdir)
+    command = pinned(0, [PYTHON, "bench/baselines/starlette_floor.py", "--port", str(port)])
+    return start("floor", command, f"http://127.0.0.1:{port}", "/", workdir)
 
 
 class Front(FrontProxy):

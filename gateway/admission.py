@@ -92,7 +92,8 @@ class Admission:
         self._client = client or _peer  # the client's address, after trusted proxies (limits per client)
         self._sessions = sessions  # session.mode: server: the session cookie is the credential
         # Authorization header value (bytes) or access cookie (str) -> a token verified before.
-        self._known: BoundedCache[bytes | str, Known] = BoundedCache()
+        # A pair of cookies (access, refresh) -> a grace hit's answer (``_remember_grace``).
+        self._known: BoundedCache[bytes | str | tuple[str, str], Known] = BoundedCache()
         verifier.on_key_change(self._known.clear)  # a key the IdP removed: its tokens take the full path again
 
     def known(
@@ -130,8 +131,13 @@ class Admission:
             if cookies:  # inlined ``_cookie``: the hot path
                 headers = scope["headers"]
                 sessions = self._sessions
-                cookie = self._jar.read(headers)[0] if sessions is None else sessions.read_cookie(headers)
-                known = self._known.get(cookie or "")
+                if sessions is None:
+                    cookie, refresh = self._jar.read(headers)
+                    known = self._known.get(cookie or "")
+                    if known is None and cookie and refresh:  # a grace hit answered before (``_remember_grace``)
+                        known = self._known.get((cookie, refresh))
+                else:
+                    known = self._known.get(sessions.read_cookie(headers) or "")
         if known is None or self._clock() >= known.fresh_until or known.jti in self._denylist:
             return None
         # Its identity headers are ready; the route's rules still apply.
@@ -145,11 +151,14 @@ class Admission:
         with self._tracer.span("gateway.authenticate", route=route.name):
             auth = await self._authenticator.authenticate(headers, self._client(scope))
         admitted = self._judge(route, auth)
-        if admitted.refused is None and admitted.claims is not None and not auth.set_cookies and not auth.refreshed:
-            # The key is the credential the authenticator used: a Bearer header wins over cookies.
-            key = _header(headers, b"authorization") if auth.bearer else self._cookie(headers)
-            if key:
-                self._remember(key, auth, admitted)
+        if admitted.refused is None and admitted.claims is not None:
+            if not auth.set_cookies and not auth.refreshed:
+                # The key is the credential the authenticator used: a Bearer header wins over cookies.
+                key = _header(headers, b"authorization") if auth.bearer else self._cookie(headers)
+                if key:
+                    self._remember(key, auth, admitted)
+            elif auth.refreshed and auth.until is not None and not auth.bearer and self._sessions is None:
+                self._remember_grace(headers, auth, admitted)
         return admitted
 
     async def websocket(self, scope: Scope, route: Route) -> Admitted:
@@ -203,7 +212,15 @@ class Admission:
         refused: bool = self._csrf.refuses(method or scope["method"], scope["headers"], self._origin(scope), trusted)
         return refused
 
-    def _remember(self, key: bytes | str, auth: AuthResult, admitted: Admitted) -> None:
+    def _remember_grace(self, headers: RawHeaders, auth: AuthResult, admitted: Admitted) -> None:
+        """A grace hit the refresher remembers (``auth.until``): the same pair of cookies again gets the same
+        successor and cookies from the fast path until then. Keyed by both cookies as sent, so an expired access
+        token gets nothing without the very refresh cookie it came with; never with a big cookie's chunks."""
+        access, refresh = self._jar.read(headers)
+        if access and refresh and not self._jar.chunked(headers):
+            self._remember((access, refresh), auth, admitted)
+
+    def _remember(self, key: bytes | str | tuple[str, str], auth: AuthResult, admitted: Admitted) -> None:
         """Keep a plainly valid token for the fast path: same token, same claims, same headers."""
         claims = admitted.claims
         if auth.exp is None or auth.token is None or claims is None:

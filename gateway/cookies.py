@@ -102,6 +102,16 @@ class CookieJar:
                     return self._value(found, access_b), self._value(found, refresh_b)
         return _single(access, seen_access), _single(refresh, seen_refresh)
 
+    def chunked(self, headers: RawHeaders) -> bool:
+        """Whether the request carries any chunk of a big access or refresh cookie (``<name>_N``)."""
+        stems = (self.access_name.encode() + b"_", self.refresh_name.encode() + b"_")
+        return any(
+            part.strip().partition(b"=")[0].startswith(stems)
+            for name, value in headers
+            if name == b"cookie"
+            for part in value.split(b";")
+        )
+
     def set_access(self, token: str, max_age: int | None = None) -> bytes:
         age = max_age if max_age is not None else self.access_max_age
         return self._cookie(self.access_name, token, age)

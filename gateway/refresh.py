@@ -165,8 +165,16 @@ class SessionRefresher:
             # Verifying may have taken a while (an opaque token asked about again): grace must last still.
             if verdict.claims is not None and self._grace_clock() < grace.until:
                 self._metrics.refresh("grace_hit")
+                # ``until``: admission may answer the same cookies again, without asking here, while grace lasts.
+                until = self._clock() + (grace.until - self._grace_clock())
+                cookies = list(grace.cookies)
                 return AuthResult(
-                    claims=verdict.claims, token=grace.access, set_cookies=list(grace.cookies), refreshed=True
+                    claims=verdict.claims,
+                    token=grace.access,
+                    set_cookies=cookies,
+                    refreshed=True,
+                    exp=verdict.exp,
+                    until=until,
                 )
         self._graces.pop(h, None)
         return None
