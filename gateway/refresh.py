@@ -147,8 +147,10 @@ class SessionRefresher:
             await self._deny_replaced(self._denylist, old_access, result.claims.get("jti"))
         if outcome.label == "grace_hit" and result.reason == Reason.TOKEN_EXPIRED and outcome.refresh and _depth < 2:
             # The successor's access token expired within the grace period (access lifetime
-            # shorter than grace_period): carry on with the successor refresh token.
-            return await self.refresh(outcome.refresh, outcome.access, client=client, _depth=_depth + 1)
+            # shorter than grace_period): carry on with the successor refresh token. Its grace end is not this
+            # token's: admission keeps no answer for these cookies (``until``), the store judges them each time.
+            carried = await self.refresh(outcome.refresh, outcome.access, client=client, _depth=_depth + 1)
+            return replace(carried, until=None) if carried.until is not None else carried
         return result
 
     async def outcome(self, refresh_token: str, old_access: str | None, *, client: str | None = None) -> Outcome:

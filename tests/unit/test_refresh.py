@@ -651,6 +651,20 @@ async def test_grace_hit_whose_access_token_expired_carries_on_with_the_successo
     assert h.idp.counters.refresh_calls == 2 and h.idp.counters.reuse_detected == 0
 
 
+async def test_a_grace_hit_carried_on_with_the_successor_is_not_kept_past_the_old_tokens_grace(build: Build) -> None:
+    """Review of dc26aa4: the old token's grace hit, carried on with a successor the refresher remembers, must not
+    hand admission that successor's (later) grace end: the old pair of cookies would skip reuse detection."""
+    h = build(app=create_idp_app(IdPSettings(access_ttl=1)))
+    old = h.session()
+    assert_refreshed(await h.refresher.refresh(old.refresh, old.access), old.refresh)  # R1 -> R2, R1's grace: 5 s
+    await asyncio.sleep(1.1)  # the successor's access token expires (real time)
+    h.clock.advance(GRACE - 1)  # 1 s of R1's grace left; R2 rotated now gets a grace of 5 s
+    for _ in range(3):  # R2 rotated, R2's grace hit from the store, R2's grace hit from memory
+        result = await h.refresher.refresh(old.refresh, old.access)
+        assert_refreshed(result, old.refresh)
+    assert result.until is None or result.until <= time.time() + 1.0
+
+
 async def test_unexpected_failure_is_503_not_500_and_keeps_cookies(build: Build) -> None:
     """Every waiter shares the flight's outcome, so a bug there must fail closed, not crash each request."""
 
