@@ -136,6 +136,8 @@ class Admission:
                     known = self._known.get(cookie or "")
                     if known is None and cookie and refresh:  # a grace hit answered before (``_remember_grace``)
                         known = self._known.get((cookie, refresh))
+                        if known is not None and self._jar.chunked(headers):
+                            known = None  # its cookies were expanded for a request without chunks to clear
                 else:
                     known = self._known.get(sessions.read_cookie(headers) or "")
         if known is None or self._clock() >= known.fresh_until or known.jti in self._denylist:

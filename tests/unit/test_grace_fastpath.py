@@ -121,3 +121,22 @@ async def test_a_logout_ends_the_fast_path_answer_at_once(gateway: Gateway, idp:
     assert logout.status_code in (204, 302, 303), logout.text
     late = await get(gateway, headers)
     assert late.status_code in (302, 401) and "alice" not in late.text
+
+
+async def test_the_same_pair_sent_as_chunks_gets_its_chunks_cleared_as_on_the_full_path(
+    gateway: Gateway, idp: IdentityProvider
+) -> None:
+    """Review of dc26aa4: the kept answer's cookies were expanded for a request without chunks; the same values
+    sent as a big cookie's chunks must still get those chunks cleared (``CookieJar.expand``), or the browser keeps
+    stale chunks beside the new plain cookie."""
+    session = idp.start_session("alice", ttl=-60)
+    headers = old_cookies(session.access, session.refresh)
+    for _ in range(3):  # rotation, grace hit from the store, from memory: the pair is kept
+        assert (await get(gateway, headers)).status_code == 200
+    refresh = headers["Cookie"].split("; ", 1)[1]
+    half = len(session.access) // 2
+    chunked = {"Cookie": f"gw_access_0={session.access[:half]}; gw_access_1={session.access[half:]}; {refresh}"}
+    answer = await get(gateway, chunked)
+    assert answer.status_code == 200
+    cleared = {c.split("=", 1)[0] for c in answer.headers.get_list("set-cookie") if "Max-Age=0" in c}
+    assert {"gw_access_0", "gw_access_1"} <= cleared
