@@ -31,8 +31,8 @@ class AuthResult:
     bearer: bool = False
     set_cookies: list[bytes] = field(default_factory=list)
     refreshed: bool = False
-    exp: float | None = None  # set when the token was simply valid (no refresh, no cookie to set)
-    until: float | None = None  # server-side sessions: the fast path keeps the answer at most until then
+    exp: float | None = None  # the token's exp when it was simply valid, or a grace hit remembered (refresh.py)
+    until: float | None = None  # the fast path keeps the answer at most until then (server sessions, grace hits)
     watch: str | None = None  # server-side sessions: the denylist entry that ends the session (else the jti)
 
 
