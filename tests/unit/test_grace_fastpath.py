@@ -8,36 +8,18 @@ sent, and ended by the denylist like every fast-path entry.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 from starlette.applications import Starlette
 from support.fakes import RecordingUpstream
 from support.sealed import refresh_cookie
 
-from gateway import app as app_module
 from gateway.app import Gateway, create_app
 from gateway.config import parse_config
-from gateway.demo.idp import IdentityProvider, IdPSettings, create_idp_app
+from gateway.demo.idp import IdentityProvider, IdPSettings
 
 SECRET = IdPSettings.hs_secret
 STORE_SECRET = "grace-fastpath-store-secret"
-
-
-@pytest.fixture
-def idp_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Starlette]:
-    idp = create_idp_app(IdPSettings())
-    monkeypatch.setattr(
-        app_module, "control_client", lambda timeout, tls=None: httpx.AsyncClient(transport=httpx.ASGITransport(idp))
-    )
-    yield idp
-
-
-@pytest.fixture
-def idp(idp_app: Starlette) -> IdentityProvider:
-    provider: IdentityProvider = idp_app.state.idp
-    return provider
 
 
 @pytest.fixture

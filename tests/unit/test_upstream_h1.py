@@ -22,13 +22,6 @@ Reader = asyncio.StreamReader
 Writer = asyncio.StreamWriter
 
 
-@pytest.fixture
-async def lean() -> AsyncIterator[LeanForwarder]:
-    forwarder = LeanForwarder()
-    yield forwarder
-    await forwarder.close()
-
-
 async def send(
     forwarder: LeanForwarder,
     url: str,

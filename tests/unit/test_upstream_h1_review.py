@@ -12,22 +12,12 @@ import pytest
 import uvloop
 from support.rawhttp import RawRequest, RawUpstream
 from support.waiting import until
-from test_upstream_h1 import answering, body_of, send, whole
+from test_upstream_h1 import Reader, Writer, answering, body_of, send, whole
 
 from gateway.errors import UpstreamFailure
 from gateway.forwarder import upstream_url
 from gateway.h1_connection import Connection
 from gateway.upstream_h1 import LeanForwarder
-
-Reader = asyncio.StreamReader
-Writer = asyncio.StreamWriter
-
-
-@pytest.fixture
-async def lean() -> AsyncIterator[LeanForwarder]:
-    forwarder = LeanForwarder()
-    yield forwarder
-    await forwarder.close()
 
 
 @pytest.mark.parametrize(

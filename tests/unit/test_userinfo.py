@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -13,10 +12,9 @@ from starlette.applications import Starlette
 from support.fakes import RecordingUpstream
 from support.sealed import refresh_cookie
 
-from gateway import app as app_module
 from gateway.app import Gateway, create_app
 from gateway.config import parse_config
-from gateway.demo.idp import IdentityProvider, IdPSettings, create_idp_app
+from gateway.demo.idp import IdentityProvider, IdPSettings
 from gateway.errors import ConfigError
 
 SECRET = IdPSettings.hs_secret
@@ -48,22 +46,6 @@ def config(**identity: Any) -> dict[str, Any]:
         "login": {"url": "https://login.example/?next={next}"},
         "routes": [{"name": "app", "path": "/", "upstream": "http://127.0.0.1:9"}],
     }
-
-
-@pytest.fixture
-def idp_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Starlette]:
-    """The demo IdP in-process: the gateway's control-plane client reaches it over ASGITransport."""
-    idp = create_idp_app(IdPSettings())
-    monkeypatch.setattr(
-        app_module, "control_client", lambda timeout, tls=None: httpx.AsyncClient(transport=httpx.ASGITransport(idp))
-    )
-    yield idp
-
-
-@pytest.fixture
-def idp(idp_app: Starlette) -> IdentityProvider:
-    provider: IdentityProvider = idp_app.state.idp
-    return provider
 
 
 @pytest.fixture
