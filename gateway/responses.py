@@ -132,9 +132,13 @@ async def send_response(send: Send, status: int, body: bytes, headers: RawHeader
 
 
 async def send_json(send: Send, status: int, payload: dict[str, Any], headers: RawHeaders | None = None) -> None:
-    body = json.dumps(payload, separators=(",", ":")).encode()
+    await _send_document(send, status, json.dumps(payload, separators=(",", ":")).encode(), headers or [])
+
+
+async def _send_document(send: Send, status: int, body: bytes, headers: RawHeaders) -> None:
+    """A JSON body already encoded."""
     base = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send_response(send, status, body, base + (headers or []))
+    await send_response(send, status, body, base + headers)
 
 
 async def send_denial(
@@ -184,8 +188,7 @@ async def send_denial(
         if login:
             payload["login_url"] = login
         document = _json_bodies.put((error, reason, route, login), json.dumps(payload, separators=(",", ":")).encode())
-    base = [(b"content-type", b"application/json"), (b"content-length", str(len(document)).encode())]
-    await send_response(send, status, document, base + extra)
+    await _send_document(send, status, document, extra)
 
 
 # A refusal's JSON body, by (error, reason, route, login URL): most refusals repeat one of a few.
