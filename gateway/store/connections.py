@@ -53,7 +53,7 @@ def sentinel_master(
         "password": sentinel.sentinel_password,
         "ssl": tls,
     }
-    manager = Sentinel(  # type: ignore[no-untyped-call]
+    manager = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis-py 8
         sentinel.addresses(), sentinel_kwargs=sentinel_options, password=sentinel.password, db=sentinel.db, ssl=tls
     )
     return manager.master_for(sentinel.master, **client_options(socket_timeout)), list(manager.sentinels)

@@ -105,7 +105,7 @@ class Subscriber:
                 # Until the next subscribe is confirmed, new watchers must not assume delivery.
                 self._subscribed.clear()
                 if pubsub is not None:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis-py 8
                 if client is not None and owned:
                     await client.aclose()
             await asyncio.sleep(backoff)
