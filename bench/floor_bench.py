@@ -125,7 +125,10 @@ def check(case: Case, expected: int) -> None:
     headers = dict(case.headers)
     if case.prepare is not None:
         headers.update(case.prepare())
-    answer = httpx.get(case.server.url + case.path, headers=headers, timeout=10)
+    if case.script is not None:  # the POST cases
+        answer = httpx.post(case.server.url + case.path, headers=headers, content=b"x" * 65536, timeout=10)
+    else:
+        answer = httpx.get(case.server.url + case.path, headers=headers, timeout=10)
     if answer.status_code != expected:
         raise RuntimeError(f"{case.label}: {answer.status_code} where {expected} was expected: {answer.text[:200]}")
 
@@ -137,6 +140,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default 3)")
     parser.add_argument("--forwarder", choices=["lean", "aiohttp"], help="server.forwarder for every gateway")
     parser.add_argument("--out", help="markdown file (default bench/RESULTS.md, or bench/out/ with --quick)")
+    parser.add_argument(
+        "--only", help="comma-separated case keys (e.g. get-direct,get-gateway): measured and printed, nothing written"
+    )
     args = parser.parse_args()
     secs = 1.0 if args.quick else args.duration
     rounds = 1 if args.quick else args.rounds
@@ -225,11 +231,15 @@ def main() -> None:
             Case("post-direct", "POST 64 KB direct", upstream, script=post),
             Case("post-nginx", "POST 64 KB through nginx", nginx, script=post),
             Case("post-gateway", "POST 64 KB through the gateway", quiet, headers=bearer, script=post),
+            Case("post-floor", "POST 64 KB read whole by the Starlette floor", floor, path="/read", script=post),
             Case("get-direct", "GET 1 MB direct", upstream, path="/1m"),
             Case("get-nginx", "GET 1 MB through nginx", nginx, path="/1m"),
             Case("get-gateway", "GET 1 MB through the gateway", quiet, path="/1m", headers=bearer),
+            Case("get-floor", "GET 1 MB from the Starlette floor's memory", floor, path="/1m"),
         ]
         cases = table + extra
+        if args.only:
+            cases = [case for case in cases if case.key in args.only.split(",")]
         for case in cases:
             check(case, 401 if case.key == "denied" else 200)
         for case in [c for c in cases if c.key in ("haproxy", "plain")]:
@@ -250,6 +260,8 @@ def main() -> None:
             grace.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     medians = {key: median(group) for key, group in samples.items()}
+    if args.only:
+        return
     lines = report(cases, medians, samples, upstream_kind, secs, rounds, load_before, notes, args)
     write_top(out, lines)
     print("\n".join(lines))

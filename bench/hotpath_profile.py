@@ -32,6 +32,7 @@ from typing import Any
 
 import jwt
 import yaml
+from floor_bench import POST_64K
 from proxy_bench import HEALTH, HS_SECRET, PYTHON, ROOT, free_port, gateway_config, pinned, start, start_upstream
 
 FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -133,6 +134,8 @@ def main() -> None:
     parser.add_argument("--access-log", action="store_true", help="server.access_log on (the default config)")
     parser.add_argument("--native", action="store_true", help="py-spy --native: C frames (uvloop, httptools) too")
     parser.add_argument("--forwarder", choices=["lean", "aiohttp"], help="server.forwarder for the gateway")
+    parser.add_argument("--path", default="/app", help="what wrk asks for (/1m: the 1 MB download)")
+    parser.add_argument("--post", action="store_true", help="POST 64 KB bodies (floor_bench's POST case)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile.md"))
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -150,8 +153,11 @@ def main() -> None:
         serve = [PYTHON, "-m", "gateway", "serve", "--host", "127.0.0.1", "--log-level", "warning"]
         command = pinned(0, [*serve, "--config", str(workdir / "gateway.yaml"), "--port", str(port)])
         gateway = start("gateway", command, f"http://127.0.0.1:{port}", HEALTH, workdir)
-        url = f"{gateway.url}/app"
+        url = f"{gateway.url}{args.path}"
         load = ["wrk", "-t1", f"-c{args.connections}", "-H", f"Authorization: Bearer {token}", "--latency"]
+        if args.post:
+            (workdir / "post.lua").write_text(POST_64K)
+            load += ["-s", str(workdir / "post.lua")]
         subprocess.run(pinned(1, [*load, "-d3s", url]), capture_output=True, check=True)  # warm-up
         driver = subprocess.Popen(pinned(1, [*load, f"-d{args.seconds + 4}s", url]), stdout=subprocess.PIPE, text=True)
         time.sleep(2)
@@ -172,7 +178,8 @@ def main() -> None:
         "",
         f"`.venv/bin/python bench/hotpath_profile.py{' ' + options if options else ''}`: one gateway worker on "
         f"core 0 (access log {'on' if args.access_log else 'off'}"
-        f"{', server.forwarder ' + args.forwarder if args.forwarder else ''}), nginx 1 KB and wrk (HS256 Bearer, "
+        f"{', server.forwarder ' + args.forwarder if args.forwarder else ''}), nginx and wrk ("
+        f"{'POST 64 KB' if args.post else 'GET'} {args.path}, HS256 Bearer, "
         f"{args.connections} connections; {float(rate.group(1)) if rate else 0:,.0f} req/s under the profiler) "
         f"on core 1; py-spy {args.rate} Hz for {args.seconds} s, non-blocking"
         f"{', native frames' if args.native else ''}; load average {os.getloadavg()[0]:.2f}.",

@@ -19,7 +19,7 @@ from typing import Protocol as Interface
 import httptools
 
 from gateway.errors import UpstreamFailure
-from gateway.h1_response import Response
+from gateway.h1_response import Response, answer_parser, keeps_alive, until_close
 
 HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read (again once a read takes them)
 MAX_HEADERS = 128  # header lines in one answer, and bytes in one name and its value: aiohttp's limits
@@ -42,7 +42,7 @@ class Connection(asyncio.Protocol):
         self.owner = owner
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self.parser = _parser(self)
+        self.parser = answer_parser(self)
         # The exchange it carries now: weak, so an answer dropped unread is collected and frees the connection
         # (Response.__del__); held strongly only while the parser feeds it (_cur).
         self._ref: weakref.ref[Response] | None = None
@@ -57,6 +57,7 @@ class Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._interim = False
         self._keep = False
+        self._tail: Response | None = None  # an exchange answered before its body was all sent (finish)
         self._junk = False  # bytes the upstream sent out of turn: the connection cannot be trusted again
         self._head = 0  # bytes received since the head's start or the last body data (httptools buffers a field whole)
 
@@ -109,7 +110,7 @@ class Connection(asyncio.Protocol):
             self.drop()  # idle, or its answer was dropped unread
             self.owner.lost(self)
             return
-        if response.status and exc is None and _until_close(response):  # the body ends where the connection does
+        if response.status and exc is None and until_close(response):  # the body ends where the connection does
             response.complete, self._keep = True, False
             self.finish(response)
             response.wake()
@@ -153,8 +154,8 @@ class Connection(asyncio.Protocol):
         self._headers, self._head = [], 0  # trailers (after a chunked body) land here and are dropped, as aiohttp does
         if response.head_only:  # llhttp cannot be told it was HEAD: the answer ends here, a new parser follows
             response.complete = True
-            self._keep = _keeps_alive(self.parser.get_http_version(), response.headers)
-            self.parser = _parser(self)
+            self._keep = keeps_alive(self.parser.get_http_version(), response.headers)
+            self.parser = answer_parser(self)
 
     def on_body(self, body: bytes) -> None:
         response = self._cur
@@ -188,18 +189,31 @@ class Connection(asyncio.Protocol):
         self.transport.write(head)
 
     def finish(self, response: Response) -> None:
-        """The answer is complete: the connection leaves it, to the pool or closed."""
-        reusable = self._keep and response.body_sent and not self._junk and not self.dead
+        """The answer is complete: the connection leaves it, to the pool or closed. A success that came before the
+        body was all sent (answered first, read after) leaves it once the body has gone (write_body), then pooled;
+        an error that came first means the body is not wanted (RFC 9112 §9.6): it stops, the connection closes."""
+        reusable = self._keep and not self._junk and not self.dead
         self._ref = None
         response.conn = None
-        if not response.body_sent:  # given up: aborted, a graceful close would wait for it to drain (issue 17)
-            response.stop_writer()
+        if not response.body_sent:
+            writer = response.writer
+            if reusable and response.status < 400 and writer is not None and not writer.done():
+                self._tail = response  # write_body releases it
+                return
+            response.stop_writer()  # given up: aborted, a graceful close would wait for it to drain (issue 17)
             if self.transport is not None:
                 self.transport.abort()
+            reusable = False
+        self._release(reusable)
+
+    def _release(self, reusable: bool) -> None:
         if reusable:
             self.used += 1
             self.resume_reading()
         self.owner.release(self, reusable)
+
+    def _carries(self, response: Response) -> bool:  # its exchange, the answer maybe in while the body goes
+        return self._tail is response or self.current() is response
 
     def drop(self) -> None:
         """Close at once; the exchange on it (if any) is given up."""
@@ -212,6 +226,10 @@ class Connection(asyncio.Protocol):
             self._ref = None
             if response is not None:
                 response.conn = None
+            self.owner.release(self, False)
+        elif self._tail is not None:  # its answer is in, its body still going: given up
+            self._tail.stop_writer()
+            self._tail = None
             self.owner.release(self, False)
 
     def resume_reading(self) -> None:
@@ -239,7 +257,7 @@ class Connection(asyncio.Protocol):
                 if response.status or response.failure is not None:
                     return
             async for chunk in body:
-                if self.current() is not response:
+                if not self._carries(response):
                     return
                 if chunk:
                     left -= len(chunk)
@@ -248,7 +266,7 @@ class Connection(asyncio.Protocol):
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                     if self._write_paused:
                         await self._drained()
-            if self.current() is not response:
+            if not self._carries(response):
                 return
             if chunked:
                 transport.write(b"0\r\n\r\n")
@@ -261,7 +279,15 @@ class Connection(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            response.fail(UpstreamFailure(timeout=False))
+            if self._tail is not response:
+                response.fail(UpstreamFailure(timeout=False))
+        finally:
+            if self._tail is response:  # answered already: the pool once the body is all sent, else closed
+                self._tail = None
+                reusable = response.body_sent and not self._junk and not self.dead
+                if not reusable and self.transport is not None:
+                    self.transport.abort()
+                self._release(reusable)
 
     async def _continue(self, response: Response, armed: bool) -> None:
         """Until ``100 Continue`` (or any interim answer), a final answer, or a failure (the read timeout applies)."""
@@ -287,31 +313,3 @@ class Connection(asyncio.Protocol):
             self._drain = None
             if not drain.done():
                 drain.set_result(None)
-
-
-def _parser(conn: Connection) -> httptools.HttpResponseParser:
-    """httptools' parser, as lenient as aiohttp's with answers (CTLs in values, LF without CR, spaces after a
-    chunk size): legacy apps send such things, and the reference forwarder takes them."""
-    parser = httptools.HttpResponseParser(conn)
-    parser.set_dangerous_leniencies(
-        lenient_headers=True, lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
-    )
-    return parser
-
-
-def _keeps_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:
-    tokens = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")}
-    return b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
-
-
-def _until_close(response: Response) -> bool:
-    """The body has no length: it ends when the upstream closes (RFC 9112 §6.3, item 8)."""
-    if response.head_only or response.status in (204, 304):
-        return False
-    length = False
-    for name, value in response.headers:
-        lower = name.lower()
-        if lower == b"transfer-encoding":
-            return not value.strip().lower().endswith(b"chunked")
-        length = length or lower == b"content-length"
-    return not length

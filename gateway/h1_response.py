@@ -1,4 +1,5 @@
-"""An upstream's answer on a lean HTTP/1.1 connection (``h1_connection``): the ``forwarder.UpstreamResponse``.
+"""An upstream's answer on a lean HTTP/1.1 connection (``h1_connection``): the ``forwarder.UpstreamResponse``, and
+how such an answer is parsed (httptools, as leniently as aiohttp) and whether its connection can carry another.
 
 The connection parses into it (status, raw headers, body chunks, completion or failure) and leaves it once the
 answer is complete; what it buffered stays here for the HTTP path to read. Reads wait with the read timeout of
@@ -12,6 +13,8 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from typing import Protocol
+
+import httptools
 
 from gateway.errors import UpstreamFailure
 from gateway.forwarder import Deadlines
@@ -111,7 +114,21 @@ class Response:
         conn = self.conn
         if conn is not None and conn.read_paused:
             conn.resume_reading()
+        if self.complete and self.writer is not None:
+            await self._sent()
         return data
+
+    async def _sent(self) -> None:
+        """Until the request body is all sent: the answer came first (``h1_connection.Connection.finish``), and
+        once the client has its last byte its body can no longer be read (the connection would be lost)."""
+        writer = self.writer
+        if writer is None or writer.done() or writer is asyncio.current_task():
+            return
+        try:
+            await asyncio.wait((writer,))
+        except BaseException:
+            self.stop_writer()
+            raise
 
     def at_eof(self) -> bool:
         return self.complete and not self.chunks
@@ -136,3 +153,31 @@ class Response:
         if self.conn is not None:
             with contextlib.suppress(Exception):  # a closed loop at exit: nothing left to free
                 self.conn.drop()
+
+
+def keeps_alive(version: str, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    tokens = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")}
+    return b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
+
+
+def until_close(response: Response) -> bool:
+    """The body has no length: it ends when the upstream closes (RFC 9112 §6.3, item 8)."""
+    if response.head_only or response.status in (204, 304):
+        return False
+    length = False
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            return not value.strip().lower().endswith(b"chunked")
+        length = length or lower == b"content-length"
+    return not length
+
+
+def answer_parser(protocol: object) -> httptools.HttpResponseParser:
+    """httptools' parser, as lenient as aiohttp's with answers (CTLs in values, LF without CR, spaces after a
+    chunk size): legacy apps send such things, and the reference forwarder takes them."""
+    parser = httptools.HttpResponseParser(protocol)
+    parser.set_dangerous_leniencies(
+        lenient_headers=True, lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
+    )
+    return parser

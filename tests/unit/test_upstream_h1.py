@@ -378,6 +378,73 @@ async def test_an_answer_before_the_body_is_sent_comes_at_once_and_its_connectio
     assert upstream.connections == 2 and lean._active == 0
 
 
+def answering_first(answer: bytes):  # type: ignore[no-untyped-def]
+    """An upstream that answers as soon as the head is in, then reads the body (nginx's ``return``, say)."""
+
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(answer)
+        await writer.drain()
+        await read_body(reader, request)
+        return True
+
+    return handler
+
+
+async def test_a_success_before_the_body_is_sent_waits_for_the_body_and_its_connection_is_reused(
+    lean: LeanForwarder,
+) -> None:
+    """Regression (issue 17): such an exchange used to abort its connection, one new connection per POST."""
+    sent = asyncio.Event()
+
+    async def client_body() -> AsyncIterator[bytes]:
+        yield b"first,"
+        await sent.wait()  # still uploading when the answer is in
+        yield b"second"
+
+    upstream = RawUpstream(answering_first(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    async with upstream as url:
+        headers = [("content-length", "12")]
+        response = await asyncio.wait_for(send(lean, url, "POST", headers, client_body()), 5)
+        reading = asyncio.ensure_future(whole(response))
+        await asyncio.sleep(0.1)
+        assert response.status == 200 and not reading.done()  # the last byte waits for the body
+        sent.set()
+        assert await asyncio.wait_for(reading, 5) == b"ok"
+        assert await whole(await send(lean, url, "POST", headers, body_of(b"again, again"))) == b"ok"
+    assert [r.body for r in upstream.requests] == [b"first,second", b"again, again"]
+    assert upstream.connections == 1 and lean._active == 0
+
+
+async def test_a_success_before_the_body_whose_body_then_fails_closes_the_connection(lean: LeanForwarder) -> None:
+    async def failing_body() -> AsyncIterator[bytes]:
+        yield b"first,"
+        await asyncio.sleep(0.1)
+        raise BodyTooLarge()
+
+    upstream = RawUpstream(answering_first(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    async with upstream as url:
+        response = await send(lean, url, "POST", [("content-length", "100")], failing_body())
+        assert await asyncio.wait_for(whole(response), 5) == b"ok"
+        assert await whole(await send(lean, url)) == b"ok"
+    assert upstream.connections == 2 and lean._active == 0
+
+
+async def test_a_reader_cancelled_while_the_body_still_goes_frees_the_connection(lean: LeanForwarder) -> None:
+    async def endless() -> AsyncIterator[bytes]:
+        yield b"first,"
+        await asyncio.sleep(30)
+        yield b"never"
+
+    upstream = RawUpstream(answering_first(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    async with upstream as url:
+        response = await send(lean, url, "POST", [("content-length", "11")], endless())
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(whole(response), 0.2)  # the client went away meanwhile
+        await until(lambda: lean._active == 0, "the connection was freed")
+        assert await whole(await send(lean, url)) == b"ok"
+    assert upstream.connections == 2
+
+
 @pytest.mark.parametrize("bad", ["a\r\nX-Evil: 1", "a\nb", "a\rb", "\r\n"])
 def test_a_cr_or_lf_in_a_header_is_refused_not_sent(bad: str) -> None:
     """Regression: a CRLF pair inside a value once slipped past a check that only compared CR, LF and CRLF counts."""
