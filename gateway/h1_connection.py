@@ -16,15 +16,9 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Protocol as Interface
 
-import httptools
-
 from gateway.errors import UpstreamFailure
-from gateway.h1_response import Response, answer_parser, keeps_alive, until_close
-
-HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read (again once a read takes them)
-MAX_HEADERS = 128  # header lines in one answer, and bytes in one name and its value: aiohttp's limits
-MAX_FIELD = 8190
-MAX_HEAD = (MAX_HEADERS + 1) * (MAX_FIELD + 4) + HIGH_WATER  # bytes of a head or trailers (no body in them) at most
+from gateway.h1_parsing import AnswerParsing
+from gateway.h1_response import Response, until_close
 
 
 class Owner(Interface):
@@ -35,31 +29,23 @@ class Owner(Interface):
     def lost(self, conn: Connection) -> None: ...
 
 
-class Connection(asyncio.Protocol):
+class Connection(AnswerParsing):
     """One keep-alive connection; ``response`` is the exchange it carries now (None while idle)."""
 
     def __init__(self, owner: Owner, key: object) -> None:
         self.owner = owner
         self.key = key
-        self.transport: asyncio.Transport | None = None
-        self.parser = answer_parser(self)
+        super().__init__()
         # The exchange it carries now: weak, so an answer dropped unread is collected and frees the connection
-        # (Response.__del__); held strongly only while the parser feeds it (_cur).
+        # (Response.__del__); held strongly only while the parser feeds it (AnswerParsing._cur).
         self._ref: weakref.ref[Response] | None = None
-        self._cur: Response | None = None
         self.used = 0  # answers completed on it
         self.idle = False
         self.idle_since = 0.0
         self.dead = False
-        self.read_paused = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._interim = False
-        self._keep = False
         self._tail: Response | None = None  # an exchange answered before its body was all sent (finish)
-        self._junk = False  # bytes the upstream sent out of turn: the connection cannot be trusted again
-        self._head = 0  # bytes received since the head's start or the last body data (httptools buffers a field whole)
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -82,23 +68,7 @@ class Connection(asyncio.Protocol):
             self.drop()
             return
         response.received = True
-        self._head += len(data)
-        if self._head > MAX_HEAD:
-            response.fail(UpstreamFailure(timeout=False, detail="the upstream's answer head or trailers too large"))
-            return
-        self._cur = response
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:  # 101 or CONNECT: not HTTP any more
-            response.complete, self._keep = True, False
-        except httptools.HttpParserError:
-            if not response.complete:
-                response.fail(UpstreamFailure(timeout=False, detail="the upstream's answer is not valid HTTP/1.1"))
-                return
-            self._junk = True
-        finally:
-            self._cur = None
-        if response.complete and self._ref is not None:
+        if self.feed(response, data) and response.complete and self._ref is not None:
             self.finish(response)
         response.wake()
 
@@ -127,56 +97,6 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return None  # close: connection_lost decides whether the answer was complete
-
-    # --- httptools callbacks --------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self._cur is None or self._cur.complete:
-            self._junk = True  # a second answer to one request
-        self._headers = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self._headers) >= MAX_HEADERS or len(name) + len(value) > MAX_FIELD or b"\0" in value:
-            raise ValueError("an answer's headers too many, too long, or holding NUL")  # fails the parse
-        # llhttp strips the whitespace before a value, not after it (RFC 9110 §5.5: neither is part of it).
-        self._headers.append((name, value.rstrip(b" \t")))
-
-    def on_headers_complete(self) -> None:
-        response = self._cur
-        status = self.parser.get_status_code()
-        if response is None or response.complete:
-            return
-        self._wake_drain()  # a body waiting for 100 Continue goes on, or learns it is not wanted
-        if status < 200 and status != 101:  # 100 Continue, 103 Early Hints: skipped, the final answer follows
-            self._interim = response.continued = True
-            return
-        response.status, response.headers = status, self._headers
-        self._headers, self._head = [], 0  # trailers (after a chunked body) land here and are dropped, as aiohttp does
-        if response.head_only:  # llhttp cannot be told it was HEAD: the answer ends here, a new parser follows
-            response.complete = True
-            self._keep = keeps_alive(self.parser.get_http_version(), response.headers)
-            self.parser = answer_parser(self)
-
-    def on_body(self, body: bytes) -> None:
-        response = self._cur
-        if response is None or response.complete:
-            self._junk = True
-            return
-        response.chunks.append(body)
-        self._head = 0
-        response.buffered += len(body)
-        if response.buffered > HIGH_WATER and not self.read_paused and self.transport is not None:
-            self.read_paused = True
-            self.transport.pause_reading()
-
-    def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
-            return
-        response = self._cur
-        if response is not None and not response.complete:
-            response.complete = True
-            self._keep = self.parser.should_keep_alive()
 
     # --- the exchange ---------------------------------------------------------------------------
 

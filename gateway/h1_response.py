@@ -19,6 +19,9 @@ import httptools
 from gateway.errors import UpstreamFailure
 from gateway.forwarder import Deadlines
 
+HIGH_WATER = 256 * 1024  # answer bytes buffered before its socket stops being read (read again below half of it)
+JOIN_MAX = 64 * 1024  # buffered pieces up to this many bytes in all are joined into one read
+
 
 class Carrier(Protocol):
     """What the answer needs of its connection (``h1_connection.Connection``)."""
@@ -108,11 +111,15 @@ class Response:
                 if self.failure is not None:
                     raise self.failure
                 return b""
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self.buffered = 0
+        if len(chunks) == 1 or self.buffered <= JOIN_MAX:  # small pieces: one send for them all
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            self.buffered = 0
+        else:  # large ones go one by one, never copied: the client's transport writes each as it is
+            data = chunks.pop(0)
+            self.buffered -= len(data)
         conn = self.conn
-        if conn is not None and conn.read_paused:
+        if conn is not None and conn.read_paused and self.buffered <= HIGH_WATER // 2:
             conn.resume_reading()
         if self.complete and self.writer is not None:
             await self._sent()
@@ -158,6 +165,23 @@ class Response:
 def keeps_alive(version: str, headers: Sequence[tuple[bytes, bytes]]) -> bool:
     tokens = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")}
     return b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
+
+
+def fixed_length(status: int, headers: Sequence[tuple[bytes, bytes]]) -> int:
+    """The length of a final answer's body when one ``Content-Length`` gives it (and no ``Transfer-Encoding``);
+    -1 otherwise: the parser decides (204 and 304 have none, chunked, until close, several lengths refused)."""
+    if status in (204, 304):
+        return -1
+    length = -1
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            return -1
+        if lower == b"content-length":
+            if length >= 0 or not value.isdigit():
+                return -1
+            length = int(value)
+    return length
 
 
 def until_close(response: Response) -> bool:

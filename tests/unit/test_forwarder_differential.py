@@ -1,21 +1,20 @@
 """LeanForwarder against AiohttpForwarder (the reference), on generated requests and answers (issue 17).
 
-A recording upstream (tests/support/rawhttp.py: a raw asyncio server) keeps the exact bytes of every request it
-gets and answers what the generated case says: a status, a header list, and a body framed by Content-Length,
-chunked, or by closing the connection (none for HEAD, 204 and 304), sometimes after a 100 or 103 interim
-answer. Every case goes through both forwarders, twice each (the second time on a pooled connection unless the
-first answer ended with the connection), and must come out the same:
+A recording upstream (tests/support/rawhttp.py: a raw asyncio server) keeps the exact bytes of every request it gets
+and answers what the generated case says: a status, a header list, and a body framed by Content-Length, chunked, or
+by closing the connection (none for HEAD, 204 and 304), sometimes after a 100 or 103 interim answer, its bytes
+written in pieces that arrive apart. Every case goes through both forwarders, twice each (the second time on a
+pooled connection unless the first answer ended with the connection), and must come out the same:
 
 - what the upstream got: the request head byte for byte (request line, header names in their case, values,
   order, the Host the forwarder adds or keeps), the body's bytes as framed on the wire (Content-Length or the
   chunk sizes), and so also the method, target and de-chunked body;
 - what the client got: the status, the raw header list as the upstream sent it, and the body.
 
-Nothing is normalised: no difference between the two was found that needed it. (aiohttp quirks the lean
-forwarder copies on purpose, so they never show here: ``Content-Length: 0`` on a bodiless POST/PUT/PATCH/DELETE;
-``Transfer-Encoding: chunked`` appended after the last header; with several Host headers, one named ``Host``
-where the first was, holding the last one's value; a missing Host appended as ``Host: host[:port]``.)
-"""
+Nothing is normalised: no difference between the two was found that needed it. (aiohttp quirks the lean forwarder
+copies on purpose, so they never show here: ``Content-Length: 0`` on a bodiless POST/PUT/PATCH/DELETE; ``Transfer-
+Encoding: chunked`` appended after the last header; with several Host headers, one named ``Host`` where the first
+was, holding the last one's value; a missing Host appended as ``Host: host[:port]``.)"""
 
 from __future__ import annotations
 
@@ -49,6 +48,7 @@ class Answer:
     framing: str  # length | chunked | close
     sizes: list[int]
     interim: bytes  # 1xx answers sent before this one (skipped by both)
+    pieces: list[int]  # the answer's bytes written in pieces of these sizes (the rest last), each sent on its own
 
     def wire(self, method: str) -> tuple[bytes, bool]:
         """The answer's bytes, and whether the connection stays open after it."""
@@ -111,6 +111,7 @@ def cases(draw: st.DrawFn) -> Case:
         draw(
             st.sampled_from([b"", b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"])
         ),
+        draw(st.lists(st.integers(1, 3000), max_size=3)),
     )
     sizes = draw(st.lists(st.integers(0, 1500), max_size=4))
     return Case(method, path + (f"?{query}" if query is not None else ""), headers, body, with_length, sizes, answer)
@@ -140,7 +141,11 @@ async def _run(case: Case) -> None:
     async def answer(request: RawRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         await read_body(reader, request)
         wire, keep = case.answer.wire(request.method)
-        writer.write(wire)
+        for piece in _split(wire, case.answer.pieces):
+            if piece:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.001)  # its own segment: a head cut anywhere, a body past the parser
         return keep
 
     upstream = RawUpstream(answer)

@@ -14,8 +14,7 @@ from support.waiting import until
 
 from gateway.errors import BodyTooLarge, UpstreamFailure
 from gateway.forwarder import UpstreamResponse, chunks, upstream_url
-from gateway.h1_connection import HIGH_WATER
-from gateway.h1_response import Response
+from gateway.h1_response import HIGH_WATER, Response
 from gateway.upstream_h1 import LeanForwarder, request_head
 
 Reader = asyncio.StreamReader

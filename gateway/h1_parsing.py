@@ -1,0 +1,132 @@
+"""How the bytes of an upstream's answers become ``Response`` objects on a lean connection (``h1_connection``).
+
+httptools (llhttp) parses heads, chunked bodies and trailers, as leniently as aiohttp's parser. A body that one
+``Content-Length`` delimits is taken past the parser once its head is parsed: the socket's bytes go to the
+response as they came, where httptools would copy each piece into a new ``bytes`` (issue 17). What the upstream
+sends out of turn (a second answer, bytes past a body) marks the connection as not to be trusted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httptools
+
+from gateway.errors import UpstreamFailure
+from gateway.h1_response import HIGH_WATER, Response, answer_parser, fixed_length, keeps_alive
+
+MAX_HEADERS = 128  # header lines in one answer, and bytes in one name and its value: aiohttp's limits
+MAX_FIELD = 8190
+MAX_HEAD = (MAX_HEADERS + 1) * (MAX_FIELD + 4) + HIGH_WATER  # bytes of a head or trailers (no body in them) at most
+
+
+class AnswerParsing(asyncio.Protocol):
+    """The parsing half of ``h1_connection.Connection``: ``feed`` takes the socket's bytes for the answer."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = answer_parser(self)
+        self.read_paused = False
+        self._cur: Response | None = None  # the answer being fed (held strongly only meanwhile)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._interim = False
+        self._keep = False  # the complete answer leaves its connection able to carry another
+        self._junk = False  # bytes the upstream sent out of turn: the connection cannot be trusted again
+        self._left = -1  # bytes of a Content-Length body still to come once the parser has seen its head, or -1
+        self._version = "1.1"
+        self._head = 0  # bytes received since the head's start or the last body data (httptools buffers a field whole)
+
+    def _wake_drain(self) -> None:
+        """A body waiting for ``100 Continue`` goes on (the connection's)."""
+
+    def feed(self, response: Response, data: bytes) -> bool:
+        """Parse ``data`` into ``response``; False when that failed it (nothing more to do with it)."""
+        if self._left > 0:  # the rest of a Content-Length body: no parser, no copy
+            self._past_parser(response, data)
+            return True
+        self._head += len(data)
+        if self._head > MAX_HEAD:
+            response.fail(UpstreamFailure(timeout=False, detail="the upstream's answer head or trailers too large"))
+            return False
+        self._cur = response
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # 101 or CONNECT: not HTTP any more
+            response.complete, self._keep = True, False
+        except httptools.HttpParserError:
+            if not response.complete:
+                response.fail(UpstreamFailure(timeout=False, detail="the upstream's answer is not valid HTTP/1.1"))
+                return False
+            self._junk = True
+        finally:
+            self._cur = None
+        return True
+
+    def on_message_begin(self) -> None:
+        if self._cur is None or self._cur.complete:
+            self._junk = True  # a second answer to one request
+        self._headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self._headers) >= MAX_HEADERS or len(name) + len(value) > MAX_FIELD or b"\0" in value:
+            raise ValueError("an answer's headers too many, too long, or holding NUL")  # fails the parse
+        # llhttp strips the whitespace before a value, not after it (RFC 9110 §5.5: neither is part of it).
+        self._headers.append((name, value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        response = self._cur
+        status = self.parser.get_status_code()
+        if response is None or response.complete:
+            return
+        self._wake_drain()  # a body waiting for 100 Continue goes on, or learns it is not wanted
+        if status < 200 and status != 101:  # 100 Continue, 103 Early Hints: skipped, the final answer follows
+            self._interim = response.continued = True
+            return
+        response.status, response.headers = status, self._headers
+        self._version = self.parser.get_http_version()
+        self._left = -1 if response.head_only else fixed_length(status, self._headers)
+        self._headers, self._head = [], 0  # trailers (after a chunked body) land here and are dropped, as aiohttp does
+        if response.head_only:  # llhttp cannot be told it was HEAD: the answer ends here, a new parser follows
+            response.complete = True
+            self._keep = keeps_alive(self._version, response.headers)
+            self.parser = answer_parser(self)
+
+    def on_body(self, body: bytes) -> None:
+        response = self._cur
+        if response is None or response.complete:
+            self._junk = True
+            return
+        self._head = 0
+        self._left -= len(body)
+        self._take(response, body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        response = self._cur
+        self._left = -1
+        if response is not None and not response.complete:
+            response.complete = True
+            self._keep = self.parser.should_keep_alive()
+
+    def _past_parser(self, response: Response, data: bytes) -> None:
+        """Body bytes taken as they came: httptools would copy each into a new ``bytes``. The parser, which saw
+        the head, is replaced once the body is all in (the next answer's head goes to a fresh one)."""
+        left = self._left
+        if len(data) > left:  # past the answer: out of turn
+            self._junk = True
+            data = data[:left]
+        self._left = left - len(data)
+        self._take(response, data)
+        if not self._left:
+            response.complete, self._left = True, -1
+            self._keep = keeps_alive(self._version, response.headers)
+            self.parser = answer_parser(self)
+
+    def _take(self, response: Response, data: bytes) -> None:
+        response.chunks.append(data)
+        response.buffered += len(data)
+        if response.buffered > HIGH_WATER and not self.read_paused and self.transport is not None:
+            self.read_paused = True  # until a read takes enough (Response.read)
+            self.transport.pause_reading()
