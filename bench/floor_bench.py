@@ -60,6 +60,8 @@ wrk.body = string.rep("x", 65536)
 wrk.headers["Content-Type"] = "application/octet-stream"
 """
 
+FLOOR_BODIES = {"post": "Starlette floor (reads the body, answers 1 KB)", "get": "Starlette floor (1 MB from memory)"}
+
 
 @dataclass
 class Case:
@@ -327,6 +329,10 @@ def report(
             ("direct", "direct (nginx upstream)"),
             ("nginx", "nginx proxy_pass"),
             ("gateway", "gateway"),
+            (
+                "floor",
+                "Starlette floor (" + ("reads the body, answers 1 KB" if kind == "post" else "1 MB from memory") + ")",
+            ),
         ):
             s = medians[f"{kind}-{target}"]
             lines.append(
@@ -336,9 +342,11 @@ def report(
     for kind, label in (("post", "POST 64 KB"), ("get", "GET 1 MB")):
         nginx_r, ours = ratio(f"{kind}-nginx", f"{kind}-direct"), ratio(f"{kind}-gateway", f"{kind}-direct")
         verdict = "met" if nginx_r / ours <= 1.5 else "missed"
+        floor_r = ratio(f"{kind}-floor", f"{kind}-direct")
         lines.append(
             f"\n{label}: nginx at {nginx_r:.2f}× direct, the gateway at {ours:.2f}×: nginx's ratio is "
-            f"**{nginx_r / ours:.2f}×** the gateway's (goal ≤ 1.5×, {verdict})."
+            f"**{nginx_r / ours:.2f}×** the gateway's (goal ≤ 1.5×, {verdict}). The Starlette floor, which forwards "
+            f"nothing, is at {floor_r:.2f}× direct: nginx's ratio is {nginx_r / floor_r:.2f}× the floor's."
         )
     direct = medians["direct"]
     lines += [
