@@ -136,6 +136,9 @@ def main() -> None:
     parser.add_argument("--forwarder", choices=["lean", "aiohttp"], help="server.forwarder for the gateway")
     parser.add_argument("--path", default="/app", help="what wrk asks for (/1m: the 1 MB download)")
     parser.add_argument("--post", action="store_true", help="POST 64 KB bodies (floor_bench's POST case)")
+    parser.add_argument(
+        "--forward-auth", action="store_true", help="the auth check nginx's auth_request makes (/.gateway/auth)"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile.md"))
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -148,13 +151,17 @@ def main() -> None:
     try:
         config: dict[str, Any] = gateway_config(upstream.url, "HS256", None)
         config["server"] = {"access_log": args.access_log, **({"forwarder": args.forwarder} if args.forwarder else {})}
+        if args.forward_auth:
+            config["server"]["trusted_proxies"] = ["127.0.0.1"]
         (workdir / "gateway.yaml").write_text(yaml.safe_dump(config))
         port = free_port()
         serve = [PYTHON, "-m", "gateway", "serve", "--host", "127.0.0.1", "--log-level", "warning"]
         command = pinned(0, [*serve, "--config", str(workdir / "gateway.yaml"), "--port", str(port)])
         gateway = start("gateway", command, f"http://127.0.0.1:{port}", HEALTH, workdir)
-        url = f"{gateway.url}{args.path}"
+        url = f"{gateway.url}{'/.gateway/auth' if args.forward_auth else args.path}"
         load = ["wrk", "-t1", f"-c{args.connections}", "-H", f"Authorization: Bearer {token}", "--latency"]
+        if args.forward_auth:  # as nginx asks it: the original request in X-Original-* headers
+            load += ["-H", f"X-Original-URI: {args.path}", "-H", "X-Original-Method: GET"]
         if args.post:
             (workdir / "post.lua").write_text(POST_64K)
             load += ["-s", str(workdir / "post.lua")]
@@ -179,7 +186,8 @@ def main() -> None:
         f"`.venv/bin/python bench/hotpath_profile.py{' ' + options if options else ''}`: one gateway worker on "
         f"core 0 (access log {'on' if args.access_log else 'off'}"
         f"{', server.forwarder ' + args.forwarder if args.forwarder else ''}), nginx and wrk ("
-        f"{'POST 64 KB' if args.post else 'GET'} {args.path}, HS256 Bearer, "
+        f"{'POST 64 KB' if args.post else 'GET'} {args.path}{' as a forward-auth check' if args.forward_auth else ''}, "
+        "HS256 Bearer, "
         f"{args.connections} connections; {float(rate.group(1)) if rate else 0:,.0f} req/s under the profiler) "
         f"on core 1; py-spy {args.rate} Hz for {args.seconds} s, non-blocking"
         f"{', native frames' if args.native else ''}; load average {os.getloadavg()[0]:.2f}.",
