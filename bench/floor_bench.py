@@ -360,9 +360,9 @@ def report(
         "",
         f"Workers: `--workers 2` (not pinned, sharing both cores with wrk and nginx) did **{two.rate:,.0f}** req/s "
         f"against {one.rate:,.0f} for one worker pinned to core 0: **×{two.rate / one.rate:.2f}** (goal ≥ 1.8×). "
-        f"CPU per request, all processes: {two.cpu_us:.0f} µs with two workers, {one.cpu_us:.0f} µs with one: what a "
-        f"request costs does not grow with the workers ({two.cpu_us / one.cpu_us:.2f}×), so with a core of its own each "
-        "worker would carry what one does; here wrk and nginx hold most of the second core.",
+        f"CPU per request, all processes: {two.cpu_us:.0f} µs with two workers, {one.cpu_us:.0f} µs with one "
+        f"(×{two.cpu_us / one.cpu_us:.2f}): given a core of its own, each worker would carry "
+        f"1/{two.cpu_us / one.cpu_us:.2f} of what one does; here wrk and nginx hold most of the second core.",
         "",
         f"p99 at {CONNECTIONS} connections: gateway (log off) **{one.p99:.2f} ms**, (log on) "
         f"{medians['logging'].p99:.2f} ms, against the plain aiohttp forwarder's **{medians['plain'].p99:.2f} ms**.",
