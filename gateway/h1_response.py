@@ -101,17 +101,13 @@ class Response:
 
     async def read(self) -> bytes:
         chunks = self.chunks
+        if not chunks and self.failure is None and not self.complete:
+            await self.wait(False, True)
         if not chunks:
             if self.failure is not None:
                 raise self.failure
-            if self.complete:
-                return b""
-            await self.wait(False, True)
-            if not chunks:
-                if self.failure is not None:
-                    raise self.failure
-                return b""
-        if len(chunks) == 1 or self.buffered <= JOIN_MAX:  # small pieces: one send for them all
+            data = b""
+        elif len(chunks) == 1 or self.buffered <= JOIN_MAX:  # small pieces: one send for them all
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             chunks.clear()
             self.buffered = 0

@@ -414,6 +414,29 @@ async def test_a_success_before_the_body_is_sent_waits_for_the_body_and_its_conn
     assert upstream.connections == 1 and lean._active == 0
 
 
+@pytest.mark.parametrize(
+    "answer", [b"HTTP/1.1 204 No Content\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]
+)
+async def test_an_empty_success_before_the_body_is_sent_also_waits_for_it(lean: LeanForwarder, answer: bytes) -> None:
+    sent = asyncio.Event()
+
+    async def client_body() -> AsyncIterator[bytes]:
+        yield b"first,"
+        await sent.wait()
+        yield b"second"
+
+    upstream = RawUpstream(answering_first(answer))
+    async with upstream as url:
+        response = await send(lean, url, "POST", [("content-length", "12")], client_body())
+        reading = asyncio.ensure_future(whole(response))
+        await asyncio.sleep(0.1)
+        assert not reading.done()
+        sent.set()
+        assert await asyncio.wait_for(reading, 5) == b""
+        assert await whole(await send(lean, url)) == b""
+    assert [r.body for r in upstream.requests] == [b"first,second", b""] and upstream.connections == 1
+
+
 async def test_a_success_before_the_body_whose_body_then_fails_closes_the_connection(lean: LeanForwarder) -> None:
     async def failing_body() -> AsyncIterator[bytes]:
         yield b"first,"
