@@ -4,7 +4,9 @@ The demo echo upstream (uvicorn) would answer whatever the gateway lets through,
 record; Python's http.server refuses more than 100 headers itself, so a test could not tell its
 431 from the gateway's. This one reads a head of any size, notes it as soon as it has it (so a
 request cut during its body is still seen), then reads the body (Content-Length or chunked) and
-answers 200 ``ok``, keeping the connection alive as the gateway's client pool expects.
+answers 200 ``ok``, keeping the connection alive as the gateway's client pool expects. With
+``answer_first`` it answers as soon as it has the head and reads the body after, as nginx's
+``return`` does; ``connections`` counts the connections it accepted.
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ class Seen:
 class Recorder:
     """A threaded raw HTTP/1.1 server on loopback; ``seen`` lists the requests it got, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer_first: bool = False) -> None:
         self.seen: list[Seen] = []
+        self.connections = 0
+        self.answer_first = answer_first
         self._lock = threading.Lock()
         recorder = self
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self) -> None:
+                with recorder._lock:
+                    recorder.connections += 1
                 while recorder._serve_one(self.rfile, self.wfile):
                     pass
 
@@ -62,6 +68,8 @@ class Recorder:
         with self._lock:
             self.seen.append(seen)
         fields = dict(line.rstrip(b"\r\n").lower().split(b":", 1) for line in lines[1:-1] if b":" in line)
+        if self.answer_first:
+            self._answer(wfile)
         if b"chunked" in fields.get(b"transfer-encoding", b""):
             complete = self._chunked(rfile, seen)
         else:
@@ -71,9 +79,14 @@ class Recorder:
         if not complete:
             return False
         seen.complete = True
+        if not self.answer_first:
+            self._answer(wfile)
+        return True
+
+    @staticmethod
+    def _answer(wfile: BinaryIO) -> None:
         wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
         wfile.flush()
-        return True
 
     @staticmethod
     def _chunked(rfile: BinaryIO, seen: Seen) -> bool:
