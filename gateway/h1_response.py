@@ -123,15 +123,19 @@ class Response:
 
     async def _sent(self) -> None:
         """Until the request body is all sent: the answer came first (``h1_connection.Connection.finish``), and
-        once the client has its last byte its body can no longer be read (the connection would be lost)."""
+        once the client has its last byte its body can no longer be read (the connection would be lost). At most
+        the read timeout: a client that never ends its body, or an upstream that stops reading it, would hold the
+        answer for good; the body is then given up and its connection closed, as before issue 17's change."""
         writer = self.writer
         if writer is None or writer.done() or writer is asyncio.current_task():
             return
         try:
-            await asyncio.wait((writer,))
+            await asyncio.wait((writer,), timeout=self._timeout)
         except BaseException:
             self.stop_writer()
             raise
+        if not writer.done():
+            self.stop_writer()
 
     def at_eof(self) -> bool:
         return self.complete and not self.chunks

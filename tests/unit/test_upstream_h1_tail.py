@@ -1,0 +1,59 @@
+"""gateway/upstream_h1.py (LeanForwarder), review of the early-success tail, the body past the parser and the
+one-by-one reads (issue 17): each test failed before its fix. Real sockets on 127.0.0.1 (tests/support/rawhttp.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from support.rawhttp import RawRequest, RawUpstream, read_body
+from support.waiting import until
+from test_upstream_h1 import Reader, Writer, send, whole
+
+from gateway.upstream_h1 import LeanForwarder
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_a_success_before_the_body_from_an_upstream_that_never_reads_it_is_not_held_for_ever(
+    lean: LeanForwarder,
+) -> None:
+    """The writer stalls once the socket's buffers are full: the last read waited for it with no bound at all."""
+
+    async def answers_and_stops_reading(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(OK)
+        await writer.drain()
+        await asyncio.sleep(30)  # keeps the connection, reads nothing more
+        return True
+
+    async def big_body() -> AsyncIterator[bytes]:
+        for _ in range(512):  # 32 MB: far past what the socket buffers hold
+            yield b"x" * 65536
+
+    async with RawUpstream(answers_and_stops_reading) as url:
+        response = await send(lean, url, "POST", [("content-length", str(512 * 65536))], big_body(), read_timeout=0.5)
+        assert await asyncio.wait_for(whole(response), 5) == b"ok"
+        await until(lambda: lean._active == 0, "the connection was freed")
+
+
+async def test_a_success_before_the_body_from_a_client_that_never_ends_it_is_not_held_for_ever(
+    lean: LeanForwarder,
+) -> None:
+    """Before issue 17's change the answer went at once (the body given up); the wait is now held to the read timeout,
+    not to whenever the client chooses to finish its upload (nothing else bounds it: no client body timeout)."""
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"first,"
+        await asyncio.sleep(30)
+        yield b"never"
+
+    async def answers_first(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(OK)
+        await writer.drain()
+        await read_body(reader, request)
+        return True
+
+    async with RawUpstream(answers_first) as url:
+        response = await send(lean, url, "POST", [("content-length", "11")], stalled(), read_timeout=0.5)
+        assert await asyncio.wait_for(whole(response), 5) == b"ok"
+        await until(lambda: lean._active == 0, "the connection was freed")
