@@ -10,6 +10,7 @@ from support.rawhttp import RawRequest, RawUpstream, read_body
 from support.waiting import until
 from test_upstream_h1 import Reader, Writer, send, whole
 
+from gateway.forwarder import UpstreamResponse
 from gateway.upstream_h1 import LeanForwarder
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -57,3 +58,33 @@ async def test_a_success_before_the_body_from_a_client_that_never_ends_it_is_not
         response = await send(lean, url, "POST", [("content-length", "11")], stalled(), read_timeout=0.5)
         assert await asyncio.wait_for(whole(response), 5) == b"ok"
         await until(lambda: lean._active == 0, "the connection was freed")
+
+
+async def reads(response: UpstreamResponse) -> list[bytes]:
+    got = []
+    while data := await response.read():
+        got.append(data)
+    return got
+
+
+async def test_many_small_pieces_buffered_are_joined_not_read_one_by_one(lean: LeanForwarder) -> None:
+    """A chunked answer of 40-byte chunks buffered past JOIN_MAX was read one chunk per read: thousands of reads
+    (each a send to the client) and a list.pop(0) each, quadratic in the pieces buffered."""
+    pieces = 4000
+    wire = b"".join(b"28\r\n" + b"%040d" % i + b"\r\n" for i in range(pieces)) + b"0\r\n\r\n"
+    ready = asyncio.Event()
+
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await ready.wait()
+        writer.write(wire)
+        return True
+
+    async with RawUpstream(handler) as url:
+        response = await send(lean, url)
+        ready.set()
+        await asyncio.sleep(0.3)  # all of it buffered before the first read
+        got = await reads(response)
+    assert b"".join(got) == b"".join(b"%040d" % i for i in range(pieces))
+    assert len(got) <= 8, len(got)
