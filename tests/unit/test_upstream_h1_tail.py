@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
 from support.rawhttp import RawRequest, RawUpstream, read_body
 from support.waiting import until
 from test_upstream_h1 import Reader, Writer, send, whole
@@ -88,3 +89,29 @@ async def test_many_small_pieces_buffered_are_joined_not_read_one_by_one(lean: L
         got = await reads(response)
     assert b"".join(got) == b"".join(b"%040d" % i for i in range(pieces))
     assert len(got) <= 8, len(got)
+
+
+@pytest.mark.parametrize("pieces", [1, 2])  # 1: the body parsed by llhttp; 2: the body past the parser
+@pytest.mark.parametrize(
+    "connection",
+    [b"HTTP/1.1 200 OK\r\nConnection: close\r\n\tfoo\r\n", b"HTTP/1.0 200 OK\r\nConnection: keep-alive\x0b\r\n"],
+)
+async def test_whether_the_connection_is_kept_does_not_depend_on_how_the_answer_arrived(
+    lean: LeanForwarder, pieces: int, connection: bytes
+) -> None:
+    """keeps_alive() (past the parser) and llhttp (in it) read some Connection headers differently: an obs-folded
+    ``close`` pooled a connection its upstream said it would close, when the body came in a packet of its own."""
+    head = connection + b"Content-Length: 2\r\n\r\n"
+
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        for piece in [head + b"ok"] if pieces == 1 else [head, b"ok"]:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        return True
+
+    upstream = RawUpstream(handler)
+    async with upstream as url:
+        for _ in range(2):
+            assert await whole(await send(lean, url)) == b"ok"
+    assert upstream.connections == 2
