@@ -115,3 +115,52 @@ async def test_whether_the_connection_is_kept_does_not_depend_on_how_the_answer_
         for _ in range(2):
             assert await whole(await send(lean, url)) == b"ok"
     assert upstream.connections == 2
+
+
+async def stalled_body() -> AsyncIterator[bytes]:
+    yield b"first,"
+    await asyncio.sleep(30)
+    yield b"never"
+
+
+def answers_first(keep: bool, read: bool = True):  # type: ignore[no-untyped-def]
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(OK)
+        await writer.drain()
+        if read:
+            await read_body(reader, request)
+        return keep
+
+    return handler
+
+
+async def test_an_early_success_to_an_expect_100_continue_request_neither_hangs_nor_pools_its_connection(
+    lean: LeanForwarder,
+) -> None:
+    upstream = RawUpstream(answers_first(keep=True, read=False))
+    async with upstream as url:
+        headers = [("content-length", "11"), ("expect", "100-continue")]
+        response = await send(lean, url, "POST", headers, stalled_body(), read_timeout=5)
+        assert await asyncio.wait_for(whole(response), 2) == b"ok"
+        await until(lambda: lean._active == 0, "the connection was freed")
+        assert await whole(await send(lean, url)) == b"ok"
+    assert upstream.connections == 2
+
+
+async def test_a_tail_whose_upstream_hangs_up_frees_its_slot_and_the_answer_goes_at_once(lean: LeanForwarder) -> None:
+    upstream = RawUpstream(answers_first(keep=False, read=False))
+    async with upstream as url:
+        response = await send(lean, url, "POST", [("content-length", "11")], stalled_body(), read_timeout=5)
+        assert await asyncio.wait_for(whole(response), 2) == b"ok"
+        await until(lambda: lean._active == 0, "the connection was freed")
+
+
+async def test_closing_the_forwarder_during_a_tail_frees_its_slot(lean: LeanForwarder) -> None:
+    upstream = RawUpstream(answers_first(keep=True))
+    async with upstream as url:
+        response = await send(lean, url, "POST", [("content-length", "11")], stalled_body(), read_timeout=5)
+        await asyncio.sleep(0.1)
+        await lean.close()
+        assert lean._active == 0
+        assert await asyncio.wait_for(whole(response), 2) == b"ok"
+        assert await whole(await send(lean, url)) == b"ok"
