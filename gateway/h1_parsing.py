@@ -96,6 +96,8 @@ class AnswerParsing(asyncio.Protocol):
         if response is None or response.complete:
             self._junk = True
             return
+        if self._interim:  # a 1xx's own body (a Content-Length on, say, 199): dropped with it, as aiohttp does
+            return
         self._head = 0
         self._left -= len(body)
         self._take(response, body)

@@ -164,3 +164,16 @@ async def test_closing_the_forwarder_during_a_tail_frees_its_slot(lean: LeanForw
         assert lean._active == 0
         assert await asyncio.wait_for(whole(response), 2) == b"ok"
         assert await whole(await send(lean, url)) == b"ok"
+
+
+async def test_an_interim_answers_body_is_not_passed_on_as_the_final_answers(lean: LeanForwarder) -> None:
+    """llhttp reads a Content-Length body after a 1xx other than 100, 101, 102 and 103: it went to the client
+    before the final answer's own (aiohttp drops it)."""
+
+    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+        writer.write(b"HTTP/1.1 199 X\r\nContent-Length: 5\r\n\r\nabcde" + OK)
+        return True
+
+    async with RawUpstream(handler) as url:
+        response = await send(lean, url)
+        assert response.status == 200 and await whole(response) == b"ok"
