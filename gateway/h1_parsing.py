@@ -33,7 +33,6 @@ class AnswerParsing(asyncio.Protocol):
         self._keep = False  # the complete answer leaves its connection able to carry another
         self._junk = False  # bytes the upstream sent out of turn: the connection cannot be trusted again
         self._left = -1  # bytes of a Content-Length body still to come once the parser has seen its head, or -1
-        self._version = "1.1"
         self._head = 0  # bytes received since the head's start or the last body data (httptools buffers a field whole)
 
     def _wake_drain(self) -> None:
@@ -83,18 +82,21 @@ class AnswerParsing(asyncio.Protocol):
             self._interim = response.continued = True
             return
         response.status, response.headers = status, self._headers
-        self._version = self.parser.get_http_version()
         self._left = -1 if response.head_only else fixed_length(status, self._headers)
+        if self._left > 0:  # its end may be found past the parser: llhttp says now whether the connection is kept
+            self._keep = self.parser.should_keep_alive()
         self._headers, self._head = [], 0  # trailers (after a chunked body) land here and are dropped, as aiohttp does
         if response.head_only:  # llhttp cannot be told it was HEAD: the answer ends here, a new parser follows
             response.complete = True
-            self._keep = keeps_alive(self._version, response.headers)
+            self._keep = keeps_alive(self.parser.get_http_version(), response.headers)
             self.parser = answer_parser(self)
 
     def on_body(self, body: bytes) -> None:
         response = self._cur
         if response is None or response.complete:
             self._junk = True
+            return
+        if self._interim:  # a 1xx's own body (a Content-Length on, say, 199): dropped with it, as aiohttp does
             return
         self._head = 0
         self._left -= len(body)
@@ -120,8 +122,7 @@ class AnswerParsing(asyncio.Protocol):
         self._left = left - len(data)
         self._take(response, data)
         if not self._left:
-            response.complete, self._left = True, -1
-            self._keep = keeps_alive(self._version, response.headers)
+            response.complete, self._left = True, -1  # self._keep: llhttp's, from its head
             self.parser = answer_parser(self)
 
     def _take(self, response: Response, data: bytes) -> None:

@@ -111,8 +111,8 @@ class Response:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             chunks.clear()
             self.buffered = 0
-        else:  # large ones go one by one, never copied: the client's transport writes each as it is
-            data = chunks.pop(0)
+        else:  # joined up to JOIN_MAX; a larger one goes alone, never copied (the client's transport writes it)
+            data = _take(chunks)
             self.buffered -= len(data)
         conn = self.conn
         if conn is not None and conn.read_paused and self.buffered <= HIGH_WATER // 2:
@@ -123,15 +123,19 @@ class Response:
 
     async def _sent(self) -> None:
         """Until the request body is all sent: the answer came first (``h1_connection.Connection.finish``), and
-        once the client has its last byte its body can no longer be read (the connection would be lost)."""
+        once the client has its last byte its body can no longer be read (the connection would be lost). At most
+        the read timeout: a client that never ends its body, or an upstream that stops reading it, would hold the
+        answer for good; the body is then given up and its connection closed, as before issue 17's change."""
         writer = self.writer
         if writer is None or writer.done() or writer is asyncio.current_task():
             return
         try:
-            await asyncio.wait((writer,))
+            await asyncio.wait((writer,), timeout=self._timeout)
         except BaseException:
             self.stop_writer()
             raise
+        if not writer.done():
+            self.stop_writer()
 
     def at_eof(self) -> bool:
         return self.complete and not self.chunks
@@ -156,6 +160,19 @@ class Response:
         if self.conn is not None:
             with contextlib.suppress(Exception):  # a closed loop at exit: nothing left to free
                 self.conn.drop()
+
+
+def _take(chunks: list[bytes]) -> bytes:
+    """The first pieces of ``chunks``, removed: joined up to JOIN_MAX bytes, or the first alone when larger."""
+    size = count = 0
+    for chunk in chunks:
+        if count and size + len(chunk) > JOIN_MAX:
+            break
+        size += len(chunk)
+        count += 1
+    data = chunks[0] if count == 1 else b"".join(chunks[:count])
+    del chunks[:count]
+    return data
 
 
 def keeps_alive(version: str, headers: Sequence[tuple[bytes, bytes]]) -> bool:
