@@ -16,11 +16,11 @@ import contextlib
 import time
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, PayloadTooBig
+from websockets.exceptions import ConnectionClosed
 
 from gateway.tunnel import Tunnel
 from gateway.types import Receive, Send
+from gateway.upstream_ws import UpstreamSocket
 
 CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take on either side
 # Codes that may not be sent in a close frame (RFC 6455 §7.4.1): 1005/1006/1015 only describe one.
@@ -40,7 +40,7 @@ def sendable(code: int | None, fallback: int) -> int:
     return code
 
 
-async def relay(tunnel: Tunnel, receive: Receive, send: Send, upstream: ClientConnection, max_size: int) -> str:
+async def relay(tunnel: Tunnel, receive: Receive, send: Send, upstream: UpstreamSocket, max_size: int) -> str:
     """Relay messages until one side closes or the watchdog ends the socket; say who ended it.
 
     A message is held to ``max_size`` as sent, decompressed (uvicorn reads the client's up to
@@ -60,8 +60,8 @@ async def relay(tunnel: Tunnel, receive: Receive, send: Send, upstream: ClientCo
     return await _close_both(tunnel, send, upstream, client, server)
 
 
-async def _from_client(tunnel: Tunnel, receive: Receive, upstream: ClientConnection, max_size: int) -> Ended:
-    forward, clock = upstream.send, time.monotonic  # bound once: looked up per message otherwise
+async def _from_client(tunnel: Tunnel, receive: Receive, upstream: UpstreamSocket, max_size: int) -> Ended:
+    forward, clock = upstream.write, time.monotonic  # bound once: looked up per message otherwise
     text_chars = max_size // 4  # a text of no more characters cannot be over the limit in UTF-8
     while True:
         message = await receive()
@@ -76,7 +76,8 @@ async def _from_client(tunnel: Tunnel, receive: Receive, upstream: ClientConnect
                 return TOO_BIG
             tunnel.last_active = clock()
             try:
-                await forward(data)
+                if forward(data):  # the upstream's socket buffer is full: wait until it drains
+                    await upstream.drain()
             except ConnectionClosed:
                 return "upstream", upstream.close_code or 1006, upstream.close_reason or ""
             tunnel.to_upstream += 1
@@ -84,7 +85,7 @@ async def _from_client(tunnel: Tunnel, receive: Receive, upstream: ClientConnect
             return "client", message.get("code", 1005), message.get("reason") or ""
 
 
-async def _from_upstream(tunnel: Tunnel, send: Send, upstream: ClientConnection) -> Ended:
+async def _from_upstream(tunnel: Tunnel, send: Send, upstream: UpstreamSocket) -> Ended:
     recv, clock = upstream.recv, time.monotonic
     try:
         while True:  # recv() itself rather than ``async for``: no async generator step per message
@@ -96,7 +97,7 @@ async def _from_upstream(tunnel: Tunnel, send: Send, upstream: ClientConnection)
                 await send({"type": "websocket.send", "bytes": data})
             tunnel.to_client += 1
     except ConnectionClosed:  # ``async for`` ends on ConnectionClosedOK and raises the others: both end here
-        if isinstance(upstream.protocol.parser_exc, PayloadTooBig):
+        if upstream.too_big:
             return TOO_BIG
     except (OSError, RuntimeError):  # the client went away (or was closed by the server) mid-send
         return "client", 1006, ""
@@ -106,7 +107,7 @@ async def _from_upstream(tunnel: Tunnel, send: Send, upstream: ClientConnection)
 async def _close_both(
     tunnel: Tunnel,
     send: Send,
-    upstream: ClientConnection,
+    upstream: UpstreamSocket,
     client: asyncio.Future[Ended],
     server: asyncio.Future[Ended],
 ) -> str:
@@ -142,7 +143,7 @@ async def _close_client(send: Send, code: int, reason: str) -> None:
             await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
 
 
-async def _close_upstream(upstream: ClientConnection, code: int, reason: str) -> None:
+async def _close_upstream(upstream: UpstreamSocket, code: int, reason: str) -> None:
     with contextlib.suppress(OSError, TimeoutError):
         async with asyncio.timeout(CLOSE_TIMEOUT):
             await upstream.close(code, reason[:120])
