@@ -254,6 +254,35 @@ async def test_pings_are_answered_and_sent() -> None:
         await ws.close()
 
 
+async def test_messages_over_64_kib_take_the_long_length() -> None:
+    async with upstream(echo) as url:
+        ws = await open_(url, limits=WebSocketConfig(max_message_size=1 << 20, ping_interval=0))
+        messages: list[str | bytes] = [b"\x01" * 70_000, "é" * 40_000]
+        for message in messages:
+            assert not ws.write(message)
+            assert await ws.recv() == message
+        await ws.close()
+
+
+async def test_an_upstream_that_stops_answering_pings_is_failed_with_1011(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.upstream_ws.PING_TIMEOUT", 0.1)
+    got: list[bytes] = []
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(10)  # the ping, never answered
+        got.append(await reader.readexactly(6 + 2 + len("keepalive ping timeout")))  # the close frame, masked
+
+    async with raw_upstream(deaf) as url:
+        ws = await open_(url, limits=WebSocketConfig(max_message_size=LIMIT, ping_interval=0.05))
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 2)
+        await asyncio.sleep(0.05)
+        ws.abort()
+    frame = got[0]
+    assert frame[0] == 0x88
+    assert bytes(b ^ frame[2 + i % 4] for i, b in enumerate(frame[6:8])) == struct.pack("!H", 1011)
+
+
 async def test_a_refused_handshake_raises_with_the_upstreams_answer() -> None:
     def refuse(connection: ServerConnection, request: Request) -> Response:
         return Response(403, "Forbidden", Headers([("X-Why", "nope"), ("Content-Length", "2")]), b"no")
