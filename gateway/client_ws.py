@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -25,6 +26,7 @@ from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
 from websockets.speedups import apply_mask
+from websockets.typing import BytesLike
 
 _SHORT, _MID, _LONG = struct.Struct("!BB"), struct.Struct("!BBH"), struct.Struct("!BBQ")
 
@@ -58,13 +60,19 @@ class _Inbox:
     def empty(self) -> bool:
         return not self._items
 
+    def idle(self) -> bool:
+        """The consumer waits and nothing is queued: a message handed on now keeps its order."""
+        return self._waiter is not None and not self._items
+
 
 class ClientHop(WebSocketsSansIOProtocol):
     """uvicorn's ``websockets-sansio`` protocol (``limits.websocket_options``) with the fast paths above."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.queue = _Inbox(self.loop)  # type: ignore[assignment]
+        self.queue: _Inbox = _Inbox(self.loop)  # type: ignore[assignment]
+        # Set by gateway.relay: takes a message read here straight to the upstream; False: it did not.
+        self.sink: Callable[[str | bytes], bool] | None = None
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -98,10 +106,23 @@ class ClientHop(WebSocketsSansIOProtocol):
                 if inflated is None:
                     return b""
                 payload = inflated
-            self.curr_msg_data_type = "text" if text else "bytes"
-            self.frames = [payload]
-            self.send_receive_event_to_app()
+            if not self._pushed(payload, text):
+                self.curr_msg_data_type = "text" if text else "bytes"
+                self.frames = [payload]
+                self.send_receive_event_to_app()
         return data[pos:] if pos else data
+
+    def _pushed(self, payload: bytes, text: bool) -> bool:
+        """Handed to ``sink`` (the relay's way to the upstream) while the app waits on an empty queue."""
+        sink = self.sink
+        if sink is None or not self.queue.idle():
+            return False
+        if text:
+            try:
+                return sink(payload.decode())
+            except UnicodeDecodeError:
+                return False  # uvicorn's way: 1007
+        return sink(payload)
 
     def _inflate(self, frame: Frame) -> bytes | None:
         """The frame's data inflated; None when that failed the socket (as the parser fails it)."""
@@ -125,35 +146,37 @@ class ClientHop(WebSocketsSansIOProtocol):
         self.handle_parser_exception()
 
     async def send(self, message: Any) -> None:
-        if message["type"] != "websocket.send" or not self._write(message):
-            await super().send(message)
+        if message["type"] == "websocket.send":
+            data = message.get("bytes")
+            if data is None:
+                data = message.get("text")
+            if data is not None and self.push(data):
+                return
+        await super().send(message)
 
-    def _write(self, message: Any) -> bool:
-        """Write a message as one frame; False when uvicorn's ``send`` must (closed, not writable, nothing sent)."""
+    def push(self, data: str | bytes) -> bool:
+        """Write a message as one frame; False when uvicorn's ``send`` must (closed, not writable)."""
         conn = self.conn
         if self.close_sent or self.disconnected or conn.state is not OPEN or not self.writable.is_set():
             return False
-        data = message.get("bytes")
-        if data is not None:
-            opcode, first = Opcode.BINARY, 0x82
+        payload: BytesLike
+        if isinstance(data, str):
+            opcode, first, payload = Opcode.TEXT, 0x81, data.encode()
         else:
-            text = message.get("text")
-            if text is None:
-                return False
-            opcode, first, data = Opcode.TEXT, 0x81, text.encode()
+            opcode, first, payload = Opcode.BINARY, 0x82, data
         if conn.extensions:
-            frame = Frame(opcode, data)
+            frame = Frame(opcode, payload)
             for extension in conn.extensions:
                 frame = extension.encode(frame)
-            data = frame.data
+            payload = frame.data
             if frame.rsv1:
                 first |= 0x40
-        length = len(data)
+        length = len(payload)
         if length < 126:
             header = _SHORT.pack(first, length)
         elif length < 65536:
             header = _MID.pack(first, 126, length)
         else:
             header = _LONG.pack(first, 127, length)
-        self.transport.write(b"".join((header, data)))
+        self.transport.write(b"".join((header, payload)))
         return True

@@ -5,8 +5,11 @@
                   ``websocket.max_message_size`` (as sent, decompressed) closes the socket with 1009
     close      -> close codes pass through; the watchdog's end (gateway.tunnel) closes both sides
 
-This is the hot path of a socket: per message, one ``receive`` or ``recv``, one ``send``, a clock
-read and an int added to (the watchdog turns the ints into metrics once a second).
+This is the hot path of a socket. Behind uvicorn's protocol as ``client_ws.ClientHop`` gives it, a
+message read while the relay waits on an empty queue goes straight to the other hop from the callback
+that read it (``sink``: no task switch, no ASGI message); one over the limit, or with the other side
+closed or not writable, or read while a message is in hand, takes the tasks' way below, so the order
+holds. Per message: a clock read and an int added to (the watchdog turns the ints into metrics).
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
+from gateway.client_ws import ClientHop
 from gateway.tunnel import Tunnel
 from gateway.types import Receive, Send
 from gateway.upstream_ws import UpstreamSocket
@@ -46,18 +51,57 @@ async def relay(tunnel: Tunnel, receive: Receive, send: Send, upstream: Upstream
     A message is held to ``max_size`` as sent, decompressed (uvicorn reads the client's up to
     ``limits.frame_allowance``; the upstream hop negotiates no compression and reads up to ``max_size``).
     """
+    hop = getattr(send, "__self__", None)  # uvicorn's protocol, when ``send`` is its own
+    if not isinstance(hop, ClientHop):
+        hop = None
+    if hop is not None:
+        upstream.sink, hop.sink = _to_client(tunnel, hop), _to_upstream(tunnel, upstream, max_size)
     client = asyncio.ensure_future(_from_client(tunnel, receive, upstream, max_size))
     server = asyncio.ensure_future(_from_upstream(tunnel, send, upstream))
     try:
         waiting: set[asyncio.Future[Any]] = {client, server, tunnel.stop}
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        if hop is not None:
+            upstream.sink = hop.sink = None
         for task in (client, server):
             task.cancel()
         # Collected, so that nothing is left running or unretrieved, but never waited on for
         # long: a client that stopped reading must not hold its slot (and its upstream) forever.
         await asyncio.wait([client, server], timeout=CLOSE_TIMEOUT)
     return await _close_both(tunnel, send, upstream, client, server)
+
+
+def _to_client(tunnel: Tunnel, hop: ClientHop) -> Callable[[str | bytes], bool]:
+    """What the upstream's socket hands on while the relay waits: written to the client at once, in
+    the callback that read it (no task switch, no ASGI message); False leaves it to ``_from_upstream``."""
+    push, clock = hop.push, time.monotonic
+
+    def sink(data: str | bytes) -> bool:
+        if not push(data):
+            return False
+        tunnel.last_active = clock()
+        tunnel.to_client += 1
+        return True
+
+    return sink
+
+
+def _to_upstream(tunnel: Tunnel, upstream: UpstreamSocket, max_size: int) -> Callable[[str | bytes], bool]:
+    """The client's messages, likewise; one over ``max_size`` or a full or closed upstream: ``_from_client``'s."""
+    write, clock, text_chars = upstream.write, time.monotonic, max_size // 4
+
+    def sink(data: str | bytes) -> bool:
+        if not upstream.writable or len(data) > max_size:
+            return False
+        if isinstance(data, str) and len(data) > text_chars and utf8_size(data) > max_size:
+            return False
+        write(data)
+        tunnel.last_active = clock()
+        tunnel.to_upstream += 1
+        return True
+
+    return sink
 
 
 async def _from_client(tunnel: Tunnel, receive: Receive, upstream: UpstreamSocket, max_size: int) -> Ended:

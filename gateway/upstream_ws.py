@@ -2,16 +2,14 @@
 
     handshake  -> the request of ``websockets.client.ClientProtocol`` with the gateway's headers (one
                   Host: the client's), its response; a refusal raises ``InvalidStatus`` (gateway.tunnel.open_upstream)
-    relay      -> ``recv``, ``write`` (+ ``drain``), ``close``, the close code (gateway.relay)
+    relay      -> ``recv``, ``write`` (+ ``drain``), ``close``, the close code; ``sink`` (gateway.relay)
 
-The asyncio ``ClientConnection`` of ``websockets`` took about 30% of the relay's CPU samples (a task
-switch, a queue, an assembler and a frame object per message, bench/websocket_bench.py). Here a
-complete text or binary frame read at a frame boundary (the common case) is taken from the bytes
-received as they are, and a message is written as one masked frame; anything else (fragments,
-control frames, a close, an error, a frame over ``max_size``) goes through ``ClientProtocol``,
-which answers pings, enforces ``max_size`` on the whole message (1009) and runs the closing
-handshake. Backpressure: reading pauses when MAX_QUEUE messages wait for the relay, and
-``drain`` waits while the transport's buffer is over its limit.
+The asyncio ``ClientConnection`` of ``websockets`` took about 30% of the relay's CPU samples (a task switch,
+a queue, an assembler and frame objects per message). Here a complete text or binary frame at a frame boundary
+is taken from the bytes received as they are (to ``sink`` when the relay waits on an empty queue), a message is
+written as one masked frame; anything else (fragments, control frames, a close, errors, a frame over
+``max_size``) goes through ``ClientProtocol``: pings answered, ``max_size`` on the whole message (1009), the
+closing handshake. Backpressure: reading pauses at MAX_QUEUE messages queued; ``drain`` waits for the transport.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import asyncio
 import os
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 
 from websockets.client import ClientProtocol
@@ -45,6 +44,8 @@ class UpstreamSocket(asyncio.Protocol):
     def __init__(self, protocol: ClientProtocol, max_size: int, ping_interval: float | None) -> None:
         self.protocol = protocol
         self.subprotocol: str | None = None
+        # Set by gateway.relay: takes a message read here straight to the client; False: it did not.
+        self.sink: Callable[[str | bytes], bool] | None = None
         self._max_size = max_size
         self._ping_interval = ping_interval
         self._loop = asyncio.get_running_loop()
@@ -119,14 +120,24 @@ class UpstreamSocket(asyncio.Protocol):
                 break  # over the limit (ClientProtocol fails it with 1009) or not all here yet
             payload = data[start : start + length]
             pos = start + length
+            if self.sink is not None and self._waiter is not None and not messages and self._push(payload, first):
+                continue
             if first == 0x81:
                 if not self._text_message(payload):
                     return b""
             else:
                 messages.append(payload)
-        if pos:
+        if messages:  # not all handed to ``sink``: the relay takes the rest
             self._received()
         return data[pos:] if pos else data
+
+    def _push(self, payload: bytes, first: int) -> bool:
+        """Handed to ``sink`` (the relay's way to the client) while ``recv`` waits on an empty queue."""
+        assert self.sink is not None
+        try:
+            return self.sink(payload if first == 0x82 else payload.decode())
+        except UnicodeDecodeError:
+            return False  # queued instead, and failed with 1007 there
 
     def _text_message(self, payload: bytes) -> bool:
         try:
@@ -149,7 +160,11 @@ class UpstreamSocket(asyncio.Protocol):
                 if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
                     self._fragments.append(bytes(event.data))
                     if event.fin:
-                        self._message()
+                        data, self._fragments = b"".join(self._fragments), []
+                        if not self._text:
+                            self._messages.append(data)
+                        elif not self._text_message(data):
+                            break
                 elif opcode is Opcode.PONG and bytes(event.data) == self._ping_payload:
                     self._pong()
             elif isinstance(event, Response) and not self._response.done():
@@ -162,14 +177,6 @@ class UpstreamSocket(asyncio.Protocol):
         if self._ended or self._messages:
             self._received()
 
-    def _message(self) -> None:
-        data = b"".join(self._fragments)
-        self._fragments = []
-        if self._text:
-            self._text_message(data)
-        else:
-            self._messages.append(data)
-
     def _received(self) -> None:
         self._wake()
         if not self._paused and len(self._messages) >= MAX_QUEUE and self._transport is not None:
@@ -177,11 +184,9 @@ class UpstreamSocket(asyncio.Protocol):
             self._transport.pause_reading()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def recv(self) -> str | bytes:
         """The next message; ConnectionClosed once the upstream closed (``too_big``: it sent one over the limit)."""
@@ -202,18 +207,20 @@ class UpstreamSocket(asyncio.Protocol):
         return ConnectionClosed(protocol.close_rcvd, protocol.close_sent, protocol.close_rcvd_then_sent)
 
     @property
+    def writable(self) -> bool:  # open, and its transport's buffer under WRITE_LIMIT
+        return self._open and not self._write_paused
+
+    @property
     def too_big(self) -> bool:
         return isinstance(self.protocol.parser_exc, PayloadTooBig)
 
     @property
     def close_code(self) -> int:
-        rcvd = self.protocol.close_rcvd
-        return rcvd.code if rcvd is not None else 1006
+        return self.protocol.close_rcvd.code if self.protocol.close_rcvd is not None else 1006
 
     @property
     def close_reason(self) -> str:
-        rcvd = self.protocol.close_rcvd
-        return rcvd.reason if rcvd is not None else ""
+        return self.protocol.close_rcvd.reason if self.protocol.close_rcvd is not None else ""
 
     def write(self, data: str | bytes) -> bool:
         """Send one message as one masked frame; True when the caller should ``drain`` first."""
