@@ -35,7 +35,7 @@ PING_TIMEOUT = 20.0  # seconds a keepalive ping may wait for its pong (as websoc
 MAX_QUEUE = 4  # messages read ahead for the relay before reading pauses: 4 x max_size at most
 WRITE_LIMIT = 2**15  # bytes buffered in the transport before ``drain`` waits (as websockets' default)
 _HEADER_SHORT, _HEADER_MID, _HEADER_LONG = struct.Struct("!BB"), struct.Struct("!BBH"), struct.Struct("!BBQ")
-_MASKS = 1024  # masking keys drawn from os.urandom at once
+_MASKS = 256  # masking keys drawn from os.urandom at once (1 KB a socket)
 
 
 class UpstreamSocket(asyncio.Protocol):
