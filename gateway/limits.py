@@ -42,6 +42,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from gateway.client_ws import ClientHop
 from gateway.config import LimitsConfig, WebSocketConfig
 from gateway.reasons import Reason
 from gateway.responses import NO_STORE, RETRY_AFTER, http_date, status_for
@@ -69,10 +70,10 @@ def websocket_options(websocket: WebSocketConfig) -> dict[str, Any]:
     compressed frame of a message of exactly the limit, a few bytes longer when it barely compresses, was refused:
     uvicorn is given ``frame_allowance`` instead, and ``relay.relay`` holds the message itself to the limit.
     Inflating stops at ``ws_max_size`` (a deflate bomb is never inflated whole). Always the sans-I/O ``websockets``
-    protocol, the one these semantics are known for.
+    protocol, the one these semantics are known for, with the fast paths of ``client_ws.ClientHop``.
     """
     return {
-        "ws": "websockets-sansio",
+        "ws": ClientHop,
         "ws_max_size": frame_allowance(websocket.max_message_size),
         "ws_ping_interval": websocket.ping_interval or None,
     }

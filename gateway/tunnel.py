@@ -1,14 +1,14 @@
 """A WebSocket once admitted (gateway.websocket): its upstream socket, and the watchdog.
 
-    connect    -> the upstream's socket (``open_upstream``): no redirects followed, the client's Host,
-                  no compression on this hop
+    connect    -> the upstream's socket (``open_upstream``, a gateway.upstream_ws.UpstreamSocket): no
+                  redirects followed, the client's Host, no compression on this hop
     watchdog   -> once a second per worker: a socket whose session ended (logout, denylist) is
                   closed with 4401, one whose token expired with 4401 when
                   ``websocket.close_on_expiry``, an idle one with 1001; the messages the relay
                   (gateway.relay) counted on each socket are added to the metrics
 
 Ping/pong is per hop: ASGI hands an application messages, not control frames, so uvicorn
-answers (and sends) the client's pings and the ``websockets`` client the upstream's.
+answers (and sends) the client's pings and gateway.upstream_ws the upstream's.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
-from websockets.http11 import Request
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 from gateway.config import WebSocketConfig
 from gateway.denylist import Denylist
@@ -30,6 +30,7 @@ from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.tls import UpstreamTLS
 from gateway.types import Message, Send, StrHeaders
+from gateway.upstream_ws import UpstreamSocket
 
 log = logging.getLogger("gateway.websocket")
 
@@ -64,39 +65,6 @@ class Slot:
         self.used = False
 
 
-class _UpstreamConnection(ClientConnection):
-    """A client connection whose handshake carries the Host the gateway gives it.
-
-    ``websockets`` writes a Host for the URL, then appends the caller's headers: a Host passed in
-    would make two. The last one (ours: the client's Host, as the HTTP path forwards it) stays.
-    """
-
-    def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
-        super().__init__(protocol, **kwargs)
-        send_request = protocol.send_request
-
-        def send_one_host(request: Request) -> None:
-            hosts = request.headers.get_all("Host")
-            if len(hosts) > 1:
-                del request.headers["Host"]
-                request.headers["Host"] = hosts[-1]
-            send_request(request)
-
-        protocol.send_request = send_one_host  # type: ignore[method-assign]
-
-
-class connect_upstream(connect):  # noqa: N801 - used as a function, as websockets' own connect
-    """``websockets``' connect without following redirects: an upstream's 3xx goes back to the
-    client as its answer, as on the HTTP path (following one would send the identity headers to
-    wherever it points)."""
-
-    def __init__(self, uri: str, **kwargs: Any) -> None:
-        super().__init__(uri, create_connection=_UpstreamConnection, **kwargs)
-
-    def process_redirect(self, exc: Exception) -> Exception | str:
-        return exc
-
-
 async def open_upstream(
     url: str,
     headers: StrHeaders,
@@ -104,24 +72,26 @@ async def open_upstream(
     open_timeout: float,
     limits: WebSocketConfig,
     tls: UpstreamTLS | None = None,
-) -> ClientConnection:
-    """The upstream's socket, opened with the gateway's settings (raises what ``connect`` raises)."""
-    # wss:// with the route's TLS (else websockets' default context); ws:// takes no TLS arguments.
-    secure = {"ssl": tls.context, "server_hostname": tls.server_name} if tls and url.startswith("wss:") else {}
-    return await connect_upstream(
-        url,
-        additional_headers=headers,
-        subprotocols=subprotocols or None,
-        open_timeout=open_timeout,
-        max_size=limits.max_message_size,
-        ping_interval=limits.ping_interval or None,
-        compression=None,  # each hop negotiates its own; none here saves CPU on both
-        max_queue=4,  # messages read ahead from the upstream: with backpressure, 4 x max_size at most
-        close_timeout=5,
-        user_agent_header=None,
-        proxy=None,  # never an HTTP(S)_PROXY from the environment: upstreams are local
-        **secure,
-    )
+) -> UpstreamSocket:
+    """The upstream's socket, handshake done (raises InvalidStatus, InvalidHandshake, OSError, TimeoutError)."""
+    uri = parse_uri(url)
+    offered = [Subprotocol(s) for s in subprotocols] if subprotocols else None
+    # No extensions offered: no compression on this hop. No redirect is followed: a 3xx is an InvalidStatus.
+    protocol = ClientProtocol(uri, subprotocols=offered, max_size=limits.max_message_size)
+    socket = UpstreamSocket(protocol, limits.max_message_size, limits.ping_interval or None)
+    secure: dict[str, Any] = {}
+    if uri.secure:  # the route's TLS, else the default context (as websockets' connect)
+        secure = {"ssl": tls.context, "server_hostname": tls.server_name} if tls else {"ssl": True}
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(open_timeout):
+            transport, _ = await loop.create_connection(lambda: socket, uri.host, uri.port, **secure)
+            socket.connection_made(transport)  # uvloop calls it later: the request is written now
+            await socket.handshake(headers)
+    except BaseException:
+        socket.abort()
+        raise
+    return socket
 
 
 class Sockets:

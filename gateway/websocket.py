@@ -5,7 +5,7 @@
     route      by host and path prefix (404); a free slot (503)         routing.RouteTable, tunnel.Sockets
     admit      Origin check for cookie sessions, credential, refresh,   admission.Admission.websocket
                claims, identity headers
-    connect    the upstream handshake with the identity headers;        tunnel.connect_upstream
+    connect    the upstream handshake with the identity headers;        tunnel.open_upstream
                its refusal goes back as it was
     relay      messages both ways until either side closes, or the      relay.relay, tunnel.Sockets
                watchdog ends the socket (logout, expiry, idle)
@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
 from gateway.accesslog import AccessLog, RequestIds, RequestInfo
@@ -38,6 +37,7 @@ from gateway.routing import Route, RouteTable, canonical_path, host_name
 from gateway.tls import tls_failure
 from gateway.tunnel import Slot, Sockets, Tunnel, as_http, open_upstream
 from gateway.types import Message, Receive, Scope, Send
+from gateway.upstream_ws import UpstreamSocket
 
 log = logging.getLogger("gateway")
 
@@ -188,7 +188,7 @@ class WebSocketPath:
         path: str,
         host: bytes | None,
         admitted: Admitted,
-    ) -> ClientConnection | Ending:
+    ) -> UpstreamSocket | Ending:
         """The upstream's socket, or the answer already sent in its place (its refusal, 502, 504)."""
         try:
             headers = self._headers.upstream(
@@ -203,7 +203,7 @@ class WebSocketPath:
         except BadHeader:
             return await self._deny(respond, scope, Reason.BAD_HEADER, route, admitted.set_cookies)
         # The client library makes its own Sec-WebSocket-* headers; Host is the client's, as on
-        # the HTTP path (tunnel.connect_upstream puts it in place of the library's).
+        # the HTTP path (tunnel.open_upstream puts it in place of the library's).
         headers = [(n, v) for n, v in headers if not n.startswith("sec-websocket-")]
         if self._assertion is not None and admitted.claims is not None:
             headers.append(self._assertion.header(admitted.token, admitted.claims, route))

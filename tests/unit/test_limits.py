@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
+from gateway.client_ws import ClientHop
 from gateway.config import LimitsConfig, WebSocketConfig
 from gateway.limits import LimitedHttpTools, frame_allowance, refusal, server_options, websocket_options
 from gateway.reasons import Reason
@@ -341,5 +343,6 @@ def test_a_deflated_message_of_the_limit_fits_the_frame_allowance(
 
 def test_uvicorn_reads_client_frames_up_to_the_allowance_with_the_sansio_protocol() -> None:
     options = websocket_options(WebSocketConfig(max_message_size=65_536, ping_interval=0))
-    assert options == {"ws": "websockets-sansio", "ws_max_size": frame_allowance(65_536), "ws_ping_interval": None}
+    assert issubclass(options["ws"], WebSocketsSansIOProtocol)  # uvicorn's websockets-sansio, with fast paths
+    assert options == {"ws": ClientHop, "ws_max_size": frame_allowance(65_536), "ws_ping_interval": None}
     Config(app=lambda *a: None, **options).load()  # a protocol uvicorn knows

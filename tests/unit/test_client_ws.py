@@ -1,0 +1,159 @@
+"""gateway/client_ws.py over real sockets on 127.0.0.1: uvicorn serving an ASGI app with ``ClientHop``, the
+``websockets`` client (deflating or not) or raw bytes on the other end. What the fast paths take must come
+out as uvicorn's own parser would give it: messages, limits (1009), bad UTF-8 (1007), close codes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+
+from gateway.client_ws import ClientHop
+from gateway.limits import frame_allowance
+
+LIMIT = 8192
+COMPRESSION = [pytest.param("deflate", id="deflating"), pytest.param(None, id="plain")]
+
+
+class App:
+    """Echoes each message; "close CODE" closes with it; "slow" stops reading for a while; records disconnects."""
+
+    def __init__(self) -> None:
+        self.disconnects: list[int] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                self.disconnects.append(message.get("code", 1005))
+                return
+            text = message.get("text")
+            if text is not None and text.startswith("close "):
+                await send({"type": "websocket.close", "code": int(text.split()[1]), "reason": "bye"})
+                return
+            if text == "slow":
+                await asyncio.sleep(0.3)
+            await send(
+                {"type": "websocket.send", **({"text": text} if text is not None else {"bytes": message["bytes"]})}
+            )
+
+
+@contextlib.asynccontextmanager
+async def serving(app: App, limit: int = LIMIT) -> AsyncIterator[str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, ws=ClientHop, ws_max_size=frame_allowance(limit), lifespan="off", log_level="error")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"ws://127.0.0.1:{sock.getsockname()[1]}/"
+    finally:
+        server.should_exit = True
+        await task
+
+
+def client(url: str, compression: str | None) -> connect:
+    return connect(url, compression=compression, max_size=None, ping_interval=None)
+
+
+async def close_code(ws: ClientConnection) -> int | None:
+    with pytest.raises(ConnectionClosed) as closed:
+        async with asyncio.timeout(5):
+            while True:
+                await ws.recv()
+    return closed.value.rcvd.code if closed.value.rcvd is not None else None
+
+
+@pytest.mark.parametrize("compression", COMPRESSION)
+async def test_messages_come_back_as_sent_one_by_one_or_many_in_a_read(compression: str | None) -> None:
+    app = App()
+    messages: list[str | bytes] = ["é" * 10, b"\x00\xff" * 50, "x" * 125, "y" * 126, b"z" * 70, os.urandom(LIMIT), ""]
+    async with serving(app) as url, client(url, compression) as ws:
+        assert bool(ws.protocol.extensions) == (compression is not None)
+        for message in messages:
+            await ws.send(message)
+            assert await ws.recv() == message
+        for message in messages:  # all written before any is read: several frames in one read
+            await ws.send(message)
+        assert [await ws.recv() for _ in messages] == messages
+        await ws.send(["frag", "ment", "ed"])  # fragments: the parser's way
+        assert await ws.recv() == "fragmented"
+        await ws.close(4001, "done")
+    await asyncio.sleep(0.05)
+    assert app.disconnects == [4001]
+
+
+@pytest.mark.parametrize("compression", COMPRESSION)
+async def test_messages_over_64_kib_take_the_long_length(compression: str | None) -> None:
+    async with serving(App(), limit=1 << 20) as url, client(url, compression) as ws:
+        messages: list[str | bytes] = [os.urandom(70_000), "é" * 40_000]
+        for message in messages:
+            await ws.send(message)
+            assert await ws.recv() == message
+
+
+@pytest.mark.parametrize("compression", COMPRESSION)
+async def test_the_servers_close_code_reaches_the_client(compression: str | None) -> None:
+    async with serving(App()) as url, client(url, compression) as ws:
+        await ws.send("close 4000")
+        assert await close_code(ws) == 4000
+
+
+async def test_a_frame_over_the_limit_or_inflating_past_it_closes_with_1009() -> None:
+    async with serving(App()) as url:
+        async with client(url, None) as ws:
+            await ws.send(b"x" * (frame_allowance(LIMIT) + 1))
+            assert await close_code(ws) == 1009
+        async with client(url, "deflate") as ws:
+            await ws.send(b"\x00" * (frame_allowance(LIMIT) + 1))  # a few hundred bytes deflated
+            assert await close_code(ws) == 1009
+
+
+async def test_invalid_utf8_in_a_text_closes_with_1007() -> None:
+    async with serving(App()) as url, client(url, None) as ws:
+        await ws.send("ok")
+        assert await ws.recv() == "ok"
+        ws.protocol.send_frame(Frame(Opcode.TEXT, b"\xc3\x28"))
+        ws.send_data()
+        assert await close_code(ws) == 1007
+
+
+async def test_a_client_that_stops_mid_frame_disconnects_the_app() -> None:
+    app = App()
+    async with serving(app) as url, client(url, None) as ws:
+        await ws.send("hello")
+        assert await ws.recv() == "hello"
+        assert ws.transport is not None
+        ws.transport.write(b"\x82\xfe\x10\x00" + os.urandom(4) + b"\x00" * 100)  # 4096 bytes announced
+        ws.transport.abort()
+        await asyncio.sleep(0.2)
+    assert app.disconnects == [1005]  # uvicorn's code for a connection lost after the handshake
+
+
+async def test_reading_pauses_while_the_app_does_not_take_messages() -> None:
+    async with serving(App()) as url, client(url, "deflate") as ws:
+        await ws.send("slow")
+        sent = [f"{i:03d}" * 100 for i in range(100)]
+        for message in sent:
+            await ws.send(message)
+        assert await ws.recv() == "slow"
+        assert [await ws.recv() for _ in sent] == sent
+
+
+def test_deflate_bomb_payload_is_small() -> None:
+    # The 1009 test above relies on zeros deflating to far less than the frame allowance.
+    assert len(zlib.compress(b"\x00" * (frame_allowance(LIMIT) + 1))) < LIMIT // 10
