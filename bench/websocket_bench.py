@@ -1,9 +1,11 @@
 """WebSocket benchmark: 1,000 concurrent sockets on one gateway worker, against the upstream direct.
 
 Starts the demo upstream (its WebSocket echo) and `gateway serve` (1 worker, pinned to core 0
-when taskset exists; HS256 Bearer). For each target (direct, gateway) it opens N sockets at
-once, sends R rounds of one message per socket (all sockets concurrently) and measures the
-round trips, then holds the sockets open and samples the gateway's RSS, so memory per socket
+when taskset exists; HS256 Bearer); this client and the upstream share core 1. For each target
+(direct, gateway) it opens N sockets at once, sends R rounds of one message per socket (all
+sockets concurrently) and measures the round trips; twice, the client offering no compression
+(the goal's comparison: the same work on core 1 either way) and then permessage-deflate, as
+browsers do. Then it holds the sockets open and samples the gateway's RSS, so memory per socket
 and its stability are visible. Results go to bench/results/websockets.md.
 
     .venv/bin/python bench/websocket_bench.py                  # 1,000 sockets, 20 rounds, 30 s hold
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import statistics
 import sys
@@ -32,11 +35,15 @@ from proxy_bench import HS_SECRET, PYTHON, Server, free_port, pinned, start  # n
 
 
 async def drive(
-    url: str, headers: dict[str, str], sockets: int, rounds: int, server: Server | None, hold: float
+    url: str, headers: dict[str, str], sockets: int, rounds: int, server: Server | None, hold: float, deflate: bool
 ) -> dict:
     opened = time.perf_counter()
+    compression = "deflate" if deflate else None
     conns: list[ClientConnection] = await asyncio.gather(
-        *(connect(url, additional_headers=headers, open_timeout=60, ping_interval=None) for _ in range(sockets))
+        *(
+            connect(url, additional_headers=headers, open_timeout=60, ping_interval=None, compression=compression)
+            for _ in range(sockets)
+        )
     )
     open_s = time.perf_counter() - opened
     await asyncio.gather(*(c.recv() for c in conns))  # the upstream's hello
@@ -83,9 +90,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sockets", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--pairs", type=int, default=3, help="direct/gateway pairs per compression (medians)")
     parser.add_argument("--hold", type=float, default=30.0, help="seconds to hold the sockets open, sampling RSS")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "websockets.md"))
     args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {1})  # this client shares core 1 with the upstream, as the gateway has core 0
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))  # 2 fds per socket here
     workdir = Path(tempfile.mkdtemp(prefix="gateway-ws-bench-"))
@@ -116,51 +126,72 @@ def main() -> None:
         workdir,
     )
     token = jwt.encode({"sub": "bench", "exp": int(time.time()) + 3600}, HS_SECRET, algorithm="HS256")
+    ws_direct, ws_gateway = upstream.url.replace("http", "ws") + "/ws", gateway.url.replace("http", "ws") + "/ws"
+    bearer = {"Authorization": f"Bearer {token}"}
+    results: dict[str, dict] = {}
+    pairs: dict[str, list[float]] = {"plain": [], "deflate": []}  # gateway / direct rate, pair by pair
     try:
         idle = gateway.rss_mb()
-        direct = asyncio.run(drive(upstream.url.replace("http", "ws") + "/ws", {}, args.sockets, args.rounds, None, 0))
-        print(
-            f"direct: {direct['messages_per_s']:.0f} msg/s p50 {direct['p50_ms']:.1f} ms p99 {direct['p99_ms']:.1f} ms"
-        )
-        proxied = asyncio.run(
-            drive(
-                gateway.url.replace("http", "ws") + "/ws",
-                {"Authorization": f"Bearer {token}"},
-                args.sockets,
-                args.rounds,
-                gateway,
-                args.hold,
-            )
-        )
-        print(
-            f"gateway: {proxied['messages_per_s']:.0f} msg/s p50 {proxied['p50_ms']:.1f} ms, "
-            f"{proxied['cpu_us_per_message']:.0f} us CPU per round trip"
-        )
+        for number in range(args.pairs):
+            for deflate in (False, True):
+                kind = "deflate" if deflate else "plain"
+                direct = asyncio.run(drive(ws_direct, {}, args.sockets, args.rounds, None, 0, deflate))
+                hold = args.hold if deflate and number == args.pairs - 1 else 0
+                proxied = asyncio.run(drive(ws_gateway, bearer, args.sockets, args.rounds, gateway, hold, deflate))
+                pairs[kind].append(proxied["messages_per_s"] / direct["messages_per_s"])
+                for name, result in ((f"direct-{kind}", direct), (f"gateway-{kind}", proxied)):
+                    results.setdefault(name, {"runs": []})["runs"].append(result)
+                print(
+                    f"{kind}: direct {direct['messages_per_s']:.0f} msg/s, gateway {proxied['messages_per_s']:.0f} "
+                    f"msg/s ({pairs[kind][-1]:.2f}x), {proxied['cpu_us_per_message']:.0f} us CPU per round trip"
+                )
+        for entry in results.values():  # medians over the pairs; the last run's memory figures
+            runs = entry.pop("runs")
+            entry.update(runs[-1])
+            for key in ("open_s", "messages_per_s", "cpu_us_per_message", "p50_ms", "p99_ms"):
+                entry[key] = statistics.median(run[key] for run in runs)
     finally:
         gateway.stop()
         upstream.stop()
+    proxied = results["gateway-deflate"]
     per_socket = (proxied["rss_open"] - idle) * 1024 / args.sockets
     held = proxied["rss_held"] or [proxied["rss_after"]]
+
+    def ratio(kind: str) -> float:
+        return statistics.median(pairs[kind])
+
     lines = [
         f"# WebSocket benchmark, {date.today().isoformat()}",
         "",
         f"{args.sockets} concurrent sockets, {args.rounds} rounds of one 256-byte message per socket (all at once), "
         "echoed by the demo upstream; the gateway is one worker pinned to core 0 (HS256 Bearer at the handshake), "
-        "the upstream and this client share core 1.",
+        "the upstream and this client pinned to core 1, in both runs: the gateway's only effect on the rate is "
+        "whether it keeps up. Twice: the client offering no compression (no hop compresses: the client's and the "
+        "upstream's work are the same direct and through the gateway), then offering permessage-deflate as browsers "
+        "do (direct, client and upstream compress; through the gateway the client's hop does, the upstream's does "
+        "not: the gateway does not offer it upstream).",
         "",
-        "| target | open all (s) | messages/s | p50 ms | p99 ms |",
-        "|---|---|---|---|---|",
+        "Medians over the pairs:",
+        "",
+        "| client offers | target | open all (s) | messages/s | p50 ms | p99 ms | gateway CPU µs per round trip |",
+        "|---|---|---|---|---|---|---|",
         *(
-            f"| {name} | {r['open_s']:.2f} | {r['messages_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
-            for name, r in (("direct", direct), ("gateway", proxied))
+            f"| {'deflate' if name.endswith('deflate') else 'no compression'} | {name.split('-')[0]} | "
+            f"{r['open_s']:.2f} | {r['messages_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{r['cpu_us_per_message']:.0f} |".replace("| 0 |", "| - |")
+            for name, r in results.items()
         ),
         "",
-        f"Gateway / direct message rate: {proxied['messages_per_s'] / direct['messages_per_s']:.2f}x. "
-        f"Gateway CPU per round trip (one message each way): {proxied['cpu_us_per_message']:.0f} us.",
+        f"Gateway / direct message rate, median of {args.pairs} pairs (each: direct, then the gateway): "
+        f"**{ratio('plain'):.2f}x** without compression (goal ≥ 0.9; pairs "
+        f"{', '.join(f'{r:.2f}' for r in pairs['plain'])}), {ratio('deflate'):.2f}x with deflate offered (pairs "
+        f"{', '.join(f'{r:.2f}' for r in pairs['deflate'])}). Gateway CPU per round trip (one message each way): "
+        f"{results['gateway-plain']['cpu_us_per_message']:.0f} us without compression, "
+        f"{proxied['cpu_us_per_message']:.0f} us with it.",
         "",
-        f"Gateway RSS: {idle:.0f} MB idle -> {proxied['rss_open']:.0f} MB with {args.sockets} sockets open "
-        f"(~{per_socket:.0f} KB per socket) -> {proxied['rss_after']:.0f} MB after the rounds; held {args.hold:g} s: "
-        f"{', '.join(f'{mb:.0f}' for mb in held)} MB. "
+        f"Gateway RSS (the deflate run): {idle:.0f} MB idle -> {proxied['rss_open']:.0f} MB with {args.sockets} "
+        f"sockets open (~{per_socket:.0f} KB per socket) -> {proxied['rss_after']:.0f} MB after the rounds; held "
+        f"{args.hold:g} s: {', '.join(f'{mb:.0f}' for mb in held)} MB. "
         f"Sockets still open at the end: {proxied['alive']} of {args.sockets}.",
         "",
     ]
