@@ -28,6 +28,7 @@ from websockets.http11 import Response
 from websockets.protocol import CONNECTING, OPEN
 from websockets.speedups import apply_mask
 
+from gateway.client_ws import at_frame_boundary
 from gateway.types import StrHeaders
 
 CLOSE_TIMEOUT = 5.0  # seconds the closing handshake may take before the connection is dropped
@@ -72,7 +73,7 @@ class UpstreamSocket(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         protocol = self.protocol
-        if self._open and protocol.current_size is None and not protocol.reader.buffer:
+        if self._open and protocol.current_size is None and at_frame_boundary(protocol):
             data = self._fast(data)
             if not data:
                 return
@@ -87,8 +88,7 @@ class UpstreamSocket(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.receive_eof()  # idempotent: the parser learns the stream ended (1006 if unclean)
         self._events(flush=False)
-        self._ended = True
-        self._open = False
+        self._ended, self._open = True, False
         self._wake()
         for timer in self._timers:
             timer.cancel()

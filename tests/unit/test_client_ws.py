@@ -157,3 +157,21 @@ async def test_reading_pauses_while_the_app_does_not_take_messages() -> None:
 def test_deflate_bomb_payload_is_small() -> None:
     # The 1009 test above relies on zeros deflating to far less than the frame allowance.
     assert len(zlib.compress(b"\x00" * (frame_allowance(LIMIT) + 1))) < LIMIT // 10
+
+
+async def test_a_frame_cut_at_any_byte_is_read_as_one_frame() -> None:
+    # A masked payload is the client's to choose: a cut right after the header (and mask) must not let the fast
+    # path read the payload as frames while the parser waits for it.
+    inner = b"\x81\x82\x00\x00\x00\x00hi"  # a masked text frame, "hi", as the payload of a binary frame
+    frames = [b"\x82" + bytes([0x80 | len(inner)]) + b"\x00" * 4 + inner]
+    frames.append(b"\x82\xfe\x00\x7e" + b"\x00" * 4 + inner + b"x" * (126 - len(inner)))
+    async with serving(App()) as url, client(url, None) as ws:
+        assert ws.transport is not None
+        for frame in frames:
+            payload = frame[-126:] if len(frame) > 126 else inner
+            for at in range(1, len(frame)):
+                ws.transport.write(frame[:at])
+                await asyncio.sleep(0.005)
+                ws.transport.write(frame[at:])
+                async with asyncio.timeout(5):
+                    assert await ws.recv() == payload, at

@@ -292,3 +292,30 @@ async def test_a_refused_handshake_raises_with_the_upstreams_answer() -> None:
             await open_(url)
     assert refused.value.response.status_code == 403
     assert refused.value.response.headers["X-Why"] == "nope" and refused.value.response.body == b"no"
+
+
+async def test_a_frame_cut_at_any_byte_is_read_as_one_frame() -> None:
+    # The payload looks like frames itself: a cut right after the header must not let the fast path read it as
+    # frames while the parser waits for the payload (frames smuggled in by whatever the upstream relays).
+    inner = b"\x81\x02hi" + b"\x88\x02\x03\xe8"
+    payloads = [inner, inner + b"x" * (126 - len(inner))]
+    frames = [b"\x82" + bytes([len(inner)]) + payloads[0], b"\x82\x7e\x00\x7e" + payloads[1]]
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for frame in frames:
+            for at in range(1, len(frame)):
+                writer.write(frame[:at])
+                await writer.drain()
+                await asyncio.sleep(0.005)
+                writer.write(frame[at:])
+                await writer.drain()
+                await asyncio.sleep(0.005)
+        await reader.read()
+
+    async with raw_upstream(cut) as url:
+        ws = await open_(url)
+        for frame, payload in zip(frames, payloads, strict=True):
+            for at in range(1, len(frame)):
+                async with asyncio.timeout(5):
+                    assert await ws.recv() == payload, at
+        ws.abort()
