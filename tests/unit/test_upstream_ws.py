@@ -319,3 +319,34 @@ async def test_a_frame_cut_at_any_byte_is_read_as_one_frame() -> None:
                 async with asyncio.timeout(5):
                     assert await ws.recv() == payload, at
         ws.abort()
+
+
+BAD_FRAMES = [
+    pytest.param(b"\x82\x82\x00\x00\x00\x00hi", 1002, id="masked"),
+    pytest.param(b"\xc2\x02hi", 1002, id="rsv1-without-extension"),
+    pytest.param(b"\xa1\x02hi", 1002, id="rsv2"),
+    pytest.param(b"\x83\x02hi", 1002, id="reserved-opcode"),
+    pytest.param(b"\x89\x7e\x00\x7e" + b"p" * 126, 1002, id="control-over-125"),
+    pytest.param(b"\x09\x02hi", 1002, id="fragmented-control"),
+    pytest.param(b"\x01\x02hi\x81\x02hi", 1002, id="data-mid-message"),
+    pytest.param(b"\x80\x02hi", 1002, id="continuation-alone"),
+    pytest.param(b"\x82\x7f" + b"\xff" * 8, 1009, id="64-bit-top-bit"),
+    pytest.param(b"\x01\x02\xc3\x80\x80\x01\xce", 1007, id="bad-utf8-end"),
+]
+
+
+@pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
+async def test_a_frame_against_rfc_6455_fails_the_upstream(frame: bytes, code: int) -> None:
+    async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\x81\x02ok" + frame + b"\x81\x05after")
+        await writer.drain()
+        await reader.read()
+
+    async with raw_upstream(send) as url:
+        ws = await open_(url)
+        async with asyncio.timeout(5):
+            assert await ws.recv() == "ok"
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+        assert ws.protocol.close_sent is not None and ws.protocol.close_sent.code == code
+        ws.abort()
