@@ -24,7 +24,6 @@ from typing import cast
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidMessage, PayloadTooBig
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Response
 from websockets.protocol import CONNECTING, OPEN
 from websockets.speedups import apply_mask
 
@@ -167,8 +166,8 @@ class UpstreamSocket(asyncio.Protocol):
                             break
                 elif opcode is Opcode.PONG and bytes(event.data) == self._ping_payload:
                     self._pong()
-            elif isinstance(event, Response) and not self._response.done():
-                self._response.set_result(None)
+        if not self._response.done() and (protocol.state is not CONNECTING or protocol.handshake_exc is not None):
+            self._response.set_result(None)  # the response, or one that could not be read (no event for it)
         writes = protocol.data_to_send()
         if flush and self._transport is not None:
             self._write_all(writes)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.http11 import Request, Response
 from websockets.utils import accept_key
 
@@ -311,6 +311,9 @@ async def test_a_frame_cut_at_any_byte_is_read_as_one_frame() -> None:
                 await writer.drain()
                 await asyncio.sleep(0.005)
         await reader.read()
+        done.set()
+
+    done = asyncio.Event()
 
     async with raw_upstream(cut) as url:
         ws = await open_(url)
@@ -319,6 +322,7 @@ async def test_a_frame_cut_at_any_byte_is_read_as_one_frame() -> None:
                 async with asyncio.timeout(5):
                     assert await ws.recv() == payload, at
         ws.abort()
+        await done.wait()
 
 
 BAD_FRAMES = [
@@ -341,6 +345,9 @@ async def test_a_frame_against_rfc_6455_fails_the_upstream(frame: bytes, code: i
         writer.write(b"\x81\x02ok" + frame + b"\x81\x05after")
         await writer.drain()
         await reader.read()
+        done.set()
+
+    done = asyncio.Event()
 
     async with raw_upstream(send) as url:
         ws = await open_(url)
@@ -350,3 +357,24 @@ async def test_a_frame_against_rfc_6455_fails_the_upstream(frame: bytes, code: i
                 await ws.recv()
         assert ws.protocol.close_sent is not None and ws.protocol.close_sent.code == code
         ws.abort()
+        await done.wait()
+
+
+async def test_a_response_that_is_no_http_fails_the_handshake_at_once() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 abc\r\n\r\n")  # then the connection stays open, until the gateway drops it
+        await reader.read()
+        writer.close()
+        done.set()
+
+    done = asyncio.Event()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    async with server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(InvalidMessage):  # a 502, as websockets' connect raised it; not the open timeout's 504
+            await open_upstream(url, [], None, 3, LIMITS)
+        assert asyncio.get_running_loop().time() - started < 1
+        await done.wait()
