@@ -24,11 +24,23 @@ from typing import Any
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
-from websockets.protocol import OPEN
+from websockets.protocol import OPEN, Protocol
 from websockets.speedups import apply_mask
+from websockets.streams import StreamReader
 from websockets.typing import BytesLike
 
 _SHORT, _MID, _LONG = struct.Struct("!BB"), struct.Struct("!BBH"), struct.Struct("!BBQ")
+_AT_EOF = StreamReader.at_eof.__code__
+
+
+def at_frame_boundary(conn: Protocol) -> bool:
+    """The parser waits for the first byte of a frame, not for the rest of one it began: once it has taken a
+    header out of ``reader.buffer``, the buffer is empty while it waits for the payload (a fast path reading
+    that payload as frames would take frames the peer never sent)."""
+    parser: Any = conn.parser
+    while parser.gi_yieldfrom is not None:
+        parser = parser.gi_yieldfrom
+    return parser.gi_code is _AT_EOF and not conn.reader.buffer
 
 
 class _Inbox:
@@ -76,7 +88,7 @@ class ClientHop(WebSocketsSansIOProtocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
-        if conn.state is OPEN and conn.current_size is None and not conn.reader.buffer:
+        if conn.state is OPEN and conn.current_size is None and at_frame_boundary(conn):
             data = self._fast(data)
             if not data:
                 return

@@ -24,10 +24,10 @@ from typing import cast
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidMessage, PayloadTooBig
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Response
 from websockets.protocol import CONNECTING, OPEN
 from websockets.speedups import apply_mask
 
+from gateway.client_ws import at_frame_boundary
 from gateway.types import StrHeaders
 
 CLOSE_TIMEOUT = 5.0  # seconds the closing handshake may take before the connection is dropped
@@ -72,7 +72,7 @@ class UpstreamSocket(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         protocol = self.protocol
-        if self._open and protocol.current_size is None and not protocol.reader.buffer:
+        if self._open and protocol.current_size is None and at_frame_boundary(protocol):
             data = self._fast(data)
             if not data:
                 return
@@ -87,8 +87,7 @@ class UpstreamSocket(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.receive_eof()  # idempotent: the parser learns the stream ended (1006 if unclean)
         self._events(flush=False)
-        self._ended = True
-        self._open = False
+        self._ended, self._open = True, False
         self._wake()
         for timer in self._timers:
             timer.cancel()
@@ -167,8 +166,8 @@ class UpstreamSocket(asyncio.Protocol):
                             break
                 elif opcode is Opcode.PONG and bytes(event.data) == self._ping_payload:
                     self._pong()
-            elif isinstance(event, Response) and not self._response.done():
-                self._response.set_result(None)
+        if not self._response.done() and (protocol.state is not CONNECTING or protocol.handshake_exc is not None):
+            self._response.set_result(None)  # the response, or one that could not be read (no event for it)
         writes = protocol.data_to_send()
         if flush and self._transport is not None:
             self._write_all(writes)

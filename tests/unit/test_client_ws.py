@@ -157,3 +157,44 @@ async def test_reading_pauses_while_the_app_does_not_take_messages() -> None:
 def test_deflate_bomb_payload_is_small() -> None:
     # The 1009 test above relies on zeros deflating to far less than the frame allowance.
     assert len(zlib.compress(b"\x00" * (frame_allowance(LIMIT) + 1))) < LIMIT // 10
+
+
+async def test_a_frame_cut_at_any_byte_is_read_as_one_frame() -> None:
+    # A masked payload is the client's to choose: a cut right after the header (and mask) must not let the fast
+    # path read the payload as frames while the parser waits for it.
+    inner = b"\x81\x82\x00\x00\x00\x00hi"  # a masked text frame, "hi", as the payload of a binary frame
+    frames = [b"\x82" + bytes([0x80 | len(inner)]) + b"\x00" * 4 + inner]
+    frames.append(b"\x82\xfe\x00\x7e" + b"\x00" * 4 + inner + b"x" * (126 - len(inner)))
+    async with serving(App()) as url, client(url, None) as ws:
+        assert ws.transport is not None
+        for frame in frames:
+            payload = frame[-126:] if len(frame) > 126 else inner
+            for at in range(1, len(frame)):
+                ws.transport.write(frame[:at])
+                await asyncio.sleep(0.005)
+                ws.transport.write(frame[at:])
+                async with asyncio.timeout(5):
+                    assert await ws.recv() == payload, at
+
+
+CLIENT_BAD_FRAMES = [
+    pytest.param(b"\x82\x02hi", 1002, id="unmasked"),
+    pytest.param(b"\xc2\x82\x00\x00\x00\x00hi", 1002, id="rsv1-without-extension"),
+    pytest.param(b"\x93\x82\x00\x00\x00\x00hi", 1002, id="reserved-opcode-rsv3"),
+    pytest.param(b"\x89\xfe\x00\x7e" + b"\x00" * 130, 1002, id="control-over-125"),
+    pytest.param(b"\x09\x82\x00\x00\x00\x00hi", 1002, id="fragmented-control"),
+    pytest.param(b"\x01\x82\x00\x00\x00\x00hi\x81\x82\x00\x00\x00\x00hi", 1002, id="data-mid-message"),
+    pytest.param(b"\x82\xff" + b"\xff" * 8 + b"\x00" * 4, 1009, id="64-bit-top-bit"),
+    pytest.param(b"\x81\x83\x00\x00\x00\x00\xc3\x80\xce", 1007, id="bad-utf8"),
+]
+
+
+@pytest.mark.parametrize(("frame", "code"), CLIENT_BAD_FRAMES)
+async def test_a_frame_against_rfc_6455_fails_the_client(frame: bytes, code: int) -> None:
+    app = App()
+    async with serving(app) as url, client(url, None) as ws:
+        assert ws.transport is not None
+        await ws.send("ok")
+        assert await ws.recv() == "ok"
+        ws.transport.write(frame + b"\x81\x82\x00\x00\x00\x00hi")
+        assert await close_code(ws) == code

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.http11 import Request, Response
 from websockets.utils import accept_key
 
@@ -292,3 +292,89 @@ async def test_a_refused_handshake_raises_with_the_upstreams_answer() -> None:
             await open_(url)
     assert refused.value.response.status_code == 403
     assert refused.value.response.headers["X-Why"] == "nope" and refused.value.response.body == b"no"
+
+
+async def test_a_frame_cut_at_any_byte_is_read_as_one_frame() -> None:
+    # The payload looks like frames itself: a cut right after the header must not let the fast path read it as
+    # frames while the parser waits for the payload (frames smuggled in by whatever the upstream relays).
+    inner = b"\x81\x02hi" + b"\x88\x02\x03\xe8"
+    payloads = [inner, inner + b"x" * (126 - len(inner))]
+    frames = [b"\x82" + bytes([len(inner)]) + payloads[0], b"\x82\x7e\x00\x7e" + payloads[1]]
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for frame in frames:
+            for at in range(1, len(frame)):
+                writer.write(frame[:at])
+                await writer.drain()
+                await asyncio.sleep(0.005)
+                writer.write(frame[at:])
+                await writer.drain()
+                await asyncio.sleep(0.005)
+        await reader.read()
+        done.set()
+
+    done = asyncio.Event()
+
+    async with raw_upstream(cut) as url:
+        ws = await open_(url)
+        for frame, payload in zip(frames, payloads, strict=True):
+            for at in range(1, len(frame)):
+                async with asyncio.timeout(5):
+                    assert await ws.recv() == payload, at
+        ws.abort()
+        await done.wait()
+
+
+BAD_FRAMES = [
+    pytest.param(b"\x82\x82\x00\x00\x00\x00hi", 1002, id="masked"),
+    pytest.param(b"\xc2\x02hi", 1002, id="rsv1-without-extension"),
+    pytest.param(b"\xa1\x02hi", 1002, id="rsv2"),
+    pytest.param(b"\x83\x02hi", 1002, id="reserved-opcode"),
+    pytest.param(b"\x89\x7e\x00\x7e" + b"p" * 126, 1002, id="control-over-125"),
+    pytest.param(b"\x09\x02hi", 1002, id="fragmented-control"),
+    pytest.param(b"\x01\x02hi\x81\x02hi", 1002, id="data-mid-message"),
+    pytest.param(b"\x80\x02hi", 1002, id="continuation-alone"),
+    pytest.param(b"\x82\x7f" + b"\xff" * 8, 1009, id="64-bit-top-bit"),
+    pytest.param(b"\x01\x02\xc3\x80\x80\x01\xce", 1007, id="bad-utf8-end"),
+]
+
+
+@pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
+async def test_a_frame_against_rfc_6455_fails_the_upstream(frame: bytes, code: int) -> None:
+    async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\x81\x02ok" + frame + b"\x81\x05after")
+        await writer.drain()
+        await reader.read()
+        done.set()
+
+    done = asyncio.Event()
+
+    async with raw_upstream(send) as url:
+        ws = await open_(url)
+        async with asyncio.timeout(5):
+            assert await ws.recv() == "ok"
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+        assert ws.protocol.close_sent is not None and ws.protocol.close_sent.code == code
+        ws.abort()
+        await done.wait()
+
+
+async def test_a_response_that_is_no_http_fails_the_handshake_at_once() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 abc\r\n\r\n")  # then the connection stays open, until the gateway drops it
+        await reader.read()
+        writer.close()
+        done.set()
+
+    done = asyncio.Event()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    async with server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(InvalidMessage):  # a 502, as websockets' connect raised it; not the open timeout's 504
+            await open_upstream(url, [], None, 3, LIMITS)
+        assert asyncio.get_running_loop().time() - started < 1
+        await done.wait()
