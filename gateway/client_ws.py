@@ -33,6 +33,17 @@ _SHORT, _MID, _LONG = struct.Struct("!BB"), struct.Struct("!BBH"), struct.Struct
 _AT_EOF = StreamReader.at_eof.__code__
 
 
+def payload_at(data: bytes, pos: int) -> tuple[int, int]:
+    """Where the frame whose header is at ``pos`` goes on (its masking key or payload), and its payload's length.
+    A length cut short reads small, and ``start`` then lies past the data: the caller waits for the rest."""
+    length = data[pos + 1] & 0x7F
+    if length == 126:
+        return pos + 4, int.from_bytes(data[pos + 2 : pos + 4])
+    if length == 127:
+        return pos + 10, int.from_bytes(data[pos + 2 : pos + 10])
+    return pos + 2, length
+
+
 def at_frame_boundary(conn: Protocol) -> bool:
     """The parser waits for the first byte of a frame, not for the rest of one it began: once it has taken a
     header out of ``reader.buffer``, the buffer is empty while it waits for the payload (a fast path reading
@@ -99,15 +110,11 @@ class ClientHop(WebSocketsSansIOProtocol):
         conn = self.conn
         pos, end, max_size, deflate = 0, len(data), conn.max_message_size, conn.extensions
         while end - pos >= 6 and not self.close_sent:
-            first, length = data[pos], data[pos + 1] & 0x7F
+            first = data[pos]
             # FIN, no RSV2/RSV3, text or binary; RSV1 only with an extension; masked (as a client must)
             if first & 0xBF not in (0x81, 0x82) or (first & 0x40 and not deflate) or not data[pos + 1] & 0x80:
                 break
-            start = pos + 2
-            if length == 126:
-                start, length = pos + 4, int.from_bytes(data[pos + 2 : pos + 4])
-            elif length == 127:
-                start, length = pos + 10, int.from_bytes(data[pos + 2 : pos + 10])
+            start, length = payload_at(data, pos)
             if (max_size is not None and length > max_size) or start + 4 + length > end:
                 break  # over the limit (the parser fails it) or not all here yet
             payload = apply_mask(data[start + 4 : start + 4 + length], data[start : start + 4])

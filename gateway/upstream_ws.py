@@ -27,7 +27,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import CONNECTING, OPEN
 from websockets.speedups import apply_mask
 
-from gateway.client_ws import at_frame_boundary
+from gateway.client_ws import at_frame_boundary, payload_at
 from gateway.types import StrHeaders
 
 CLOSE_TIMEOUT = 5.0  # seconds the closing handshake may take before the connection is dropped
@@ -107,14 +107,10 @@ class UpstreamSocket(asyncio.Protocol):
         """Take the complete unfragmented text and binary frames at the start of ``data``; the rest."""
         pos, end, max_size, messages = 0, len(data), self._max_size, self._messages
         while end - pos >= 2:
-            first, length = data[pos], data[pos + 1]
-            if (first != 0x81 and first != 0x82) or length & 0x80:  # FIN with no RSV, unmasked
+            first, second = data[pos], data[pos + 1]
+            if (first != 0x81 and first != 0x82) or second & 0x80:  # FIN with no RSV, unmasked
                 break
-            start = pos + 2
-            if length == 126:
-                start, length = pos + 4, int.from_bytes(data[pos + 2 : pos + 4])
-            elif length == 127:
-                start, length = pos + 10, int.from_bytes(data[pos + 2 : pos + 10])
+            start, length = payload_at(data, pos)
             if length > max_size or start + length > end:
                 break  # over the limit (ClientProtocol fails it with 1009) or not all here yet
             payload = data[start : start + length]
