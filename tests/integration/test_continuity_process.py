@@ -77,7 +77,13 @@ def serve(
     prefix = f"gwtest:{os.urandom(4).hex()}:"
     config = gateway_config(idp, upstream, store_url, prefix, **({"lock_lease": 1, "grace_period": 3} | refresh))
     config["tokens"] |= tokens or {}
-    return start_gateway(with_mode(config, mode), workers=workers)
+    gateway = start_gateway(with_mode(config, mode), workers=workers)
+    try:  # every worker past its startup (its first JWKS fetch): a test that then changes the IdP races none
+        wait_until(lambda: gateway.log().count("Application startup complete.") >= workers, "every worker started")
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
 
 
 mode_param = pytest.mark.parametrize("mode", MODES)
