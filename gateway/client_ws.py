@@ -44,6 +44,17 @@ def payload_at(data: bytes, pos: int) -> tuple[int, int]:
     return pos + 2, length
 
 
+def frame_header(first: int, length: int, masked: bool) -> bytes:
+    """A frame's first bytes: ``first`` (FIN, RSV, opcode), then the payload's length, the mask bit set when
+    ``masked`` (the masking key, when there is one, follows)."""
+    mask = 0x80 if masked else 0
+    if length < 126:
+        return _SHORT.pack(first, mask | length)
+    if length < 65536:
+        return _MID.pack(first, mask | 126, length)
+    return _LONG.pack(first, mask | 127, length)
+
+
 def at_frame_boundary(conn: Protocol) -> bool:
     """The parser waits for the first byte of a frame, not for the rest of one it began: once it has taken a
     header out of ``reader.buffer``, the buffer is empty while it waits for the payload (a fast path reading
@@ -190,12 +201,5 @@ class ClientHop(WebSocketsSansIOProtocol):
             payload = frame.data
             if frame.rsv1:
                 first |= 0x40
-        length = len(payload)
-        if length < 126:
-            header = _SHORT.pack(first, length)
-        elif length < 65536:
-            header = _MID.pack(first, 126, length)
-        else:
-            header = _LONG.pack(first, 127, length)
-        self.transport.write(b"".join((header, payload)))
+        self.transport.write(b"".join((frame_header(first, len(payload), False), payload)))
         return True

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 from typing import Protocol as Interface
 
 from gateway.errors import UpstreamFailure
-from gateway.h1_parsing import AnswerParsing
-from gateway.h1_response import Response, until_close
+from gateway.h1_parsing import AnswerParsing, until_close
+from gateway.h1_response import Response
 
 
 class Owner(Interface):

@@ -3,17 +3,20 @@
 httptools (llhttp) parses heads, chunked bodies and trailers, as leniently as aiohttp's parser. A body that one
 ``Content-Length`` delimits is taken past the parser once its head is parsed: the socket's bytes go to the
 response as they came, where httptools would copy each piece into a new ``bytes`` (issue 17). What the upstream
-sends out of turn (a second answer, bytes past a body) marks the connection as not to be trusted again.
+sends out of turn (a second answer, bytes past a body) marks the connection as not to be trusted again. Below
+the class, how an answer's headers frame it: its length, whether it ends with the connection, whether the
+connection carries another.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import httptools
 
 from gateway.errors import UpstreamFailure
-from gateway.h1_response import HIGH_WATER, Response, answer_parser, fixed_length, keeps_alive
+from gateway.h1_response import HIGH_WATER, Response
 
 MAX_HEADERS = 128  # header lines in one answer, and bytes in one name and its value: aiohttp's limits
 MAX_FIELD = 8190
@@ -131,3 +134,48 @@ class AnswerParsing(asyncio.Protocol):
         if response.buffered > HIGH_WATER and not self.read_paused and self.transport is not None:
             self.read_paused = True  # until a read takes enough (Response.read)
             self.transport.pause_reading()
+
+
+def keeps_alive(version: str, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    tokens = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")}
+    return b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
+
+
+def fixed_length(status: int, headers: Sequence[tuple[bytes, bytes]]) -> int:
+    """The length of a final answer's body when one ``Content-Length`` gives it (and no ``Transfer-Encoding``);
+    -1 otherwise: the parser decides (204 and 304 have none, chunked, until close, several lengths refused)."""
+    if status in (204, 304):
+        return -1
+    length = -1
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            return -1
+        if lower == b"content-length":
+            if length >= 0 or not value.isdigit():
+                return -1
+            length = int(value)
+    return length
+
+
+def until_close(response: Response) -> bool:
+    """The body has no length: it ends when the upstream closes (RFC 9112 §6.3, item 8)."""
+    if response.head_only or response.status in (204, 304):
+        return False
+    length = False
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            return not value.strip().lower().endswith(b"chunked")
+        length = length or lower == b"content-length"
+    return not length
+
+
+def answer_parser(protocol: object) -> httptools.HttpResponseParser:
+    """httptools' parser, as lenient as aiohttp's with answers (CTLs in values, LF without CR, spaces after a
+    chunk size): legacy apps send such things, and the reference forwarder takes them."""
+    parser = httptools.HttpResponseParser(protocol)
+    parser.set_dangerous_leniencies(
+        lenient_headers=True, lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
+    )
+    return parser

@@ -1,5 +1,4 @@
-"""An upstream's answer on a lean HTTP/1.1 connection (``h1_connection``): the ``forwarder.UpstreamResponse``, and
-how such an answer is parsed (httptools, as leniently as aiohttp) and whether its connection can carry another.
+"""An upstream's answer on a lean HTTP/1.1 connection (``h1_connection``): the ``forwarder.UpstreamResponse``.
 
 The connection parses into it (status, raw headers, body chunks, completion or failure) and leaves it once the
 answer is complete; what it buffered stays here for the HTTP path to read. Reads wait with the read timeout of
@@ -13,8 +12,6 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from typing import Protocol
-
-import httptools
 
 from gateway.errors import UpstreamFailure
 from gateway.forwarder import Deadlines
@@ -107,12 +104,8 @@ class Response:
             if self.failure is not None:
                 raise self.failure
             data = b""
-        elif len(chunks) == 1 or self.buffered <= JOIN_MAX:  # small pieces: one send for them all
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            chunks.clear()
-            self.buffered = 0
         else:  # joined up to JOIN_MAX; a larger one goes alone, never copied (the client's transport writes it)
-            data = _take(chunks)
+            data = chunks.pop() if len(chunks) == 1 else _take(chunks)
             self.buffered -= len(data)
         conn = self.conn
         if conn is not None and conn.read_paused and self.buffered <= HIGH_WATER // 2:
@@ -173,48 +166,3 @@ def _take(chunks: list[bytes]) -> bytes:
     data = chunks[0] if count == 1 else b"".join(chunks[:count])
     del chunks[:count]
     return data
-
-
-def keeps_alive(version: str, headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    tokens = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")}
-    return b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
-
-
-def fixed_length(status: int, headers: Sequence[tuple[bytes, bytes]]) -> int:
-    """The length of a final answer's body when one ``Content-Length`` gives it (and no ``Transfer-Encoding``);
-    -1 otherwise: the parser decides (204 and 304 have none, chunked, until close, several lengths refused)."""
-    if status in (204, 304):
-        return -1
-    length = -1
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"transfer-encoding":
-            return -1
-        if lower == b"content-length":
-            if length >= 0 or not value.isdigit():
-                return -1
-            length = int(value)
-    return length
-
-
-def until_close(response: Response) -> bool:
-    """The body has no length: it ends when the upstream closes (RFC 9112 §6.3, item 8)."""
-    if response.head_only or response.status in (204, 304):
-        return False
-    length = False
-    for name, value in response.headers:
-        lower = name.lower()
-        if lower == b"transfer-encoding":
-            return not value.strip().lower().endswith(b"chunked")
-        length = length or lower == b"content-length"
-    return not length
-
-
-def answer_parser(protocol: object) -> httptools.HttpResponseParser:
-    """httptools' parser, as lenient as aiohttp's with answers (CTLs in values, LF without CR, spaces after a
-    chunk size): legacy apps send such things, and the reference forwarder takes them."""
-    parser = httptools.HttpResponseParser(protocol)
-    parser.set_dangerous_leniencies(
-        lenient_headers=True, lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
-    )
-    return parser

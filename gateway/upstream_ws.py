@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import struct
 from collections import deque
 from collections.abc import Callable
 from typing import cast
@@ -27,14 +26,13 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import CONNECTING, OPEN
 from websockets.speedups import apply_mask
 
-from gateway.client_ws import at_frame_boundary, payload_at
+from gateway.client_ws import at_frame_boundary, frame_header, payload_at
 from gateway.types import StrHeaders
 
 CLOSE_TIMEOUT = 5.0  # seconds the closing handshake may take before the connection is dropped
 PING_TIMEOUT = 20.0  # seconds a keepalive ping may wait for its pong (as websockets' default)
 MAX_QUEUE = 4  # messages read ahead for the relay before reading pauses: 4 x max_size at most
 WRITE_LIMIT = 2**15  # bytes buffered in the transport before ``drain`` waits (as websockets' default)
-_HEADER_SHORT, _HEADER_MID, _HEADER_LONG = struct.Struct("!BB"), struct.Struct("!BBH"), struct.Struct("!BBQ")
 _MASKS = 256  # masking keys drawn from os.urandom at once (1 KB a socket)
 
 
@@ -62,7 +60,7 @@ class UpstreamSocket(asyncio.Protocol):
         self._response: asyncio.Future[None] = self._loop.create_future()
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._masks, self._mask_at = b"", _MASKS * 4
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timer: asyncio.TimerHandle | None = None  # the next keepalive ping, or its pong's deadline
         self._ping_payload: bytes | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,8 +87,8 @@ class UpstreamSocket(asyncio.Protocol):
         self._events(flush=False)
         self._ended, self._open = True, False
         self._wake()
-        for timer in self._timers:
-            timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         for future in (self._response, self._lost, self._drain):
             if future is not None and not future.done():
                 future.set_result(None)
@@ -225,13 +223,7 @@ class UpstreamSocket(asyncio.Protocol):
             first, payload = 0x81, data.encode()
         else:
             first, payload = 0x82, data
-        length = len(payload)
-        if length < 126:
-            header = _HEADER_SHORT.pack(first, 0x80 | length)
-        elif length < 65536:
-            header = _HEADER_MID.pack(first, 0xFE, length)
-        else:
-            header = _HEADER_LONG.pack(first, 0xFF, length)
+        header = frame_header(first, len(payload), True)
         at = self._mask_at
         if at >= len(self._masks):
             self._masks, at = os.urandom(_MASKS * 4), 0
@@ -278,14 +270,14 @@ class UpstreamSocket(asyncio.Protocol):
         self._ping_payload = os.urandom(4)
         self.protocol.send_ping(self._ping_payload)
         self._events()
-        self._timers = [self._loop.call_later(PING_TIMEOUT, self._pong_missed)]
+        self._timer = self._loop.call_later(PING_TIMEOUT, self._pong_missed)
 
     def _pong(self) -> None:
         self._ping_payload = None
-        for timer in self._timers:
-            timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         if self._ping_interval:
-            self._timers = [self._loop.call_later(self._ping_interval, self._ping)]
+            self._timer = self._loop.call_later(self._ping_interval, self._ping)
 
     def _pong_missed(self) -> None:
         if self._open:

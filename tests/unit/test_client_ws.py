@@ -7,18 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import zlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import uvicorn
+from support import clienthop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from gateway.client_ws import ClientHop
 from gateway.limits import frame_allowance
 
 LIMIT = 8192
@@ -50,20 +47,8 @@ class App:
             )
 
 
-@contextlib.asynccontextmanager
-async def serving(app: App, limit: int = LIMIT) -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, ws=ClientHop, ws_max_size=frame_allowance(limit), lifespan="off", log_level="error")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"ws://127.0.0.1:{sock.getsockname()[1]}/"
-    finally:
-        server.should_exit = True
-        await task
+def serving(app: App, limit: int = LIMIT) -> contextlib.AbstractAsyncContextManager[str]:
+    return clienthop.serving(app, limit)
 
 
 def client(url: str, compression: str | None) -> connect:

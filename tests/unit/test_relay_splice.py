@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import uvicorn
+from support.clienthop import serving
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from gateway.client_ws import ClientHop
 from gateway.config import WebSocketConfig
-from gateway.limits import frame_allowance
 from gateway.relay import relay
 from gateway.tunnel import Tunnel, open_upstream
 
@@ -58,20 +55,8 @@ async def gateway() -> AsyncIterator[str]:
             finally:
                 await upstream.close()
 
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(
-            app, ws=ClientHop, ws_max_size=frame_allowance(LIMIT), lifespan="off", log_level="error"
-        )
-        front = uvicorn.Server(config)
-        task = asyncio.create_task(front.serve(sockets=[sock]))
-        while not front.started:
-            await asyncio.sleep(0.01)
-        try:
-            yield f"ws://127.0.0.1:{sock.getsockname()[1]}/"
-        finally:
-            front.should_exit = True
-            await task
+        async with serving(app, LIMIT) as url:
+            yield url
 
 
 async def close_code(ws: ClientConnection) -> tuple[int, str]:
