@@ -168,6 +168,72 @@ async def test_a_big_body_read_with_a_small_head_is_not_a_big_head() -> None:
     assert server.app.paths == ["/upload"] and status(transport) == 200
 
 
+class Reader(App):
+    """Reads the body message by message (yielding between reads, as a forwarder writing upstream does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[bytes] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        while (message := await receive())["type"] == "http.request":
+            self.messages.append(message["body"])
+            if not message["more_body"]:
+                break
+            await asyncio.sleep(0)
+        await App.__call__(self, scope, receive, send)
+
+
+class Pieces(LimitedHttpTools):
+    """Records each piece of body httptools hands over."""
+
+    pieces: list[bytes]
+
+    def on_body(self, body: bytes) -> None:
+        self.pieces.append(body)
+        super().on_body(body)
+
+
+@pytest.mark.parametrize("cuts", [[], [10], [1, 2, 3, 70_000], list(range(1, 200_000, 9_999))])
+async def test_a_body_reaches_the_app_whole_however_it_is_cut_and_one_read_piece_is_not_copied(
+    cuts: list[int],
+) -> None:
+    """uvicorn joined every piece into a bytearray and copied that into bytes on each receive; a piece the app
+    reads on its own now reaches it as httptools gave it (the same object), and pieces that pile up (more than
+    one per read) are joined, in order, with reading paused past 64 KiB as uvicorn pauses it."""
+    server = Server()
+    server.app = reader = Reader()
+    server.config = Config(app=reader, log_level="warning", lifespan="off")
+    server.config.load()
+    protocol = Pieces(config=server.config, server_state=server.state, app_state={}, limits=server.limits)
+    protocol.pieces = []
+    transport = Transport()
+    protocol.connection_made(transport)
+    body = random.Random(7).randbytes(200_000)
+    wire = b"POST /up HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    head = wire.index(b"\r\n\r\n") + 4
+    edges = [0, head, *(head + cut for cut in cuts), len(wire)]
+    for start, end in zip(edges, edges[1:], strict=False):
+        protocol.data_received(wire[start:end])
+        if end - start < 5_000:  # small pieces pile up before the app reads
+            continue
+        await settle()
+    await settle()
+    assert b"".join(reader.messages) == body and status(transport) == 200
+    pieces = iter(protocol.pieces)
+    for message in reader.messages:  # the pieces each message was made of, in order
+        made_of = [next(pieces)]
+        while sum(map(len, made_of)) < len(message):
+            made_of.append(next(pieces))
+        if len(made_of) == 1:
+            assert message is made_of[0]  # handed on, not copied
+        else:
+            assert message == b"".join(made_of)
+    assert next(pieces, None) is None
+    if not cuts:  # the whole body in one read: one message, no copy
+        assert len(reader.messages) == 1 and reader.messages[0] is protocol.pieces[0]
+
+
 async def test_pipelined_heads_in_one_read_are_measured_each_on_its_own() -> None:
     """Two 700-byte heads in one 1.4 KB read, under a 1 KiB limit: both are served."""
     server = Server(header_bytes=1024)
