@@ -100,13 +100,17 @@ class Connection(AnswerParsing):
 
     # --- the exchange ---------------------------------------------------------------------------
 
-    def start(self, response: Response, head: bytes) -> None:
+    def start(self, response: Response, head: bytes, body: bytes = b"") -> None:
+        """Send the request head, with the body (or its first piece) when it is in already: one write."""
         self._ref = weakref.ref(response)
         self._junk, self._head = False, 0
         if self.dead or self.transport is None or self.transport.is_closing():  # hung up before it (a new one)
             response.fail(UpstreamFailure(timeout=False))  # and uvloop's write would raise
             return
-        self.transport.write(head)
+        if body:
+            self.transport.writelines((head, body))  # one writev with uvloop
+        else:
+            self.transport.write(head)
 
     def finish(self, response: Response) -> None:
         """The answer is complete: the connection leaves it, to the pool or closed. A success that came before the

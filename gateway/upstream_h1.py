@@ -11,8 +11,10 @@ reset and TLS failures 502s (``tls.tls_failure`` names the latter). An idempoten
 fails on a reused connection before any byte of the answer (the upstream closed it while idle) is sent once
 more on a new connection, as aiohttp does.
 
-No task, timer or future per request but the waits themselves; a request with a body gets one task that writes
-it while the answer is awaited (as aiohttp), so an upstream that answers early is heard at once.
+No task, timer or future per request but the waits themselves. A ``Content-Length`` body's first piece is read
+before the head goes; when it is the whole body (as uvicorn hands over most bodies: all that came in one read),
+head and body leave in one write. The rest of a body is written by one task while the answer is awaited (as
+aiohttp does), so an upstream that answers early is heard at once.
 """
 
 from __future__ import annotations
@@ -85,6 +87,30 @@ def declared_length(headers: StrHeaders) -> int:
     return int(value)
 
 
+async def _first_piece(body: AsyncIterator[bytes] | None, length: int) -> bytes:
+    """A ``Content-Length`` body's first piece, read before the head goes: it is usually the whole body (uvicorn
+    has it when the app starts), which then goes out with the head in one write, with no writer task. A body
+    that fails here (too large, the client gone) or gives more than its length fails the request, as one that
+    fails while it is written does."""
+    assert body is not None
+    try:
+        first = await anext(body, b"")
+        past = len(first) > length or (len(first) == length and await _more(body))
+    except Exception as exc:
+        raise UpstreamFailure(timeout=False, detail=f"the request body: {type(exc).__name__}") from None
+    if past:
+        raise UpstreamFailure(timeout=False, detail="the request body is longer than its Content-Length")
+    return first
+
+
+async def _more(body: AsyncIterator[bytes]) -> bool:
+    """Whether a body gives anything more (empty pieces are nothing)."""
+    async for piece in body:
+        if piece:
+            return True
+    return False
+
+
 class LeanForwarder:
     """Keep-alive connections to every upstream: at most ``pool_size`` in use, ``max_idle`` idle per upstream."""
 
@@ -116,6 +142,8 @@ class LeanForwarder:
             length = None if chunked or body is None else declared_length(headers)
         except ValueError as exc:
             raise UpstreamFailure(timeout=False, detail=str(exc)) from None
+        first = await _first_piece(body, length) if length and not expect else b""
+        whole = body is None or len(first) == length
         https = url.scheme == "https"
         key = (https, url.host, url.port, tls if https else None)
         retry = body is None and method in IDEMPOTENT
@@ -123,12 +151,14 @@ class LeanForwarder:
         while True:
             conn = await self._acquire(key, url, tls if https else None, connect_timeout, fresh)
             response = Response(conn, method == "HEAD", self._deadlines, read_timeout)
-            response.body_sent = body is None
-            conn.start(response, head)
-            if body is not None and response.failure is None:
-                writing = conn.write_body(response, body, length, expect, True)
+            response.body_sent = whole
+            conn.start(response, head, first)
+            if not whole and response.failure is None:
+                assert body is not None
+                rest = None if length is None else length - len(first)
+                writing = conn.write_body(response, body, rest, expect, True)
                 response.writer = asyncio.get_running_loop().create_task(writing)
-            await response.wait(True, body is None)  # with a body, the read timeout starts once it is sent
+            await response.wait(True, whole)  # with a body, the read timeout starts once it is sent
             if response.failure is None:
                 return response
             if not (retry and response.retryable):
