@@ -100,6 +100,11 @@ class Connection(AnswerParsing):
 
     # --- the exchange ---------------------------------------------------------------------------
 
+    @property
+    def write_paused(self) -> bool:
+        """The transport holds more than it wants to: what was written is not all sent yet."""
+        return self._write_paused
+
     def start(self, response: Response, head: bytes, body: bytes = b"") -> None:
         """Send the request head, with the body (or its first piece) when it is in already: one write."""
         self._ref = weakref.ref(response)
@@ -196,6 +201,10 @@ class Connection(AnswerParsing):
                 transport.write(b"0\r\n\r\n")
             elif left:
                 raise ValueError("the request body is shorter than its Content-Length")
+            if self._write_paused:  # sent, not just buffered: the read timeout starts then
+                await self._drained()
+                if not self._carries(response):
+                    return
             response.body_sent = True
             response.writer = None
             if not response.status and response.failure is None and armed:

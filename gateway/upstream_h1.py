@@ -12,8 +12,8 @@ fails on a reused connection before any byte of the answer (the upstream closed 
 more on a new connection, as aiohttp does.
 
 No task, timer or future per request but the waits themselves. A ``Content-Length`` body's first piece is read
-before the head goes; when it is the whole body (as uvicorn hands over most bodies: all that came in one read),
-head and body leave in one write. The rest of a body is written by one task while the answer is awaited (as
+before the head goes; when it is the whole body (as uvicorn hands over most bodies: all that came before the app
+read), head and body leave in one write. The rest of a body is written by one task while the answer is awaited (as
 aiohttp does), so an upstream that answers early is heard at once.
 """
 
@@ -151,14 +151,16 @@ class LeanForwarder:
         while True:
             conn = await self._acquire(key, url, tls if https else None, connect_timeout, fresh)
             response = Response(conn, method == "HEAD", self._deadlines, read_timeout)
-            response.body_sent = whole
             conn.start(response, head, first)
-            if not whole and response.failure is None:
-                assert body is not None
+            # A whole body that the transport still holds is not sent: the writer waits for it (and an error
+            # answered meanwhile stops it, the connection closed: Connection.finish), then the read timeout starts.
+            response.body_sent = whole and (body is None or not conn.write_paused)
+            if not response.body_sent and response.failure is None:
+                assert body is not None  # the rest of it, or nothing more once it is whole
                 rest = None if length is None else length - len(first)
                 writing = conn.write_body(response, body, rest, expect, True)
                 response.writer = asyncio.get_running_loop().create_task(writing)
-            await response.wait(True, whole)  # with a body, the read timeout starts once it is sent
+            await response.wait(True, response.body_sent)  # with a body, the read timeout starts once it is sent
             if response.failure is None:
                 return response
             if not (retry and response.retryable):
