@@ -184,6 +184,15 @@ class Reader(App):
         await App.__call__(self, scope, receive, send)
 
 
+class Pausing(Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pauses = 0
+
+    def pause_reading(self) -> None:
+        self.pauses += 1
+
+
 class Pieces(LimitedHttpTools):
     """Records each piece of body httptools hands over."""
 
@@ -207,7 +216,7 @@ async def test_a_body_reaches_the_app_whole_however_it_is_cut_and_one_read_piece
     server.config.load()
     protocol = Pieces(config=server.config, server_state=server.state, app_state={}, limits=server.limits)
     protocol.pieces = []
-    transport = Transport()
+    transport = Pausing()
     protocol.connection_made(transport)
     body = random.Random(7).randbytes(200_000)
     wire = b"POST /up HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -232,6 +241,7 @@ async def test_a_body_reaches_the_app_whole_however_it_is_cut_and_one_read_piece
     assert next(pieces, None) is None
     if not cuts:  # the whole body in one read: one message, no copy
         assert len(reader.messages) == 1 and reader.messages[0] is protocol.pieces[0]
+    assert (transport.pauses > 0) == any(len(message) > 65_536 for message in reader.messages)
 
 
 async def test_pipelined_heads_in_one_read_are_measured_each_on_its_own() -> None:
