@@ -4,7 +4,7 @@ uvicorn's httptools protocol has no limit on a request's head (llhttp keeps none
 50 MB header was read whole and forwarded), no deadline for receiving it (a connection that sends
 nothing, or a header line every few seconds, stayed open for good), and its ``limit_concurrency``
 refuses requests on connections already open once the cap is reached. ``LimitedHttpTools`` extends
-that protocol (``server.limits``):
+that protocol, as ``client_h1.ClientH1`` (the leaner body and answer path), with ``server.limits``:
 
     head bytes      over ``header_bytes``, 431 ``headers_too_large``
     header count    over ``header_count``, 431 ``too_many_headers``
@@ -39,10 +39,9 @@ from typing import Any, cast
 
 import httptools
 from uvicorn.config import Config
-from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from gateway.client_h1 import ClientH1
 from gateway.client_ws import ClientHop
 from gateway.config import LimitsConfig, WebSocketConfig
 from gateway.reasons import Reason
@@ -151,7 +150,7 @@ def _connections(state: ServerState, loop: asyncio.AbstractEventLoop, header_tim
     return found
 
 
-class LimitedHttpTools(HttpToolsProtocol):
+class LimitedHttpTools(ClientH1):
     """uvicorn's httptools protocol with the limits of ``server.limits`` (see the module docstring)."""
 
     def __init__(
@@ -274,24 +273,8 @@ class LimitedHttpTools(HttpToolsProtocol):
     # --- parser callbacks (the hot path: a few comparisons per request, one more call per body chunk) ---
 
     def on_body(self, body: bytes) -> None:
-        """uvicorn's ``on_body`` without its copies: it gathers every piece into a ``bytearray`` and ``receive``
-        copies that into ``bytes``, twice 64 KB for a 64 KB POST. A piece the app reads on its own (most bodies
-        come in one) is handed on as httptools gave it (``bytes`` of a ``bytes`` is itself); only pieces that
-        pile up before the app reads are joined, as uvicorn joins them."""
         self._bodied = True
-        cycle = self.cycle
-        if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
-            return
-        held: bytes | bytearray = cycle.body
-        if not held:
-            cycle.body = body  # type: ignore[assignment]  # uvicorn's receive takes bytes() of either
-        else:
-            if type(held) is bytes:
-                cycle.body = held = bytearray(held)
-            held += body
-        if len(cycle.body) > HIGH_WATER_LIMIT:
-            self.flow.pause_reading()
-        cycle.message_event.set()
+        super().on_body(body)
 
     def on_headers_complete(self) -> None:
         self.head_since = self._unfinished = self._framing = 0
@@ -299,7 +282,7 @@ class LimitedHttpTools(HttpToolsProtocol):
         if (fields := len(self.headers)) > self._max_count or fed > self._max_bytes or self._over_cap:
             self._check_head(fed)
         self._fields = fields
-        HttpToolsProtocol.on_headers_complete(self)
+        super().on_headers_complete()
 
     def _check_head(self, fed: int) -> None:
         """Refuse the head just parsed if it is over a limit. Its size (method and version left out) is measured

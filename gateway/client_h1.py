@@ -1,0 +1,98 @@
+"""The client hop of an HTTP/1.1 request: uvicorn's httptools protocol, with a leaner body and answer path.
+
+    body    -> a piece of request body the app reads on its own reaches it as httptools gave it; uvicorn
+               gathered every piece into a ``bytearray`` and copied that into ``bytes`` on each ``receive``
+               (twice 64 KB for a 64 KB POST). Pieces that pile up before the app reads are joined, as
+               uvicorn joins them, and reading pauses past 64 KiB, as it does
+    answer  -> the response head is held until the body's first write, and both go out in one ``writev``:
+               uvicorn wrote them with a call each, two sends of two segments for every small answer.
+               A head with no body write right behind it (a stream whose first piece is not in yet, an
+               answer to HEAD) goes at the end of the loop turn, or when the connection is closed
+
+Everything else is uvicorn's ``HttpToolsProtocol`` as it was; ``limits.LimitedHttpTools`` adds the limits.
+bench/floor_bench.py: the head's own send was about a tenth of a proxied GET's CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn's receive writes for Expect: 100-continue
+
+
+class HeadHold:
+    """What a request's cycle writes to: its connection's transport, but the response head waits for the body.
+
+    The cycle's first write is the head, unless it is the ``100 Continue`` that uvicorn's ``receive`` writes
+    (then the head is the next one). The held head goes with the next write, on ``close``, or at the end of the
+    loop turn (``call_soon``), whichever comes first: it never waits for the app. No reference to the cycle: one
+    would make a reference cycle of every request, left to the garbage collector.
+    """
+
+    __slots__ = ("_transport", "_loop", "_held", "_headed")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._headed = False
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.writelines((held, data))
+        elif self._headed or data == CONTINUE:
+            self._transport.write(data)
+        else:  # the head
+            self._headed = True
+            self._held = data
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:  # anything else uvicorn may ask of a transport
+        return getattr(self._transport, name)
+
+
+class ClientH1(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the body and answer paths of the module docstring."""
+
+    def on_headers_complete(self) -> None:
+        before = self.cycle
+        super().on_headers_complete()
+        cycle = self.cycle
+        # A new cycle (none for an upgrade); a HEAD answer has no body write to wait for.
+        if cycle is not before and cycle is not None and self.scope["method"] != "HEAD":
+            cycle.transport = HeadHold(self.transport, self.loop)  # type: ignore[assignment]
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
+            return
+        held: bytes | bytearray = cycle.body
+        if not held:
+            cycle.body = body  # type: ignore[assignment]  # uvicorn's receive takes bytes() of either
+        else:
+            if type(held) is bytes:
+                cycle.body = held = bytearray(held)
+            held += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()

@@ -1,0 +1,126 @@
+"""gateway/client_h1.py: the client hop's answer path, driven byte by byte over a transport that records each write.
+
+uvicorn wrote a response head and its body with a call each (two sends, two segments for every small answer);
+the head now waits for the body's first write and both go in one. It never waits for the app: a head with no
+body right behind it goes at the end of the loop turn. The body path's tests are in test_limits.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from test_limits import Server, Transport, settle
+from uvicorn.config import Config
+
+from gateway.limits import LimitedHttpTools
+
+HEAD = b"HTTP/1.1 200 OK\r\n"
+
+
+class Writes(Transport):
+    """Records each write the connection makes (``writelines`` is one write: a single writev with uvloop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+        super().write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+
+class Answers:
+    """Answers 200 with ``body``: all at once, or the head first and the body once ``go`` is set."""
+
+    def __init__(self, body: bytes = b"ok", late: bool = False, fail: bool = False) -> None:
+        self.body, self.late, self.fail = body, late, fail
+        self.go = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["method"] == "POST":
+            while (await receive()).get("more_body"):
+                pass
+        headers = [(b"content-length", str(len(self.body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        self.started.set()
+        if self.fail:
+            raise RuntimeError("the app fails after its head")
+        if self.late:
+            await self.go.wait()
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def connect(app: Answers) -> tuple[LimitedHttpTools, Writes]:
+    server = Server()
+    server.config = Config(app=app, log_level="warning", lifespan="off")
+    server.config.load()
+    protocol = LimitedHttpTools(config=server.config, server_state=server.state, app_state={}, limits=server.limits)
+    transport = Writes()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+@pytest.mark.parametrize("close", [False, True])
+async def test_a_small_answer_leaves_in_one_write(close: bool) -> None:
+    protocol, transport = connect(Answers())
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: gw\r\n" + (b"Connection: close\r\n" if close else b"") + b"\r\n")
+    await settle()
+    assert len(transport.writes) == 1
+    assert transport.writes[0].startswith(HEAD) and transport.writes[0].endswith(b"\r\n\r\nok")
+    assert transport.closed is close
+
+
+async def test_a_head_whose_body_is_late_goes_at_the_end_of_the_loop_turn() -> None:
+    """A stream whose first piece is not in yet (server-sent events, a slow upstream): the client has the head
+    while the app waits, and the body follows in a write of its own."""
+    app = Answers(late=True)
+    protocol, transport = connect(app)
+    protocol.data_received(b"GET /events HTTP/1.1\r\nHost: gw\r\n\r\n")
+    await app.started.wait()
+    await settle()
+    assert len(transport.writes) == 1 and transport.writes[0].startswith(HEAD) and not app.go.is_set()
+    app.go.set()
+    await settle()
+    assert transport.writes[1:] == [b"ok"]
+
+
+async def test_100_continue_goes_at_once_and_the_answer_after_it_in_one_write() -> None:
+    protocol, transport = connect(Answers())
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    await settle()
+    assert transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    protocol.data_received(b"body")
+    await settle()
+    assert len(transport.writes) == 2 and transport.writes[1].startswith(HEAD)
+    assert transport.writes[1].endswith(b"\r\n\r\nok")
+
+
+async def test_an_answer_to_head_is_written_as_it_comes() -> None:
+    """No body write follows a HEAD answer's head (uvicorn writes none): nothing is held."""
+    protocol, transport = connect(Answers())
+    protocol.data_received(b"HEAD / HTTP/1.1\r\nHost: gw\r\n\r\n")
+    await settle()
+    assert len(transport.writes) == 1 and transport.writes[0].startswith(HEAD)
+    assert transport.writes[0].endswith(b"\r\n\r\n") and not transport.closed
+
+
+async def test_an_app_that_fails_after_its_head_gets_the_head_out_before_the_close() -> None:
+    protocol, transport = connect(Answers(fail=True))
+    protocol.data_received(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+    await settle()
+    assert len(transport.writes) == 1 and transport.writes[0].startswith(HEAD) and transport.closed
+
+
+async def test_pipelined_requests_are_answered_in_order_one_write_each() -> None:
+    app = Answers()
+    protocol, transport = connect(app)
+    protocol.data_received(b"GET /one HTTP/1.1\r\nHost: gw\r\n\r\nGET /two HTTP/1.1\r\nHost: gw\r\n\r\n")
+    for _ in range(4):
+        await settle()
+    assert len(transport.writes) == 2 and all(w.startswith(HEAD) and w.endswith(b"ok") for w in transport.writes)
