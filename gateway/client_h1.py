@@ -4,10 +4,13 @@
                gathered every piece into a ``bytearray`` and copied that into ``bytes`` on each ``receive``
                (twice 64 KB for a 64 KB POST). Pieces that pile up before the app reads are joined, as
                uvicorn joins them, and reading pauses past 64 KiB, as it does
-    answer  -> the response head is held until the body's first write, and both go out in one ``writev``:
-               uvicorn wrote them with a call each, two sends of two segments for every small answer.
-               A head with no body write right behind it (a stream whose first piece is not in yet, an
-               answer to HEAD) goes at the end of the loop turn, or when the connection is closed
+    answer  -> the response head is held until the body's first write, and both go out in one send
+               (``writelines``: one ``writev`` with uvloop; asyncio joins them): uvicorn wrote them with a
+               call each, two sends of two segments for every small answer. A head with no body write
+               right behind it (a stream whose first piece is not in yet) goes at the end of the loop turn
+               (on uvloop, after that turn's reads), before anything the protocol writes or closes itself
+               (a 400 for the client's next bytes, a refusal, a deadline), or on the cycle's close. An
+               answer to HEAD is not held: no body write follows it
 
 Everything else is uvicorn's ``HttpToolsProtocol`` as it was; ``limits.LimitedHttpTools`` adds the limits.
 bench/floor_bench.py: the head's own send was about a tenth of a proxied GET's CPU.
@@ -24,41 +27,57 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn's receive writes for Expect: 100-continue
 
 
+class Held:
+    """The response head a connection holds, if any: one per connection, shared by its cycles' ``HeadHold`` and
+    the protocol. Whatever the protocol itself writes or closes (a 400, a refusal, a WebSocket handshake, a
+    deadline) comes from the client's next bytes or a deadline, and it sends the held head first (``flush``), so
+    nothing overtakes or drops it. Bytes only: no reference cycle."""
+
+    __slots__ = ("head",)
+
+    def __init__(self) -> None:
+        self.head: bytes | None = None
+
+    def flush(self, transport: asyncio.Transport) -> None:
+        head = self.head
+        if head is not None:
+            self.head = None
+            if not transport.is_closing():
+                transport.write(head)
+
+
 class HeadHold:
     """What a request's cycle writes to: its connection's transport, but the response head waits for the body.
 
     The cycle's first write is the head, unless it is the ``100 Continue`` that uvicorn's ``receive`` writes
-    (then the head is the next one). The held head goes with the next write, on ``close``, or at the end of the
-    loop turn (``call_soon``), whichever comes first: it never waits for the app. No reference to the cycle: one
-    would make a reference cycle of every request, left to the garbage collector.
+    (then the head is the next one). The held head goes with the next write, on ``close``, before anything the
+    protocol writes itself, or at the end of the loop turn (``call_soon``), whichever comes first: it never
+    waits for the app. No reference to the cycle: one would make a reference cycle of every request.
     """
 
     __slots__ = ("_transport", "_loop", "_held", "_headed")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, held: Held) -> None:
         self._transport = transport
         self._loop = loop
-        self._held: bytes | None = None
+        self._held = held
         self._headed = False
 
     def write(self, data: bytes) -> None:
         held = self._held
-        if held is not None:
-            self._held = None
-            self._transport.writelines((held, data))
+        head = held.head
+        if head is not None:
+            held.head = None
+            self._transport.writelines((head, data))
         elif self._headed or data == CONTINUE:
             self._transport.write(data)
         else:  # the head
             self._headed = True
-            self._held = data
+            held.head = data
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        held = self._held
-        if held is not None:
-            self._held = None
-            if not self._transport.is_closing():
-                self._transport.write(held)
+        self._held.flush(self._transport)
 
     def close(self) -> None:
         self.flush()
@@ -72,7 +91,21 @@ class HeadHold:
 
 
 class ClientH1(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the body and answer paths of the module docstring."""
+    """uvicorn's httptools protocol with the body and answer paths of the module docstring. A subclass that
+    writes to or closes the connection itself calls ``flush_held`` first (``data_received`` does)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.held = Held()
+        super().connection_made(transport)
+
+    def flush_held(self) -> None:
+        """Send a held response head now: before the protocol writes to the connection or closes it."""
+        self.held.flush(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.held.head is not None:  # what these bytes make the protocol write (a 400...) comes after it
+            self.flush_held()
+        super().data_received(data)
 
     def on_headers_complete(self) -> None:
         before = self.cycle
@@ -80,7 +113,7 @@ class ClientH1(HttpToolsProtocol):
         cycle = self.cycle
         # A new cycle (none for an upgrade); a HEAD answer has no body write to wait for.
         if cycle is not before and cycle is not None and self.scope["method"] != "HEAD":
-            cycle.transport = HeadHold(self.transport, self.loop)  # type: ignore[assignment]
+            cycle.transport = HeadHold(self.transport, self.loop, self.held)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle

@@ -200,6 +200,8 @@ class LimitedHttpTools(ClientH1):
             self._connections.discard(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.held.head is not None:  # what these bytes make us write (a 400, a refusal) comes after it
+            self.flush_held()
         self._unset_keepalive_if_required()
         self._chunk = size = len(data)
         self._fed += size
@@ -257,6 +259,7 @@ class LimitedHttpTools(ClientH1):
         self.head_since = 0.0
         if self.transport.is_closing():
             return
+        self.flush_held()
         if self.cycle is None or self.cycle.response_complete:
             self.transport.write(refusal(reason))
         log.info("refused %s from %s", reason, self.client[0] if self.client else "-")
@@ -268,6 +271,7 @@ class LimitedHttpTools(ClientH1):
             self.refuse(Reason.HEADER_TIMEOUT)
         else:
             self.head_since = 0.0
+            self.flush_held()
             self.transport.close()
 
     # --- parser callbacks (the hot path: a few comparisons per request, one more call per body chunk) ---

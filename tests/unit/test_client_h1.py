@@ -8,9 +8,13 @@ body right behind it goes at the end of the loop turn. The body path's tests are
 from __future__ import annotations
 
 import asyncio
+import gc
+import socket
+import weakref
 from typing import Any
 
 import pytest
+import uvloop
 from test_limits import Server, Transport, settle
 from uvicorn.config import Config
 
@@ -124,3 +128,79 @@ async def test_pipelined_requests_are_answered_in_order_one_write_each() -> None
     for _ in range(4):
         await settle()
     assert len(transport.writes) == 2 and all(w.startswith(HEAD) and w.endswith(b"ok") for w in transport.writes)
+
+
+# --- review: nothing the protocol writes itself overtakes or drops a held head ---
+
+
+async def test_a_400_for_pipelined_garbage_does_not_overtake_a_held_head() -> None:
+    """Request 1's head is held (its body is late) when the client's next bytes come in the same loop turn, and
+    they are not HTTP: uvicorn's 400 goes to the connection itself. It went before request 1's head, and the close
+    after it dropped that head: the client read the 400 as the answer to its valid first request."""
+    app = Answers(late=True)
+    protocol, transport = connect(app)
+    protocol.data_received(b"GET /one HTTP/1.1\r\nHost: gw\r\n\r\n")
+    asyncio.get_running_loop().call_soon(protocol.data_received, b"\x01 not http\r\n\r\n")
+    await settle()
+    assert transport.writes[0].startswith(HEAD) and transport.writes[1].startswith(b"HTTP/1.1 400 ")
+
+
+async def test_a_refusal_that_closes_during_the_hold_sends_the_head_first() -> None:
+    """Same turn, a pipelined request over header_count: the refusal writes nothing (an answer is under way)
+    and closes the connection; the held head was dropped, where before it was on the wire ahead of the close."""
+    app = Answers(late=True)
+    protocol, transport = connect(app)
+    protocol.data_received(b"GET /one HTTP/1.1\r\nHost: gw\r\n\r\n")
+    many = b"GET /two HTTP/1.1\r\nHost: gw\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(200)) + b"\r\n"
+    asyncio.get_running_loop().call_soon(protocol.data_received, many)
+    await settle()
+    assert transport.closed and len(transport.writes) == 1 and transport.writes[0].startswith(HEAD)
+
+
+async def test_a_finished_cycle_is_freed_by_refcount() -> None:
+    """The wrapper refers to no cycle: every request's cycle would otherwise wait for the garbage collector."""
+    protocol, _ = connect(Answers())
+    protocol.data_received(b"GET /one HTTP/1.1\r\nHost: gw\r\n\r\n")
+    await settle()
+    first = weakref.ref(protocol.cycle)
+    gc.disable()
+    try:
+        protocol.data_received(b"GET /two HTTP/1.1\r\nHost: gw\r\n\r\n")
+        await settle()
+        assert first() is None
+    finally:
+        gc.enable()
+
+
+def test_on_uvloop_bytes_that_arrive_during_the_apps_step_come_after_the_held_head() -> None:
+    """The production loop, a real socket: uvloop runs a ``call_soon`` made in a task step after the next poll,
+    so the client's next bytes reach the protocol before the flush. They are not HTTP here: the client must read
+    the 200 head first (it read only the 400)."""
+
+    async def main() -> bytes:
+        server_sock, client = socket.socketpair()
+        go = asyncio.Event()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            client.send(b"\x01 not http\r\n\r\n")  # the client's next bytes, in flight as the head is written
+            await go.wait()
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        server = Server()
+        server.config = Config(app=app, log_level="warning", lifespan="off")
+        server.config.load()
+        protocol = LimitedHttpTools(config=server.config, server_state=server.state, app_state={}, limits=server.limits)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, server_sock)
+        client.send(b"GET /one HTTP/1.1\r\nHost: gw\r\n\r\n")
+        await asyncio.sleep(0.1)
+        client.setblocking(False)
+        try:
+            return client.recv(65536)
+        finally:
+            go.set()
+            await asyncio.sleep(0.01)
+            client.close()
+
+    received = uvloop.run(main())
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n") and b"HTTP/1.1 400 " in received
