@@ -328,7 +328,7 @@ def report(
             "Paired: A and B driven at the same time, each by its own wrk; their gateways share core 0, so the "
             "ratio of their req/s is the inverse ratio of the gateways' CPU cost per request.",
         ]
-    write_section(out, lines)
+    write_section(out, lines, HEADING)
     print("\n".join(lines))
     print(f"\nwritten to {out}")
 

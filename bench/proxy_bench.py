@@ -418,12 +418,12 @@ def report(
     if soak_lines:
         lines += ["", *soak_lines]
     # Sections other benchmarks write into the same file (## headings: forward_auth_bench.py) are kept.
-    write_section(out, lines)
+    write_section(out, lines, HEADING)
     print("\n".join(lines))
     print(f"\nwritten to {out}")
 
 
-def write_section(out: Path, lines: list[str], heading: str = HEADING) -> None:
+def write_section(out: Path, lines: list[str], heading: str) -> None:
     """Replace a benchmark's section of ``out`` (from ``heading`` to the next ``## `` or the end), or add it."""
     text = out.read_text() if out.exists() else ""
     start = 0 if text.startswith(heading) else text.find(f"\n{heading}")
