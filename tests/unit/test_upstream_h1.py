@@ -353,23 +353,26 @@ async def test_an_answer_dropped_unread_frees_its_connection_and_close_fails_one
     assert response is None and upstream.connections == 2
 
 
+async def refusing_first(request: RawRequest, reader: Reader, writer: Writer) -> bool:
+    """An upstream that refuses its first connection's request with a 413 at once, without reading its body, and
+    holds that connection until the forwarder hangs up; later connections are answered 200 ``ok``."""
+    if request.connection == 0:
+        writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
+        await writer.drain()
+        await reader.read()  # whatever else comes, until the forwarder hangs up
+        return False
+    return await answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")(request, reader, writer)  # type: ignore[no-any-return]
+
+
 async def test_an_answer_before_the_body_is_sent_comes_at_once_and_its_connection_is_not_reused(
     lean: LeanForwarder,
 ) -> None:
-    async def early(request: RawRequest, reader: Reader, writer: Writer) -> bool:
-        if request.connection == 0:
-            writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
-            await writer.drain()
-            await reader.read()  # whatever else comes, until the forwarder hangs up
-            return False
-        return await answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")(request, reader, writer)  # type: ignore[no-any-return]
-
     async def slow_body() -> AsyncIterator[bytes]:
         yield b"first"
         await asyncio.sleep(30)  # a client that uploads slowly
         yield b"never"
 
-    upstream = RawUpstream(early)
+    upstream = RawUpstream(refusing_first)
     async with upstream as url:
         response = await asyncio.wait_for(send(lean, url, "POST", [], slow_body()), 5)
         assert response.status == 413 and await whole(response) == b"no"

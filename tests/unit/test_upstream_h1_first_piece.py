@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from support.rawhttp import RawRequest, RawUpstream, read_body
 from support.waiting import until
-from test_upstream_h1 import Reader, Writer, answering, body_of, send, whole
+from test_upstream_h1 import Reader, Writer, answering, body_of, refusing_first, send, whole
 
 from gateway.errors import BodyTooLarge, ClientGone, UpstreamFailure
 from gateway.upstream_h1 import LeanForwarder
@@ -101,16 +101,7 @@ async def test_an_error_answered_while_a_whole_body_is_still_going_does_not_pool
     """An error answered before the body is all sent means the body is not wanted (RFC 9112 §9.6): it stops and
     the connection closes (review: a whole body counted as sent once handed to the transport, so a 413 pooled the
     connection, and the next request went behind the unwanted body to an upstream no longer parsing it)."""
-
-    async def early(request: RawRequest, reader: Reader, writer: Writer) -> bool:
-        if request.connection == 0:
-            writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
-            await writer.drain()
-            await reader.read()  # whatever else comes, until the forwarder hangs up
-            return False
-        return await answering(OK)(request, reader, writer)  # type: ignore[no-any-return]
-
-    upstream = RawUpstream(early)
+    upstream = RawUpstream(refusing_first)
     async with upstream as url:
         headers = [("content-length", str(len(BIG)))]
         response = await asyncio.wait_for(send(lean, url, "POST", headers, body_of(BIG)), 5)
