@@ -9,7 +9,8 @@
                call each, two sends of two segments for every small answer. A head with no body write
                right behind it (a stream whose first piece is not in yet) goes at the end of the loop turn
                (on uvloop, after that turn's reads), before anything the protocol writes or closes itself
-               (a 400 for the client's next bytes, a refusal, a deadline), or on the cycle's close. An
+               (a 400 for the client's next bytes, a refusal, a deadline, the client's half-close), or on
+               the cycle's close. An
                answer to HEAD is not held: no body write follows it
 
 Everything else is uvicorn's ``HttpToolsProtocol`` as it was; ``limits.LimitedHttpTools`` adds the limits.
@@ -106,6 +107,11 @@ class ClientH1(HttpToolsProtocol):
         if self.held.head is not None:  # what these bytes make the protocol write (a 400...) comes after it
             self.flush_held()
         super().data_received(data)
+
+    def eof_received(self) -> None:
+        if self.held.head is not None:  # the client half-closed: the transport closes itself next
+            self.flush_held()
+        super().eof_received()
 
     def on_headers_complete(self) -> None:
         before = self.cycle

@@ -204,3 +204,32 @@ def test_on_uvloop_bytes_that_arrive_during_the_apps_step_come_after_the_held_he
 
     received = uvloop.run(main())
     assert received.startswith(b"HTTP/1.1 200 OK\r\n") and b"HTTP/1.1 400 " in received
+
+
+def test_a_held_head_goes_out_when_the_client_half_closes() -> None:
+    """A client that half-closes after its request (``shutdown(SHUT_WR)``, ``nc -N``): the transport closes itself
+    at the end of file, past the held head, which was dropped (review; plain uvicorn sent the head, then closed)."""
+
+    async def main() -> bytes:
+        server_sock, client = socket.socketpair()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await asyncio.sleep(0.02)  # the body is a turn or more behind (a proxied stream)
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        server = Server()
+        server.config = Config(app=app, log_level="warning", lifespan="off")
+        server.config.load()
+        protocol = LimitedHttpTools(config=server.config, server_state=server.state, app_state={}, limits=server.limits)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, server_sock)
+        client.send(b"GET /one HTTP/1.1\r\nHost: gw\r\n\r\n")
+        client.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.1)
+        client.setblocking(False)
+        try:
+            return client.recv(65536)
+        finally:
+            client.close()
+
+    assert uvloop.run(main()).startswith(b"HTTP/1.1 200 OK\r\n")
