@@ -10,8 +10,7 @@
                right behind it (a stream whose first piece is not in yet) goes at the end of the loop turn
                (on uvloop, after that turn's reads), before anything the protocol writes or closes itself
                (a 400 for the client's next bytes, a refusal, a deadline, the client's half-close), or on
-               the cycle's close. An
-               answer to HEAD is not held: no body write follows it
+               the cycle's close. An answer to HEAD is not held: no body write follows it
 
 Everything else is uvicorn's ``HttpToolsProtocol`` as it was; ``limits.LimitedHttpTools`` adds the limits.
 bench/floor_bench.py: the head's own send was about a tenth of a proxied GET's CPU.
