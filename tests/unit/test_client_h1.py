@@ -11,6 +11,7 @@ import asyncio
 import gc
 import socket
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -172,37 +173,46 @@ async def test_a_finished_cycle_is_freed_by_refcount() -> None:
         gc.enable()
 
 
-def test_on_uvloop_bytes_that_arrive_during_the_apps_step_come_after_the_held_head() -> None:
-    """The production loop, a real socket: uvloop runs a ``call_soon`` made in a task step after the next poll,
-    so the client's next bytes reach the protocol before the flush. They are not HTTP here: the client must read
-    the 200 head first (it read only the 400)."""
+def on_uvloop(app: Any, then: Callable[[socket.socket], None] = lambda client: None) -> bytes:
+    """What a client gets in 0.1 s from ``app`` served on uvloop over a real socket, for one GET; ``then`` acts as
+    the client right after its request (a half-close)."""
 
     async def main() -> bytes:
         server_sock, client = socket.socketpair()
-        go = asyncio.Event()
 
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-            client.send(b"\x01 not http\r\n\r\n")  # the client's next bytes, in flight as the head is written
-            await go.wait()
-            await send({"type": "http.response.body", "body": b"ok"})
+        async def asgi(scope: Any, receive: Any, send: Any) -> None:
+            await app(client, scope, receive, send)
 
         server = Server()
-        server.config = Config(app=app, log_level="warning", lifespan="off")
+        server.config = Config(app=asgi, log_level="warning", lifespan="off")
         server.config.load()
         protocol = LimitedHttpTools(config=server.config, server_state=server.state, app_state={}, limits=server.limits)
         await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, server_sock)
         client.send(b"GET /one HTTP/1.1\r\nHost: gw\r\n\r\n")
+        then(client)
         await asyncio.sleep(0.1)
         client.setblocking(False)
         try:
             return client.recv(65536)
         finally:
-            go.set()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the app's last turn
             client.close()
 
-    received = uvloop.run(main())
+    return uvloop.run(main())
+
+
+def test_on_uvloop_bytes_that_arrive_during_the_apps_step_come_after_the_held_head() -> None:
+    """The production loop, a real socket: uvloop runs a ``call_soon`` made in a task step after the next poll,
+    so the client's next bytes reach the protocol before the flush. They are not HTTP here: the client must read
+    the 200 head first (it read only the 400)."""
+
+    async def app(client: socket.socket, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        client.send(b"\x01 not http\r\n\r\n")  # the client's next bytes, in flight as the head is written
+        await asyncio.sleep(0.2)  # the body comes after the client has read
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    received = on_uvloop(app)
     assert received.startswith(b"HTTP/1.1 200 OK\r\n") and b"HTTP/1.1 400 " in received
 
 
@@ -210,26 +220,10 @@ def test_a_held_head_goes_out_when_the_client_half_closes() -> None:
     """A client that half-closes after its request (``shutdown(SHUT_WR)``, ``nc -N``): the transport closes itself
     at the end of file, past the held head, which was dropped (review; plain uvicorn sent the head, then closed)."""
 
-    async def main() -> bytes:
-        server_sock, client = socket.socketpair()
+    async def app(client: socket.socket, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await asyncio.sleep(0.02)  # the body is a turn or more behind (a proxied stream)
+        await send({"type": "http.response.body", "body": b"ok"})
 
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-            await asyncio.sleep(0.02)  # the body is a turn or more behind (a proxied stream)
-            await send({"type": "http.response.body", "body": b"ok"})
-
-        server = Server()
-        server.config = Config(app=app, log_level="warning", lifespan="off")
-        server.config.load()
-        protocol = LimitedHttpTools(config=server.config, server_state=server.state, app_state={}, limits=server.limits)
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, server_sock)
-        client.send(b"GET /one HTTP/1.1\r\nHost: gw\r\n\r\n")
-        client.shutdown(socket.SHUT_WR)
-        await asyncio.sleep(0.1)
-        client.setblocking(False)
-        try:
-            return client.recv(65536)
-        finally:
-            client.close()
-
-    assert uvloop.run(main()).startswith(b"HTTP/1.1 200 OK\r\n")
+    received = on_uvloop(app, lambda client: client.shutdown(socket.SHUT_WR))
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")

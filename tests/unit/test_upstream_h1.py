@@ -380,14 +380,16 @@ async def test_an_answer_before_the_body_is_sent_comes_at_once_and_its_connectio
     assert upstream.connections == 2 and lean._active == 0
 
 
-def answering_first(answer: bytes):  # type: ignore[no-untyped-def]
-    """An upstream that answers as soon as the head is in, then reads the body (nginx's ``return``, say)."""
+def answering_first(answer: bytes, keep: bool = True, read: bool = True):  # type: ignore[no-untyped-def]
+    """An upstream that answers as soon as the head is in, then reads the body (nginx's ``return``, say), or does
+    not (``read``); it keeps the connection or closes it (``keep``)."""
 
     async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
         writer.write(answer)
         await writer.drain()
-        await read_body(reader, request)
-        return True
+        if read:
+            await read_body(reader, request)
+        return keep
 
     return handler
 

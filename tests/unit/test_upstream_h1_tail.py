@@ -7,9 +7,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from support.rawhttp import RawRequest, RawUpstream, read_body
+from support.rawhttp import RawRequest, RawUpstream
 from support.waiting import until
-from test_upstream_h1 import Reader, Writer, send, whole
+from test_upstream_h1 import Reader, Writer, answering_first, send, whole
 
 from gateway.forwarder import UpstreamResponse
 from gateway.upstream_h1 import LeanForwarder
@@ -49,13 +49,7 @@ async def test_a_success_before_the_body_from_a_client_that_never_ends_it_is_not
         await asyncio.sleep(30)
         yield b"never"
 
-    async def answers_first(request: RawRequest, reader: Reader, writer: Writer) -> bool:
-        writer.write(OK)
-        await writer.drain()
-        await read_body(reader, request)
-        return True
-
-    async with RawUpstream(answers_first) as url:
+    async with RawUpstream(answering_first(OK)) as url:
         response = await send(lean, url, "POST", [("content-length", "11")], stalled(), read_timeout=0.5)
         assert await asyncio.wait_for(whole(response), 5) == b"ok"
         await until(lambda: lean._active == 0, "the connection was freed")
@@ -123,21 +117,10 @@ async def stalled_body() -> AsyncIterator[bytes]:
     yield b"never"
 
 
-def answers_first(keep: bool, read: bool = True):  # type: ignore[no-untyped-def]
-    async def handler(request: RawRequest, reader: Reader, writer: Writer) -> bool:
-        writer.write(OK)
-        await writer.drain()
-        if read:
-            await read_body(reader, request)
-        return keep
-
-    return handler
-
-
 async def test_an_early_success_to_an_expect_100_continue_request_neither_hangs_nor_pools_its_connection(
     lean: LeanForwarder,
 ) -> None:
-    upstream = RawUpstream(answers_first(keep=True, read=False))
+    upstream = RawUpstream(answering_first(OK, keep=True, read=False))
     async with upstream as url:
         headers = [("content-length", "11"), ("expect", "100-continue")]
         response = await send(lean, url, "POST", headers, stalled_body(), read_timeout=5)
@@ -148,7 +131,7 @@ async def test_an_early_success_to_an_expect_100_continue_request_neither_hangs_
 
 
 async def test_a_tail_whose_upstream_hangs_up_frees_its_slot_and_the_answer_goes_at_once(lean: LeanForwarder) -> None:
-    upstream = RawUpstream(answers_first(keep=False, read=False))
+    upstream = RawUpstream(answering_first(OK, keep=False, read=False))
     async with upstream as url:
         response = await send(lean, url, "POST", [("content-length", "11")], stalled_body(), read_timeout=5)
         assert await asyncio.wait_for(whole(response), 2) == b"ok"
@@ -156,7 +139,7 @@ async def test_a_tail_whose_upstream_hangs_up_frees_its_slot_and_the_answer_goes
 
 
 async def test_closing_the_forwarder_during_a_tail_frees_its_slot(lean: LeanForwarder) -> None:
-    upstream = RawUpstream(answers_first(keep=True))
+    upstream = RawUpstream(answering_first(OK, keep=True))
     async with upstream as url:
         response = await send(lean, url, "POST", [("content-length", "11")], stalled_body(), read_timeout=5)
         await asyncio.sleep(0.1)
