@@ -266,8 +266,12 @@ class LimitedHttpTools(ClientH1):
         self.transport.close()
 
     def head_overdue(self) -> None:
-        """The head was not complete in time: 408 if some of a request came, else just close."""
-        if self.scope is not None and "method" not in self.scope:  # a request began
+        """The head was not complete in time: 408 if some of a request came, else just close. Not while uvicorn
+        has stopped reading (a request queued behind the one being answered, a body the app has not read): the
+        rest of the head may be waiting on this side; its time starts again."""
+        if self.flow.read_paused:
+            self.head_since = self.loop.time()
+        elif self.scope is not None and "method" not in self.scope:  # a request began
             self.refuse(Reason.HEADER_TIMEOUT)
         else:
             self.head_since = 0.0

@@ -8,13 +8,16 @@ tests do, and looks at what was written and whether the app was called. The proc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import pickle
 import random
+import socket
 import zlib
 from typing import Any
 
 import pytest
+import uvicorn
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -350,6 +353,40 @@ async def test_the_sweep_runs_by_itself() -> None:
     _, transport = server.connect()
     await asyncio.sleep(0.5)
     assert transport.closed
+
+
+async def test_a_pipelined_head_is_not_overdue_while_the_server_stops_reading() -> None:
+    """A real socket. Behind a slow answer the client pipelines a second request and the start of a third, the rest
+    of which it sends at once: uvicorn stops reading at the queued second head, so the third one's rest waits in the
+    socket, unread. The deadline ran on: the connection was closed mid-answer, the slow one's head alone sent."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await asyncio.sleep(0.8 if scope["path"] == "/slow" else 0)
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = uvicorn.Config(app, lifespan="off", log_level="error", **server_options(LimitsConfig(header_timeout=0.2)))
+    server = uvicorn.Server(config)
+    sock = socket.create_server(("127.0.0.1", 0))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    reader, writer = await asyncio.open_connection(*sock.getsockname())
+    try:
+        writer.write(get("/slow"))
+        await asyncio.sleep(0.05)
+        writer.write(get("/two") + get("/three")[:10])
+        await asyncio.sleep(0.05)
+        writer.write(get("/three")[10:])
+        received = b""
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            while received.count(b"ok") < 3 and (more := await asyncio.wait_for(reader.read(65536), 2)):
+                received += more
+        assert received.count(b"HTTP/1.1 200 OK\r\n") == 3
+    finally:
+        writer.close()
+        server.should_exit = True
+        await task
 
 
 # --- connections ---
