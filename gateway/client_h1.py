@@ -33,16 +33,19 @@ class Held:
     deadline) comes from the client's next bytes or a deadline, and it sends the held head first (``flush``), so
     nothing overtakes or drops it. Bytes only: no reference cycle."""
 
-    __slots__ = ("head",)
+    __slots__ = ("head", "lost")
 
     def __init__(self) -> None:
         self.head: bytes | None = None
+        self.lost = False  # the connection is lost (``ClientH1.connection_lost``): uvloop's write would raise
 
     def flush(self, transport: asyncio.Transport) -> None:
+        """Write the held head, closing transport or not: one that is closing still sends what it is given until
+        its buffer drains, the body that follows the head included."""
         head = self.head
         if head is not None:
             self.head = None
-            if not transport.is_closing():
+            if not self.lost:
                 transport.write(head)
 
 
@@ -97,6 +100,10 @@ class ClientH1(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.held = Held()
         super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.held.lost = True
+        super().connection_lost(exc)
 
     def flush_held(self) -> None:
         """Send a held response head now: before the protocol writes to the connection or closes it."""

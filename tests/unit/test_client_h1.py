@@ -227,3 +227,66 @@ def test_a_held_head_goes_out_when_the_client_half_closes() -> None:
 
     received = on_uvloop(app, lambda client: client.shutdown(socket.SHUT_WR))
     assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_head_held_as_the_connection_closes_leaves_with_its_body(run: Callable[[Any], bytes]) -> None:
+    """``nc -N``: two pipelined requests, then the client half-closes. The transport closes itself at the end of
+    file, but first sends what it still holds (the first answer, more than the socket takes) and what is written
+    meanwhile: the second answer's head, held past its turn, was dropped as the connection was closing, and its
+    body went alone (the client read ``small`` where a head was due; plain uvicorn sent both)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = b"a" * 60_000 if scope["path"] == "/big" else b"small"
+        if scope["path"] == "/small":
+            await asyncio.sleep(0.05)  # past the end of file: the connection is closing
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await asyncio.sleep(0.01)  # a proxied body, a turn or more behind its head
+        await send({"type": "http.response.body", "body": body})
+
+    async def main() -> bytes:
+        server_sock, client = socket.socketpair()
+        server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # the first answer does not fit in it
+        server = Server()
+        server.config = Config(app=app, log_level="warning", lifespan="off")
+        server.config.load()
+        protocol = LimitedHttpTools(config=server.config, server_state=server.state, app_state={}, limits=server.limits)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, server_sock)
+        client.sendall(b"GET /big HTTP/1.1\r\nHost: gw\r\n\r\nGET /small HTTP/1.1\r\nHost: gw\r\n\r\n")
+        client.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.2)
+        client.setblocking(False)
+        received = b""
+        with client:
+            while more := await asyncio.wait_for(asyncio.get_running_loop().sock_recv(client, 65536), 1):
+                received += more
+        return received
+
+    received = run(main())
+    assert received.count(b"HTTP/1.1 200 OK\r\n") == 2 and received.endswith(b"\r\n\r\nsmall")
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_head_written_as_the_connection_is_lost_is_dropped_without_an_error(late: bool) -> None:
+    """The connection is lost (here aborted) as the app writes its head, or before (uvicorn tells a request that a
+    pipelined one follows nothing): the flush comes after ``connection_lost``, and uvloop raises on a write to a
+    lost connection, here in a callback of the loop's own."""
+    errors: list[dict[str, Any]] = []
+    connections: list[LimitedHttpTools] = []
+
+    async def app(client: socket.socket, scope: Any, receive: Any, send: Any) -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        connections[0].transport.abort()
+        await asyncio.sleep(0.01 if late else 0)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+
+    real = LimitedHttpTools.connection_made
+
+    def made(self: LimitedHttpTools, transport: asyncio.Transport) -> None:
+        connections.append(self)
+        real(self, transport)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LimitedHttpTools, "connection_made", made)
+        assert on_uvloop(app, lambda client: client.send(b"GET /two HTTP/1.1\r\nHost: gw\r\n\r\n")) == b""
+    assert errors == []
