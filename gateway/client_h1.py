@@ -37,7 +37,8 @@ class Held:
 
     def __init__(self) -> None:
         self.head: bytes | None = None
-        self.lost = False  # the connection is lost (``ClientH1.connection_lost``): uvloop's write would raise
+        self.lost = False  # the connection is lost (``ClientH1.connection_lost``): uvloop's write would raise, and
+        # asyncio's writelines in Python 3.12 and 3.13.0 (CPython gh-136234); uvicorn drops a lost client's answer
 
     def flush(self, transport: asyncio.Transport) -> None:
         """Write the held head, closing transport or not: one that is closing still sends what it is given until
@@ -68,6 +69,8 @@ class HeadHold:
 
     def write(self, data: bytes) -> None:
         held = self._held
+        if held.lost:  # uvicorn does not tell a request with a pipelined one behind it: its writes would raise
+            return
         head = held.head
         if head is not None:
             held.head = None

@@ -266,19 +266,23 @@ def test_a_head_held_as_the_connection_closes_leaves_with_its_body(run: Callable
     assert received.count(b"HTTP/1.1 200 OK\r\n") == 2 and received.endswith(b"\r\n\r\nsmall")
 
 
-@pytest.mark.parametrize("late", [False, True])
-def test_a_head_written_as_the_connection_is_lost_is_dropped_without_an_error(late: bool) -> None:
-    """The connection is lost (here aborted) as the app writes its head, or before (uvicorn tells a request that a
-    pipelined one follows nothing): the flush comes after ``connection_lost``, and uvloop raises on a write to a
-    lost connection, here in a callback of the loop's own."""
-    errors: list[dict[str, Any]] = []
+def test_what_an_app_writes_once_the_connection_is_lost_is_dropped_without_an_error() -> None:
+    """The connection is lost (here aborted) as the app writes its answer: uvicorn tells a request that has a
+    pipelined one behind it nothing, so its writes go on. uvloop raised on them (so does asyncio's ``writelines``
+    on Python 3.12 and 3.13.0, gh-136234), in the app's send or in the held head's flush callback; uvicorn means a
+    lost client's answer to be dropped quietly, as asyncio's ``write`` drops it."""
+    errors: list[Any] = []
     connections: list[LimitedHttpTools] = []
 
     async def app(client: socket.socket, scope: Any, receive: Any, send: Any) -> None:
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
-        connections[0].transport.abort()
-        await asyncio.sleep(0.01 if late else 0)
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        connections[0].transport.abort()  # connection_lost comes next, then the held head's flush
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await asyncio.sleep(0.01)
+            await send({"type": "http.response.body", "body": b"ok"})
+        except RuntimeError as error:
+            errors.append(error)
 
     real = LimitedHttpTools.connection_made
 
