@@ -74,7 +74,10 @@ class HeadHold:
         head = held.head
         if head is not None:
             held.head = None
-            self._transport.writelines((head, data))
+            if data:
+                self._transport.writelines((head, data))
+            else:  # no empty piece for asyncio's writelines: it keeps it for good (Python 3.12 on, CPython gh-155888)
+                self._transport.write(head)
         elif self._headed or data == CONTINUE:
             self._transport.write(data)
         else:  # the head

@@ -229,6 +229,36 @@ def test_a_held_head_goes_out_when_the_client_half_closes() -> None:
     assert received.startswith(b"HTTP/1.1 200 OK\r\n")
 
 
+def over_socket(
+    run: Callable[[Any], bytes], app: Any, wire: bytes, sndbuf: int = 0, half_close: bool = False, wait: float = 0
+) -> bytes:
+    """All a client reads from ``app`` served over a real socket on the loop that ``run`` runs, for ``wire``, up to
+    the end of the connection (TimeoutError if it does not end): ``sndbuf`` shrinks the server's socket buffer,
+    ``half_close`` ends the client's side after its requests, and it starts reading ``wait`` seconds after them."""
+
+    async def main() -> bytes:
+        server_sock, client = socket.socketpair()
+        if sndbuf:
+            server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        server = Server()
+        server.config = Config(app=app, log_level="warning", lifespan="off")
+        server.config.load()
+        protocol = LimitedHttpTools(config=server.config, server_state=server.state, app_state={}, limits=server.limits)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, server_sock)
+        client.sendall(wire)
+        if half_close:
+            client.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(wait)
+        client.setblocking(False)
+        received = b""
+        with client:
+            while more := await asyncio.wait_for(asyncio.get_running_loop().sock_recv(client, 65536), 1):
+                received += more
+        return received
+
+    return run(main())
+
+
 @pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
 def test_a_head_held_as_the_connection_closes_leaves_with_its_body(run: Callable[[Any], bytes]) -> None:
     """``nc -N``: two pipelined requests, then the client half-closes. The transport closes itself at the end of
@@ -244,26 +274,23 @@ def test_a_head_held_as_the_connection_closes_leaves_with_its_body(run: Callable
         await asyncio.sleep(0.01)  # a proxied body, a turn or more behind its head
         await send({"type": "http.response.body", "body": body})
 
-    async def main() -> bytes:
-        server_sock, client = socket.socketpair()
-        server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # the first answer does not fit in it
-        server = Server()
-        server.config = Config(app=app, log_level="warning", lifespan="off")
-        server.config.load()
-        protocol = LimitedHttpTools(config=server.config, server_state=server.state, app_state={}, limits=server.limits)
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, server_sock)
-        client.sendall(b"GET /big HTTP/1.1\r\nHost: gw\r\n\r\nGET /small HTTP/1.1\r\nHost: gw\r\n\r\n")
-        client.shutdown(socket.SHUT_WR)
-        await asyncio.sleep(0.2)
-        client.setblocking(False)
-        received = b""
-        with client:
-            while more := await asyncio.wait_for(asyncio.get_running_loop().sock_recv(client, 65536), 1):
-                received += more
-        return received
-
-    received = run(main())
+    wire = b"GET /big HTTP/1.1\r\nHost: gw\r\n\r\nGET /small HTTP/1.1\r\nHost: gw\r\n\r\n"
+    received = over_socket(run, app, wire, sndbuf=8192, half_close=True, wait=0.2)  # the first answer overflows it
     assert received.count(b"HTTP/1.1 200 OK\r\n") == 2 and received.endswith(b"\r\n\r\nsmall")
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_an_empty_answer_closes_its_connection(run: Callable[[Any], bytes]) -> None:
+    """A 204 (any empty body) leaves as the head and ``b""``. Given to ``writelines``, asyncio's transport keeps the
+    empty piece for good from Python 3.12 on, until CPython gh-155888's fix: the connection never closed, and its
+    writer woke the loop on every turn."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    received = over_socket(run, app, b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+    assert received == b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n"
 
 
 def test_what_an_app_writes_once_the_connection_is_lost_is_dropped_without_an_error() -> None:
