@@ -25,6 +25,15 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn's receive writes for Expect: 100-continue
+CLIENT = "gateway.client"  # the scope's extension (ASGI: a dict) whose "held" is the connection's ``Held``
+
+
+def client_gone(scope: Any) -> bool:
+    """Whether the client of a request has left (its connection lost). uvicorn drops what an app sends then without a
+    word, so an app streaming an answer with no end (server-sent events) never learns it by sending; it asks here.
+    False under another server."""
+    extension = scope.get("extensions", {}).get(CLIENT)
+    return extension is not None and extension["held"].lost
 
 
 class Held:
@@ -105,6 +114,7 @@ class ClientH1(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.held = Held()
+        self.client_extension: dict[object, object] = {"held": self.held}  # ``client_gone``
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -127,6 +137,7 @@ class ClientH1(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         before = self.cycle
+        self.scope["extensions"] = {CLIENT: self.client_extension}  # how the app learns its client left
         super().on_headers_complete()
         cycle = self.cycle
         # A new cycle (none for an upgrade); a HEAD answer has no body write to wait for.

@@ -29,6 +29,7 @@ from gateway.assertion import Assertion
 from gateway.bodies import RequestBody, declared_too_large
 from gateway.cache import BoundedCache
 from gateway.capture import Capturer, capture_plan
+from gateway.client_h1 import client_gone
 from gateway.cors import is_preflight
 from gateway.errors import BadHeader, UpstreamFailure
 from gateway.forwarder import Forwarder, UpstreamResponse, chunks, upstream_url
@@ -232,6 +233,9 @@ class HttpPath:
             chunk = await response.read()
             while chunk and not response.at_eof():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if client_gone(scope):  # a stream with no end would be read on, its connection held, for good
+                    response.close()  # the upstream's connection closes: its stream ends there
+                    return response.status
                 chunk = await response.read()
         except UpstreamFailure as exc:
             # Headers are gone already; all we can do is cut the connection so the client sees it.
