@@ -194,6 +194,11 @@ class Store(Protocol):
     ) -> Finish:
         """The owner's write-out, only if its attempt still holds ``fence`` and the family is alive.
 
+        An attempt that is gone altogether (not taken over: the store lost it, restarted empty or
+        failed over to a replica that never had it) does not refuse the write-out: the IdP has
+        redeemed the token, and its successor is the session's only future. Refusing it would
+        leave the token looking fresh, and the next owner would present it to the IdP again (reuse).
+
         ``writes`` are (key, value, ttl) in the family's slot; ``used`` marks the token superseded
         (stamped with the store's time); ``member`` adds an access token (jti, exp) to the family.
         Announces ``keys.lock``. Idempotent: a repeat after a lost reply answers ``ok``.

@@ -117,7 +117,9 @@ FINISH = (
     NOW
     + """
 local current = redis.call('HMGET', KEYS[1], 'fence', 'state')
-if current[1] ~= ARGV[1] then return 'superseded' end
+-- Another fence: the attempt was taken over. No attempt at all: the store lost it (a restart without
+-- persistence, a failover) while the IdP redeemed the token, so the successor is written out all the same.
+if current[1] and current[1] ~= ARGV[1] then return 'superseded' end
 if current[2] == 'done' then return 'ok' end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'ended' end
 for i = 5, #KEYS do
@@ -134,7 +136,7 @@ if ARGV[6] ~= '' then
     local last = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
     if last[2] then redis.call('PEXPIREAT', KEYS[4], math.ceil(tonumber(last[2]) * 1000)) end
 end
-redis.call('HSET', KEYS[1], 'state', 'done')
+if current[1] then redis.call('HSET', KEYS[1], 'state', 'done') end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 'ok'
 """

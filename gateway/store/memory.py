@@ -174,9 +174,9 @@ class MemoryStore:
         member: tuple[str, float] | None = None,
     ) -> Finish:
         current = self._attempt(keys.attempt)
-        if current is None or current["fence"] != fence:
+        if current is not None and current["fence"] != fence:
             return "superseded"
-        if current["state"] == "done":
+        if current is not None and current["state"] == "done":
             return "ok"
         if self._live(keys.ended) is not None:
             return "ended"
@@ -187,7 +187,8 @@ class MemoryStore:
             self._used[self._prefix + keys.used] = (used[0], now, now + used[1])
         if member is not None:
             await self.add_member(keys.members, *member)
-        current["state"] = "done"
+        if current is not None:
+            current["state"] = "done"
         self._watchers.announce(keys.lock)
         return "ok"
 

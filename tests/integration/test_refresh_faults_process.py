@@ -1,0 +1,74 @@
+"""Refresh under single faults the continuity tests do not cover, against real processes.
+
+`gateway serve --workers 2`, a redis-server of the test's own (so that it may be restarted, empty),
+and the rotating test IdP, whose ledger tells whether a refresh token was ever presented twice (I1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from support.redis_servers import RedisServer, start_redis
+from support.servers import IdPProcess, ServerProcess, set_cookies, start_idp
+from test_continuity_process import assert_one_redemption_each, at_the_idp, expired, serve
+from test_refresh_process import IDP_SECRET, REFRESH, cookie_header
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[IdPProcess]:
+    with start_idp(secret=IDP_SECRET) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def healthy_idp(idp: IdPProcess) -> Iterator[None]:
+    idp.reset()
+    yield
+    idp.reset()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[list[RedisServer]]:
+    """A redis-server of this test's own, in a list: ``restart`` replaces it by an empty one on the same port."""
+    servers = [start_redis()]
+    try:
+        yield servers
+    finally:
+        servers[-1].stop()
+
+
+def restart(servers: list[RedisServer]) -> None:
+    """Stop the redis-server and start an empty one on its port (no persistence: every key is gone)."""
+    port = servers[-1].port
+    servers[-1].stop()
+    servers.append(RedisServer(lambda port: ["--port", str(port), "--save", "", "--appendonly", "no"], port=port))
+
+
+def test_redis_restarting_empty_during_the_idp_call_never_resends_the_token(
+    idp: IdPProcess, upstream: ServerProcess, own_redis: list[RedisServer]
+) -> None:
+    """The owner's write-out found its attempt gone (wiped, not taken over), took it for another worker's,
+    revoked the successor it had just been given and redeemed the old token again: the IdP saw reuse and
+    revoked the session, and the user was logged out."""
+    with serve(idp, upstream, own_redis[-1].url) as gw:
+        session = expired(idp)
+        idp.behaviour(latency=1.5)
+
+        async def scenario() -> httpx.Response:
+            async with httpx.AsyncClient(timeout=30) as client:
+                cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+                owner = asyncio.ensure_future(client.get(f"{gw.url}/a", headers=cookie))
+                await at_the_idp(idp)  # the owner's call is in flight (the IdP answers after 1.5 s)
+                await asyncio.to_thread(restart, own_redis)
+                return await owner
+
+        first = asyncio.run(scenario())
+        assert first.status_code == 200, first.text
+        jar = set_cookies(first)
+        assert jar[REFRESH].value and jar[REFRESH]["max-age"] != "0"
+        assert_one_redemption_each(idp)
+        again = httpx.get(f"{gw.url}/b", headers={"Cookie": f"{REFRESH}={jar[REFRESH].value}"}, timeout=30)
+        assert again.status_code == 200, again.text
