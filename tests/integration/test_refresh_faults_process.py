@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from support.faultproxy import FaultProxy
 from support.redis_servers import RedisServer, start_redis
 from support.servers import IdPProcess, ServerProcess, set_cookies, start_idp
-from test_continuity_process import assert_one_redemption_each, at_the_idp, expired, serve
-from test_refresh_process import IDP_SECRET, REFRESH, cookie_header
+from test_continuity_process import assert_one_redemption_each, at_the_idp, expired, serve, via
+from test_refresh_process import ACCESS, IDP_SECRET, REFRESH, cookie_header
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +74,45 @@ def test_redis_restarting_empty_during_the_idp_call_never_resends_the_token(
         assert_one_redemption_each(idp)
         again = httpx.get(f"{gw.url}/b", headers={"Cookie": f"{REFRESH}={jar[REFRESH].value}"}, timeout=30)
         assert again.status_code == 200, again.text
+
+
+def test_a_logout_during_a_store_outage_ends_a_session_whose_rotation_is_recorded_late(
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+) -> None:
+    """Redis went down during the IdP call for longer than a request waits: the request got the successor,
+    whose rotation (family link, write-out) went on in the background. The user logged out with it before
+    Redis was back; the logout, retried in the background too, found no family for the successor and ended
+    one named after it. Then the rotation landed, in the family nobody ended: the logged-out refresh token
+    still refreshed (with an IdP that ignores revocation) and got a 200 (I3)."""
+    parts = urlsplit(redis_url)
+    with (
+        FaultProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy,
+        serve(idp, upstream, via(proxy, redis_url), revocation_endpoint=None) as gw,
+    ):
+        session = expired(idp)
+        idp.behaviour(latency=1.0)
+
+        async def scenario() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+                owner = asyncio.ensure_future(client.get(f"{gw.url}/a", headers=cookie))
+                await at_the_idp(idp)
+                await asyncio.to_thread(proxy.down)
+                first = await owner  # after SHARE_RETRY (10 s): the write-out goes on in the background
+                jar = set_cookies(first)
+                held = {"Cookie": f"{ACCESS}={jar[ACCESS].value}; {REFRESH}={jar[REFRESH].value}", "Origin": gw.url}
+                logout = await client.post(f"{gw.url}/.gateway/logout", headers=held)
+                # The logout's retry reads the family of the successor before the rotation's link lands.
+                await asyncio.to_thread(proxy.add_rule, r"^SET \S*family:", "delay_command", delay=1.5, times=None)
+                await asyncio.to_thread(proxy.heal)
+                await asyncio.sleep(4.0)  # both background writes have landed
+                return first, logout
+
+        first, logout = asyncio.run(scenario())
+        assert first.status_code == 200, first.text
+        assert logout.status_code == 204
+        assert "successor recorded late" in gw.log()
+        jar = set_cookies(first)
+        copy = httpx.get(f"{gw.url}/b", headers={"Cookie": f"{REFRESH}={jar[REFRESH].value}"}, timeout=30)
+        assert copy.status_code == 401, copy.text
+        assert copy.json()["reason"] == "session_ended"
