@@ -123,6 +123,10 @@ class Coordinator:
             return Outcome(ended_label(record.ended))
         if record.result is not None:
             outcome = self._redemption.unseal(record.result, keys.result)
+            if outcome.label == "unverified" and outcome.access is not None:
+                ended = await self._counted(keys, outcome.access)
+                if ended is not None:
+                    return ended
             if outcome.ok:
                 # Only the token's own record tells what is left of its grace: a successor followed to
                 # (depth > 0) has a grace of its own, which may outlast the token's by far.
@@ -196,6 +200,17 @@ class Coordinator:
                 return Outcome(ended_label(ended))
             return Outcome("reverified", access, token, lifetime)
         return Outcome("unverified", access, token, lifetime)
+
+    async def _counted(self, keys: RecordKeys, access: str) -> Outcome | None:
+        """A successor whose access token did not verify at its write-out was not counted in the family
+        (``members``): if it verifies now, it is handed out, so count it first, or ending the family would
+        not refuse it (I3). The family's end if it ended meanwhile; None to go on."""
+        verdict = await self._verifier.verify(access)
+        if verdict.claims is None:
+            return None  # answered 503 (or 502) without the access token: nothing handed out
+        await self._families.join(keys.root, verdict.claims)
+        ended = (await self._store.read_record(keys)).ended  # an end between our read and the join
+        return Outcome(ended_label(ended)) if ended is not None else None
 
     async def _lost(self, keys: RecordKeys) -> Outcome:
         """The IdP may have redeemed this token and its answer is lost: end the session cleanly, never resend."""

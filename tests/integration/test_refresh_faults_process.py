@@ -7,6 +7,7 @@ and the rotating test IdP, whose ledger tells whether a refresh token was ever p
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -116,3 +117,28 @@ def test_a_logout_during_a_store_outage_ends_a_session_whose_rotation_is_recorde
         copy = httpx.get(f"{gw.url}/b", headers={"Cookie": f"{REFRESH}={jar[REFRESH].value}"}, timeout=30)
         assert copy.status_code == 401, copy.text
         assert copy.json()["reason"] == "session_ended"
+
+
+def test_a_successor_verified_late_on_a_grace_hit_is_refused_once_the_session_ends(
+    upstream: ServerProcess, redis_url: str
+) -> None:
+    """The IdP's clock ran ahead: its new access token was not valid yet when the rotation was written out,
+    so it was not counted among the family's tokens. A moment later a copy of the old cookie got it on a
+    grace hit (it verified by then), still uncounted; when reuse ended the family, that access token was
+    not refused and kept getting 200s until it expired (I3)."""
+    with start_idp(secret=IDP_SECRET, clock_skew=2) as idp, serve(idp, upstream, redis_url, grace_period=3) as gw:
+        session = idp.issue("alice", access_ttl=-60)
+        old = {"Cookie": cookie_header(None, session["refresh"])}
+        first = httpx.get(f"{gw.url}/a", headers=old, timeout=30)
+        assert first.status_code == 503 and first.json()["reason"] == "idp_token_unverified", first.text
+        time.sleep(2.2)  # the IdP's tokens are valid here now; the rotation is 2.2 s old, within grace
+        copy = httpx.get(f"{gw.url}/b", headers=old, timeout=30)
+        assert copy.status_code == 200, copy.text
+        access = set_cookies(copy)[ACCESS].value
+        time.sleep(1.0)  # past the grace period
+        replay = httpx.get(f"{gw.url}/c", headers=old, timeout=30)
+        assert replay.status_code == 401 and replay.json()["reason"] == "reuse", replay.text
+        time.sleep(1.2)  # every worker has the family's access tokens on its denylist
+        after = httpx.get(f"{gw.url}/d", headers={"Cookie": f"{ACCESS}={access}"}, timeout=30)
+        assert after.status_code == 401, after.text
+        assert idp.stats()["refresh_calls"] == 1
