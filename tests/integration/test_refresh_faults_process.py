@@ -142,3 +142,35 @@ def test_a_successor_verified_late_on_a_grace_hit_is_refused_once_the_session_en
         after = httpx.get(f"{gw.url}/d", headers={"Cookie": f"{ACCESS}={access}"}, timeout=30)
         assert after.status_code == 401, after.text
         assert idp.stats()["refresh_calls"] == 1
+
+
+@pytest.mark.parametrize("remembered", [False, True], ids=["from_the_store", "from_memory"])
+def test_the_token_before_last_within_grace_gets_the_newest_tokens_not_a_superseded_successor(
+    upstream: ServerProcess, redis_url: str, remembered: bool
+) -> None:
+    """Access tokens due within the grace period (4 s tokens are due at half their life): A was rotated to B,
+    then B to C, while A's grace still ran. A request that left the browser with A and arrived late got a grace
+    hit with B, already superseded (from the store, or from the worker's memory of an earlier grace hit); the
+    browser kept those cookies, and its next request after B's grace period was reuse: logged out (I2)."""
+    with (
+        start_idp(secret=IDP_SECRET, access_ttl=4) as idp,
+        serve(idp, upstream, redis_url, workers=1, grace_period=3) as gw,
+    ):
+        session = idp.issue("alice", access_ttl=-60)
+        a = {"Cookie": cookie_header(session["access"], session["refresh"])}
+        b = set_cookies(httpx.get(f"{gw.url}/1", headers=a, timeout=30))
+        if remembered:  # a grace hit the worker remembers for A's grace period
+            assert set_cookies(httpx.get(f"{gw.url}/1", headers=a, timeout=30))[REFRESH].value == b[REFRESH].value
+        time.sleep(2.2)  # B is due; A's grace (3 s) still runs
+        with_b = {"Cookie": f"{ACCESS}={b[ACCESS].value}; {REFRESH}={b[REFRESH].value}"}
+        c = set_cookies(httpx.get(f"{gw.url}/2", headers=with_b, timeout=30))
+        assert c[REFRESH].value != b[REFRESH].value
+        late = httpx.get(f"{gw.url}/3", headers=a, timeout=30)
+        assert late.status_code == 200, late.text
+        kept = set_cookies(late)
+        assert kept[REFRESH].value == c[REFRESH].value
+        time.sleep(3.5)  # the browser kept what the late request set, and idled past every grace period
+        with_kept = {"Cookie": f"{ACCESS}={kept[ACCESS].value}; {REFRESH}={kept[REFRESH].value}"}
+        back = httpx.get(f"{gw.url}/4", headers=with_kept, timeout=30)
+        assert back.status_code == 200, back.text
+        assert idp.stats()["refresh_calls"] == 3  # A, B, and C once it was due
