@@ -172,7 +172,8 @@ class Store(Protocol):
 
         Refused unless ``owner`` holds ``keys.lock``, the family is alive, the token is not
         superseded, and there is no unsettled attempt (other than ``replace``, which is taken over).
-        Idempotent: repeated after a lost reply, it answers as the first time.
+        Idempotent: repeated after a lost reply, it answers as the first time; refused once ``fence``
+        was settled (a copy that reached the store after its owner gave up waiting and cleared it).
         """
         ...
 
@@ -180,6 +181,8 @@ class Store(Protocol):
         """Mark the attempt ``maybe`` (answer lost) or delete it (never sent), only if it is still ``fence``'s.
 
         A retry (it took over a ``maybe`` attempt) is never deleted: it goes back to ``maybe``.
+        Clearing an attempt that is not there (yet) leaves ``fence`` behind as ``cleared``, read as no
+        attempt, so that the owner's ``begin_attempt`` that timed out but still runs later is refused.
         """
         ...
 

@@ -13,11 +13,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import redis
 from support.faultproxy import FaultProxy
 from support.redis_servers import RedisServer, start_redis
 from support.servers import IdPProcess, ServerProcess, set_cookies, start_idp
-from test_continuity_process import assert_one_redemption_each, at_the_idp, expired, serve, via
+from test_continuity_process import assert_one_redemption_each, at_the_idp, expired, serve, sha, via
 from test_refresh_process import ACCESS, IDP_SECRET, REFRESH, cookie_header
+
+from gateway.store import lua
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +177,32 @@ def test_the_token_before_last_within_grace_gets_the_newest_tokens_not_a_superse
         back = httpx.get(f"{gw.url}/4", headers=with_kept, timeout=30)
         assert back.status_code == 200, back.text
         assert idp.stats()["refresh_calls"] == 3  # A, B, and C once it was due
+
+
+def test_an_attempt_record_run_late_by_a_slow_store_is_never_taken_for_a_lost_answer(
+    idp: IdPProcess, upstream: ServerProcess, redis_url: str
+) -> None:
+    """Redis slow on the network: the owner's record of its attempt went unanswered past the client's timeout,
+    so it sent nothing and cleared the attempt on another connection, where nothing was there yet; the record
+    ran afterwards, before the lock's release. The pending attempt outlived its deadline and the next request
+    took it for an IdP answer lost: the session ended (refresh_lost) although the IdP never saw the token."""
+    parts = urlsplit(redis_url)
+    with (
+        FaultProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy,
+        serve(idp, upstream, via(proxy, redis_url), workers=1) as gw,
+    ):
+        session = expired(idp)
+        cookie = {"Cookie": cookie_header(session["access"], session["refresh"])}
+        with redis.Redis.from_url(redis_url) as direct:  # loaded already: the delayed call runs, not NOSCRIPT
+            direct.script_load(lua.BEGIN_ATTEMPT)
+        begin = proxy.add_rule(f"^EVALSHA {sha(lua.BEGIN_ATTEMPT)}", "delay_command", delay=2.5)
+        release = proxy.add_rule(f"^EVALSHA {sha(lua.RELEASE)}", "delay_command", delay=1.0)
+        slow = httpx.get(f"{gw.url}/a", headers=cookie, timeout=60)
+        assert slow.status_code == 503, slow.text
+        assert proxy.matched(begin) == 1 and proxy.matched(release) == 1
+        assert idp.stats()["refresh_calls"] == 0
+        time.sleep(12.0)  # past the attempt's deadline (2 + 5 + 2 × 1 + 1 s)
+        back = httpx.get(f"{gw.url}/b", headers=cookie, timeout=60)
+        assert back.status_code == 200, back.text
+        assert set_cookies(back)[REFRESH].value
+        assert_one_redemption_each(idp)
