@@ -123,7 +123,15 @@ class Coordinator:
             return Outcome(ended_label(record.ended))
         if record.result is not None:
             outcome = self._redemption.unseal(record.result, keys.result)
+            if outcome.label == "unverified" and outcome.access is not None:
+                ended = await self._counted(keys, outcome.access)
+                if ended is not None:
+                    return ended
             if outcome.ok:
+                if record.used is not None and outcome.refresh not in (None, token) and depth < MAX_FOLLOW:
+                    newer = await self._newer(keys, outcome.refresh, arrived, depth)
+                    if newer is not None:
+                        return newer
                 # Only the token's own record tells what is left of its grace: a successor followed to
                 # (depth > 0) has a grace of its own, which may outlast the token's by far.
                 rotated = record.rotated_at if depth == 0 else None
@@ -196,6 +204,31 @@ class Coordinator:
                 return Outcome(ended_label(ended))
             return Outcome("reverified", access, token, lifetime)
         return Outcome("unverified", access, token, lifetime)
+
+    async def _newer(self, keys: RecordKeys, successor: str, arrived: Arrival, depth: int) -> Outcome | None:
+        """The newest tokens, when a grace hit's successor has itself been rotated (or its session ended) since.
+
+        Access tokens that are due within the grace period rotate the successor within the token's
+        grace: a late request with the token before last would get the superseded successor, and a
+        browser that keeps those cookies presents it after its own grace period, which is reuse (a
+        logout nobody asked for, I2). None: the successor is still the newest.
+        """
+        later = keys.of(self._sealer.token_hash(successor))
+        found = await self._store.read_record(later)
+        if found.used is None and found.ended is None:
+            return None
+        return await self.coordinate(later, successor, arrived, depth + 1)
+
+    async def _counted(self, keys: RecordKeys, access: str) -> Outcome | None:
+        """A successor whose access token did not verify at its write-out was not counted in the family
+        (``members``): if it verifies now, it is handed out, so count it first, or ending the family would
+        not refuse it (I3). The family's end if it ended meanwhile; None to go on."""
+        verdict = await self._verifier.verify(access)
+        if verdict.claims is None:
+            return None  # answered 503 (or 502) without the access token: nothing handed out
+        await self._families.join(keys.root, verdict.claims)
+        ended = (await self._store.read_record(keys)).ended  # an end between our read and the join
+        return Outcome(ended_label(ended)) if ended is not None else None
 
     async def _lost(self, keys: RecordKeys) -> Outcome:
         """The IdP may have redeemed this token and its answer is lost: end the session cleanly, never resend."""

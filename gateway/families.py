@@ -37,7 +37,7 @@ from typing import Any
 
 from gateway.denylist import Denylist, refuse_until
 from gateway.errors import StoreError
-from gateway.reasons import Reason
+from gateway.reasons import Reason, ended_label
 from gateway.sealing import Sealer
 from gateway.session_index import IndexRecords, SessionInfo
 from gateway.store import BACKGROUND_RETRY, RETRY_PAUSE, FamilyEnd, RecordKeys, Store
@@ -131,6 +131,23 @@ class Families:
             await self._deny(jti, exp)
         await self._deny(SESSION + keys.root, now + self._lifetime)
         return end
+
+    async def ended_before_link(self, keys: RecordKeys, successor: str) -> bool:
+        """Whether a logout with ``successor`` ended a family named after it, and if so end ``keys``' too.
+
+        A rotation written out late (in the background, after a store outage) links its successor to
+        the family only then; a logout with the successor that reached the store first found no
+        family and ended one of the successor's own (``root_of``). The family it belongs to must end
+        as well, or the logged-out token would go on refreshing. Best effort: False on a store error.
+        """
+        try:
+            early = await self.ended(self._sealer.token_hash(successor))
+            if early is not None:
+                await self.end(keys, ended_label(early))
+        except StoreError as exc:
+            log.error("family %s: an early logout not checked (%s)", keys.root[:12], exc)
+            return False
+        return early is not None
 
     async def end_session(self, h: str, spawn: Callable[[Awaitable[Any]], None]) -> str | None:
         """Logout of the refresh token with hash ``h``: end its family; its newest refresh token, if known.

@@ -230,6 +230,8 @@ class Redemption:
         """The write-out after the request already has its tokens; if the session ended meanwhile, they die."""
         try:
             answer = await self._retrying(finish, BACKGROUND_RETRY)
+            if answer == "ok" and successor is not None and await self._families.ended_before_link(keys, successor):
+                answer = "ended"  # a logout with the successor came first: the family ends, these tokens die
             log.info("refresh token=%s: successor recorded late (%s)", keys.h[:12], answer or "gave up")
             if answer in ("ended", "superseded"):
                 if member is not None:

@@ -161,11 +161,14 @@ class SessionRefresher:
     async def _remembered(self, h: str, grace: _Grace) -> AuthResult | None:
         """A grace hit this worker answered before, while the grace period lasts and its successor verifies
         (the denylist included: a session ended meanwhile is refused here within a second, as on the fast
-        path); None sends the request to the store."""
+        path); None sends the request to the store.
+
+        Not once the successor's access token is due: the successor may be rotated from then on, and only
+        the store knows its own successor (a superseded one handed out here would come back as reuse)."""
         if self._grace_clock() < grace.until:
             verdict = await self._verifier.verify(grace.access)
             # Verifying may have taken a while (an opaque token asked about again): grace must last still.
-            if verdict.claims is not None and self._grace_clock() < grace.until:
+            if verdict.claims is not None and not verdict.refreshable and self._grace_clock() < grace.until:
                 self._metrics.refresh("grace_hit")
                 # ``until``: admission may answer the same cookies again, without asking here, while grace lasts.
                 until = self._clock() + (grace.until - self._grace_clock())

@@ -172,7 +172,8 @@ class Store(Protocol):
 
         Refused unless ``owner`` holds ``keys.lock``, the family is alive, the token is not
         superseded, and there is no unsettled attempt (other than ``replace``, which is taken over).
-        Idempotent: repeated after a lost reply, it answers as the first time.
+        Idempotent: repeated after a lost reply, it answers as the first time; refused once ``fence``
+        was settled (a copy that reached the store after its owner gave up waiting and cleared it).
         """
         ...
 
@@ -180,6 +181,8 @@ class Store(Protocol):
         """Mark the attempt ``maybe`` (answer lost) or delete it (never sent), only if it is still ``fence``'s.
 
         A retry (it took over a ``maybe`` attempt) is never deleted: it goes back to ``maybe``.
+        Clearing an attempt that is not there (yet) leaves ``fence`` behind as ``cleared``, read as no
+        attempt, so that the owner's ``begin_attempt`` that timed out but still runs later is refused.
         """
         ...
 
@@ -193,6 +196,11 @@ class Store(Protocol):
         member: tuple[str, float] | None = None,
     ) -> Finish:
         """The owner's write-out, only if its attempt still holds ``fence`` and the family is alive.
+
+        An attempt that is gone altogether (not taken over: the store lost it, restarted empty or
+        failed over to a replica that never had it) does not refuse the write-out: the IdP has
+        redeemed the token, and its successor is the session's only future. Refusing it would
+        leave the token looking fresh, and the next owner would present it to the IdP again (reuse).
 
         ``writes`` are (key, value, ttl) in the family's slot; ``used`` marks the token superseded
         (stamped with the store's time); ``member`` adds an access token (jti, exp) to the family.

@@ -82,12 +82,17 @@ BEGIN_ATTEMPT = (
     NOW
     + """
 local current = redis.call('HMGET', KEYS[2], 'fence', 'state', 'started')
--- The same call again (redis-py retries once after a reset): it happened, answer as the first time.
-if current[1] == ARGV[2] and current[2] == 'pending' then return tonumber(current[3]) end
+if current[1] == ARGV[2] then
+    -- The same call again (redis-py retries once after a reset): it happened, answer as the first time.
+    if current[2] == 'pending' then return tonumber(current[3]) end
+    -- Settled already: this copy ran late, after its owner gave up on it and cleared it (SETTLE_ATTEMPT).
+    return false
+end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
 if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then return false end
-if current[1] and current[2] ~= 'done' and current[1] ~= ARGV[5] then return false end
-local retried = (ARGV[5] ~= '' and current[1]) and '1' or '0'
+local open = current[1] and current[2] ~= 'done' and current[2] ~= 'cleared'
+if open and current[1] ~= ARGV[5] then return false end
+local retried = (ARGV[5] ~= '' and open) and '1' or '0'
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'fence', ARGV[2], 'started', now, 'deadline', now + tonumber(ARGV[3]),
            'state', 'pending', 'retried', retried)
@@ -99,9 +104,19 @@ return now
 # KEYS: attempt   ARGV: fence, 'maybe' | 'clear'
 # A retry took over an attempt whose answer was lost: that the retry never left does not mean the
 # first one never did, so "clear" leaves it "maybe" (still retried: it is never sent a third time).
+# Clearing an attempt that is not there yet leaves the fence behind, "cleared", for longer than any
+# lease (lock_lease is at most 60 s): the owner's BEGIN_ATTEMPT whose reply timed out may still be on
+# its way, and must not record a pending attempt nobody will settle (taken, past its deadline, for a
+# lost answer: a logout although the IdP never saw the token). Read as no attempt at all.
 SETTLE_ATTEMPT = """
-local current = redis.call('HMGET', KEYS[1], 'fence', 'retried')
+local current = redis.call('HMGET', KEYS[1], 'fence', 'retried', 'state')
+if not current[1] and ARGV[2] == 'clear' then
+    redis.call('HSET', KEYS[1], 'fence', ARGV[1], 'state', 'cleared')
+    redis.call('PEXPIRE', KEYS[1], 120000)
+    return 1
+end
 if current[1] ~= ARGV[1] then return 0 end
+if current[3] == 'cleared' then return 1 end
 if ARGV[2] == 'clear' and current[2] ~= '1' then
     redis.call('DEL', KEYS[1])
 else
@@ -117,7 +132,9 @@ FINISH = (
     NOW
     + """
 local current = redis.call('HMGET', KEYS[1], 'fence', 'state')
-if current[1] ~= ARGV[1] then return 'superseded' end
+-- Another fence: the attempt was taken over. No attempt at all: the store lost it (a restart without
+-- persistence, a failover) while the IdP redeemed the token, so the successor is written out all the same.
+if current[1] and current[1] ~= ARGV[1] then return 'superseded' end
 if current[2] == 'done' then return 'ok' end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'ended' end
 for i = 5, #KEYS do
@@ -134,7 +151,7 @@ if ARGV[6] ~= '' then
     local last = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
     if last[2] then redis.call('PEXPIREAT', KEYS[4], math.ceil(tonumber(last[2]) * 1000)) end
 end
-redis.call('HSET', KEYS[1], 'state', 'done')
+if current[1] then redis.call('HSET', KEYS[1], 'state', 'done') end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 'ok'
 """

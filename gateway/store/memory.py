@@ -140,25 +140,31 @@ class MemoryStore:
         self, keys: RecordKeys, owner: str, fence: str, window: float, ttl: float, *, replace: str | None = None
     ) -> float | None:
         current = self._attempt(keys.attempt)
-        if current is not None and current["fence"] == fence and current["state"] == "pending":
-            return float(current["started"])  # a repeat of this very call
+        if current is not None and current["fence"] == fence:  # a repeat of this very call, or one settled since
+            return float(current["started"]) if current["state"] == "pending" else None
         if self._live(keys.lock) != owner.encode():
             return None
         if self._live(keys.ended) is not None or self._used_record(keys.used) is not None:
             return None
-        if current is not None and current["state"] != "done" and current["fence"] != (replace or ""):
+        unsettled = current is not None and current["state"] not in ("done", "cleared")
+        if unsettled and current is not None and current["fence"] != (replace or ""):
             return None
         now = self._clock()
-        retried = "1" if replace and current is not None else "0"
+        retried = "1" if replace and unsettled else "0"
         fields = {"fence": fence, "started": str(now), "deadline": str(now + window), "state": "pending"}
         self._attempts[self._prefix + keys.attempt] = (fields | {"retried": retried}, now + ttl)
         return now
 
     async def settle_attempt(self, keys: RecordKeys, fence: str, state: Literal["maybe", "clear"]) -> bool:
         current = self._attempt(keys.attempt)
+        if current is None and state == "clear":  # as lua.SETTLE_ATTEMPT: the fence stays behind, cleared
+            self._attempts[self._prefix + keys.attempt] = ({"fence": fence, "state": "cleared"}, self._clock() + 120)
+            return True
         if current is None or current["fence"] != fence:
             return False
-        if state == "clear" and current["retried"] != "1":
+        if current["state"] == "cleared":
+            return True
+        if state == "clear" and current.get("retried") != "1":
             del self._attempts[self._prefix + keys.attempt]
         else:  # a retry that never left does not clear the lost first attempt it took over
             current["state"] = "maybe"
@@ -174,9 +180,9 @@ class MemoryStore:
         member: tuple[str, float] | None = None,
     ) -> Finish:
         current = self._attempt(keys.attempt)
-        if current is None or current["fence"] != fence:
+        if current is not None and current["fence"] != fence:
             return "superseded"
-        if current["state"] == "done":
+        if current is not None and current["state"] == "done":
             return "ok"
         if self._live(keys.ended) is not None:
             return "ended"
@@ -187,7 +193,8 @@ class MemoryStore:
             self._used[self._prefix + keys.used] = (used[0], now, now + used[1])
         if member is not None:
             await self.add_member(keys.members, *member)
-        current["state"] = "done"
+        if current is not None:
+            current["state"] = "done"
         self._watchers.announce(keys.lock)
         return "ok"
 
