@@ -181,8 +181,8 @@ class Store(Protocol):
         """Mark the attempt ``maybe`` (answer lost) or delete it (never sent), only if it is still ``fence``'s.
 
         A retry (it took over a ``maybe`` attempt) is never deleted: it goes back to ``maybe``.
-        Clearing an attempt that is not there (yet) leaves ``fence`` behind as ``cleared``, read as no
-        attempt, so that the owner's ``begin_attempt`` that timed out but still runs later is refused.
+        Clearing an attempt (there or not yet) leaves ``fence`` behind as ``cleared``, read as no attempt,
+        so that a copy of the owner's ``begin_attempt`` that timed out but still runs later is refused.
         """
         ...
 
@@ -201,6 +201,8 @@ class Store(Protocol):
         failed over to a replica that never had it) does not refuse the write-out: the IdP has
         redeemed the token, and its successor is the session's only future. Refusing it would
         leave the token looking fresh, and the next owner would present it to the IdP again (reuse).
+        Unless the token is superseded already by another successor than ``used`` (another owner's,
+        whose attempt expired since): ``superseded``. The same ``used`` again is a repeat: ``ok``.
 
         ``writes`` are (key, value, ttl) in the family's slot; ``used`` marks the token superseded
         (stamped with the store's time); ``member`` adds an access token (jti, exp) to the family.

@@ -104,23 +104,23 @@ return now
 # KEYS: attempt   ARGV: fence, 'maybe' | 'clear'
 # A retry took over an attempt whose answer was lost: that the retry never left does not mean the
 # first one never did, so "clear" leaves it "maybe" (still retried: it is never sent a third time).
-# Clearing an attempt that is not there yet leaves the fence behind, "cleared", for longer than any
+# Clearing an attempt (there or not yet) leaves the fence behind, "cleared", for longer than any
 # lease (lock_lease is at most 60 s): the owner's BEGIN_ATTEMPT whose reply timed out may still be on
 # its way, and must not record a pending attempt nobody will settle (taken, past its deadline, for a
 # lost answer: a logout although the IdP never saw the token). Read as no attempt at all.
 SETTLE_ATTEMPT = """
 local current = redis.call('HMGET', KEYS[1], 'fence', 'retried', 'state')
-if not current[1] and ARGV[2] == 'clear' then
-    redis.call('HSET', KEYS[1], 'fence', ARGV[1], 'state', 'cleared')
-    redis.call('PEXPIRE', KEYS[1], 120000)
-    return 1
-end
-if current[1] ~= ARGV[1] then return 0 end
+if current[1] and current[1] ~= ARGV[1] then return 0 end
 if current[3] == 'cleared' then return 1 end
 if ARGV[2] == 'clear' and current[2] ~= '1' then
+    -- Cleared or never there: the fence stays behind (a copy of BEGIN_ATTEMPT may still run after this).
     redis.call('DEL', KEYS[1])
-else
+    redis.call('HSET', KEYS[1], 'fence', ARGV[1], 'state', 'cleared')
+    redis.call('PEXPIRE', KEYS[1], 120000)
+elseif current[1] then
     redis.call('HSET', KEYS[1], 'state', 'maybe')
+else
+    return 0
 end
 return 1
 """
@@ -135,6 +135,11 @@ local current = redis.call('HMGET', KEYS[1], 'fence', 'state')
 -- Another fence: the attempt was taken over. No attempt at all: the store lost it (a restart without
 -- persistence, a failover) while the IdP redeemed the token, so the successor is written out all the same.
 if current[1] and current[1] ~= ARGV[1] then return 'superseded' end
+-- Without an attempt, a successor recorded already is someone else's (its attempt expired) unless it is ours.
+if not current[1] then
+    local prior = redis.call('HGET', KEYS[3], 'v')
+    if prior then return prior == ARGV[4] and 'ok' or 'superseded' end
+end
 if current[2] == 'done' then return 'ok' end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'ended' end
 for i = 5, #KEYS do

@@ -157,17 +157,17 @@ class MemoryStore:
 
     async def settle_attempt(self, keys: RecordKeys, fence: str, state: Literal["maybe", "clear"]) -> bool:
         current = self._attempt(keys.attempt)
-        if current is None and state == "clear":  # as lua.SETTLE_ATTEMPT: the fence stays behind, cleared
-            self._attempts[self._prefix + keys.attempt] = ({"fence": fence, "state": "cleared"}, self._clock() + 120)
-            return True
-        if current is None or current["fence"] != fence:
+        if current is not None and current["fence"] != fence:
             return False
-        if current["state"] == "cleared":
+        if current is not None and current["state"] == "cleared":
             return True
-        if state == "clear" and current.get("retried") != "1":
-            del self._attempts[self._prefix + keys.attempt]
-        else:  # a retry that never left does not clear the lost first attempt it took over
+        if state == "clear" and (current is None or current.get("retried") != "1"):
+            # As lua.SETTLE_ATTEMPT: the fence stays behind, cleared (a late begin_attempt is refused).
+            self._attempts[self._prefix + keys.attempt] = ({"fence": fence, "state": "cleared"}, self._clock() + 120)
+        elif current is not None:  # a retry that never left does not clear the lost first attempt it took over
             current["state"] = "maybe"
+        else:
+            return False
         return True
 
     async def finish(
@@ -184,6 +184,9 @@ class MemoryStore:
             return "superseded"
         if current is not None and current["state"] == "done":
             return "ok"
+        prior = self._used_record(keys.used) if current is None else None
+        if prior is not None:  # as lua.FINISH: another owner's successor, unless it is this very write-out's
+            return "ok" if used is not None and prior[0] == used[0] else "superseded"
         if self._live(keys.ended) is not None:
             return "ended"
         for key, value, ttl in writes:

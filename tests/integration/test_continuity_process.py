@@ -109,11 +109,11 @@ def store_key(gw: GatewayProcess, key: str) -> str:
 
 
 def let_go(gw: GatewayProcess, redis_url: str) -> bool:
-    """No refresh lock and no attempt record of this gateway is left in Redis: every refresh has let go."""
+    """No refresh lock and no attempt record of this gateway is left in Redis: every refresh has let go.
+    A cleared attempt's fence stays behind for a while (``cleared``, read as no attempt): not an attempt."""
     with redis.Redis.from_url(redis_url) as direct:  # not through the proxy
-        return not any(direct.scan_iter(match=store_key(gw, "lock:*"))) and not any(
-            direct.scan_iter(match=store_key(gw, "attempt:*"))
-        )
+        attempts = [direct.hget(key, "state") for key in direct.scan_iter(match=store_key(gw, "attempt:*"))]
+        return not any(direct.scan_iter(match=store_key(gw, "lock:*"))) and all(a == b"cleared" for a in attempts)
 
 
 async def at_the_idp(idp: IdPProcess, calls: int = 1) -> None:

@@ -439,3 +439,39 @@ async def test_a_retry_that_never_left_does_not_clear_the_lost_attempt_it_took_o
     assert await store.settle_attempt(keys, "retry", "clear")  # the retry got a 503: it was not redeemed...
     attempt = (await store.read_record(keys)).attempt
     assert attempt is not None and attempt.state == "maybe" and attempt.retried  # ...but the first may have been
+
+
+async def test_a_write_out_whose_attempt_is_gone_never_overwrites_another_redemption(store: Store) -> None:
+    """Second review of 9656ee2: a missing attempt is written out, but not over another owner's recorded
+    successor (its attempt expired or was evicted, the token's ``used`` is still there): that is a takeover."""
+    keys = RecordKeys("root", "h")
+    assert await store.acquire(keys.lock, "a", TTL)
+    assert await store.begin_attempt(keys, "a", "fence-a", 10, TTL) is not None  # a's attempt is lost (expires)
+    await asyncio.sleep(TTL + 0.1)
+    assert await store.acquire(keys.lock, "b", 5)
+    assert await store.begin_attempt(keys, "b", "fence-b", 10, TTL) is not None
+    assert await store.finish(keys, "fence-b", [(keys.result, b"b's", 60)], used=(b"succ-b", 60)) == "ok"
+    await asyncio.sleep(TTL + 0.1)  # b's attempt gone too, its used record not
+    assert await store.finish(keys, "fence-a", [(keys.result, b"a's", 60)], used=(b"succ-a", 60)) == "superseded"
+    record = await store.read_record(keys)
+    assert (record.used, record.result) == (b"succ-b", b"b's")
+
+
+async def test_a_write_out_whose_attempt_is_gone_repeated_after_a_lost_reply_answers_ok(store: Store) -> None:
+    keys = RecordKeys("root", "h")
+    assert await store.acquire(keys.lock, "a", 5)
+    for _ in range(2):  # the store lost the attempt (restarted empty): written, and the repeat is no takeover
+        assert await store.finish(keys, "fence-a", [(keys.result, b"a's", 60)], used=(b"succ-a", 60)) == "ok"
+    assert (await store.read_record(keys)).used == b"succ-a"
+
+
+async def test_an_attempt_recorded_again_after_its_owner_cleared_it_is_refused(store: Store) -> None:
+    """Second review of c23220c: the first copy of begin_attempt ran, the owner timed out and cleared it
+    (deleted), then a second copy (redis-py's retry) ran late: it must not leave a pending attempt behind."""
+    keys = RecordKeys("root", "h")
+    assert await store.acquire(keys.lock, "me", 5)
+    assert await store.begin_attempt(keys, "me", "fence-1", 10, 60) is not None
+    assert await store.settle_attempt(keys, "fence-1", "clear")
+    assert await store.begin_attempt(keys, "me", "fence-1", 10, 60) is None
+    assert (await store.read_record(keys)).attempt is None
+    assert await store.begin_attempt(keys, "me", "fence-2", 10, 60) is not None  # a new attempt is not blocked
