@@ -114,7 +114,8 @@ class ClientH1(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.held = Held()
-        self.client_extension: dict[object, object] = {"held": self.held}  # ``client_gone``
+        # The scope's extensions (``client_gone``): one dict per connection, not per request; never changed.
+        self.extensions: dict[str, dict[object, object]] = {CLIENT: {"held": self.held}}
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -137,7 +138,7 @@ class ClientH1(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         before = self.cycle
-        self.scope["extensions"] = {CLIENT: self.client_extension}  # how the app learns its client left
+        self.scope["extensions"] = self.extensions  # how the app learns its client left
         super().on_headers_complete()
         cycle = self.cycle
         # A new cycle (none for an upgrade); a HEAD answer has no body write to wait for.

@@ -217,7 +217,8 @@ class Coordinator:
         found = await self._store.read_record(later)
         if found.used is None and found.ended is None:
             return None
-        return await self.coordinate(later, successor, arrived, depth + 1)
+        step = await self._judge(later, successor, found, arrived, depth + 1)  # rotated or ended: an outcome
+        return step if isinstance(step, Outcome) else None
 
     async def _counted(self, keys: RecordKeys, access: str) -> Outcome | None:
         """A successor whose access token did not verify at its write-out was not counted in the family
