@@ -1,5 +1,7 @@
 """The client hop of an HTTP/1.1 request: uvicorn's httptools protocol, with a leaner body and answer path.
 
+    head    -> the scope's headers are the head's fields, fixed when it ends: uvicorn appended a chunked body's trailer
+               fields to the list the app held, so that one sent while the request was admitted went upstream
     body    -> a piece of request body the app reads on its own reaches it as httptools gave it; uvicorn
                gathered every piece into a ``bytearray`` and copied that into ``bytes`` on each ``receive``
                (twice 64 KB for a 64 KB POST). Pieces that pile up before the app reads are joined, as
@@ -138,7 +140,12 @@ class ClientH1(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         before = self.cycle
-        self.scope["extensions"] = self.extensions  # how the app learns its client left
+        scope = self.scope
+        scope["extensions"] = self.extensions  # how the app learns its client left
+        # The head's fields, fixed now. llhttp hands a chunked body's trailer fields to on_header, and uvicorn appended
+        # them to this list while the app held it: a Host or Authorization trailer that came while the request was
+        # being admitted went upstream as a header of it. They stay in self.headers (limits.py counts them there).
+        scope["headers"] = self.headers.copy()
         super().on_headers_complete()
         cycle = self.cycle
         # A new cycle (none for an upgrade); a HEAD answer has no body write to wait for.

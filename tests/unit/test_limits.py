@@ -286,6 +286,19 @@ async def test_trailers_are_header_fields_too_many_cut_the_connection() -> None:
     assert [name for name, _ in server.app.scopes[0]["headers"]] == [b"host", b"transfer-encoding"]
 
 
+async def test_trailers_that_come_while_the_app_holds_the_scope_never_join_its_headers() -> None:
+    """A trailer Host came after the gateway had routed on the head's, and went upstream as the request's Host."""
+    server = Server()
+    server.app = server.config.loaded_app = Holder()  # type: ignore[assignment]
+    protocol, transport = server.connect()
+    protocol.data_received(chunked_post("/trailers"))
+    await settle()  # the app holds the scope: the request is being admitted
+    protocol.data_received(b"Host: evil.example\r\nAuthorization: Bearer unchecked\r\n\r\n")
+    await settle()
+    assert not transport.closed
+    assert server.app.scopes[0]["headers"] == [(b"host", b"gw"), (b"transfer-encoding", b"chunked")]
+
+
 async def test_an_endless_trailer_line_is_cut_as_it_arrives() -> None:
     server = Server(header_bytes=1024)
     server.app = server.config.loaded_app = Holder()  # type: ignore[assignment]

@@ -1,0 +1,75 @@
+"""What the gateway checked is what the upstream gets, on raw sockets against a real `gateway serve` with each
+forwarder, the demo IdP (slow to refresh, so that a request is held in admission) and the echo upstream."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from support.sealed import refresh_cookie
+from support.servers import GatewayProcess, IdPProcess, ServerProcess, start_gateway, start_idp
+
+SECRET = "edge-process-hs256-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[IdPProcess]:
+    with start_idp(secret=SECRET) as server:
+        server.behaviour(latency=1.0)  # a refresh holds its request in admission this long
+        yield server
+
+
+@pytest.fixture(scope="module", params=["lean", "aiohttp"])
+def gateway(idp: IdPProcess, upstream: ServerProcess, request: pytest.FixtureRequest) -> Iterator[GatewayProcess]:
+    config: dict[str, Any] = {
+        "server": {"forwarder": request.param, "access_log": False},
+        "store": {"url": "memory://", "secret": "store-secret-for-tests"},
+        "tokens": {"algorithms": ["HS256"], "secret": SECRET, "audience": "legacy-app", "leeway": 0},
+        "refresh": {
+            "endpoint": f"{idp.url}/token",
+            "client_id": "legacy-app",
+            "client_secret": "demo-secret",
+            "client_auth": "basic",
+        },
+        "cookies": {"secure": False},
+        "routes": [{"name": "app", "path": "/", "upstream": upstream.url}],
+    }
+    with start_gateway(config, workers=1) as server:
+        yield server
+
+
+def expired_session_cookie(idp: IdPProcess) -> bytes:
+    session = idp.issue("alice", access_ttl=-60)
+    return f"gw_access={session['access']}; gw_refresh={refresh_cookie(session['refresh'], 'gw_refresh')}".encode()
+
+
+def exchange(gateway: GatewayProcess, *parts: bytes, pause: float = 0.3) -> bytes:
+    """Send ``parts`` on one connection, ``pause`` seconds apart; everything the gateway answers until it closes."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as conn:
+        for number, part in enumerate(parts):
+            if number:
+                time.sleep(pause)
+            conn.sendall(part)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_trailers_sent_while_the_request_is_admitted_never_reach_the_upstream(
+    gateway: GatewayProcess, idp: IdPProcess
+) -> None:
+    # uvicorn appended a chunked body's trailer fields to the headers the gateway held: a Host that came while the
+    # request waited for its refresh went upstream (the last of two Hosts wins) after the routing and the checks.
+    head = b"POST /probe HTTP/1.1\r\nHost: gw.example\r\nCookie: " + expired_session_cookie(idp) + b"\r\n"
+    head += b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n"
+    answer = exchange(gateway, head, b"0\r\nHost: evil.example\r\nX-Trailer-Probe: 1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:300]
+    seen = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert [value for name, value in seen["headers"] if name == "host"] == ["gw.example"]
+    assert not [name for name, _ in seen["headers"] if name == "x-trailer-probe"]
+    assert seen["body_length"] == 3
