@@ -46,6 +46,9 @@ log = logging.getLogger("gateway")
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "OTHER" in metrics
 _CLOSE = [(b"connection", b"close")]  # after a 413: the rest of the body is not read
+# Answers that never have content (RFC 9110 §6.4.1), whatever their Content-Length says: a 304's is the length of the
+# 200 it stands for (§8.6). uvicorn waited for that many bytes, then failed the answer and cut the connection.
+_BODILESS = (204, 304)
 
 
 class HttpPath:
@@ -215,6 +218,8 @@ class HttpPath:
     ) -> int:
         """The upstream's answer, streamed to the client with the gateway's cookies; the status sent."""
         out = self._headers.outbound(response.headers, route.name)
+        if response.status in _BODILESS:
+            out = [(name, value) for name, value in out if name != b"content-length"]
         out.append((b"x-request-id", info.request_id.encode()))
         set_cookies = admitted.set_cookies
         if route.capture is not None:

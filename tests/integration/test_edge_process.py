@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import socketserver
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +18,34 @@ from support.servers import GatewayProcess, IdPProcess, ServerProcess, start_gat
 SECRET = "edge-process-hs256-secret-0123456789abcdef"
 
 
+class _Canned(socketserver.StreamRequestHandler):
+    """Answers each request (bodiless) with ``ANSWERS[path]``, keeping the connection."""
+
+    def handle(self) -> None:
+        while request_line := self.rfile.readline():
+            while self.rfile.readline() not in (b"\r\n", b""):
+                pass
+            self.wfile.write(ANSWERS[request_line.split(b" ")[1]])
+            self.wfile.flush()
+
+
+ANSWERS = {
+    b"/canned/not-modified": b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 1234\r\n\r\n',
+    b"/canned/no-content": b"HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n",
+    b"/canned/ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+}
+
+
+@pytest.fixture(scope="module")
+def canned() -> Iterator[str]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Canned)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.fixture(scope="module")
 def idp() -> Iterator[IdPProcess]:
     with start_idp(secret=SECRET) as server:
@@ -24,7 +54,9 @@ def idp() -> Iterator[IdPProcess]:
 
 
 @pytest.fixture(scope="module", params=["lean", "aiohttp"])
-def gateway(idp: IdPProcess, upstream: ServerProcess, request: pytest.FixtureRequest) -> Iterator[GatewayProcess]:
+def gateway(
+    idp: IdPProcess, upstream: ServerProcess, canned: str, request: pytest.FixtureRequest
+) -> Iterator[GatewayProcess]:
     config: dict[str, Any] = {
         "server": {"forwarder": request.param, "access_log": False},
         "store": {"url": "memory://", "secret": "store-secret-for-tests"},
@@ -36,7 +68,10 @@ def gateway(idp: IdPProcess, upstream: ServerProcess, request: pytest.FixtureReq
             "client_auth": "basic",
         },
         "cookies": {"secure": False},
-        "routes": [{"name": "app", "path": "/", "upstream": upstream.url}],
+        "routes": [
+            {"name": "canned", "path": "/canned/", "upstream": canned, "auth": "none"},
+            {"name": "app", "path": "/", "upstream": upstream.url},
+        ],
     }
     with start_gateway(config, workers=1) as server:
         yield server
@@ -73,3 +108,16 @@ def test_trailers_sent_while_the_request_is_admitted_never_reach_the_upstream(
     assert [value for name, value in seen["headers"] if name == "host"] == ["gw.example"]
     assert not [name for name, _ in seen["headers"] if name == "x-trailer-probe"]
     assert seen["body_length"] == 3
+
+
+@pytest.mark.parametrize("path", ["/not-modified", "/no-content"])
+def test_a_304_or_204_with_a_content_length_keeps_the_connection(gateway: GatewayProcess, path: str) -> None:
+    # A 304's Content-Length is that of the 200 it stands for (RFC 9110 §8.6): the gateway passed it on, uvicorn
+    # waited for that much content, failed the answer ("Exception in ASGI application") and cut the connection.
+    first = f'GET /canned{path} HTTP/1.1\r\nHost: gw.example\r\nIf-None-Match: "v1"\r\n\r\n'.encode()
+    answer = exchange(gateway, first, b"GET /canned/ok HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n")
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith({"/not-modified": b"HTTP/1.1 304 ", "/no-content": b"HTTP/1.1 204 "}[path]), answer
+    assert b"content-length" not in head.lower() and b"transfer-encoding" not in head.lower()
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b"\r\n\r\nok"), answer
+    assert "Exception in ASGI application" not in gateway.log()
