@@ -217,6 +217,13 @@ class HttpPath:
         self, scope: Scope, send: Send, route: Route, response: UpstreamResponse, admitted: Admitted, info: RequestInfo
     ) -> int:
         """The upstream's answer, streamed to the client with the gateway's cookies; the status sent."""
+        if response.status < 200:  # a 101 (no request here asks to switch: Upgrade is hop-by-hop, never sent)
+            # Passed on, it told the client, or a proxy in front, that the connection speaks another protocol now.
+            log.warning(
+                "route %s: the upstream answered %d to a request that asked for no upgrade", route.name, response.status
+            )
+            response.close()
+            return await self._deny(send, scope, Reason.UPSTREAM_UNREACHABLE, route.name, admitted.set_cookies)
         out = self._headers.outbound(response.headers, route.name)
         if response.status in _BODILESS:
             out = [(name, value) for name, value in out if name != b"content-length"]

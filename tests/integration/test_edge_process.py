@@ -32,6 +32,7 @@ class _Canned(socketserver.StreamRequestHandler):
 ANSWERS = {
     b"/canned/not-modified": b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 1234\r\n\r\n',
     b"/canned/no-content": b"HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n",
+    b"/canned/switch": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
     b"/canned/ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
 }
 
@@ -121,3 +122,11 @@ def test_a_304_or_204_with_a_content_length_keeps_the_connection(gateway: Gatewa
     assert b"content-length" not in head.lower() and b"transfer-encoding" not in head.lower()
     assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b"\r\n\r\nok"), answer
     assert "Exception in ASGI application" not in gateway.log()
+
+
+def test_an_upstreams_101_to_a_request_that_asked_for_no_upgrade_is_502(gateway: GatewayProcess) -> None:
+    # Passed on, the 101 told the client (or a proxy in front of the gateway, which may then tunnel the connection
+    # blindly) that it speaks another protocol now, while the gateway went on reading HTTP from it.
+    answer = exchange(gateway, b"GET /canned/switch HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 502 "), answer[:300]
+    assert b"upstream_unreachable" in answer
