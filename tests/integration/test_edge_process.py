@@ -130,3 +130,14 @@ def test_an_upstreams_101_to_a_request_that_asked_for_no_upgrade_is_502(gateway:
     answer = exchange(gateway, b"GET /canned/switch HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 502 "), answer[:300]
     assert b"upstream_unreachable" in answer
+
+
+def test_a_body_behind_an_upgrade_the_gateway_does_not_take_is_never_read_as_a_request(
+    gateway: GatewayProcess,
+) -> None:
+    # llhttp takes no body after "Connection: Upgrade", and the HTTP path ignores an h2c Upgrade: the body that a
+    # proxy in front (forwarding Upgrade for WebSockets) sent with its Content-Length was served as the next request.
+    smuggled = b"GET /canned/ok HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n"
+    head = b"POST /canned/ok HTTP/1.1\r\nHost: gw.example\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+    answer = exchange(gateway, head + b"Content-Length: %d\r\n\r\n" % len(smuggled), smuggled)
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1, answer
