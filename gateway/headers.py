@@ -237,10 +237,11 @@ class HeaderRules:
         if not authorization:
             out = [(n, v) for n, v in out if n != "authorization"]
         out.extend(identity)
-        if not info.request_id_from_client:
-            if client_request_id and any(n == "x-request-id" for n, _ in out):  # the client's was not sane: replaced
-                out = [(n, v) for n, v in out if n != "x-request-id"]
-            out.append(("x-request-id", info.request_id))
+        if (
+            client_request_id
+        ):  # the client's goes on only as the ID the gateway logs: not a second one, nor an insane one
+            out = [(n, v) for n, v in out if n != "x-request-id"]
+        out.append(("x-request-id", info.request_id))
         if self._forward_token and token:
             out = [(n, v) for n, v in out if n != "authorization"]
             out.append(("authorization", "Bearer " + token))

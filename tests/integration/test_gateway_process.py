@@ -171,6 +171,13 @@ def test_connection_cannot_take_the_routed_host_from_the_upstream(gateway: Gatew
     assert seen == {"host": "gw.example", "x-request-id": "req-12345678"}
 
 
+def test_the_upstream_gets_one_request_id_the_one_the_gateway_logs(gateway: GatewayProcess) -> None:
+    # The first sane X-Request-ID was logged and answered, and every one the client sent went upstream.
+    status, body = raw_get(gateway, "/public/x", {"X-Request-ID": "req-first-1234", "x-request-id": "req-second-5678"})
+    assert status == 200
+    assert [value for name, value in json.loads(body)["headers"] if name == "x-request-id"] == ["req-first-1234"]
+
+
 @pytest.mark.parametrize(
     "path",
     [
