@@ -3,6 +3,8 @@ forwarder, the demo IdP (slow to refresh, so that a request is held in admission
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import socket
 import socketserver
@@ -139,5 +141,11 @@ def test_a_body_behind_an_upgrade_the_gateway_does_not_take_is_never_read_as_a_r
     # proxy in front (forwarding Upgrade for WebSockets) sent with its Content-Length was served as the next request.
     smuggled = b"GET /canned/ok HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n"
     head = b"POST /canned/ok HTTP/1.1\r\nHost: gw.example\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
-    answer = exchange(gateway, head + b"Content-Length: %d\r\n\r\n" % len(smuggled), smuggled)
-    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1, answer
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as conn:
+        conn.sendall(head + b"Content-Length: %d\r\n\r\n" % len(smuggled))
+        first = http.client.HTTPResponse(conn)  # the answer to the head (the body is not sent yet)
+        first.begin()
+        assert first.status == 400, (first.status, first.read())
+        with contextlib.suppress(OSError):  # the body, as the proxy sends it: the gateway has closed, or reads it
+            conn.sendall(smuggled)
+            assert conn.recv(65536) == b""
