@@ -1,5 +1,9 @@
 """The client hop of an HTTP/1.1 request: uvicorn's httptools protocol, with a leaner body and answer path.
 
+    upgrade -> a head with ``Connection: Upgrade`` to anything but a WebSocket, and a body, is refused (400): llhttp
+               takes no body after it, so the body would have been read as the next request
+    head    -> the scope's headers are the head's fields, fixed when it ends: uvicorn appended a chunked body's trailer
+               fields to the list the app held, so that one sent while the request was admitted went upstream
     body    -> a piece of request body the app reads on its own reaches it as httptools gave it; uvicorn
                gathered every piece into a ``bytearray`` and copied that into ``bytes`` on each ``receive``
                (twice 64 KB for a 64 KB POST). Pieces that pile up before the app reads are joined, as
@@ -137,8 +141,18 @@ class ClientH1(HttpToolsProtocol):
         super().eof_received()
 
     def on_headers_complete(self) -> None:
+        if self.parser.should_upgrade() and not self._should_upgrade() and _declares_body(self.headers):
+            # llhttp reads no body after "Connection: Upgrade" (what follows is the new protocol), and the HTTP path
+            # ignores an Upgrade other than WebSocket's: the body that a proxy in front sent would be read as the
+            # next request, one it never saw. Refused (400, closed) before the app is called.
+            raise ValueError("a body behind an Upgrade that is not taken")
         before = self.cycle
-        self.scope["extensions"] = self.extensions  # how the app learns its client left
+        scope = self.scope
+        scope["extensions"] = self.extensions  # how the app learns its client left
+        # The head's fields, fixed now. llhttp hands a chunked body's trailer fields to on_header, and uvicorn appended
+        # them to this list while the app held it: a Host or Authorization trailer that came while the request was
+        # being admitted went upstream as a header of it. They stay in self.headers (limits.py counts them there).
+        scope["headers"] = self.headers.copy()
         super().on_headers_complete()
         cycle = self.cycle
         # A new cycle (none for an upgrade); a HEAD answer has no body write to wait for.
@@ -159,3 +173,8 @@ class ClientH1(HttpToolsProtocol):
         if len(cycle.body) > HIGH_WATER_LIMIT:
             self.flow.pause_reading()
         cycle.message_event.set()
+
+
+def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a head announces a body: a Content-Length other than 0, or a Transfer-Encoding."""
+    return any(name == b"transfer-encoding" or (name == b"content-length" and value != b"0") for name, value in headers)

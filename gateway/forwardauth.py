@@ -214,6 +214,8 @@ class ForwardAuth:
 
     def _route(self, asked: Scope, uri: bytes, seen: Scanned) -> Route | Reason:
         """The route of the original request (its path, query and host written into ``asked``)."""
+        if b"#" in uri:  # nginx passes "/admin#/x" on as it came: the app reads the path /admin, another route's
+            return Reason.BAD_PATH
         raw_path, _, query = uri.partition(b"?")
         canonical = self._paths(raw_path)
         if canonical is None:

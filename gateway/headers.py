@@ -30,19 +30,13 @@ log = logging.getLogger("gateway.headers")
 
 
 HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
+    {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection", b"te"}
+    | {b"trailer", b"transfer-encoding", b"upgrade"}
 )
 _NONE: frozenset[bytes] = frozenset()
+# Named in Connection, these still go: the upstream reads the request the gateway routed (its Host) and logged (its
+# X-Request-ID). "Connection: Host" sent the upstream its own address as Host, another virtual host than the routed one.
+_END_TO_END = frozenset({b"host", b"x-request-id"})
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})  # they list no header
 # What proxies tell the app about the original request. From a client they are lies an app may act
 # on (IIS URL Rewrite and old Symfony take the path from X-Original-URL / X-Rewrite-URL; frameworks
@@ -100,7 +94,7 @@ def _connection_listed(headers: RawHeaders) -> set[bytes]:
     for name, value in headers:
         if name.lower() == b"connection":  # upstream raw headers keep their original case
             listed.update(part.strip().lower() for part in value.split(b",") if part.strip())
-    return listed
+    return listed - _END_TO_END
 
 
 class TrustedProxies:
@@ -243,10 +237,11 @@ class HeaderRules:
         if not authorization:
             out = [(n, v) for n, v in out if n != "authorization"]
         out.extend(identity)
-        if not info.request_id_from_client:
-            if client_request_id and any(n == "x-request-id" for n, _ in out):  # the client's was not sane: replaced
-                out = [(n, v) for n, v in out if n != "x-request-id"]
-            out.append(("x-request-id", info.request_id))
+        if (
+            client_request_id
+        ):  # the client's goes on only as the ID the gateway logs: not a second one, nor an insane one
+            out = [(n, v) for n, v in out if n != "x-request-id"]
+        out.append(("x-request-id", info.request_id))
         if self._forward_token and token:
             out = [(n, v) for n, v in out if n != "authorization"]
             out.append(("authorization", "Bearer " + token))

@@ -46,6 +46,9 @@ log = logging.getLogger("gateway")
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "OTHER" in metrics
 _CLOSE = [(b"connection", b"close")]  # after a 413: the rest of the body is not read
+# Answers that never have content (RFC 9110 §6.4.1), whatever their Content-Length says: a 304's is the length of the
+# 200 it stands for (§8.6). uvicorn waited for that many bytes, then failed the answer and cut the connection.
+_BODILESS = (204, 304)
 
 
 class HttpPath:
@@ -214,7 +217,16 @@ class HttpPath:
         self, scope: Scope, send: Send, route: Route, response: UpstreamResponse, admitted: Admitted, info: RequestInfo
     ) -> int:
         """The upstream's answer, streamed to the client with the gateway's cookies; the status sent."""
+        if response.status < 200:  # a 101 (no request here asks to switch: Upgrade is hop-by-hop, never sent)
+            # Passed on, it told the client, or a proxy in front, that the connection speaks another protocol now.
+            log.warning(
+                "route %s: the upstream answered %d to a request that asked for no upgrade", route.name, response.status
+            )
+            response.close()
+            return await self._deny(send, scope, Reason.UPSTREAM_UNREACHABLE, route.name, admitted.set_cookies)
         out = self._headers.outbound(response.headers, route.name)
+        if response.status in _BODILESS:
+            out = [(name, value) for name, value in out if name != b"content-length"]
         out.append((b"x-request-id", info.request_id.encode()))
         set_cookies = admitted.set_cookies
         if route.capture is not None:

@@ -36,7 +36,7 @@ from gateway.responses import Denials
 from gateway.routing import Route, RouteTable, canonical_path, host_name
 from gateway.tls import tls_failure
 from gateway.tunnel import Slot, Sockets, Tunnel, as_http, open_upstream
-from gateway.types import Message, Receive, Scope, Send
+from gateway.types import Message, RawHeaders, Receive, Scope, Send
 from gateway.upstream_ws import UpstreamSocket
 
 log = logging.getLogger("gateway")
@@ -103,9 +103,16 @@ class WebSocketPath:
                 log.info("websocket closed route=%s by=%s after %.1fs", route_name, closed_by, ended - started)
 
     async def _deny(
-        self, respond: Send, scope: Scope, reason: Reason, route: Route | None, cookies: list[bytes] | None = None
+        self,
+        respond: Send,
+        scope: Scope,
+        reason: Reason,
+        route: Route | None,
+        cookies: list[bytes] | None = None,
+        extra: RawHeaders | None = None,
     ) -> Ending:
-        status = await self._deny_http(respond, scope, reason, route.name if route else None, cookies, method="GET")
+        name = route.name if route else None
+        status = await self._deny_http(respond, scope, reason, name, cookies, method="GET", extra=extra)
         return (route.name if route else "-"), status, None
 
     async def _handshake(self, scope: Scope, receive: Receive, send: Send, respond: Send, info: RequestInfo) -> Ending:
@@ -127,6 +134,8 @@ class WebSocketPath:
             return await self._deny(respond, scope, Reason.BAD_PATH, None)
         if route is None:
             return await self._deny(respond, scope, Reason.NO_ROUTE, None)
+        if "GET" not in route.methods:  # a handshake is a GET: routes[].methods holds for it as for any request
+            return await self._deny(respond, scope, Reason.METHOD_NOT_ALLOWED, route, extra=[(b"allow", route.allow)])
         slot = self._sockets.reserve(self._limits.max_connections)  # before any await: no overshoot
         if slot is None:
             return await self._deny(respond, scope, Reason.WEBSOCKET_LIMIT, route)

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -209,6 +211,23 @@ def test_the_host_the_app_gets_is_the_host_that_was_authorised(front: FrontProxy
     # A client's X-Forwarded-Host must not make the gateway judge another host's route.
     smuggled = {**headers, "X-Forwarded-Host": "127.0.0.1"}
     assert httpx.get(f"{front.url}/page", headers=smuggled).status_code == 403
+
+
+def test_a_fragment_in_the_request_target_never_reaches_a_route_it_was_not_judged_for(
+    front: FrontProxy, idp: IdPProcess
+) -> None:
+    # nginx passes "/admin#/users" on as it came, to the gateway as X-Original-URI and to the app, which reads the
+    # path /admin: the gateway judged "/admin#/users" a path of the catch-all route, and bob reached the admin route.
+    bob = idp.issue("bob")
+    head = f"GET /admin#/users HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie_header(bob['access'], bob['refresh'])}"
+    with socket.create_connection(("127.0.0.1", front.port), timeout=10) as conn:
+        conn.sendall(head.encode() + b"\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    app_path = json.loads(answer.partition(b"\r\n\r\n")[2])["path"] if status == 200 else None
+    assert status != 200 or (app_path != "/admin" and not app_path.startswith("/admin/")), (status, app_path)
 
 
 def test_a_cross_site_post_on_the_session_cookie_is_refused(front: FrontProxy, idp: IdPProcess) -> None:

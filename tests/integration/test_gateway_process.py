@@ -156,6 +156,28 @@ def test_spoofed_identity_headers_never_reach_upstream(gateway: GatewayProcess, 
     assert not any("mallory" in v or v == "admin" for values in data["h"].values() for v in values)
 
 
+def test_connection_cannot_take_the_routed_host_from_the_upstream(gateway: GatewayProcess) -> None:
+    # "Connection: Host" dropped the Host the gateway routed on: the upstream got its own address instead.
+    head = b"GET /public/x HTTP/1.1\r\nHost: gw.example\r\nX-Request-ID: req-12345678\r\n"
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(head + b"Connection: close, Host, X-Request-ID\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    data = json.loads(answer.partition(b"\r\n\r\n")[2])
+    seen = {name: value for name, value in data["headers"] if name in ("host", "x-request-id")}
+    assert seen == {"host": "gw.example", "x-request-id": "req-12345678"}
+
+
+def test_the_upstream_gets_one_request_id_the_one_the_gateway_logs(gateway: GatewayProcess) -> None:
+    # The first sane X-Request-ID was logged and answered, and every one the client sent went upstream.
+    status, body = raw_get(gateway, "/public/x", {"X-Request-ID": "req-first-1234", "x-request-id": "req-second-5678"})
+    assert status == 200
+    assert [value for name, value in json.loads(body)["headers"] if name == "x-request-id"] == ["req-first-1234"]
+
+
 @pytest.mark.parametrize(
     "path",
     [

@@ -67,6 +67,7 @@ def config(idp: IdPProcess, upstream: ServerProcess, store_url: str, **websocket
                 "upstream": upstream.url,
                 "require": {"claims": {"roles": "admin"}},
             },
+            {"name": "hook", "path": "/hook/", "upstream": upstream.url, "auth": "none", "methods": ["POST"]},
             {"name": "app", "path": "/", "upstream": upstream.url},
         ],
     }
@@ -190,6 +191,15 @@ def test_denied_handshakes_get_the_http_status_of_a_request(
         headers = bearer(idp, "bob", roles=["user"])
     code, body = refused(gateway, path, **headers)
     assert (code, body.get("reason")) == (status, reason)
+
+
+def test_a_handshake_on_a_route_that_does_not_allow_get_is_405(gateway: GatewayProcess) -> None:
+    # A handshake is a GET: on a POST-only route it reached the upstream, whose answer to that GET came back.
+    with pytest.raises(InvalidStatus) as caught:
+        open_socket(gateway, "/hook/live")
+    response = caught.value.response
+    assert (response.status_code, json.loads(response.body or b"{}").get("reason")) == (405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"
 
 
 def test_cross_site_handshake_riding_on_cookies_is_refused(gateway: GatewayProcess, idp: IdPProcess) -> None:

@@ -202,6 +202,11 @@ async def test_an_ambiguous_original_path_is_refused(gateway: Gateway) -> None:
     assert (await ask(gateway, nginx("/public/../admin/", Authorization=bearer))).status_code == 403
     answer = await ask(gateway, traefik("/public/%2e%2e/admin/", Authorization=bearer))
     assert (answer.status_code, answer.json()["reason"]) == (400, "bad_path")
+    # nginx passes a fragment on to the app, which reads the path before it: /admin, not "/admin#/x".
+    viewer = f"Bearer {token(sub='bob', roles=['viewer'])}"
+    assert (await ask(gateway, nginx("/admin#/x", Authorization=viewer))).status_code == 403
+    answer = await ask(gateway, traefik("/app#/x", Authorization=viewer))
+    assert (answer.status_code, answer.json()["reason"]) == (400, "bad_path")
 
 
 async def test_forward_token_hands_the_verified_token_to_the_proxy(upstream: RecordingUpstream) -> None:

@@ -127,6 +127,14 @@ def test_connection_listed_headers_removed(rules: HeaderRules) -> None:
     assert values(out, b"x-baz") == [b"3"]
 
 
+def test_connection_never_removes_the_host_or_the_request_id(rules: HeaderRules) -> None:
+    # "Connection: Host" made the upstream get its own address as Host: another virtual host than the one routed.
+    headers = [(b"host", b"app.example"), (b"connection", b"Host, X-Request-ID, x-foo"), (b"x-request-id", b"abc")]
+    out = inbound(rules, headers + [(b"x-foo", b"1")])
+    assert values(out, b"host") == [b"app.example"] and values(out, b"x-request-id") == [b"abc"]
+    assert b"x-foo" not in names(out)
+
+
 # --- inbound: gateway cookies ---
 
 

@@ -286,6 +286,44 @@ async def test_trailers_are_header_fields_too_many_cut_the_connection() -> None:
     assert [name for name, _ in server.app.scopes[0]["headers"]] == [b"host", b"transfer-encoding"]
 
 
+async def test_trailers_that_come_while_the_app_holds_the_scope_never_join_its_headers() -> None:
+    """A trailer Host came after the gateway had routed on the head's, and went upstream as the request's Host."""
+    server = Server()
+    server.app = server.config.loaded_app = Holder()  # type: ignore[assignment]
+    protocol, transport = server.connect()
+    protocol.data_received(chunked_post("/trailers"))
+    await settle()  # the app holds the scope: the request is being admitted
+    protocol.data_received(b"Host: evil.example\r\nAuthorization: Bearer unchecked\r\n\r\n")
+    await settle()
+    assert not transport.closed
+    assert server.app.scopes[0]["headers"] == [(b"host", b"gw"), (b"transfer-encoding", b"chunked")]
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 36\r\n", b"Transfer-Encoding: chunked\r\n"])
+async def test_a_body_behind_an_upgrade_that_is_not_taken_is_refused_never_read_as_a_request(framing: bytes) -> None:
+    """llhttp takes no body after Connection: Upgrade: a proxy's body became the next request, one it never saw."""
+    server = Server()
+    protocol, transport = server.connect()
+    head = b"POST /one HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n" + framing + b"\r\n"
+    protocol.data_received(head)
+    if not transport.closed:
+        protocol.data_received(b"GET /smuggled HTTP/1.1\r\nHost: gw\r\n\r\n")
+    await settle()
+    assert server.app.paths == [] and transport.closed and status(transport) == 400
+
+
+async def test_an_upgrade_that_is_not_taken_without_a_body_is_served_as_http() -> None:
+    server = Server()
+    protocol, transport = server.connect()
+    protocol.data_received(
+        b"GET /one HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n"
+    )
+    await settle()
+    protocol.data_received(get("/two"))
+    await settle()
+    assert server.app.paths == ["/one", "/two"] and not transport.closed
+
+
 async def test_an_endless_trailer_line_is_cut_as_it_arrives() -> None:
     server = Server(header_bytes=1024)
     server.app = server.config.loaded_app = Holder()  # type: ignore[assignment]
