@@ -237,9 +237,8 @@ class HeaderRules:
         if not authorization:
             out = [(n, v) for n, v in out if n != "authorization"]
         out.extend(identity)
-        if (
-            client_request_id
-        ):  # the client's goes on only as the ID the gateway logs: not a second one, nor an insane one
+        # The client's goes on only as the ID the gateway logs: not a second one, nor an insane one.
+        if client_request_id:
             out = [(n, v) for n, v in out if n != "x-request-id"]
         out.append(("x-request-id", info.request_id))
         if self._forward_token and token:
