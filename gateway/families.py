@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from gateway.config import MAX_LEEWAY
 from gateway.denylist import Denylist, refuse_until
 from gateway.errors import StoreError
 from gateway.reasons import Reason, ended_label
@@ -50,13 +51,22 @@ ENDED = "ended:"  # denylist: every socket opened with this access token (jti) e
 
 class Families:
     def __init__(
-        self, store: Store, sealer: Sealer, denylist: Denylist, clock: Callable[[], float], lifetime: float
+        self,
+        store: Store,
+        sealer: Sealer,
+        denylist: Denylist,
+        clock: Callable[[], float],
+        lifetime: float,
+        leeway: float = MAX_LEEWAY,
     ) -> None:
         self._store = store
         self._sealer = sealer
         self._denylist = denylist
         self._clock = clock
         self._lifetime = lifetime  # how long an ended family is remembered: the longest a refresh cookie lives
+        # tokens.leeway of the serving config (gateway.app sets it on every reload): a member stays counted, and
+        # refused once the family ends, as long as verification accepts it past its exp.
+        self.leeway = leeway
         self.index = IndexRecords(store, sealer, clock, lifetime)
 
     async def root_of(self, h: str) -> str:
@@ -86,7 +96,8 @@ class Families:
         """Count an access token among the family's, so that ending the family refuses it. Raises StoreError."""
         jti = claims.get("jti")
         if isinstance(jti, str):  # an opaque token without exp is counted (and refused when it ends) for a day
-            await self._store.add_member(RecordKeys(root, root).members, jti, refuse_until(claims, self._clock()))
+            until = refuse_until(claims, self._clock(), self.leeway)
+            await self._store.add_member(RecordKeys(root, root).members, jti, until)
 
     async def started(
         self,

@@ -122,7 +122,8 @@ class Logout:
         if not isinstance(jti, str):
             log.warning("logout: the access token has no jti; it stays valid until it expires")
             return
-        until = refuse_until(claims, time.time())  # an opaque token without exp: refused for a day
+        # As long as verification accepts it (exp + leeway); an opaque token without exp: refused for a day.
+        until = refuse_until(claims, time.time(), self._verifier.leeway)
         try:
             await self._denylist.deny(jti, until)
             await self._denylist.deny(ENDED + jti, until)  # and the sockets opened with it

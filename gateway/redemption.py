@@ -192,7 +192,8 @@ class Redemption:
             used = (self._sealer.seal(record, keys.used), float(self._lifetime(token)))
         # Counted with or without exp (an opaque token's answer may not tell it), as a login's token is.
         jti = (claims or {}).get("jti")
-        member = (jti, refuse_until(claims or {}, time.time())) if isinstance(jti, str) else None
+        until = refuse_until(claims or {}, time.time(), self._verifier.leeway)
+        member = (jti, until) if isinstance(jti, str) else None
 
         async def finish() -> Finish:
             # The successor joins the family before anyone can present it.

@@ -43,7 +43,7 @@ from gateway.cache import BoundedCache
 from gateway.config import RefreshConfig
 from gateway.cookies import CookieJar
 from gateway.coordination import Arrival, Coordinator
-from gateway.denylist import Denylist
+from gateway.denylist import Denylist, refuse_until
 from gateway.errors import CookieTooLarge, StoreError
 from gateway.families import Families
 from gateway.idp_client import IdPClient, scopes_of
@@ -277,9 +277,10 @@ class SessionRefresher:
     async def _deny_replaced(self, denylist: Denylist, old_access: str, new_jti: Any) -> None:
         claims = await self._verifier.signed_claims(old_access)
         jti, exp = (claims or {}).get("jti"), (claims or {}).get("exp")
-        if isinstance(jti, str) and jti != new_jti and isinstance(exp, int | float) and exp > self._clock():
+        until = refuse_until(claims or {}, self._clock(), self._verifier.leeway)  # as long as it verifies
+        if isinstance(jti, str) and jti != new_jti and isinstance(exp, int | float) and until > self._clock():
             try:
-                await denylist.deny(jti, float(exp))
+                await denylist.deny(jti, until)
             except StoreError as exc:
                 log.warning("could not denylist the replaced access token: %s", exc)
 

@@ -189,7 +189,7 @@ class SessionAuth:
         claims = await self._verifier.signed_claims(record.access)
         jti = (claims or {}).get("jti")
         if isinstance(jti, str):
-            await self._families.refuse(jti, refuse_until(claims or {}, time.time()))
+            await self._families.refuse(jti, refuse_until(claims or {}, time.time(), self._verifier.leeway))
 
     async def id_token(self, value: str) -> str | None:
         """The ID token of the session a cookie value names (RP-initiated logout's hint), or None. Never raises."""
@@ -223,7 +223,7 @@ class SessionAuth:
         claims = await self._verifier.signed_claims(record.access)
         jti = (claims or {}).get("jti")
         if isinstance(jti, str):
-            exp = refuse_until(claims or {}, time.time())
+            exp = refuse_until(claims or {}, time.time(), self._verifier.leeway)
             for entry in (jti, ENDED + jti):  # the access token, and the sockets opened with it
                 await self._families.refuse(entry, float(exp))
         log.info("session %s ended", h[:12])

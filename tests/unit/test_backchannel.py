@@ -92,6 +92,15 @@ async def test_a_valid_logout_token_by_sid_ends_exactly_that_session(h: Harness)
     assert "jti-2" not in h.denylist and "jti-3" not in h.denylist
 
 
+async def test_an_access_token_past_exp_but_within_the_leeway_is_refused_when_its_session_ends(h: Harness) -> None:
+    """Regression (I3): a family's access token was counted (members) and refused only until its exp, while
+    verification accepts it for tokens.leeway (30 s) past it: ended at exp - 0, it passed again right away."""
+    claims = {"sub": "alice", "jti": "jti-late", "exp": time.time() - 5}  # expired 5 s ago: verifies still
+    await h.families.started(claims, "refresh-late", 3600, sid="sid-late")
+    assert (await h.post(logout_token(sub=None, sid="sid-late"))).status_code == 200
+    assert "jti-late" in h.denylist
+
+
 async def test_a_session_without_a_refresh_token_ends_too(h: Harness) -> None:
     """Regression: a login without offline_access (no refresh token) was in no family, so nothing could end it."""
     await h.families.started({"sub": "alice", "jti": "jti-only", "exp": time.time() + 300, "sid": "sid-9"}, None, None)
