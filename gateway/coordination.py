@@ -123,15 +123,19 @@ class Coordinator:
             return Outcome(ended_label(record.ended))
         if record.result is not None:
             outcome = self._redemption.unseal(record.result, keys.result)
-            if outcome.label == "unverified" and outcome.access is not None:
-                ended = await self._counted(keys, outcome.access)
-                if ended is not None:
-                    return ended
+            counted = outcome.label != "unverified" or outcome.access is None
+            if not counted:
+                count = await self._counted(keys, outcome.access or "")
+                if isinstance(count, Outcome):
+                    return count
+                counted = count
             if outcome.ok:
                 if record.used is not None and outcome.refresh not in (None, token) and depth < MAX_FOLLOW:
                     newer = await self._newer(keys, outcome.refresh, arrived, depth)
                     if newer is not None:
                         return newer
+                if not counted:
+                    return outcome  # "unverified": 503 with the successor kept, never handed out uncounted
                 # Only the token's own record tells what is left of its grace: a successor followed to
                 # (depth > 0) has a grace of its own, which may outlast the token's by far.
                 rotated = record.rotated_at if depth == 0 else None
@@ -220,16 +224,17 @@ class Coordinator:
         step = await self._judge(later, successor, found, arrived, depth + 1)  # rotated or ended: an outcome
         return step if isinstance(step, Outcome) else None
 
-    async def _counted(self, keys: RecordKeys, access: str) -> Outcome | None:
+    async def _counted(self, keys: RecordKeys, access: str) -> Outcome | bool:
         """A successor whose access token did not verify at its write-out was not counted in the family
         (``members``): if it verifies now, it is handed out, so count it first, or ending the family would
-        not refuse it (I3). The family's end if it ended meanwhile; None to go on."""
+        not refuse it (I3). The family's end if it ended meanwhile; else whether it was counted (if not, it is
+        answered 503 without the access token, however a later look at it would verify: nothing handed out)."""
         verdict = await self._verifier.verify(access)
         if verdict.claims is None:
-            return None  # answered 503 (or 502) without the access token: nothing handed out
+            return False
         await self._families.join(keys.root, verdict.claims)
         ended = (await self._store.read_record(keys)).ended  # an end between our read and the join
-        return Outcome(ended_label(ended)) if ended is not None else None
+        return Outcome(ended_label(ended)) if ended is not None else True
 
     async def _lost(self, keys: RecordKeys) -> Outcome:
         """The IdP may have redeemed this token and its answer is lost: end the session cleanly, never resend."""

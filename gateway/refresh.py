@@ -259,10 +259,13 @@ class SessionRefresher:
         verdict = await self._verifier.verify(outcome.access)
         if verdict.reason == Reason.TOKEN_EXPIRED and outcome.label == "grace_hit":
             return AuthResult(reason=Reason.TOKEN_EXPIRED)  # refresh() carries on with the successor
-        if verdict.claims is None:
+        if verdict.claims is None or outcome.label == "unverified":
             # The IdP issued a successor whose access token does not verify (yet): keep the
             # successor in the refresh cookie, answer 503 (or 502 if it never can), try again later.
-            reason = Reason.IDP_TOKEN_UNVERIFIED if verdict.reason in TRANSIENT else Reason.IDP_BAD_RESPONSE
+            # One that verifies by now was not counted in its family when it was written out: it is
+            # handed out only through the successor's own record (``issued``), counted first (I3).
+            unverified = verdict.claims is not None or verdict.reason in TRANSIENT
+            reason = Reason.IDP_TOKEN_UNVERIFIED if unverified else Reason.IDP_BAD_RESPONSE
             return AuthResult(
                 reason=reason, set_cookies=[self._jar.set_refresh(outcome.refresh, outcome.refresh_max_age)]
             )

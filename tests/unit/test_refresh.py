@@ -752,6 +752,49 @@ async def test_a_successor_whose_access_token_cannot_be_verified_yet_is_kept_and
     assert h.idp.counters.refresh_calls == 1 and h.idp.counters.reuse_detected == 0
 
 
+class KeysDownAt(FlakyKeys):
+    """A JWKS that cannot be fetched for the key lookups numbered in ``down`` (1 = this worker's first) only."""
+
+    def __init__(self, *down: int) -> None:
+        super().__init__("unreachable")
+        self.calls, self.failing = 0, set(down)
+
+    async def key_for(self, kid: str | None, alg: str) -> Any:
+        self.calls += 1
+        if self.calls in self.failing:
+            raise KeyFetchError("jwks down")
+        return SECRET.encode()
+
+
+async def test_a_successor_that_verifies_only_on_a_second_look_is_counted_before_it_is_handed_out(
+    build: Build,
+) -> None:
+    """Regression (I3): the write-out could not verify the new access token (not counted in the family), the
+    answer's own look a moment later could, and handed it out: a logout with another tab's cookie, reuse or a
+    back-channel logout ended the family and left that access token working until its exp."""
+    h = build(keys=KeysDownAt(2))  # 1: the replaced token's scope, 2: the write-out's look
+    old = h.session()
+    first = await h.refresher.refresh(old.refresh, old.access)
+    successor = cookies(first)[REFRESH][0]
+    handed = first if first.claims is not None else await h.refresher.refresh(successor, None)
+    assert handed.claims is not None and h.idp.counters.refresh_calls == 1
+    await h.refresher.end_session(old.refresh)  # a logout with the old cookie (another tab): the family ends
+    assert handed.claims["jti"] in h.denylist
+
+
+async def test_a_waiter_hands_out_a_successor_verified_late_only_once_it_counted_it(build: Build) -> None:
+    """Regression (I3): another worker's look at an unverified result failed (nothing counted), its answer's look
+    passed, and it handed the access token out, uncounted; the family's end left it working."""
+    one = build(keys=KeysDownAt(2, 3))  # the owner never verifies it
+    old = one.session()
+    assert (await one.refresher.refresh(old.refresh, old.access)).reason == "idp_token_unverified"
+    two = build(app=one.app, store=one.store, clock=one.clock, keys=KeysDownAt(2))  # 2: the waiter's count
+    answer = await two.refresher.refresh(old.refresh, old.access)  # within grace, from the result
+    await two.refresher.end_session(old.refresh)
+    assert answer.claims is None or answer.claims["jti"] in two.denylist
+    assert answer.reason == "idp_token_unverified" and REFRESH in cookies(answer)  # 503, the successor kept
+
+
 async def test_reuse_of_any_ancestor_ends_the_whole_family(build: Build) -> None:
     """Regression (failure 3): R0 -> R1 -> R2, then R0 replayed: R2 and its access token are refused too."""
     h = build()
