@@ -125,7 +125,7 @@ class Coordinator:
             outcome = self._redemption.unseal(record.result, keys.result)
             counted = outcome.label != "unverified" or outcome.access is None
             if not counted:
-                count = await self._counted(keys, outcome.access or "")
+                count = await self._counted(keys, outcome.access or "", outcome.refresh or token)
                 if isinstance(count, Outcome):
                     return count
                 counted = count
@@ -202,11 +202,8 @@ class Coordinator:
             return None  # too late to use it, or it never will verify: refresh as usual
         lifetime = self._lifetime(token)
         if verdict.claims is not None:
-            await self._families.join(keys.root, verdict.claims)
-            ended = (await self._store.read_record(keys)).ended  # an end between our read and the join
-            if ended is not None:
-                return Outcome(ended_label(ended))
-            return Outcome("reverified", access, token, lifetime)
+            ended = await self._count(keys, verdict.claims, lifetime)
+            return ended or Outcome("reverified", access, token, lifetime)
         return Outcome("unverified", access, token, lifetime)
 
     async def _newer(self, keys: RecordKeys, successor: str, arrived: Arrival, depth: int) -> Outcome | None:
@@ -224,7 +221,7 @@ class Coordinator:
         step = await self._judge(later, successor, found, arrived, depth + 1)  # rotated or ended: an outcome
         return step if isinstance(step, Outcome) else None
 
-    async def _counted(self, keys: RecordKeys, access: str) -> Outcome | bool:
+    async def _counted(self, keys: RecordKeys, access: str, refresh: str) -> Outcome | bool:
         """A successor whose access token did not verify at its write-out was not counted in the family
         (``members``): if it verifies now, it is handed out, so count it first, or ending the family would
         not refuse it (I3). The family's end if it ended meanwhile; else whether it was counted (if not, it is
@@ -232,9 +229,16 @@ class Coordinator:
         verdict = await self._verifier.verify(access)
         if verdict.claims is None:
             return False
-        await self._families.join(keys.root, verdict.claims)
+        return await self._count(keys, verdict.claims, self._lifetime(refresh)) or True
+
+    async def _count(self, keys: RecordKeys, claims: dict[str, Any], lifetime: float) -> Outcome | None:
+        """Count an access token verified after its write-out as the write-out would have: in the family's
+        ``members`` (its end refuses the token) and linked to it (``member:``: the token's WebSockets close when
+        the family ends). The family's end if it ended meanwhile, else None."""
+        await self._families.link(keys.root, None, claims, lifetime)
+        await self._families.join(keys.root, claims)
         ended = (await self._store.read_record(keys)).ended  # an end between our read and the join
-        return Outcome(ended_label(ended)) if ended is not None else True
+        return Outcome(ended_label(ended)) if ended is not None else None
 
     async def _lost(self, keys: RecordKeys) -> Outcome:
         """The IdP may have redeemed this token and its answer is lost: end the session cleanly, never resend."""

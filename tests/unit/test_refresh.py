@@ -795,6 +795,30 @@ async def test_a_waiter_hands_out_a_successor_verified_late_only_once_it_counted
     assert answer.reason == "idp_token_unverified" and REFRESH in cookies(answer)  # 503, the successor kept
 
 
+@pytest.mark.parametrize("where", ["issued", "grace"])
+async def test_a_socket_opened_with_a_successor_verified_late_closes_when_its_session_ends(
+    build: Build, where: str
+) -> None:
+    """Regression (I3): a successor's access token verified late (``issued``, or a grace hit on the old token) was
+    counted in ``members`` but not linked to its family (``member:``): a WebSocket opened with it watched only its
+    own logout, and stayed open through a back-channel logout, reuse, or a logout with another tab's cookie."""
+    keys = FlakyKeys("unreachable")
+    h = build(keys=keys)
+    old = h.session()
+    keys.down = True
+    successor = cookies(await h.refresher.refresh(old.refresh, old.access))[REFRESH][0]
+    keys.down = False
+    if where == "issued":
+        late = await h.refresher.refresh(successor, None)
+    else:
+        late = await build(app=h.app, store=h.store, clock=h.clock).refresher.refresh(old.refresh, old.access)
+    assert late.claims is not None
+    families = Families(h.store, h.sealer, h.denylist, time.time, 3600)
+    watch = await families.watch_keys(late.claims)  # what the tunnel's watchdog checks (gateway/tunnel.py)
+    await h.refresher.end_session(old.refresh)  # a logout with the old cookie: the session ends
+    assert any(key in h.denylist for key in watch)
+
+
 async def test_reuse_of_any_ancestor_ends_the_whole_family(build: Build) -> None:
     """Regression (failure 3): R0 -> R1 -> R2, then R0 replayed: R2 and its access token are refused too."""
     h = build()
