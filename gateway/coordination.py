@@ -252,7 +252,7 @@ class Coordinator:
         return await self._end(keys, Reason.REUSE)
 
     async def _end(self, keys: RecordKeys, reason: Reason) -> Outcome:
-        end = await self._families.end(keys, reason)
+        end = await self._families.end_surely(keys, reason, self._spawn)
         newest = self._families.head(keys, end.head)
         if end.first and newest is not None:
             self._spawn(self._idp.revoke(newest))  # best effort; the gateway refuses the family anyway

@@ -178,16 +178,31 @@ class Families:
         return self.head(keys, (await self.end(keys, Reason.SESSION_ENDED)).head)
 
     async def _end_session_later(self, h: str) -> None:
+        await self._later(lambda: self._end_session(h), f"logout token={h[:12]}")
+
+    async def end_surely(self, keys: RecordKeys, reason: Reason, spawn: Callable[[Awaitable[Any]], None]) -> FamilyEnd:
+        """``end``; when the store fails, the end is tried again in the background until it is recorded (it
+        may have happened with its reply lost: the family then reads as ended and nobody else would refuse its
+        live access tokens). Raises StoreError."""
+        try:
+            return await self.end(keys, reason)
+        except StoreError as exc:
+            log.error("family %s: end not confirmed (%s); retrying in the background", keys.root[:12], exc)
+            spawn(self._later(lambda: self.end(keys, reason), f"family {keys.root[:12]}"))
+            raise
+
+    async def _later(self, step: Callable[[], Awaitable[Any]], what: str) -> None:
+        """``step`` (idempotent) until the store takes it, for up to ``BACKGROUND_RETRY``."""
         deadline = time.monotonic() + BACKGROUND_RETRY
         while time.monotonic() < deadline:
             await asyncio.sleep(RETRY_PAUSE)
             try:
-                await self._end_session(h)
-            except (StoreError, ValueError, TypeError):
+                await step()
+            except (StoreError, ValueError, TypeError):  # ValueError/TypeError: a reply of an odd shape
                 continue
-            log.info("logout token=%s: ended session recorded", h[:12])
+            log.info("%s: ended session recorded", what)
             return
-        log.error("logout token=%s: ended session never recorded (store unavailable)", h[:12])
+        log.error("%s: ended session never recorded (store unavailable)", what)
 
     def head(self, keys: RecordKeys, sealed: bytes | None) -> str | None:
         """The newest refresh token of the family, from ``FamilyEnd.head``."""
@@ -241,8 +256,10 @@ class FamilyIndex:
     async def end(self, *, sub: str | None = None, sid: str | None = None) -> list[SessionInfo]:
         ended = []
         for root, info in await self._found(sub, sid):
+            # Ended already too: a try whose reply was lost (the IdP's retry follows a 503) ended the family but
+            # refused none of its tokens; ending again is harmless and refuses them.
+            await self._families.end(RecordKeys(root, root), Reason.SESSION_ENDED)
             if info.ended is None:
-                await self._families.end(RecordKeys(root, root), Reason.SESSION_ENDED)
                 ended.append(info)
         return ended
 

@@ -125,7 +125,7 @@ class Redemption:
             except RefreshRejected as exc:
                 log.info("refresh token=%s: %s", keys.h[:12], exc)
                 try:
-                    end = await self._families.end(keys, Reason.INVALID_GRANT)
+                    end = await self._families.end_surely(keys, Reason.INVALID_GRANT, self._background)
                 except StoreError as store_exc:
                     log.error("refresh token=%s: session end not recorded (%s)", keys.h[:12], store_exc)
                     return Outcome(Reason.INVALID_GRANT)

@@ -217,6 +217,32 @@ async def test_a_store_outage_is_503_and_the_idps_retry_of_the_same_token_works(
     assert await h.families.ended(root) == "session_ended"
 
 
+class LostReplyStore(MemoryStore):
+    """``end_family`` runs, then its reply is lost once (a timeout, a reset after the script ran)."""
+
+    lost = 1
+
+    async def end_family(self, keys: Any, reason: str, ttl: float, now: float) -> Any:
+        end = await super().end_family(keys, reason, ttl, now)
+        if self.lost:
+            self.lost -= 1
+            raise StoreError("reply lost")
+        return end
+
+
+async def test_the_idps_retry_after_a_lost_reply_still_refuses_the_sessions_tokens() -> None:
+    """Regression (I3): the first try ended the family in the store but its reply was lost (503, so the denylist
+    entries were never written); the IdP's retry found the session ended already and skipped it: its access
+    token, its WebSockets worked on until the token expired."""
+    h = Harness(LostReplyStore("t:", clock=time.time))
+    root = await h.login("alice", "sid-1", "jti-1")
+    token = logout_token(sid="sid-1")
+    assert (await h.post(token)).status_code == 503
+    assert (await h.post(token)).status_code == 200  # the IdP's retry
+    assert await h.families.ended(root) == "session_ended"
+    assert "jti-1" in h.denylist and SESSION + root in h.denylist
+
+
 class NoKeys:
     async def key_for(self, kid: str | None, alg: str) -> Any:
         raise KeyFetchError("jwks down")

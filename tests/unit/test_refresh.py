@@ -846,6 +846,33 @@ async def test_reuse_of_any_ancestor_ends_the_whole_family(build: Build) -> None
     assert h.idp.counters.refresh_calls == 2  # nothing more reached the IdP
 
 
+class LostEndReply(MemoryStore):
+    """``end_family`` runs, then its reply is lost once (a timeout, a reset after the script ran)."""
+
+    lost = 1
+
+    async def end_family(self, keys: RecordKeys, reason: str, ttl: float, now: float) -> Any:
+        end = await super().end_family(keys, reason, ttl, now)
+        if self.lost:
+            self.lost -= 1
+            raise StoreError("reply lost")
+        return end
+
+
+async def test_reuse_whose_end_reply_was_lost_still_refuses_the_familys_access_tokens(build: Build) -> None:
+    """Regression (I3): reuse detection ended the family in the store but the reply was lost (503): its live
+    access tokens were never denylisted, and every later request found the family ended and denied nothing."""
+    clock = Clock()
+    h = build(store=LostEndReply("gw:", clock=clock), clock=clock)
+    old = h.session()
+    newest = await h.refresher.refresh(old.refresh, old.access)
+    assert newest.claims is not None
+    h.clock.advance(GRACE + 1)
+    assert (await h.refresher.refresh(old.refresh, None)).reason == "store_unavailable"  # the reply lost: 503
+    assert (await h.refresher.refresh(old.refresh, None)).reason == "reuse"
+    await until(lambda: newest.claims is not None and newest.claims["jti"] in h.denylist, "the newest token refused")
+
+
 async def test_a_logout_during_a_refresh_is_not_undone_by_the_owners_write_out(build: Build) -> None:
     """Regression (failure 4): the owner's write-out restored the result, and the successor kept working."""
     h = build(revocation_endpoint=None)  # the IdP would redeem all the same (revocation ignored or not offered)
