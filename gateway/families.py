@@ -47,6 +47,14 @@ log = logging.getLogger("gateway.families")
 
 SESSION = "session:"  # denylist: every socket of this session ends
 ENDED = "ended:"  # denylist: every socket opened with this access token (jti) ends
+# ``ended:{jti}`` lasts at least this long: a socket outlives the token it was opened with, so an entry dated by the
+# token's exp alone would have lapsed already at a logout after it; each worker's watchdog looks once a second.
+ENDED_AT_LEAST = 60.0
+
+
+def ended_until(refused_until: float, now: float) -> float:
+    """Until when ``ended:{jti}`` must stay for a token refused until ``refused_until``."""
+    return max(refused_until, now + ENDED_AT_LEAST)
 
 
 class Families:
