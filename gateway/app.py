@@ -82,7 +82,12 @@ class Gateway:
             sockets=Sockets(denylist, metrics, clock),
             # An ended session is remembered as long as its longest refresh cookie may live.
             families=Families(
-                store, sealer, denylist, clock, config.cookies.refresh.max_age or DEFAULT_REFRESH_LIFETIME
+                store,
+                sealer,
+                denylist,
+                clock,
+                config.cookies.refresh.max_age or DEFAULT_REFRESH_LIFETIME,
+                config.tokens.leeway,
             ),
         )
         self.shared.sockets.config = config.websocket
@@ -216,6 +221,7 @@ class Gateway:
             return False
         old, self.serving = self.serving, fresh
         self.shared.sockets.config = config.websocket
+        self.shared.families.leeway = config.tokens.leeway
         self.generation += 1
         self.shared.metrics.config_loaded(self.generation, ok=True)
         log.info("config reload (%s): generation %d serving, %d routes", why, self.generation, len(config.routes))

@@ -163,7 +163,8 @@ async def _sessions_in_store(config: GatewayConfig, action: str, sub: str | None
     try:
         await store.ping()
         lifetime = config.cookies.refresh.max_age or DEFAULT_REFRESH_LIFETIME
-        families = Families(store, Sealer(config.store.secret or ""), Denylist(store), time.time, lifetime)
+        sealer = Sealer(config.store.secret or "")
+        families = Families(store, sealer, Denylist(store), time.time, lifetime, config.tokens.leeway)
         index = FamilyIndex(families)
         found = await (index.end(sub=sub, sid=sid) if action == "end" else index.sessions(sub=sub, sid=sid))
     finally:

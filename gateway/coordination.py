@@ -123,15 +123,19 @@ class Coordinator:
             return Outcome(ended_label(record.ended))
         if record.result is not None:
             outcome = self._redemption.unseal(record.result, keys.result)
-            if outcome.label == "unverified" and outcome.access is not None:
-                ended = await self._counted(keys, outcome.access)
-                if ended is not None:
-                    return ended
+            counted = outcome.label != "unverified" or outcome.access is None
+            if not counted:
+                count = await self._counted(keys, outcome.access or "", outcome.refresh or token)
+                if isinstance(count, Outcome):
+                    return count
+                counted = count
             if outcome.ok:
                 if record.used is not None and outcome.refresh not in (None, token) and depth < MAX_FOLLOW:
                     newer = await self._newer(keys, outcome.refresh, arrived, depth)
                     if newer is not None:
                         return newer
+                if not counted:
+                    return outcome  # "unverified": 503 with the successor kept, never handed out uncounted
                 # Only the token's own record tells what is left of its grace: a successor followed to
                 # (depth > 0) has a grace of its own, which may outlast the token's by far.
                 rotated = record.rotated_at if depth == 0 else None
@@ -198,11 +202,8 @@ class Coordinator:
             return None  # too late to use it, or it never will verify: refresh as usual
         lifetime = self._lifetime(token)
         if verdict.claims is not None:
-            await self._families.join(keys.root, verdict.claims)
-            ended = (await self._store.read_record(keys)).ended  # an end between our read and the join
-            if ended is not None:
-                return Outcome(ended_label(ended))
-            return Outcome("reverified", access, token, lifetime)
+            ended = await self._count(keys, verdict.claims, lifetime)
+            return ended or Outcome("reverified", access, token, lifetime)
         return Outcome("unverified", access, token, lifetime)
 
     async def _newer(self, keys: RecordKeys, successor: str, arrived: Arrival, depth: int) -> Outcome | None:
@@ -220,14 +221,22 @@ class Coordinator:
         step = await self._judge(later, successor, found, arrived, depth + 1)  # rotated or ended: an outcome
         return step if isinstance(step, Outcome) else None
 
-    async def _counted(self, keys: RecordKeys, access: str) -> Outcome | None:
+    async def _counted(self, keys: RecordKeys, access: str, refresh: str) -> Outcome | bool:
         """A successor whose access token did not verify at its write-out was not counted in the family
         (``members``): if it verifies now, it is handed out, so count it first, or ending the family would
-        not refuse it (I3). The family's end if it ended meanwhile; None to go on."""
+        not refuse it (I3). The family's end if it ended meanwhile; else whether it was counted (if not, it is
+        answered 503 without the access token, however a later look at it would verify: nothing handed out)."""
         verdict = await self._verifier.verify(access)
         if verdict.claims is None:
-            return None  # answered 503 (or 502) without the access token: nothing handed out
-        await self._families.join(keys.root, verdict.claims)
+            return False
+        return await self._count(keys, verdict.claims, self._lifetime(refresh)) or True
+
+    async def _count(self, keys: RecordKeys, claims: dict[str, Any], lifetime: float) -> Outcome | None:
+        """Count an access token verified after its write-out as the write-out would have: in the family's
+        ``members`` (its end refuses the token) and linked to it (``member:``: the token's WebSockets close when
+        the family ends). The family's end if it ended meanwhile, else None."""
+        await self._families.link(keys.root, None, claims, lifetime)
+        await self._families.join(keys.root, claims)
         ended = (await self._store.read_record(keys)).ended  # an end between our read and the join
         return Outcome(ended_label(ended)) if ended is not None else None
 
@@ -243,7 +252,7 @@ class Coordinator:
         return await self._end(keys, Reason.REUSE)
 
     async def _end(self, keys: RecordKeys, reason: Reason) -> Outcome:
-        end = await self._families.end(keys, reason)
+        end = await self._families.end_surely(keys, reason, self._spawn)
         newest = self._families.head(keys, end.head)
         if end.first and newest is not None:
             self._spawn(self._idp.revoke(newest))  # best effort; the gateway refuses the family anyway

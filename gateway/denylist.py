@@ -28,10 +28,12 @@ KEY = "denylist"
 UNDATED_DENY = 86_400.0
 
 
-def refuse_until(claims: dict[str, Any], now: float) -> float:
-    """Until when a refused access token must stay refused: its ``exp``, or ``UNDATED_DENY`` from now without one."""
+def refuse_until(claims: dict[str, Any], now: float, leeway: float) -> float:
+    """Until when a refused access token must stay refused: as long as verification still accepts it, its ``exp``
+    plus ``tokens.leeway`` (``leeway``); ``UNDATED_DENY`` from now without an ``exp``. An entry that lapsed at
+    ``exp`` would let a logged-out token pass again for the leeway (I3)."""
     exp = claims.get("exp")
-    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else now + UNDATED_DENY
+    return float(exp) + leeway if isinstance(exp, int | float) and not isinstance(exp, bool) else now + UNDATED_DENY
 
 
 class Denylist:

@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from gateway.config import MAX_LEEWAY
 from gateway.denylist import Denylist, refuse_until
 from gateway.errors import StoreError
 from gateway.reasons import Reason, ended_label
@@ -46,17 +47,34 @@ log = logging.getLogger("gateway.families")
 
 SESSION = "session:"  # denylist: every socket of this session ends
 ENDED = "ended:"  # denylist: every socket opened with this access token (jti) ends
+# ``ended:{jti}`` lasts at least this long: a socket outlives the token it was opened with, so an entry dated by the
+# token's exp alone would have lapsed already at a logout after it; each worker's watchdog looks once a second.
+ENDED_AT_LEAST = 60.0
+
+
+def ended_until(refused_until: float, now: float) -> float:
+    """Until when ``ended:{jti}`` must stay for a token refused until ``refused_until``."""
+    return max(refused_until, now + ENDED_AT_LEAST)
 
 
 class Families:
     def __init__(
-        self, store: Store, sealer: Sealer, denylist: Denylist, clock: Callable[[], float], lifetime: float
+        self,
+        store: Store,
+        sealer: Sealer,
+        denylist: Denylist,
+        clock: Callable[[], float],
+        lifetime: float,
+        leeway: float = MAX_LEEWAY,
     ) -> None:
         self._store = store
         self._sealer = sealer
         self._denylist = denylist
         self._clock = clock
         self._lifetime = lifetime  # how long an ended family is remembered: the longest a refresh cookie lives
+        # tokens.leeway of the serving config (gateway.app sets it on every reload): a member stays counted, and
+        # refused once the family ends, as long as verification accepts it past its exp.
+        self.leeway = leeway
         self.index = IndexRecords(store, sealer, clock, lifetime)
 
     async def root_of(self, h: str) -> str:
@@ -86,7 +104,8 @@ class Families:
         """Count an access token among the family's, so that ending the family refuses it. Raises StoreError."""
         jti = claims.get("jti")
         if isinstance(jti, str):  # an opaque token without exp is counted (and refused when it ends) for a day
-            await self._store.add_member(RecordKeys(root, root).members, jti, refuse_until(claims, self._clock()))
+            until = refuse_until(claims, self._clock(), self.leeway)
+            await self._store.add_member(RecordKeys(root, root).members, jti, until)
 
     async def started(
         self,
@@ -167,16 +186,31 @@ class Families:
         return self.head(keys, (await self.end(keys, Reason.SESSION_ENDED)).head)
 
     async def _end_session_later(self, h: str) -> None:
+        await self._later(lambda: self._end_session(h), f"logout token={h[:12]}")
+
+    async def end_surely(self, keys: RecordKeys, reason: Reason, spawn: Callable[[Awaitable[Any]], None]) -> FamilyEnd:
+        """``end``; when the store fails, the end is tried again in the background until it is recorded (it
+        may have happened with its reply lost: the family then reads as ended and nobody else would refuse its
+        live access tokens). Raises StoreError."""
+        try:
+            return await self.end(keys, reason)
+        except StoreError as exc:
+            log.error("family %s: end not confirmed (%s); retrying in the background", keys.root[:12], exc)
+            spawn(self._later(lambda: self.end(keys, reason), f"family {keys.root[:12]}"))
+            raise
+
+    async def _later(self, step: Callable[[], Awaitable[Any]], what: str) -> None:
+        """``step`` (idempotent) until the store takes it, for up to ``BACKGROUND_RETRY``."""
         deadline = time.monotonic() + BACKGROUND_RETRY
         while time.monotonic() < deadline:
             await asyncio.sleep(RETRY_PAUSE)
             try:
-                await self._end_session(h)
-            except (StoreError, ValueError, TypeError):
+                await step()
+            except (StoreError, ValueError, TypeError):  # ValueError/TypeError: a reply of an odd shape
                 continue
-            log.info("logout token=%s: ended session recorded", h[:12])
+            log.info("%s: ended session recorded", what)
             return
-        log.error("logout token=%s: ended session never recorded (store unavailable)", h[:12])
+        log.error("%s: ended session never recorded (store unavailable)", what)
 
     def head(self, keys: RecordKeys, sealed: bytes | None) -> str | None:
         """The newest refresh token of the family, from ``FamilyEnd.head``."""
@@ -230,8 +264,10 @@ class FamilyIndex:
     async def end(self, *, sub: str | None = None, sid: str | None = None) -> list[SessionInfo]:
         ended = []
         for root, info in await self._found(sub, sid):
+            # Ended already too: a try whose reply was lost (the IdP's retry follows a 503) ended the family but
+            # refused none of its tokens; ending again is harmless and refuses them.
+            await self._families.end(RecordKeys(root, root), Reason.SESSION_ENDED)
             if info.ended is None:
-                await self._families.end(RecordKeys(root, root), Reason.SESSION_ENDED)
                 ended.append(info)
         return ended
 

@@ -29,7 +29,7 @@ from gateway.cookies import CookieJar
 from gateway.csrf import CSRFGuard
 from gateway.denylist import Denylist, refuse_until
 from gateway.errors import StoreError
-from gateway.families import ENDED
+from gateway.families import ENDED, ended_until
 from gateway.reasons import Reason
 from gateway.refresh import SessionRefresher
 from gateway.responses import safe_target, wants_html
@@ -122,12 +122,15 @@ class Logout:
         if not isinstance(jti, str):
             log.warning("logout: the access token has no jti; it stays valid until it expires")
             return
-        until = refuse_until(claims, time.time())  # an opaque token without exp: refused for a day
-        try:
-            await self._denylist.deny(jti, until)
-            await self._denylist.deny(ENDED + jti, until)  # and the sockets opened with it
-        except StoreError as exc:
-            log.error("logout: denylist not shared with other processes (%s); refused here only", exc)
+        # As long as verification accepts it (exp + leeway); an opaque token without exp: refused for a day.
+        now = time.time()
+        until = refuse_until(claims, now, self._verifier.leeway)
+        # And the sockets opened with it, expired since or not.
+        for entry, lasts in ((jti, until), (ENDED + jti, ended_until(until, now))):
+            try:
+                await self._denylist.deny(entry, lasts)
+            except StoreError as exc:
+                log.error("logout: denylist not shared with other processes (%s); refused here only", exc)
 
 
 def _is_form(headers: list[tuple[bytes, bytes]]) -> bool:

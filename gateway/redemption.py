@@ -125,7 +125,7 @@ class Redemption:
             except RefreshRejected as exc:
                 log.info("refresh token=%s: %s", keys.h[:12], exc)
                 try:
-                    end = await self._families.end(keys, Reason.INVALID_GRANT)
+                    end = await self._families.end_surely(keys, Reason.INVALID_GRANT, self._background)
                 except StoreError as store_exc:
                     log.error("refresh token=%s: session end not recorded (%s)", keys.h[:12], store_exc)
                     return Outcome(Reason.INVALID_GRANT)
@@ -192,7 +192,8 @@ class Redemption:
             used = (self._sealer.seal(record, keys.used), float(self._lifetime(token)))
         # Counted with or without exp (an opaque token's answer may not tell it), as a login's token is.
         jti = (claims or {}).get("jti")
-        member = (jti, refuse_until(claims or {}, time.time())) if isinstance(jti, str) else None
+        until = refuse_until(claims or {}, time.time(), self._verifier.leeway)
+        member = (jti, until) if isinstance(jti, str) else None
 
         async def finish() -> Finish:
             # The successor joins the family before anyone can present it.

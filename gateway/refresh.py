@@ -43,7 +43,7 @@ from gateway.cache import BoundedCache
 from gateway.config import RefreshConfig
 from gateway.cookies import CookieJar
 from gateway.coordination import Arrival, Coordinator
-from gateway.denylist import Denylist
+from gateway.denylist import Denylist, refuse_until
 from gateway.errors import CookieTooLarge, StoreError
 from gateway.families import Families
 from gateway.idp_client import IdPClient, scopes_of
@@ -259,10 +259,13 @@ class SessionRefresher:
         verdict = await self._verifier.verify(outcome.access)
         if verdict.reason == Reason.TOKEN_EXPIRED and outcome.label == "grace_hit":
             return AuthResult(reason=Reason.TOKEN_EXPIRED)  # refresh() carries on with the successor
-        if verdict.claims is None:
+        if verdict.claims is None or outcome.label == "unverified":
             # The IdP issued a successor whose access token does not verify (yet): keep the
             # successor in the refresh cookie, answer 503 (or 502 if it never can), try again later.
-            reason = Reason.IDP_TOKEN_UNVERIFIED if verdict.reason in TRANSIENT else Reason.IDP_BAD_RESPONSE
+            # One that verifies by now was not counted in its family when it was written out: it is
+            # handed out only through the successor's own record (``issued``), counted first (I3).
+            unverified = verdict.claims is not None or verdict.reason in TRANSIENT
+            reason = Reason.IDP_TOKEN_UNVERIFIED if unverified else Reason.IDP_BAD_RESPONSE
             return AuthResult(
                 reason=reason, set_cookies=[self._jar.set_refresh(outcome.refresh, outcome.refresh_max_age)]
             )
@@ -277,9 +280,10 @@ class SessionRefresher:
     async def _deny_replaced(self, denylist: Denylist, old_access: str, new_jti: Any) -> None:
         claims = await self._verifier.signed_claims(old_access)
         jti, exp = (claims or {}).get("jti"), (claims or {}).get("exp")
-        if isinstance(jti, str) and jti != new_jti and isinstance(exp, int | float) and exp > self._clock():
+        until = refuse_until(claims or {}, self._clock(), self._verifier.leeway)  # as long as it verifies
+        if isinstance(jti, str) and jti != new_jti and isinstance(exp, int | float) and until > self._clock():
             try:
-                await denylist.deny(jti, float(exp))
+                await denylist.deny(jti, until)
             except StoreError as exc:
                 log.warning("could not denylist the replaced access token: %s", exc)
 

@@ -28,7 +28,7 @@ import jwt
 from gateway.authn import AuthResult
 from gateway.denylist import refuse_until
 from gateway.errors import StoreError
-from gateway.families import ENDED, SESSION, Families
+from gateway.families import ENDED, SESSION, Families, ended_until
 from gateway.reasons import FATAL, TRANSIENT, Reason
 from gateway.refresh import SessionRefresher
 from gateway.sealing import Sealer
@@ -189,7 +189,7 @@ class SessionAuth:
         claims = await self._verifier.signed_claims(record.access)
         jti = (claims or {}).get("jti")
         if isinstance(jti, str):
-            await self._families.refuse(jti, refuse_until(claims or {}, time.time()))
+            await self._families.refuse(jti, refuse_until(claims or {}, time.time(), self._verifier.leeway))
 
     async def id_token(self, value: str) -> str | None:
         """The ID token of the session a cookie value names (RP-initiated logout's hint), or None. Never raises."""
@@ -223,9 +223,10 @@ class SessionAuth:
         claims = await self._verifier.signed_claims(record.access)
         jti = (claims or {}).get("jti")
         if isinstance(jti, str):
-            exp = refuse_until(claims or {}, time.time())
-            for entry in (jti, ENDED + jti):  # the access token, and the sockets opened with it
-                await self._families.refuse(entry, float(exp))
+            now = time.time()
+            until = refuse_until(claims or {}, now, self._verifier.leeway)  # and its sockets, expired since or not:
+            for entry, lasts in ((jti, until), (ENDED + jti, ended_until(until, now))):
+                await self._families.refuse(entry, lasts)
         log.info("session %s ended", h[:12])
         return 1
 

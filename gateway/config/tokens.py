@@ -105,8 +105,8 @@ class TokensConfig(Model):
     `missing_claim`). `exp` is always required (a token that never expires is never accepted); `sub` names the user
     in identity headers and logs. Add, e.g., `jti` or `email`."""
     revoke_superseded: bool = False
-    """When a refresh replaces an access token, put the old one's `jti` on the denylist until its `exp`, so a copy
-    of it is refused (401 `token_revoked`). Needs `refresh.endpoint` and a `jti` claim."""
+    """When a refresh replaces an access token, put the old one's `jti` on the denylist until its `exp` plus
+    `leeway`, so a copy of it is refused (401 `token_revoked`). Needs `refresh.endpoint` and a `jti` claim."""
     tls: TLSConfig | None = None
     """TLS to an `https://` `jwks_url` (also used by `login.oidc` for the ID token's keys)."""
     introspection: IntrospectionConfig | None = None

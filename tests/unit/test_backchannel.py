@@ -92,6 +92,15 @@ async def test_a_valid_logout_token_by_sid_ends_exactly_that_session(h: Harness)
     assert "jti-2" not in h.denylist and "jti-3" not in h.denylist
 
 
+async def test_an_access_token_past_exp_but_within_the_leeway_is_refused_when_its_session_ends(h: Harness) -> None:
+    """Regression (I3): a family's access token was counted (members) and refused only until its exp, while
+    verification accepts it for tokens.leeway (30 s) past it: ended at exp - 0, it passed again right away."""
+    claims = {"sub": "alice", "jti": "jti-late", "exp": time.time() - 5}  # expired 5 s ago: verifies still
+    await h.families.started(claims, "refresh-late", 3600, sid="sid-late")
+    assert (await h.post(logout_token(sub=None, sid="sid-late"))).status_code == 200
+    assert "jti-late" in h.denylist
+
+
 async def test_a_session_without_a_refresh_token_ends_too(h: Harness) -> None:
     """Regression: a login without offline_access (no refresh token) was in no family, so nothing could end it."""
     await h.families.started({"sub": "alice", "jti": "jti-only", "exp": time.time() + 300, "sid": "sid-9"}, None, None)
@@ -206,6 +215,32 @@ async def test_a_store_outage_is_503_and_the_idps_retry_of_the_same_token_works(
     assert down.json() == {"error": "temporarily_unavailable"}
     assert (await h.post(token)).status_code == 200  # not taken for a replay
     assert await h.families.ended(root) == "session_ended"
+
+
+class LostReplyStore(MemoryStore):
+    """``end_family`` runs, then its reply is lost once (a timeout, a reset after the script ran)."""
+
+    lost = 1
+
+    async def end_family(self, keys: Any, reason: str, ttl: float, now: float) -> Any:
+        end = await super().end_family(keys, reason, ttl, now)
+        if self.lost:
+            self.lost -= 1
+            raise StoreError("reply lost")
+        return end
+
+
+async def test_the_idps_retry_after_a_lost_reply_still_refuses_the_sessions_tokens() -> None:
+    """Regression (I3): the first try ended the family in the store but its reply was lost (503, so the denylist
+    entries were never written); the IdP's retry found the session ended already and skipped it: its access
+    token, its WebSockets worked on until the token expired."""
+    h = Harness(LostReplyStore("t:", clock=time.time))
+    root = await h.login("alice", "sid-1", "jti-1")
+    token = logout_token(sid="sid-1")
+    assert (await h.post(token)).status_code == 503
+    assert (await h.post(token)).status_code == 200  # the IdP's retry
+    assert await h.families.ended(root) == "session_ended"
+    assert "jti-1" in h.denylist and SESSION + root in h.denylist
 
 
 class NoKeys:

@@ -6,10 +6,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
+import httpx
+import jwt
 import pytest
 import redis.asyncio as aioredis
+from support.fakes import RecordingUpstream
 from support.waiting import announcements_arrive
 
+from gateway.app import create_app
+from gateway.config import parse_config
 from gateway.denylist import KEY, Denylist
 from gateway.errors import StoreError
 from gateway.store import MemoryStore, Store
@@ -162,3 +167,25 @@ async def test_local_denial_survives_reload_that_does_not_know_it(redis_url: str
     finally:
         await denylist.close()
         await store.close()
+
+
+async def test_a_logged_out_token_stays_refused_for_as_long_as_the_leeway_accepts_it_past_exp() -> None:
+    """Regression (I3): the entry lapsed at the token's exp while tokens.leeway accepts it 30 s longer: a
+    logged-out Bearer token got 200 again from its exp until exp + leeway."""
+    now = [time.time()]
+    secret = "denylist-tests-secret-0123456789abcdef"
+    config = {
+        "server": {"access_log": False},
+        "tokens": {"algorithms": ["HS256"], "secret": secret, "leeway": 30},
+        "cookies": {"secure": False},
+        "routes": [{"name": "app", "path": "/", "upstream": "http://127.0.0.1:9"}],
+    }
+    app = create_app(parse_config(config), forwarder=RecordingUpstream(), clock=lambda: now[0])
+    token = jwt.encode({"sub": "alice", "exp": int(now[0] + 10), "jti": "j-1"}, secret, algorithm="HS256")
+    bearer = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        assert (await client.get("/x", headers=bearer)).status_code == 200
+        assert (await client.post("/.gateway/logout", headers=bearer)).status_code == 204
+        now[0] += 15  # past exp, within the leeway: the token itself would still verify
+        late = await client.get("/x", headers=bearer)
+    assert late.status_code == 401 and late.json()["reason"] == "token_revoked"

@@ -752,6 +752,73 @@ async def test_a_successor_whose_access_token_cannot_be_verified_yet_is_kept_and
     assert h.idp.counters.refresh_calls == 1 and h.idp.counters.reuse_detected == 0
 
 
+class KeysDownAt(FlakyKeys):
+    """A JWKS that cannot be fetched for the key lookups numbered in ``down`` (1 = this worker's first) only."""
+
+    def __init__(self, *down: int) -> None:
+        super().__init__("unreachable")
+        self.calls, self.failing = 0, set(down)
+
+    async def key_for(self, kid: str | None, alg: str) -> Any:
+        self.calls += 1
+        if self.calls in self.failing:
+            raise KeyFetchError("jwks down")
+        return SECRET.encode()
+
+
+async def test_a_successor_that_verifies_only_on_a_second_look_is_counted_before_it_is_handed_out(
+    build: Build,
+) -> None:
+    """Regression (I3): the write-out could not verify the new access token (not counted in the family), the
+    answer's own look a moment later could, and handed it out: a logout with another tab's cookie, reuse or a
+    back-channel logout ended the family and left that access token working until its exp."""
+    h = build(keys=KeysDownAt(2))  # 1: the replaced token's scope, 2: the write-out's look
+    old = h.session()
+    first = await h.refresher.refresh(old.refresh, old.access)
+    successor = cookies(first)[REFRESH][0]
+    handed = first if first.claims is not None else await h.refresher.refresh(successor, None)
+    assert handed.claims is not None and h.idp.counters.refresh_calls == 1
+    await h.refresher.end_session(old.refresh)  # a logout with the old cookie (another tab): the family ends
+    assert handed.claims["jti"] in h.denylist
+
+
+async def test_a_waiter_hands_out_a_successor_verified_late_only_once_it_counted_it(build: Build) -> None:
+    """Regression (I3): another worker's look at an unverified result failed (nothing counted), its answer's look
+    passed, and it handed the access token out, uncounted; the family's end left it working."""
+    one = build(keys=KeysDownAt(2, 3))  # the owner never verifies it
+    old = one.session()
+    assert (await one.refresher.refresh(old.refresh, old.access)).reason == "idp_token_unverified"
+    two = build(app=one.app, store=one.store, clock=one.clock, keys=KeysDownAt(2))  # 2: the waiter's count
+    answer = await two.refresher.refresh(old.refresh, old.access)  # within grace, from the result
+    await two.refresher.end_session(old.refresh)
+    assert answer.claims is None or answer.claims["jti"] in two.denylist
+    assert answer.reason == "idp_token_unverified" and REFRESH in cookies(answer)  # 503, the successor kept
+
+
+@pytest.mark.parametrize("where", ["issued", "grace"])
+async def test_a_socket_opened_with_a_successor_verified_late_closes_when_its_session_ends(
+    build: Build, where: str
+) -> None:
+    """Regression (I3): a successor's access token verified late (``issued``, or a grace hit on the old token) was
+    counted in ``members`` but not linked to its family (``member:``): a WebSocket opened with it watched only its
+    own logout, and stayed open through a back-channel logout, reuse, or a logout with another tab's cookie."""
+    keys = FlakyKeys("unreachable")
+    h = build(keys=keys)
+    old = h.session()
+    keys.down = True
+    successor = cookies(await h.refresher.refresh(old.refresh, old.access))[REFRESH][0]
+    keys.down = False
+    if where == "issued":
+        late = await h.refresher.refresh(successor, None)
+    else:
+        late = await build(app=h.app, store=h.store, clock=h.clock).refresher.refresh(old.refresh, old.access)
+    assert late.claims is not None
+    families = Families(h.store, h.sealer, h.denylist, time.time, 3600)
+    watch = await families.watch_keys(late.claims)  # what the tunnel's watchdog checks (gateway/tunnel.py)
+    await h.refresher.end_session(old.refresh)  # a logout with the old cookie: the session ends
+    assert any(key in h.denylist for key in watch)
+
+
 async def test_reuse_of_any_ancestor_ends_the_whole_family(build: Build) -> None:
     """Regression (failure 3): R0 -> R1 -> R2, then R0 replayed: R2 and its access token are refused too."""
     h = build()
@@ -777,6 +844,33 @@ async def test_reuse_of_any_ancestor_ends_the_whole_family(build: Build) -> None
     ).verify(a2)
     assert verdict.reason == "token_revoked"
     assert h.idp.counters.refresh_calls == 2  # nothing more reached the IdP
+
+
+class LostEndReply(MemoryStore):
+    """``end_family`` runs, then its reply is lost once (a timeout, a reset after the script ran)."""
+
+    lost = 1
+
+    async def end_family(self, keys: RecordKeys, reason: str, ttl: float, now: float) -> Any:
+        end = await super().end_family(keys, reason, ttl, now)
+        if self.lost:
+            self.lost -= 1
+            raise StoreError("reply lost")
+        return end
+
+
+async def test_reuse_whose_end_reply_was_lost_still_refuses_the_familys_access_tokens(build: Build) -> None:
+    """Regression (I3): reuse detection ended the family in the store but the reply was lost (503): its live
+    access tokens were never denylisted, and every later request found the family ended and denied nothing."""
+    clock = Clock()
+    h = build(store=LostEndReply("gw:", clock=clock), clock=clock)
+    old = h.session()
+    newest = await h.refresher.refresh(old.refresh, old.access)
+    assert newest.claims is not None
+    h.clock.advance(GRACE + 1)
+    assert (await h.refresher.refresh(old.refresh, None)).reason == "store_unavailable"  # the reply lost: 503
+    assert (await h.refresher.refresh(old.refresh, None)).reason == "reuse"
+    await until(lambda: newest.claims is not None and newest.claims["jti"] in h.denylist, "the newest token refused")
 
 
 async def test_a_logout_during_a_refresh_is_not_undone_by_the_owners_write_out(build: Build) -> None:

@@ -121,6 +121,31 @@ async def test_ending_a_session_deletes_it_and_every_worker_drops_its_cached_cop
     assert await other.load(h) is None  # the cached copy is dropped at once on the denylist entry
 
 
+class LostDeleteReply(MemoryStore):
+    """``delete`` happens, then its reply is lost (a timeout, a reset after the command ran)."""
+
+    async def delete(self, key: str) -> None:
+        await super().delete(key)
+        raise StoreError("reply lost")
+
+
+async def test_an_end_whose_delete_reply_is_lost_still_drops_every_workers_cached_copy() -> None:
+    """Regression (I3): the record was deleted but the reply lost, so ``session:{root}`` never reached the
+    denylist; a retry (logout's, the IdP's back-channel) finds no record and ends nothing, and other workers
+    served their cached copy until it lapsed."""
+    store = LostDeleteReply()
+    shared = Denylist(store)
+    one = ServerSessions(SessionConfig(mode="server"), CookiesConfig(), store, Sealer(SECRET), shared)
+    other = ServerSessions(SessionConfig(mode="server"), CookiesConfig(), store, Sealer(SECRET), shared)
+    h, _ = await one.create("a", None, None, CLAIMS, None)
+    cached = await other.load(h)
+    assert cached is not None
+    with pytest.raises(StoreError):
+        await one.end(h, cached.record)
+    assert await one.load(h, fresh=True) is None  # gone: a retry finds nothing to end
+    assert await other.load(h) is None  # the cached copy is dropped all the same
+
+
 async def test_sessions_are_found_by_sub_and_by_sid(store: Store) -> None:
     sessions = sessions_on(store)
     one, _ = await sessions.create("a", "r", None, CLAIMS, None)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import time
 
+import httpx
+import jwt
 import pytest
+from support.fakes import RecordingUpstream
 
-from gateway.config import WebSocketConfig
+from gateway.app import create_app
+from gateway.config import WebSocketConfig, parse_config
 from gateway.denylist import Denylist
 from gateway.families import ENDED, SESSION
 from gateway.metrics import Metrics
@@ -74,4 +78,29 @@ async def test_the_messages_each_socket_counted_reach_the_metrics_at_each_sweep_
     tunnel.to_client = 4
     sockets.discard(tunnel, "client")
     assert (relayed("to_upstream"), relayed("to_client")) == (3, 6)
+    await sockets.close()
+
+
+async def test_a_logout_with_a_token_that_expired_since_still_closes_the_sockets_opened_with_it() -> None:
+    """Regression (I3): ``ended:{jti}`` was dated by the token's exp, so a logout after it (a socket outlives its
+    token by default) wrote an entry that had lapsed already: the socket opened with that token (one of no session
+    of the gateway's: a Bearer token from elsewhere, a login without a refresh token) stayed open."""
+    clock = Clock()
+    secret = "tunnel-tests-secret-0123456789abcdef"
+    config = {
+        "server": {"access_log": False},
+        "tokens": {"algorithms": ["HS256"], "secret": secret},
+        "routes": [{"name": "app", "path": "/", "upstream": "http://127.0.0.1:9"}],
+    }
+    app = create_app(parse_config(config), forwarder=RecordingUpstream(), clock=clock)
+    sockets = app.shared.sockets
+    opened = Tunnel((ENDED + "jti-1",), None)  # opened with the token (gateway.families.watch_keys: no session)
+    sockets.add(opened, sockets.reserve(limit=10) or pytest.fail("a slot"))
+    # The socket lived on; the token it was opened with expired an hour ago.
+    token = jwt.encode({"sub": "alice", "exp": int(clock.now - 3600), "jti": "jti-1"}, secret, algorithm="HS256")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        logout = await client.post("/.gateway/logout", headers={"Authorization": f"Bearer {token}"})
+    assert logout.status_code == 204
+    sockets.sweep()
+    assert opened.stop.done() and opened.stop.result()[0] == SESSION_ENDED
     await sockets.close()
