@@ -263,6 +263,12 @@ class HeaderRules:
                     host = value.split(b",")[0].strip()
         return f"{(proto or scheme.encode()).decode('latin-1')}://{(host or b'').decode('latin-1')}"
 
+    def forwarded_hosts(self, headers: RawHeaders, peer: str | None) -> list[bytes]:
+        """Every host a trusted proxy's X-Forwarded-Host names (a peer not trusted names none)."""
+        if peer not in self._trusted:
+            return []
+        return [part for n, v in headers if n == b"x-forwarded-host" for part in v.split(b",")]
+
     def client(self, headers: RawHeaders, peer: str | None) -> str | None:
         """The client's address: the peer, or behind trusted proxies the last X-Forwarded-For hop none of them is."""
         if peer not in self._trusted:

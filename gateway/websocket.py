@@ -128,6 +128,11 @@ class WebSocketPath:
         name = host_name(host) if host is not None else None
         if name is None:  # a handshake is HTTP/1.1: exactly one valid Host
             return await self._deny(respond, scope, Reason.BAD_HOST, None)
+        peer = scope["client"][0] if scope.get("client") else None
+        if self._routes.by_host and any(
+            host_name(h) != name for h in self._headers.forwarded_hosts(scope["headers"], peer)
+        ):
+            return await self._deny(respond, scope, Reason.BAD_HOST, None)  # routed on one, told another (gateway.http)
         try:
             route = self._routes.resolve(name if self._routes.by_host else None, decoded)
         except BadPath:

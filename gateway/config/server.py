@@ -61,6 +61,8 @@ class ServerConfig(Model):
     `callback`) live. A path other than `/`; a trailing `/` is dropped. It takes precedence over every route."""
     trusted_proxies: tuple[str, ...] = ()
     """IP addresses or CIDRs whose `X-Forwarded-For`, `-Proto` and `-Host` headers are believed; none by default.
+    With routes that name a `host`, such a peer's `X-Forwarded-Host` must name the request's `Host` (else 400
+    `bad_host`): the app behind may read either.
     Also the front proxies whose forward-auth questions (`{prefix}/auth` with `X-Original-*` or
     `X-Forwarded-Method`/`-Uri`) are answered; such headers from any other peer get 403 `untrusted_proxy`."""
     watch_config: bool = True
