@@ -8,6 +8,9 @@
                gathered every piece into a ``bytearray`` and copied that into ``bytes`` on each ``receive``
                (twice 64 KB for a 64 KB POST). Pieces that pile up before the app reads are joined, as
                uvicorn joins them, and reading pauses past 64 KiB, as it does
+    expect  -> an answer to ``Expect: 100-continue`` that comes before the app asked for the body (a refusal, an
+               upstream's own early answer) closes the connection: the client was never told to send the body and
+               may send its next request instead, which uvicorn would have read as that body
     answer  -> the response head is held until the body's first write, and both go out in one send
                (``writelines``: one ``writev`` with uvloop; asyncio joins them): uvicorn wrote them with a
                call each, two sends of two segments for every small answer. A head with no body write
@@ -23,10 +26,11 @@ bench/floor_bench.py: the head's own send was about a tenth of a proxied GET's C
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn's receive writes for Expect: 100-continue
 CLIENT = "gateway.client"  # the scope's extension (ASGI: a dict) whose "held" is the connection's ``Held``
@@ -158,6 +162,8 @@ class ClientH1(HttpToolsProtocol):
         # A new cycle (none for an upgrade); a HEAD answer has no body write to wait for.
         if cycle is not before and cycle is not None and self.scope["method"] != "HEAD":
             cycle.transport = HeadHold(self.transport, self.loop, self.held)  # type: ignore[assignment]
+        if cycle is not before and cycle is not None and cycle.waiting_for_100_continue:
+            cycle.send = _closing_unless_continued(cycle)  # type: ignore[method-assign,assignment]
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
@@ -173,6 +179,18 @@ class ClientH1(HttpToolsProtocol):
         if len(cycle.body) > HIGH_WATER_LIMIT:
             self.flow.pause_reading()
         cycle.message_event.set()
+
+
+def _closing_unless_continued(cycle: RequestResponseCycle) -> Callable[[Any], Awaitable[None]]:
+    """The cycle's ``send``, but an answer that starts before ``100 Continue`` went ends the connection."""
+    send = cycle.send
+
+    async def guarded(message: Any) -> None:
+        if cycle.waiting_for_100_continue and message["type"] == "http.response.start":
+            cycle.keep_alive = False  # uvicorn adds "Connection: close" and closes once the answer is out
+        await send(message)
+
+    return guarded
 
 
 def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:

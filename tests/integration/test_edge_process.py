@@ -149,3 +149,21 @@ def test_a_body_behind_an_upgrade_the_gateway_does_not_take_is_never_read_as_a_r
         with contextlib.suppress(OSError):  # the body, as the proxy sends it: the gateway has closed, or reads it
             conn.sendall(smuggled)
             assert conn.recv(65536) == b""
+
+
+@pytest.mark.parametrize("path", ["/canned/ok", "/private"])
+def test_an_answer_before_100_continue_ends_the_connection(gateway: GatewayProcess, path: str) -> None:
+    # The upstream's early answer (/canned/ok reads no body) or the gateway's own refusal (/private: no token)
+    # came before the client was told to send its body. uvicorn kept the connection open and would have read the
+    # client's next request as that body: the request lost, or its bytes read as one the client never made.
+    head = f"POST {path} HTTP/1.1\r\nHost: gw.example\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=3) as conn:
+        conn.sendall(head)
+        answer = b""
+        with contextlib.suppress(TimeoutError):  # kept open: no end of stream within the timeout
+            while chunk := conn.recv(65536):
+                answer += chunk
+        closed = not chunk if answer else False
+    status = {"/canned/ok": b"HTTP/1.1 200 ", "/private": b"HTTP/1.1 401 "}[path]
+    assert answer.startswith(status), answer[:300]
+    assert b"\r\nconnection: close\r\n" in answer.partition(b"\r\n\r\n")[0].lower() + b"\r\n" and closed, answer[:300]

@@ -106,6 +106,34 @@ async def test_100_continue_goes_at_once_and_the_answer_after_it_in_one_write() 
     assert transport.writes[1].endswith(b"\r\n\r\nok")
 
 
+class Refuses:
+    """Answers 401 without reading the request's body."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def test_an_answer_before_100_continue_closes_the_connection() -> None:
+    """The client was never told to send its body and may send the next request instead: read as that body, it
+    would be lost, or its bytes read as a request the client never made. uvicorn kept the connection open."""
+    protocol, transport = connect(Refuses())  # type: ignore[arg-type]
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    await settle()
+    assert len(transport.writes) == 1 and transport.writes[0].startswith(b"HTTP/1.1 401 ")
+    assert b"\r\nconnection: close\r\n" in transport.writes[0].lower() and transport.closed
+
+
+async def test_an_answer_after_100_continue_keeps_the_connection() -> None:
+    protocol, transport = connect(Answers())
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    await settle()
+    protocol.data_received(b"body")
+    await settle()
+    assert transport.writes[1].startswith(HEAD) and not transport.closed
+    assert b"connection: close" not in transport.writes[1].lower()
+
+
 async def test_an_answer_to_head_is_written_as_it_comes() -> None:
     """No body write follows a HEAD answer's head (uvicorn writes none): nothing is held."""
     protocol, transport = connect(Answers())
