@@ -143,9 +143,7 @@ class OIDCLogin:
         if not code or not hmac.compare_digest(state.encode(), str(flow["s"]).encode()):
             raise LoginFailed(400, Reason.LOGIN_STATE_INVALID)
         try:
-            first_use = await self._store.set_if_absent(
-                f"oidc:{{{self._sealer.token_hash(state)}}}", b"1", STATE_LIFETIME
-            )
+            first_use = await self._first_use(state)
         except StoreError as exc:
             log.error("login: store unavailable (%s)", exc)
             raise LoginFailed(503, Reason.STORE_UNAVAILABLE) from None
@@ -196,6 +194,13 @@ class OIDCLogin:
             raise LoginFailed(503, Reason.STORE_UNAVAILABLE) from None
         log.info("login: server-side session started, subject %s", self._sealer.token_hash(str(claims.get("sub")))[:12])
         return cookie
+
+    async def _first_use(self, state: str) -> bool:
+        """Take ``state`` once. Each callback marks it with a value of its own: redis-py sends a command again
+        after a connection reset, and a SET NX that landed answers "exists" to its own second copy, which then
+        finds its own mark. Raises StoreError."""
+        key, mark = f"oidc:{{{self._sealer.token_hash(state)}}}", secrets.token_bytes(16)
+        return await self._store.set_if_absent(key, mark, STATE_LIFETIME) or await self._store.get(key) == mark
 
     def _flow(self, cookie: str | None) -> dict[str, Any]:
         if not cookie:

@@ -1,0 +1,97 @@
+"""gateway/login.py: the OIDC callback's state, taken once through the store, against a real Redis behind a fault
+proxy (the IdP a MockTransport that signs HS256 tokens)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import jwt
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
+from support.faultproxy import FaultProxy
+
+from gateway.config import CookiesConfig, TokensConfig
+from gateway.config.sessions import OIDCConfig
+from gateway.cookies import CookieJar
+from gateway.keys import StaticKey
+from gateway.login import OIDCLogin
+from gateway.sealing import Sealer
+from gateway.store.redis import RedisStore
+from gateway.tokens import Verifier
+
+ISSUER = "https://idp.example"
+CLIENT = "app"
+SECRET = "login-tests-secret-0123456789abcdef"
+
+
+def idp(nonces: dict[str, str]) -> httpx.MockTransport:
+    """Discovery and a token endpoint that answers any code with tokens (the ID token carries the login's nonce)."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/.well-known/openid-configuration":
+            endpoints = {"authorization_endpoint": f"{ISSUER}/auth", "token_endpoint": f"{ISSUER}/token"}
+            return httpx.Response(200, json={"issuer": ISSUER, **endpoints})
+        now = int(time.time())
+        claims = {"iss": ISSUER, "aud": CLIENT, "sub": "alice", "iat": now, "exp": now + 300}
+        access = jwt.encode(claims | {"jti": uuid.uuid4().hex}, SECRET, algorithm="HS256")
+        id_token = jwt.encode(claims | {"nonce": nonces["last"]}, SECRET, algorithm="HS256")
+        return httpx.Response(200, json={"access_token": access, "id_token": id_token, "refresh_token": "r-1"})
+
+    return httpx.MockTransport(answer)
+
+
+@pytest.fixture
+async def proxied(redis_url: str, key_prefix: str) -> AsyncIterator[tuple[FaultProxy, RedisStore]]:
+    parts = urlsplit(redis_url)
+    if parts.scheme != "redis":
+        pytest.skip("the proxy parses plain RESP")
+    with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
+        store = RedisStore(proxy.redis_url(), key_prefix)
+        try:
+            yield proxy, store
+        finally:
+            await store.close()
+
+
+def gateway(store: RedisStore, nonces: dict[str, str]) -> httpx.AsyncClient:
+    sealer = Sealer("unit-secret")
+    tokens = TokensConfig(algorithms=("HS256",), secret=SECRET, audience=CLIENT)
+    flow = OIDCLogin(
+        config=OIDCConfig(issuer=ISSUER, client_id=CLIENT, redirect_url="https://app.example/.gateway/callback"),
+        jar=CookieJar.from_config(CookiesConfig(), sealer),
+        http=httpx.AsyncClient(transport=idp(nonces)),
+        sealer=sealer,
+        store=store,
+        verifier=Verifier(tokens, StaticKey(SECRET.encode())),
+        keys=StaticKey(SECRET.encode()),
+        algorithms=("HS256",),
+        secure=True,
+    )
+    app = Starlette(routes=[Route("/login", flow.login), Route("/callback", flow.callback)])
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://app.example")
+
+
+async def test_a_state_whose_first_use_loses_its_reply_is_not_taken_for_a_replay(
+    proxied: tuple[FaultProxy, RedisStore],
+) -> None:
+    """Regression: redis-py sends a command again after a connection reset; the state's SET NX that had landed
+    answered "exists" the second time, and the user's own login was refused as a replayed state (400)."""
+    proxy, store = proxied
+    nonces: dict[str, str] = {}
+    async with gateway(store, nonces) as browser:
+        start = await browser.get("/login", params={"next": "/home"})
+        query = {k: v[0] for k, v in parse_qs(urlsplit(start.headers["location"]).query).items()}
+        nonces["last"] = query["nonce"]
+        flow_cookie = start.cookies["__Host-gw_oidc"]  # a copy kept by whoever replays the callback
+        rule = proxy.add_rule(r"^SET \S*oidc:", "reset_after")
+        done = await browser.get("/callback", params={"state": query["state"], "code": "code-1"})
+        assert proxy.matched(rule) == 1
+        assert done.status_code == 302 and done.headers["location"] == "/home", done.text
+        browser.cookies.set("__Host-gw_oidc", flow_cookie, domain="app.example")
+        replay = await browser.get("/callback", params={"state": query["state"], "code": "code-1"})
+        assert replay.status_code == 400 and replay.json()["reason"] == "login_state_replayed"
