@@ -4,7 +4,8 @@
 (found through ``{issuer}/.well-known/openid-configuration``) with ``state``, ``nonce`` and an
 S256 code challenge; those, with ``next``, travel in a short-lived sealed cookie (AES-GCM, so
 neither readable nor forgeable). ``GET {prefix}/callback`` checks the state (once: a replayed
-state is refused through the store), exchanges the code, verifies the ID token (signature,
+state is refused through the store; a 503 before the code reached the IdP keeps the cookie and
+the state for the browser's retry), exchanges the code, verifies the ID token (signature,
 issuer, audience = client_id, nonce) and the access token (an opaque one at the introspection or
 userinfo endpoint, gateway.introspection; the ID token then with the discovery's ``jwks_uri`` unless
 ``tokens`` names keys), sets the session cookies and redirects to ``next``. Tokens never appear in
@@ -124,6 +125,8 @@ class OIDCLogin:
     async def callback(self, request: Request) -> Response:
         try:
             target, cookies = await self._complete(request)
+        except LoginRetry as exc:
+            return _failure(exc)  # the code never reached the IdP: the flow cookie and the state serve the retry
         except LoginFailed as exc:
             response = _failure(exc)
         else:
@@ -142,14 +145,16 @@ class OIDCLogin:
         state, code = query.get("state", ""), query.get("code", "")
         if not code or not hmac.compare_digest(state.encode(), str(flow["s"]).encode()):
             raise LoginFailed(400, Reason.LOGIN_STATE_INVALID)
+        key = f"oidc:{{{self._sealer.token_hash(state)}}}"
+        await self._take(key, str(flow["v"]))
         try:
-            first_use = await self._first_use(state)
-        except StoreError as exc:
-            log.error("login: store unavailable (%s)", exc)
-            raise LoginFailed(503, Reason.STORE_UNAVAILABLE) from None
-        if not first_use:
-            raise LoginFailed(400, Reason.LOGIN_STATE_REPLAYED)
-        tokens = await self._exchange(code, str(flow["v"]))
+            tokens = await self._exchange(code, str(flow["v"]))
+        except LoginFailed as exc:  # a 503: the IdP unreachable or failing, the code not redeemed (or its answer lost)
+            raise LoginRetry(exc.status, exc.reason) if exc.status == 503 else exc from None
+        try:
+            await self._store.set(key, b"spent", STATE_LIFETIME)  # from now on a replay
+        except StoreError as exc:  # the IdP's one-time code still refuses one
+            log.warning("login: the state's use not recorded (%s)", exc)
         access, refresh, id_token = tokens.get("access_token"), tokens.get("refresh_token"), tokens.get("id_token")
         if not isinstance(access, str) or not isinstance(id_token, str):
             raise LoginFailed(502, Reason.IDP_BAD_RESPONSE)
@@ -195,12 +200,19 @@ class OIDCLogin:
         log.info("login: server-side session started, subject %s", self._sealer.token_hash(str(claims.get("sub")))[:12])
         return cookie
 
-    async def _first_use(self, state: str) -> bool:
-        """Take ``state`` once. Each callback marks it with a value of its own: redis-py sends a command again
-        after a connection reset, and a SET NX that landed answers "exists" to its own second copy, which then
-        finds its own mark. Raises StoreError."""
-        key, mark = f"oidc:{{{self._sealer.token_hash(state)}}}", secrets.token_bytes(16)
-        return await self._store.set_if_absent(key, mark, STATE_LIFETIME) or await self._store.get(key) == mark
+    async def _take(self, key: str, verifier: str) -> None:
+        """Take the state (``key``) for this login flow: refused once another flow holds it or its code was sent.
+
+        Marked with the flow's own (secret) mark, so that the flow's retry after a 503 takes it again, and so
+        does redis-py's resend of a SET NX that landed but lost its reply (it answers "exists")."""
+        mark = self._sealer.token_hash("oidc-flow\0" + verifier).encode()
+        try:
+            taken = await self._store.set_if_absent(key, mark, STATE_LIFETIME) or await self._store.get(key) == mark
+        except StoreError as exc:
+            log.error("login: store unavailable (%s)", exc)
+            raise LoginRetry(503, Reason.STORE_UNAVAILABLE) from None
+        if not taken:
+            raise LoginFailed(400, Reason.LOGIN_STATE_REPLAYED)
 
     def _flow(self, cookie: str | None) -> dict[str, Any]:
         if not cookie:
@@ -289,6 +301,10 @@ class OIDCLogin:
             raise LoginFailed(503, Reason.IDP_ERROR)
         self._discovery, self._discovered_at = meta, self._clock()
         return meta
+
+
+class LoginRetry(LoginFailed):
+    """A 503 before the code reached the IdP (or with its answer lost): the same callback may be sent again."""
 
 
 def _failure(exc: LoginFailed) -> Response:

@@ -30,12 +30,15 @@ SECRET = "login-tests-secret-0123456789abcdef"
 
 
 def idp(nonces: dict[str, str]) -> httpx.MockTransport:
-    """Discovery and a token endpoint that answers any code with tokens (the ID token carries the login's nonce)."""
+    """Discovery and a token endpoint that answers any code with tokens (the ID token carries the login's nonce);
+    while ``nonces["down"]`` is set the token endpoint cannot be reached."""
 
     def answer(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/.well-known/openid-configuration":
             endpoints = {"authorization_endpoint": f"{ISSUER}/auth", "token_endpoint": f"{ISSUER}/token"}
             return httpx.Response(200, json={"issuer": ISSUER, **endpoints})
+        if nonces.get("down"):
+            raise httpx.ConnectError("connection refused", request=request)
         now = int(time.time())
         claims = {"iss": ISSUER, "aud": CLIENT, "sub": "alice", "iat": now, "exp": now + 300}
         access = jwt.encode(claims | {"jti": uuid.uuid4().hex}, SECRET, algorithm="HS256")
@@ -76,6 +79,54 @@ def gateway(store: RedisStore, nonces: dict[str, str]) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://app.example")
 
 
+async def start(browser: httpx.AsyncClient, nonces: dict[str, str]) -> dict[str, str]:
+    """``{prefix}/login``: the authorization request's query, and ``flow``: the flow cookie (the browser keeps it)."""
+    to_idp = await browser.get("/login", params={"next": "/home"})
+    query = {k: v[0] for k, v in parse_qs(urlsplit(to_idp.headers["location"]).query).items()}
+    nonces["last"] = query["nonce"]
+    return query | {"flow": to_idp.cookies["__Host-gw_oidc"]}
+
+
+async def test_a_callback_refused_503_for_a_store_blip_works_when_retried(
+    proxied: tuple[FaultProxy, RedisStore],
+) -> None:
+    """Regression: the 503 (Retry-After) for a store that did not answer also cleared the flow cookie, so the
+    browser's retry was 400 login_state_missing: the login was lost to a blip."""
+    proxy, store = proxied
+    nonces: dict[str, str] = {}
+    async with gateway(store, nonces) as browser:
+        query = await start(browser, nonces)
+        proxy.add_rule(r"^SET \S*oidc:", "reset_before", times=2)  # the command and redis-py's resend of it
+        callback = {"state": query["state"], "code": "code-1"}
+        blip = await browser.get("/callback", params=callback)
+        assert blip.status_code == 503 and blip.headers["retry-after"] == "5"
+        assert blip.json()["reason"] == "store_unavailable"
+        retried = await browser.get("/callback", params=callback)
+        assert retried.status_code == 302 and retried.headers["location"] == "/home", retried.text
+
+
+async def test_a_callback_refused_503_for_an_unreachable_idp_works_when_retried(
+    proxied: tuple[FaultProxy, RedisStore],
+) -> None:
+    """Regression: the code never reached the IdP, but the state was spent and the flow cookie cleared: the
+    retry the 503 asks for was 400."""
+    _, store = proxied
+    nonces: dict[str, str] = {}
+    async with gateway(store, nonces) as browser:
+        query = await start(browser, nonces)
+        callback = {"state": query["state"], "code": "code-1"}
+        nonces["down"] = "yes"
+        down = await browser.get("/callback", params=callback)
+        assert down.status_code == 503 and down.headers["retry-after"] == "5"
+        del nonces["down"]
+        retried = await browser.get("/callback", params=callback)
+        assert retried.status_code == 302 and retried.headers["location"] == "/home", retried.text
+        assert "__Host-gw_oidc" not in browser.cookies  # cleared once the login is done
+        browser.cookies.set("__Host-gw_oidc", query["flow"], domain="app.example")  # a copy, replayed
+        replay = await browser.get("/callback", params=callback)
+        assert replay.status_code == 400 and replay.json()["reason"] == "login_state_replayed"
+
+
 async def test_a_state_whose_first_use_loses_its_reply_is_not_taken_for_a_replay(
     proxied: tuple[FaultProxy, RedisStore],
 ) -> None:
@@ -84,14 +135,11 @@ async def test_a_state_whose_first_use_loses_its_reply_is_not_taken_for_a_replay
     proxy, store = proxied
     nonces: dict[str, str] = {}
     async with gateway(store, nonces) as browser:
-        start = await browser.get("/login", params={"next": "/home"})
-        query = {k: v[0] for k, v in parse_qs(urlsplit(start.headers["location"]).query).items()}
-        nonces["last"] = query["nonce"]
-        flow_cookie = start.cookies["__Host-gw_oidc"]  # a copy kept by whoever replays the callback
+        query = await start(browser, nonces)
         rule = proxy.add_rule(r"^SET \S*oidc:", "reset_after")
         done = await browser.get("/callback", params={"state": query["state"], "code": "code-1"})
         assert proxy.matched(rule) == 1
         assert done.status_code == 302 and done.headers["location"] == "/home", done.text
-        browser.cookies.set("__Host-gw_oidc", flow_cookie, domain="app.example")
+        browser.cookies.set("__Host-gw_oidc", query["flow"], domain="app.example")  # a copy, replayed
         replay = await browser.get("/callback", params={"state": query["state"], "code": "code-1"})
         assert replay.status_code == 400 and replay.json()["reason"] == "login_state_replayed"
