@@ -80,7 +80,12 @@ class SessionAuth:
             verdict = await self._verifier.verify(loaded.record.access)
             if verdict.ok and not verdict.refreshable:
                 return _valid(loaded, verdict)
-            return await self._refresh_once(h, client)
+            try:
+                return await self._refresh_once(h, client)
+            except StoreError:
+                if not verdict.ok:
+                    raise
+            return _valid(loaded, verdict)  # an early refresh the store cannot serve: the token works (cookie mode too)
         except StoreError as exc:
             log.error("session %s: store unavailable (%s); answering 503", h[:12], exc)
             return AuthResult(reason=Reason.STORE_UNAVAILABLE)
@@ -141,8 +146,7 @@ class SessionAuth:
         return AuthResult(reason=Reason.REFRESH_ERROR)
 
     async def _save_later(self, read: Loaded, successor: SessionRecord) -> None:
-        """The write-back through a store outage: over the version read, or over a newer one that still holds
-        the superseded refresh token (only a use was recorded meanwhile)."""
+        """The write-back through a store outage: over the version read, or a newer one with only a use recorded."""
         deadline = time.monotonic() + BACKGROUND_RETRY
         while time.monotonic() < deadline:
             await asyncio.sleep(RETRY_PAUSE)
@@ -264,25 +268,22 @@ def _valid(loaded: Loaded, verdict: Verdict, refreshed: bool = False) -> AuthRes
     )
 
 
-# Verdicts on the record's access token that may pass a moment later (a new kid the JWKS cannot give us yet,
-# an IdP clock ahead of ours).
+# Verdicts on the record's access token that may pass soon (a new kid not in the JWKS yet, an IdP clock ahead).
 NOT_YET = frozenset({Reason.UNKNOWN_KEY, Reason.TOKEN_NOT_YET_VALID})
 
 
 def _kept(verdict: Verdict) -> Reason:
-    """Why the record's access token cannot be used now. It came from the IdP (a login, a refresh), never from
-    the browser: one that does not verify *yet* is the cookie-mode successor kept unverified: 503 with the
-    session kept, not 401 (a login redirect)."""
+    """Why the record's access token (from the IdP, never from the browser) cannot be used now: one that does not
+    verify *yet* is the cookie-mode successor kept unverified, 503 with the session kept, not 401 (a login)."""
     reason = verdict.reason or Reason.REFRESH_ERROR
     return Reason.IDP_TOKEN_UNVERIFIED if reason in NOT_YET else reason
 
 
 def _past_exp(token: str) -> bool:
-    """The ``exp`` the token claims has passed. Read without its signature, for one decision only: a record's
-    token that cannot be verified *and* says it expired is refreshed (its key dropped from the JWKS while the
-    session sat idle), as cookie mode refreshes once the unverifiable access cookie is cleared. The record is
-    the gateway's own sealed value, and the refresh goes through the flight, whose ``issued`` check verifies
-    a just-issued successor again instead of calling the IdP."""
+    """The ``exp`` the token claims has passed. Read without its signature, for one decision only: a record's token
+    that cannot be verified *and* says it expired is refreshed (its key dropped from the JWKS while the session sat
+    idle), as cookie mode refreshes once the unverifiable access cookie is cleared. The record is the gateway's own
+    sealed value; the flight's ``issued`` check verifies a just-issued successor again instead of calling the IdP."""
     try:
         exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
     except jwt.InvalidTokenError:

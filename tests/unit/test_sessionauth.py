@@ -345,3 +345,25 @@ async def test_a_successor_not_valid_yet_is_503_on_every_request_until_it_is(wor
     w.verifier._clock = lambda: time.time() + 3.5  # type: ignore[method-assign]  # our clock caught up
     later = await w.workers[1].authenticate(headers(cookie))
     assert later.claims is not None and w.idp.counters.refresh_calls == 1
+
+
+async def test_a_store_outage_during_an_early_refresh_goes_on_with_the_still_valid_token(
+    world: Callable[[], World],
+) -> None:
+    """Regression: the record's fresh read before an early refresh raised out of the session on a store error,
+    a 503 although the worker's copy held a valid access token (cookie mode goes on with it, as server mode
+    does when the IdP fails)."""
+    w = world()
+    now = int(time.time())
+    pair = w.idp.start_session("alice", ttl=10, claims={"iat": now - 3000})  # 10 s left: due, still valid
+    _, cookie = await w.login(pair)
+    h = w.workers[0].sessions.open_cookie(cookie.split("=", 1)[1])
+    assert h is not None and await w.workers[0].sessions.load(h) is not None  # this worker's copy
+
+    async def broken(key: str) -> bytes | None:
+        raise StoreError("down")
+
+    w.store.get = broken  # type: ignore[method-assign]
+    result = await w.workers[0].authenticate(headers(cookie))
+    assert result.claims is not None and result.token == pair.access and result.set_cookies == []
+    assert w.idp.counters.refresh_calls == 0
