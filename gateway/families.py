@@ -58,6 +58,7 @@ class Families:
         self._clock = clock
         self._lifetime = lifetime  # how long an ended family is remembered: the longest a refresh cookie lives
         self.index = IndexRecords(store, sealer, clock, lifetime)
+        self._background: set[asyncio.Future[None]] = set()  # a login's records written through an outage
 
     async def root_of(self, h: str) -> str:
         """The session of the refresh token with hash ``h`` (``h`` itself when never rotated). Raises StoreError."""
@@ -100,24 +101,48 @@ class Families:
     ) -> None:
         """A login: the session is new, its root the refresh token's hash (without one, the access token's: a
         family of one token, so that back-channel logout ends it too), indexed under ``sub`` and ``sid`` (the ID
-        token's, else the access token's claims). Best effort."""
+        token's, else the access token's claims). Never raises: through a store outage the records are written
+        in the background once it answers (every write is idempotent), so that the session can still be ended
+        as a whole (back-channel logout finds it, ending it refuses its first access token)."""
         jti = claims.get("jti")
         if refresh_token is None and not isinstance(jti, str):
             return
         sub = sub or (claims["sub"] if isinstance(claims.get("sub"), str) else None)
         sid = sid if sid is not None else claims.get("sid") if isinstance(claims.get("sid"), str) else None
         root = self._sealer.token_hash(refresh_token if refresh_token is not None else f"access\0{jti}")
-        keys = RecordKeys(root, root)
+        login = (root, refresh_token, claims, lifetime or 3600, sub, sid, id_token)
         try:
-            await self.link(root, refresh_token, claims, lifetime or 3600)
-            await self.join(root, claims)
-            if refresh_token is not None:
-                sealed = self._sealer.seal(refresh_token.encode(), keys.head)
-                await self._store.set(keys.head, sealed, lifetime or 3600)
-            if sub is not None:
-                await self.index.record(root, sub, sid, id_token)
+            await self._record(*login)
         except StoreError as exc:
-            log.warning("session record not stored (%s): logout ends this session by its tokens only", exc)
+            log.warning("session record not stored yet (%s); retrying in the background", exc)
+            task = asyncio.ensure_future(self._record_later(login))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _record(
+        self, root: str, refresh: str | None, claims: dict[str, Any], lifetime: float, *index: str | None
+    ) -> None:
+        """The records of a login (see ``started``); ``index``: sub, sid, ID token. Raises StoreError."""
+        sub, sid, id_token = index
+        await self.link(root, refresh, claims, lifetime)
+        await self.join(root, claims)
+        if refresh is not None:  # NX: written late, it must not replace a newer head a rotation wrote meanwhile
+            head = RecordKeys(root, root).head
+            await self._store.set_if_absent(head, self._sealer.seal(refresh.encode(), head), lifetime)
+        if sub is not None:
+            await self.index.record(root, sub, sid, id_token)
+
+    async def _record_later(self, login: tuple[Any, ...]) -> None:
+        deadline = time.monotonic() + BACKGROUND_RETRY
+        while time.monotonic() < deadline:
+            await asyncio.sleep(RETRY_PAUSE)
+            try:
+                await self._record(*login)
+            except StoreError:
+                continue
+            log.info("session record of family %s stored", str(login[0])[:12])
+            return
+        log.error("session record of family %s never stored: logout ends it by its tokens only", str(login[0])[:12])
 
     async def end(self, keys: RecordKeys, reason: Reason) -> FamilyEnd:
         """End the family of ``keys`` everywhere (atomic in the store); then refuse its live access tokens.

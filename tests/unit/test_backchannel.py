@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -276,3 +277,31 @@ async def test_a_logout_whose_jti_write_loses_its_reply_is_not_taken_for_its_own
             assert await h.families.ended(root) == "session_ended"
         finally:
             await store.close()
+
+
+class BlipAtLogin(MemoryStore):
+    """The store fails ``failures`` writes of expiring sets (a blip while a login indexes its session)."""
+
+    failures = 0
+
+    async def add_member(self, key: str, member: str, expires_at: float) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("store down")
+        await super().add_member(key, member, expires_at)
+
+
+async def test_a_session_whose_login_met_a_store_blip_is_still_ended_by_back_channel_logout() -> None:
+    """Regression: the login's records (family, access token, index) were written once, best effort; a store blip
+    then left the session out of the index for good, and the IdP's back-channel logout answered 200 while the
+    session carried on (I3)."""
+    store = BlipAtLogin("t:", clock=time.time)
+    h = Harness(store)
+    store.failures = 2
+    root = await h.login("alice", "sid-1", "jti-1")  # the login itself goes on
+    for _ in range(40):  # the records land once the store answers again
+        if await h.index.sessions(sid="sid-1"):
+            break
+        await asyncio.sleep(0.05)
+    assert (await h.post(logout_token(sid="sid-1"))).status_code == 200
+    assert await h.families.ended(root) == "session_ended" and "jti-1" in h.denylist
