@@ -123,11 +123,11 @@ class Logout:
             log.warning("logout: the access token has no jti; it stays valid until it expires")
             return
         until = refuse_until(claims, time.time())  # an opaque token without exp: refused for a day
-        try:
-            await self._denylist.deny(jti, until)
-            await self._denylist.deny(ENDED + jti, until)  # and the sockets opened with it
-        except StoreError as exc:
-            log.error("logout: denylist not shared with other processes (%s); refused here only", exc)
+        for entry in (jti, ENDED + jti):  # the token, and the sockets opened with it: each refused here at once
+            try:
+                await self._denylist.deny(entry, until)
+            except StoreError as exc:  # shared by the denylist's sync once the store answers
+                log.error("logout: denylist not shared with other processes yet (%s); refused here", exc)
 
 
 def _is_form(headers: list[tuple[bytes, bytes]]) -> bool:
