@@ -223,15 +223,16 @@ class ServerSessions:
         return self._cache.put(h, Loaded(h, value, record, min(record.seen + self.touch_every, record.expires)))
 
     async def end(self, h: str, record: SessionRecord) -> None:
-        """End the session everywhere: the record deleted, ``session:{root}`` denied (caches, sockets).
+        """End the session everywhere: ``session:{root}`` denied (caches, sockets), the record deleted.
 
-        Raises StoreError when the record could not be deleted."""
+        Raises StoreError when the record could not be deleted; denied first, so this worker refuses the session
+        at once even then (the record may still be read: a store that reads but cannot write)."""
         self._cache.pop(h, None)
-        await self._store.delete(session_key(h))
         try:
             await self._denylist.deny(SESSION + record.root, record.expires)
         except StoreError as exc:  # refused here already; shared by the denylist's sync once the store answers
             log.error("session %s ended; not shared with other workers yet (%s)", h[:12], exc)
+        await self._store.delete(session_key(h))
 
     async def of(self, kind: str, value: str) -> list[str]:
         """The hashes of the live sessions of one ``sub`` or ``sid`` (``kind``). Raises StoreError."""

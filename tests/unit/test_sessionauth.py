@@ -367,3 +367,31 @@ async def test_a_store_outage_during_an_early_refresh_goes_on_with_the_still_val
     result = await w.workers[0].authenticate(headers(cookie))
     assert result.claims is not None and result.token == pair.access and result.set_cookies == []
     assert w.idp.counters.refresh_calls == 0
+
+
+async def test_a_logout_the_store_cannot_write_is_refused_at_once_by_the_worker_that_took_it(
+    world: Callable[[], World],
+) -> None:
+    """Regression: with a store that reads but cannot write (a master demoted to a read-only replica in a
+    failover), ending the record dropped this worker's copy before its delete failed, so the logout's own
+    fallback had nothing left to refuse: the next request read the record again and got a 200 (I3)."""
+    w = world()
+    pair = w.idp.start_session("alice")
+    _, cookie = await w.login(pair)
+    assert (await w.workers[0].authenticate(headers(cookie))).claims is not None  # cached here
+
+    async def read_only(*args: object, **kwargs: object) -> None:
+        raise StoreError("READONLY You can't write against a read only replica")
+
+    for write in ("set", "delete", "replace", "add_member", "end_family"):
+        setattr(w.store, write, read_only)
+    await w.workers[0].logout(cookie.split("=", 1)[1])
+    result = await w.workers[0].authenticate(headers(cookie))
+    assert result.claims is None  # refused here at once: never a 200 after the logout
+    for write in ("set", "delete", "replace", "add_member", "end_family"):
+        delattr(w.store, write)  # the store writes again: the logout lands in the background
+    for _ in range(40):
+        if await w.record(cookie) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert await w.record(cookie) is None
