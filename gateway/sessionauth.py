@@ -80,12 +80,7 @@ class SessionAuth:
             verdict = await self._verifier.verify(loaded.record.access)
             if verdict.ok and not verdict.refreshable:
                 return _valid(loaded, verdict)
-            try:
-                return await self._refresh_once(h, client)
-            except StoreError:
-                if not verdict.ok:
-                    raise
-            return _valid(loaded, verdict)  # an early refresh the store cannot serve: the token works (cookie mode too)
+            return await self._refresh_once(h, client)
         except StoreError as exc:
             log.error("session %s: store unavailable (%s); answering 503", h[:12], exc)
             return AuthResult(reason=Reason.STORE_UNAVAILABLE)
@@ -103,7 +98,11 @@ class SessionAuth:
 
     async def _refreshed(self, h: str, client: str | None) -> AuthResult:
         """The access token is due: read the record afresh, refresh it (single flight), write the successor back."""
-        current = await self.sessions.load(h, fresh=True)  # another worker may have refreshed it already
+        try:
+            current = await self.sessions.load(h, fresh=True)  # another worker may have refreshed it already
+        except StoreError:  # this worker's copy, as a request that is not due is served (no copy: 503)
+            if (current := self.sessions.cached(h)) is None:
+                raise
         refreshed = False
         for _ in range(MAX_ROUNDS):
             if current is None:

@@ -395,3 +395,25 @@ async def test_a_logout_the_store_cannot_write_is_refused_at_once_by_the_worker_
             break
         await asyncio.sleep(0.05)
     assert await w.record(cookie) is None
+
+
+async def test_a_session_the_idp_ended_is_never_served_with_its_still_valid_token_when_the_store_fails(
+    world: Callable[[], World],
+) -> None:
+    """An early refresh the IdP refuses (invalid_grant) ends the session even when its record cannot be deleted
+    then: a 503 at worst, never a 200 with the access token that is still valid."""
+    w = world()
+    now = int(time.time())
+    pair = w.idp.start_session("alice", ttl=10, claims={"iat": now - 3000})  # 10 s left: due, still valid
+    _, cookie = await w.login(pair)
+    h = w.workers[0].sessions.open_cookie(cookie.split("=", 1)[1])
+    assert h is not None and await w.workers[0].sessions.load(h) is not None  # this worker's copy
+    w.idp.revoke(pair.refresh)
+
+    async def broken(key: str) -> None:
+        raise StoreError("down")
+
+    w.store.delete = broken  # type: ignore[method-assign]
+    assert (await w.workers[0].authenticate(headers(cookie))).claims is None
+    assert (await w.workers[0].authenticate(headers(cookie))).claims is None
+    assert w.idp.counters.refresh_calls == 1
