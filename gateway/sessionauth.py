@@ -80,7 +80,9 @@ class SessionAuth:
             verdict = await self._verifier.verify(loaded.record.access)
             if verdict.ok and not verdict.refreshable:
                 return _valid(loaded, verdict)
-            return await self._refresh_once(h, client)
+            result = await self._refresh_once(h, client)
+            # An early refresh the store cannot serve: the token still works (cookie mode too).
+            return _valid(loaded, verdict) if verdict.ok and result.reason == Reason.STORE_UNAVAILABLE else result
         except StoreError as exc:
             log.error("session %s: store unavailable (%s); answering 503", h[:12], exc)
             return AuthResult(reason=Reason.STORE_UNAVAILABLE)
@@ -92,17 +94,16 @@ class SessionAuth:
             flight = asyncio.ensure_future(self._refreshed(h, client))
             self._inflight[h] = flight
             flight.add_done_callback(lambda _: self._inflight.pop(h, None))
-        # Shielded: a client that goes away must not cancel a refresh the others wait for.
-        result = await asyncio.shield(flight)
+        result = await asyncio.shield(flight)  # a client that goes away must not cancel a refresh others wait for
         return replace(result, set_cookies=list(result.set_cookies))  # each answer its own list
 
     async def _refreshed(self, h: str, client: str | None) -> AuthResult:
         """The access token is due: read the record afresh, refresh it (single flight), write the successor back."""
         try:
             current = await self.sessions.load(h, fresh=True)  # another worker may have refreshed it already
-        except StoreError:  # this worker's copy, as a request that is not due is served (no copy: 503)
-            if (current := self.sessions.cached(h)) is None:
-                raise
+        except StoreError as exc:  # never refreshed from a cached copy: it may hold a token rotated since (reuse)
+            log.error("session %s: store unavailable (%s); answering 503", h[:12], exc)
+            return AuthResult(reason=Reason.STORE_UNAVAILABLE)
         refreshed = False
         for _ in range(MAX_ROUNDS):
             if current is None:

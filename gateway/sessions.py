@@ -170,8 +170,10 @@ class ServerSessions:
         """The live session ``h`` (from this worker's cache unless ``fresh``), its use recorded when due;
         None when it ended or expired. Concurrent reads of one session in this worker share one store read
         (a page's burst must not take a connection each). Raises StoreError."""
-        if not fresh and (cached := self.cached(h)) is not None:
-            return cached
+        if not fresh:
+            cached = self._cache.get(h)
+            if cached is not None and self._clock() < cached.until and not self._ended(cached.record):
+                return cached
         flight = self._loading.get(h)
         if flight is None:
             flight = asyncio.ensure_future(self._read(h))
@@ -206,11 +208,6 @@ class ServerSessions:
                 return await self._read(h, _depth + 1)
             # Still contended: the session as read serves (never a logout for it); the use is recorded next time.
         return self._cache.put(h, Loaded(h, raw, record, min(record.seen + self.touch_every, record.expires)))
-
-    def cached(self, h: str) -> Loaded | None:
-        """This worker's copy of the live session ``h`` while it may serve (until a use is due to be recorded)."""
-        copy = self._cache.get(h)
-        return copy if copy is not None and self._clock() < copy.until and not self._ended(copy.record) else None
 
     def forget(self, h: str) -> Loaded | None:
         """Drop this worker's cached copy of session ``h``; the copy it had, if any."""

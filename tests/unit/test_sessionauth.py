@@ -417,3 +417,29 @@ async def test_a_session_the_idp_ended_is_never_served_with_its_still_valid_toke
     assert (await w.workers[0].authenticate(headers(cookie))).claims is None
     assert (await w.workers[0].authenticate(headers(cookie))).claims is None
     assert w.idp.counters.refresh_calls == 1
+
+
+async def test_a_stale_copy_is_never_refreshed_when_the_record_cannot_be_read(world: Callable[[], World]) -> None:
+    """A worker's cached copy may hold a refresh token another worker has rotated since: when the record's fresh
+    read fails, the copy is never presented (past grace that is reuse, and the whole session would end): 503,
+    the session kept."""
+    w = world()
+    pair = w.idp.start_session("alice", ttl=-60)
+    _, cookie = await w.login(pair)
+    h = w.workers[1].sessions.open_cookie(cookie.split("=", 1)[1])
+    assert h is not None and await w.workers[1].sessions.load(h) is not None  # worker 1's copy: the old tokens
+    assert (await w.workers[0].authenticate(headers(cookie))).claims is not None  # worker 0 rotates them
+    w.clock.now += GRACE + 1
+    get = w.store.get
+
+    async def blip_on_the_record(key: str) -> bytes | None:
+        if key.startswith("sess:"):
+            raise StoreError("connection reset")
+        return await get(key)
+
+    w.store.get = blip_on_the_record  # type: ignore[method-assign]
+    blip = await w.workers[1].authenticate(headers(cookie))
+    assert blip.claims is None and blip.reason == Reason.STORE_UNAVAILABLE and blip.set_cookies == []
+    w.store.get = get  # type: ignore[method-assign]
+    assert (await w.workers[1].authenticate(headers(cookie))).claims is not None
+    assert w.idp.counters.refresh_calls == 1
