@@ -4,8 +4,8 @@
 (found through ``{issuer}/.well-known/openid-configuration``) with ``state``, ``nonce`` and an
 S256 code challenge; those, with ``next``, travel in a short-lived sealed cookie (AES-GCM, so
 neither readable nor forgeable). ``GET {prefix}/callback`` checks the state (once: a replayed
-state is refused through the store; a 503 before the code reached the IdP keeps the cookie and
-the state for the browser's retry), exchanges the code, verifies the ID token (signature,
+state is refused through the store, gateway.login_state; a 503 before the code could reach the
+IdP keeps the cookie for the browser's retry), exchanges the code, verifies the ID token (signature,
 issuer, audience = client_id, nonce) and the access token (an opaque one at the introspection or
 userinfo endpoint, gateway.introspection; the ID token then with the discovery's ``jwks_uri`` unless
 ``tokens`` names keys), sets the session cookies and redirects to ``next``. Tokens never appear in
@@ -38,6 +38,7 @@ from gateway.errors import CookieTooLarge, KeyFetchError, LoginFailed, StoreErro
 from gateway.families import Families
 from gateway.identity import index_claims
 from gateway.keys import JWKSKeys, KeySource
+from gateway.login_state import STATE_LIFETIME, LoginRetry, States
 from gateway.reasons import Reason
 from gateway.responses import safe_target
 from gateway.sealing import Sealer
@@ -47,7 +48,6 @@ from gateway.tokens import Verifier
 
 log = logging.getLogger("gateway.login")
 
-STATE_LIFETIME = 600
 DISCOVERY_TTL = 3600
 
 
@@ -84,7 +84,7 @@ class OIDCLogin:
         self._jar = jar
         self._http = http
         self._sealer = sealer
-        self._store = store
+        self._states = States(store, sealer)
         self._verifier = verifier
         self._keys = keys
         self._algorithms = list(algorithms)
@@ -145,16 +145,13 @@ class OIDCLogin:
         state, code = query.get("state", ""), query.get("code", "")
         if not code or not hmac.compare_digest(state.encode(), str(flow["s"]).encode()):
             raise LoginFailed(400, Reason.LOGIN_STATE_INVALID)
-        key = f"oidc:{{{self._sealer.token_hash(state)}}}"
-        await self._take(key, str(flow["v"]))
+        await self._states.take(state)
         try:
             tokens = await self._exchange(code, str(flow["v"]))
-        except LoginFailed as exc:  # a 503: the IdP unreachable or failing, the code not redeemed (or its answer lost)
-            raise LoginRetry(exc.status, exc.reason) if exc.status == 503 else exc from None
-        try:
-            await self._store.set(key, b"spent", STATE_LIFETIME)  # from now on a replay
-        except StoreError as exc:  # the IdP's one-time code still refuses one
-            log.warning("login: the state's use not recorded (%s)", exc)
+        except LoginRetry:  # the code never left: the state is given back for the browser's retry
+            if not await self._states.give_back(state):
+                raise LoginFailed(503, Reason.IDP_ERROR) from None
+            raise
         access, refresh, id_token = tokens.get("access_token"), tokens.get("refresh_token"), tokens.get("id_token")
         if not isinstance(access, str) or not isinstance(id_token, str):
             raise LoginFailed(502, Reason.IDP_BAD_RESPONSE)
@@ -200,20 +197,6 @@ class OIDCLogin:
         log.info("login: server-side session started, subject %s", self._sealer.token_hash(str(claims.get("sub")))[:12])
         return cookie
 
-    async def _take(self, key: str, verifier: str) -> None:
-        """Take the state (``key``) for this login flow: refused once another flow holds it or its code was sent.
-
-        Marked with the flow's own (secret) mark, so that the flow's retry after a 503 takes it again, and so
-        does redis-py's resend of a SET NX that landed but lost its reply (it answers "exists")."""
-        mark = self._sealer.token_hash("oidc-flow\0" + verifier).encode()
-        try:
-            taken = await self._store.set_if_absent(key, mark, STATE_LIFETIME) or await self._store.get(key) == mark
-        except StoreError as exc:
-            log.error("login: store unavailable (%s)", exc)
-            raise LoginRetry(503, Reason.STORE_UNAVAILABLE) from None
-        if not taken:
-            raise LoginFailed(400, Reason.LOGIN_STATE_REPLAYED)
-
     def _flow(self, cookie: str | None) -> dict[str, Any]:
         if not cookie:
             raise LoginFailed(400, Reason.LOGIN_STATE_MISSING)
@@ -227,7 +210,11 @@ class OIDCLogin:
         return flow
 
     async def _exchange(self, code: str, code_verifier: str) -> dict[str, Any]:
-        meta = await self.discover()
+        """The code's tokens. Raises LoginRetry only when the code cannot have reached the IdP."""
+        try:
+            meta = await self.discover()
+        except LoginFailed as exc:
+            raise LoginRetry(exc.status, exc.reason) from None
         form = {
             "grant_type": "authorization_code",
             "code": code,
@@ -239,9 +226,10 @@ class OIDCLogin:
             form["client_secret"] = self._config.client_secret
         try:
             response = await self._http.post(meta["token_endpoint"], data=form, follow_redirects=False)
-        except httpx.HTTPError as exc:
+        except httpx.HTTPError as exc:  # not connected: never sent; otherwise it may have been redeemed
             log.error("login: token endpoint unreachable (%s)", exc.__class__.__name__)
-            raise LoginFailed(503, Reason.IDP_ERROR) from None
+            unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+            raise (LoginRetry if unsent else LoginFailed)(503, Reason.IDP_ERROR) from None
         try:
             body = response.json()
         except (ValueError, RecursionError):  # nested past the parser's depth is no answer either
@@ -301,10 +289,6 @@ class OIDCLogin:
             raise LoginFailed(503, Reason.IDP_ERROR)
         self._discovery, self._discovered_at = meta, self._clock()
         return meta
-
-
-class LoginRetry(LoginFailed):
-    """A 503 before the code reached the IdP (or with its answer lost): the same callback may be sent again."""
 
 
 def _failure(exc: LoginFailed) -> Response:

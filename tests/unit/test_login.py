@@ -3,6 +3,7 @@ proxy (the IdP a MockTransport that signs HS256 tokens)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,12 +34,14 @@ def idp(nonces: dict[str, str]) -> httpx.MockTransport:
     """Discovery and a token endpoint that answers any code with tokens (the ID token carries the login's nonce);
     while ``nonces["down"]`` is set the token endpoint cannot be reached."""
 
-    def answer(request: httpx.Request) -> httpx.Response:
+    async def answer(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/.well-known/openid-configuration":
             endpoints = {"authorization_endpoint": f"{ISSUER}/auth", "token_endpoint": f"{ISSUER}/token"}
             return httpx.Response(200, json={"issuer": ISSUER, **endpoints})
         if nonces.get("down"):
             raise httpx.ConnectError("connection refused", request=request)
+        nonces["exchanges"] = str(int(nonces.get("exchanges", "0")) + 1)
+        await asyncio.sleep(float(nonces.get("latency", "0")))
         now = int(time.time())
         claims = {"iss": ISSUER, "aud": CLIENT, "sub": "alice", "iat": now, "exp": now + 300}
         access = jwt.encode(claims | {"jti": uuid.uuid4().hex}, SECRET, algorithm="HS256")
@@ -143,3 +146,17 @@ async def test_a_state_whose_first_use_loses_its_reply_is_not_taken_for_a_replay
         browser.cookies.set("__Host-gw_oidc", query["flow"], domain="app.example")  # a copy, replayed
         replay = await browser.get("/callback", params={"state": query["state"], "code": "code-1"})
         assert replay.status_code == 400 and replay.json()["reason"] == "login_state_replayed"
+
+
+async def test_two_copies_of_one_callback_at_once_send_the_code_once(proxied: tuple[FaultProxy, RedisStore]) -> None:
+    """The state is one callback's at a time: a copy of the callback sent while the first is on its way (a double
+    navigation) is refused without reaching the IdP, whose code reuse detection may revoke what the first got."""
+    _, store = proxied
+    nonces: dict[str, str] = {}
+    async with gateway(store, nonces) as browser:
+        query = await start(browser, nonces)
+        callback = {"state": query["state"], "code": "code-1"}
+        nonces["latency"] = "0.3"
+        answers = await asyncio.gather(*(browser.get("/callback", params=callback) for _ in range(2)))
+        assert sorted(a.status_code for a in answers) == [302, 400]
+        assert nonces["exchanges"] == "1"
