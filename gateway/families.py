@@ -255,8 +255,9 @@ class FamilyIndex:
     async def end(self, *, sub: str | None = None, sid: str | None = None) -> list[SessionInfo]:
         ended = []
         for root, info in await self._found(sub, sid):
+            # Ended already too: its tokens are refused again (idempotent), in case whoever ended it died before.
+            await self._families.end(RecordKeys(root, root), Reason.SESSION_ENDED)
             if info.ended is None:
-                await self._families.end(RecordKeys(root, root), Reason.SESSION_ENDED)
                 ended.append(info)
         return ended
 

@@ -20,7 +20,7 @@ from gateway.errors import KeyFetchError, StoreError
 from gateway.families import SESSION, Families, FamilyIndex
 from gateway.keys import StaticKey
 from gateway.sealing import Sealer
-from gateway.store import MemoryStore
+from gateway.store import MemoryStore, RecordKeys
 
 SECRET = "logout-token-secret-0123456789abcdef"
 ISSUER = "https://idp.example"
@@ -305,3 +305,13 @@ async def test_a_session_whose_login_met_a_store_blip_is_still_ended_by_back_cha
         await asyncio.sleep(0.05)
     assert (await h.post(logout_token(sid="sid-1"))).status_code == 200
     assert await h.families.ended(root) == "session_ended" and "jti-1" in h.denylist
+
+
+async def test_the_idps_retry_after_a_worker_died_mid_logout_refuses_the_sessions_tokens() -> None:
+    """Regression: a worker that died between marking a family ended and denylisting its access tokens left them
+    valid until they expired; the IdP's retry (no 200 came back) skipped the family as ended already (I3)."""
+    h = Harness()
+    root = await h.login("alice", "sid-1", "jti-1")
+    await h.store.end_family(RecordKeys(root, root), "session_ended", 3600, time.time())  # and then it died
+    assert (await h.post(logout_token(sid="sid-1"))).status_code == 200
+    assert "jti-1" in h.denylist and SESSION + root in h.denylist
