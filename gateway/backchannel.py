@@ -3,7 +3,8 @@
 The IdP posts a logout token (``logout_token=``, form-encoded). It is checked as §2.6 says: signed
 with an allowed algorithm by a key from ``tokens`` (the IdP's JWKS), ``iss`` = ``login.oidc.issuer``,
 ``aud`` contains ``login.oidc.client_id``, ``iat`` present and recent (``MAX_AGE``, with
-``tokens.leeway``), ``jti`` present and never seen before on any worker (remembered in the store),
+``tokens.leeway``), ``jti`` present and not seen in a logout done before on any worker (remembered in the store once its
+sessions have ended, so that the IdP's retry of a logout the store could not finish is no replay),
 ``events`` holding the back-channel logout event as an object, ``sub`` or ``sid``, and no ``nonce``
 (so an ID token is never taken for one). Then every session of that ``sid`` (or, without one, of that
 ``sub``) ends, on every worker and replica, through the ``SessionIndex``: its tokens are refused at
@@ -66,7 +67,7 @@ class LogoutTokens:
         self._clock = clock
 
     async def verify(self, token: str) -> tuple[str | None, str | None]:
-        """(sub, sid) of a valid, first-seen logout token. Raises LogoutTokenInvalid, KeyFetchError, StoreError."""
+        """(sub, sid) of a valid logout token, not ``spent``. Raises LogoutTokenInvalid, KeyFetchError, StoreError."""
         claims = await self._decode(token)
         now = self._clock()
         iat = claims["iat"]
@@ -85,17 +86,18 @@ class LogoutTokens:
         jti = claims["jti"]
         if not isinstance(jti, str) or not jti:
             raise LogoutTokenInvalid("jti missing")
-        if not await self._store.set_if_absent(self._jti_key(jti), b"1", MAX_AGE + 2 * self._leeway + 60):
+        if await self._store.get(self._jti_key(jti)) is not None:
             raise LogoutTokenInvalid("jti already used")
         return (sub if isinstance(sub, str) and sub else None), (sid if isinstance(sid, str) and sid else None)
 
-    async def forget(self, token: str) -> None:
-        """Let a verified token's ``jti`` be used again (its logout could not be done). Best effort."""
-        try:
-            jti = jwt.decode(token, options={"verify_signature": False}).get("jti")
-            await self._store.delete(self._jti_key(str(jti)))
-        except (jwt.InvalidTokenError, StoreError):
-            pass
+    async def spent(self, token: str) -> None:
+        """Remember a verified token's ``jti`` once its sessions have ended: from now on it is a replay.
+
+        Written after the logout, not before: a mark that outlived a logout the store could not do (or that
+        answered "taken" to redis-py's resend of its own SET NX) refused the IdP's retry, and the sessions
+        stayed alive. A plain SET, so a resend is harmless. Raises StoreError."""
+        jti = str(jwt.decode(token, options={"verify_signature": False}).get("jti"))
+        await self._store.set(self._jti_key(jti), b"1", MAX_AGE + 2 * self._leeway + 60)
 
     def _jti_key(self, jti: str) -> str:
         return f"logout-jti:{{{self._sealer.token_hash(self._issuer + chr(0) + jti)}}}"
@@ -145,11 +147,8 @@ class BackchannelLogout:
         try:
             token = await _logout_token(request)
             sub, sid = await self._tokens.verify(token)
-            try:
-                ended = await self._index.end(sub=sub, sid=sid)
-            except StoreError:
-                await self._tokens.forget(token)  # the IdP's retry of this token must not be a replay
-                raise
+            ended = await self._index.end(sub=sub, sid=sid)  # ending twice (concurrent deliveries) ends nothing more
+            await self._tokens.spent(token)
         except LogoutTokenInvalid as exc:
             log.warning("back-channel logout refused: %s", exc)
             return _answer(400, {"error": "invalid_request", "error_description": str(exc)})

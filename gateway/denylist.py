@@ -71,7 +71,10 @@ class Denylist:
             raise
 
     async def start(self) -> None:
+        """Load the shared list, then keep it in sync: a process serves its first request knowing every revocation
+        made before it started (the sync loop's first load waits for its subscription)."""
         if self._task is None:
+            await self._load()  # the store down: nothing to know yet; the loop loads as soon as it answers
             self._task = asyncio.create_task(self._sync_forever(), name="denylist-sync")
 
     async def close(self) -> None:

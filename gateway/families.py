@@ -76,6 +76,7 @@ class Families:
         # refused once the family ends, as long as verification accepts it past its exp.
         self.leeway = leeway
         self.index = IndexRecords(store, sealer, clock, lifetime)
+        self._background: set[asyncio.Future[None]] = set()  # a login's records written through an outage
 
     async def root_of(self, h: str) -> str:
         """The session of the refresh token with hash ``h`` (``h`` itself when never rotated). Raises StoreError."""
@@ -119,24 +120,37 @@ class Families:
     ) -> None:
         """A login: the session is new, its root the refresh token's hash (without one, the access token's: a
         family of one token, so that back-channel logout ends it too), indexed under ``sub`` and ``sid`` (the ID
-        token's, else the access token's claims). Best effort."""
+        token's, else the access token's claims). Never raises: through a store outage the records are written
+        in the background once it answers (every write is idempotent), so that the session can still be ended
+        as a whole (back-channel logout finds it, ending it refuses its first access token)."""
         jti = claims.get("jti")
         if refresh_token is None and not isinstance(jti, str):
             return
         sub = sub or (claims["sub"] if isinstance(claims.get("sub"), str) else None)
         sid = sid if sid is not None else claims.get("sid") if isinstance(claims.get("sid"), str) else None
         root = self._sealer.token_hash(refresh_token if refresh_token is not None else f"access\0{jti}")
-        keys = RecordKeys(root, root)
+        login = (root, refresh_token, claims, lifetime or 3600, sub, sid, id_token)
         try:
-            await self.link(root, refresh_token, claims, lifetime or 3600)
-            await self.join(root, claims)
-            if refresh_token is not None:
-                sealed = self._sealer.seal(refresh_token.encode(), keys.head)
-                await self._store.set(keys.head, sealed, lifetime or 3600)
-            if sub is not None:
-                await self.index.record(root, sub, sid, id_token)
+            await self._record(*login)
         except StoreError as exc:
-            log.warning("session record not stored (%s): logout ends this session by its tokens only", exc)
+            log.warning("session record not stored yet (%s); retrying in the background", exc)
+            what = f"session record of family {root[:12]}"
+            task = asyncio.ensure_future(self._later(lambda: self._record(*login), what))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _record(
+        self, root: str, refresh: str | None, claims: dict[str, Any], lifetime: float, *index: str | None
+    ) -> None:
+        """The records of a login (see ``started``); ``index``: sub, sid, ID token. Raises StoreError."""
+        sub, sid, id_token = index
+        await self.link(root, refresh, claims, lifetime)
+        await self.join(root, claims)
+        if refresh is not None:  # NX: written late, it must not replace a newer head a rotation wrote meanwhile
+            head = RecordKeys(root, root).head
+            await self._store.set_if_absent(head, self._sealer.seal(refresh.encode(), head), lifetime)
+        if sub is not None:
+            await self.index.record(root, sub, sid, id_token)
 
     async def end(self, keys: RecordKeys, reason: Reason) -> FamilyEnd:
         """End the family of ``keys`` everywhere (atomic in the store); then refuse its live access tokens.
@@ -186,7 +200,7 @@ class Families:
         return self.head(keys, (await self.end(keys, Reason.SESSION_ENDED)).head)
 
     async def _end_session_later(self, h: str) -> None:
-        await self._later(lambda: self._end_session(h), f"logout token={h[:12]}")
+        await self._later(lambda: self._end_session(h), f"logout token={h[:12]}: ended session")
 
     async def end_surely(self, keys: RecordKeys, reason: Reason, spawn: Callable[[Awaitable[Any]], None]) -> FamilyEnd:
         """``end``; when the store fails, the end is tried again in the background until it is recorded (it
@@ -196,7 +210,7 @@ class Families:
             return await self.end(keys, reason)
         except StoreError as exc:
             log.error("family %s: end not confirmed (%s); retrying in the background", keys.root[:12], exc)
-            spawn(self._later(lambda: self.end(keys, reason), f"family {keys.root[:12]}"))
+            spawn(self._later(lambda: self.end(keys, reason), f"family {keys.root[:12]}: ended session"))
             raise
 
     async def _later(self, step: Callable[[], Awaitable[Any]], what: str) -> None:
@@ -208,9 +222,9 @@ class Families:
                 await step()
             except (StoreError, ValueError, TypeError):  # ValueError/TypeError: a reply of an odd shape
                 continue
-            log.info("%s: ended session recorded", what)
+            log.info("%s recorded", what)
             return
-        log.error("%s: ended session never recorded (store unavailable)", what)
+        log.error("%s never recorded (store unavailable)", what)
 
     def head(self, keys: RecordKeys, sealed: bytes | None) -> str | None:
         """The newest refresh token of the family, from ``FamilyEnd.head``."""
@@ -264,8 +278,8 @@ class FamilyIndex:
     async def end(self, *, sub: str | None = None, sid: str | None = None) -> list[SessionInfo]:
         ended = []
         for root, info in await self._found(sub, sid):
-            # Ended already too: a try whose reply was lost (the IdP's retry follows a 503) ended the family but
-            # refused none of its tokens; ending again is harmless and refuses them.
+            # Ended already too: its tokens are refused again (idempotent), in case the end's reply was lost or
+            # whoever ended it died before refusing them (the IdP's retry follows a 503).
             await self._families.end(RecordKeys(root, root), Reason.SESSION_ENDED)
             if info.ended is None:
                 ended.append(info)

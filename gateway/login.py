@@ -4,7 +4,8 @@
 (found through ``{issuer}/.well-known/openid-configuration``) with ``state``, ``nonce`` and an
 S256 code challenge; those, with ``next``, travel in a short-lived sealed cookie (AES-GCM, so
 neither readable nor forgeable). ``GET {prefix}/callback`` checks the state (once: a replayed
-state is refused through the store), exchanges the code, verifies the ID token (signature,
+state is refused through the store, gateway.login_state; a 503 before the code could reach the
+IdP keeps the cookie for the browser's retry), exchanges the code, verifies the ID token (signature,
 issuer, audience = client_id, nonce) and the access token (an opaque one at the introspection or
 userinfo endpoint, gateway.introspection; the ID token then with the discovery's ``jwks_uri`` unless
 ``tokens`` names keys), sets the session cookies and redirects to ``next``. Tokens never appear in
@@ -37,6 +38,7 @@ from gateway.errors import CookieTooLarge, KeyFetchError, LoginFailed, StoreErro
 from gateway.families import Families
 from gateway.identity import index_claims
 from gateway.keys import JWKSKeys, KeySource
+from gateway.login_state import STATE_LIFETIME, LoginRetry, States
 from gateway.reasons import Reason
 from gateway.responses import safe_target
 from gateway.sealing import Sealer
@@ -46,7 +48,6 @@ from gateway.tokens import Verifier
 
 log = logging.getLogger("gateway.login")
 
-STATE_LIFETIME = 600
 DISCOVERY_TTL = 3600
 
 
@@ -83,7 +84,7 @@ class OIDCLogin:
         self._jar = jar
         self._http = http
         self._sealer = sealer
-        self._store = store
+        self._states = States(store, sealer)
         self._verifier = verifier
         self._keys = keys
         self._algorithms = list(algorithms)
@@ -124,6 +125,8 @@ class OIDCLogin:
     async def callback(self, request: Request) -> Response:
         try:
             target, cookies = await self._complete(request)
+        except LoginRetry as exc:
+            return _failure(exc)  # the code never reached the IdP: the flow cookie and the state serve the retry
         except LoginFailed as exc:
             response = _failure(exc)
         else:
@@ -142,16 +145,13 @@ class OIDCLogin:
         state, code = query.get("state", ""), query.get("code", "")
         if not code or not hmac.compare_digest(state.encode(), str(flow["s"]).encode()):
             raise LoginFailed(400, Reason.LOGIN_STATE_INVALID)
+        await self._states.take(state)
         try:
-            first_use = await self._store.set_if_absent(
-                f"oidc:{{{self._sealer.token_hash(state)}}}", b"1", STATE_LIFETIME
-            )
-        except StoreError as exc:
-            log.error("login: store unavailable (%s)", exc)
-            raise LoginFailed(503, Reason.STORE_UNAVAILABLE) from None
-        if not first_use:
-            raise LoginFailed(400, Reason.LOGIN_STATE_REPLAYED)
-        tokens = await self._exchange(code, str(flow["v"]))
+            tokens = await self._exchange(code, str(flow["v"]))
+        except LoginRetry:  # the code never left: the state is given back for the browser's retry
+            if not await self._states.give_back(state):
+                raise LoginFailed(503, Reason.IDP_ERROR) from None
+            raise
         access, refresh, id_token = tokens.get("access_token"), tokens.get("refresh_token"), tokens.get("id_token")
         if not isinstance(access, str) or not isinstance(id_token, str):
             raise LoginFailed(502, Reason.IDP_BAD_RESPONSE)
@@ -210,7 +210,11 @@ class OIDCLogin:
         return flow
 
     async def _exchange(self, code: str, code_verifier: str) -> dict[str, Any]:
-        meta = await self.discover()
+        """The code's tokens. Raises LoginRetry only when the code cannot have reached the IdP."""
+        try:
+            meta = await self.discover()
+        except LoginFailed as exc:
+            raise LoginRetry(exc.status, exc.reason) from None
         form = {
             "grant_type": "authorization_code",
             "code": code,
@@ -222,9 +226,10 @@ class OIDCLogin:
             form["client_secret"] = self._config.client_secret
         try:
             response = await self._http.post(meta["token_endpoint"], data=form, follow_redirects=False)
-        except httpx.HTTPError as exc:
+        except httpx.HTTPError as exc:  # not connected: never sent; otherwise it may have been redeemed
             log.error("login: token endpoint unreachable (%s)", exc.__class__.__name__)
-            raise LoginFailed(503, Reason.IDP_ERROR) from None
+            unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+            raise (LoginRetry if unsent else LoginFailed)(503, Reason.IDP_ERROR) from None
         try:
             body = response.json()
         except (ValueError, RecursionError):  # nested past the parser's depth is no answer either

@@ -125,12 +125,12 @@ class Logout:
         # As long as verification accepts it (exp + leeway); an opaque token without exp: refused for a day.
         now = time.time()
         until = refuse_until(claims, now, self._verifier.leeway)
-        # And the sockets opened with it, expired since or not.
+        # The token, and the sockets opened with it (expired since or not): each refused here at once.
         for entry, lasts in ((jti, until), (ENDED + jti, ended_until(until, now))):
             try:
                 await self._denylist.deny(entry, lasts)
-            except StoreError as exc:
-                log.error("logout: denylist not shared with other processes (%s); refused here only", exc)
+            except StoreError as exc:  # shared by the denylist's sync once the store answers
+                log.error("logout: denylist not shared with other processes yet (%s); refused here", exc)
 
 
 def _is_form(headers: list[tuple[bytes, bytes]]) -> bool:

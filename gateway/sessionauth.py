@@ -80,7 +80,9 @@ class SessionAuth:
             verdict = await self._verifier.verify(loaded.record.access)
             if verdict.ok and not verdict.refreshable:
                 return _valid(loaded, verdict)
-            return await self._refresh_once(h, client)
+            result = await self._refresh_once(h, client)
+            # An early refresh the store cannot serve: the token still works (cookie mode too).
+            return _valid(loaded, verdict) if verdict.ok and result.reason == Reason.STORE_UNAVAILABLE else result
         except StoreError as exc:
             log.error("session %s: store unavailable (%s); answering 503", h[:12], exc)
             return AuthResult(reason=Reason.STORE_UNAVAILABLE)
@@ -92,13 +94,16 @@ class SessionAuth:
             flight = asyncio.ensure_future(self._refreshed(h, client))
             self._inflight[h] = flight
             flight.add_done_callback(lambda _: self._inflight.pop(h, None))
-        # Shielded: a client that goes away must not cancel a refresh the others wait for.
-        result = await asyncio.shield(flight)
+        result = await asyncio.shield(flight)  # a client that goes away must not cancel a refresh others wait for
         return replace(result, set_cookies=list(result.set_cookies))  # each answer its own list
 
     async def _refreshed(self, h: str, client: str | None) -> AuthResult:
         """The access token is due: read the record afresh, refresh it (single flight), write the successor back."""
-        current = await self.sessions.load(h, fresh=True)  # another worker may have refreshed it already
+        try:
+            current = await self.sessions.load(h, fresh=True)  # another worker may have refreshed it already
+        except StoreError as exc:  # never refreshed from a cached copy: it may hold a token rotated since (reuse)
+            log.error("session %s: store unavailable (%s); answering 503", h[:12], exc)
+            return AuthResult(reason=Reason.STORE_UNAVAILABLE)
         refreshed = False
         for _ in range(MAX_ROUNDS):
             if current is None:
@@ -141,8 +146,7 @@ class SessionAuth:
         return AuthResult(reason=Reason.REFRESH_ERROR)
 
     async def _save_later(self, read: Loaded, successor: SessionRecord) -> None:
-        """The write-back through a store outage: over the version read, or over a newer one that still holds
-        the superseded refresh token (only a use was recorded meanwhile)."""
+        """The write-back through a store outage: over the version read, or a newer one with only a use recorded."""
         deadline = time.monotonic() + BACKGROUND_RETRY
         while time.monotonic() < deadline:
             await asyncio.sleep(RETRY_PAUSE)
@@ -223,9 +227,8 @@ class SessionAuth:
         claims = await self._verifier.signed_claims(record.access)
         jti = (claims or {}).get("jti")
         if isinstance(jti, str):
-            now = time.time()
-            until = refuse_until(claims or {}, now, self._verifier.leeway)  # and its sockets, expired since or not:
-            for entry, lasts in ((jti, until), (ENDED + jti, ended_until(until, now))):
+            until = refuse_until(claims or {}, time.time(), self._verifier.leeway)  # and its sockets, expired or not:
+            for entry, lasts in ((jti, until), (ENDED + jti, ended_until(until, time.time()))):
                 await self._families.refuse(entry, lasts)
         log.info("session %s ended", h[:12])
         return 1
@@ -265,25 +268,22 @@ def _valid(loaded: Loaded, verdict: Verdict, refreshed: bool = False) -> AuthRes
     )
 
 
-# Verdicts on the record's access token that may pass a moment later (a new kid the JWKS cannot give us yet,
-# an IdP clock ahead of ours).
+# Verdicts on the record's access token that may pass soon (a new kid not in the JWKS yet, an IdP clock ahead).
 NOT_YET = frozenset({Reason.UNKNOWN_KEY, Reason.TOKEN_NOT_YET_VALID})
 
 
 def _kept(verdict: Verdict) -> Reason:
-    """Why the record's access token cannot be used now. It came from the IdP (a login, a refresh), never from
-    the browser: one that does not verify *yet* is the cookie-mode successor kept unverified: 503 with the
-    session kept, not 401 (a login redirect)."""
+    """Why the record's access token (from the IdP, never from the browser) cannot be used now: one that does not
+    verify *yet* is the cookie-mode successor kept unverified, 503 with the session kept, not 401 (a login)."""
     reason = verdict.reason or Reason.REFRESH_ERROR
     return Reason.IDP_TOKEN_UNVERIFIED if reason in NOT_YET else reason
 
 
 def _past_exp(token: str) -> bool:
-    """The ``exp`` the token claims has passed. Read without its signature, for one decision only: a record's
-    token that cannot be verified *and* says it expired is refreshed (its key dropped from the JWKS while the
-    session sat idle), as cookie mode refreshes once the unverifiable access cookie is cleared. The record is
-    the gateway's own sealed value, and the refresh goes through the flight, whose ``issued`` check verifies
-    a just-issued successor again instead of calling the IdP."""
+    """The ``exp`` the token claims has passed. Read without its signature, for one decision only: a record's token
+    that cannot be verified *and* says it expired is refreshed (its key dropped from the JWKS while the session sat
+    idle), as cookie mode refreshes once the unverifiable access cookie is cleared. The record is the gateway's own
+    sealed value; the flight's ``issued`` check verifies a just-issued successor again instead of calling the IdP."""
     try:
         exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
     except jwt.InvalidTokenError:

@@ -225,8 +225,9 @@ class ServerSessions:
     async def end(self, h: str, record: SessionRecord) -> None:
         """End the session everywhere: ``session:{root}`` denied (caches, sockets), the record deleted.
 
-        Denied first: a delete whose reply is lost leaves nothing for a retry to end. Raises StoreError when
-        the record could not be deleted."""
+        Denied first: a delete whose reply is lost leaves nothing for a retry to end, and a store that reads but
+        cannot write still has this worker refuse the session at once. Raises StoreError when the record could not
+        be deleted."""
         self._cache.pop(h, None)
         try:
             await self._denylist.deny(SESSION + record.root, record.expires)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -19,7 +20,7 @@ from gateway.errors import KeyFetchError, StoreError
 from gateway.families import SESSION, Families, FamilyIndex
 from gateway.keys import StaticKey
 from gateway.sealing import Sealer
-from gateway.store import MemoryStore
+from gateway.store import MemoryStore, RecordKeys
 
 SECRET = "logout-token-secret-0123456789abcdef"
 ISSUER = "https://idp.example"
@@ -252,3 +253,100 @@ async def test_keys_unavailable_is_503_never_a_500(h: Harness) -> None:
     h.tokens._keys = NoKeys()  # type: ignore[assignment]
     answer = await h.post(logout_token())
     assert answer.status_code == 503 and answer.headers["cache-control"] == "no-store"
+
+
+class OutageStore(MemoryStore):
+    """While ``down``, every write a logout makes fails (Redis went away in the middle of it)."""
+
+    down = False
+
+    async def end_family(self, keys: Any, reason: str, ttl: float, now: float) -> Any:
+        if self.down:
+            raise StoreError("store down")
+        return await super().end_family(keys, reason, ttl, now)
+
+    async def delete(self, key: str) -> None:
+        if self.down:
+            raise StoreError("store down")
+        await super().delete(key)
+
+
+async def test_the_idps_retry_after_an_outage_that_outlasted_the_logout_still_ends_the_session() -> None:
+    """Regression: the jti was taken before the sessions ended and given back after; with the store down for
+    both, the IdP's retry (once it was back) was refused as a replay and the session was never ended (I3)."""
+    store = OutageStore("t:", clock=time.time)
+    h = Harness(store)
+    root = await h.login("alice", "sid-1", "jti-1")
+    token = logout_token(sid="sid-1")
+    store.down = True
+    assert (await h.post(token)).status_code == 503
+    store.down = False
+    retry = await h.post(token)
+    assert retry.status_code == 200, retry.text
+    assert await h.families.ended(root) == "session_ended" and "jti-1" in h.denylist
+    assert (await h.post(token)).status_code == 400  # and then it is a replay
+
+
+async def test_a_logout_whose_jti_write_loses_its_reply_is_not_taken_for_its_own_replay(
+    redis_url: str, key_prefix: str
+) -> None:
+    """Regression: redis-py sends a command again after a connection reset; the jti's SET NX that had landed
+    answered "exists" the second time, and the logout token was refused as a replay (400: the IdP never
+    retries it) with its session left alive (I3)."""
+    from urllib.parse import urlsplit
+
+    from support.faultproxy import FaultProxy
+
+    from gateway.store.redis import RedisStore
+
+    parts = urlsplit(redis_url)
+    with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
+        store = RedisStore(proxy.redis_url(), key_prefix)
+        try:
+            h = Harness(store)  # type: ignore[arg-type]
+            root = await h.login("alice", "sid-1", "jti-1")
+            rule = proxy.add_rule(r"^SET \S*logout-jti:", "reset_after")
+            answer = await h.post(logout_token(sid="sid-1"))
+            assert proxy.matched(rule) == 1
+            assert answer.status_code == 200, answer.text
+            assert await h.families.ended(root) == "session_ended"
+        finally:
+            await store.close()
+
+
+class BlipAtLogin(MemoryStore):
+    """The store fails ``failures`` writes of expiring sets (a blip while a login indexes its session)."""
+
+    failures = 0
+
+    async def add_member(self, key: str, member: str, expires_at: float) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("store down")
+        await super().add_member(key, member, expires_at)
+
+
+async def test_a_session_whose_login_met_a_store_blip_is_still_ended_by_back_channel_logout() -> None:
+    """Regression: the login's records (family, access token, index) were written once, best effort; a store blip
+    then left the session out of the index for good, and the IdP's back-channel logout answered 200 while the
+    session carried on (I3)."""
+    store = BlipAtLogin("t:", clock=time.time)
+    h = Harness(store)
+    store.failures = 2
+    root = await h.login("alice", "sid-1", "jti-1")  # the login itself goes on
+    for _ in range(40):  # the records land once the store answers again
+        if await h.index.sessions(sid="sid-1"):
+            break
+        await asyncio.sleep(0.05)
+    assert (await h.post(logout_token(sid="sid-1"))).status_code == 200
+    assert await h.families.ended(root) == "session_ended" and "jti-1" in h.denylist
+
+
+async def test_the_idps_retry_after_a_worker_died_mid_logout_refuses_the_sessions_tokens() -> None:
+    """Regression: a worker that died between marking a family ended and denylisting its access tokens left them
+    valid until they expired; the IdP's retry (no 200 came back) skipped the family as ended already (I3)."""
+    h = Harness()
+    root = await h.login("alice", "sid-1", "jti-1")
+    await h.store.end_family(RecordKeys(root, root), "session_ended", 3600, time.time())  # and then it died
+    assert (await h.post(logout_token(sid="sid-1"))).status_code == 200
+    assert "jti-1" in h.denylist and SESSION + root in h.denylist

@@ -189,3 +189,18 @@ async def test_a_logged_out_token_stays_refused_for_as_long_as_the_leeway_accept
         now[0] += 15  # past exp, within the leeway: the token itself would still verify
         late = await client.get("/x", headers=bearer)
     assert late.status_code == 401 and late.json()["reason"] == "token_revoked"
+
+
+async def test_a_process_that_just_started_refuses_what_was_revoked_before_from_its_first_request(
+    store: Store,
+) -> None:
+    """Regression: start() only scheduled the sync loop, whose first load came after the subscription (up to a
+    poll interval later); a worker that had just (re)started served its first requests with an empty list, so a
+    logged-out access token got a 200 there (I3)."""
+    await Denylist(store).deny("revoked-earlier", time.time() + 60)  # another worker, before this one started
+    denylist = Denylist(store)
+    await denylist.start()
+    try:
+        assert "revoked-earlier" in denylist
+    finally:
+        await denylist.close()

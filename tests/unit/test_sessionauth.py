@@ -345,3 +345,101 @@ async def test_a_successor_not_valid_yet_is_503_on_every_request_until_it_is(wor
     w.verifier._clock = lambda: time.time() + 3.5  # type: ignore[method-assign]  # our clock caught up
     later = await w.workers[1].authenticate(headers(cookie))
     assert later.claims is not None and w.idp.counters.refresh_calls == 1
+
+
+async def test_a_store_outage_during_an_early_refresh_goes_on_with_the_still_valid_token(
+    world: Callable[[], World],
+) -> None:
+    """Regression: the record's fresh read before an early refresh raised out of the session on a store error,
+    a 503 although the worker's copy held a valid access token (cookie mode goes on with it, as server mode
+    does when the IdP fails)."""
+    w = world()
+    now = int(time.time())
+    pair = w.idp.start_session("alice", ttl=10, claims={"iat": now - 3000})  # 10 s left: due, still valid
+    _, cookie = await w.login(pair)
+    h = w.workers[0].sessions.open_cookie(cookie.split("=", 1)[1])
+    assert h is not None and await w.workers[0].sessions.load(h) is not None  # this worker's copy
+
+    async def broken(key: str) -> bytes | None:
+        raise StoreError("down")
+
+    w.store.get = broken  # type: ignore[method-assign]
+    result = await w.workers[0].authenticate(headers(cookie))
+    assert result.claims is not None and result.token == pair.access and result.set_cookies == []
+    assert w.idp.counters.refresh_calls == 0
+
+
+async def test_a_logout_the_store_cannot_write_is_refused_at_once_by_the_worker_that_took_it(
+    world: Callable[[], World],
+) -> None:
+    """Regression: with a store that reads but cannot write (a master demoted to a read-only replica in a
+    failover), ending the record dropped this worker's copy before its delete failed, so the logout's own
+    fallback had nothing left to refuse: the next request read the record again and got a 200 (I3)."""
+    w = world()
+    pair = w.idp.start_session("alice")
+    _, cookie = await w.login(pair)
+    assert (await w.workers[0].authenticate(headers(cookie))).claims is not None  # cached here
+
+    async def read_only(*args: object, **kwargs: object) -> None:
+        raise StoreError("READONLY You can't write against a read only replica")
+
+    for write in ("set", "delete", "replace", "add_member", "end_family"):
+        setattr(w.store, write, read_only)
+    await w.workers[0].logout(cookie.split("=", 1)[1])
+    result = await w.workers[0].authenticate(headers(cookie))
+    assert result.claims is None  # refused here at once: never a 200 after the logout
+    for write in ("set", "delete", "replace", "add_member", "end_family"):
+        delattr(w.store, write)  # the store writes again: the logout lands in the background
+    for _ in range(40):
+        if await w.record(cookie) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert await w.record(cookie) is None
+
+
+async def test_a_session_the_idp_ended_is_never_served_with_its_still_valid_token_when_the_store_fails(
+    world: Callable[[], World],
+) -> None:
+    """An early refresh the IdP refuses (invalid_grant) ends the session even when its record cannot be deleted
+    then: a 503 at worst, never a 200 with the access token that is still valid."""
+    w = world()
+    now = int(time.time())
+    pair = w.idp.start_session("alice", ttl=10, claims={"iat": now - 3000})  # 10 s left: due, still valid
+    _, cookie = await w.login(pair)
+    h = w.workers[0].sessions.open_cookie(cookie.split("=", 1)[1])
+    assert h is not None and await w.workers[0].sessions.load(h) is not None  # this worker's copy
+    w.idp.revoke(pair.refresh)
+
+    async def broken(key: str) -> None:
+        raise StoreError("down")
+
+    w.store.delete = broken  # type: ignore[method-assign]
+    assert (await w.workers[0].authenticate(headers(cookie))).claims is None
+    assert (await w.workers[0].authenticate(headers(cookie))).claims is None
+    assert w.idp.counters.refresh_calls == 1
+
+
+async def test_a_stale_copy_is_never_refreshed_when_the_record_cannot_be_read(world: Callable[[], World]) -> None:
+    """A worker's cached copy may hold a refresh token another worker has rotated since: when the record's fresh
+    read fails, the copy is never presented (past grace that is reuse, and the whole session would end): 503,
+    the session kept."""
+    w = world()
+    pair = w.idp.start_session("alice", ttl=-60)
+    _, cookie = await w.login(pair)
+    h = w.workers[1].sessions.open_cookie(cookie.split("=", 1)[1])
+    assert h is not None and await w.workers[1].sessions.load(h) is not None  # worker 1's copy: the old tokens
+    assert (await w.workers[0].authenticate(headers(cookie))).claims is not None  # worker 0 rotates them
+    w.clock.now += GRACE + 1
+    get = w.store.get
+
+    async def blip_on_the_record(key: str) -> bytes | None:
+        if key.startswith("sess:"):
+            raise StoreError("connection reset")
+        return await get(key)
+
+    w.store.get = blip_on_the_record  # type: ignore[method-assign]
+    blip = await w.workers[1].authenticate(headers(cookie))
+    assert blip.claims is None and blip.reason == Reason.STORE_UNAVAILABLE and blip.set_cookies == []
+    w.store.get = get  # type: ignore[method-assign]
+    assert (await w.workers[1].authenticate(headers(cookie))).claims is not None
+    assert w.idp.counters.refresh_calls == 1
