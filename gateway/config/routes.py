@@ -139,7 +139,8 @@ class RouteConfig(Model):
     reading."""
     methods: tuple[str, ...] = DEFAULT_METHODS
     """HTTP methods this route accepts; any other gets 405 `method_not_allowed` (with `Allow`). TRACE and CONNECT
-    are never forwarded unless listed."""
+    are never forwarded unless listed. The method is the request line's: an app that reads a `_method` parameter on
+    POST (Rails, Laravel, Symfony) acts on that instead."""
     max_body: int | None = Field(None, ge=0)
     """Bytes of request body this route accepts; none: no limit. A bigger `Content-Length` gets 413
     `body_too_large` before anything is forwarded; a chunked body that grows past it is cut: 413 when the upstream
