@@ -22,6 +22,7 @@ class Scanned:
         "length",
         "cookies",
         "connection",
+        "coded",
     )
 
     def __init__(self, headers: RawHeaders) -> None:
@@ -31,6 +32,7 @@ class Scanned:
         self.length: bytes | None = None  # Content-Length
         self.hosts = self.authorizations = 0
         self.has_body = self.cookies = self.connection = False
+        self.coded = False  # a transfer coding besides chunked (gzip, chunked): it would reach the upstream undone
         for name, value in headers:
             if name == b"host":
                 self.host = value
@@ -46,6 +48,7 @@ class Scanned:
                 self.length = value
             elif name == b"transfer-encoding":
                 self.has_body = True
+                self.coded = self.coded or value.strip().lower() != b"chunked"
             elif name == b"x-request-id" and self.request_id is None:
                 self.request_id = value
             elif name == b"connection":

@@ -104,6 +104,8 @@ class HttpPath:
         """Route, admit, forward, answer: (route name or "-", status sent)."""
         seen = Scanned(scope["headers"])
         info.identify(seen.request_id, self._request_ids)
+        if seen.coded:  # the body is de-chunked only: "gzip, chunked" would reach the upstream as plain bytes
+            return "-", await self._deny(send, scope, Reason.UNSUPPORTED_CODING, None)
         found = self._route(scope, seen)
         if isinstance(found, Reason):
             return "-", await self._deny(send, scope, found, None)

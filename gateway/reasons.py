@@ -22,6 +22,7 @@ class Reason(StrEnum):
     BAD_HEADER = "bad_header"  # a header value that is not UTF-8: it cannot be forwarded unchanged
     METHOD_NOT_ALLOWED = "method_not_allowed"
     BODY_TOO_LARGE = "body_too_large"  # over the route's max_body
+    UNSUPPORTED_CODING = "unsupported_coding"  # a request body's transfer coding besides chunked (RFC 9112 §6.1)
     UNTRUSTED_PROXY = "untrusted_proxy"  # forward-auth headers from a peer not in server.trusted_proxies
     PROXY_MODE_ONLY = "proxy_mode_only"  # forward-auth asked about a capture route: only proxy mode can capture
     CORS_ORIGIN = "cors_origin"  # a preflight from an origin the route's cors does not allow

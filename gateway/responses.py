@@ -36,6 +36,7 @@ STATUS: dict[Reason, tuple[int, str]] = {
     Reason.INVALID_REQUEST: (400, "invalid_request"),
     Reason.METHOD_NOT_ALLOWED: (405, "method_not_allowed"),
     Reason.BODY_TOO_LARGE: (413, "content_too_large"),
+    Reason.UNSUPPORTED_CODING: (501, "not_implemented"),
     Reason.HEADERS_TOO_LARGE: (431, "request_header_fields_too_large"),
     Reason.TOO_MANY_HEADERS: (431, "request_header_fields_too_large"),
     Reason.HEADER_TIMEOUT: (408, "request_timeout"),

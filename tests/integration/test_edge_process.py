@@ -167,3 +167,27 @@ def test_an_answer_before_100_continue_ends_the_connection(gateway: GatewayProce
     status = {"/canned/ok": b"HTTP/1.1 200 ", "/private": b"HTTP/1.1 401 "}[path]
     assert answer.startswith(status), answer[:300]
     assert b"\r\nconnection: close\r\n" in answer.partition(b"\r\n\r\n")[0].lower() + b"\r\n" and closed, answer[:300]
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"identity, chunked", b"x-zip,chunked"])
+def test_a_body_coded_besides_chunked_is_501_and_the_connection_stays_in_step(
+    gateway: GatewayProcess, coding: bytes
+) -> None:
+    # llhttp takes "gzip, chunked" and undoes the chunked coding only; the gateway sent the body on re-chunked,
+    # without the gzip, so the upstream read compressed bytes as the body (RFC 9112 §6.1: a server answers 501).
+    post = b"POST /canned/ok HTTP/1.1\r\nHost: gw.example\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
+    post += b"5\r\nhello\r\n0\r\n\r\n"
+    answer = exchange(gateway, post, b"GET /canned/ok HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n")
+    first, _, rest = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 501 ") and b"unsupported_coding" in rest, answer[:300]
+    assert rest.count(b"HTTP/1.1 ") == 1 and rest.endswith(b"\r\n\r\nok"), answer  # the body was read as the body
+
+
+@pytest.mark.parametrize("coding", [b"chunked", b"Chunked", b" chunked "])
+def test_a_chunked_body_goes_through(gateway: GatewayProcess, idp: IdPProcess, coding: bytes) -> None:
+    token = idp.issue("alice")["access"].encode()
+    post = b"POST /probe HTTP/1.1\r\nHost: gw.example\r\nAuthorization: Bearer " + token + b"\r\n"
+    post += b"Transfer-Encoding: " + coding + b"\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    answer = exchange(gateway, post)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["body_length"] == 5
