@@ -26,7 +26,6 @@ bench/floor_bench.py: the head's own send was about a tenth of a proxied GET's C
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
@@ -163,7 +162,7 @@ class ClientH1(HttpToolsProtocol):
         if cycle is not before and cycle is not None and self.scope["method"] != "HEAD":
             cycle.transport = HeadHold(self.transport, self.loop, self.held)  # type: ignore[assignment]
         if cycle is not before and cycle is not None and cycle.waiting_for_100_continue:
-            cycle.send = _closing_unless_continued(cycle)  # type: ignore[method-assign,assignment]
+            cycle.__class__ = Expecting  # its task has not started: it calls Expecting.send
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
@@ -181,16 +180,14 @@ class ClientH1(HttpToolsProtocol):
         cycle.message_event.set()
 
 
-def _closing_unless_continued(cycle: RequestResponseCycle) -> Callable[[Any], Awaitable[None]]:
-    """The cycle's ``send``, but an answer that starts before ``100 Continue`` went ends the connection."""
-    send = cycle.send
+class Expecting(RequestResponseCycle):
+    """A request's cycle whose client awaits ``100 Continue``: an answer that starts before it went ends the
+    connection. A class, not a wrapper of ``send`` that refers to the cycle: no reference cycle per request."""
 
-    async def guarded(message: Any) -> None:
-        if cycle.waiting_for_100_continue and message["type"] == "http.response.start":
-            cycle.keep_alive = False  # uvicorn adds "Connection: close" and closes once the answer is out
-        await send(message)
-
-    return guarded
+    async def send(self, message: Any) -> None:
+        if self.waiting_for_100_continue and message["type"] == "http.response.start":
+            self.keep_alive = False  # uvicorn adds "Connection: close" and closes once the answer is out
+        await super().send(message)
 
 
 def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -201,6 +201,24 @@ async def test_a_finished_cycle_is_freed_by_refcount() -> None:
         gc.enable()
 
 
+async def test_a_finished_cycle_of_an_expect_request_is_freed_by_refcount() -> None:
+    """The answer that watches for 100 Continue refers to no cycle either: a body held past a collection of the
+    young generation (a slow upload) would otherwise wait in the old one for a full collection."""
+    protocol, transport = connect(Answers())
+    protocol.data_received(b"POST /one HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    await settle()
+    protocol.data_received(b"body")
+    await settle()
+    first = weakref.ref(protocol.cycle)
+    gc.disable()
+    try:
+        protocol.data_received(b"GET /two HTTP/1.1\r\nHost: gw\r\n\r\n")
+        await settle()
+        assert first() is None and not transport.closed
+    finally:
+        gc.enable()
+
+
 def on_uvloop(app: Any, then: Callable[[socket.socket], None] = lambda client: None) -> bytes:
     """What a client gets in 0.1 s from ``app`` served on uvloop over a real socket, for one GET; ``then`` acts as
     the client right after its request (a half-close)."""
