@@ -9,8 +9,8 @@
                (twice 64 KB for a 64 KB POST). Pieces that pile up before the app reads are joined, as
                uvicorn joins them, and reading pauses past 64 KiB, as it does
     expect  -> an answer to ``Expect: 100-continue`` that comes before the app asked for the body (a refusal, an
-               upstream's own early answer) closes the connection: the client was never told to send the body and
-               may send its next request instead, which uvicorn would have read as that body
+               upstream's own early answer) closes the connection while the body is owed: the client was never told
+               to send it and may send its next request instead, which uvicorn would have read as that body
     answer  -> the response head is held until the body's first write, and both go out in one send
                (``writelines``: one ``writev`` with uvloop; asyncio joins them): uvicorn wrote them with a
                call each, two sends of two segments for every small answer. A head with no body write
@@ -26,7 +26,6 @@ bench/floor_bench.py: the head's own send was about a tenth of a proxied GET's C
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
@@ -163,7 +162,7 @@ class ClientH1(HttpToolsProtocol):
         if cycle is not before and cycle is not None and self.scope["method"] != "HEAD":
             cycle.transport = HeadHold(self.transport, self.loop, self.held)  # type: ignore[assignment]
         if cycle is not before and cycle is not None and cycle.waiting_for_100_continue:
-            cycle.send = _closing_unless_continued(cycle)  # type: ignore[method-assign,assignment]
+            cycle.__class__ = Expecting  # its task has not started: it calls Expecting.send
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
@@ -181,16 +180,15 @@ class ClientH1(HttpToolsProtocol):
         cycle.message_event.set()
 
 
-def _closing_unless_continued(cycle: RequestResponseCycle) -> Callable[[Any], Awaitable[None]]:
-    """The cycle's ``send``, but an answer that starts before ``100 Continue`` went ends the connection."""
-    send = cycle.send
+class Expecting(RequestResponseCycle):
+    """A request's cycle whose client awaits ``100 Continue``: an answer that starts before it went, with the body
+    still owed, ends the connection (none announced, or all in already: what comes next is a request). A class, not
+    a wrapper of ``send`` that refers to the cycle: no reference cycle per request."""
 
-    async def guarded(message: Any) -> None:
-        if cycle.waiting_for_100_continue and message["type"] == "http.response.start":
-            cycle.keep_alive = False  # uvicorn adds "Connection: close" and closes once the answer is out
-        await send(message)
-
-    return guarded
+    async def send(self, message: Any) -> None:
+        if self.waiting_for_100_continue and self.more_body and message["type"] == "http.response.start":
+            self.keep_alive = False  # uvicorn adds "Connection: close" and closes once the answer is out
+        await super().send(message)
 
 
 def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -1,12 +1,11 @@
 """Header rules for both directions, compiled once: strip, then inject.
 
-Inbound (client -> upstream): hop-by-hop headers and every header named in ``Connection`` go;
-every header matching ``identity.strip_inbound`` or naming an identity header goes, however it
-is spelled (case, ``_`` or ``.`` for ``-``, duplicates, an ``HTTP-`` prefix); the gateway's own
-cookies (and the numbered chunks of a big one, ``gw_access_0``...) are cut out of ``Cookie``;
-every proxy header (``PROXY_HEADERS``: X-Forwarded-*, X-Original-URL, True-Client-IP,
-X-HTTP-Method-Override...) goes; ``X-Forwarded-For/-Proto/-Host`` are set from the connection,
-and incoming ones are believed only from ``server.trusted_proxies``. Identity headers are
+Inbound (client -> upstream): hop-by-hop headers and every header named in ``Connection`` go; every header matching
+``identity.strip_inbound`` or naming an identity header goes, however it is spelled (case, ``_`` or ``.`` for ``-``,
+duplicates, an ``HTTP-`` prefix), and so does X-Request-ID spelled otherwise; the gateway's own cookies (and the
+numbered chunks of a big one, ``gw_access_0``...) are cut out of ``Cookie``; every proxy header (``PROXY_HEADERS``:
+X-Forwarded-*, X-Original-URL, True-Client-IP, X-HTTP-Method-Override...) goes; ``X-Forwarded-For/-Proto/-Host`` are
+set from the connection, and incoming ones are believed only from ``server.trusted_proxies``. Identity headers are
 injected after all of that, so nothing a client sends can stand in for them.
 
 Outbound (upstream -> client): hop-by-hop headers go, and an upstream ``Set-Cookie`` for one of
@@ -149,6 +148,7 @@ class HeaderRules:
             return known
         canon = _canonical(name)
         ok = canon not in HOP_BY_HOP and canon not in PROXY_HEADERS and not self._identity_named(canon)
+        ok = ok and (canon != b"x-request-id" or name.lower() == canon)  # X_Request_ID: X-Request-ID to Django (ASGI)
         while ok and canon.startswith(b"http-"):
             # Django 5.2 under ASGI reads RemoteUserMiddleware's header = "HTTP_X_AUTH_USER" from
             # the header HTTP-X-Auth-User (tickets #36300, #37079): such a name is an identity header too.

@@ -210,10 +210,11 @@ class HttpPath:
 
     def _same_host(self, scope: Scope, name: str | None) -> bool:
         """Whether a trusted proxy's X-Forwarded-Host, if any, names the host routed on. The upstream gets both and
-        may read either (Rails, Django's USE_X_FORWARDED_HOST): routed on one, it must not be told another."""
+        may read either (Rails, Django's USE_X_FORWARDED_HOST): routed on one, or none, it must not be told another
+        (nor one the gateway cannot read: "admin.example:123456" is admin.example to Rails and Django)."""
         client = scope.get("client")
         hosts = self._headers.forwarded_hosts(scope["headers"], client[0] if client else None)
-        return all(self._lookup.host(host) == name for host in hosts)
+        return not hosts or (name is not None and all(self._lookup.host(host) == name for host in hosts))
 
     def _url(self, route: Route, path: str, query: bytes) -> URL:
         up = route.upstream

@@ -191,3 +191,16 @@ def test_a_chunked_body_goes_through(gateway: GatewayProcess, idp: IdPProcess, c
     answer = exchange(gateway, post)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["body_length"] == 5
+
+
+@pytest.mark.parametrize("path", ["/canned/ok", "/private"])
+def test_an_answer_to_an_expect_request_with_no_body_owed_keeps_the_connection(
+    gateway: GatewayProcess, path: str
+) -> None:
+    # A client may send Expect: 100-continue with an empty body (botocore does with any file-like body): nothing is
+    # owed, what comes next is the next request, and the connection goes on.
+    first = f"POST {path} HTTP/1.1\r\nHost: gw.example\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n".encode()
+    answer = exchange(gateway, first, b"GET /canned/ok HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n")
+    status = {"/canned/ok": b"HTTP/1.1 200 ", "/private": b"HTTP/1.1 401 "}[path]
+    assert answer.startswith(status) and b"\r\nconnection: close\r\n" not in answer.lower().split(b"\r\n\r\n")[0]
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == (2 if path == "/canned/ok" else 1), answer

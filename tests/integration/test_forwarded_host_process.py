@@ -29,6 +29,7 @@ def gateway() -> Iterator[GatewayProcess]:
             "routes": [
                 {"name": "public", "host": "public.example", "path": "/", "upstream": upstream.url, "auth": "none"},
                 {"name": "admin", "host": "admin.example", "path": "/", "upstream": upstream.url},
+                {"name": "elsewhere", "path": "/", "upstream": upstream.url, "auth": "none"},
             ],
         }
         with start_gateway(config) as gw:
@@ -74,6 +75,16 @@ def test_without_a_forwarded_host_the_routed_host_is_the_one_forwarded(gateway: 
     assert _reason(response) == (200, None)
     assert [v for n, v in response.json()["headers"] if n == "x-forwarded-host"] == ["public.example"]
     assert _reason(_get(gateway, Host="admin.example")) == (401, "no_token")  # the admin route asks for a login
+
+
+@pytest.mark.parametrize("forwarded", [b"admin.example:123456", b"admin.example", b""])
+def test_a_request_without_host_is_told_no_host_either(gateway: GatewayProcess, forwarded: bytes) -> None:
+    # HTTP/1.0 needs no Host: such a request is routed on none (to a route without a host). An X-Forwarded-Host that
+    # is no host to the gateway, like a port of six digits, is one to Rails (it drops ":\d+") and Django: admin.example.
+    answer = _raw(gateway, b"GET /page HTTP/1.0\r\nX-Forwarded-Host: " + forwarded + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]).get("reason") == "bad_host"
+    assert _raw(gateway, b"GET /page HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")  # routed on no host
 
 
 def test_a_websocket_handshake_routed_on_one_host_and_told_another_is_400(gateway: GatewayProcess) -> None:

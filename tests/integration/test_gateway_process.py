@@ -178,6 +178,15 @@ def test_the_upstream_gets_one_request_id_the_one_the_gateway_logs(gateway: Gate
     assert [value for name, value in json.loads(body)["headers"] if name == "x-request-id"] == ["req-first-1234"]
 
 
+def test_no_other_spelling_of_x_request_id_reaches_the_upstream(gateway: GatewayProcess) -> None:
+    # Django under ASGI reads X_Request_ID as HTTP_X_REQUEST_ID too, and joins it with the gateway's:
+    # "forged-id,<the gateway's>" in the app's logs.
+    status, body = raw_get(gateway, "/public/x", {"X_Request_ID": "forged-id", "x.request.id": "forged-too"})
+    assert status == 200
+    ids = [(name, value) for name, value in json.loads(body)["headers"] if "request" in name]
+    assert [name for name, _ in ids] == ["x-request-id"] and "forged" not in ids[0][1]
+
+
 @pytest.mark.parametrize(
     "path",
     [

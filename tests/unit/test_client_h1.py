@@ -124,6 +124,16 @@ async def test_an_answer_before_100_continue_closes_the_connection() -> None:
     assert b"\r\nconnection: close\r\n" in transport.writes[0].lower() and transport.closed
 
 
+@pytest.mark.parametrize("body", [b"Content-Length: 0\r\n\r\n", b"Content-Length: 4\r\n\r\nbody"])
+async def test_an_answer_to_an_expect_request_whose_body_is_all_in_keeps_the_connection(body: bytes) -> None:
+    """No body owed (none announced, or the client sent it without waiting): what comes next is a request."""
+    protocol, transport = connect(Refuses())  # type: ignore[arg-type]
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\n" + body)
+    await settle()
+    assert len(transport.writes) == 1 and transport.writes[0].startswith(b"HTTP/1.1 401 ")
+    assert b"connection: close" not in transport.writes[0].lower() and not transport.closed
+
+
 async def test_an_answer_after_100_continue_keeps_the_connection() -> None:
     protocol, transport = connect(Answers())
     protocol.data_received(b"POST / HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
@@ -197,6 +207,24 @@ async def test_a_finished_cycle_is_freed_by_refcount() -> None:
         protocol.data_received(b"GET /two HTTP/1.1\r\nHost: gw\r\n\r\n")
         await settle()
         assert first() is None
+    finally:
+        gc.enable()
+
+
+async def test_a_finished_cycle_of_an_expect_request_is_freed_by_refcount() -> None:
+    """The answer that watches for 100 Continue refers to no cycle either: a body held past a collection of the
+    young generation (a slow upload) would otherwise wait in the old one for a full collection."""
+    protocol, transport = connect(Answers())
+    protocol.data_received(b"POST /one HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    await settle()
+    protocol.data_received(b"body")
+    await settle()
+    first = weakref.ref(protocol.cycle)
+    gc.disable()
+    try:
+        protocol.data_received(b"GET /two HTTP/1.1\r\nHost: gw\r\n\r\n")
+        await settle()
+        assert first() is None and not transport.closed
     finally:
         gc.enable()
 

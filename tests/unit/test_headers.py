@@ -135,6 +135,13 @@ def test_connection_never_removes_the_host_or_the_request_id(rules: HeaderRules)
     assert b"x-foo" not in names(out)
 
 
+def test_another_spelling_of_x_request_id_is_removed(rules: HeaderRules) -> None:
+    # Django under ASGI reads X_Request_ID as HTTP_X_REQUEST_ID and joins it with the gateway's X-Request-ID.
+    out = inbound(rules, [(b"x_request_id", b"forged"), (b"x.request.id", b"forged"), (b"x-request-id", b"abc")])
+    assert names(out).count(b"x-request-id") == 1 and b"x_request_id" not in names(out)
+    assert b"x.request.id" not in names(out)
+
+
 # --- inbound: gateway cookies ---
 
 
