@@ -77,6 +77,7 @@ class Families:
         self.leeway = leeway
         self.index = IndexRecords(store, sealer, clock, lifetime)
         self._background: set[asyncio.Future[None]] = set()  # a login's records written through an outage
+        self._ending: set[str] = set()  # roots whose end is retried in the background: one retry each
 
     async def root_of(self, h: str) -> str:
         """The session of the refresh token with hash ``h`` (``h`` itself when never rotated). Raises StoreError."""
@@ -210,8 +211,16 @@ class Families:
             return await self.end(keys, reason)
         except StoreError as exc:
             log.error("family %s: end not confirmed (%s); retrying in the background", keys.root[:12], exc)
-            spawn(self._later(lambda: self.end(keys, reason), f"family {keys.root[:12]}: ended session"))
+            if keys.root not in self._ending:  # however many requests meet the failure (a client retrying its 503)
+                self._ending.add(keys.root)
+                spawn(self._end_later(keys, reason))
             raise
+
+    async def _end_later(self, keys: RecordKeys, reason: Reason) -> None:
+        try:
+            await self._later(lambda: self.end(keys, reason), f"family {keys.root[:12]}: ended session")
+        finally:
+            self._ending.discard(keys.root)
 
     async def _later(self, step: Callable[[], Awaitable[Any]], what: str) -> None:
         """``step`` (idempotent) until the store takes it, for up to ``BACKGROUND_RETRY``."""
