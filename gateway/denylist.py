@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gateway.config import MAX_LEEWAY
 from gateway.errors import StoreError
 from gateway.store import Store
 
@@ -28,12 +29,13 @@ KEY = "denylist"
 UNDATED_DENY = 86_400.0
 
 
-def refuse_until(claims: dict[str, Any], now: float, leeway: float) -> float:
-    """Until when a refused access token must stay refused: as long as verification still accepts it, its ``exp``
-    plus ``tokens.leeway`` (``leeway``); ``UNDATED_DENY`` from now without an ``exp``. An entry that lapsed at
-    ``exp`` would let a logged-out token pass again for the leeway (I3)."""
+def refuse_until(claims: dict[str, Any], now: float) -> float:
+    """Until when a refused access token must stay refused: as long as verification may still accept it, its ``exp``
+    plus ``MAX_LEEWAY`` (the most ``tokens.leeway`` can be, so that a reload raising the leeway cannot outlast the
+    entry); ``UNDATED_DENY`` from now without an ``exp``. An entry that lapsed at ``exp`` would let a logged-out
+    token pass again for the leeway (I3)."""
     exp = claims.get("exp")
-    return float(exp) + leeway if isinstance(exp, int | float) and not isinstance(exp, bool) else now + UNDATED_DENY
+    return float(exp) + MAX_LEEWAY if isinstance(exp, int | float) and not isinstance(exp, bool) else now + UNDATED_DENY
 
 
 class Denylist:

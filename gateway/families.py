@@ -35,7 +35,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gateway.config import MAX_LEEWAY
 from gateway.denylist import Denylist, refuse_until
 from gateway.errors import StoreError
 from gateway.reasons import Reason, ended_label
@@ -65,16 +64,12 @@ class Families:
         denylist: Denylist,
         clock: Callable[[], float],
         lifetime: float,
-        leeway: float = MAX_LEEWAY,
     ) -> None:
         self._store = store
         self._sealer = sealer
         self._denylist = denylist
         self._clock = clock
         self._lifetime = lifetime  # how long an ended family is remembered: the longest a refresh cookie lives
-        # tokens.leeway of the serving config (gateway.app sets it on every reload): a member stays counted, and
-        # refused once the family ends, as long as verification accepts it past its exp.
-        self.leeway = leeway
         self.index = IndexRecords(store, sealer, clock, lifetime)
         self._background: set[asyncio.Future[None]] = set()  # a login's records written through an outage
         self._ending: set[str] = set()  # roots whose end is retried in the background: one retry each
@@ -106,7 +101,7 @@ class Families:
         """Count an access token among the family's, so that ending the family refuses it. Raises StoreError."""
         jti = claims.get("jti")
         if isinstance(jti, str):  # an opaque token without exp is counted (and refused when it ends) for a day
-            until = refuse_until(claims, self._clock(), self.leeway)
+            until = refuse_until(claims, self._clock())
             await self._store.add_member(RecordKeys(root, root).members, jti, until)
 
     async def started(

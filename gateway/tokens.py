@@ -161,11 +161,6 @@ class Verifier:
             cached[0] if cached is not None and verdict.reason in (Reason.TOKEN_EXPIRED, Reason.TOKEN_REVOKED) else None
         )
 
-    @property
-    def leeway(self) -> float:
-        """Seconds past ``exp`` (and before ``nbf``/``iat``) a token is still accepted (``tokens.leeway``)."""
-        return self._config.leeway
-
     def on_key_change(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` when a verification key stops being trusted (caches of verified tokens drop out)."""
         self._keys.on_change(listener)
