@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 from support.fakes import RecordingUpstream
-from support.waiting import announcements_arrive
+from support.waiting import announcements_arrive, until
 
 from gateway.app import create_app
 from gateway.config import parse_config
@@ -233,3 +233,47 @@ async def test_a_logged_out_token_stays_refused_after_a_reload_that_raises_the_l
         now[0] += 60  # past exp + the old leeway, within the new one: the token itself verifies
         late = await client.get("/x", headers=bearer)
     assert late.status_code == 401 and late.json()["reason"] == "token_revoked"
+
+
+class ListDown(MemoryStore):
+    """The shared list cannot be read while ``down`` (the store unreachable when a worker starts)."""
+
+    down = False
+
+    async def members(self, key: str, now: float) -> dict[str, float]:
+        if self.down:
+            raise StoreError("store unreachable")
+        return await super().members(key, now)
+
+
+async def test_a_worker_that_starts_while_the_store_is_down_does_not_pass_what_it_cannot_know_is_revoked() -> None:
+    """Regression (I3): a worker (re)started during a store outage (uvicorn replaces a dead worker) served with an
+    empty denylist: every access token logged out before the outage got a 200 there until the store answered."""
+    secret = "denylist-tests-secret-0123456789abcdef"
+    config = {
+        "server": {"access_log": False},
+        "tokens": {"algorithms": ["HS256"], "secret": secret},
+        "cookies": {"secure": False},
+        "routes": [{"name": "app", "path": "/", "upstream": "http://127.0.0.1:9"}],
+    }
+    store = ListDown("gw:", clock=time.time)
+    exp = int(time.time() + 300)
+    await Denylist(store).deny("logged-out", exp + 300)  # before the outage, by another worker
+    store.down = True
+    app = create_app(parse_config(config), forwarder=RecordingUpstream(), store=store)
+    await app.startup()
+    try:
+        revoked, fine = (
+            {"Authorization": "Bearer " + jwt.encode({"sub": "alice", "exp": exp, "jti": jti}, secret, "HS256")}
+            for jti in ("logged-out", "still-fine")
+        )
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            unknown = await client.get("/x", headers=revoked)
+            assert unknown.status_code == 503 and unknown.json()["reason"] == "store_unavailable"
+            store.down = False
+            await until(lambda: "logged-out" in app.shared.denylist, "the list loaded once the store answers")
+            late = await client.get("/x", headers=revoked)
+            assert late.status_code == 401 and late.json()["reason"] == "token_revoked"
+            assert (await client.get("/x", headers=fine)).status_code == 200
+    finally:
+        await app.shutdown()
