@@ -873,6 +873,18 @@ async def test_reuse_whose_end_reply_was_lost_still_refuses_the_familys_access_t
     await until(lambda: newest.claims is not None and newest.claims["jti"] in h.denylist, "the newest token refused")
 
 
+async def test_reuse_whose_end_reply_was_lost_still_revokes_the_newest_token_at_the_idp(build: Build) -> None:
+    """Regression: the end retried in the background refused the family's tokens at the gateway, but the newest
+    refresh token, which reuse detection revokes at the IdP (whoever holds it, a thief included), never was."""
+    clock = Clock()
+    h = build(store=LostEndReply("gw:", clock=clock), clock=clock)
+    old = h.session()
+    assert (await h.refresher.refresh(old.refresh, old.access)).claims is not None
+    h.clock.advance(GRACE + 1)
+    assert (await h.refresher.refresh(old.refresh, None)).reason == "store_unavailable"  # the reply lost: 503
+    await until(lambda: h.idp.counters.revocations == 1, "the newest refresh token revoked at the IdP")
+
+
 class RefusedEnd(MemoryStore):
     """Reads answer, ``end_family`` is refused while ``refusing`` (a Redis out of memory refusing writes, a
     read-only replica after a failover)."""
