@@ -87,7 +87,6 @@ class Gateway:
                 denylist,
                 clock,
                 config.cookies.refresh.max_age or DEFAULT_REFRESH_LIFETIME,
-                config.tokens.leeway,
             ),
         )
         self.shared.sockets.config = config.websocket
@@ -221,7 +220,6 @@ class Gateway:
             return False
         old, self.serving = self.serving, fresh
         self.shared.sockets.config = config.websocket
-        self.shared.families.leeway = config.tokens.leeway
         self.generation += 1
         self.shared.metrics.config_loaded(self.generation, ok=True)
         log.info("config reload (%s): generation %d serving, %d routes", why, self.generation, len(config.routes))

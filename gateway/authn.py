@@ -167,7 +167,9 @@ async def _refreshed(
 
 
 # Refusals that leave the access cookie in place.
-_KEPT = frozenset({Reason.TOKEN_EXPIRED, Reason.KEYS_UNAVAILABLE, Reason.INTROSPECTION_UNAVAILABLE})
+_KEPT = frozenset(
+    {Reason.TOKEN_EXPIRED, Reason.KEYS_UNAVAILABLE, Reason.INTROSPECTION_UNAVAILABLE, Reason.STORE_UNAVAILABLE}
+)
 # Access cookies that hold no token at all (as opposed to a token that fails a check).
 _UNREADABLE = frozenset({Reason.MALFORMED_TOKEN, Reason.TOKEN_TOO_LARGE})
 # Failures that say nothing about the session itself (it may still be fine a moment later).

@@ -25,6 +25,7 @@ import jwt
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.config import MAX_LEEWAY
 from gateway.errors import GatewayError, KeyFetchError, StoreError
 from gateway.keys import KeySource
 from gateway.sealing import Sealer
@@ -97,7 +98,8 @@ class LogoutTokens:
         answered "taken" to redis-py's resend of its own SET NX) refused the IdP's retry, and the sessions
         stayed alive. A plain SET, so a resend is harmless. Raises StoreError."""
         jti = str(jwt.decode(token, options={"verify_signature": False}).get("jti"))
-        await self._store.set(self._jti_key(jti), b"1", MAX_AGE + 2 * self._leeway + 60)
+        # As long as any leeway a reload may set (MAX_LEEWAY) lets its iat pass: a replay is refused whatever it is.
+        await self._store.set(self._jti_key(jti), b"1", MAX_AGE + 2 * MAX_LEEWAY + 60)
 
     def _jti_key(self, jti: str) -> str:
         return f"logout-jti:{{{self._sealer.token_hash(self._issuer + chr(0) + jti)}}}"

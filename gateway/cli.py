@@ -164,7 +164,7 @@ async def _sessions_in_store(config: GatewayConfig, action: str, sub: str | None
         await store.ping()
         lifetime = config.cookies.refresh.max_age or DEFAULT_REFRESH_LIFETIME
         sealer = Sealer(config.store.secret or "")
-        families = Families(store, sealer, Denylist(store), time.time, lifetime, config.tokens.leeway)
+        families = Families(store, sealer, Denylist(store), time.time, lifetime)
         index = FamilyIndex(families)
         found = await (index.end(sub=sub, sid=sid) if action == "end" else index.sessions(sub=sub, sid=sid))
     finally:

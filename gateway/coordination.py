@@ -26,7 +26,7 @@ from gateway.reasons import TRANSIENT, Reason, ended_label
 from gateway.redemption import SEND_WINDOW, Outcome, Redemption
 from gateway.sealing import Sealer
 from gateway.stalls import Stalls
-from gateway.store import POLL_INTERVAL, Attempt, RecordKeys, Store, TokenRecord
+from gateway.store import POLL_INTERVAL, Attempt, FamilyEnd, RecordKeys, Store, TokenRecord
 from gateway.tokens import Verifier
 
 log = logging.getLogger("gateway.refresh")
@@ -252,10 +252,15 @@ class Coordinator:
         return await self._end(keys, Reason.REUSE)
 
     async def _end(self, keys: RecordKeys, reason: Reason) -> Outcome:
-        end = await self._families.end_surely(keys, reason, self._spawn)
-        newest = self._families.head(keys, end.head)
-        if end.first and newest is not None:
-            self._spawn(self._idp.revoke(newest))  # best effort; the gateway refuses the family anyway
+        async def revoke(end: FamilyEnd) -> None:  # best effort; the gateway refuses the family anyway
+            newest = self._families.head(keys, end.head)
+            if newest is not None:
+                await self._idp.revoke(newest)
+
+        # Ended in the background (the reply lost): revoked then, whether or not that end was the first.
+        end = await self._families.end_surely(keys, reason, self._spawn, revoke)
+        if end.first:
+            self._spawn(revoke(end))
         return Outcome(ended_label(end.reason))
 
     def _waited(self, since: float | None) -> None:

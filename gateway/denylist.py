@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gateway.config import MAX_LEEWAY
 from gateway.errors import StoreError
 from gateway.store import Store
 
@@ -28,12 +29,13 @@ KEY = "denylist"
 UNDATED_DENY = 86_400.0
 
 
-def refuse_until(claims: dict[str, Any], now: float, leeway: float) -> float:
-    """Until when a refused access token must stay refused: as long as verification still accepts it, its ``exp``
-    plus ``tokens.leeway`` (``leeway``); ``UNDATED_DENY`` from now without an ``exp``. An entry that lapsed at
-    ``exp`` would let a logged-out token pass again for the leeway (I3)."""
+def refuse_until(claims: dict[str, Any], now: float) -> float:
+    """Until when a refused access token must stay refused: as long as verification may still accept it, its ``exp``
+    plus ``MAX_LEEWAY`` (the most ``tokens.leeway`` can be, so that a reload raising the leeway cannot outlast the
+    entry); ``UNDATED_DENY`` from now without an ``exp``. An entry that lapsed at ``exp`` would let a logged-out
+    token pass again for the leeway (I3)."""
     exp = claims.get("exp")
-    return float(exp) + leeway if isinstance(exp, int | float) and not isinstance(exp, bool) else now + UNDATED_DENY
+    return float(exp) + MAX_LEEWAY if isinstance(exp, int | float) and not isinstance(exp, bool) else now + UNDATED_DENY
 
 
 class Denylist:
@@ -54,6 +56,9 @@ class Denylist:
         self._store_down = False
         self._closing = False
         self._on_store_error = on_store_error or (lambda: None)
+        # Started while the store was unreachable: no revocation made before is known here, so tokens that could be
+        # revoked are answered 503 (gateway.tokens.denial) until a load succeeds, never passed (I3).
+        self.unknown = False
 
     def __contains__(self, jti: object) -> bool:
         if not isinstance(jti, str):
@@ -74,7 +79,7 @@ class Denylist:
         """Load the shared list, then keep it in sync: a process serves its first request knowing every revocation
         made before it started (the sync loop's first load waits for its subscription)."""
         if self._task is None:
-            await self._load()  # the store down: nothing to know yet; the loop loads as soon as it answers
+            self.unknown = not await self._load()  # the store down: the loop loads as soon as it answers
             self._task = asyncio.create_task(self._sync_forever(), name="denylist-sync")
 
     async def close(self) -> None:
@@ -95,7 +100,8 @@ class Denylist:
             except StoreError:
                 await asyncio.sleep(self._poll)
 
-    async def _load(self) -> None:
+    async def _load(self) -> bool:
+        """Whether the shared list could be read (and this copy is up to date with it)."""
         try:
             remote = await self._store.members(KEY, self._clock())
         except StoreError as exc:
@@ -103,7 +109,7 @@ class Denylist:
             if not self._store_down:
                 log.warning("denylist: store unreachable, keeping %d local entries: %s", len(self._local), exc)
             self._store_down = True
-            return
+            return False
         if self._store_down:
             log.info("denylist: store reachable again")
             self._store_down = False
@@ -118,3 +124,5 @@ class Denylist:
         local = {j: e for j, e in self._local.items() if e > now}
         local.update(remote)
         self._local = local
+        self.unknown = False
+        return True

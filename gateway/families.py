@@ -35,7 +35,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gateway.config import MAX_LEEWAY
 from gateway.denylist import Denylist, refuse_until
 from gateway.errors import StoreError
 from gateway.reasons import Reason, ended_label
@@ -50,6 +49,7 @@ ENDED = "ended:"  # denylist: every socket opened with this access token (jti) e
 # ``ended:{jti}`` lasts at least this long: a socket outlives the token it was opened with, so an entry dated by the
 # token's exp alone would have lapsed already at a logout after it; each worker's watchdog looks once a second.
 ENDED_AT_LEAST = 60.0
+AfterEnd = Callable[[FamilyEnd], Awaitable[Any]]  # what a caller does once a family's end is recorded
 
 
 def ended_until(refused_until: float, now: float) -> float:
@@ -65,18 +65,15 @@ class Families:
         denylist: Denylist,
         clock: Callable[[], float],
         lifetime: float,
-        leeway: float = MAX_LEEWAY,
     ) -> None:
         self._store = store
         self._sealer = sealer
         self._denylist = denylist
         self._clock = clock
         self._lifetime = lifetime  # how long an ended family is remembered: the longest a refresh cookie lives
-        # tokens.leeway of the serving config (gateway.app sets it on every reload): a member stays counted, and
-        # refused once the family ends, as long as verification accepts it past its exp.
-        self.leeway = leeway
         self.index = IndexRecords(store, sealer, clock, lifetime)
         self._background: set[asyncio.Future[None]] = set()  # a login's records written through an outage
+        self._ending: set[str] = set()  # roots whose end is retried in the background: one retry each
 
     async def root_of(self, h: str) -> str:
         """The session of the refresh token with hash ``h`` (``h`` itself when never rotated). Raises StoreError."""
@@ -105,7 +102,7 @@ class Families:
         """Count an access token among the family's, so that ending the family refuses it. Raises StoreError."""
         jti = claims.get("jti")
         if isinstance(jti, str):  # an opaque token without exp is counted (and refused when it ends) for a day
-            until = refuse_until(claims, self._clock(), self.leeway)
+            until = refuse_until(claims, self._clock())
             await self._store.add_member(RecordKeys(root, root).members, jti, until)
 
     async def started(
@@ -202,16 +199,34 @@ class Families:
     async def _end_session_later(self, h: str) -> None:
         await self._later(lambda: self._end_session(h), f"logout token={h[:12]}: ended session")
 
-    async def end_surely(self, keys: RecordKeys, reason: Reason, spawn: Callable[[Awaitable[Any]], None]) -> FamilyEnd:
+    async def end_surely(
+        self, keys: RecordKeys, reason: Reason, spawn: Callable[[Awaitable[Any]], None], then: AfterEnd | None = None
+    ) -> FamilyEnd:
         """``end``; when the store fails, the end is tried again in the background until it is recorded (it
         may have happened with its reply lost: the family then reads as ended and nobody else would refuse its
-        live access tokens). Raises StoreError."""
+        live access tokens), then ``then`` (what the caller does after an end: revoking the head at the IdP,
+        again if the lost reply was the first end's). Raises StoreError."""
         try:
             return await self.end(keys, reason)
         except StoreError as exc:
             log.error("family %s: end not confirmed (%s); retrying in the background", keys.root[:12], exc)
-            spawn(self._later(lambda: self.end(keys, reason), f"family {keys.root[:12]}: ended session"))
+            if keys.root not in self._ending:  # however many requests meet the failure (a client retrying its 503)
+                self._ending.add(keys.root)
+                spawn(self._end_later(keys, reason, then))
             raise
+
+    async def _end_later(self, keys: RecordKeys, reason: Reason, then: AfterEnd | None) -> None:
+        ended: list[FamilyEnd] = []
+
+        async def end() -> None:
+            ended.append(await self.end(keys, reason))
+
+        try:
+            await self._later(end, f"family {keys.root[:12]}: ended session")
+        finally:
+            self._ending.discard(keys.root)
+        if ended and then is not None:
+            await then(ended[0])
 
     async def _later(self, step: Callable[[], Awaitable[Any]], what: str) -> None:
         """``step`` (idempotent) until the store takes it, for up to ``BACKGROUND_RETRY``."""

@@ -37,7 +37,7 @@ from gateway.errors import IntrospectionFailed
 from gateway.keys import KeySource, StaticKey
 from gateway.reasons import Reason
 from gateway.tls import tls_failure
-from gateway.tokens import CACHE_SIZE, MAX_TOKEN_BYTES, Verdict, Verifier, number
+from gateway.tokens import CACHE_SIZE, MAX_TOKEN_BYTES, Verdict, Verifier, denial, number
 
 log = logging.getLogger("gateway.tokens")
 
@@ -170,8 +170,9 @@ class OpaqueVerifier(Verifier):
         claims, exp = answer.claims, answer.exp
         if claims is None:
             return Verdict(None, answer.reason, refreshable=answer.reason == Reason.TOKEN_EXPIRED)
-        if claims.get("jti") in self._denied:
-            return Verdict(None, Reason.TOKEN_REVOKED)
+        refused = denial(self._denied, claims)
+        if refused is not None:
+            return Verdict(None, refused)
         due = False
         if exp is not None:
             if now >= exp + self._config.leeway:

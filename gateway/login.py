@@ -145,11 +145,11 @@ class OIDCLogin:
         state, code = query.get("state", ""), query.get("code", "")
         if not code or not hmac.compare_digest(state.encode(), str(flow["s"]).encode()):
             raise LoginFailed(400, Reason.LOGIN_STATE_INVALID)
-        await self._states.take(state)
+        mine = await self._states.take(state)
         try:
             tokens = await self._exchange(code, str(flow["v"]))
         except LoginRetry:  # the code never left: the state is given back for the browser's retry
-            if not await self._states.give_back(state):
+            if not await self._states.give_back(state, mine):
                 raise LoginFailed(503, Reason.IDP_ERROR) from None
             raise
         access, refresh, id_token = tokens.get("access_token"), tokens.get("refresh_token"), tokens.get("id_token")

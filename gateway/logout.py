@@ -122,9 +122,9 @@ class Logout:
         if not isinstance(jti, str):
             log.warning("logout: the access token has no jti; it stays valid until it expires")
             return
-        # As long as verification accepts it (exp + leeway); an opaque token without exp: refused for a day.
+        # As long as verification may accept it (exp + MAX_LEEWAY); an opaque token without exp: refused for a day.
         now = time.time()
-        until = refuse_until(claims, now, self._verifier.leeway)
+        until = refuse_until(claims, now)
         # The token, and the sockets opened with it (expired since or not): each refused here at once.
         for entry, lasts in ((jti, until), (ENDED + jti, ended_until(until, now))):
             try:

@@ -101,9 +101,16 @@ LOGIN_FAILURES = frozenset(
 FATAL = frozenset({Reason.INVALID_GRANT, Reason.REUSE, Reason.REFRESH_LOST, Reason.SESSION_ENDED})
 
 # Verification failures of a token the IdP just issued that may pass a moment later: a new kid
-# (not yet in the JWKS, or while the JWKS cannot be fetched), an IdP clock ahead of ours.
+# (not yet in the JWKS, or while the JWKS cannot be fetched), an IdP clock ahead of ours, a worker that could not
+# load the denylist yet (gateway.tokens.denial).
 TRANSIENT = frozenset(
-    {Reason.UNKNOWN_KEY, Reason.KEYS_UNAVAILABLE, Reason.TOKEN_NOT_YET_VALID, Reason.INTROSPECTION_UNAVAILABLE}
+    {
+        Reason.UNKNOWN_KEY,
+        Reason.KEYS_UNAVAILABLE,
+        Reason.TOKEN_NOT_YET_VALID,
+        Reason.INTROSPECTION_UNAVAILABLE,
+        Reason.STORE_UNAVAILABLE,
+    }
 )
 
 # A refresh that produced tokens: new ones, a grace hit on a successor shared by another request,

@@ -192,7 +192,7 @@ class Redemption:
             used = (self._sealer.seal(record, keys.used), float(self._lifetime(token)))
         # Counted with or without exp (an opaque token's answer may not tell it), as a login's token is.
         jti = (claims or {}).get("jti")
-        until = refuse_until(claims or {}, time.time(), self._verifier.leeway)
+        until = refuse_until(claims or {}, time.time())
         member = (jti, until) if isinstance(jti, str) else None
 
         async def finish() -> Finish:

@@ -280,7 +280,7 @@ class SessionRefresher:
     async def _deny_replaced(self, denylist: Denylist, old_access: str, new_jti: Any) -> None:
         claims = await self._verifier.signed_claims(old_access)
         jti, exp = (claims or {}).get("jti"), (claims or {}).get("exp")
-        until = refuse_until(claims or {}, self._clock(), self._verifier.leeway)  # as long as it verifies
+        until = refuse_until(claims or {}, self._clock())  # as long as it verifies
         if isinstance(jti, str) and jti != new_jti and isinstance(exp, int | float) and until > self._clock():
             try:
                 await denylist.deny(jti, until)

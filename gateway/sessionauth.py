@@ -193,7 +193,7 @@ class SessionAuth:
         claims = await self._verifier.signed_claims(record.access)
         jti = (claims or {}).get("jti")
         if isinstance(jti, str):
-            await self._families.refuse(jti, refuse_until(claims or {}, time.time(), self._verifier.leeway))
+            await self._families.refuse(jti, refuse_until(claims or {}, time.time()))
 
     async def id_token(self, value: str) -> str | None:
         """The ID token of the session a cookie value names (RP-initiated logout's hint), or None. Never raises."""
@@ -227,7 +227,7 @@ class SessionAuth:
         claims = await self._verifier.signed_claims(record.access)
         jti = (claims or {}).get("jti")
         if isinstance(jti, str):
-            until = refuse_until(claims or {}, time.time(), self._verifier.leeway)  # and its sockets, expired or not:
+            until = refuse_until(claims or {}, time.time())  # and its sockets, expired or not:
             for entry, lasts in ((jti, until), (ENDED + jti, ended_until(until, time.time()))):
                 await self._families.refuse(entry, lasts)
         log.info("session %s ended", h[:12])

@@ -30,6 +30,8 @@ log = logging.getLogger("gateway.tokens")
 MAX_TOKEN_BYTES = 16 * 1024
 ACCESS_TYPES = frozenset({"jwt", "at+jwt", "application/at+jwt"})
 CACHE_SIZE = 10_000
+# Verdicts on a token whose signature checked out: its claims still serve revocation (``signed_claims``).
+_REFUSED_ALIVE = frozenset({Reason.TOKEN_EXPIRED, Reason.TOKEN_REVOKED, Reason.STORE_UNAVAILABLE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,15 @@ def number(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None  # NaN or infinity would make a token that never expires
+
+
+def denial(denied: Container[object], claims: dict[str, Any]) -> Reason | None:
+    """Why a token's ``jti`` is refused: on the denylist, or not knowable (``Denylist.unknown``: a worker that started
+    while the store was unreachable knows no revocation made before; 503 until it does, never a 200). None: not."""
+    jti = claims.get("jti")
+    if jti in denied:
+        return Reason.TOKEN_REVOKED
+    return Reason.STORE_UNAVAILABLE if isinstance(jti, str) and getattr(denied, "unknown", False) else None
 
 
 def _reason(exc: Exception) -> Reason:
@@ -157,22 +168,16 @@ class Verifier:
         if verdict.claims is not None:
             return verdict.claims
         cached = self._cache.get(token)
-        return (
-            cached[0] if cached is not None and verdict.reason in (Reason.TOKEN_EXPIRED, Reason.TOKEN_REVOKED) else None
-        )
-
-    @property
-    def leeway(self) -> float:
-        """Seconds past ``exp`` (and before ``nbf``/``iat``) a token is still accepted (``tokens.leeway``)."""
-        return self._config.leeway
+        return cached[0] if cached is not None and verdict.reason in _REFUSED_ALIVE else None
 
     def on_key_change(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` when a verification key stops being trusted (caches of verified tokens drop out)."""
         self._keys.on_change(listener)
 
     def _check_time(self, claims: dict[str, Any], exp: float) -> Verdict:
-        if claims.get("jti") in self._denied:
-            return Verdict(None, Reason.TOKEN_REVOKED)
+        refused = denial(self._denied, claims)
+        if refused is not None:
+            return Verdict(None, refused)
         now = self._clock()
         if now >= exp + self._config.leeway:
             return Verdict(None, Reason.TOKEN_EXPIRED, refreshable=True, exp=exp)

@@ -106,7 +106,8 @@ class TokensConfig(Model):
     in identity headers and logs. Add, e.g., `jti` or `email`."""
     revoke_superseded: bool = False
     """When a refresh replaces an access token, put the old one's `jti` on the denylist until its `exp` plus
-    `leeway`, so a copy of it is refused (401 `token_revoked`). Needs `refresh.endpoint` and a `jti` claim."""
+    300 s (the most `leeway` may be), so a copy of it is refused (401 `token_revoked`). Needs `refresh.endpoint`
+    and a `jti` claim."""
     tls: TLSConfig | None = None
     """TLS to an `https://` `jwks_url` (also used by `login.oidc` for the ID token's keys)."""
     introspection: IntrospectionConfig | None = None

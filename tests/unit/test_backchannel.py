@@ -14,7 +14,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from gateway.backchannel import EVENT, BackchannelLogout, LogoutTokens
+from gateway.backchannel import EVENT, BackchannelLogout, LogoutTokenInvalid, LogoutTokens
 from gateway.denylist import Denylist
 from gateway.errors import KeyFetchError, StoreError
 from gateway.families import SESSION, Families, FamilyIndex
@@ -350,3 +350,25 @@ async def test_the_idps_retry_after_a_worker_died_mid_logout_refuses_the_session
     await h.store.end_family(RecordKeys(root, root), "session_ended", 3600, time.time())  # and then it died
     assert (await h.post(logout_token(sid="sid-1"))).status_code == 200
     assert "jti-1" in h.denylist and SESSION + root in h.denylist
+
+
+async def test_a_replay_stays_refused_after_a_reload_that_raises_the_leeway() -> None:
+    """Regression: the used jti was kept MAX_AGE + 2 x the leeway serving at the logout; after a reload that raised
+    tokens.leeway, the same logout token was accepted again (its iat still young enough) once that mark lapsed,
+    ending the sessions the user had started since."""
+    now = [time.time()]
+    store = MemoryStore("t:", clock=lambda: now[0])
+
+    def tokens(leeway: float) -> LogoutTokens:
+        return LogoutTokens(
+            keys=StaticKey(SECRET.encode()), algorithms=["HS256"], issuer=ISSUER, audience=CLIENT, store=store,
+            sealer=Sealer("unit-secret"), leeway=leeway, clock=lambda: now[0],
+        )  # fmt: skip
+
+    token = logout_token(sid="sid-1", iat=int(now[0]))
+    before = tokens(0)
+    assert await before.verify(token) == ("alice", "sid-1")
+    await before.spent(token)
+    now[0] += 400  # past the mark's 360 s, within what the raised leeway accepts (300 + 300 s)
+    with pytest.raises(LogoutTokenInvalid, match="already used"):
+        await tokens(300).verify(token)

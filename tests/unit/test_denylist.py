@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
 import pytest
 import redis.asyncio as aioredis
+import yaml
 from support.fakes import RecordingUpstream
-from support.waiting import announcements_arrive
+from support.waiting import announcements_arrive, until
 
 from gateway.app import create_app
 from gateway.config import parse_config
@@ -204,3 +207,73 @@ async def test_a_process_that_just_started_refuses_what_was_revoked_before_from_
         assert "revoked-earlier" in denylist
     finally:
         await denylist.close()
+
+
+async def test_a_logged_out_token_stays_refused_after_a_reload_that_raises_the_leeway(tmp_path: Path) -> None:
+    """Regression (I3): entries were dated exp + the leeway of the config serving at the logout; a reload that
+    raised tokens.leeway made verification accept the token longer than it stayed refused: 200 again."""
+    now = [time.time()]
+    secret = "denylist-tests-secret-0123456789abcdef"
+    config: dict[str, Any] = {
+        "server": {"access_log": False, "watch_config": False},
+        "tokens": {"algorithms": ["HS256"], "secret": secret, "leeway": 5},
+        "cookies": {"secure": False},
+        "routes": [{"name": "app", "path": "/", "upstream": "http://127.0.0.1:9"}],
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    app = create_app(parse_config(config), forwarder=RecordingUpstream(), clock=lambda: now[0], config_path=str(path))
+    token = jwt.encode({"sub": "alice", "exp": int(now[0] + 10), "jti": "j-1"}, secret, algorithm="HS256")
+    bearer = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        assert (await client.post("/.gateway/logout", headers=bearer)).status_code == 204
+        config["tokens"]["leeway"] = 120  # clocks found to drift: the operator raises the leeway
+        path.write_text(yaml.safe_dump(config))
+        assert await app.reload("test")
+        now[0] += 60  # past exp + the old leeway, within the new one: the token itself verifies
+        late = await client.get("/x", headers=bearer)
+    assert late.status_code == 401 and late.json()["reason"] == "token_revoked"
+
+
+class ListDown(MemoryStore):
+    """The shared list cannot be read while ``down`` (the store unreachable when a worker starts)."""
+
+    down = False
+
+    async def members(self, key: str, now: float) -> dict[str, float]:
+        if self.down:
+            raise StoreError("store unreachable")
+        return await super().members(key, now)
+
+
+async def test_a_worker_that_starts_while_the_store_is_down_does_not_pass_what_it_cannot_know_is_revoked() -> None:
+    """Regression (I3): a worker (re)started during a store outage (uvicorn replaces a dead worker) served with an
+    empty denylist: every access token logged out before the outage got a 200 there until the store answered."""
+    secret = "denylist-tests-secret-0123456789abcdef"
+    config = {
+        "server": {"access_log": False},
+        "tokens": {"algorithms": ["HS256"], "secret": secret},
+        "cookies": {"secure": False},
+        "routes": [{"name": "app", "path": "/", "upstream": "http://127.0.0.1:9"}],
+    }
+    store = ListDown("gw:", clock=time.time)
+    exp = int(time.time() + 300)
+    await Denylist(store).deny("logged-out", exp + 300)  # before the outage, by another worker
+    store.down = True
+    app = create_app(parse_config(config), forwarder=RecordingUpstream(), store=store)
+    await app.startup()
+    try:
+        revoked, fine = (
+            {"Authorization": "Bearer " + jwt.encode({"sub": "alice", "exp": exp, "jti": jti}, secret, "HS256")}
+            for jti in ("logged-out", "still-fine")
+        )
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            unknown = await client.get("/x", headers=revoked)
+            assert unknown.status_code == 503 and unknown.json()["reason"] == "store_unavailable"
+            store.down = False
+            await until(lambda: "logged-out" in app.shared.denylist, "the list loaded once the store answers")
+            late = await client.get("/x", headers=revoked)
+            assert late.status_code == 401 and late.json()["reason"] == "token_revoked"
+            assert (await client.get("/x", headers=fine)).status_code == 200
+    finally:
+        await app.shutdown()

@@ -160,3 +160,26 @@ async def test_two_copies_of_one_callback_at_once_send_the_code_once(proxied: tu
         answers = await asyncio.gather(*(browser.get("/callback", params=callback) for _ in range(2)))
         assert sorted(a.status_code for a in answers) == [302, 400]
         assert nonces["exchanges"] == "1"
+
+
+async def test_a_copy_refused_for_a_store_blip_does_not_give_back_the_state_another_callback_holds(
+    proxied: tuple[FaultProxy, RedisStore],
+) -> None:
+    """Regression: a callback whose take of the state failed on the store gave the state back by deleting it, whoever
+    held it: while the first callback's code was on its way to the IdP, a third copy took the state and sent the
+    code again (the IdP's code reuse detection may revoke what the first one got)."""
+    proxy, store = proxied
+    nonces: dict[str, str] = {"latency": "0.5"}
+    async with gateway(store, nonces) as browser:
+        query = await start(browser, nonces)
+        callback = {"state": query["state"], "code": "code-1"}
+        first = asyncio.ensure_future(browser.get("/callback", params=callback))
+        while "exchanges" not in nonces:  # the first callback holds the state, its code at the IdP
+            await asyncio.sleep(0.01)
+        proxy.add_rule(r"^SET \S*oidc:", "reset_before", times=2)  # the command and redis-py's resend of it
+        blip = await browser.get("/callback", params=callback)
+        assert blip.status_code == 503 and blip.json()["reason"] == "store_unavailable"
+        third = await browser.get("/callback", params=callback)
+        assert third.status_code == 400 and third.json()["reason"] == "login_state_replayed"
+        assert (await first).status_code == 302
+        assert nonces["exchanges"] == "1"

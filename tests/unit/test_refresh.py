@@ -873,6 +873,52 @@ async def test_reuse_whose_end_reply_was_lost_still_refuses_the_familys_access_t
     await until(lambda: newest.claims is not None and newest.claims["jti"] in h.denylist, "the newest token refused")
 
 
+async def test_reuse_whose_end_reply_was_lost_still_revokes_the_newest_token_at_the_idp(build: Build) -> None:
+    """Regression: the end retried in the background refused the family's tokens at the gateway, but the newest
+    refresh token, which reuse detection revokes at the IdP (whoever holds it, a thief included), never was."""
+    clock = Clock()
+    h = build(store=LostEndReply("gw:", clock=clock), clock=clock)
+    old = h.session()
+    assert (await h.refresher.refresh(old.refresh, old.access)).claims is not None
+    h.clock.advance(GRACE + 1)
+    assert (await h.refresher.refresh(old.refresh, None)).reason == "store_unavailable"  # the reply lost: 503
+    await until(lambda: h.idp.counters.revocations == 1, "the newest refresh token revoked at the IdP")
+
+
+class RefusedEnd(MemoryStore):
+    """Reads answer, ``end_family`` is refused while ``refusing`` (a Redis out of memory refusing writes, a
+    read-only replica after a failover)."""
+
+    refusing = True
+    ends = 0
+
+    async def end_family(self, keys: RecordKeys, reason: str, ttl: float, now: float) -> Any:
+        self.ends += 1
+        if self.refusing:
+            raise StoreError("OOM command not allowed")
+        return await super().end_family(keys, reason, ttl, now)
+
+
+async def test_requests_that_meet_a_refused_end_share_one_background_retry(build: Build) -> None:
+    """Regression: each request that met a refused end (reuse, refresh_lost, invalid_grant) started a retry of its
+    own, each asking the store four times a second for five minutes: a client retrying its 503s piled them up."""
+    clock = Clock()
+    store = RefusedEnd("gw:", clock=clock)
+    h = build(store=store, clock=clock)
+    old = h.session()
+    newest = await h.refresher.refresh(old.refresh, old.access)
+    assert newest.claims is not None
+    h.clock.advance(GRACE + 1)
+    for _ in range(20):
+        assert (await h.refresher.refresh(old.refresh, None)).reason == "store_unavailable"
+    before = store.ends
+    await asyncio.sleep(1.0)
+    assert store.ends - before <= 5  # one retry every RETRY_PAUSE, not one per request
+    store.refusing = False
+    await until(lambda: newest.claims is not None and newest.claims["jti"] in h.denylist, "the newest token refused")
+    assert (await h.refresher.refresh(old.refresh, None)).reason == "reuse"
+
+
 async def test_a_logout_during_a_refresh_is_not_undone_by_the_owners_write_out(build: Build) -> None:
     """Regression (failure 4): the owner's write-out restored the result, and the successor kept working."""
     h = build(revocation_endpoint=None)  # the IdP would redeem all the same (revocation ignored or not offered)
