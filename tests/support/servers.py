@@ -237,6 +237,20 @@ class GatewayProcess(ServerProcess):
         with open(self.config_path, "w") as handle:
             yaml.safe_dump(data, handle)
 
+    def start(self) -> Self:
+        """Started once every worker is past its startup (its first store, denylist and JWKS reads): a test that
+        then takes the store or the IdP away races none of them (a worker that starts with the store away knows no
+        revocation, and refuses tokens until it does)."""
+        super().start()
+        deadline = time.monotonic() + 30
+        while self.log().count("Application startup complete.") < self.workers:
+            if time.monotonic() > deadline or (self.process is not None and self.process.poll() is not None):
+                log = self.log()
+                self.stop()
+                raise RuntimeError(f"gateway: not every worker started:\n{log}")
+            time.sleep(0.05)
+        return self
+
     def stop(self) -> None:
         super().stop()
         if self.config_path and os.path.exists(self.config_path):
