@@ -158,11 +158,11 @@ class ClientH1(HttpToolsProtocol):
         scope["headers"] = self.headers.copy()
         super().on_headers_complete()
         cycle = self.cycle
-        # A new cycle (none for an upgrade); a HEAD answer has no body write to wait for.
-        if cycle is not before and cycle is not None and self.scope["method"] != "HEAD":
-            cycle.transport = HeadHold(self.transport, self.loop, self.held)  # type: ignore[assignment]
-        if cycle is not before and cycle is not None and cycle.waiting_for_100_continue:
-            cycle.__class__ = Expecting  # its task has not started: it calls Expecting.send
+        if cycle is not before and cycle is not None:  # a new cycle (none for an upgrade)
+            if scope["method"] != "HEAD":  # a HEAD answer has no body write to wait for
+                cycle.transport = HeadHold(self.transport, self.loop, self.held)  # type: ignore[assignment]
+            if cycle.waiting_for_100_continue:
+                cycle.__class__ = Expecting  # its task has not started: it calls Expecting.send
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle

@@ -52,9 +52,10 @@ ENDED_AT_LEAST = 60.0
 AfterEnd = Callable[[FamilyEnd], Awaitable[Any]]  # what a caller does once a family's end is recorded
 
 
-def ended_until(refused_until: float, now: float) -> float:
-    """Until when ``ended:{jti}`` must stay for a token refused until ``refused_until``."""
-    return max(refused_until, now + ENDED_AT_LEAST)
+def access_refusals(jti: str, claims: dict[str, Any], now: float) -> tuple[tuple[str, float], tuple[str, float]]:
+    """The denylist entries of a logged-out access token: its ``jti``, and the sockets opened with it (expired too)."""
+    until = refuse_until(claims, now)
+    return (jti, until), (ENDED + jti, max(until, now + ENDED_AT_LEAST))
 
 
 class Families:

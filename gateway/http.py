@@ -38,7 +38,7 @@ from gateway.heads import Scanned
 from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.responses import NO_STORE, Denials
-from gateway.routing import CanonicalPaths, Route, RouteLookup, RouteTable
+from gateway.routing import CanonicalPaths, Route, RouteLookup, RouteTable, told_another_host
 from gateway.tracing import Tracer
 from gateway.types import RawHeaders, Receive, Scope, Send, StrHeaders
 
@@ -199,22 +199,16 @@ class HttpPath:
             return Reason.BAD_HOST  # RFC 9112 §3.2: exactly one Host in HTTP/1.1
         if host is not None and (name := self._lookup.host(host)) is None:
             return Reason.BAD_HOST
-        if self._lookup.routes.by_host and not self._same_host(scope, name):
-            return Reason.BAD_HOST
+        if self._lookup.routes.by_host:
+            client = scope.get("client")
+            if told_another_host(self._headers.forwarded_hosts(scope["headers"], client[0] if client else None), name):
+                return Reason.BAD_HOST
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         canonical = self._paths(raw_path)
         if canonical is None:
             return Reason.BAD_PATH
         route = self._lookup.route(name, canonical[0])
         return route if isinstance(route, Reason) else (route, canonical[1])
-
-    def _same_host(self, scope: Scope, name: str | None) -> bool:
-        """Whether a trusted proxy's X-Forwarded-Host, if any, names the host routed on. The upstream gets both and
-        may read either (Rails, Django's USE_X_FORWARDED_HOST): routed on one, or none, it must not be told another
-        (nor one the gateway cannot read: "admin.example:123456" is admin.example to Rails and Django)."""
-        client = scope.get("client")
-        hosts = self._headers.forwarded_hosts(scope["headers"], client[0] if client else None)
-        return not hosts or (name is not None and all(self._lookup.host(host) == name for host in hosts))
 
     def _url(self, route: Route, path: str, query: bytes) -> URL:
         up = route.upstream

@@ -27,9 +27,9 @@ from starlette.responses import JSONResponse, Response
 from gateway.authn import bearer_token
 from gateway.cookies import CookieJar
 from gateway.csrf import CSRFGuard
-from gateway.denylist import Denylist, refuse_until
+from gateway.denylist import Denylist
 from gateway.errors import StoreError
-from gateway.families import ENDED, ended_until
+from gateway.families import access_refusals
 from gateway.reasons import Reason
 from gateway.refresh import SessionRefresher
 from gateway.responses import safe_target, wants_html
@@ -122,11 +122,8 @@ class Logout:
         if not isinstance(jti, str):
             log.warning("logout: the access token has no jti; it stays valid until it expires")
             return
-        # As long as verification may accept it (exp + MAX_LEEWAY); an opaque token without exp: refused for a day.
-        now = time.time()
-        until = refuse_until(claims, now)
-        # The token, and the sockets opened with it (expired since or not): each refused here at once.
-        for entry, lasts in ((jti, until), (ENDED + jti, ended_until(until, now))):
+        # The token, and the sockets opened with it: each refused here at once, even when the store fails.
+        for entry, lasts in access_refusals(jti, claims, time.time()):
             try:
                 await self._denylist.deny(entry, lasts)
             except StoreError as exc:  # shared by the denylist's sync once the store answers

@@ -255,6 +255,13 @@ def request_host(headers: list[tuple[bytes, bytes]]) -> str | None:
 _HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?)(?::[0-9]{1,5})?")
 
 
+def told_another_host(forwarded: list[bytes], name: str | None) -> bool:
+    """Whether a trusted proxy's X-Forwarded-Host values (``forwarded``) name another host than the one routed on
+    (``name``; None: none). The upstream gets both and may read either (Rails, Django's USE_X_FORWARDED_HOST), so one
+    it cannot read counts as another ("admin.example:123456" is admin.example to Rails and Django)."""
+    return bool(forwarded) and (name is None or any(host_name(host) != name for host in forwarded))
+
+
 def host_name(value: bytes) -> str | None:
     """A Host header value, lower-cased, without port, then without trailing dot; None when it is not a host."""
     found = _HOST.fullmatch(value.strip(b" \t"))

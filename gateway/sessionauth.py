@@ -28,7 +28,7 @@ import jwt
 from gateway.authn import AuthResult
 from gateway.denylist import refuse_until
 from gateway.errors import StoreError
-from gateway.families import ENDED, SESSION, Families, ended_until
+from gateway.families import SESSION, Families, access_refusals
 from gateway.reasons import FATAL, TRANSIENT, Reason
 from gateway.refresh import SessionRefresher
 from gateway.sealing import Sealer
@@ -227,8 +227,7 @@ class SessionAuth:
         claims = await self._verifier.signed_claims(record.access)
         jti = (claims or {}).get("jti")
         if isinstance(jti, str):
-            until = refuse_until(claims or {}, time.time())  # and its sockets, expired or not:
-            for entry, lasts in ((jti, until), (ENDED + jti, ended_until(until, time.time()))):
+            for entry, lasts in access_refusals(jti, claims or {}, time.time()):  # the token, and its sockets
                 await self._families.refuse(entry, lasts)
         log.info("session %s ended", h[:12])
         return 1

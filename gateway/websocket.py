@@ -33,7 +33,7 @@ from gateway.metrics import Metrics
 from gateway.reasons import Reason
 from gateway.relay import relay
 from gateway.responses import Denials
-from gateway.routing import Route, RouteTable, canonical_path, host_name
+from gateway.routing import Route, RouteTable, canonical_path, host_name, told_another_host
 from gateway.tls import tls_failure
 from gateway.tunnel import Slot, Sockets, Tunnel, as_http, open_upstream
 from gateway.types import Message, RawHeaders, Receive, Scope, Send
@@ -129,10 +129,8 @@ class WebSocketPath:
         if name is None:  # a handshake is HTTP/1.1: exactly one valid Host
             return await self._deny(respond, scope, Reason.BAD_HOST, None)
         peer = scope["client"][0] if scope.get("client") else None
-        if self._routes.by_host and any(
-            host_name(h) != name for h in self._headers.forwarded_hosts(scope["headers"], peer)
-        ):
-            return await self._deny(respond, scope, Reason.BAD_HOST, None)  # routed on one, told another (gateway.http)
+        if self._routes.by_host and told_another_host(self._headers.forwarded_hosts(scope["headers"], peer), name):
+            return await self._deny(respond, scope, Reason.BAD_HOST, None)  # routed on one, told another
         try:
             route = self._routes.resolve(name if self._routes.by_host else None, decoded)
         except BadPath:
